@@ -1,0 +1,104 @@
+"""How an edge reaches the room owners and the presence service.
+
+``Backplane`` is the interface the edge shell is written against. ``LocalBackplane`` runs
+a ``RoomTable`` and a ``PresenceTable`` in the same process (``signalpost dev``): commands
+are applied synchronously and their output handed straight back, with no sockets between.
+The ZeroMQ implementation for the cluster is ``edge.zmq_backplane.ZmqBackplane``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from broker.rooms import RoomTable
+from presence.table import PresenceTable
+from signalpost.config import Settings
+from signalpost.wire import AttachCmd, Envelope, RoomPosition
+
+#: Where an edge receives what the owners send back.
+Inbox = Callable[[Envelope], None]
+
+
+class Backplane(Protocol):
+    """The edge's view of the rest of the system."""
+
+    def connect(self, edge_id: str, inbox: Inbox) -> None:
+        """Register the edge that receives replies and deliveries."""
+
+    def to_room_owner(self, room: str, command: Envelope) -> None:
+        """Send a room command to the broker that owns ``room``."""
+
+    def to_all_brokers(self, command: Envelope) -> None:
+        """Send a session-wide command (detach) to every broker."""
+
+    def attach(self, session: str, conn: str, positions: dict[str, RoomPosition]) -> None:
+        """Tell every broker that ``session`` resumed here, each with its rooms' positions."""
+
+    def to_presence(self, command: Envelope) -> None:
+        """Send a command to the presence service."""
+
+    async def start(self) -> None:
+        """Open links and start timers."""
+
+    async def close(self) -> None:
+        """Stop timers and close links."""
+
+
+class LocalBackplane:
+    """Broker and presence cores in this process: the ``dev`` topology."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rooms = RoomTable(
+            capacity=settings.room_capacity,
+            resume_window=settings.resume_window,
+            history_max_events=settings.history_max_events,
+            history_max_age=settings.history_max_age,
+            new_epoch=lambda: secrets.token_urlsafe(6),
+        )
+        self.presence = PresenceTable(resume_window=settings.resume_window)
+        self._clock = clock
+        self._edge_id = ""
+        self._inbox: Inbox | None = None
+        self._timer: asyncio.Task[None] | None = None
+
+    def connect(self, edge_id: str, inbox: Inbox) -> None:
+        self._edge_id, self._inbox = edge_id, inbox
+
+    def _dispatch(self, outbound: list[tuple[str, Envelope]]) -> None:
+        assert self._inbox is not None, "connect() an edge first"
+        for _edge, envelope in outbound:
+            self._inbox(envelope)
+
+    def to_room_owner(self, room: str, command: Envelope) -> None:
+        self._dispatch(self.rooms.handle(command, self._clock()))
+
+    def to_all_brokers(self, command: Envelope) -> None:
+        self._dispatch(self.rooms.handle(command, self._clock()))
+
+    def attach(self, session: str, conn: str, positions: dict[str, RoomPosition]) -> None:
+        self._dispatch(self.rooms.attach(AttachCmd(session, conn, self._edge_id, positions)))
+
+    def to_presence(self, command: Envelope) -> None:
+        self._dispatch(self.presence.handle(command, self._clock()))
+
+    async def start(self) -> None:
+        self._timer = asyncio.create_task(self._expire_loop(), name="dev-expiry")
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
+
+    async def _expire_loop(self) -> None:
+        # Resume windows are seconds long; a quarter-second tick keeps timeouts prompt.
+        while True:
+            await asyncio.sleep(0.25)
+            now = self._clock()
+            self._dispatch(self.rooms.expire(now))
+            self._dispatch(self.presence.expire(now))

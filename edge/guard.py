@@ -1,0 +1,64 @@
+"""ClientGuard: the sans-I/O limits one client connection is held to.
+
+A token bucket (``rate_per_second`` refilled, ``rate_burst`` deep) decides whether a
+frame is served or answered ``rate_limited``; consecutive refusals and recent malformed
+frames are counted as strikes, and enough of either ends the connection (4429 / 4400).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from signalpost.errors import CloseCode
+
+
+class Verdict(Enum):
+    """What to do with one frame."""
+
+    SERVE = auto()
+    REFUSE = auto()  # answer rate_limited, keep the connection
+    CLOSE = auto()  # close with the guard's close_code
+
+
+@dataclass(slots=True)
+class ClientGuard:
+    rate_per_second: float
+    burst: int
+    rate_strikes: int
+    bad_frame_strikes: int
+    bad_frame_window: float = 60.0
+    tokens: float = field(init=False)
+    refilled_at: float | None = field(default=None, init=False)
+    refusals_in_a_row: int = field(default=0, init=False)
+    bad_frames: list[float] = field(default_factory=list, init=False)
+    close_code: CloseCode | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = float(self.burst)
+
+    def admit(self, now: float) -> Verdict:
+        """Take a token for one frame arriving at ``now``."""
+        if self.refilled_at is not None:
+            elapsed = max(0.0, now - self.refilled_at)
+            self.tokens = min(float(self.burst), self.tokens + elapsed * self.rate_per_second)
+        self.refilled_at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            self.refusals_in_a_row = 0
+            return Verdict.SERVE
+        self.refusals_in_a_row += 1
+        if self.refusals_in_a_row >= self.rate_strikes:
+            self.close_code = CloseCode.RATE_LIMITED
+            return Verdict.CLOSE
+        return Verdict.REFUSE
+
+    def bad_frame(self, now: float) -> Verdict:
+        """Count a malformed frame; CLOSE once too many fall within the window."""
+        horizon = now - self.bad_frame_window
+        self.bad_frames = [t for t in self.bad_frames if t > horizon]
+        self.bad_frames.append(now)
+        if len(self.bad_frames) >= self.bad_frame_strikes:
+            self.close_code = CloseCode.ABUSE
+            return Verdict.CLOSE
+        return Verdict.REFUSE

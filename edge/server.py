@@ -1,0 +1,517 @@
+"""EdgeServer: the WebSocket shell that clients connect to.
+
+Per connection: origin check, ``hello`` within ``hello_timeout`` (JWT or resume), then a
+read loop that validates each frame (``signalpost.wire.decode_client``), holds it to the
+connection's ``ClientGuard`` and turns it into a command for the room owner or the
+presence service. Everything the owners send back arrives at ``receive`` and is written
+to the client with ``broadcast`` (synchronous, no task per message).
+
+The same HTTP port serves ``/healthz``, ``/metrics``, the demo app and the JS SDK
+(``signalpost/static``) and, in dev mode only, ``/v1/dev-token``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mimetypes
+import secrets
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from importlib import resources
+from pathlib import PurePosixPath
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from edge.backplane import Backplane
+from edge.guard import ClientGuard, Verdict
+from signalpost import metrics
+from signalpost.auth import Identity, ResumeTokens, TokenVerifier, ice_servers, mint_token
+from signalpost.config import Settings
+from signalpost.errors import (
+    BadRequest,
+    CloseCode,
+    Forbidden,
+    ProtocolError,
+    RateLimited,
+    Unauthorized,
+)
+from signalpost.wire import (
+    ClaimCmd,
+    ClaimReply,
+    ClientMessage,
+    Deliver,
+    DetachCmd,
+    EdgeSync,
+    Envelope,
+    ErrorFrame,
+    Evict,
+    Hello,
+    IceServersFrame,
+    IceServersRequest,
+    Join,
+    JoinCmd,
+    Leave,
+    LeaveCmd,
+    Ping,
+    PongFrame,
+    Reply,
+    RequestId,
+    SessionDown,
+    SessionUp,
+    Signal,
+    SignalCmd,
+    Unwatch,
+    UnwatchCmd,
+    Watch,
+    WatchCmd,
+    WelcomeFrame,
+    decode_client,
+    encode_frame,
+    encode_json,
+    peer_object,
+    request_id_of,
+    sender_object,
+)
+
+log = logging.getLogger("signalpost.edge")
+
+SIGNAL_PATH = "/v1/signal"
+#: Close code for a connection whose session resumed on another connection.
+CLOSE_REPLACED = 4409
+
+
+@dataclass(slots=True, eq=False)
+class ClientConnection:
+    """One authenticated WebSocket and the session it holds."""
+
+    ws: ServerConnection
+    session: str
+    conn: str
+    identity: Identity
+    guard: ClientGuard
+    sender: bytes
+    ready: bool = False  # welcome sent; until then output is held back
+    held: list[bytes] = field(default_factory=list)
+    seq: int = 0
+    unanswered: dict[int, Envelope] = field(default_factory=dict)  # seq -> command
+    watching: set[str] = field(default_factory=set)
+    evicted: bool = False
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+
+class EdgeServer:
+    """Serves ``/v1/signal`` and hands client commands to a ``Backplane``."""
+
+    def __init__(
+        self, settings: Settings, backplane: Backplane, edge_id: str | None = None
+    ) -> None:
+        self.settings = settings
+        self.edge_id = edge_id or settings.node_id or f"edge-{secrets.token_hex(4)}"
+        self.backplane = backplane
+        self.sessions: dict[str, ClientConnection] = {}
+        self._verifier = TokenVerifier(settings)
+        self._resume_tokens = ResumeTokens(settings.jwt_secret)
+        self._claims: dict[str, asyncio.Future[bool]] = {}  # conn -> claim outcome
+        self._server: Server | None = None
+        self._draining = False
+        backplane.connect(self.edge_id, self.receive)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with port 0)."""
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> None:
+        """Start the backplane and listen."""
+        await self.backplane.start()
+        self._server = await serve(
+            self._handle,
+            self.settings.host,
+            self.settings.port,
+            process_request=self._http,
+            max_size=self.settings.max_frame,
+            max_queue=64,
+            compression=None,  # per-message deflate costs ~300 KiB per idle connection
+            ping_interval=self.settings.heartbeat,
+            ping_timeout=self.settings.heartbeat,
+            server_header="signalpost",
+        )
+        log.info("edge %s listening on %s:%d", self.edge_id, self.settings.host, self.port)
+
+    async def drain(self) -> None:
+        """Close every client with 1001 (resume elsewhere), within ``drain_timeout``."""
+        self._draining = True
+        if self._server is None:
+            return
+        self._server.close(close_connections=False)
+        closing = [
+            asyncio.create_task(c.ws.close(CloseCode.GOING_AWAY, "edge draining"))
+            for c in list(self.sessions.values())
+        ]
+        if closing:
+            await asyncio.wait(closing, timeout=self.settings.drain_timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), self.settings.drain_timeout)
+
+    async def close(self) -> None:
+        """Drain clients, then stop the backplane."""
+        await self.drain()
+        await self.backplane.close()
+
+    async def __aenter__(self) -> EdgeServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # ----------------------------------------------------------------- from owners
+
+    def receive(self, envelope: Envelope) -> None:
+        """Handle one envelope from a broker or the presence service."""
+        if isinstance(envelope, Deliver):
+            targets = [c for s in envelope.sessions if (c := self.sessions.get(s)) is not None]
+            self._write(targets, envelope.payload)
+        elif isinstance(envelope, Reply):
+            client = self.sessions.get(envelope.session)
+            if (
+                client is not None
+                and client.conn == envelope.conn
+                and client.unanswered.pop(envelope.seq, None) is not None
+                and envelope.payload
+            ):
+                self._write([client], envelope.payload)
+        elif isinstance(envelope, ClaimReply):
+            claim = self._claims.get(envelope.conn)
+            if claim is not None and not claim.done():
+                claim.set_result(envelope.live)
+        elif isinstance(envelope, Evict):
+            client = self.sessions.get(envelope.session)
+            if client is not None and client.conn == envelope.conn:
+                self._evict(client)
+
+    def sync_state(self) -> EdgeSync:
+        """Everything this edge holds, for a presence node that (re)appeared."""
+        return EdgeSync(
+            self.edge_id,
+            [
+                SessionUp(c.session, c.identity.user, self.edge_id, c.conn)
+                for c in self.sessions.values()
+                if c.ready
+            ],
+            {c.session: sorted(c.watching) for c in self.sessions.values() if c.watching},
+        )
+
+    def _write(self, targets: list[ClientConnection], payload: bytes) -> None:
+        ready = []
+        for client in targets:
+            if client.ready:
+                ready.append(client)
+            else:
+                client.held.append(payload)
+        if not ready:
+            return
+        connections = [client.ws for client in ready]
+        broadcast(connections, payload, text=True)
+        metrics.FRAMES_OUT.inc(len(connections))
+        limit = self.settings.send_buffer_limit
+        for client in ready:
+            transport = client.ws.transport
+            if transport is not None and transport.get_write_buffer_size() > limit:
+                # A client that does not read must not make the edge buffer without end.
+                log.warning("session %s exceeds the send buffer; closing", client.session)
+                transport.abort()
+
+    def _evict(self, client: ClientConnection) -> None:
+        client.evicted = True
+        if self.sessions.get(client.session) is client:
+            del self.sessions[client.session]
+        asyncio.get_running_loop().create_task(
+            client.ws.close(CLOSE_REPLACED, "session resumed on another connection")
+        )
+
+    # ----------------------------------------------------------------- HTTP
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        if url.path == SIGNAL_PATH:
+            if self._draining:
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            return None
+        if url.path == "/healthz":
+            if self._draining:
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if url.path == "/metrics":
+            body, content_type = metrics.exposition()
+            return _response(HTTPStatus.OK, body, content_type)
+        if url.path == "/v1/dev-token" and self.settings.dev_tokens:
+            return self._dev_token(url.query)
+        return _static(url.path)
+
+    def _dev_token(self, query: str) -> Response:
+        params = parse_qs(query)
+        user = (params.get("user") or [""])[0].strip()
+        if not user or len(user) > 64:
+            return _response(HTTPStatus.BAD_REQUEST, b'{"error":"user required"}', "json")
+        token = mint_token(self.settings.jwt_secret, user, now=time.time(), ttl=3600)
+        body = encode_json({"token": token, "user": user})
+        return _response(HTTPStatus.OK, body, "application/json")
+
+    # ----------------------------------------------------------------- connections
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        origin = ws.request.headers.get("Origin") if ws.request else None
+        allowed = self.settings.allowed_origins
+        if allowed and origin not in allowed:
+            await ws.close(CloseCode.ORIGIN_REFUSED, "origin refused")
+            return
+        client = await self._hello(ws)
+        if client is None:
+            return
+        metrics.CONNECTIONS.inc()
+        try:
+            await self._serve(client)
+        finally:
+            metrics.CONNECTIONS.dec()
+            self._closed(client)
+
+    async def _hello(self, ws: ServerConnection) -> ClientConnection | None:
+        try:
+            first = await asyncio.wait_for(ws.recv(), self.settings.hello_timeout)
+        except TimeoutError:
+            await ws.close(CloseCode.HELLO_TIMEOUT, "hello timeout")
+            return None
+        except ConnectionClosed:
+            return None
+        if isinstance(first, bytes):
+            await ws.close(CloseCode.UNSUPPORTED_DATA, "text frames only")
+            return None
+        try:
+            hello = decode_client(first)
+            if not isinstance(hello, Hello):
+                raise Unauthorized("the first frame must be hello")
+            identity = self._verifier.verify(hello.token, time.time())
+        except ProtocolError as exc:
+            # Whatever the first frame got wrong, nobody gets in without a good hello.
+            await _send_now(ws, _error(Unauthorized(exc.message), request_id_of(exc)))
+            await ws.close(CloseCode.UNAUTHORIZED, "unauthorized")
+            return None
+
+        conn = secrets.token_urlsafe(9)
+        session = None
+        if hello.resume:
+            session = self._resume_tokens.session_of(hello.resume, identity.user)
+            if session is not None and not await self._claim(session, identity.user, conn):
+                session = None
+        resumed = session is not None
+        session = session or secrets.token_urlsafe(16)
+        s = self.settings
+        client = ClientConnection(
+            ws=ws,
+            session=session,
+            conn=conn,
+            identity=identity,
+            guard=ClientGuard(s.rate_per_second, s.rate_burst, s.rate_strikes, s.bad_frame_strikes),
+            sender=sender_object(session, identity.user),
+        )
+        previous = self.sessions.get(session)
+        if previous is not None:
+            self._evict(previous)
+        self.sessions[session] = client
+        if not resumed:
+            self.backplane.to_presence(SessionUp(session, identity.user, self.edge_id, conn))
+        now = time.time()
+        welcome = WelcomeFrame(
+            session=session,
+            user=identity.user,
+            resume=self._resume_tokens.issue(session, identity.user, now),
+            resumed=resumed,
+            ice_servers=ice_servers(s, identity.user, now),
+            heartbeat=s.heartbeat,
+            id=hello.id,
+        )
+        held, client.held = client.held, []
+        client.ready = True
+        self._write([client], encode_frame(welcome))
+        for payload in held:
+            self._write([client], payload)
+        if resumed:
+            self.backplane.attach(session, conn, dict(hello.rooms or {}))
+        return client
+
+    async def _claim(self, session: str, user: str, conn: str) -> bool:
+        claim: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._claims[conn] = claim
+        try:
+            self.backplane.to_presence(ClaimCmd(session, user, self.edge_id, conn))
+            return await asyncio.wait_for(claim, self.settings.request_timeout)
+        except TimeoutError:
+            # Presence unreachable: trust the signed token; brokers still decide per room.
+            log.warning("presence did not answer a resume claim; resuming on the token")
+            return True
+        finally:
+            del self._claims[conn]
+
+    async def _serve(self, client: ClientConnection) -> None:
+        ws = client.ws
+        guard = client.guard
+        clock = time.monotonic
+        try:
+            async for frame in ws:
+                if isinstance(frame, bytes):
+                    await ws.close(CloseCode.UNSUPPORTED_DATA, "text frames only")
+                    return
+                metrics.FRAMES_IN.inc()
+                verdict = guard.admit(clock())
+                if verdict is Verdict.SERVE:
+                    try:
+                        self._dispatch(client, decode_client(frame))
+                        continue
+                    except ProtocolError as exc:
+                        self._write([client], _error(exc, request_id_of(exc)))
+                        if not isinstance(exc, BadRequest):
+                            continue
+                        verdict = guard.bad_frame(clock())
+                else:
+                    self._write([client], _error(_RATE_LIMITED, _frame_id(frame)))
+                if verdict is Verdict.CLOSE:
+                    assert guard.close_code is not None
+                    await ws.close(guard.close_code, guard.close_code.name.lower())
+                    return
+        except ConnectionClosed:
+            return
+
+    def _dispatch(self, client: ClientConnection, message: ClientMessage) -> None:
+        # Ordered by frequency: signals dominate a call's traffic.
+        if isinstance(message, Signal):
+            seq = client.next_seq()
+            command: Envelope = SignalCmd(
+                client.session,
+                client.conn,
+                self.edge_id,
+                seq,
+                message.id,
+                message.room,
+                message.to,
+                client.sender,
+                bytes(message.data),
+            )
+            client.unanswered[seq] = command
+            self.backplane.to_room_owner(message.room, command)
+        elif isinstance(message, Join):
+            if not client.identity.may_join(message.room):
+                raise Forbidden(f"token does not grant room {message.room!r}")
+            identity = client.identity
+            meta = {**(identity.meta or {}), **(message.meta or {})}
+            seq = client.next_seq()
+            peer = peer_object(client.session, identity.user, meta, identity.name)
+            command = JoinCmd(
+                client.session, client.conn, self.edge_id, seq, message.id, message.room, peer
+            )
+            client.unanswered[seq] = command
+            self.backplane.to_room_owner(message.room, command)
+        elif isinstance(message, Leave):
+            seq = client.next_seq()
+            command = LeaveCmd(
+                client.session, client.conn, self.edge_id, seq, message.id, message.room
+            )
+            client.unanswered[seq] = command
+            self.backplane.to_room_owner(message.room, command)
+        elif isinstance(message, Ping):
+            self._write([client], encode_frame(PongFrame(id=message.id)))
+        elif isinstance(message, Watch):
+            if len(client.watching | set(message.users)) > self.settings.max_watch:
+                raise BadRequest(f"at most {self.settings.max_watch} users may be watched")
+            client.watching.update(message.users)
+            seq = client.next_seq()
+            watch = WatchCmd(
+                client.session, client.conn, self.edge_id, seq, message.id, list(message.users)
+            )
+            client.unanswered[seq] = watch
+            self.backplane.to_presence(watch)
+        elif isinstance(message, Unwatch):
+            client.watching.difference_update(message.users)
+            seq = client.next_seq()
+            unwatch = UnwatchCmd(
+                client.session, client.conn, self.edge_id, seq, message.id, list(message.users)
+            )
+            client.unanswered[seq] = unwatch
+            self.backplane.to_presence(unwatch)
+        elif isinstance(message, IceServersRequest):
+            servers = ice_servers(self.settings, client.identity.user, time.time())
+            self._write([client], encode_frame(IceServersFrame(ice_servers=servers, id=message.id)))
+        else:
+            raise BadRequest("already authenticated: hello is only valid as the first frame")
+
+    def _closed(self, client: ClientConnection) -> None:
+        if client.evicted:
+            return  # the session lives on in another connection
+        if self.sessions.get(client.session) is client:
+            del self.sessions[client.session]
+        # A client's own close 1000 ends the session; anything else may still resume.
+        close_rcvd = client.ws.protocol.close_rcvd
+        ended = close_rcvd is not None and close_rcvd.code == CloseCode.NORMAL
+        if client.guard.close_code is not None:
+            ended = True  # closed for abuse: no resume
+        detach = DetachCmd(client.session, client.conn, self.edge_id, ended)
+        self.backplane.to_all_brokers(detach)
+        self.backplane.to_presence(SessionDown(client.session, self.edge_id, client.conn, ended))
+
+
+_RATE_LIMITED = RateLimited("too many frames; slow down")
+
+
+def _error(exc: ProtocolError, request_id: RequestId | None) -> bytes:
+    return encode_frame(ErrorFrame(code=exc.code, message=exc.message, id=request_id))
+
+
+def _frame_id(frame: str) -> RequestId | None:
+    try:
+        decode_client(frame)
+    except ProtocolError as exc:
+        return request_id_of(exc)
+    return None
+
+
+async def _send_now(ws: ServerConnection, payload: bytes) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(payload, text=True)
+
+
+def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _static(path: str) -> Response:
+    name = "index.html" if path in ("/", "/index.html") else PurePosixPath(path).name
+    if path not in ("/", "/index.html") and not path.startswith("/static/"):
+        return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+    asset = resources.files("signalpost").joinpath("static", name)
+    if not name or name.startswith(".") or not asset.is_file():
+        return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+    content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    if content_type.startswith("text/") or content_type.endswith("javascript"):
+        content_type += "; charset=utf-8"
+    return _response(HTTPStatus.OK, asset.read_bytes(), content_type)

@@ -1,0 +1,169 @@
+"""Client tokens (JWT), resume tokens, and TURN REST credentials. Pure: ``now`` is passed in."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import jwt
+
+from signalpost.config import Settings
+from signalpost.errors import Unauthorized
+
+RESUME_TOKEN_LIFETIME: Final = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What a verified token says about its holder."""
+
+    user: str
+    rooms: tuple[str, ...] | None  # None: any room
+    name: str | None
+    meta: dict[str, Any] | None
+
+    def may_join(self, room: str) -> bool:
+        """True when the token grants ``room`` (exact name or a ``prefix*`` pattern)."""
+        if self.rooms is None:
+            return True
+        return any(
+            room.startswith(grant[:-1]) if grant.endswith("*") else room == grant
+            for grant in self.rooms
+        )
+
+
+class TokenVerifier:
+    """Checks client JWTs: signature, exp/nbf/iat (with leeway), aud when configured."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._secret = settings.jwt_secret
+        self._audience = settings.jwt_audience
+        self._leeway = settings.jwt_leeway
+        self._public_key: str | None = None
+        if settings.jwt_public_key_file:
+            self._public_key = Path(settings.jwt_public_key_file).read_text()
+
+    def verify(self, token: str, now: float) -> Identity:
+        """Return the identity in ``token`` or raise ``Unauthorized``."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"malformed token: {exc}") from None
+        algorithm = header.get("alg")
+        # The key is picked by our configuration, never by the token: alg "none" and
+        # algorithm-confusion tricks (HS256 signed with a public key) find no key here.
+        if algorithm == "HS256":
+            key: str = self._secret
+        elif algorithm in ("ES256", "RS256") and self._public_key:
+            key = self._public_key
+        else:
+            raise Unauthorized(f"token algorithm {algorithm!r} is not accepted")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                audience=self._audience,
+                leeway=self._leeway,
+                options={"require": ["sub"], "verify_aud": self._audience is not None},
+            )
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"invalid token: {exc}") from None
+        return _identity_from_claims(claims, now)
+
+
+def _identity_from_claims(claims: dict[str, Any], now: float) -> Identity:
+    user = claims.get("sub")
+    if not isinstance(user, str) or not user or len(user) > 256:
+        raise Unauthorized("token subject must be a non-empty string")
+    rooms = claims.get("rooms")
+    if rooms is not None and (
+        not isinstance(rooms, list) or not all(isinstance(r, str) and r for r in rooms)
+    ):
+        raise Unauthorized("token rooms claim must be a list of room names")
+    name = claims.get("name")
+    meta = claims.get("meta")
+    return Identity(
+        user=user,
+        rooms=tuple(rooms) if rooms is not None else None,
+        name=name if isinstance(name, str) else None,
+        meta=meta if isinstance(meta, dict) else None,
+    )
+
+
+def mint_token(
+    secret: str,
+    user: str,
+    *,
+    now: float,
+    ttl: float = 3600.0,
+    rooms: list[str] | None = None,
+    audience: str | None = None,
+    name: str | None = None,
+) -> str:
+    """Mint an HS256 client token (``signalpost token``, dev page, tests)."""
+    claims: dict[str, Any] = {"sub": user, "iat": int(now), "exp": int(now + ttl)}
+    if rooms:
+        claims["rooms"] = rooms
+    if audience:
+        claims["aud"] = audience
+    if name:
+        claims["name"] = name
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+class ResumeTokens:
+    """Signed resume tokens: any edge holding the cluster secret can check them.
+
+    Keyed with a secret derived from the JWT secret, so neither kind of token can stand in
+    for the other.
+    """
+
+    def __init__(self, jwt_secret: str) -> None:
+        self._key = hmac.new(jwt_secret.encode(), b"signalpost resume v1", hashlib.sha256).digest()
+
+    def issue(self, session: str, user: str, now: float) -> str:
+        """A token that lets ``user`` continue ``session`` on any edge."""
+        claims = {"sid": session, "sub": user, "iat": int(now)}
+        claims["exp"] = int(now + RESUME_TOKEN_LIFETIME)
+        return jwt.encode(claims, self._key, algorithm="HS256")
+
+    def session_of(self, token: str, user: str) -> str | None:
+        """The session id ``token`` resumes for ``user``; None when invalid or not theirs."""
+        try:
+            claims = jwt.decode(token, self._key, algorithms=["HS256"])
+        except jwt.PyJWTError:
+            return None
+        session = claims.get("sid")
+        if claims.get("sub") != user or not isinstance(session, str):
+            return None
+        return session
+
+
+def turn_credentials(secret: str, user: str, ttl: int, now: float) -> tuple[str, str]:
+    """TURN REST API credentials: username ``<expiry>:<user>``, base64 HMAC-SHA1 password.
+
+    This is the scheme coturn checks with ``use-auth-secret``/``static-auth-secret``.
+    """
+    username = f"{int(now) + ttl}:{user}"
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return username, base64.b64encode(digest).decode()
+
+
+def ice_servers(settings: Settings, user: str, now: float) -> list[dict[str, Any]]:
+    """RTCIceServer list for ``user``: STUN URLs, then TURN URLs with fresh credentials."""
+    servers: list[dict[str, Any]] = []
+    if settings.stun_urls:
+        servers.append({"urls": list(settings.stun_urls)})
+    if settings.turn_urls and settings.turn_secret:
+        username, credential = turn_credentials(
+            settings.turn_secret, user, settings.turn_ttl, now
+        )
+        servers.append(
+            {"urls": list(settings.turn_urls), "username": username, "credential": credential}
+        )
+    return servers

@@ -1,0 +1,182 @@
+"""``signalpost`` command line: dev, edge, broker, presence, cluster, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from signalpost.auth import mint_token
+from signalpost.config import DEV_JWT_SECRET, Settings, load_settings
+from signalpost.errors import ConfigError
+
+log = logging.getLogger("signalpost")
+
+
+def _run(main: Callable[[], Awaitable[None]]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+
+
+async def _until_stopped() -> None:
+    """Return on SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run_dev(settings: Settings, ready: Callable[[int], None] | None = None) -> None:
+    """The whole system in one process until SIGTERM/SIGINT."""
+    from edge.backplane import LocalBackplane
+    from edge.server import EdgeServer
+
+    edge = EdgeServer(settings, LocalBackplane(settings), edge_id="dev")
+    async with edge:
+        print(
+            f"signalpost dev: http://{settings.host}:{edge.port}/  "
+            f"ws://{settings.host}:{edge.port}/v1/signal",
+            flush=True,
+        )
+        if ready is not None:
+            ready(edge.port)
+        await _until_stopped()
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}
+    overrides.update(extra)
+    return load_settings(args.config, **overrides)
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    settings = _settings(args, dev_tokens=True)
+    if settings.jwt_secret == DEV_JWT_SECRET:
+        log.warning("using the built-in development JWT secret; set SIGNALPOST_JWT_SECRET")
+    _run(lambda: run_dev(settings))
+
+
+def cmd_token(args: argparse.Namespace) -> None:
+    settings = load_settings(args.config)
+    token = mint_token(
+        settings.jwt_secret,
+        args.user,
+        now=time.time(),
+        ttl=args.ttl,
+        rooms=args.room or None,
+        audience=settings.jwt_audience,
+        name=args.name,
+    )
+    print(token)
+
+
+def cmd_edge(args: argparse.Namespace) -> None:
+    from edge.main import run_edge
+
+    _run(lambda: run_edge(_settings(args, node_id=args.id)))
+
+
+def cmd_broker(args: argparse.Namespace) -> None:
+    from broker.service import run_broker
+
+    _run(lambda: run_broker(_settings(args, node_id=args.id, broker_bind=args.bind)))
+
+
+def cmd_presence(args: argparse.Namespace) -> None:
+    from presence.service import run_presence
+
+    _run(lambda: run_presence(_settings(args, node_id=args.id, presence_bind=args.bind)))
+
+
+def cmd_cluster(args: argparse.Namespace) -> None:
+    from signalpost.cluster import run_cluster
+
+    settings = load_settings(args.config)
+    raise SystemExit(
+        run_cluster(
+            settings,
+            edges=args.edges,
+            brokers=args.brokers,
+            state_file=args.state,
+            restart=args.restart,
+            consul=args.consul,
+            base_port=args.base_port,
+        )
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="signalpost", description=__doc__)
+    parser.add_argument("--config", help="TOML settings file (or SIGNALPOST_CONFIG)")
+    parser.add_argument("--log-level", default="INFO")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dev = commands.add_parser("dev", help="the whole system in one process")
+    dev.add_argument("--host")
+    dev.add_argument("--port", type=int)
+    dev.set_defaults(func=cmd_dev)
+
+    token = commands.add_parser("token", help="mint a client JWT with the configured secret")
+    token.add_argument("--user", required=True)
+    token.add_argument("--room", action="append", help="grant a room (or prefix*); repeatable")
+    token.add_argument("--ttl", type=float, default=3600.0)
+    token.add_argument("--name")
+    token.set_defaults(func=cmd_token)
+
+    for kind, func in (("edge", cmd_edge), ("broker", cmd_broker), ("presence", cmd_presence)):
+        tier = commands.add_parser(kind, help=f"run one {kind} node")
+        tier.add_argument("--id", help="node id (default: generated)")
+        if kind == "edge":
+            tier.add_argument("--host")
+            tier.add_argument("--port", type=int)
+        else:
+            tier.add_argument("--bind", help="ZeroMQ endpoint to bind")
+        tier.set_defaults(func=func)
+
+    cluster = commands.add_parser("cluster", help="a local multi-process cluster on loopback")
+    cluster.add_argument("--edges", type=int, default=2)
+    cluster.add_argument("--brokers", type=int, default=1)
+    cluster.add_argument("--state", required=True, help="JSON file describing the processes")
+    cluster.add_argument("--restart", action="store_true", help="restart children that die")
+    cluster.add_argument(
+        "--consul",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="start a Consul dev agent for discovery (auto: when consul is on PATH)",
+    )
+    cluster.add_argument("--base-port", type=int, default=0, help="0: pick free ports")
+    cluster.set_defaults(func=cmd_cluster)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``signalpost`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        args.func(args)
+    except ConfigError as exc:
+        print(f"signalpost: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    main()

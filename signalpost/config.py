@@ -1,0 +1,130 @@
+"""Typed settings for every process kind, from a TOML file and ``SIGNALPOST_*`` variables.
+
+Precedence: built-in default < TOML file < environment variable < explicit override
+(command-line flags). Every field of ``Settings`` can be set by the variable
+``SIGNALPOST_<FIELD>`` (upper case); list fields take comma-separated values.
+docs/configuration.md carries the table; ``settings_table()`` prints it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from signalpost.errors import ConfigError
+
+ENV_PREFIX: Final = "SIGNALPOST_"
+DEV_JWT_SECRET: Final = "signalpost-dev-secret-change-me"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """All settings; each process reads the ones it needs."""
+
+    # client edge
+    host: str = "127.0.0.1"
+    port: int = 8080
+    jwt_secret: str = DEV_JWT_SECRET
+    jwt_audience: str | None = None
+    jwt_leeway: float = 10.0
+    jwt_public_key_file: str | None = None  # PEM; enables ES256/RS256 beside HS256
+    hello_timeout: float = 5.0
+    max_frame: int = 65536
+    heartbeat: int = 25
+    resume_window: float = 30.0
+    allowed_origins: list[str] = []
+    rate_per_second: float = 50.0
+    rate_burst: int = 100
+    rate_strikes: int = 20  # rate_limited errors in a row before close 4429
+    bad_frame_strikes: int = 10  # bad_request errors within a minute before close 4400
+    max_watch: int = 1000
+    send_buffer_limit: int = 4 * 1024 * 1024  # bytes queued to a slow client before dropping it
+    drain_timeout: float = 10.0
+    dev_tokens: bool = False  # serve /v1/dev-token (dev mode only)
+
+    # TURN / STUN
+    turn_secret: str | None = None
+    turn_urls: list[str] = []
+    stun_urls: list[str] = []
+    turn_ttl: int = 3600
+
+    # rooms (broker)
+    room_capacity: int = 2
+    history_max_events: int = 1024
+    history_max_age: float = 120.0
+
+    # cluster
+    node_id: str | None = None
+    broker_bind: str = "tcp://127.0.0.1:5555"
+    broker_endpoints: list[str] = []
+    presence_bind: str = "tcp://127.0.0.1:5565"
+    presence_endpoint: str | None = None
+    heartbeat_interval: float = 0.5
+    heartbeat_liveness: int = 6
+    request_timeout: float = 2.0
+    consul_addr: str | None = None  # host:port of a Consul agent; None = static endpoints
+    health_port: int = 0  # /healthz for Consul HTTP checks (0 = pick free)
+    metrics_port: int | None = None
+
+    @property
+    def peer_expiry(self) -> float:
+        """Seconds without a heartbeat after which a node is taken for dead."""
+        return self.heartbeat_interval * self.heartbeat_liveness
+
+
+_FIELD_TYPES: Final = {f.name: f.type for f in msgspec.structs.fields(Settings)}
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in _FIELD_TYPES:
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is None:
+            continue
+        if "list[" in str(_FIELD_TYPES[name]):
+            values[name] = [item.strip() for item in raw.split(",") if item.strip()]
+        elif raw == "" and "None" in str(_FIELD_TYPES[name]):
+            values[name] = None
+        else:
+            values[name] = raw
+    return values
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build the settings: defaults, then the TOML file, then env, then ``overrides``."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(ENV_PREFIX + "CONFIG")
+    merged: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as config_file:
+                document = tomllib.load(config_file)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read settings file {path}: {exc}") from exc
+        merged.update(document.get("signalpost", document))
+    merged.update(_from_env(environ))
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        # strict=False lets "30" from the environment become 30.0, "true" become True.
+        return msgspec.convert(merged, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid setting: {exc}") from exc
+
+
+def settings_table() -> str:
+    """Markdown table of every setting, its variable and default (for docs/configuration.md)."""
+    defaults = Settings()
+    rows = ["| setting | environment variable | default |", "|---|---|---|"]
+    for name in _FIELD_TYPES:
+        value = getattr(defaults, name)
+        rows.append(f"| `{name}` | `{ENV_PREFIX}{name.upper()}` | `{value!r}` |")
+    return "\n".join(rows)

@@ -1,0 +1,428 @@
+"""Everything that crosses a socket, defined and encoded in one place.
+
+Two vocabularies live here:
+
+* the **client protocol** (JSON text frames on ``/v1/signal``, see docs/protocol.md):
+  ``ClientMessage`` is the tagged union a client may send, decoded and validated by
+  ``decode_client``; the ``*Frame`` structs are what the server sends, encoded once by
+  ``encode_frame`` and then passed around as bytes;
+* the **node envelopes** (msgpack on ZeroMQ between edge, broker and presence):
+  ``Envelope`` is their tagged union, framed as ``[WIRE_VERSION, msgpack body]``.
+
+Payloads the server only relays (signal ``data``, peer objects) stay raw JSON bytes from
+the moment the edge validated them until the receiving edge writes them out, so a
+signal is parsed once and encoded once however many hops and recipients it has.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal, NewType
+
+import msgspec
+from msgspec import Meta, Raw, Struct
+
+from signalpost.errors import BadRequest
+
+SessionId = NewType("SessionId", str)
+UserId = NewType("UserId", str)
+EdgeId = NewType("EdgeId", str)
+ConnId = NewType("ConnId", str)
+
+RequestId = int | Annotated[str, Meta(max_length=64)]
+RoomName = Annotated[str, Meta(min_length=1, max_length=128)]
+UserName = Annotated[str, Meta(min_length=1, max_length=256)]
+SessionRef = Annotated[str, Meta(min_length=1, max_length=64)]
+
+#: ZeroMQ frame layout: ``[WIRE_VERSION, body]`` (ROUTER sockets prepend the peer identity).
+WIRE_VERSION: Final = b"SP1"
+
+
+# --------------------------------------------------------------------------- client -> server
+
+
+class RoomPosition(Struct, frozen=True):
+    """The last event a client saw in a room: where a resume continues from."""
+
+    epoch: str
+    offset: int
+
+
+class _ClientFrame(Struct, tag_field="type", frozen=True, kw_only=True):
+    id: RequestId | None = None
+
+
+class Hello(_ClientFrame, tag="hello"):
+    token: str
+    resume: str | None = None
+    rooms: dict[RoomName, RoomPosition] | None = None
+
+
+class Join(_ClientFrame, tag="join"):
+    room: RoomName
+    meta: dict[str, Any] | None = None
+
+
+class Leave(_ClientFrame, tag="leave"):
+    room: RoomName
+
+
+class Signal(_ClientFrame, tag="signal"):
+    room: RoomName
+    data: Raw
+    to: SessionRef | None = None
+
+
+class Watch(_ClientFrame, tag="watch"):
+    users: Annotated[list[UserName], Meta(max_length=1000)]
+
+
+class Unwatch(_ClientFrame, tag="unwatch"):
+    users: Annotated[list[UserName], Meta(max_length=1000)]
+
+
+class Ping(_ClientFrame, tag="ping"):
+    pass
+
+
+class IceServersRequest(_ClientFrame, tag="ice-servers"):
+    pass
+
+
+ClientMessage = Hello | Join | Leave | Signal | Watch | Unwatch | Ping | IceServersRequest
+
+_client_decoder: Final = msgspec.json.Decoder(ClientMessage)
+_any_decoder: Final = msgspec.json.Decoder()
+
+
+def decode_client(frame: bytes | str) -> ClientMessage:
+    """Decode and validate one client text frame; raise ``BadRequest`` with the request id."""
+    try:
+        message = _client_decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise _bad_request(frame, f"invalid message: {exc}") from None
+    except msgspec.DecodeError:
+        raise BadRequest("frame is not valid JSON") from None
+    if isinstance(message, Signal) and not bytes(message.data).lstrip()[:1] == b"{":
+        raise _bad_request(frame, "signal data must be a JSON object")
+    return message
+
+
+class FrameError(BadRequest):
+    """A ``BadRequest`` that remembers the request id it could still read."""
+
+    def __init__(self, message: str, request_id: RequestId | None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+def _bad_request(frame: bytes | str, message: str) -> FrameError:
+    """Build the error, echoing the frame's ``id`` when it is a valid one."""
+    request_id: RequestId | None = None
+    try:
+        parsed = _any_decoder.decode(frame)
+    except msgspec.DecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        candidate = parsed.get("id")
+        if isinstance(candidate, bool):
+            candidate = None
+        if isinstance(candidate, int) or (isinstance(candidate, str) and len(candidate) <= 64):
+            request_id = candidate
+    return FrameError(message, request_id)
+
+
+def request_id_of(exc: Exception) -> RequestId | None:
+    """The request id an error frame should echo, if the failing frame had one."""
+    return exc.request_id if isinstance(exc, FrameError) else None
+
+
+# --------------------------------------------------------------------------- server -> client
+
+
+class _ServerFrame(Struct, tag_field="type", omit_defaults=True, kw_only=True):
+    pass
+
+
+class WelcomeFrame(_ServerFrame, tag="welcome"):
+    session: str
+    user: str
+    resume: str
+    resumed: bool
+    ice_servers: list[dict[str, Any]]
+    heartbeat: int
+    id: RequestId | None = None
+
+
+class JoinedFrame(_ServerFrame, tag="joined"):
+    room: str
+    epoch: str
+    offset: int
+    members: list[Raw]
+    id: RequestId | None = None
+
+
+class PeerJoinedFrame(_ServerFrame, tag="peer-joined"):
+    room: str
+    peer: Raw
+    offset: int
+
+
+class LeftFrame(_ServerFrame, tag="left"):
+    room: str
+    id: RequestId | None = None
+
+
+class PeerLeftFrame(_ServerFrame, tag="peer-left"):
+    room: str
+    peer: Raw
+    reason: Literal["left", "disconnected", "timeout"]
+    offset: int
+
+
+class SignalFrame(_ServerFrame, tag="signal"):
+    room: str
+    data: Raw
+    offset: int
+    # ``from`` is a keyword: encoded under its wire name by ``rename``.
+    from_: Raw = msgspec.field(name="from")
+
+
+class AckFrame(_ServerFrame, tag="ack"):
+    id: RequestId
+
+
+class RecoveredFrame(_ServerFrame, tag="recovered"):
+    room: str
+    recovered: bool
+
+
+class WatchingFrame(_ServerFrame, tag="watching"):
+    presence: dict[str, str]
+    id: RequestId | None = None
+
+
+class UnwatchedFrame(_ServerFrame, tag="unwatched"):
+    id: RequestId | None = None
+
+
+class PresenceFrame(_ServerFrame, tag="presence"):
+    user: str
+    status: Literal["online", "offline"]
+
+
+class PongFrame(_ServerFrame, tag="pong"):
+    id: RequestId | None = None
+
+
+class IceServersFrame(_ServerFrame, tag="ice-servers"):
+    ice_servers: list[dict[str, Any]]
+    id: RequestId | None = None
+
+
+class ErrorFrame(_ServerFrame, tag="error"):
+    code: str
+    message: str
+    id: RequestId | None = None
+
+
+_json_encoder: Final = msgspec.json.Encoder()
+
+
+def encode_frame(frame: _ServerFrame) -> bytes:
+    """Encode a server frame to the JSON bytes written to the socket."""
+    return _json_encoder.encode(frame)
+
+
+def encode_json(value: object) -> bytes:
+    """Encode any JSON-able value (peer objects, presence maps)."""
+    return _json_encoder.encode(value)
+
+
+def peer_object(session: str, user: str, meta: dict[str, Any] | None, name: str | None) -> bytes:
+    """The ``peer``/``members`` object a room shows of a session, encoded once at join."""
+    peer: dict[str, Any] = {"session": session, "user": user, "meta": meta or {}}
+    if name is not None:
+        peer["name"] = name
+    return _json_encoder.encode(peer)
+
+
+def sender_object(session: str, user: str) -> bytes:
+    """The server-set ``from`` of a relayed signal."""
+    return _json_encoder.encode({"session": session, "user": user})
+
+
+# --------------------------------------------------------------------------- node envelopes
+# Tags are small ints and bodies arrays: these go over ZeroMQ at every hop.
+
+
+class _Envelope(Struct, tag_field="k", array_like=True, frozen=True):
+    pass
+
+
+class JoinCmd(_Envelope, tag=1):
+    """Edge -> room owner: a session asks to join."""
+
+    session: str
+    conn: str
+    edge: str
+    seq: int
+    req: RequestId | None
+    room: str
+    peer: bytes  # peer object JSON, see ``peer_object``
+
+
+class LeaveCmd(_Envelope, tag=2):
+    session: str
+    conn: str
+    edge: str
+    seq: int
+    req: RequestId | None
+    room: str
+
+
+class SignalCmd(_Envelope, tag=3):
+    session: str
+    conn: str
+    edge: str
+    seq: int
+    req: RequestId | None
+    room: str
+    to: str | None
+    sender: bytes  # ``from`` object JSON, set by the edge from the verified token
+    data: bytes
+
+
+class AttachCmd(_Envelope, tag=4):
+    """Edge -> every room owner: a resumed session now lives on ``edge``/``conn``."""
+
+    session: str
+    conn: str
+    edge: str
+    positions: dict[str, RoomPosition]
+
+
+class DetachCmd(_Envelope, tag=5):
+    """Edge -> every room owner: the connection ended (``ended``) or dropped (suspend)."""
+
+    session: str
+    conn: str
+    edge: str
+    ended: bool
+
+
+class Deliver(_Envelope, tag=10):
+    """Owner -> edge: write ``payload`` to each listed local session."""
+
+    sessions: list[str]
+    payload: bytes
+
+
+class Reply(_Envelope, tag=11):
+    """Owner -> edge: the answer to request ``seq`` of ``conn``; accepted for routing."""
+
+    session: str
+    conn: str
+    seq: int
+    payload: bytes
+
+
+class Evict(_Envelope, tag=12):
+    """Presence -> edge: ``session`` resumed elsewhere; close this stale connection."""
+
+    session: str
+    conn: str
+
+
+class ClaimReply(_Envelope, tag=13):
+    session: str
+    conn: str
+    live: bool
+
+
+class SessionUp(_Envelope, tag=20):
+    session: str
+    user: str
+    edge: str
+    conn: str
+
+
+class SessionDown(_Envelope, tag=21):
+    session: str
+    edge: str
+    conn: str
+    ended: bool
+
+
+class ClaimCmd(_Envelope, tag=22):
+    """Edge -> presence: may ``session`` be resumed (is it connected or suspended)?"""
+
+    session: str
+    user: str
+    edge: str
+    conn: str
+
+
+class WatchCmd(_Envelope, tag=23):
+    session: str
+    conn: str
+    edge: str
+    seq: int
+    req: RequestId | None
+    users: list[str]
+
+
+class UnwatchCmd(_Envelope, tag=24):
+    session: str
+    conn: str
+    edge: str
+    seq: int
+    req: RequestId | None
+    users: list[str]
+
+
+class EdgeSync(_Envelope, tag=25):
+    """Edge -> presence after the presence node (re)appears: the edge's soft state."""
+
+    edge: str
+    sessions: list[SessionUp]
+    watches: dict[str, list[str]]
+
+
+class Heartbeat(_Envelope, tag=30):
+    """Both ways on every link; ``incarnation`` changes when a node restarts."""
+
+    node: str
+    incarnation: str
+
+
+Envelope = (
+    JoinCmd
+    | LeaveCmd
+    | SignalCmd
+    | AttachCmd
+    | DetachCmd
+    | Deliver
+    | Reply
+    | Evict
+    | ClaimReply
+    | SessionUp
+    | SessionDown
+    | ClaimCmd
+    | WatchCmd
+    | UnwatchCmd
+    | EdgeSync
+    | Heartbeat
+)
+
+_envelope_encoder: Final = msgspec.msgpack.Encoder()
+_envelope_decoder: Final = msgspec.msgpack.Decoder(Envelope)
+
+
+def encode_envelope(envelope: Envelope) -> bytes:
+    """msgpack body of one envelope."""
+    return _envelope_encoder.encode(envelope)
+
+
+def decode_envelope(body: bytes) -> Envelope:
+    """Decode and validate one envelope body; raise ``msgspec.DecodeError`` on garbage."""
+    return _envelope_decoder.decode(body)
