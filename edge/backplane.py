@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import time
 from collections.abc import Callable
 from typing import Protocol
 
-from broker.rooms import RoomTable
+from broker.service import room_table
 from presence.table import PresenceTable
 from signalpost.config import Settings
-from signalpost.wire import AttachCmd, Envelope, RoomPosition
+from signalpost.wire import AttachCmd, EdgeSync, Envelope, RoomPosition
 
 #: Where an edge receives what the owners send back.
 Inbox = Callable[[Envelope], None]
@@ -27,8 +26,8 @@ Inbox = Callable[[Envelope], None]
 class Backplane(Protocol):
     """The edge's view of the rest of the system."""
 
-    def connect(self, edge_id: str, inbox: Inbox) -> None:
-        """Register the edge that receives replies and deliveries."""
+    def connect(self, edge_id: str, inbox: Inbox, snapshot: Callable[[], EdgeSync]) -> None:
+        """Register the edge: where replies go, and how to read its soft state."""
 
     def to_room_owner(self, room: str, command: Envelope) -> None:
         """Send a room command to the broker that owns ``room``."""
@@ -53,20 +52,14 @@ class LocalBackplane:
     """Broker and presence cores in this process: the ``dev`` topology."""
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rooms = RoomTable(
-            capacity=settings.room_capacity,
-            resume_window=settings.resume_window,
-            history_max_events=settings.history_max_events,
-            history_max_age=settings.history_max_age,
-            new_epoch=lambda: secrets.token_urlsafe(6),
-        )
+        self.rooms = room_table(settings)
         self.presence = PresenceTable(resume_window=settings.resume_window)
         self._clock = clock
         self._edge_id = ""
         self._inbox: Inbox | None = None
         self._timer: asyncio.Task[None] | None = None
 
-    def connect(self, edge_id: str, inbox: Inbox) -> None:
+    def connect(self, edge_id: str, inbox: Inbox, snapshot: Callable[[], EdgeSync]) -> None:
         self._edge_id, self._inbox = edge_id, inbox
 
     def _dispatch(self, outbound: list[tuple[str, Envelope]]) -> None:

@@ -124,7 +124,7 @@ class EdgeServer:
         self._claims: dict[str, asyncio.Future[bool]] = {}  # conn -> claim outcome
         self._server: Server | None = None
         self._draining = False
-        backplane.connect(self.edge_id, self.receive)
+        backplane.connect(self.edge_id, self.receive, self.sync_state)
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -3,38 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
-import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from signalpost.auth import mint_token
 from signalpost.config import DEV_JWT_SECRET, Settings, load_settings
 from signalpost.errors import ConfigError
+from signalpost.lifecycle import run, until_stopped
 
 log = logging.getLogger("signalpost")
-
-
-def _run(main: Callable[[], Awaitable[None]]) -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
-
-
-async def _until_stopped() -> None:
-    """Return on SIGTERM or SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
 
 
 async def run_dev(settings: Settings, ready: Callable[[int], None] | None = None) -> None:
@@ -51,7 +32,7 @@ async def run_dev(settings: Settings, ready: Callable[[int], None] | None = None
         )
         if ready is not None:
             ready(edge.port)
-        await _until_stopped()
+        await until_stopped()
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -64,7 +45,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     settings = _settings(args, dev_tokens=True)
     if settings.jwt_secret == DEV_JWT_SECRET:
         log.warning("using the built-in development JWT secret; set SIGNALPOST_JWT_SECRET")
-    _run(lambda: run_dev(settings))
+    run(lambda: run_dev(settings))
 
 
 def cmd_token(args: argparse.Namespace) -> None:
@@ -84,19 +65,19 @@ def cmd_token(args: argparse.Namespace) -> None:
 def cmd_edge(args: argparse.Namespace) -> None:
     from edge.main import run_edge
 
-    _run(lambda: run_edge(_settings(args, node_id=args.id)))
+    run(lambda: run_edge(_settings(args, node_id=args.id)))
 
 
 def cmd_broker(args: argparse.Namespace) -> None:
     from broker.service import run_broker
 
-    _run(lambda: run_broker(_settings(args, node_id=args.id, broker_bind=args.bind)))
+    run(lambda: run_broker(_settings(args, node_id=args.id, broker_bind=args.bind)))
 
 
 def cmd_presence(args: argparse.Namespace) -> None:
     from presence.service import run_presence
 
-    _run(lambda: run_presence(_settings(args, node_id=args.id, presence_bind=args.bind)))
+    run(lambda: run_presence(_settings(args, node_id=args.id, presence_bind=args.bind)))
 
 
 def cmd_cluster(args: argparse.Namespace) -> None:
@@ -111,7 +92,6 @@ def cmd_cluster(args: argparse.Namespace) -> None:
             state_file=args.state,
             restart=args.restart,
             consul=args.consul,
-            base_port=args.base_port,
         )
     )
 
@@ -155,7 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="start a Consul dev agent for discovery (auto: when consul is on PATH)",
     )
-    cluster.add_argument("--base-port", type=int, default=0, help="0: pick free ports")
     cluster.set_defaults(func=cmd_cluster)
     return parser
 

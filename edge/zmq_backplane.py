@@ -1,0 +1,150 @@
+"""ZmqBackplane: the edge's links to every broker and to the presence service.
+
+Rooms are placed on the live brokers by rendezvous hashing (``signalpost.placement``);
+every edge computes the same owner from the same broker set. The broker set comes from
+the settings (``broker_endpoints``) or from discovery (``update_brokers``), and shrinks
+to the brokers whose heartbeats are current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import zmq.asyncio
+
+from edge.backplane import Inbox
+from signalpost.config import Settings
+from signalpost.placement import owner
+from signalpost.transport import DealerLink, new_incarnation
+from signalpost.wire import AttachCmd, EdgeSync, Envelope, RoomPosition
+
+log = logging.getLogger("signalpost.edge")
+
+
+class ZmqBackplane:
+    """Backplane over ZeroMQ DEALER links."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.incarnation = new_incarnation()
+        self._context = zmq.asyncio.Context()
+        self.brokers: dict[str, DealerLink] = {}  # broker id -> link
+        self.presence: DealerLink | None = None
+        self._edge_id = ""
+        self._inbox: Inbox | None = None
+        self._snapshot: Callable[[], EdgeSync] | None = None
+        self._owners: dict[str, DealerLink] = {}  # room -> owner link, until membership changes
+        self._live_ids: list[str] = []
+        self._started = False
+
+    # ----------------------------------------------------------------- membership
+
+    def connect(self, edge_id: str, inbox: Inbox, snapshot: Callable[[], EdgeSync]) -> None:
+        self._edge_id, self._inbox, self._snapshot = edge_id, inbox, snapshot
+
+    def _link(self, endpoint: str) -> DealerLink:
+        assert self._inbox is not None, "connect() an edge first"
+        s = self.settings
+        link = DealerLink(
+            self._context,
+            endpoint,
+            self._edge_id,
+            self.incarnation,
+            on_envelope=self._inbox,
+            on_up=self._on_up,
+            on_down=self._on_down,
+            heartbeat_interval=s.heartbeat_interval,
+            peer_expiry=s.peer_expiry,
+        )
+        if self._started:
+            link.start()
+        return link
+
+    def update_brokers(self, endpoints: dict[str, str]) -> None:
+        """Make the broker set ``{broker id: endpoint}``: open new links, close gone ones."""
+        for broker_id in list(self.brokers):
+            link = self.brokers[broker_id]
+            if endpoints.get(broker_id) != link.endpoint:
+                del self.brokers[broker_id]
+                asyncio.get_running_loop().create_task(link.close())
+        for broker_id, endpoint in endpoints.items():
+            if broker_id not in self.brokers:
+                self.brokers[broker_id] = self._link(endpoint)
+        self._membership_changed()
+
+    def update_presence(self, endpoint: str | None) -> None:
+        """Point the presence link at ``endpoint``."""
+        if self.presence is not None and self.presence.endpoint == endpoint:
+            return
+        if self.presence is not None:
+            asyncio.get_running_loop().create_task(self.presence.close())
+        self.presence = self._link(endpoint) if endpoint else None
+
+    def _membership_changed(self) -> None:
+        live = sorted(b for b, link in self.brokers.items() if link.alive)
+        # With no broker heard from yet (start-up), place on all configured ones: ZeroMQ
+        # queues until they answer.
+        self._live_ids = live or sorted(self.brokers)
+        self._owners.clear()
+
+    def _on_up(self, link: DealerLink, fresh: bool) -> None:
+        if link is self.presence:
+            if fresh and self._snapshot is not None:
+                link.send(self._snapshot())
+            return
+        log.info("broker %s is up", link.endpoint)
+        self._membership_changed()
+
+    def _on_down(self, link: DealerLink) -> None:
+        if link is not self.presence:
+            log.warning("broker %s is down", link.endpoint)
+            self._membership_changed()
+
+    def owner_of(self, room: str) -> DealerLink:
+        """The link to the broker that owns ``room`` now."""
+        link = self._owners.get(room)
+        if link is None:
+            link = self.brokers[owner(room, self._live_ids)]
+            self._owners[room] = link
+        return link
+
+    # ----------------------------------------------------------------- Backplane
+
+    def to_room_owner(self, room: str, command: Envelope) -> None:
+        self.owner_of(room).send(command)
+
+    def to_all_brokers(self, command: Envelope) -> None:
+        for link in self.brokers.values():
+            link.send(command)
+
+    def attach(self, session: str, conn: str, positions: dict[str, RoomPosition]) -> None:
+        mine: dict[str, dict[str, RoomPosition]] = {b: {} for b in self.brokers}
+        for room, position in positions.items():
+            link = self.owner_of(room)
+            for broker_id, candidate in self.brokers.items():
+                if candidate is link:
+                    mine[broker_id][room] = position
+        for broker_id, link in self.brokers.items():
+            link.send(AttachCmd(session, conn, self._edge_id, mine[broker_id]))
+
+    def to_presence(self, command: Envelope) -> None:
+        if self.presence is not None:
+            self.presence.send(command)
+
+    async def start(self) -> None:
+        if not self.brokers and self.settings.broker_endpoints:
+            self.update_brokers({e: e for e in self.settings.broker_endpoints})
+        if self.presence is None and self.settings.presence_endpoint:
+            self.update_presence(self.settings.presence_endpoint)
+        self._started = True
+        for link in [*self.brokers.values(), self.presence]:
+            if link is not None:
+                link.start()
+
+    async def close(self) -> None:
+        for link in [*self.brokers.values(), self.presence]:
+            if link is not None:
+                await link.close()
+        self._context.term()

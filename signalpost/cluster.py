@@ -1,0 +1,262 @@
+"""``signalpost cluster``: a local multi-process cluster on loopback, for development and tests.
+
+Starts a Consul dev agent (when wanted and installed), one presence node, ``--brokers``
+brokers and ``--edges`` edges as child processes, waits until each is ready, then writes
+the state file: ``{"processes": [{"kind", "id", "pid", "url"}, ...]}`` (``url`` is the
+ws URL of an edge, the ZeroMQ endpoint of a broker or presence node, the HTTP address of
+Consul). Children that die are left dead unless ``--restart``; SIGTERM/SIGINT stops all.
+Each child's output goes to ``<state file>.logs/<id>.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from signalpost.config import Settings
+
+log = logging.getLogger("signalpost.cluster")
+
+READY_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Child:
+    """One process of the cluster and how to (re)start it."""
+
+    kind: str
+    id: str
+    argv: list[str]
+    url: str
+    env: dict[str, str]
+    log_path: Path
+    probe: str  # "http:<url>" or "tcp:<port>"
+    process: subprocess.Popen[bytes] | None = None
+    log_file: TextIO | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self.log_file = open(self.log_path, "a")  # noqa: SIM115 - lives as long as the child
+        self.process = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop them
+        )
+
+    def ready(self) -> bool:
+        kind, _, target = self.probe.partition(":")
+        try:
+            if kind == "http":
+                with urllib.request.urlopen(target, timeout=0.5) as response:
+                    return bool(response.status == 200)
+            with socket.create_connection(("127.0.0.1", int(target)), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def describe(self) -> dict[str, Any]:
+        assert self.process is not None
+        return {"kind": self.kind, "id": self.id, "pid": self.process.pid, "url": self.url}
+
+
+def _python_child(kind: str, node_id: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "signalpost.cli", kind, "--id", node_id, *args]
+
+
+def plan(
+    settings: Settings,
+    *,
+    edges: int,
+    brokers: int,
+    log_dir: Path,
+    consul: bool,
+) -> list[Child]:
+    """The children of a cluster, with ports picked and settings passed by environment."""
+    env = dict(os.environ)
+    env.setdefault("SIGNALPOST_JWT_SECRET", settings.jwt_secret)
+    children: list[Child] = []
+    if consul:
+        consul_port = free_port()
+        ports = {
+            "dns": -1,
+            "grpc": -1,
+            "serf_lan": free_port(),
+            "serf_wan": free_port(),
+            "server": free_port(),
+            "http": consul_port,
+        }
+        data_dir = tempfile.mkdtemp(prefix="signalpost-consul-", dir=log_dir)
+        children.append(
+            Child(
+                "consul",
+                "consul",
+                [
+                    "consul", "agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1",
+                    f"-data-dir={data_dir}",
+                    *(f"-{name.replace('_', '-')}-port={port}" if "_" in name else
+                      f"-{name}-port={port}" for name, port in ports.items()),
+                ],
+                f"http://127.0.0.1:{consul_port}",
+                env,
+                log_dir / "consul.log",
+                f"http:http://127.0.0.1:{consul_port}/v1/status/leader",
+            )
+        )
+        env = {**env, "SIGNALPOST_CONSUL_ADDR": f"127.0.0.1:{consul_port}"}
+    presence_port = free_port()
+    presence_endpoint = f"tcp://127.0.0.1:{presence_port}"
+    broker_endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in range(brokers)]
+    env = {
+        **env,
+        "SIGNALPOST_PRESENCE_ENDPOINT": presence_endpoint,
+        "SIGNALPOST_BROKER_ENDPOINTS": ",".join(broker_endpoints),
+    }
+    children.append(
+        Child(
+            "presence",
+            "presence-1",
+            _python_child("presence", "presence-1", "--bind", presence_endpoint),
+            presence_endpoint,
+            env,
+            log_dir / "presence-1.log",
+            f"tcp:{presence_port}",
+        )
+    )
+    for index, endpoint in enumerate(broker_endpoints, 1):
+        broker_id = f"broker-{index}"
+        children.append(
+            Child(
+                "broker",
+                broker_id,
+                _python_child("broker", broker_id, "--bind", endpoint),
+                endpoint,
+                env,
+                log_dir / f"{broker_id}.log",
+                f"tcp:{endpoint.rsplit(':', 1)[1]}",
+            )
+        )
+    for index in range(1, edges + 1):
+        edge_id = f"edge-{index}"
+        port = free_port()
+        children.append(
+            Child(
+                "edge",
+                edge_id,
+                _python_child("edge", edge_id, "--host", "127.0.0.1", "--port", str(port)),
+                f"ws://127.0.0.1:{port}/v1/signal",
+                env,
+                log_dir / f"{edge_id}.log",
+                f"http:http://127.0.0.1:{port}/healthz",
+            )
+        )
+    return children
+
+
+def _write_state(path: Path, children: list[Child]) -> None:
+    state = {"processes": [child.describe() for child in children]}
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(json.dumps(state, indent=2))
+    partial.replace(path)  # readers never see half a file
+
+
+def _wait_ready(child: Child, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        assert child.process is not None
+        if child.process.poll() is not None:
+            return False
+        if child.ready():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _stop(children: list[Child], grace: float) -> None:
+    for child in reversed(children):  # edges first: they drain clients
+        if child.process is not None and child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for child in reversed(children):
+        if child.process is None:
+            continue
+        try:
+            child.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+        if child.log_file is not None:
+            child.log_file.close()
+
+
+def run_cluster(
+    settings: Settings,
+    *,
+    edges: int,
+    brokers: int,
+    state_file: str,
+    restart: bool,
+    consul: str,
+) -> int:
+    """Run the cluster until SIGTERM/SIGINT; return the exit status."""
+    state_path = Path(state_file)
+    log_dir = state_path.with_name(state_path.name + ".logs")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    want_consul = consul == "on" or (consul == "auto" and shutil.which("consul") is not None)
+    if consul == "on" and shutil.which("consul") is None:
+        print("signalpost cluster: --consul on, but consul is not on PATH", file=sys.stderr)
+        return 2
+    children = plan(settings, edges=edges, brokers=brokers, log_dir=log_dir, consul=want_consul)
+
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        for child in children:
+            child.start()
+            if not _wait_ready(child, deadline):
+                print(f"signalpost cluster: {child.id} did not become ready; see {child.log_path}",
+                      file=sys.stderr)
+                return 1
+        _write_state(state_path, children)
+        print(f"signalpost cluster ready: {state_path}", flush=True)
+        while not stopping:
+            time.sleep(0.2)
+            for child in children:
+                assert child.process is not None
+                code = child.process.poll()
+                if code is None or stopping:
+                    continue
+                if restart and child.kind != "consul":
+                    log.warning("%s exited with %s; restarting", child.id, code)
+                    child.start()
+                    _write_state(state_path, children)
+        return 0
+    finally:
+        _stop(children, settings.drain_timeout + 2.0)

@@ -1,0 +1,89 @@
+"""The shell shared by owner nodes (broker, presence): a ROUTER, a core, a timer, a lifecycle.
+
+An owner core is sans-I/O: ``handle(command, now)``, ``expire(now)`` and
+``edge_lost(edge, now)`` each return ``(edge id, envelope)`` pairs; this shell feeds it
+from the ROUTER and writes what it returns back out, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import zmq.asyncio
+
+from signalpost import metrics
+from signalpost.config import Settings
+from signalpost.transport import RouterEndpoint
+from signalpost.wire import Envelope
+
+log = logging.getLogger("signalpost.node")
+
+Outbound = tuple[str, Envelope]
+
+#: How often an owner checks suspensions and history age.
+EXPIRY_TICK = 0.25
+
+
+class OwnerCore(Protocol):
+    def handle(self, command: Envelope, now: float) -> list[Outbound]: ...
+
+    def expire(self, now: float) -> list[Outbound]: ...
+
+    def edge_lost(self, edge: str, now: float) -> list[Outbound]: ...
+
+
+class OwnerNode:
+    """Runs one owner core behind a ROUTER socket."""
+
+    def __init__(self, settings: Settings, kind: str, core: OwnerCore, bind: str) -> None:
+        self.kind = kind
+        self.node_id = settings.node_id or f"{kind}-{secrets.token_hex(4)}"
+        self.core = core
+        self._context = zmq.asyncio.Context()
+        self._clock = time.monotonic
+        self.router = RouterEndpoint(
+            self._context,
+            bind,
+            self.node_id,
+            on_envelope=self._on_envelope,
+            on_peer_lost=self._on_edge_lost,
+            on_peer_restarted=self._on_edge_lost,
+            heartbeat_interval=settings.heartbeat_interval,
+            peer_expiry=settings.peer_expiry,
+        )
+        self._counter = metrics.ENVELOPES.labels(kind=kind)
+
+    def _send(self, outbound: list[Outbound]) -> None:
+        send = self.router.send
+        for edge, envelope in outbound:
+            send(edge, envelope)
+
+    def _on_envelope(self, peer: str, envelope: Envelope) -> None:
+        self._counter.inc()
+        self._send(self.core.handle(envelope, self._clock()))
+
+    def _on_edge_lost(self, edge: str) -> None:
+        metrics.PEERS_LOST.inc()
+        self._send(self.core.edge_lost(edge, self._clock()))
+
+    async def run(self, until: Callable[[], Awaitable[None]]) -> None:
+        """Serve until ``until()`` returns."""
+        async with self.router:
+            ticker = asyncio.create_task(self._expiry_loop(), name=f"{self.kind}-expiry")
+            print(f"signalpost {self.kind} {self.node_id} ready on {self.router.endpoint}",
+                  flush=True)
+            try:
+                await until()
+            finally:
+                ticker.cancel()
+        self._context.term()
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_TICK)
+            self._send(self.core.expire(self._clock()))

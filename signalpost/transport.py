@@ -1,0 +1,248 @@
+"""Node links over ZeroMQ: one ROUTER per owner node, one DEALER per edge and owner.
+
+Frame layout (defined once): a DEALER sends ``[WIRE_VERSION, body]``; the ROUTER sees
+``[peer identity, WIRE_VERSION, body]`` and answers the same way. ``body`` is one msgpack
+envelope (``signalpost.wire``). A DEALER's identity is its node id, so an owner addresses
+an edge by the id the edge put in its commands.
+
+Heartbeats go both ways every ``heartbeat_interval``; a peer silent for
+``interval x liveness`` is dead (the Majordomo rule). Each node carries an
+``incarnation`` that changes when it restarts, so the other side can tell "came back
+empty" from "was briefly slow" and re-announce its soft state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from signalpost.wire import WIRE_VERSION, Envelope, Heartbeat, decode_envelope, encode_envelope
+
+log = logging.getLogger("signalpost.transport")
+
+HIGH_WATER_MARK = 200_000
+
+
+def new_incarnation() -> str:
+    """A fresh id for this run of a node."""
+    return secrets.token_hex(6)
+
+
+@dataclass(slots=True)
+class PeerState:
+    """What a link knows of the node at its other end."""
+
+    node: str
+    incarnation: str
+    last_seen: float
+
+
+class RouterEndpoint:
+    """The owner side: binds, receives from many edges, answers each by identity."""
+
+    def __init__(
+        self,
+        context: zmq.asyncio.Context,
+        bind: str,
+        node_id: str,
+        *,
+        on_envelope: Callable[[str, Envelope], None],
+        on_peer_lost: Callable[[str], None],
+        on_peer_restarted: Callable[[str], None],
+        heartbeat_interval: float,
+        peer_expiry: float,
+    ) -> None:
+        self.node_id = node_id
+        self.incarnation = new_incarnation()
+        self.peers: dict[str, PeerState] = {}
+        self._socket = context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+        self._socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+        self._socket.bind(bind)
+        self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._on_envelope = on_envelope
+        self._on_peer_lost = on_peer_lost
+        self._on_peer_restarted = on_peer_restarted
+        self._interval = heartbeat_interval
+        self._expiry = peer_expiry
+        self._heartbeat = encode_envelope(Heartbeat(node_id, self.incarnation))
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def send(self, peer: str, envelope: Envelope) -> None:
+        """Queue ``envelope`` for ``peer``; dropped if the peer is unknown to ZeroMQ."""
+        self.send_body(peer, encode_envelope(envelope))
+
+    def send_body(self, peer: str, body: bytes) -> None:
+        """Queue an already-encoded envelope for ``peer``."""
+        self._socket.send_multipart((peer.encode(), WIRE_VERSION, body))
+
+    async def __aenter__(self) -> RouterEndpoint:
+        self._tasks = [
+            asyncio.create_task(self._receive_loop(), name="router-receive"),
+            asyncio.create_task(self._heartbeat_loop(), name="router-heartbeat"),
+        ]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._socket.close(linger=0)
+
+    async def _receive_loop(self) -> None:
+        socket = self._socket
+        while True:
+            frames = await socket.recv_multipart()
+            if len(frames) != 3 or frames[1] != WIRE_VERSION:
+                log.warning("dropping a message with a bad frame layout")
+                continue
+            peer = frames[0].decode(errors="replace")
+            try:
+                envelope = decode_envelope(frames[2])
+            except msgspec.DecodeError as exc:
+                log.warning("dropping an undecodable envelope from %s: %s", peer, exc)
+                continue
+            self._seen(peer, envelope)
+            if not isinstance(envelope, Heartbeat):
+                try:
+                    self._on_envelope(peer, envelope)
+                except Exception:  # one bad command must not stop the node
+                    log.exception("handling an envelope from %s failed", peer)
+
+    def _seen(self, peer: str, envelope: Envelope) -> None:
+        now = time.monotonic()
+        state = self.peers.get(peer)
+        if isinstance(envelope, Heartbeat):
+            if state is not None and state.incarnation != envelope.incarnation:
+                log.info("peer %s restarted", peer)
+                self._on_peer_restarted(peer)
+            if state is None or state.incarnation != envelope.incarnation:
+                self.peers[peer] = PeerState(envelope.node, envelope.incarnation, now)
+                self.send_body(peer, self._heartbeat)  # answer at once: faster discovery
+                return
+        if state is not None:
+            state.last_seen = now
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            now = time.monotonic()
+            for peer, state in list(self.peers.items()):
+                if now - state.last_seen > self._expiry:
+                    del self.peers[peer]
+                    log.warning("peer %s missed its heartbeats; declaring it lost", peer)
+                    self._on_peer_lost(peer)
+                else:
+                    self.send_body(peer, self._heartbeat)
+
+
+class DealerLink:
+    """The edge side of one link: connects to an owner node and watches its heartbeats."""
+
+    def __init__(
+        self,
+        context: zmq.asyncio.Context,
+        endpoint: str,
+        node_id: str,
+        incarnation: str,
+        *,
+        on_envelope: Callable[[Envelope], None],
+        on_up: Callable[[DealerLink, bool], None],
+        on_down: Callable[[DealerLink], None],
+        heartbeat_interval: float,
+        peer_expiry: float,
+    ) -> None:
+        self.endpoint = endpoint
+        self.remote: PeerState | None = None
+        self.alive = False
+        self._socket = context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.IDENTITY, node_id.encode())
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+        self._socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+        self._socket.setsockopt(zmq.RECONNECT_IVL, 100)
+        self._socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        self._socket.connect(endpoint)
+        self._on_envelope = on_envelope
+        self._on_up = on_up
+        self._on_down = on_down
+        self._interval = heartbeat_interval
+        self._expiry = peer_expiry
+        self._heartbeat = encode_envelope(Heartbeat(node_id, incarnation))
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def send(self, envelope: Envelope) -> None:
+        """Queue ``envelope`` for the owner (ZeroMQ buffers it while reconnecting)."""
+        self._socket.send_multipart((WIRE_VERSION, encode_envelope(envelope)))
+
+    def start(self) -> None:
+        """Start receiving and heartbeating."""
+        self._socket.send_multipart((WIRE_VERSION, self._heartbeat))
+        self._tasks = [
+            asyncio.create_task(self._receive_loop(), name=f"dealer-receive {self.endpoint}"),
+            asyncio.create_task(self._heartbeat_loop(), name=f"dealer-heartbeat {self.endpoint}"),
+        ]
+
+    async def close(self) -> None:
+        """Stop and close the socket."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._socket.close(linger=0)
+
+    async def _receive_loop(self) -> None:
+        socket = self._socket
+        while True:
+            frames = await socket.recv_multipart()
+            if len(frames) != 2 or frames[0] != WIRE_VERSION:
+                log.warning("dropping a message with a bad frame layout from %s", self.endpoint)
+                continue
+            try:
+                envelope = decode_envelope(frames[1])
+            except msgspec.DecodeError as exc:
+                log.warning("dropping an undecodable envelope from %s: %s", self.endpoint, exc)
+                continue
+            now = time.monotonic()
+            if isinstance(envelope, Heartbeat):
+                self._heartbeat_from(envelope, now)
+                continue
+            if self.remote is not None:
+                self.remote.last_seen = now
+            try:
+                self._on_envelope(envelope)
+            except Exception:  # one bad envelope must not stop the edge
+                log.exception("handling an envelope from %s failed", self.endpoint)
+
+    def _heartbeat_from(self, heartbeat: Heartbeat, now: float) -> None:
+        previous = self.remote
+        self.remote = PeerState(heartbeat.node, heartbeat.incarnation, now)
+        if not self.alive or previous is None or previous.incarnation != heartbeat.incarnation:
+            restarted = previous is not None and previous.incarnation != heartbeat.incarnation
+            self.alive = True
+            self._on_up(self, restarted or previous is None)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            self._socket.send_multipart((WIRE_VERSION, self._heartbeat))
+            remote = self.remote
+            if self.alive and remote is not None and time.monotonic() - remote.last_seen > (
+                self._expiry
+            ):
+                self.alive = False
+                log.warning("%s missed its heartbeats; marking it down", self.endpoint)
+                self._on_down(self)
