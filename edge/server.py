@@ -481,11 +481,11 @@ def _error(exc: ProtocolError, request_id: RequestId | None) -> bytes:
 
 
 def _frame_id(frame: str) -> RequestId | None:
+    """The id of a frame refused before it was served, so the error can echo it."""
     try:
-        decode_client(frame)
+        return decode_client(frame).id
     except ProtocolError as exc:
         return request_id_of(exc)
-    return None
 
 
 async def _send_now(ws: ServerConnection, payload: bytes) -> None:

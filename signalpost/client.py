@@ -1,0 +1,399 @@
+"""Python asyncio client SDK for the signalpost protocol (docs/protocol.md).
+
+    async with SignalpostClient([edge_url], token) as client:
+        joined = await client.join("room-1")
+        await client.signal("room-1", {"kind": "offer", "sdp": sdp}, to=peer_session)
+        event = await client.next_event(SignalEvent)
+
+Requests get ids and await their reply (``RequestRefused`` carries an ``error`` frame's
+code). Everything else arrives as typed events. When the connection drops without a clean
+close, the client reconnects (to the next URL, with ``backoff``) and resumes: it sends its
+resume token and the last ``epoch``/``offset`` it saw per room, and the cluster replays
+what it missed. A ``Resumed`` event tells how that went.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import msgspec
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from signalpost.errors import CloseCode, SignalpostError
+
+log = logging.getLogger("signalpost.client")
+
+#: Close codes after which reconnecting cannot help.
+FINAL_CLOSE_CODES = frozenset(
+    {
+        CloseCode.NORMAL,
+        CloseCode.ABUSE,
+        CloseCode.UNAUTHORIZED,
+        CloseCode.ORIGIN_REFUSED,
+        CloseCode.RATE_LIMITED,
+        4409,  # the session resumed on another connection
+    }
+)
+_REPLY_TYPES = frozenset(
+    {"welcome", "joined", "left", "ack", "watching", "unwatched", "pong", "ice-servers", "error"}
+)
+
+
+class ClientError(SignalpostError):
+    """Base of the client SDK's errors."""
+
+
+class RequestRefused(ClientError):
+    """The server answered a request with an ``error`` frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConnectionLost(ClientError):
+    """The connection closed before the request was answered."""
+
+
+class SessionClosed(ClientError):
+    """The session ended for good (closed by us, or a close code that forbids retrying)."""
+
+    def __init__(self, code: int | None, reason: str = "") -> None:
+        super().__init__(f"session closed ({code}) {reason}".strip())
+        self.code = code
+
+
+# --------------------------------------------------------------------------- events
+
+
+class _Event(msgspec.Struct, tag_field="type", frozen=True, kw_only=True):
+    pass
+
+
+class Peer(msgspec.Struct, frozen=True):
+    session: str
+    user: str
+    meta: dict[str, Any] = {}
+    name: str | None = None
+
+
+class Sender(msgspec.Struct, frozen=True):
+    session: str
+    user: str
+
+
+class PeerJoined(_Event, tag="peer-joined"):
+    room: str
+    peer: Peer
+    offset: int
+
+
+class PeerLeft(_Event, tag="peer-left"):
+    room: str
+    peer: Peer
+    reason: Literal["left", "disconnected", "timeout"]
+    offset: int
+
+
+class SignalEvent(_Event, tag="signal"):
+    room: str
+    data: dict[str, Any]
+    offset: int
+    sender: Sender = msgspec.field(name="from")
+
+
+class PresenceChanged(_Event, tag="presence"):
+    user: str
+    status: Literal["online", "offline"]
+
+
+class Recovered(_Event, tag="recovered"):
+    room: str
+    recovered: bool
+
+
+class Resumed(_Event, tag="resumed"):
+    """Client-side: the connection came back; ``resumed`` is the welcome's flag."""
+
+    session: str
+    resumed: bool
+
+
+class Disconnected(_Event, tag="disconnected"):
+    """Client-side: the connection dropped; a resume follows unless ``final``."""
+
+    code: int | None
+    final: bool
+
+
+ServerEvent = PeerJoined | PeerLeft | SignalEvent | PresenceChanged | Recovered
+Event = ServerEvent | Resumed | Disconnected
+EventT = TypeVar("EventT", bound=_Event)
+
+
+@dataclass(frozen=True, slots=True)
+class RoomPosition:
+    epoch: str
+    offset: int
+
+
+def backoff(
+    initial: float = 0.1, maximum: float = 5.0, factor: float = 2.0, rng: random.Random | None = None
+) -> Iterator[float]:
+    """Reconnect delays: exponential growth capped at ``maximum``, with full jitter."""
+    rng = rng or random.Random()
+    for attempt in itertools.count():
+        yield rng.uniform(0, min(maximum, initial * factor**attempt))
+
+
+class SignalpostClient:
+    """One signalpost session, kept alive across reconnects."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        token: str | Callable[[], str],
+        *,
+        auto_resume: bool = True,
+        request_timeout: float = 5.0,
+        max_reconnect_attempts: int = 20,
+        origin: str | None = None,
+    ) -> None:
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        self._token = token
+        self.auto_resume = auto_resume
+        self.request_timeout = request_timeout
+        self.max_reconnect_attempts = max_reconnect_attempts
+        self.origin = origin
+        self.session: str | None = None
+        self.user: str | None = None
+        self.resume_token: str | None = None
+        self.ice_servers: list[dict[str, Any]] = []
+        self.positions: dict[str, RoomPosition] = {}
+        self.welcome: dict[str, Any] = {}
+        self.close_code: int | None = None
+        self._url_index = 0
+        self._ws: ClientConnection | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+        self._closing = False
+        self._connected = asyncio.Event()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def url(self) -> str:
+        return self.urls[self._url_index % len(self.urls)]
+
+    async def connect(self) -> dict[str, Any]:
+        """Open the connection and authenticate; return the ``welcome`` frame."""
+        welcome = await self._open(resume=False)
+        self._reader = asyncio.create_task(self._read_forever(), name="signalpost-client")
+        return welcome
+
+    async def close(self) -> None:
+        """End the session cleanly (close 1000: the cluster drops it at once)."""
+        self._closing = True
+        if self._ws is not None:
+            await self._ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    async def __aenter__(self) -> SignalpostClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _open(self, *, resume: bool) -> dict[str, Any]:
+        token = self._token() if callable(self._token) else self._token
+        ws = await connect(
+            self.url, max_size=None, compression=None, origin=self.origin,  # type: ignore[arg-type]
+            open_timeout=self.request_timeout,
+        )
+        hello: dict[str, Any] = {"type": "hello", "token": token}
+        if resume and self.resume_token:
+            hello["resume"] = self.resume_token
+            hello["rooms"] = {
+                room: {"epoch": p.epoch, "offset": p.offset} for room, p in self.positions.items()
+            }
+        await ws.send(msgspec.json.encode(hello).decode())
+        try:
+            raw = await asyncio.wait_for(ws.recv(), self.request_timeout)
+        except ConnectionClosed as exc:
+            raise SessionClosed(exc.rcvd.code if exc.rcvd else None, "during hello") from None
+        frame = msgspec.json.decode(raw)
+        if frame.get("type") != "welcome":
+            await ws.close()
+            raise RequestRefused(frame.get("code", "unknown"), frame.get("message", str(frame)))
+        self._ws = ws
+        self.welcome = frame
+        if not frame["resumed"]:
+            self.positions.clear()
+        self.session, self.user = frame["session"], frame["user"]
+        self.resume_token = frame["resume"]
+        self.ice_servers = frame.get("ice_servers", [])
+        self._connected.set()
+        return frame
+
+    async def _read_forever(self) -> None:
+        while True:
+            ws = self._ws
+            assert ws is not None
+            try:
+                async for raw in ws:
+                    self._on_frame(msgspec.json.decode(raw))
+            except ConnectionClosed:
+                pass
+            code = ws.close_code
+            self._connected.clear()
+            self._fail_pending(ConnectionLost(f"connection closed ({code})"))
+            final = self._closing or not self.auto_resume or code in FINAL_CLOSE_CODES
+            self._events.put_nowait(Disconnected(code=code, final=final))
+            if final:
+                self.close_code = code
+                return
+            if not await self._reconnect():
+                self.close_code = code
+                self._events.put_nowait(Disconnected(code=code, final=True))
+                return
+
+    async def _reconnect(self) -> bool:
+        delays = backoff()
+        for _attempt in range(self.max_reconnect_attempts):
+            await asyncio.sleep(next(delays))
+            self._url_index += 1  # try the next edge: this one may be the one that died
+            try:
+                welcome = await self._open(resume=True)
+            except (OSError, InvalidHandshake, TimeoutError, ClientError) as exc:
+                log.info("reconnect to %s failed: %s", self.url, exc)
+                continue
+            self._events.put_nowait(Resumed(session=welcome["session"], resumed=welcome["resumed"]))
+            return True
+        return False
+
+    def _fail_pending(self, exc: Exception) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._pending.clear()
+
+    def _on_frame(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        request_id = frame.get("id")
+        if kind in _REPLY_TYPES and request_id is not None:
+            future = self._pending.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_result(frame)
+            if kind == "joined":
+                self.positions[frame["room"]] = RoomPosition(frame["epoch"], frame["offset"])
+            return
+        try:
+            event = msgspec.convert(frame, ServerEvent)
+        except msgspec.ValidationError:
+            log.warning("ignoring an unexpected frame: %s", frame)
+            return
+        if isinstance(event, PeerJoined | PeerLeft | SignalEvent):
+            position = self.positions.get(event.room)
+            if position is not None:
+                self.positions[event.room] = RoomPosition(position.epoch, event.offset)
+        self._events.put_nowait(event)
+
+    # ----------------------------------------------------------------- requests
+
+    async def request(self, frame: dict[str, Any]) -> dict[str, Any]:
+        """Send a request with a fresh id and return its reply; raise on ``error``."""
+        if not self._connected.is_set():
+            await asyncio.wait_for(self._connected.wait(), self.request_timeout)
+        request_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        assert self._ws is not None
+        try:
+            await self._ws.send(msgspec.json.encode({**frame, "id": request_id}).decode())
+            reply = await asyncio.wait_for(future, self.request_timeout)
+        except ConnectionClosed:
+            raise ConnectionLost("connection closed while sending") from None
+        finally:
+            self._pending.pop(request_id, None)
+        if reply.get("type") == "error":
+            raise RequestRefused(reply["code"], reply["message"])
+        return reply
+
+    async def send_frame(self, frame: dict[str, Any] | str) -> None:
+        """Send a frame as is, without waiting for a reply (no id is added)."""
+        assert self._ws is not None
+        text = frame if isinstance(frame, str) else msgspec.json.encode(frame).decode()
+        await self._ws.send(text)
+
+    async def join(self, room: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Join ``room``; returns the ``joined`` frame (epoch, offset, members)."""
+        frame: dict[str, Any] = {"type": "join", "room": room}
+        if meta is not None:
+            frame["meta"] = meta
+        return await self.request(frame)
+
+    async def leave(self, room: str) -> None:
+        """Leave ``room``."""
+        await self.request({"type": "leave", "room": room})
+        self.positions.pop(room, None)
+
+    async def signal(self, room: str, data: dict[str, Any], to: str | None = None) -> None:
+        """Send ``data`` to ``to`` (or every other member); return once acked."""
+        frame: dict[str, Any] = {"type": "signal", "room": room, "data": data}
+        if to is not None:
+            frame["to"] = to
+        await self.request(frame)
+
+    async def watch(self, users: list[str]) -> dict[str, str]:
+        """Watch users; returns their current status."""
+        reply = await self.request({"type": "watch", "users": users})
+        presence: dict[str, str] = reply["presence"]
+        return presence
+
+    async def unwatch(self, users: list[str]) -> None:
+        """Stop watching users."""
+        await self.request({"type": "unwatch", "users": users})
+
+    async def ping(self) -> None:
+        """Round trip to the edge."""
+        await self.request({"type": "ping"})
+
+    async def fresh_ice_servers(self) -> list[dict[str, Any]]:
+        """ICE servers with fresh TURN credentials."""
+        reply = await self.request({"type": "ice-servers"})
+        servers: list[dict[str, Any]] = reply["ice_servers"]
+        return servers
+
+    # ----------------------------------------------------------------- events
+
+    async def next_event(
+        self, kind: type[EventT] | None = None, *, timeout: float = 5.0
+    ) -> Any:
+        """The next event (of type ``kind``, skipping others); TimeoutError if none comes."""
+        async with asyncio.timeout(timeout):
+            while True:
+                event = await self._events.get()
+                if kind is None or isinstance(event, kind):
+                    return event
+
+    def pending_events(self) -> list[Event]:
+        """Events received and not yet taken, without waiting."""
+        events = []
+        while not self._events.empty():
+            events.append(self._events.get_nowait())
+        return events

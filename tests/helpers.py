@@ -1,0 +1,64 @@
+"""Helpers shared by the integration and cluster tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from signalpost.auth import mint_token
+
+SECRET = "integration-secret-0123456789abcdef"
+
+
+def token(user: str, **claims: Any) -> str:
+    return mint_token(SECRET, user, now=time.time(), **claims)
+
+
+def url_of(server: Any) -> str:
+    """The ws URL of an in-process edge server."""
+    return f"ws://127.0.0.1:{server.port}/v1/signal"
+
+
+class RawClient:
+    """A bare WebSocket speaking the protocol by hand, to check exact frames."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.session = ""
+        self.welcome: dict[str, Any] = {}
+
+    async def send(self, frame: dict[str, Any] | str) -> None:
+        await self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            raw = await self.ws.recv()
+        frame: dict[str, Any] = json.loads(raw)
+        return frame
+
+    async def recv_type(self, kind: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The next frame of ``kind``; fails on any other frame in between."""
+        frame = await self.recv(timeout)
+        assert frame["type"] == kind, frame
+        return frame
+
+    async def request(self, frame: dict[str, Any]) -> dict[str, Any]:
+        await self.send(frame)
+        return await self.recv()
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+async def raw_client(server_url: str, user: str, **hello: Any) -> RawClient:
+    ws = await websockets.connect(server_url)
+    client = RawClient(ws)
+    await client.send({"type": "hello", "token": token(user), **hello})
+    client.welcome = await client.recv_type("welcome")
+    client.session = client.welcome["session"]
+    return client

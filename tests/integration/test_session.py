@@ -1,0 +1,215 @@
+"""Session set-up against a real dev-mode edge: hello, tokens, close codes, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+
+import jwt
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed
+
+from edge.server import EdgeServer
+from signalpost.auth import mint_token
+from tests.helpers import SECRET, raw_client, token, url_of
+from tests.integration.conftest import DevFactory
+
+
+async def closed_with(ws: websockets.ClientConnection) -> int | None:
+    """Read until the server closes; return its close code."""
+    async with asyncio.timeout(5):
+        try:
+            while True:
+                await ws.recv()
+        except ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd else None
+
+
+async def test_welcome_carries_session_resume_and_heartbeat(dev: EdgeServer) -> None:
+    client = await raw_client(url_of(dev), "alice")
+    welcome = client.welcome
+    assert welcome["user"] == "alice"
+    assert welcome["resumed"] is False
+    assert welcome["heartbeat"] == 25
+    assert isinstance(welcome["ice_servers"], list)
+    assert welcome["session"] and welcome["resume"]
+    await client.close()
+
+
+async def test_hello_id_is_echoed(dev: EdgeServer) -> None:
+    async with websockets.connect(url_of(dev)) as ws:
+        await ws.send(json.dumps({"type": "hello", "id": "h1", "token": token("alice")}))
+        welcome = json.loads(await ws.recv())
+        assert welcome["type"] == "welcome" and welcome["id"] == "h1"
+
+
+def _alg_none_token(user: str) -> str:
+    def b64(value: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64({'sub': user, 'exp': time.time() + 60})}."
+
+
+@pytest.mark.parametrize(
+    "bad_token",
+    [
+        pytest.param(lambda: mint_token("wrong-secret-0123456789abcdefghij", "eve", now=time.time()),
+                     id="wrong-signature"),
+        pytest.param(lambda: mint_token(SECRET, "eve", now=time.time() - 7200, ttl=60),
+                     id="expired"),
+        pytest.param(lambda: _alg_none_token("eve"), id="alg-none"),
+        pytest.param(lambda: jwt.encode({"exp": time.time() + 60}, SECRET, algorithm="HS256"),
+                     id="no-sub"),
+        pytest.param(lambda: "not-a-jwt", id="garbage"),
+        pytest.param(lambda: jwt.encode({"sub": "eve"}, SECRET * 2, algorithm="HS512"),
+                     id="unconfigured-alg"),
+    ],
+)
+async def test_bad_tokens_get_unauthorized_and_4401(dev: EdgeServer, bad_token: object) -> None:
+    async with websockets.connect(url_of(dev)) as ws:
+        await ws.send(json.dumps({"type": "hello", "token": bad_token()}))  # type: ignore[operator]
+        error = json.loads(await ws.recv())
+        assert error["type"] == "error" and error["code"] == "unauthorized"
+        assert await closed_with(ws) == 4401
+
+
+@pytest.mark.parametrize(
+    "first_frame",
+    ['{"type":"hello"}', '{"type":"ping","id":1}', "not json", '{"type":"join","room":"r"}'],
+)
+async def test_a_first_frame_other_than_a_good_hello_is_refused(
+    dev: EdgeServer, first_frame: str
+) -> None:
+    async with websockets.connect(url_of(dev)) as ws:
+        await ws.send(first_frame)
+        error = json.loads(await ws.recv())
+        assert error["code"] == "unauthorized"
+        assert await closed_with(ws) == 4401
+
+
+async def test_hello_timeout_closes_4408(dev_factory: DevFactory) -> None:
+    server = await dev_factory(hello_timeout=0.3)
+    async with websockets.connect(url_of(server)) as ws:
+        assert await closed_with(ws) == 4408
+
+
+async def test_binary_frame_closes_1003(dev: EdgeServer) -> None:
+    client = await raw_client(url_of(dev), "alice")
+    await client.ws.send(b"\x00\x01binary")
+    assert await closed_with(client.ws) == 1003
+
+
+async def test_binary_hello_closes_1003(dev: EdgeServer) -> None:
+    async with websockets.connect(url_of(dev)) as ws:
+        await ws.send(b'{"type":"hello"}')
+        assert await closed_with(ws) == 1003
+
+
+async def test_oversized_frame_closes_1009_and_others_are_unaffected(
+    dev_factory: DevFactory,
+) -> None:
+    server = await dev_factory(max_frame=4096)
+    bystander = await raw_client(url_of(server), "bob")
+    client = await raw_client(url_of(server), "alice")
+    await client.send({"type": "signal", "room": "r", "data": {"x": "y" * 5000}})
+    assert await closed_with(client.ws) == 1009
+    pong = await bystander.request({"type": "ping", "id": 1})
+    assert pong == {"type": "pong", "id": 1}
+    await bystander.close()
+
+
+async def test_origin_refused_4403(dev_factory: DevFactory) -> None:
+    server = await dev_factory(allowed_origins=["https://app.example"])
+    async with websockets.connect(url_of(server), origin="https://evil.example") as ws:  # type: ignore[arg-type]
+        assert await closed_with(ws) == 4403
+    async with websockets.connect(url_of(server), origin="https://app.example") as ws:  # type: ignore[arg-type]
+        await ws.send(json.dumps({"type": "hello", "token": token("alice")}))
+        assert json.loads(await ws.recv())["type"] == "welcome"
+
+
+async def test_malformed_frames_get_bad_request_and_the_connection_stays(
+    dev_factory: DevFactory,
+) -> None:
+    server = await dev_factory(bad_frame_strikes=50)
+    client = await raw_client(url_of(server), "alice")
+    bad_frames = [
+        "nope",
+        "[1,2]",
+        '{"type":"teleport","id":7}',
+        '{"type":"join","id":8}',
+        '{"type":"join","id":9,"room":42}',
+        '{"type":"signal","id":10,"room":"r","data":"text"}',
+        '{"type":"watch","id":11,"users":"bob"}',
+        '{"type":"hello","id":12,"token":"x"}',
+        '{"type":"ping","id":"' + "x" * 65 + '"}',
+    ]
+    for frame in bad_frames:
+        await client.send(frame)
+        error = await client.recv_type("error")
+        assert error["code"] == "bad_request", (frame, error)
+    # The ids that could be read are echoed.
+    await client.send('{"type":"teleport","id":"t1"}')
+    assert (await client.recv_type("error"))["id"] == "t1"
+    assert await client.request({"type": "ping", "id": 1}) == {"type": "pong", "id": 1}
+    await client.close()
+
+
+async def test_a_client_that_keeps_sending_garbage_is_closed_4400(
+    dev_factory: DevFactory,
+) -> None:
+    server = await dev_factory(bad_frame_strikes=5)
+    client = await raw_client(url_of(server), "mallory")
+    for _ in range(5):
+        await client.send("garbage")
+    assert await closed_with(client.ws) == 4400
+
+
+async def test_a_flood_is_rate_limited_then_closed_4429(dev_factory: DevFactory) -> None:
+    server = await dev_factory(rate_per_second=1, rate_burst=3, rate_strikes=5)
+    bystander = await raw_client(url_of(server), "bob")
+    client = await raw_client(url_of(server), "mallory")
+    for n in range(3):
+        await client.send({"type": "ping", "id": n})
+    for n in range(3):
+        assert (await client.recv()) == {"type": "pong", "id": n}
+    await client.send({"type": "ping", "id": 99})
+    refused = await client.recv_type("error")
+    assert refused["code"] == "rate_limited" and refused["id"] == 99
+    for n in range(10):
+        await client.send({"type": "ping", "id": 100 + n})
+    assert await closed_with(client.ws) == 4429
+    assert await bystander.request({"type": "ping", "id": 1}) == {"type": "pong", "id": 1}
+
+
+async def test_ping_and_ice_servers_with_turn_credentials(dev_factory: DevFactory) -> None:
+    server = await dev_factory(
+        turn_secret="turn-secret",
+        turn_urls=["turn:127.0.0.1:3478?transport=udp"],
+        stun_urls=["stun:127.0.0.1:3478"],
+        turn_ttl=600,
+    )
+    client = await raw_client(url_of(server), "alice")
+    assert client.welcome["ice_servers"][0] == {"urls": ["stun:127.0.0.1:3478"]}
+    reply = await client.request({"type": "ice-servers", "id": 7})
+    assert reply["type"] == "ice-servers" and reply["id"] == 7
+    turn = reply["ice_servers"][1]
+    expiry, user = turn["username"].split(":", 1)
+    assert user == "alice" and 0 < int(expiry) - time.time() <= 600
+    assert turn["urls"] == ["turn:127.0.0.1:3478?transport=udp"] and turn["credential"]
+    await client.close()
+
+
+async def test_http_endpoints(dev: EdgeServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", dev.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    response = await reader.read()
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"ok\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", dev.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    response = await reader.read()
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 200") and b"<!doctype html" in response.lower()
