@@ -91,44 +91,44 @@ class Sender(msgspec.Struct, frozen=True):
     user: str
 
 
-class PeerJoined(_Event, tag="peer-joined"):
+class PeerJoined(_Event, tag="peer-joined", frozen=True):
     room: str
     peer: Peer
     offset: int
 
 
-class PeerLeft(_Event, tag="peer-left"):
+class PeerLeft(_Event, tag="peer-left", frozen=True):
     room: str
     peer: Peer
     reason: Literal["left", "disconnected", "timeout"]
     offset: int
 
 
-class SignalEvent(_Event, tag="signal"):
+class SignalEvent(_Event, tag="signal", frozen=True):
     room: str
     data: dict[str, Any]
     offset: int
     sender: Sender = msgspec.field(name="from")
 
 
-class PresenceChanged(_Event, tag="presence"):
+class PresenceChanged(_Event, tag="presence", frozen=True):
     user: str
     status: Literal["online", "offline"]
 
 
-class Recovered(_Event, tag="recovered"):
+class Recovered(_Event, tag="recovered", frozen=True):
     room: str
     recovered: bool
 
 
-class Resumed(_Event, tag="resumed"):
+class Resumed(_Event, tag="resumed", frozen=True):
     """Client-side: the connection came back; ``resumed`` is the welcome's flag."""
 
     session: str
     resumed: bool
 
 
-class Disconnected(_Event, tag="disconnected"):
+class Disconnected(_Event, tag="disconnected", frozen=True):
     """Client-side: the connection dropped; a resume follows unless ``final``."""
 
     code: int | None
@@ -236,7 +236,7 @@ class SignalpostClient:
             raw = await asyncio.wait_for(ws.recv(), self.request_timeout)
         except ConnectionClosed as exc:
             raise SessionClosed(exc.rcvd.code if exc.rcvd else None, "during hello") from None
-        frame = msgspec.json.decode(raw)
+        frame: dict[str, Any] = msgspec.json.decode(raw)
         if frame.get("type") != "welcome":
             await ws.close()
             raise RequestRefused(frame.get("code", "unknown"), frame.get("message", str(frame)))

@@ -51,40 +51,40 @@ class _ClientFrame(Struct, tag_field="type", frozen=True, kw_only=True):
     id: RequestId | None = None
 
 
-class Hello(_ClientFrame, tag="hello"):
+class Hello(_ClientFrame, tag="hello", frozen=True):
     token: str
     resume: str | None = None
     rooms: dict[RoomName, RoomPosition] | None = None
 
 
-class Join(_ClientFrame, tag="join"):
+class Join(_ClientFrame, tag="join", frozen=True):
     room: RoomName
     meta: dict[str, Any] | None = None
 
 
-class Leave(_ClientFrame, tag="leave"):
+class Leave(_ClientFrame, tag="leave", frozen=True):
     room: RoomName
 
 
-class Signal(_ClientFrame, tag="signal"):
+class Signal(_ClientFrame, tag="signal", frozen=True):
     room: RoomName
     data: Raw
     to: SessionRef | None = None
 
 
-class Watch(_ClientFrame, tag="watch"):
+class Watch(_ClientFrame, tag="watch", frozen=True):
     users: Annotated[list[UserName], Meta(max_length=1000)]
 
 
-class Unwatch(_ClientFrame, tag="unwatch"):
+class Unwatch(_ClientFrame, tag="unwatch", frozen=True):
     users: Annotated[list[UserName], Meta(max_length=1000)]
 
 
-class Ping(_ClientFrame, tag="ping"):
+class Ping(_ClientFrame, tag="ping", frozen=True):
     pass
 
 
-class IceServersRequest(_ClientFrame, tag="ice-servers"):
+class IceServersRequest(_ClientFrame, tag="ice-servers", frozen=True):
     pass
 
 
@@ -97,7 +97,7 @@ _any_decoder: Final = msgspec.json.Decoder()
 def decode_client(frame: bytes | str) -> ClientMessage:
     """Decode and validate one client text frame; raise ``BadRequest`` with the request id."""
     try:
-        message = _client_decoder.decode(frame)
+        message: ClientMessage = _client_decoder.decode(frame)
     except msgspec.ValidationError as exc:
         raise _bad_request(frame, f"invalid message: {exc}") from None
     except msgspec.DecodeError:
@@ -259,7 +259,7 @@ class _Envelope(Struct, tag_field="k", array_like=True, frozen=True):
     pass
 
 
-class JoinCmd(_Envelope, tag=1):
+class JoinCmd(_Envelope, tag=1, frozen=True):
     """Edge -> room owner: a session asks to join."""
 
     session: str
@@ -271,7 +271,7 @@ class JoinCmd(_Envelope, tag=1):
     peer: bytes  # peer object JSON, see ``peer_object``
 
 
-class LeaveCmd(_Envelope, tag=2):
+class LeaveCmd(_Envelope, tag=2, frozen=True):
     session: str
     conn: str
     edge: str
@@ -280,7 +280,7 @@ class LeaveCmd(_Envelope, tag=2):
     room: str
 
 
-class SignalCmd(_Envelope, tag=3):
+class SignalCmd(_Envelope, tag=3, frozen=True):
     session: str
     conn: str
     edge: str
@@ -292,7 +292,7 @@ class SignalCmd(_Envelope, tag=3):
     data: bytes
 
 
-class AttachCmd(_Envelope, tag=4):
+class AttachCmd(_Envelope, tag=4, frozen=True):
     """Edge -> every room owner: a resumed session now lives on ``edge``/``conn``."""
 
     session: str
@@ -301,7 +301,7 @@ class AttachCmd(_Envelope, tag=4):
     positions: dict[str, RoomPosition]
 
 
-class DetachCmd(_Envelope, tag=5):
+class DetachCmd(_Envelope, tag=5, frozen=True):
     """Edge -> every room owner: the connection ended (``ended``) or dropped (suspend)."""
 
     session: str
@@ -310,14 +310,14 @@ class DetachCmd(_Envelope, tag=5):
     ended: bool
 
 
-class Deliver(_Envelope, tag=10):
+class Deliver(_Envelope, tag=10, frozen=True):
     """Owner -> edge: write ``payload`` to each listed local session."""
 
     sessions: list[str]
     payload: bytes
 
 
-class Reply(_Envelope, tag=11):
+class Reply(_Envelope, tag=11, frozen=True):
     """Owner -> edge: the answer to request ``seq`` of ``conn``; accepted for routing."""
 
     session: str
@@ -326,34 +326,34 @@ class Reply(_Envelope, tag=11):
     payload: bytes
 
 
-class Evict(_Envelope, tag=12):
+class Evict(_Envelope, tag=12, frozen=True):
     """Presence -> edge: ``session`` resumed elsewhere; close this stale connection."""
 
     session: str
     conn: str
 
 
-class ClaimReply(_Envelope, tag=13):
+class ClaimReply(_Envelope, tag=13, frozen=True):
     session: str
     conn: str
     live: bool
 
 
-class SessionUp(_Envelope, tag=20):
+class SessionUp(_Envelope, tag=20, frozen=True):
     session: str
     user: str
     edge: str
     conn: str
 
 
-class SessionDown(_Envelope, tag=21):
+class SessionDown(_Envelope, tag=21, frozen=True):
     session: str
     edge: str
     conn: str
     ended: bool
 
 
-class ClaimCmd(_Envelope, tag=22):
+class ClaimCmd(_Envelope, tag=22, frozen=True):
     """Edge -> presence: may ``session`` be resumed (is it connected or suspended)?"""
 
     session: str
@@ -362,7 +362,7 @@ class ClaimCmd(_Envelope, tag=22):
     conn: str
 
 
-class WatchCmd(_Envelope, tag=23):
+class WatchCmd(_Envelope, tag=23, frozen=True):
     session: str
     conn: str
     edge: str
@@ -371,7 +371,7 @@ class WatchCmd(_Envelope, tag=23):
     users: list[str]
 
 
-class UnwatchCmd(_Envelope, tag=24):
+class UnwatchCmd(_Envelope, tag=24, frozen=True):
     session: str
     conn: str
     edge: str
@@ -380,7 +380,7 @@ class UnwatchCmd(_Envelope, tag=24):
     users: list[str]
 
 
-class EdgeSync(_Envelope, tag=25):
+class EdgeSync(_Envelope, tag=25, frozen=True):
     """Edge -> presence after the presence node (re)appears: the edge's soft state."""
 
     edge: str
@@ -388,7 +388,7 @@ class EdgeSync(_Envelope, tag=25):
     watches: dict[str, list[str]]
 
 
-class Heartbeat(_Envelope, tag=30):
+class Heartbeat(_Envelope, tag=30, frozen=True):
     """Both ways on every link; ``incarnation`` changes when a node restarts."""
 
     node: str
@@ -425,4 +425,5 @@ def encode_envelope(envelope: Envelope) -> bytes:
 
 def decode_envelope(body: bytes) -> Envelope:
     """Decode and validate one envelope body; raise ``msgspec.DecodeError`` on garbage."""
-    return _envelope_decoder.decode(body)
+    envelope: Envelope = _envelope_decoder.decode(body)
+    return envelope

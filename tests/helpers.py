@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import websockets
 from websockets.asyncio.client import ClientConnection
@@ -27,8 +27,12 @@ def url_of(server: Any) -> str:
 class RawClient:
     """A bare WebSocket speaking the protocol by hand, to check exact frames."""
 
+    #: Every client a test opened; an autouse fixture closes them after each test.
+    opened: ClassVar[list[RawClient]] = []
+
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
+        RawClient.opened.append(self)
         self.session = ""
         self.welcome: dict[str, Any] = {}
 
@@ -62,3 +66,9 @@ async def raw_client(server_url: str, user: str, **hello: Any) -> RawClient:
     client.welcome = await client.recv_type("welcome")
     client.session = client.welcome["session"]
     return client
+
+
+async def close_raw_clients() -> None:
+    """Close every RawClient opened so far."""
+    while RawClient.opened:
+        await RawClient.opened.pop().ws.close()

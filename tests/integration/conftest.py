@@ -10,7 +10,7 @@ import pytest
 from edge.backplane import LocalBackplane
 from edge.server import EdgeServer
 from signalpost.config import load_settings
-from tests.helpers import SECRET
+from tests.helpers import SECRET, close_raw_clients
 
 DevFactory = Callable[..., Awaitable[EdgeServer]]
 
@@ -39,3 +39,8 @@ async def dev(dev_factory: DevFactory) -> EdgeServer:
     """A dev-mode server with default settings."""
     return await dev_factory()
 
+
+@pytest.fixture(autouse=True)
+async def _close_raw_clients() -> AsyncIterator[None]:
+    yield
+    await close_raw_clients()

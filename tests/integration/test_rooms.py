@@ -181,6 +181,7 @@ async def test_resume_replays_missed_events_in_order(dev: EdgeServer) -> None:
         assert (await raw.recv_type("signal"))["data"] == {"n": 6}
         # The membership stood: alice saw no peer-left.
         assert not [e for e in alice.pending_events() if isinstance(e, PeerLeft)]
+        await bob.close()
 
 
 async def test_sdk_resumes_by_itself(dev: EdgeServer) -> None:

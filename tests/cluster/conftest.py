@@ -1,0 +1,116 @@
+"""Fixtures for cluster tests: ``signalpost cluster`` as real processes on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import SECRET, close_raw_clients
+
+START_TIMEOUT = 30.0
+
+
+@dataclass
+class Cluster:
+    """A running ``signalpost cluster`` and what its state file says."""
+
+    launcher: subprocess.Popen[bytes]
+    state_path: Path
+    processes: list[dict[str, Any]] = field(default_factory=list)
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [p for p in self.processes if p["kind"] == kind]
+
+    @property
+    def edge_urls(self) -> list[str]:
+        return [p["url"] for p in self.of_kind("edge")]
+
+    def kill(self, process_id: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one child (SIGKILL by default: a crash, no goodbye)."""
+        (process,) = [p for p in self.processes if p["id"] == process_id]
+        os.kill(process["pid"], sig)
+
+    def alive(self, process_id: str) -> bool:
+        (process,) = [p for p in self.processes if p["id"] == process_id]
+        try:
+            os.kill(process["pid"], 0)
+        except ProcessLookupError:
+            return False
+        # A zombie still answers kill(0); its state in /proc says it is dead.
+        stat = Path(f"/proc/{process['pid']}/stat").read_text()
+        return stat.split(")")[-1].split()[0] != "Z"
+
+    def log(self, process_id: str) -> str:
+        path = self.state_path.with_name(self.state_path.name + ".logs") / f"{process_id}.log"
+        return path.read_text() if path.exists() else ""
+
+
+ClusterFactory = Callable[..., Cluster]
+
+#: Fast failure detection for tests: 0.2 s heartbeats, dead after 1 s.
+FAST_ENV = {
+    "SIGNALPOST_JWT_SECRET": SECRET,
+    "SIGNALPOST_HEARTBEAT_INTERVAL": "0.2",
+    "SIGNALPOST_HEARTBEAT_LIVENESS": "5",
+    "SIGNALPOST_DRAIN_TIMEOUT": "3",
+}
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path) -> Iterator[ClusterFactory]:
+    """Start clusters; each is stopped (and every child reaped) at teardown."""
+    started: list[Cluster] = []
+
+    def start(edges: int = 2, brokers: int = 1, consul: str = "off", **env: str) -> Cluster:
+        state_path = tmp_path / f"cluster-{len(started)}.json"
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "signalpost.cli", "cluster", "--edges", str(edges),
+             "--brokers", str(brokers), "--state", str(state_path), "--consul", consul],
+            env={**os.environ, **FAST_ENV, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        cluster = Cluster(launcher, state_path)
+        started.append(cluster)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not state_path.exists():
+            if launcher.poll() is not None:
+                stderr = launcher.stderr.read().decode() if launcher.stderr else ""
+                pytest.fail(f"signalpost cluster exited {launcher.returncode}: {stderr}")
+            if time.monotonic() > deadline:
+                pytest.fail("signalpost cluster did not become ready")
+            time.sleep(0.05)
+        cluster.processes = json.loads(state_path.read_text())["processes"]
+        return cluster
+
+    yield start
+    for cluster in started:
+        if cluster.launcher.poll() is None:
+            cluster.launcher.send_signal(signal.SIGTERM)
+            try:
+                cluster.launcher.wait(20)
+            except subprocess.TimeoutExpired:
+                cluster.launcher.kill()
+                cluster.launcher.wait()
+        for process in cluster.processes:  # nothing may outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process["pid"], signal.SIGKILL)
+        if cluster.launcher.stderr is not None:
+            cluster.launcher.stderr.close()
+
+
+@pytest.fixture(autouse=True)
+async def _close_raw_clients() -> AsyncIterator[None]:
+    yield
+    await close_raw_clients()
