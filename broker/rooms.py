@@ -33,8 +33,10 @@ from signalpost.wire import (
     AckFrame,
     AttachCmd,
     Deliver,
+    DemoteCmd,
     DetachCmd,
     Envelope,
+    ForgetCmd,
     ErrorFrame,
     JoinCmd,
     JoinedFrame,
@@ -45,6 +47,7 @@ from signalpost.wire import (
     RecoveredFrame,
     Reply,
     RequestId,
+    RestoreCmd,
     SignalCmd,
     SignalFrame,
     encode_frame,
@@ -86,6 +89,7 @@ class Room:
     members: dict[str, Member] = field(default_factory=dict)
     history: deque[RoomEvent] = field(default_factory=deque)
     trimmed_through: int = 0  # highest offset no longer in history
+    active: bool = True  # False: a passive replica of membership; emits nothing
 
 
 @dataclass(slots=True)
@@ -129,6 +133,14 @@ class RoomTable:
             return self.attach(command)
         if isinstance(command, DetachCmd):
             return self.detach(command, now)
+        if isinstance(command, RestoreCmd):
+            self.restore(command)
+        elif isinstance(command, ForgetCmd):
+            self.forget(command)
+        elif isinstance(command, DemoteCmd):
+            room = self.rooms.get(command.room)
+            if room is not None:
+                room.active = False
         return []
 
     def _request(self, command: SignalCmd | JoinCmd | LeaveCmd, now: float) -> list[Outbound]:
@@ -142,9 +154,9 @@ class RoomTable:
             payload = self._apply(command, out, now)
         except ProtocolError as exc:
             payload = request_error(exc, command.req)
-        # The reply goes out before the events it caused: a client sees "joined" before
-        # it could see anything addressed to it in that room.
-        out.insert(0, (command.edge, Reply(command.session, command.conn, command.seq, payload)))
+        # The ack leaves after the deliveries it acknowledges: a broker killed in between
+        # has not acked, so the edge retries the request elsewhere (targets drop the copy).
+        out.append((command.edge, Reply(command.session, command.conn, command.seq, payload)))
         self._remember(command.session, command.conn, command.seq, payload)
         return out
 
@@ -171,6 +183,7 @@ class RoomTable:
         room = self.rooms.get(command.room)
         if room is None:
             room = self.rooms[command.room] = Room(command.room, self._new_epoch())
+        self._activate(room)
         member = room.members.get(command.session)
         if member is None:
             if len(room.members) >= self.capacity:
@@ -198,6 +211,7 @@ class RoomTable:
         room = self.rooms.get(command.room)
         if room is None or command.session not in room.members:
             raise NotInRoom(f"not a member of room {command.room!r}")
+        self._activate(room)
         self._remove(room, command.session, "left", now, out)
         return encode_frame(LeftFrame(room=command.room, id=command.req))
 
@@ -205,6 +219,7 @@ class RoomTable:
         room = self.rooms.get(command.room)
         if room is None or command.session not in room.members:
             raise NotInRoom(f"not a member of room {command.room!r}")
+        self._activate(room)
         if command.to is None:
             targets = [m for s, m in room.members.items() if s != command.session]
         else:
@@ -218,8 +233,44 @@ class RoomTable:
             offset=room.offset + 1,
             from_=Raw(command.sender),
         )
-        self._record(room, targets, encode_frame(frame), now, out)
+        origin = (command.conn, command.seq)
+        self._record(room, targets, encode_frame(frame), now, out, origin)
         return b"" if command.req is None else encode_frame(AckFrame(id=command.req))
+
+    # ----------------------------------------------------------------- ownership
+
+    def restore(self, command: RestoreCmd) -> None:
+        """Put back a member an edge re-announced (as owner, or as passive replica)."""
+        room = self.rooms.get(command.room)
+        if room is None:
+            room = self.rooms[command.room] = Room(
+                command.room, self._new_epoch(), active=not command.replica
+            )
+        elif not command.replica:
+            self._activate(room)
+        member = room.members.get(command.session)
+        if member is None:
+            room.members[command.session] = Member(
+                command.session, command.peer, command.edge, command.conn
+            )
+            self._rooms_of.setdefault(command.session, set()).add(command.room)
+        elif member.suspended_until is None or member.conn == command.conn:
+            member.edge, member.conn, member.suspended_until = command.edge, command.conn, None
+
+    def forget(self, command: ForgetCmd) -> None:
+        """A replica's member left (the owner told its peers)."""
+        room = self.rooms.get(command.room)
+        if room is not None and not room.active and command.session in room.members:
+            self._remove(room, command.session, "left", 0.0, [])
+
+    def _activate(self, room: Room) -> None:
+        if not room.active:
+            # Whatever history there was died with the previous owner: a new epoch tells
+            # resuming clients that they cannot recover what they missed there.
+            room.active = True
+            room.epoch = self._new_epoch()
+            room.history.clear()
+            room.trimmed_through = room.offset
 
     # ----------------------------------------------------------------- sessions
 
@@ -231,9 +282,12 @@ class RoomTable:
             room = self.rooms.get(name)
             member = room.members.get(command.session) if room else None
             if room is None or member is None:
-                out.append(_recovered(command, name, False))
+                if name in command.positions:
+                    out.append(_recovered(command, name, False))
                 continue
             member.edge, member.conn, member.suspended_until = command.edge, command.conn, None
+            if not room.active:
+                continue  # a replica: its owner reports recovery
             position = command.positions.get(name)
             complete = (
                 position is not None
@@ -320,6 +374,8 @@ class RoomTable:
         if not room.members:
             del self.rooms[room.name]  # a new room of that name gets a new epoch
             return
+        if not room.active:
+            return
         frame = PeerLeftFrame(
             room=room.name, peer=Raw(member.peer), reason=reason, offset=room.offset + 1
         )
@@ -332,6 +388,7 @@ class RoomTable:
         payload: bytes,
         now: float,
         out: list[Outbound],
+        origin: tuple[str, int] = ("", 0),
     ) -> None:
         """Number an event, keep it for replay, and deliver it to attached recipients."""
         room.offset += 1
@@ -344,7 +401,7 @@ class RoomTable:
             if member.suspended_until is None:
                 by_edge.setdefault(member.edge, []).append(member.session)
         for edge, sessions in by_edge.items():
-            out.append((edge, Deliver(sessions, payload)))
+            out.append((edge, Deliver(sessions, payload, *origin)))
 
     def _trim(self, room: Room, now: float) -> None:
         history = room.history

@@ -17,7 +17,7 @@ from typing import Protocol
 from broker.service import room_table
 from presence.table import PresenceTable
 from signalpost.config import Settings
-from signalpost.wire import AttachCmd, EdgeSync, Envelope, RoomPosition
+from signalpost.wire import AttachCmd, EdgeSync, Envelope, RestoreCmd, RoomPosition
 
 #: Where an edge receives what the owners send back.
 Inbox = Callable[[Envelope], None]
@@ -26,11 +26,24 @@ Inbox = Callable[[Envelope], None]
 class Backplane(Protocol):
     """The edge's view of the rest of the system."""
 
-    def connect(self, edge_id: str, inbox: Inbox, snapshot: Callable[[], EdgeSync]) -> None:
-        """Register the edge: where replies go, and how to read its soft state."""
+    def connect(
+        self,
+        edge_id: str,
+        inbox: Inbox,
+        snapshot: Callable[[], EdgeSync],
+        owners_changed: Callable[[], None],
+    ) -> None:
+        """Register the edge: where replies go, how to read its soft state, and whom to
+        tell when rooms may have changed owner."""
 
     def to_room_owner(self, room: str, command: Envelope) -> None:
         """Send a room command to the broker that owns ``room``."""
+
+    def to_room_replica(self, room: str, command: Envelope) -> None:
+        """Send a command to the runner-up of ``room`` (its successor if the owner dies)."""
+
+    def reannounce(self, room: str, restore: RestoreCmd) -> None:
+        """Re-announce a member to the owner and the runner-up of ``room``."""
 
     def to_all_brokers(self, command: Envelope) -> None:
         """Send a session-wide command (detach) to every broker."""
@@ -59,7 +72,13 @@ class LocalBackplane:
         self._inbox: Inbox | None = None
         self._timer: asyncio.Task[None] | None = None
 
-    def connect(self, edge_id: str, inbox: Inbox, snapshot: Callable[[], EdgeSync]) -> None:
+    def connect(
+        self,
+        edge_id: str,
+        inbox: Inbox,
+        snapshot: Callable[[], EdgeSync],
+        owners_changed: Callable[[], None],
+    ) -> None:
         self._edge_id, self._inbox = edge_id, inbox
 
     def _dispatch(self, outbound: list[tuple[str, Envelope]]) -> None:
@@ -72,6 +91,12 @@ class LocalBackplane:
 
     def to_all_brokers(self, command: Envelope) -> None:
         self._dispatch(self.rooms.handle(command, self._clock()))
+
+    def to_room_replica(self, room: str, command: Envelope) -> None:
+        pass  # one process, one room table: nothing to fail over to
+
+    def reannounce(self, room: str, restore: RestoreCmd) -> None:
+        pass  # the room table never changes owner in dev mode
 
     def attach(self, session: str, conn: str, positions: dict[str, RoomPosition]) -> None:
         self._dispatch(self.rooms.attach(AttachCmd(session, conn, self._edge_id, positions)))

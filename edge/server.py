@@ -52,6 +52,7 @@ from signalpost.wire import (
     Envelope,
     ErrorFrame,
     Evict,
+    ForgetCmd,
     Hello,
     IceServersFrame,
     IceServersRequest,
@@ -63,6 +64,7 @@ from signalpost.wire import (
     PongFrame,
     Reply,
     RequestId,
+    RestoreCmd,
     SessionDown,
     SessionUp,
     Signal,
@@ -101,6 +103,8 @@ class ClientConnection:
     held: list[bytes] = field(default_factory=list)
     seq: int = 0
     unanswered: dict[int, Envelope] = field(default_factory=dict)  # seq -> command
+    rooms: dict[str, bytes] = field(default_factory=dict)  # joined room -> peer object
+    last_seq_from: dict[str, int] = field(default_factory=dict)  # sender conn -> seq seen
     watching: set[str] = field(default_factory=set)
     evicted: bool = False
 
@@ -124,7 +128,7 @@ class EdgeServer:
         self._claims: dict[str, asyncio.Future[bool]] = {}  # conn -> claim outcome
         self._server: Server | None = None
         self._draining = False
-        backplane.connect(self.edge_id, self.receive, self.sync_state)
+        backplane.connect(self.edge_id, self.receive, self.sync_state, self.owners_changed)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -185,16 +189,19 @@ class EdgeServer:
         """Handle one envelope from a broker or the presence service."""
         if isinstance(envelope, Deliver):
             targets = [c for s in envelope.sessions if (c := self.sessions.get(s)) is not None]
+            if envelope.origin_conn:
+                targets = self._first_copies(targets, envelope.origin_conn, envelope.origin_seq)
             self._write(targets, envelope.payload)
         elif isinstance(envelope, Reply):
             client = self.sessions.get(envelope.session)
-            if (
-                client is not None
-                and client.conn == envelope.conn
-                and client.unanswered.pop(envelope.seq, None) is not None
-                and envelope.payload
-            ):
+            if client is None or client.conn != envelope.conn:
+                return
+            command = client.unanswered.pop(envelope.seq, None)
+            if command is None:
+                return  # the answer to a retry that was already answered
+            if envelope.payload:
                 self._write([client], envelope.payload)
+            self._track_membership(client, command, envelope.payload)
         elif isinstance(envelope, ClaimReply):
             claim = self._claims.get(envelope.conn)
             if claim is not None and not claim.done():
@@ -203,6 +210,46 @@ class EdgeServer:
             client = self.sessions.get(envelope.session)
             if client is not None and client.conn == envelope.conn:
                 self._evict(client)
+
+    @staticmethod
+    def _first_copies(
+        targets: list[ClientConnection], origin_conn: str, origin_seq: int
+    ) -> list[ClientConnection]:
+        """Drop copies of a signal already delivered (a request retried after failover)."""
+        fresh = []
+        for client in targets:
+            if client.last_seq_from.get(origin_conn, 0) < origin_seq:
+                client.last_seq_from[origin_conn] = origin_seq
+                fresh.append(client)
+        return fresh
+
+    def _track_membership(
+        self, client: ClientConnection, command: Envelope, payload: bytes
+    ) -> None:
+        """Remember joined rooms: the soft state re-announced when a room changes owner."""
+        if isinstance(command, JoinCmd) and payload.startswith(b'{"type":"joined"'):
+            client.rooms[command.room] = command.peer
+            self.backplane.to_room_replica(
+                command.room,
+                RestoreCmd(client.session, client.conn, self.edge_id, command.room,
+                           command.peer, True),
+            )
+        elif isinstance(command, LeaveCmd) and payload.startswith(b'{"type":"left"'):
+            client.rooms.pop(command.room, None)
+            self.backplane.to_room_replica(command.room, ForgetCmd(client.session, command.room))
+
+    def owners_changed(self) -> None:
+        """Brokers came or went: re-announce memberships, then retry unanswered requests."""
+        for client in list(self.sessions.values()):
+            for room, peer in client.rooms.items():
+                self.backplane.reannounce(
+                    room, RestoreCmd(client.session, client.conn, self.edge_id, room, peer, False)
+                )
+        for client in list(self.sessions.values()):
+            for seq in sorted(client.unanswered):
+                command = client.unanswered[seq]
+                if isinstance(command, SignalCmd | JoinCmd | LeaveCmd):
+                    self.backplane.to_room_owner(command.room, command)
 
     def sync_state(self) -> EdgeSync:
         """Everything this edge holds, for a presence node that (re)appeared."""

@@ -16,9 +16,9 @@ import zmq.asyncio
 
 from edge.backplane import Inbox
 from signalpost.config import Settings
-from signalpost.placement import owner
+from signalpost.placement import owner, ranking
 from signalpost.transport import DealerLink, new_incarnation
-from signalpost.wire import AttachCmd, EdgeSync, Envelope, RoomPosition
+from signalpost.wire import AttachCmd, DemoteCmd, EdgeSync, Envelope, RestoreCmd, RoomPosition
 
 log = logging.getLogger("signalpost.edge")
 
@@ -35,14 +35,23 @@ class ZmqBackplane:
         self._edge_id = ""
         self._inbox: Inbox | None = None
         self._snapshot: Callable[[], EdgeSync] | None = None
+        self._owners_changed: Callable[[], None] = lambda: None
         self._owners: dict[str, DealerLink] = {}  # room -> owner link, until membership changes
+        self._former_owners: dict[str, DealerLink] = {}  # the cache before the last change
         self._live_ids: list[str] = []
         self._started = False
 
     # ----------------------------------------------------------------- membership
 
-    def connect(self, edge_id: str, inbox: Inbox, snapshot: Callable[[], EdgeSync]) -> None:
+    def connect(
+        self,
+        edge_id: str,
+        inbox: Inbox,
+        snapshot: Callable[[], EdgeSync],
+        owners_changed: Callable[[], None],
+    ) -> None:
         self._edge_id, self._inbox, self._snapshot = edge_id, inbox, snapshot
+        self._owners_changed = owners_changed
 
     def _link(self, endpoint: str) -> DealerLink:
         assert self._inbox is not None, "connect() an edge first"
@@ -87,14 +96,18 @@ class ZmqBackplane:
         # With no broker heard from yet (start-up), place on all configured ones: ZeroMQ
         # queues until they answer.
         self._live_ids = live or sorted(self.brokers)
+        self._former_owners = {**self._former_owners, **self._owners}
         self._owners.clear()
+        self._owners_changed()
+        self._former_owners.clear()
 
     def _on_up(self, link: DealerLink, fresh: bool) -> None:
         if link is self.presence:
             if fresh and self._snapshot is not None:
                 link.send(self._snapshot())
             return
-        log.info("broker %s is up", link.endpoint)
+        log.info("broker %s is up%s", link.endpoint, " (fresh)" if fresh else "")
+        # A broker that restarted came back empty: re-announcing rebuilds its rooms.
         self._membership_changed()
 
     def _on_down(self, link: DealerLink) -> None:
@@ -110,10 +123,32 @@ class ZmqBackplane:
             self._owners[room] = link
         return link
 
+    def replica_of(self, room: str) -> DealerLink | None:
+        """The runner-up for ``room``: it takes over if the owner dies."""
+        order = ranking(room, self._live_ids)
+        return self.brokers[order[1]] if len(order) > 1 else None
+
     # ----------------------------------------------------------------- Backplane
 
     def to_room_owner(self, room: str, command: Envelope) -> None:
         self.owner_of(room).send(command)
+
+    def to_room_replica(self, room: str, command: Envelope) -> None:
+        replica = self.replica_of(room)
+        if replica is not None:
+            replica.send(command)
+
+    def reannounce(self, room: str, restore: RestoreCmd) -> None:
+        owner_link = self.owner_of(room)
+        former = self._former_owners.get(room)
+        if former is not None and former is not owner_link and former.alive:
+            former.send(DemoteCmd(room))
+        owner_link.send(restore)
+        replica = self.replica_of(room)
+        if replica is not None:
+            replica.send(
+                RestoreCmd(restore.session, restore.conn, restore.edge, room, restore.peer, True)
+            )
 
     def to_all_brokers(self, command: Envelope) -> None:
         for link in self.brokers.values():

@@ -310,11 +310,46 @@ class DetachCmd(_Envelope, tag=5, frozen=True):
     ended: bool
 
 
+class RestoreCmd(_Envelope, tag=6, frozen=True):
+    """Edge -> broker: a member re-announced (soft state), put back silently.
+
+    To the owner after the owner changed or restarted (``replica`` false), and to the
+    runner-up in the rendezvous order after every join (``replica`` true), so the broker
+    that takes over a room already knows all its members.
+    """
+
+    session: str
+    conn: str
+    edge: str
+    room: str
+    peer: bytes
+    replica: bool
+
+
+class ForgetCmd(_Envelope, tag=7, frozen=True):
+    """Edge -> replica broker: the session left the room."""
+
+    session: str
+    room: str
+
+
+class DemoteCmd(_Envelope, tag=8, frozen=True):
+    """Edge -> former room owner: another broker owns the room now; keep it passive."""
+
+    room: str
+
+
 class Deliver(_Envelope, tag=10, frozen=True):
-    """Owner -> edge: write ``payload`` to each listed local session."""
+    """Owner -> edge: write ``payload`` to each listed local session.
+
+    A relayed signal names its origin (sender connection, request seq), so an edge can drop
+    the copy a retried request produces after a broker failover.
+    """
 
     sessions: list[str]
     payload: bytes
+    origin_conn: str = ""
+    origin_seq: int = 0
 
 
 class Reply(_Envelope, tag=11, frozen=True):
@@ -401,6 +436,9 @@ Envelope = (
     | SignalCmd
     | AttachCmd
     | DetachCmd
+    | RestoreCmd
+    | ForgetCmd
+    | DemoteCmd
     | Deliver
     | Reply
     | Evict
