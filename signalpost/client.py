@@ -147,7 +147,10 @@ class RoomPosition:
 
 
 def backoff(
-    initial: float = 0.1, maximum: float = 5.0, factor: float = 2.0, rng: random.Random | None = None
+    initial: float = 0.1,
+    maximum: float = 5.0,
+    factor: float = 2.0,
+    rng: random.Random | None = None,
 ) -> Iterator[float]:
     """Reconnect delays: exponential growth capped at ``maximum``, with full jitter."""
     rng = rng or random.Random()

@@ -87,7 +87,7 @@ async def test_signal_to_a_peer_with_server_set_from_and_ack(dev: EdgeServer) ->
 
 
 async def test_signal_errors_not_in_room_and_unknown_peer(dev: EdgeServer) -> None:
-    alice, bob = await pair(dev)
+    alice, _bob = await pair(dev)
     outsider, stranger = await pair(dev, room="r2")
     reply = await outsider.request({"type": "signal", "id": 1, "room": "r1", "data": {}})
     assert reply["code"] == "not_in_room" and reply["id"] == 1
@@ -200,7 +200,7 @@ async def test_sdk_resumes_by_itself(dev: EdgeServer) -> None:
 
 
 async def test_resume_with_a_stale_epoch_reports_not_recovered(dev: EdgeServer) -> None:
-    alice, bob = await pair(dev)
+    _alice, bob = await pair(dev)
     resume = bob.welcome["resume"]
     assert bob.ws.transport is not None
     bob.ws.transport.abort()
@@ -224,7 +224,7 @@ async def test_resume_after_the_window_starts_a_new_session(dev_factory: DevFact
 
 
 async def test_another_users_resume_token_is_refused(dev: EdgeServer) -> None:
-    alice, bob = await pair(dev)
+    _alice, bob = await pair(dev)
     mallory = await raw_client(url_of(dev), "mallory", resume=bob.welcome["resume"])
     assert mallory.welcome["resumed"] is False and mallory.session != bob.session
 
@@ -258,7 +258,7 @@ async def test_sdk_reports_refusals_with_their_code(dev: EdgeServer) -> None:
 async def test_many_rooms_never_leak(dev_factory: DevFactory) -> None:
     server = await dev_factory()
     pairs = [await pair(server, room=f"room-{n}") for n in range(5)]
-    for index, (alice, bob) in enumerate(pairs):
+    for index, (alice, _bob) in enumerate(pairs):
         await alice.send({"type": "signal", "room": f"room-{index}", "data": {"room": index}})
     for index, (_alice, bob) in enumerate(pairs):
         frame = await bob.recv_type("signal")

@@ -56,8 +56,10 @@ def _alg_none_token(user: str) -> str:
 @pytest.mark.parametrize(
     "bad_token",
     [
-        pytest.param(lambda: mint_token("wrong-secret-0123456789abcdefghij", "eve", now=time.time()),
-                     id="wrong-signature"),
+        pytest.param(
+            lambda: mint_token("wrong-secret-0123456789abcdefghij", "eve", now=time.time()),
+            id="wrong-signature",
+        ),
         pytest.param(lambda: mint_token(SECRET, "eve", now=time.time() - 7200, ttl=60),
                      id="expired"),
         pytest.param(lambda: _alg_none_token("eve"), id="alg-none"),
