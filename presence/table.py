@@ -170,7 +170,7 @@ class PresenceTable:
     def watch(self, command: WatchCmd) -> list[Outbound]:
         """Start watching users; reply with their current status."""
         self._add_watches(command.session, command.users)
-        snapshot = {user: self.status(user) for user in command.users}
+        snapshot: dict[str, str] = {user: self.status(user) for user in command.users}
         payload = encode_frame(WatchingFrame(presence=snapshot, id=command.req))
         return [(command.edge, Reply(command.session, command.conn, command.seq, payload))]
 
