@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import PurePosixPath
 from urllib.parse import parse_qs, urlsplit
 
+import msgspec
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -85,6 +86,7 @@ from signalpost.wire import (
 log = logging.getLogger("signalpost.edge")
 
 SIGNAL_PATH = "/v1/signal"
+_PRESENCE_PREFIX = b'{"type":"presence"'
 #: Close code for a connection whose session resumed on another connection.
 CLOSE_REPLACED = 4409
 
@@ -106,6 +108,7 @@ class ClientConnection:
     rooms: dict[str, bytes] = field(default_factory=dict)  # joined room -> peer object
     last_seq_from: dict[str, int] = field(default_factory=dict)  # sender conn -> seq seen
     watching: set[str] = field(default_factory=set)
+    told_status: dict[str, str] = field(default_factory=dict)  # watched user -> last status
     evicted: bool = False
 
     def next_seq(self) -> int:
@@ -191,6 +194,8 @@ class EdgeServer:
             targets = [c for s in envelope.sessions if (c := self.sessions.get(s)) is not None]
             if envelope.origin_conn:
                 targets = self._first_copies(targets, envelope.origin_conn, envelope.origin_seq)
+            elif envelope.payload.startswith(_PRESENCE_PREFIX):
+                targets = self._status_changes(targets, envelope.payload)
             self._write(targets, envelope.payload)
         elif isinstance(envelope, Reply):
             client = self.sessions.get(envelope.session)
@@ -223,6 +228,22 @@ class EdgeServer:
                 fresh.append(client)
         return fresh
 
+    @staticmethod
+    def _status_changes(targets: list[ClientConnection], payload: bytes) -> list[ClientConnection]:
+        """Drop presence frames that tell a watcher what it already knows.
+
+        A restarted presence service rebuilds from the edges one at a time, so it can
+        announce a status its watchers were already told.
+        """
+        frame = msgspec.json.decode(payload)
+        user, status = frame["user"], frame["status"]
+        news = []
+        for client in targets:
+            if client.told_status.get(user) != status:
+                client.told_status[user] = status
+                news.append(client)
+        return news
+
     def _track_membership(
         self, client: ClientConnection, command: Envelope, payload: bytes
     ) -> None:
@@ -237,6 +258,11 @@ class EdgeServer:
         elif isinstance(command, LeaveCmd) and payload.startswith(b'{"type":"left"'):
             client.rooms.pop(command.room, None)
             self.backplane.to_room_replica(command.room, ForgetCmd(client.session, command.room))
+        elif isinstance(command, WatchCmd) and payload.startswith(b'{"type":"watching"'):
+            client.told_status.update(msgspec.json.decode(payload)["presence"])
+        elif isinstance(command, UnwatchCmd):
+            for user in command.users:
+                client.told_status.pop(user, None)
 
     def owners_changed(self) -> None:
         """Brokers came or went: re-announce memberships, then retry unanswered requests."""

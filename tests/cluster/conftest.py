@@ -51,6 +51,15 @@ class Cluster:
         stat = Path(f"/proc/{process['pid']}/stat").read_text()
         return stat.split(")")[-1].split()[0] != "Z"
 
+    def reload(self) -> None:
+        """Re-read the state file (``--restart`` rewrites it with new pids)."""
+        self.processes = json.loads(self.state_path.read_text())["processes"]
+
+    def pid(self, process_id: str) -> int:
+        (process,) = [p for p in self.processes if p["id"] == process_id]
+        pid: int = process["pid"]
+        return pid
+
     def log(self, process_id: str) -> str:
         path = self.state_path.with_name(self.state_path.name + ".logs") / f"{process_id}.log"
         return path.read_text() if path.exists() else ""
@@ -72,11 +81,14 @@ def cluster_factory(tmp_path: Path) -> Iterator[ClusterFactory]:
     """Start clusters; each is stopped (and every child reaped) at teardown."""
     started: list[Cluster] = []
 
-    def start(edges: int = 2, brokers: int = 1, consul: str = "off", **env: str) -> Cluster:
+    def start(
+        edges: int = 2, brokers: int = 1, consul: str = "off", restart: bool = False, **env: str
+    ) -> Cluster:
         state_path = tmp_path / f"cluster-{len(started)}.json"
         launcher = subprocess.Popen(
             [sys.executable, "-m", "signalpost.cli", "cluster", "--edges", str(edges),
-             "--brokers", str(brokers), "--state", str(state_path), "--consul", consul],
+             "--brokers", str(brokers), "--state", str(state_path), "--consul", consul,
+             *(["--restart"] if restart else [])],
             env={**os.environ, **FAST_ENV, **env},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -216,3 +216,33 @@ async def test_presence_sees_a_killed_edges_users_go_offline(
         assert offline.status == "offline"
         assert loop.time() - killed_at < 8
         await bob.close()
+
+
+async def test_a_restarted_presence_service_rebuilds_from_the_edges(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = cluster_factory(edges=2, brokers=1, restart=True)
+    edge1, edge2 = cluster.edge_urls
+    async with SignalpostClient(edge1, token("watcher")) as watcher, \
+            SignalpostClient(edge2, token("bob")) as bob:
+        assert await watcher.watch(["bob", "carol"]) == {"bob": "online", "carol": "offline"}
+        old_pid = cluster.pid("presence-1")
+        cluster.kill("presence-1")
+        async with asyncio.timeout(15):  # the launcher restarts it; wait for the new pid
+            while cluster.pid("presence-1") == old_pid:
+                await asyncio.sleep(0.05)
+                cluster.reload()
+        # The edges re-announce sessions and watches to the new presence process, so a
+        # change after the restart still reaches the watcher, and bob is still online.
+        async with asyncio.timeout(15):
+            while True:
+                async with SignalpostClient(edge2, token("carol")) as carol:
+                    try:
+                        event = await watcher.next_event(PresenceChanged, timeout=1)
+                    except TimeoutError:
+                        continue  # the new presence process has not been synced yet
+                    assert event == PresenceChanged(user="carol", status="online")
+                    await carol.close()
+                    break
+        assert await watcher.watch(["bob"]) == {"bob": "online"}
+        assert await bob.watch(["watcher"]) == {"watcher": "online"}
