@@ -17,6 +17,13 @@ clock: ``now`` is passed in, and ``expire(now)`` turns lapsed suspensions into
 Requests carry ``(conn, seq)``; the table remembers the recent replies of each connection,
 so an edge that retries a request (lost reply, broker failover) gets the same answer back
 and the event is not applied twice.
+
+Replication: when ``replica_for(room)`` names a runner-up broker, every batch of events a
+command records is sent there (``ReplicateCmd``) and the batch's deliveries and reply wait
+in the room's ``pending`` queue until ``replica_acked``. The runner-up keeps the room as a
+passive replica (membership from the edges, history and reply cache from the owner); when
+it takes the room over it keeps the epoch and offsets, so resumes still recover, and a
+retried request finds its reply and re-delivers its event (edges drop the copy).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+import msgspec
 from msgspec import Raw
 
 from signalpost.errors import NotInRoom, ProtocolError, RoomFull, UnknownPeer
@@ -45,6 +53,9 @@ from signalpost.wire import (
     PeerJoinedFrame,
     PeerLeftFrame,
     RecoveredFrame,
+    ReplicaAck,
+    ReplicateCmd,
+    ReplicatedEvent,
     Reply,
     RequestId,
     RestoreCmd,
@@ -79,6 +90,18 @@ class RoomEvent:
     at: float
     recipients: frozenset[str]
     payload: bytes
+    origin: tuple[str, int] = ("", 0)  # the signal request that caused it
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Outbound held back until the runner-up confirms the events it depends on."""
+
+    number: int | None  # None: holds no events, waits only for the batches before it
+    out: list[Outbound]
+    replicate: ReplicateCmd | None = None
+    target: str | None = None
+    confirmed: bool = False
 
 
 @dataclass(slots=True)
@@ -90,12 +113,20 @@ class Room:
     history: deque[RoomEvent] = field(default_factory=deque)
     trimmed_through: int = 0  # highest offset no longer in history
     active: bool = True  # False: a passive replica of membership; emits nothing
+    replicated: bool = False  # a passive room whose history the owner replicates here
+    pending: deque[_Batch] = field(default_factory=deque)
+    next_batch: int = 0
 
 
 @dataclass(slots=True)
 class _ConnReplies:
     conn: str
-    replies: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+    # seq -> (reply payload, room, offset of the event the request recorded or 0)
+    replies: OrderedDict[int, tuple[bytes, str, int]] = field(default_factory=OrderedDict)
+
+
+def _no_replica(room: str) -> str | None:
+    return None
 
 
 class RoomTable:
@@ -109,7 +140,11 @@ class RoomTable:
         history_max_events: int,
         history_max_age: float,
         new_epoch: Callable[[], str],
+        node_id: str = "",
+        replica_for: Callable[[str], str | None] = _no_replica,
     ) -> None:
+        self.node_id = node_id
+        self.replica_for = replica_for
         self.capacity = capacity
         self.resume_window = resume_window
         self.history_max_events = history_max_events
@@ -118,6 +153,9 @@ class RoomTable:
         self.rooms: dict[str, Room] = {}
         self._rooms_of: dict[str, set[str]] = {}  # session -> names of rooms it is in
         self._replies: dict[str, _ConnReplies] = {}  # session -> recent replies
+        # Scratch of the command being applied: room -> (events, their deliveries).
+        self._parked: dict[str, tuple[Room, list[RoomEvent], list[Outbound]]] = {}
+        self._last_offset = 0  # offset of the last event recorded by this command
 
     # ----------------------------------------------------------------- dispatch
 
@@ -133,31 +171,48 @@ class RoomTable:
             return self.attach(command)
         if isinstance(command, DetachCmd):
             return self.detach(command, now)
+        if isinstance(command, ReplicateCmd):
+            return self.replicate(command, now)
+        if isinstance(command, ReplicaAck):
+            return self.replica_acked(command.room, command.batch)
         if isinstance(command, RestoreCmd):
             self.restore(command)
         elif isinstance(command, ForgetCmd):
             self.forget(command)
         elif isinstance(command, DemoteCmd):
-            room = self.rooms.get(command.room)
-            if room is not None:
-                room.active = False
+            return self.demote(command.room)
         return []
 
     def _request(self, command: SignalCmd | JoinCmd | LeaveCmd, now: float) -> list[Outbound]:
+        out: list[Outbound] = []
         cache = self._replies.get(command.session)
         if cache is not None and cache.conn == command.conn and command.seq in cache.replies:
-            # A retry of a request already applied: answer again, change nothing.
-            payload = cache.replies[command.seq]
-            return [(command.edge, Reply(command.session, command.conn, command.seq, payload))]
-        out: list[Outbound] = []
+            # A retry of a request already applied: answer again, change nothing, but
+            # deliver its event again in case the broker that applied it died first.
+            payload, room_name, offset = cache.replies[command.seq]
+            room = self.rooms.get(room_name)
+            held: list[Outbound] = []
+            if room is not None and room.active and offset:
+                for event in room.history:
+                    if event.offset == offset:
+                        held.extend(self._deliveries(room, event))
+            held.append((command.edge, Reply(command.session, command.conn, command.seq, payload)))
+            if room is not None and room.pending:
+                room.pending.append(_Batch(None, held, confirmed=True))
+            else:
+                out.extend(held)
+            return out
+        self._last_offset = 0
         try:
             payload = self._apply(command, out, now)
         except ProtocolError as exc:
             payload = request_error(exc, command.req)
-        # The ack leaves after the deliveries it acknowledges: a broker killed in between
-        # has not acked, so the edge retries the request elsewhere (targets drop the copy).
-        out.append((command.edge, Reply(command.session, command.conn, command.seq, payload)))
-        self._remember(command.session, command.conn, command.seq, payload)
+        offset = self._last_offset
+        self._remember(command.session, command.conn, command.seq, (payload, command.room, offset))
+        # The ack leaves after the deliveries it acknowledges (and after the runner-up has
+        # the events): a broker killed before that has not acked, so the edge retries.
+        reply = (command.edge, Reply(command.session, command.conn, command.seq, payload))
+        self._seal(out, command, reply, payload)
         return out
 
     def _apply(
@@ -169,11 +224,13 @@ class RoomTable:
             return self._join(command, out, now)
         return self._leave(command, out, now)
 
-    def _remember(self, session: str, conn: str, seq: int, payload: bytes) -> None:
+    def _remember(
+        self, session: str, conn: str, seq: int, entry: tuple[bytes, str, int]
+    ) -> None:
         cache = self._replies.get(session)
         if cache is None or cache.conn != conn:
             cache = self._replies[session] = _ConnReplies(conn)
-        cache.replies[seq] = payload
+        cache.replies[seq] = entry
         if len(cache.replies) > REPLY_CACHE_SIZE:
             cache.replies.popitem(last=False)
 
@@ -264,10 +321,12 @@ class RoomTable:
             self._remove(room, command.session, "left", 0.0, [])
 
     def _activate(self, room: Room) -> None:
-        if not room.active:
+        if room.active:
+            return
+        room.active = True
+        if not room.replicated:
             # Whatever history there was died with the previous owner: a new epoch tells
             # resuming clients that they cannot recover what they missed there.
-            room.active = True
             room.epoch = self._new_epoch()
             room.history.clear()
             room.trimmed_through = room.offset
@@ -317,6 +376,7 @@ class RoomTable:
                 member.suspended_until = now + self.resume_window
         if command.ended:
             self._replies.pop(command.session, None)
+        self._seal(out)
         return out
 
     def edge_lost(self, edge: str, now: float) -> list[Outbound]:
@@ -340,6 +400,7 @@ class RoomTable:
                 self._remove(room, session, "timeout", now, out)
             if room.name in self.rooms:
                 self._trim(room, now)
+        self._seal(out)
         return out
 
     def next_deadline(self) -> float | None:
@@ -373,6 +434,8 @@ class RoomTable:
                 self._replies.pop(session, None)
         if not room.members:
             del self.rooms[room.name]  # a new room of that name gets a new epoch
+            while room.pending:  # nobody is left to need the replica's confirmation
+                out.extend(room.pending.popleft().out)
             return
         if not room.active:
             return
@@ -392,16 +455,176 @@ class RoomTable:
     ) -> None:
         """Number an event, keep it for replay, and deliver it to attached recipients."""
         room.offset += 1
-        room.history.append(
-            RoomEvent(room.offset, now, frozenset(m.session for m in recipients), payload)
+        event = RoomEvent(
+            room.offset, now, frozenset(m.session for m in recipients), payload, origin
         )
+        room.history.append(event)
         self._trim(room, now)
+        self._last_offset = room.offset
+        deliveries = self._deliveries(room, event, recipients)
+        if not room.pending and self.replica_for(room.name) is None:
+            out.extend(deliveries)
+            return
+        parked = self._parked.get(room.name)
+        if parked is None:
+            parked = self._parked[room.name] = (room, [], [])
+        parked[1].append(event)
+        parked[2].extend(deliveries)
+
+    @staticmethod
+    def _deliveries(
+        room: Room, event: RoomEvent, recipients: Iterable[Member] | None = None
+    ) -> list[Outbound]:
+        """One Deliver per edge holding attached recipients of ``event``."""
+        if recipients is None:
+            recipients = [room.members[s] for s in event.recipients if s in room.members]
         by_edge: dict[str, list[str]] = {}
         for member in recipients:
             if member.suspended_until is None:
                 by_edge.setdefault(member.edge, []).append(member.session)
-        for edge, sessions in by_edge.items():
-            out.append((edge, Deliver(sessions, payload, *origin)))
+        return [
+            (edge, Deliver(sessions, event.payload, *event.origin))
+            for edge, sessions in by_edge.items()
+        ]
+
+    def _seal(
+        self,
+        out: list[Outbound],
+        request: SignalCmd | JoinCmd | LeaveCmd | None = None,
+        reply: Outbound | None = None,
+        reply_payload: bytes = b"",
+    ) -> None:
+        """End a command: replicate what it recorded, hold or release its output."""
+        parked, self._parked = self._parked, {}
+        for name, (room, events, deliveries) in parked.items():
+            held = list(deliveries)
+            carries_reply = request is not None and reply is not None and name == request.room
+            if carries_reply:
+                assert reply is not None
+                held.append(reply)
+                reply = None
+            replica = self.replica_for(name)
+            if self.rooms.get(name) is not room or replica is None:
+                # Gone (its last member left) or nobody to replicate to: let it out,
+                # behind whatever the room still holds.
+                room.pending.append(_Batch(None, held, confirmed=True))
+                self._release(room, out)
+                continue
+            number = room.next_batch
+            room.next_batch += 1
+            replicate = ReplicateCmd(
+                self.node_id,
+                name,
+                room.epoch,
+                number,
+                [
+                    ReplicatedEvent(e.offset, sorted(e.recipients), e.payload, *e.origin)
+                    for e in events
+                ],
+            )
+            if carries_reply and request is not None:
+                # The runner-up learns the answer too: a retry after takeover gets it.
+                replicate = msgspec.structs.replace(
+                    replicate,
+                    reply_session=request.session,
+                    reply_conn=request.conn,
+                    reply_seq=request.seq,
+                    reply_payload=reply_payload,
+                )
+            room.pending.append(_Batch(number, held, replicate, replica))
+            out.append((replica, replicate))
+        if reply is not None:
+            room_of_reply = self.rooms.get(request.room) if request is not None else None
+            if room_of_reply is not None and room_of_reply.pending:
+                room_of_reply.pending.append(_Batch(None, [reply], confirmed=True))
+            else:
+                out.append(reply)
+
+    @staticmethod
+    def _release(room: Room, out: list[Outbound]) -> None:
+        while room.pending and room.pending[0].confirmed:
+            out.extend(room.pending.popleft().out)
+
+    # ----------------------------------------------------------------- replication
+
+    def replica_acked(self, name: str, batch: int) -> list[Outbound]:
+        """The runner-up has batch ``batch`` of ``name``: release what waited for it."""
+        out: list[Outbound] = []
+        room = self.rooms.get(name)
+        if room is None:
+            return out
+        for held in room.pending:
+            if held.number == batch:
+                held.confirmed = True
+        self._release(room, out)
+        return out
+
+    def replicas_changed(self) -> list[Outbound]:
+        """The runner-ups may have changed: resend unconfirmed batches (or stop waiting)."""
+        out: list[Outbound] = []
+        for room in list(self.rooms.values()):
+            if not room.pending:
+                continue
+            replica = self.replica_for(room.name)
+            for held in room.pending:
+                if held.confirmed or held.replicate is None:
+                    continue
+                if replica is None:
+                    held.confirmed = True
+                elif held.target != replica:
+                    held.target = replica
+                    out.append((replica, held.replicate))
+            self._release(room, out)
+        return out
+
+    def replicate(self, command: ReplicateCmd, now: float) -> list[Outbound]:
+        """Runner-up side: keep the owner's events (and reply) for a takeover."""
+        room = self.rooms.get(command.room)
+        if room is None:
+            room = self.rooms[command.room] = Room(command.room, command.epoch, active=False)
+        if not room.active:
+            if not room.replicated or room.epoch != command.epoch:
+                room.epoch = command.epoch
+                room.history.clear()
+                first = command.events[0].offset if command.events else room.offset + 1
+                room.offset = room.trimmed_through = first - 1
+                room.replicated = True
+            for replicated in command.events:
+                if replicated.offset <= room.offset:
+                    continue  # a batch resent after a runner-up change
+                room.offset = replicated.offset
+                room.history.append(
+                    RoomEvent(
+                        replicated.offset,
+                        now,
+                        frozenset(replicated.recipients),
+                        replicated.payload,
+                        (replicated.origin_conn, replicated.origin_seq),
+                    )
+                )
+            self._trim(room, now)
+            if command.reply_seq:
+                offset = command.events[-1].offset if command.events else 0
+                self._remember(
+                    command.reply_session,
+                    command.reply_conn,
+                    command.reply_seq,
+                    (command.reply_payload, command.room, offset),
+                )
+        return [(command.owner, ReplicaAck(command.room, command.batch))]
+
+    def demote(self, name: str) -> list[Outbound]:
+        """Another broker owns ``name`` now: keep its membership passively, drop history."""
+        out: list[Outbound] = []
+        room = self.rooms.get(name)
+        if room is None:
+            return out
+        while room.pending:
+            out.extend(room.pending.popleft().out)
+        room.active = False
+        room.replicated = False
+        room.history.clear()
+        return out
 
     def _trim(self, room: Room, now: float) -> None:
         history = room.history

@@ -1,16 +1,25 @@
-"""The broker process: a ``RoomTable`` behind a ZeroMQ ROUTER."""
+"""The broker process: a ``RoomTable`` behind a ZeroMQ ROUTER, linked to its peer brokers.
+
+A broker's placement id is its endpoint (the same string the edges hash). It opens a DEALER
+to every other broker to replicate room history to each room's runner-up; the runner-up
+answers ``ReplicaAck`` through its ROUTER.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 
-from broker.rooms import RoomTable
+from broker.rooms import Outbound, RoomTable
 from signalpost.config import Settings
 from signalpost.lifecycle import until_stopped
 from signalpost.node import OwnerNode
+from signalpost.placement import ranking
+from signalpost.transport import DealerLink, new_incarnation
+from signalpost.wire import Envelope, ReplicateCmd
 
 
-def room_table(settings: Settings) -> RoomTable:
+def room_table(settings: Settings, **replication: object) -> RoomTable:
     """A RoomTable configured from ``settings``."""
     return RoomTable(
         capacity=settings.room_capacity,
@@ -18,10 +27,78 @@ def room_table(settings: Settings) -> RoomTable:
         history_max_events=settings.history_max_events,
         history_max_age=settings.history_max_age,
         new_epoch=lambda: secrets.token_urlsafe(6),
+        **replication,  # type: ignore[arg-type]
     )
+
+
+class BrokerNode(OwnerNode):
+    """A broker: rooms it owns, and links to the brokers that replicate them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.placement_id = settings.broker_bind
+        self.table = room_table(
+            settings, node_id=self.placement_id, replica_for=self._replica_for
+        )
+        super().__init__(settings, "broker", self.table, settings.broker_bind)
+        self.peers: dict[str, DealerLink] = {}
+        self._incarnation = new_incarnation()
+        self._running = False
+
+    def _replica_for(self, room: str) -> str | None:
+        live = [self.placement_id, *(p for p, link in self.peers.items() if link.alive)]
+        for broker in ranking(room, live):
+            if broker != self.placement_id:
+                return broker
+        return None
+
+    def _send(self, outbound: list[Outbound]) -> None:
+        for target, envelope in outbound:
+            if isinstance(envelope, ReplicateCmd):
+                link = self.peers.get(target)
+                if link is not None:  # else resent once the runner-up is known
+                    link.send(envelope)
+            else:
+                self.router.send(target, envelope)
+
+    def _from_peer(self, envelope: Envelope) -> None:
+        self._send(self.table.handle(envelope, self._clock()))
+
+    def _peers_changed(self, *_link: object) -> None:
+        self._send(self.table.replicas_changed())
+
+    def update_peers(self, endpoints: list[str]) -> None:
+        """Make the peer set ``endpoints`` (other brokers' placement ids)."""
+        wanted = {e for e in endpoints if e != self.placement_id}
+        for endpoint in list(self.peers):
+            if endpoint not in wanted:
+                link = self.peers.pop(endpoint)
+                asyncio.get_running_loop().create_task(link.close())
+        for endpoint in wanted - self.peers.keys():
+            link = DealerLink(
+                self._context,
+                endpoint,
+                self.placement_id,
+                self._incarnation,
+                on_envelope=self._from_peer,
+                on_up=self._peers_changed,
+                on_down=self._peers_changed,
+                heartbeat_interval=self.settings.heartbeat_interval,
+                peer_expiry=self.settings.peer_expiry,
+            )
+            self.peers[endpoint] = link
+            if self._running:
+                link.start()
+        self._peers_changed()
+
+    async def started(self) -> None:
+        self._running = True
+        self.update_peers(list(self.settings.broker_endpoints))
+
+    async def stopping(self) -> None:
+        for link in self.peers.values():
+            await link.close()
 
 
 async def run_broker(settings: Settings) -> None:
     """Run one broker until SIGTERM/SIGINT."""
-    node = OwnerNode(settings, "broker", room_table(settings), settings.broker_bind)
-    await node.run(until_stopped)
+    await BrokerNode(settings).run(until_stopped)

@@ -46,6 +46,7 @@ class OwnerNode:
         self.core = core
         self._context = zmq.asyncio.Context()
         self._clock = time.monotonic
+        self.settings = settings
         self.router = RouterEndpoint(
             self._context,
             bind,
@@ -71,16 +72,24 @@ class OwnerNode:
         metrics.PEERS_LOST.inc()
         self._send(self.core.edge_lost(edge, self._clock()))
 
+    async def started(self) -> None:
+        """Hook: the router is up (subclasses open more links here)."""
+
+    async def stopping(self) -> None:
+        """Hook: the node is about to close its router."""
+
     async def run(self, until: Callable[[], Awaitable[None]]) -> None:
         """Serve until ``until()`` returns."""
         async with self.router:
             ticker = asyncio.create_task(self._expiry_loop(), name=f"{self.kind}-expiry")
+            await self.started()
             print(f"signalpost {self.kind} {self.node_id} ready on {self.router.endpoint}",
                   flush=True)
             try:
                 await until()
             finally:
                 ticker.cancel()
+                await self.stopping()
         self._context.term()
 
     async def _expiry_loop(self) -> None:

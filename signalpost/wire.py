@@ -339,6 +339,39 @@ class DemoteCmd(_Envelope, tag=8, frozen=True):
     room: str
 
 
+class ReplicatedEvent(Struct, array_like=True, frozen=True):
+    """One room event as the owner recorded it."""
+
+    offset: int
+    recipients: list[str]
+    payload: bytes
+    origin_conn: str
+    origin_seq: int
+
+
+class ReplicateCmd(_Envelope, tag=40, frozen=True):
+    """Owner broker -> runner-up: events of a room (and the reply that caused them).
+
+    The owner holds the deliveries and the ack until the runner-up answers ``ReplicaAck``:
+    whatever a client saw is then known to the broker that takes over the room.
+    """
+
+    owner: str  # the owner's identity on the runner-up's ROUTER
+    room: str
+    epoch: str
+    batch: int
+    events: list[ReplicatedEvent]
+    reply_session: str = ""
+    reply_conn: str = ""
+    reply_seq: int = 0
+    reply_payload: bytes = b""
+
+
+class ReplicaAck(_Envelope, tag=41, frozen=True):
+    room: str
+    batch: int
+
+
 class Deliver(_Envelope, tag=10, frozen=True):
     """Owner -> edge: write ``payload`` to each listed local session.
 
@@ -439,6 +472,8 @@ Envelope = (
     | RestoreCmd
     | ForgetCmd
     | DemoteCmd
+    | ReplicateCmd
+    | ReplicaAck
     | Deliver
     | Reply
     | Evict

@@ -74,3 +74,45 @@ async def test_kill_9_the_room_owner_every_acked_signal_arrives_once_in_order(
         # The room still works after failover, with its members intact.
         await alice.signal(room, {"after": True})
         assert (await bob.next_event(SignalEvent)).data == {"after": True}
+
+
+async def test_resume_recovers_everything_after_the_room_owner_was_killed(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """History is replicated to the runner-up, so recovery survives the owner's death."""
+    import websockets
+
+    from tests.helpers import RawClient
+
+    cluster = cluster_factory(edges=2, brokers=2, **FAST_CLIENTS)
+    edge1, edge2 = cluster.edge_urls
+    room = "replicated-room"
+    endpoints = {p["url"]: p["id"] for p in cluster.of_kind("broker")}
+    doomed = endpoints[owner(room, sorted(endpoints))]
+    async with SignalpostClient(edge1, token("alice"), request_timeout=10) as alice:
+        bob = SignalpostClient(edge2, token("bob"), auto_resume=False)
+        await bob.connect()
+        await alice.join(room)
+        await bob.join(room)
+        await alice.next_event(PeerJoined)
+        bob_session = bob.session
+        assert bob_session
+        for n in range(5):
+            await alice.signal(room, {"n": n}, to=bob_session)
+        assert [(await bob.next_event(SignalEvent)).data["n"] for _ in range(5)] == list(range(5))
+        positions = {r: {"epoch": p.epoch, "offset": p.offset} for r, p in bob.positions.items()}
+        assert bob._ws is not None and bob._ws.transport is not None
+        bob._ws.transport.abort()  # bob is away...
+        for n in range(5, 15):
+            await alice.signal(room, {"n": n}, to=bob_session)
+        cluster.kill(doomed)  # ...while the broker holding the room's history dies
+        for n in range(15, 25):
+            await alice.signal(room, {"n": n}, to=bob_session)  # acked by the successor
+        raw = RawClient(await websockets.connect(edge1))
+        await raw.send({"type": "hello", "token": token("bob"), "resume": bob.resume_token,
+                        "rooms": positions})
+        assert (await raw.recv_type("welcome"))["resumed"] is True
+        replayed = [(await raw.recv_type("signal", timeout=10))["data"]["n"] for _ in range(20)]
+        assert replayed == list(range(5, 25))
+        assert await raw.recv() == {"type": "recovered", "room": room, "recovered": True}
+        await bob.close()

@@ -1,0 +1,937 @@
+/**
+ * signalpost browser SDK: a plain ES module, no build step, no dependencies.
+ *
+ *     import { SignalpostClient, PeerLink } from "/static/signalpost.js";
+ *     const client = new SignalpostClient({ url: "wss://example.org/v1/signal", getToken });
+ *     await client.connect();
+ *     const joined = await client.join("room-1", { name: "Alice" });
+ *     client.on("signal", ({ room, from, data }) => { ... });
+ *
+ * Theory of operation. One WebSocket carries one session (docs/protocol.md). Requests
+ * get an id and a promise that settles with the reply of the same id, or rejects with a
+ * `SignalpostError` whose `.code` is the server's error code (or a client-side code:
+ * `timeout`, `connection_lost`, `not_connected`, `closed`). Everything without an id is
+ * an event (`peer-joined`, `peer-left`, `signal`, `presence`, `recovered`).
+ *
+ * For every joined room the client keeps the `epoch` and the last `offset` it saw. When
+ * the connection drops without a clean close, it reconnects (to the next URL when given
+ * several, after a delay from `backoffDelays`) and resumes: `hello` carries the resume
+ * token and those positions, the cluster replays what was missed and reports
+ * `recovered` per room. A room that could not be recovered is joined again (a no-op on
+ * the server that returns the current epoch, offset and members), so missed arrivals
+ * and departures surface as `peer-joined`/`peer-left` events marked `synthetic`, and
+ * `PeerLink` restarts ICE. A `resumed` event with `resumed: false` means a new session:
+ * the rooms are gone and the app has to join again.
+ *
+ * `PeerLink` wraps one RTCPeerConnection to one remote session of a room and speaks
+ * "perfect negotiation" over `signal` frames: `{kind: "offer"|"answer", sdp}` and
+ * `{kind: "candidate", candidate}`.
+ */
+
+/** WebSocket close codes of the protocol. */
+export const CloseCode = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001, // edge draining: reconnect elsewhere and resume
+  ABNORMAL: 1006,
+  UNSUPPORTED_DATA: 1003,
+  TOO_LARGE: 1009,
+  ABUSE: 4400,
+  UNAUTHORIZED: 4401,
+  ORIGIN_REFUSED: 4403,
+  HELLO_TIMEOUT: 4408,
+  REPLACED: 4409, // the session resumed on another connection
+  RATE_LIMITED: 4429,
+});
+
+/** Close codes after which reconnecting cannot help: the client goes to `closed`. */
+export const FINAL_CLOSE_CODES = new Set([
+  CloseCode.ABUSE,
+  CloseCode.UNAUTHORIZED,
+  CloseCode.ORIGIN_REFUSED,
+  CloseCode.REPLACED,
+  CloseCode.RATE_LIMITED, // the server ends a session closed for abuse: nothing to resume
+]);
+
+/** Connection states, in the order a healthy client goes through them. */
+export const State = Object.freeze({
+  IDLE: "idle",
+  CONNECTING: "connecting",
+  OPEN: "open",
+  RECONNECTING: "reconnecting",
+  CLOSED: "closed",
+});
+
+const REPLY_TYPES = new Set([
+  "welcome", "joined", "left", "ack", "watching", "unwatched", "pong", "ice-servers", "error",
+]);
+
+/** An error reply from the server, or a client-side failure of a request. */
+export class SignalpostError extends Error {
+  /**
+   * @param {string} code protocol error code (`room_full`, `not_in_room`, ...) or a
+   *   client code (`timeout`, `connection_lost`, `not_connected`, `closed`, `connect_failed`)
+   * @param {string} message
+   * @param {{closeCode?: number, frame?: object}} [extra]
+   */
+  constructor(code, message, extra = {}) {
+    super(message ? `${code}: ${message}` : code);
+    this.name = "SignalpostError";
+    this.code = code;
+    this.closeCode = extra.closeCode;
+    this.frame = extra.frame;
+  }
+}
+
+/**
+ * Reconnect delays in milliseconds: exponential growth capped at `maximum`, with full
+ * jitter (each delay uniform in [0, cap)), so that clients dropped together by a dead
+ * edge do not come back together. A pure generator: pass `random` to make it
+ * deterministic.
+ */
+export function* backoffDelays({ initial = 250, maximum = 10000, factor = 2, random = Math.random } = {}) {
+  for (let attempt = 0; ; attempt++) {
+    yield random() * Math.min(maximum, initial * factor ** attempt);
+  }
+}
+
+const DEFAULTS = {
+  requestTimeout: 10000,
+  connectTimeout: 10000,
+  reconnect: true,
+  maxReconnectAttempts: Infinity,
+  backoff: {},
+  heartbeat: null, // ms; null: the welcome's `heartbeat`
+  rejoinUnrecovered: true,
+};
+
+/**
+ * One signalpost session, kept alive across reconnects.
+ *
+ * Options: `url` (string, list of edge URLs tried in turn, or function of the attempt
+ * number), `token` or `getToken` (async, called before every connection attempt),
+ * `requestTimeout`, `connectTimeout` (ms), `reconnect`, `maxReconnectAttempts`,
+ * `backoff` ({initial, maximum, factor} for `backoffDelays`), `heartbeat` (ms),
+ * `rejoinUnrecovered`, `WebSocket` (constructor, for other runtimes).
+ */
+export class SignalpostClient extends EventTarget {
+  #options;
+  #WebSocket;
+  #ws = null;
+  #generation = 0; // bumped whenever a socket is abandoned; stale callbacks check it
+  #state = State.IDLE;
+  #nextId = 1;
+  #pending = new Map(); // id -> {resolve, reject, timer, frame}
+  #outbox = []; // requests made while (re)connecting, sent in order once open
+  #rooms = new Map(); // room -> {epoch, offset, meta, members: Map(session -> peer)}
+  #watched = new Set();
+  #presence = new Map(); // user -> last status told to the app
+  #closing = false;
+  #connecting = null;
+  #attempt = 0;
+  #heartbeatTimer = null;
+  #lastFrameAt = 0;
+  #wake = null; // cuts a reconnect delay short (browser back online)
+  #attemptSocket = null; // the socket of a connection attempt not yet welcomed
+  #onOnline = () => this.#wake?.();
+  #listeners = new Map(); // fn -> Map(type -> listener), for off()
+
+  /** @param {object} options see the class comment */
+  constructor(options = {}) {
+    super();
+    if (!options.url) throw new TypeError("SignalpostClient needs a url");
+    if (!options.token && !options.getToken) throw new TypeError("SignalpostClient needs token or getToken");
+    this.#options = { ...DEFAULTS, ...options };
+    this.#WebSocket = options.WebSocket || globalThis.WebSocket;
+    /** The current session id (stable across resumes). */
+    this.session = null;
+    /** The user id the token names. */
+    this.user = null;
+    /** The last `welcome` frame. */
+    this.welcome = null;
+    /** The resume token of the session. */
+    this.resumeToken = null;
+  }
+
+  // ------------------------------------------------------------------ state
+
+  /** `idle`, `connecting`, `open`, `reconnecting` or `closed`. */
+  get state() {
+    return this.#state;
+  }
+
+  /** The URL of the current (or next) connection attempt. */
+  get url() {
+    const { url } = this.#options;
+    if (typeof url === "function") return url(this.#attempt);
+    if (Array.isArray(url)) return url[this.#attempt % url.length];
+    return url;
+  }
+
+  /** Rooms this session is a member of. */
+  get rooms() {
+    return [...this.#rooms.keys()];
+  }
+
+  /** `{epoch, offset, meta, members: [peer...]}` of a joined room, or null. */
+  roomState(room) {
+    const state = this.#rooms.get(room);
+    if (!state) return null;
+    return { epoch: state.epoch, offset: state.offset, meta: state.meta, members: [...state.members.values()] };
+  }
+
+  /** The other members of a joined room (peer objects). */
+  members(room) {
+    const state = this.#rooms.get(room);
+    return state ? [...state.members.values()] : [];
+  }
+
+  /** `{room: {epoch, offset}}`: what a resuming `hello` sends. */
+  positions() {
+    const positions = {};
+    for (const [room, { epoch, offset }] of this.#rooms) positions[room] = { epoch, offset };
+    return positions;
+  }
+
+  // ------------------------------------------------------------------ events
+
+  /** Subscribe `fn(detail, event)` to `type`; returns a function that unsubscribes. */
+  on(type, fn) {
+    let byType = this.#listeners.get(fn);
+    if (!byType) this.#listeners.set(fn, (byType = new Map()));
+    if (!byType.has(type)) {
+      const listener = (event) => fn(event.detail, event);
+      byType.set(type, listener);
+      this.addEventListener(type, listener);
+    }
+    return () => this.off(type, fn);
+  }
+
+  /** Unsubscribe what `on(type, fn)` subscribed. */
+  off(type, fn) {
+    const byType = this.#listeners.get(fn);
+    const listener = byType && byType.get(type);
+    if (!listener) return;
+    this.removeEventListener(type, listener);
+    byType.delete(type);
+    if (!byType.size) this.#listeners.delete(fn);
+  }
+
+  /** A promise of the next `type` event's detail (rejects after `timeout` ms). */
+  once(type, { timeout = this.#options.requestTimeout } = {}) {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        off();
+        reject(new SignalpostError("timeout", `no ${type} event within ${timeout} ms`));
+      }, timeout);
+      const off = this.on(type, (detail) => {
+        clearTimeout(timer);
+        off();
+        resolve(detail);
+      });
+    });
+  }
+
+  #emit(type, detail) {
+    try {
+      this.dispatchEvent(new CustomEvent(type, { detail }));
+    } catch (err) {
+      // A throwing listener must not break the frame loop.
+      setTimeout(() => { throw err; });
+    }
+  }
+
+  #setState(state, extra = {}) {
+    const previous = this.#state;
+    if (previous === state) return;
+    this.#state = state;
+    const detail = { state, previous, ...extra };
+    this.#emit("state", detail);
+    this.#emit(state, detail);
+  }
+
+  // ------------------------------------------------------------------ lifecycle
+
+  /** Open the connection and authenticate; resolves with the `welcome` frame. */
+  connect() {
+    if (this.#state === State.OPEN) return Promise.resolve(this.welcome);
+    if (this.#connecting) return this.#connecting;
+    if (this.#state === State.RECONNECTING) return this.once("open").then(() => this.welcome);
+    this.#closing = false;
+    this.#setState(State.CONNECTING);
+    this.#connecting = this.#open(false)
+      .catch((err) => {
+        this.#finish(err.closeCode ?? null, err.message, err);
+        throw err;
+      })
+      .finally(() => {
+        this.#connecting = null;
+      });
+    globalThis.addEventListener?.("online", this.#onOnline);
+    return this.#connecting;
+  }
+
+  /** End the session cleanly (close 1000: peers get `peer-left` at once). */
+  close(reason = "bye") {
+    this.#closing = true;
+    const sockets = [this.#ws, this.#attemptSocket];
+    this.#abandon();
+    for (const ws of sockets) {
+      if (!ws) continue;
+      ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+      try {
+        ws.close(CloseCode.NORMAL, reason);
+      } catch {
+        /* already closed */
+      }
+    }
+    this.#finish(CloseCode.NORMAL, reason);
+  }
+
+  async #token() {
+    const { token, getToken } = this.#options;
+    return getToken ? await getToken() : token;
+  }
+
+  /** One connection attempt: resolves once `welcome` arrived and the socket is adopted. */
+  async #open(resume) {
+    let token;
+    try {
+      token = await this.#token();
+    } catch (err) {
+      throw new SignalpostError("connect_failed", `getToken failed: ${err && err.message}`);
+    }
+    if (this.#closing) throw new SignalpostError("closed", "client closed");
+    const url = this.url;
+    const hello = { type: "hello", token };
+    if (resume && this.resumeToken) {
+      hello.resume = this.resumeToken;
+      hello.rooms = this.positions();
+    }
+    return new Promise((resolve, reject) => {
+      const generation = ++this.#generation;
+      let ws;
+      try {
+        ws = new this.#WebSocket(url);
+      } catch (err) {
+        reject(new SignalpostError("connect_failed", String(err && err.message)));
+        return;
+      }
+      this.#attemptSocket = ws;
+      let refusal = null;
+      let settled = false;
+      const fail = (err) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        if (this.#attemptSocket === ws) this.#attemptSocket = null;
+        ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+        try {
+          // Not 1000: a clean close would end the session this attempt may have claimed.
+          ws.close(4000, "connection attempt abandoned");
+        } catch {
+          /* not open yet */
+        }
+        reject(err);
+      };
+      const timer = setTimeout(
+        () => fail(new SignalpostError("timeout", `no welcome from ${url} within ${this.#options.connectTimeout} ms`)),
+        this.#options.connectTimeout,
+      );
+      ws.onopen = () => ws.send(JSON.stringify(hello));
+      ws.onerror = () => {}; // a close event follows with the code
+      ws.onclose = (event) => {
+        const code = refusal ? refusal.code : "connect_failed";
+        const message = refusal ? refusal.message : `connection to ${url} closed (${event.code})`;
+        fail(new SignalpostError(code, message, { closeCode: event.code, frame: refusal }));
+      };
+      ws.onmessage = (event) => {
+        let frame;
+        try {
+          frame = JSON.parse(event.data);
+        } catch {
+          return;
+        }
+        if (frame.type === "error") {
+          refusal = frame; // the close (4401) follows
+          return;
+        }
+        if (frame.type !== "welcome" || settled) return;
+        if (generation !== this.#generation) {
+          fail(new SignalpostError("closed", "client closed during the connection attempt"));
+          return;
+        }
+        settled = true;
+        clearTimeout(timer);
+        this.#attemptSocket = null;
+        this.#adopt(ws, generation, frame, resume);
+        resolve(frame);
+      };
+    });
+  }
+
+  /** The welcome arrived: make `ws` the session's socket (synchronously, before more frames). */
+  #adopt(ws, generation, welcome, resume) {
+    const previousSession = this.session;
+    this.#ws = ws;
+    ws.onmessage = (event) => this.#onMessage(generation, event.data);
+    ws.onclose = (event) => this.#dropped(generation, event.code, event.reason);
+    ws.onerror = () => {};
+    this.welcome = welcome;
+    this.session = welcome.session;
+    this.user = welcome.user;
+    this.resumeToken = welcome.resume;
+    this.#lastFrameAt = Date.now();
+    let lostRooms = [];
+    if (!welcome.resumed) {
+      lostRooms = [...this.#rooms.keys()];
+      this.#rooms.clear();
+    }
+    this.#startHeartbeat(generation);
+    this.#setState(State.OPEN, { session: welcome.session, resumed: welcome.resumed });
+    if (resume) {
+      this.#emit("resumed", {
+        session: welcome.session,
+        previousSession,
+        resumed: Boolean(welcome.resumed),
+        lostRooms,
+      });
+      this.#rewatch();
+    }
+    const outbox = this.#outbox;
+    this.#outbox = [];
+    for (const entry of outbox) this.#transmit(entry);
+  }
+
+  /** The socket of `generation` closed (or is given up on); resume unless final. */
+  #dropped(generation, code, reason = "") {
+    if (generation !== this.#generation || this.#closing) return;
+    this.#abandon();
+    const final = !this.#options.reconnect || FINAL_CLOSE_CODES.has(code);
+    this.#emit("disconnected", { code, reason, willReconnect: !final });
+    if (final) {
+      this.#finish(code, reason);
+      return;
+    }
+    this.#reconnect(code);
+  }
+
+  /** Forget the current socket: its late events are ignored; its requests fail. */
+  #abandon() {
+    this.#generation++;
+    this.#stopHeartbeat();
+    const ws = this.#ws;
+    this.#ws = null;
+    if (ws) ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+    const pending = [...this.#pending.values()];
+    this.#pending.clear();
+    for (const entry of pending) {
+      clearTimeout(entry.timer);
+      entry.reject(new SignalpostError("connection_lost", `connection closed before the ${entry.frame.type} reply`));
+    }
+  }
+
+  #finish(code, reason, error) {
+    this.#closing = true;
+    this.#stopHeartbeat();
+    if (this.#wake) this.#wake();
+    globalThis.removeEventListener?.("online", this.#onOnline);
+    const outbox = this.#outbox;
+    this.#outbox = [];
+    for (const entry of outbox) {
+      clearTimeout(entry.timer);
+      entry.reject(new SignalpostError("closed", "client closed"));
+    }
+    this.#setState(State.CLOSED, { code, reason, error });
+  }
+
+  async #reconnect(code) {
+    this.#setState(State.RECONNECTING, { code });
+    const delays = backoffDelays(this.#options.backoff);
+    for (let attempt = 1; attempt <= this.#options.maxReconnectAttempts; attempt++) {
+      await this.#sleep(delays.next().value);
+      if (this.#closing) return;
+      this.#attempt++; // the next URL: the edge we lost may be the one that died
+      this.#emit("reconnect-attempt", { attempt, url: this.url });
+      try {
+        await this.#open(true);
+        return;
+      } catch (err) {
+        if (this.#closing) return;
+        if (err.closeCode !== undefined && FINAL_CLOSE_CODES.has(err.closeCode)) {
+          this.#finish(err.closeCode, err.message, err);
+          return;
+        }
+      }
+    }
+    this.#finish(code, "gave up reconnecting");
+  }
+
+  #sleep(ms) {
+    return new Promise((resolve) => {
+      const timer = setTimeout(done, ms);
+      const self = this;
+      function done() {
+        clearTimeout(timer);
+        if (self.#wake === done) self.#wake = null;
+        resolve();
+      }
+      this.#wake = done;
+    });
+  }
+
+  // ------------------------------------------------------------------ heartbeat
+
+  #startHeartbeat(generation) {
+    this.#stopHeartbeat();
+    const interval = this.#options.heartbeat ?? (this.welcome?.heartbeat || 25) * 1000;
+    this.#heartbeatTimer = setInterval(() => {
+      if (generation !== this.#generation) return;
+      if (Date.now() - this.#lastFrameAt < interval) return;
+      // Quiet for a whole interval: prove the path still works, or give it up and resume.
+      this.request({ type: "ping" }, { timeout: interval }).catch((err) => {
+        if (err.code === "timeout" && generation === this.#generation) {
+          const ws = this.#ws;
+          this.#dropped(generation, CloseCode.ABNORMAL, "heartbeat timeout");
+          try {
+            ws?.close(4000, "heartbeat timeout");
+          } catch {
+            /* gone */
+          }
+        }
+      });
+    }, interval);
+  }
+
+  #stopHeartbeat() {
+    clearInterval(this.#heartbeatTimer);
+    this.#heartbeatTimer = null;
+  }
+
+  // ------------------------------------------------------------------ frames
+
+  #onMessage(generation, raw) {
+    if (generation !== this.#generation) return;
+    this.#lastFrameAt = Date.now();
+    let frame;
+    try {
+      frame = JSON.parse(raw);
+    } catch {
+      return;
+    }
+    if (!frame || typeof frame !== "object") return;
+    const { type } = frame;
+    if (frame.id !== undefined && frame.id !== null && REPLY_TYPES.has(type)) {
+      const entry = this.#pending.get(frame.id);
+      if (entry) {
+        this.#pending.delete(frame.id);
+        clearTimeout(entry.timer);
+        if (type === "error") {
+          entry.reject(new SignalpostError(frame.code, frame.message, { frame }));
+        } else {
+          if (type === "joined") this.#joined(frame, entry.frame.meta);
+          entry.resolve(frame);
+        }
+      }
+      return;
+    }
+    switch (type) {
+      case "peer-joined": {
+        const room = this.#track(frame);
+        if (room) room.members.set(frame.peer.session, frame.peer);
+        break;
+      }
+      case "peer-left": {
+        const room = this.#track(frame);
+        if (room) room.members.delete(frame.peer.session);
+        break;
+      }
+      case "signal":
+        this.#track(frame);
+        break;
+      case "presence":
+        this.#presence.set(frame.user, frame.status);
+        break;
+      case "recovered":
+        this.#recovered(frame);
+        return; // emitted once the room is settled
+      case "error":
+        break; // no id: emitted as an `error` event below
+      default:
+        break;
+    }
+    this.#emit(type, frame);
+  }
+
+  /** Advance the room's offset past an event; returns the room's state. */
+  #track(frame) {
+    const room = this.#rooms.get(frame.room);
+    if (room && typeof frame.offset === "number" && frame.offset > room.offset) room.offset = frame.offset;
+    return room;
+  }
+
+  /** A `joined` reply: (re)set the room's position; report members that came or went. */
+  #joined(frame, meta) {
+    const previous = this.#rooms.get(frame.room);
+    const members = new Map(frame.members.map((peer) => [peer.session, peer]));
+    this.#rooms.set(frame.room, {
+      epoch: frame.epoch,
+      offset: frame.offset,
+      meta: meta ?? previous?.meta,
+      members,
+    });
+    if (!previous) return;
+    // A re-join after an unrecoverable gap: what changed in between was never seen.
+    for (const [session, peer] of previous.members) {
+      if (!members.has(session)) {
+        this.#emit("peer-left", { type: "peer-left", room: frame.room, peer, reason: "timeout", offset: frame.offset, synthetic: true });
+      }
+    }
+    for (const [session, peer] of members) {
+      if (!previous.members.has(session)) {
+        this.#emit("peer-joined", { type: "peer-joined", room: frame.room, peer, offset: frame.offset, synthetic: true });
+      }
+    }
+  }
+
+  #recovered(frame) {
+    const room = this.#rooms.get(frame.room);
+    if (frame.recovered || !room || !this.#options.rejoinUnrecovered) {
+      this.#emit("recovered", frame);
+      return;
+    }
+    // Events were lost: join again (a no-op for a member) to learn the new epoch, offset
+    // and who is there, then tell the app (PeerLink restarts ICE on this event).
+    this.join(frame.room, room.meta).then(
+      (joined) => this.#emit("recovered", { ...frame, epoch: joined.epoch, members: joined.members }),
+      (error) => {
+        if (error.code !== "connection_lost") {
+          this.#rooms.delete(frame.room);
+          this.#emit("room-lost", { room: frame.room, error });
+        }
+        this.#emit("recovered", { ...frame, error });
+      },
+    );
+  }
+
+  // ------------------------------------------------------------------ requests
+
+  /**
+   * Send a request frame with a fresh id; resolves with its reply, rejects with a
+   * `SignalpostError`. While (re)connecting the request waits, in order, for the socket.
+   */
+  request(frame, { timeout = this.#options.requestTimeout } = {}) {
+    if (this.#state === State.IDLE || this.#state === State.CLOSED) {
+      return Promise.reject(new SignalpostError("not_connected", `cannot send ${frame.type}: client is ${this.#state}`));
+    }
+    return new Promise((resolve, reject) => {
+      const entry = { frame: { ...frame, id: this.#nextId++ }, resolve, reject, timer: null };
+      entry.timer = setTimeout(() => {
+        this.#pending.delete(entry.frame.id);
+        const queued = this.#outbox.indexOf(entry);
+        if (queued >= 0) this.#outbox.splice(queued, 1);
+        reject(new SignalpostError("timeout", `no reply to ${frame.type} within ${timeout} ms`));
+      }, timeout);
+      if (this.#ws && this.#state === State.OPEN) this.#transmit(entry);
+      else this.#outbox.push(entry);
+    });
+  }
+
+  #transmit(entry) {
+    this.#pending.set(entry.frame.id, entry);
+    try {
+      this.#ws.send(JSON.stringify(entry.frame));
+    } catch (err) {
+      this.#pending.delete(entry.frame.id);
+      clearTimeout(entry.timer);
+      entry.reject(new SignalpostError("connection_lost", String(err && err.message)));
+    }
+  }
+
+  /** Join `room`; resolves with the `joined` frame (epoch, offset, members). */
+  join(room, meta) {
+    const frame = { type: "join", room };
+    if (meta !== undefined) frame.meta = meta;
+    return this.request(frame);
+  }
+
+  /** Leave `room`. */
+  async leave(room) {
+    try {
+      await this.request({ type: "leave", room });
+    } catch (err) {
+      if (err.code !== "not_in_room") throw err;
+    } finally {
+      this.#rooms.delete(room);
+    }
+  }
+
+  /** Send `data` to session `to` (or every other member); resolves once acked. */
+  async signal(room, data, { to, timeout } = {}) {
+    const frame = { type: "signal", room, data };
+    if (to) frame.to = to;
+    await this.request(frame, timeout ? { timeout } : undefined);
+  }
+
+  /** Watch users' presence; resolves with `{user: "online"|"offline"}`. */
+  async watch(users) {
+    const reply = await this.request({ type: "watch", users });
+    for (const user of users) this.#watched.add(user);
+    for (const [user, status] of Object.entries(reply.presence)) this.#presence.set(user, status);
+    return reply.presence;
+  }
+
+  /** Stop watching users. */
+  async unwatch(users) {
+    for (const user of users) {
+      this.#watched.delete(user);
+      this.#presence.delete(user);
+    }
+    await this.request({ type: "unwatch", users });
+  }
+
+  /** Watch again after a reconnect; report statuses that changed while away. */
+  #rewatch() {
+    if (!this.#watched.size) return;
+    const before = new Map(this.#presence);
+    this.request({ type: "watch", users: [...this.#watched] }).then(
+      (reply) => {
+        for (const [user, status] of Object.entries(reply.presence)) {
+          this.#presence.set(user, status);
+          if (before.get(user) !== status) this.#emit("presence", { type: "presence", user, status, synthetic: true });
+        }
+      },
+      () => {},
+    );
+  }
+
+  /** Round trip to the edge; resolves with the time it took in ms. */
+  async ping() {
+    const started = performance.now();
+    await this.request({ type: "ping" });
+    return performance.now() - started;
+  }
+
+  /**
+   * ICE servers (RTCIceServer list) for RTCPeerConnection: the welcome's, or with
+   * `{fresh: true}` newly minted TURN credentials from the edge.
+   */
+  async iceServers({ fresh = false } = {}) {
+    if (!fresh && this.welcome && Array.isArray(this.welcome.ice_servers)) return this.welcome.ice_servers;
+    const reply = await this.request({ type: "ice-servers" });
+    return reply.ice_servers;
+  }
+}
+
+/**
+ * One RTCPeerConnection to one remote session of a room, negotiated over `signal`
+ * frames with "perfect negotiation": both sides may offer at any time; on a collision
+ * the polite side (the lower session id, unless `polite` is given) rolls back and
+ * answers, the impolite side ignores the other offer. Remote candidates wait until a
+ * remote description is set. ICE restarts when the room could not be recovered after a
+ * reconnect, when a negotiation message may have been lost with the connection, and
+ * when the connection fails.
+ *
+ * Options: `room`, `peer` (session id or peer object), `iceServers`, `rtcConfig`,
+ * `polite`, `listen` (default true: take this peer's signals from the client; false:
+ * call `handleSignal(data)` yourself), `disconnectedRestartMs` (default 4000).
+ *
+ * Events (`on(type, fn)` / addEventListener, detail in `event.detail`): `track`
+ * ({track, streams}), `datachannel` ({channel}), `state` ({connectionState,
+ * iceConnectionState, signalingState}), `data` (app data signalled by the peer),
+ * `restart` ({reason}), `error` ({error}), `closed`.
+ */
+export class PeerLink extends EventTarget {
+  #client;
+  #makingOffer = false;
+  #ignoreOffer = false;
+  #candidates = []; // remote candidates waiting for a remote description
+  #inbox = Promise.resolve(); // remote descriptions and candidates, applied one at a time
+  #unsent = false; // a negotiation message may have been lost with the connection
+  #offs = [];
+  #disconnectedTimer = null;
+  #options;
+
+  constructor(client, options = {}) {
+    super();
+    const { room, peer } = options;
+    if (!room || !peer) throw new TypeError("PeerLink needs room and peer");
+    this.#client = client;
+    this.#options = { listen: true, disconnectedRestartMs: 4000, ...options };
+    this.room = room;
+    this.remote = typeof peer === "string" ? peer : peer.session;
+    this.peer = typeof peer === "string" ? { session: peer } : peer;
+    this.polite = options.polite ?? String(client.session) < String(this.remote);
+    this.closed = false;
+    const RTC = options.RTCPeerConnection || globalThis.RTCPeerConnection;
+    const config = { ...(options.rtcConfig || {}) };
+    if (options.iceServers) config.iceServers = options.iceServers;
+    /** The wrapped RTCPeerConnection: add tracks and data channels to it. */
+    this.pc = new RTC(config);
+    this.#wire();
+  }
+
+  on(type, fn) {
+    const listener = (event) => fn(event.detail, event);
+    this.addEventListener(type, listener);
+    return () => this.removeEventListener(type, listener);
+  }
+
+  #emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  #wire() {
+    const { pc } = this;
+    pc.onnegotiationneeded = async () => {
+      try {
+        this.#makingOffer = true;
+        await pc.setLocalDescription();
+      } catch (error) {
+        this.#emit("error", { error });
+        return;
+      } finally {
+        this.#makingOffer = false;
+      }
+      this.#send({ kind: pc.localDescription.type, sdp: pc.localDescription.sdp }, true);
+    };
+    pc.onicecandidate = ({ candidate }) => {
+      if (candidate) this.#send({ kind: "candidate", candidate: candidate.toJSON() }, false);
+    };
+    pc.ontrack = ({ track, streams }) => this.#emit("track", { track, streams });
+    pc.ondatachannel = ({ channel }) => this.#emit("datachannel", { channel });
+    const report = () => {
+      this.#emit("state", {
+        connectionState: pc.connectionState,
+        iceConnectionState: pc.iceConnectionState,
+        signalingState: pc.signalingState,
+      });
+      this.#watchHealth();
+    };
+    pc.onconnectionstatechange = report;
+    pc.oniceconnectionstatechange = report;
+    pc.onsignalingstatechange = report;
+
+    const client = this.#client;
+    if (this.#options.listen) {
+      this.#offs.push(
+        client.on("signal", ({ room, from, data }) => {
+          if (room === this.room && from && from.session === this.remote) this.handleSignal(data);
+        }),
+      );
+    }
+    this.#offs.push(
+      client.on("recovered", ({ room, recovered }) => {
+        if (room === this.room && !recovered) this.restartIce("signaling events lost");
+      }),
+      client.on("resumed", ({ resumed }) => {
+        if (resumed && this.#unsent) this.restartIce("negotiation interrupted by a reconnect");
+      }),
+    );
+  }
+
+  /** Restart ICE when media stays disconnected, or fails. */
+  #watchHealth() {
+    const state = this.pc.connectionState;
+    if (state === "failed") {
+      this.restartIce("connection failed");
+    } else if (state === "disconnected") {
+      if (!this.#disconnectedTimer) {
+        this.#disconnectedTimer = setTimeout(() => {
+          this.#disconnectedTimer = null;
+          if (this.pc.connectionState === "disconnected") this.restartIce("connection disconnected");
+        }, this.#options.disconnectedRestartMs);
+      }
+    } else {
+      clearTimeout(this.#disconnectedTimer);
+      this.#disconnectedTimer = null;
+    }
+  }
+
+  async #send(data, negotiation) {
+    if (this.closed) return;
+    try {
+      await this.#client.signal(this.room, data, { to: this.remote });
+    } catch (error) {
+      if (this.closed) return;
+      if (["connection_lost", "timeout", "not_connected"].includes(error.code)) {
+        // Maybe delivered, maybe not: renegotiate once the session is back.
+        if (negotiation || this.pc.connectionState !== "connected") this.#unsent = true;
+        if (this.#client.state === State.OPEN && this.#unsent) this.restartIce("a negotiation message was lost");
+      } else {
+        this.#emit("error", { error });
+      }
+    }
+  }
+
+  /** Apply one message from the remote peer (`{kind, sdp}` or `{kind: "candidate", candidate}`). */
+  handleSignal(data) {
+    this.#inbox = this.#inbox.then(() => this.#apply(data)).catch((error) => this.#emit("error", { error }));
+    return this.#inbox;
+  }
+
+  async #apply(data) {
+    if (this.closed || !data || typeof data !== "object") return;
+    const { pc } = this;
+    if (data.kind === "offer" || data.kind === "answer") {
+      const offerCollision = data.kind === "offer" && (this.#makingOffer || pc.signalingState !== "stable");
+      this.#ignoreOffer = !this.polite && offerCollision;
+      if (this.#ignoreOffer) return;
+      if (data.kind === "answer" && pc.signalingState !== "have-local-offer") return; // stale answer
+      await pc.setRemoteDescription({ type: data.kind, sdp: data.sdp });
+      const waiting = this.#candidates;
+      this.#candidates = [];
+      for (const candidate of waiting) await this.#addCandidate(candidate);
+      if (data.kind === "offer") {
+        await pc.setLocalDescription();
+        this.#send({ kind: "answer", sdp: pc.localDescription.sdp }, true);
+      }
+    } else if (data.kind === "candidate") {
+      if (!data.candidate) return;
+      if (!pc.remoteDescription) this.#candidates.push(data.candidate);
+      else await this.#addCandidate(data.candidate);
+    } else {
+      this.#emit("data", data);
+    }
+  }
+
+  async #addCandidate(candidate) {
+    try {
+      await this.pc.addIceCandidate(candidate);
+    } catch (error) {
+      // Candidates of an offer we ignored, or of a generation an ICE restart replaced.
+      if (!this.#ignoreOffer && this.pc.remoteDescription) this.#emit("error", { error, candidate });
+    }
+  }
+
+  /** Renegotiate with fresh ICE credentials (either side may call it). */
+  async restartIce(reason = "requested") {
+    if (this.closed) return;
+    this.#unsent = false;
+    this.#emit("restart", { reason });
+    const { pc } = this;
+    if (pc.signalingState === "have-local-offer" && !this.#makingOffer) {
+      // Our offer may never have arrived: take it back so a new one can go out.
+      try {
+        await pc.setLocalDescription({ type: "rollback" });
+      } catch {
+        /* nothing to roll back */
+      }
+    }
+    pc.restartIce();
+  }
+
+  /** Close the peer connection and stop listening. */
+  close() {
+    if (this.closed) return;
+    this.closed = true;
+    clearTimeout(this.#disconnectedTimer);
+    for (const off of this.#offs) off();
+    this.#offs = [];
+    try {
+      this.pc.close();
+    } catch {
+      /* closed */
+    }
+    this.#emit("closed", {});
+  }
+}

@@ -1,0 +1,152 @@
+"""History replication between two RoomTables, driven by hand (no sockets)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+from broker.rooms import Outbound, RoomTable
+from signalpost.wire import (
+    AttachCmd,
+    Deliver,
+    Envelope,
+    JoinCmd,
+    ReplicaAck,
+    ReplicateCmd,
+    Reply,
+    RestoreCmd,
+    RoomPosition,
+    SignalCmd,
+    peer_object,
+    sender_object,
+)
+
+epochs = (f"e{n}" for n in itertools.count())
+
+
+def table(node: str, replica: str | None) -> RoomTable:
+    return RoomTable(
+        capacity=2,
+        resume_window=30,
+        history_max_events=100,
+        history_max_age=600,
+        new_epoch=lambda: next(epochs),
+        node_id=node,
+        replica_for=lambda room: replica,
+    )
+
+
+def frames(out: list[Outbound], edge: str | None = None) -> list[dict[str, object]]:
+    """Client frames written by ``out`` (optionally to one edge), in order."""
+    found = []
+    for target, envelope in out:
+        if edge is not None and target != edge:
+            continue
+        if isinstance(envelope, Deliver | Reply) and envelope.payload:
+            found.append(json.loads(envelope.payload))
+    return found
+
+
+def pump(owner: RoomTable, replica: RoomTable, out: list[Outbound]) -> list[Outbound]:
+    """Carry ReplicateCmd/ReplicaAck between the two tables until only client output is left."""
+    client_out: list[Outbound] = []
+    queue = list(out)
+    while queue:
+        target, envelope = queue.pop(0)
+        if isinstance(envelope, ReplicateCmd):
+            queue.extend(replica.handle(envelope, 0.0))
+        elif isinstance(envelope, ReplicaAck):
+            queue.extend(owner.handle(envelope, 0.0))
+        else:
+            client_out.append((target, envelope))
+    return client_out
+
+
+def join(session: str, seq: int) -> JoinCmd:
+    return JoinCmd(session, f"c-{session}", f"edge-{session}", seq, seq, "room",
+                   peer_object(session, session, None, None))
+
+
+def signal(seq: int, n: int) -> SignalCmd:
+    return SignalCmd("a", "c-a", "edge-a", seq, seq, "room", "b", sender_object("a", "a"),
+                     json.dumps({"n": n}).encode())
+
+
+def restore(table_: RoomTable, session: str, replica: bool) -> None:
+    table_.handle(RestoreCmd(session, f"c-{session}", f"edge-{session}", "room",
+                             peer_object(session, session, None, None), replica), 0.0)
+
+
+def test_output_waits_for_the_replica_then_leaves_in_order() -> None:
+    owner, replica = table("A", "B"), table("B", None)
+    restore(replica, "a", True)
+    out = owner.handle(join("a", 1), 0.0)
+    assert [type(e) for _, e in out] == [ReplicateCmd]  # nothing to clients yet
+    assert frames(pump(owner, replica, out))[0]["type"] == "joined"
+    restore(replica, "b", True)
+    pump(owner, replica, owner.handle(join("b", 1), 0.0))
+    held = owner.handle(signal(2, 0), 0.0)
+    assert frames(held) == []
+    released = pump(owner, replica, held)
+    assert [f["type"] for f in frames(released)] == ["signal", "ack"]
+
+
+def test_the_runner_up_takes_over_with_history_and_replies() -> None:
+    owner, successor = table("A", "B"), table("B", None)
+    for session in ("a", "b"):
+        restore(successor, session, True)
+        pump(owner, successor, owner.handle(join(session, 1), 0.0))
+    delivered = pump(owner, successor, owner.handle(signal(2, 0), 0.0))
+    seen = [f for f in frames(delivered, "edge-b") if f["type"] == "signal"]
+    position = RoomPosition(owner.rooms["room"].epoch, int(seen[-1]["offset"]))  # type: ignore[call-overload]
+    # Signal 3 reaches the successor, but the owner dies before delivering or acking it.
+    unreleased = owner.handle(signal(3, 1), 0.0)
+    for _, envelope in unreleased:
+        if isinstance(envelope, ReplicateCmd):
+            successor.handle(envelope, 0.0)
+    # The edges re-announce to the successor and retry the unanswered request.
+    restore(successor, "a", False)
+    restore(successor, "b", False)
+    assert successor.rooms["room"].epoch == owner.rooms["room"].epoch
+    retried = successor.handle(signal(3, 1), 0.0)
+    out = frames(retried)
+    assert [f["type"] for f in out] == ["signal", "ack"]
+    assert out[0]["data"] == {"n": 1}  # the event again, with its origin for dedup
+    assert all(isinstance(e, Deliver) and e.origin_seq == 3 for _, e in retried[:1])
+    # A new request continues the same epoch and offsets.
+    fresh = frames(successor.handle(signal(4, 2), 0.0))
+    assert fresh[0]["offset"] == int(out[0]["offset"]) + 1  # type: ignore[call-overload]
+    # b resumes at the successor: it gets signal 3 replayed and recovered: true.
+    replay = frames(successor.handle(AttachCmd("b", "c-b2", "edge-b2", {"room": position}), 0.0))
+    assert [f.get("data") for f in replay if f["type"] == "signal"] == [{"n": 1}, {"n": 2}]
+    assert replay[-1] == {"type": "recovered", "room": "room", "recovered": True}
+
+
+def test_without_a_replica_nothing_waits() -> None:
+    solo = table("A", None)
+    out = solo.handle(join("a", 1), 0.0)
+    assert frames(out)[0]["type"] == "joined"
+
+
+def test_losing_the_replica_releases_held_output() -> None:
+    replica_name: list[str | None] = ["B"]
+    owner = RoomTable(capacity=2, resume_window=30, history_max_events=10,
+                      history_max_age=60, new_epoch=lambda: "e", node_id="A",
+                      replica_for=lambda room: replica_name[0])
+    held = owner.handle(join("a", 1), 0.0)
+    assert frames(held) == []
+    replica_name[0] = None
+    assert frames(owner.replicas_changed())[0]["type"] == "joined"
+
+
+def test_a_new_replica_gets_the_unconfirmed_batches() -> None:
+    replica_name: list[str | None] = ["B"]
+    owner = RoomTable(capacity=2, resume_window=30, history_max_events=10,
+                      history_max_age=60, new_epoch=lambda: "e", node_id="A",
+                      replica_for=lambda room: replica_name[0])
+    owner.handle(join("a", 1), 0.0)
+    replica_name[0] = "C"
+    resent: list[tuple[str, Envelope]] = owner.replicas_changed()
+    assert [(t, type(e)) for t, e in resent] == [("C", ReplicateCmd)]
+    released = owner.handle(ReplicaAck("room", 0), 0.0)
+    assert frames(released)[0]["type"] == "joined"
