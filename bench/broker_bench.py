@@ -1,0 +1,360 @@
+"""Broker routing: envelopes/s through ``RoomTable`` alone, and through a real broker.
+
+``core``: the pure core, in this process. ``rooms`` rooms of two members each; then
+``SignalCmd`` envelopes round-robin over the rooms, each ``to`` the other member and
+with a request id (so each yields a ``Reply`` and a ``Deliver``). Measured twice: bare
+``RoomTable.handle`` calls, and the whole per-envelope work of a broker process minus
+the socket (msgpack decode, handle, msgpack encode of every outbound envelope). The time
+of each call gives the p50/p99 the core adds per hop.
+
+``zmq``: a real ``signalpost broker`` process, driven over ZeroMQ by a DEALER that poses
+as an edge (heartbeat, joins, then pipelined signals). Throughput with ``window``
+commands in flight; round-trip time (edge -> broker -> edge, two hops) with one in
+flight. The broker's CPU time per envelope comes from psutil.
+
+    .venv/bin/python -m bench.broker_bench core
+    .venv/bin/python -m bench.broker_bench zmq
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from typing import Any
+
+from broker.rooms import RoomTable
+from signalpost.wire import (
+    WIRE_VERSION,
+    Deliver,
+    Envelope,
+    Heartbeat,
+    JoinCmd,
+    Reply,
+    SignalCmd,
+    decode_envelope,
+    encode_envelope,
+    peer_object,
+    sender_object,
+)
+
+DATA = (
+    b'{"candidate":"candidate:842163049 1 udp 1677729535 203.0.113.7 46154 typ srflx raddr '
+    b'10.0.0.2 rport 46154 generation 0 ufrag EsAw network-id 1 network-cost 10",'
+    b'"sdpMid":"0","sdpMLineIndex":0}'
+)
+EDGE = "edge-bench"
+
+
+def _percentiles_ns(samples: list[int]) -> dict[str, float]:
+    ordered = sorted(samples)
+    if not ordered:
+        return {}
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0
+
+    return {"p50_us": at(0.5), "p99_us": at(0.99), "max_us": ordered[-1] / 1000.0}
+
+
+def _table() -> RoomTable:
+    counter = iter(range(1 << 62))
+    return RoomTable(
+        capacity=2,
+        resume_window=30.0,
+        history_max_events=1024,
+        history_max_age=120.0,
+        new_epoch=lambda: f"e{next(counter)}",
+    )
+
+
+def _joins(rooms: int) -> list[JoinCmd]:
+    commands = []
+    for r in range(rooms):
+        for m in range(2):
+            session = f"s{r}-{m}"
+            commands.append(
+                JoinCmd(
+                    session,
+                    f"c{session}",
+                    EDGE,
+                    1,
+                    1,
+                    f"room{r}",
+                    peer_object(session, f"u{r}-{m}", None, None),
+                )
+            )
+    return commands
+
+
+def _signals(rooms: int, count: int, first_seq: int = 2) -> list[SignalCmd]:
+    """``count`` signals round-robin over the rooms, each with a fresh request ``seq``."""
+    senders = [sender_object(f"s{r}-0", f"u{r}-0") for r in range(rooms)]
+    return [
+        SignalCmd(
+            f"s{i % rooms}-0",
+            f"cs{i % rooms}-0",
+            EDGE,
+            first_seq + i // rooms,
+            i,
+            f"room{i % rooms}",
+            f"s{i % rooms}-1",
+            senders[i % rooms],
+            DATA,
+        )
+        for i in range(count)
+    ]
+
+
+def core(rooms: int = 1000, count: int = 200_000) -> dict[str, Any]:
+    """Envelopes/s and per-call p50/p99 of ``RoomTable.handle`` and of a broker's full step."""
+    clock = time.perf_counter_ns
+    results: dict[str, Any] = {"rooms": rooms, "commands": count}
+
+    # 1. bare handle()
+    table = _table()
+    for command in _joins(rooms):
+        table.handle(command, 0.0)
+    commands = _signals(rooms, count)
+    out_count = 0
+    start = clock()
+    for command in commands:
+        out_count += len(table.handle(command, 1.0))
+    elapsed = (clock() - start) / 1e9
+    per_call: list[int] = []
+    # Fresh seqs: a repeated (conn, seq) would take the retry path (a cached reply).
+    next_seq = 2 + count // rooms + 1
+    for command in _signals(rooms, min(count, 50_000), next_seq):
+        t0 = clock()
+        table.handle(command, 2.0)
+        per_call.append(clock() - t0)
+    results["handle"] = {
+        "commands_per_s": count / elapsed,
+        "envelopes_out_per_s": out_count / elapsed,
+        **_percentiles_ns(per_call),
+    }
+
+    # 2. decode + handle + encode: the broker's work per envelope without the socket
+    table = _table()
+    for command in _joins(rooms):
+        table.handle(command, 0.0)
+    bodies = [encode_envelope(c) for c in _signals(rooms, count)]
+    start = clock()
+    for body in bodies:
+        for _edge, envelope in table.handle(decode_envelope(body), 1.0):
+            encode_envelope(envelope)
+    elapsed = (clock() - start) / 1e9
+    per_call = []
+    for body in [encode_envelope(c) for c in _signals(rooms, min(count, 50_000), next_seq)]:
+        t0 = clock()
+        for _edge, envelope in table.handle(decode_envelope(body), 2.0):
+            encode_envelope(envelope)
+        per_call.append(clock() - t0)
+    results["step"] = {"commands_per_s": count / elapsed, **_percentiles_ns(per_call)}
+
+    # 3. bare handle() again with the cyclic GC off: what the history's objects cost.
+    table = _table()
+    for command in _joins(rooms):
+        table.handle(command, 0.0)
+    commands = _signals(rooms, count)
+    gc.collect()
+    gc.disable()
+    try:
+        start = clock()
+        for command in commands:
+            table.handle(command, 1.0)
+        elapsed = (clock() - start) / 1e9
+    finally:
+        gc.enable()
+    results["handle_no_gc"] = {"commands_per_s": count / elapsed}
+    return results
+
+
+def zmq_broker(
+    endpoint: str,
+    rooms: int = 200,
+    seconds: float = 5.0,
+    window: int = 256,
+    latency_samples: int = 3000,
+    broker: Any = None,
+) -> dict[str, Any]:
+    """Drive a running broker at ``endpoint``; ``broker`` (a ``System``) gives its CPU."""
+    import zmq
+
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.IDENTITY, EDGE.encode())
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, 0)
+    socket.setsockopt(zmq.RCVHWM, 0)
+    socket.connect(endpoint)
+    heartbeat = encode_envelope(Heartbeat(EDGE, "bench-incarnation"))
+
+    def send(envelope: Envelope) -> None:
+        socket.send_multipart((WIRE_VERSION, encode_envelope(envelope)))
+
+    def receive(timeout_ms: int) -> Envelope | None:
+        if not socket.poll(timeout_ms):
+            return None
+        frames = socket.recv_multipart()
+        return decode_envelope(frames[1])
+
+    try:
+        socket.send_multipart((WIRE_VERSION, heartbeat))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            envelope = receive(200)
+            if isinstance(envelope, Heartbeat):
+                break
+            socket.send_multipart((WIRE_VERSION, heartbeat))
+        else:
+            raise RuntimeError("the broker never answered the heartbeat")
+        last_beat = time.monotonic()
+
+        def beat() -> None:
+            nonlocal last_beat
+            if time.monotonic() - last_beat > 0.25:
+                socket.send_multipart((WIRE_VERSION, heartbeat))
+                last_beat = time.monotonic()
+
+        for command in _joins(rooms):
+            send(command)
+        replies = 0
+        while replies < 2 * rooms:
+            envelope = receive(5000)
+            if envelope is None:
+                raise RuntimeError("joins were not answered")
+            replies += isinstance(envelope, Reply)
+
+        seq = iter(range(2, 1 << 62))
+        senders = [sender_object(f"s{r}-0", f"u{r}-0") for r in range(rooms)]
+
+        def signal(i: int) -> SignalCmd:
+            r = i % rooms
+            return SignalCmd(
+                f"s{r}-0", f"cs{r}-0", EDGE, next(seq), i, f"room{r}", f"s{r}-1", senders[r], DATA
+            )
+
+        # Throughput: ``window`` commands in flight.
+        before = broker.sample() if broker is not None else None
+        start = time.monotonic()
+        sent = answered = delivered = 0
+        while time.monotonic() - start < seconds:
+            while sent - answered < window:
+                send(signal(sent))
+                sent += 1
+            envelope = receive(5000)
+            if envelope is None:
+                raise RuntimeError("the broker stopped answering")
+            if isinstance(envelope, Reply):
+                answered += 1
+            elif isinstance(envelope, Deliver):
+                delivered += 1
+            while socket.poll(0):
+                envelope = decode_envelope(socket.recv_multipart()[1])
+                if isinstance(envelope, Reply):
+                    answered += 1
+                elif isinstance(envelope, Deliver):
+                    delivered += 1
+            beat()
+        elapsed = time.monotonic() - start
+        after = broker.sample() if broker is not None else None
+        while answered < sent or delivered < sent:
+            envelope = receive(5000)
+            if envelope is None:
+                break
+            answered += isinstance(envelope, Reply)
+            delivered += isinstance(envelope, Deliver)
+
+        # Round trip with one command in flight.
+        rtts: list[int] = []
+        for i in range(latency_samples):
+            t0 = time.perf_counter_ns()
+            send(signal(i))
+            got = 0
+            while got < 2:
+                envelope = receive(5000)
+                if envelope is None:
+                    raise RuntimeError("no answer in the latency phase")
+                if isinstance(envelope, Reply | Deliver):
+                    got += 1
+            rtts.append(time.perf_counter_ns() - t0)
+            beat()
+        result: dict[str, Any] = {
+            "rooms": rooms,
+            "window": window,
+            "commands": sent,
+            "commands_per_s": sent / elapsed,
+            "envelopes_in_out_per_s": 3 * sent / elapsed,
+            "rtt": _percentiles_ns(rtts),
+        }
+        if before is not None and after is not None:
+            cpu = after.cpu - before.cpu
+            result["broker_cpu_s"] = cpu
+            result["broker_cpu_us_per_command"] = cpu / sent * 1e6
+            result["broker_cores"] = cpu / elapsed
+        return result
+    finally:
+        socket.close(0)
+        context.term()
+
+
+def start_broker() -> Any:
+    """A standalone ``signalpost broker`` on a free port, as a ``bench.systems.System``."""
+    import socket as sockets
+
+    from bench.systems import PYTHON, SIGNALPOST, System, Unavailable, _spawn, server_env
+
+    with sockets.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    argv = [
+        PYTHON,
+        SIGNALPOST,
+        "--log-level",
+        "WARNING",
+        "broker",
+        "--id",
+        "broker-bench",
+        "--bind",
+        endpoint,
+    ]
+    proc, out = _spawn("broker", argv, server_env())
+    try:
+        out.wait_for("signalpost broker", 30)
+    except (Unavailable, TimeoutError) as exc:
+        proc.kill()
+        raise Unavailable(f"signalpost broker: {exc}") from None
+    return System("broker", "signalpost broker", [endpoint], proc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("what", choices=("core", "zmq"))
+    parser.add_argument("--rooms", type=int, default=1000)
+    parser.add_argument("--count", type=int, default=200_000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    if args.what == "core":
+        print(json.dumps(core(args.rooms, args.count), indent=2))
+        return
+    broker = start_broker()
+    try:
+        print(
+            json.dumps(
+                zmq_broker(
+                    broker.urls[0], rooms=min(args.rooms, 1000), seconds=args.seconds, broker=broker
+                ),
+                indent=2,
+            )
+        )
+    finally:
+        broker.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,492 @@
+"""Run every benchmark side by side and write docs/performance.md with its plots.
+
+    .venv/bin/python -m bench.run            # full run (~15 min), writes docs/
+    .venv/bin/python -m bench.run --quick    # CI smoke (< 3 min), writes bench/results/quick/
+    .venv/bin/python -m bench.run --only relay,calls --out /tmp/perf
+
+Scenarios: ``relay`` (floor F vs dev vs cluster), ``calls`` (call setup vs Socket.IO),
+``idle`` (memory per idle connection), ``broker`` (RoomTable and a real broker over
+ZeroMQ), ``growth`` (cost as rooms and members grow), ``profile`` (py-spy on dev under
+load; full run only unless named in ``--only``).
+
+A system that cannot start (``signalpost cluster`` before it exists, Node without
+``npm ci``) is skipped with the reason written into the report; any other failure is an
+error and the exit status is 1. Raw results: bench/results/<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import broker_bench, report
+from bench.systems import (
+    LOG_DIR,
+    PYTHON,
+    ROOT,
+    GeneratorRun,
+    Unavailable,
+    run_generator,
+    running,
+)
+
+RESULTS_DIR = ROOT / "bench" / "results"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How long and how big each scenario runs."""
+
+    quick: bool
+    duration: float  # measured seconds per run
+    warmup: float
+    relay_pairs: int
+    relay_window: int
+    call_slots: int
+    idle_conns: int
+    rooms_sweep: tuple[int, ...]
+    members_sweep: tuple[int, ...]
+    broker_count: int
+    broker_seconds: float
+
+    @staticmethod
+    def make(quick: bool) -> Profile:
+        if quick:
+            return Profile(True, 2.5, 1.0, 50, 4, 16, 1000, (10, 1000), (2, 10), 50_000, 2.0)
+        return Profile(
+            False,
+            10.0,
+            2.0,
+            50,
+            4,
+            32,
+            10_000,
+            (10, 100, 1000, 10_000),
+            (2, 5, 10, 25, 50),
+            300_000,
+            8.0,
+        )
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def per_window(run: GeneratorRun, count: float) -> dict[str, float]:
+    """Server CPU over the measured window: total, cores busy, microseconds per unit."""
+    cpu, wall, _rss = run.window()
+    gen_cpu = float(run.result.get("gen_cpu_s", 0.0))
+    return {
+        "server_cpu_s": cpu,
+        "server_cores": cpu / wall if wall else 0.0,
+        "gen_cores": gen_cpu / wall if wall else 0.0,
+        "cpu_us_per_unit": cpu / count * 1e6 if count else float("nan"),
+        "processes": run.samples["measure"].processes,
+    }
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def scenario_relay(p: Profile, systems: list[str]) -> dict[str, Any]:
+    """Relay floor F vs signalpost dev vs cluster: throughput, CPU/message, latency at 50%."""
+    out: dict[str, Any] = {"systems": {}, "skipped": {}}
+    common = [
+        "--duration",
+        str(p.duration),
+        "--warmup",
+        str(p.warmup),
+        "--pairs",
+        str(p.relay_pairs),
+    ]
+    for name in systems:
+        try:
+            with running(name) as system:
+                log(f"relay: {system.label} at max load")
+                top = run_generator(
+                    system, "relay", [*common, "--window", str(p.relay_window)], timeout=120
+                )
+                relayed = top.result["relayed"]
+                rate = top.result["relayed_per_s"]
+                half = run_generator(
+                    system, "relay", [*common, "--rate", f"{rate / 2:.0f}"], timeout=120
+                )
+                log(
+                    f"relay: {system.label}: {rate:,.0f} msg/s, "
+                    f"{per_window(top, relayed)['cpu_us_per_unit']:.1f} us CPU/msg"
+                )
+                out["systems"][name] = {
+                    "label": system.label,
+                    "max": {**top.result, **per_window(top, relayed)},
+                    "half": {**half.result, **per_window(half, half.result["relayed"])},
+                }
+        except Unavailable as exc:
+            log(f"relay: skipping {name}: {exc}")
+            out["skipped"][name] = str(exc)
+    return out
+
+
+def scenario_calls(p: Profile, systems: list[str]) -> dict[str, Any]:
+    """Call setup (join, offer, answer, 2x12 candidates, leave): setups/s, CPU/call, p50/p99."""
+    out: dict[str, Any] = {"systems": {}, "skipped": {}}
+    common = [
+        "--duration",
+        str(p.duration),
+        "--warmup",
+        str(p.warmup),
+        "--slots",
+        str(p.call_slots),
+    ]
+    for name in systems:
+        try:
+            with running(name) as system:
+                log(f"calls: {system.label} at max load")
+                top = run_generator(system, "calls", common, timeout=120)
+                rate = top.result["calls_per_s"]
+                half = run_generator(
+                    system, "calls", [*common, "--rate", f"{rate / 2:.1f}"], timeout=120
+                )
+                log(
+                    f"calls: {system.label}: {rate:,.0f} calls/s, "
+                    f"{per_window(top, top.result['calls'])['cpu_us_per_unit']:.0f} us CPU/call"
+                )
+                out["systems"][name] = {
+                    "label": system.label,
+                    "max": {**top.result, **per_window(top, top.result["calls"])},
+                    "half": {**half.result, **per_window(half, half.result["calls"])},
+                }
+        except Unavailable as exc:
+            log(f"calls: skipping {name}: {exc}")
+            out["skipped"][name] = str(exc)
+    return out
+
+
+def scenario_idle(p: Profile, systems: list[str]) -> dict[str, Any]:
+    """Server RSS per idle authenticated connection (compression off)."""
+    out: dict[str, Any] = {"systems": {}, "skipped": {}, "conns": p.idle_conns}
+    for name in systems:
+        try:
+            with running(name) as system:
+                log(f"idle: {system.label}: {p.idle_conns} connections")
+                run = run_generator(
+                    system,
+                    "idle",
+                    ["--conns", str(p.idle_conns), "--concurrency", "200"],
+                    timeout=600,
+                )
+                base, loaded = run.samples["baseline"], run.samples["loaded"]
+                added = run.result["conns"] - run.result["baseline_conns"]
+                per_conn = (loaded.rss - base.rss) / added if added else float("nan")
+                log(f"idle: {system.label}: {per_conn / 1024:.1f} KiB/connection")
+                out["systems"][name] = {
+                    "label": system.label,
+                    **run.result,
+                    "rss_baseline": base.rss,
+                    "rss_loaded": loaded.rss,
+                    "processes": loaded.processes,
+                    "bytes_per_conn": per_conn,
+                    "bytes_per_conn_total": loaded.rss / run.result["conns"],
+                }
+        except Unavailable as exc:
+            log(f"idle: skipping {name}: {exc}")
+            out["skipped"][name] = str(exc)
+    return out
+
+
+def scenario_broker(p: Profile) -> dict[str, Any]:
+    """RoomTable in process (best of 3) and a real broker process over ZeroMQ."""
+    out: dict[str, Any] = {}
+    log("broker: RoomTable core")
+    runs = [broker_bench.core(rooms=1000, count=p.broker_count) for _ in range(3)]
+    out["core"] = max(runs, key=lambda r: r["handle"]["commands_per_s"])
+    out["core"]["step"] = max((r["step"] for r in runs), key=lambda s: s["commands_per_s"])
+    out["core"]["handle_no_gc"] = max(
+        (r["handle_no_gc"] for r in runs), key=lambda s: s["commands_per_s"]
+    )
+    try:
+        broker = broker_bench.start_broker()
+    except Unavailable as exc:
+        out["zmq_skipped"] = str(exc)
+        return out
+    try:
+        log("broker: real broker process over ZeroMQ")
+        out["zmq"] = broker_bench.zmq_broker(
+            broker.urls[0], rooms=200, seconds=p.broker_seconds, broker=broker
+        )
+    finally:
+        broker.stop()
+    return out
+
+
+def scenario_growth(p: Profile, systems: list[str]) -> dict[str, Any]:
+    """Server CPU per delivered message as rooms grow (2 members) and members grow (10 rooms)."""
+    out: dict[str, Any] = {"systems": {}, "skipped": {}}
+    common = ["--duration", str(p.duration), "--warmup", str(p.warmup)]
+    for name in systems:
+        points: list[dict[str, Any]] = []
+        try:
+            with running(name, capacity=50) as system:
+                sweep = [("rooms", r, 2, min(2 * r, 200)) for r in p.rooms_sweep]
+                sweep += [("members", 10, m, 10 * m) for m in p.members_sweep]
+                for axis, rooms, members, clients in sweep:
+                    log(f"growth: {system.label}: {rooms} rooms x {members} members")
+                    run = run_generator(
+                        system,
+                        "fanout",
+                        [
+                            *common,
+                            "--rooms",
+                            str(rooms),
+                            "--members",
+                            str(members),
+                            "--clients",
+                            str(clients),
+                            "--window",
+                            "4",
+                        ],
+                        timeout=300,
+                    )
+                    points.append(
+                        {"axis": axis, **run.result, **per_window(run, run.result["delivered"])}
+                    )
+                out["systems"][name] = {"label": system.label, "points": points}
+        except Unavailable as exc:
+            log(f"growth: skipping {name}: {exc}")
+            out["skipped"][name] = str(exc)
+    return out
+
+
+def scenario_profile(p: Profile, with_cluster: bool = True) -> dict[str, Any]:
+    """py-spy on ``signalpost dev`` (relay and call load) and on a broker (ZeroMQ load)."""
+    spy = ROOT / ".venv" / "bin" / "py-spy"
+    if not spy.exists():
+        spy_path = shutil.which("py-spy")
+        if spy_path is None:
+            return {"skipped": "py-spy is not installed (.venv/bin/pip install py-spy)"}
+        spy = Path(spy_path)
+    prof_dir = RESULTS_DIR / "profile"
+    prof_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {}
+    seconds = 4 if p.quick else 10
+
+    def record(pid: int, name: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                str(spy),
+                "record",
+                "-p",
+                str(pid),
+                "-d",
+                str(seconds),
+                "-r",
+                "250",
+                "-f",
+                "raw",
+                "-o",
+                str(prof_dir / f"{name}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    for workload, options in (
+        ("relay", ["--pairs", "50", "--window", "4"]),
+        ("calls", ["--slots", str(p.call_slots)]),
+    ):
+        with running("dev") as system:
+            log(f"profile: signalpost dev under {workload} load ({seconds}s of py-spy)")
+            spy_proc: subprocess.Popen[bytes] | None = None
+            gen = subprocess.Popen(
+                [
+                    PYTHON,
+                    "-m",
+                    "bench.loadgen",
+                    workload,
+                    "--no-wait",
+                    "--url",
+                    system.urls[0],
+                    "--secret",
+                    "signalpost-bench-secret-0123456789abcdef",
+                    "--warmup",
+                    "1",
+                    "--duration",
+                    str(seconds + 3),
+                    *options,
+                ],
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                time.sleep(2.5)
+                spy_proc = record(system.proc.pid, f"dev-{workload}")
+                spy_proc.wait(seconds + 30)
+                gen.wait(seconds + 60)
+            finally:
+                for child in (spy_proc, gen):
+                    if child is not None and child.poll() is None:
+                        child.kill()
+            out[f"dev-{workload}"] = report.summarize_profile(prof_dir / f"dev-{workload}.txt")
+    if with_cluster:
+        try:
+            with running("cluster") as system:
+                edge_pids = [
+                    int(p["pid"])
+                    for p in system.info.get("processes", [])
+                    if p.get("kind") == "edge" and p.get("pid")
+                ]
+                log(f"profile: a cluster edge under relay load ({seconds}s of py-spy)")
+                gen = subprocess.Popen(
+                    [
+                        PYTHON,
+                        "-m",
+                        "bench.loadgen",
+                        "relay",
+                        "--no-wait",
+                        "--secret",
+                        "signalpost-bench-secret-0123456789abcdef",
+                        "--warmup",
+                        "1",
+                        "--duration",
+                        str(seconds + 3),
+                        "--pairs",
+                        "50",
+                        "--window",
+                        "4",
+                        *[arg for url in system.urls for arg in ("--url", url)],
+                    ],
+                    cwd=ROOT,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                spy_proc = None
+                try:
+                    time.sleep(2.5)
+                    spy_proc = record(edge_pids[0], "cluster-edge-relay")
+                    spy_proc.wait(seconds + 30)
+                    gen.wait(seconds + 60)
+                finally:
+                    for child in (spy_proc, gen):
+                        if child is not None and child.poll() is None:
+                            child.kill()
+                out["cluster-edge-relay"] = report.summarize_profile(
+                    prof_dir / "cluster-edge-relay.txt"
+                )
+        except (Unavailable, IndexError) as exc:
+            out["cluster-edge-relay"] = {"skipped": f"cluster unavailable: {exc}"}
+    try:
+        broker = broker_bench.start_broker()
+    except Unavailable as exc:
+        out["broker"] = {"skipped": str(exc)}
+        return out
+    try:
+        log("profile: broker under ZeroMQ load")
+        spy_proc = record(broker.proc.pid, "broker")
+        time.sleep(0.5)
+        broker_bench.zmq_broker(
+            broker.urls[0], rooms=200, seconds=seconds + 1, latency_samples=10, broker=broker
+        )
+        spy_proc.wait(seconds + 30)
+        out["broker"] = report.summarize_profile(prof_dir / "broker.txt")
+    finally:
+        broker.stop()
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+ALL = ("relay", "calls", "idle", "broker", "growth", "profile")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="CI smoke: seconds per scenario")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument(
+        "--out",
+        help="directory for performance.md and plots "
+        "(default: docs/, or bench/results/quick/ with --quick)",
+    )
+    parser.add_argument("--no-cluster", action="store_true", help="skip signalpost cluster")
+    parser.add_argument("--no-socketio", action="store_true", help="skip the Node baseline")
+    args = parser.parse_args(argv)
+    p = Profile.make(args.quick)
+    wanted = (
+        args.only.split(",")
+        if args.only
+        else [s for s in ALL if not (s == "profile" and args.quick)]
+    )
+    unknown = set(wanted) - set(ALL)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    out_dir = (
+        Path(args.out) if args.out else (RESULTS_DIR / "quick" if args.quick else ROOT / "docs")
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+
+    cluster = [] if args.no_cluster else ["cluster"]
+    socketio = [] if args.no_socketio else ["socketio"]
+    plan: dict[str, Callable[[], dict[str, Any]]] = {
+        "relay": lambda: scenario_relay(
+            p, ["floor", "dev", *cluster] + ([] if p.quick else [*socketio, "floor-coalesce"])
+        ),
+        "calls": lambda: scenario_calls(
+            p, ["dev", *cluster, *socketio] + ([] if p.quick else ["floor"])
+        ),
+        "idle": lambda: scenario_idle(
+            p, ["dev", *cluster] + ([] if p.quick else ["floor", *socketio])
+        ),
+        "broker": lambda: scenario_broker(p),
+        "growth": lambda: scenario_growth(p, ["dev"] + ([] if p.quick else ["floor", *cluster])),
+        "profile": lambda: scenario_profile(p, with_cluster=bool(cluster)),
+    }
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "meta": report.environment(quick=p.quick, profile=p.__dict__),
+        "scenarios": {},
+        "errors": {},
+    }
+    for name in wanted:
+        t0 = time.monotonic()
+        try:
+            results["scenarios"][name] = plan[name]()
+        except Exception as exc:  # record, keep going, fail at the end
+            log(f"{name} FAILED: {exc}")
+            results["errors"][name] = "".join(traceback.format_exception_only(exc)).strip()
+            traceback.print_exc()
+        results["scenarios"].setdefault(name, {})["seconds"] = time.monotonic() - t0
+    results["meta"]["seconds"] = time.monotonic() - started
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    raw = RESULTS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if p.quick else ''}.json"
+    raw.write_text(json.dumps(results, indent=1, default=str))
+    with contextlib.suppress(OSError):
+        (RESULTS_DIR / "latest.json").write_text(raw.read_text())
+    document = report.write(results, out_dir)
+    log(
+        f"wrote {document} and plots; raw results {raw.relative_to(ROOT)}; "
+        f"{results['meta']['seconds']:.0f}s in all"
+    )
+    if results["errors"]:
+        log(f"errors in: {', '.join(results['errors'])}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""Locust scenarios for signalpost over the real client protocol (see load/README.md).
+
+User classes (pick them on the command line; all four run by default):
+
+``CallSetupUser``       two connections per user; each task is one call: join, offer
+                        (~4 KB SDP), answer, 12 trickled candidates each way, leave.
+                        Reports ``call-setup`` besides every request.
+``PresenceChurnUser``   connects as a user from a small pool, watches a few others, stays
+                        a moment, leaves cleanly: presence goes online/offline all the time.
+``RoomFanoutUser``      groups of ``--fanout-size`` users share a room and broadcast;
+                        every received broadcast is reported as ``fanout-delivery`` with
+                        its delivery latency (needs SIGNALPOST_ROOM_CAPACITY >= the size).
+``ReconnectStormUser``  pairs exchange signals; connections drop and sessions resume on
+                        the next edge. Against a cluster (``--cluster-state FILE``) one
+                        edge is killed after ``--storm-after`` seconds, so every client
+                        of that edge reconnects at once; without a state file each user
+                        drops its own connection now and then. Reports ``resume``.
+
+    .venv/bin/locust -f load/locustfile.py --headless -u 40 -r 10 -t 60s \\
+        --host ws://127.0.0.1:8080 --jwt-secret "$SIGNALPOST_JWT_SECRET"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import gevent
+from locust import User, between, events, task
+from locust.env import Environment
+from websockets.exceptions import WebSocketException
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `load` as a package
+
+from load.wsclient import RequestFailed, SignalpostConnection
+from signalpost.auth import mint_token
+
+log = logging.getLogger("signalpost.load")
+
+SDP_OFFER = "v=0\r\n" + "a=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack pli\r\n" * 100
+SDP_ANSWER = SDP_OFFER[:3000]
+CANDIDATE = (
+    "candidate:842163049 1 udp 1677729535 203.0.113.7 {port} typ srflx raddr 10.0.0.2 "
+    "rport {port} generation 0 ufrag EsAw network-id 1 network-cost 10"
+)
+CANDIDATES_EACH_WAY = 12
+
+_user_numbers = itertools.count()
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser: Any) -> None:
+    parser.add_argument(
+        "--jwt-secret",
+        default=os.environ.get("SIGNALPOST_JWT_SECRET", ""),
+        help="HS256 secret the server checks tokens with",
+    )
+    parser.add_argument(
+        "--cluster-state",
+        default="",
+        help="state file of `signalpost cluster`: use every edge, and let "
+        "the reconnect storm kill one",
+    )
+    parser.add_argument(
+        "--storm-after",
+        type=float,
+        default=10.0,
+        help="seconds into the run before the storm kills an edge",
+    )
+    parser.add_argument("--fanout-size", type=int, default=5, help="members per fan-out room")
+    parser.add_argument("--request-timeout", type=float, default=10.0)
+
+
+@events.test_start.add_listener
+def _check_secret(environment: Environment, **_kwargs: Any) -> None:
+    options = environment.parsed_options
+    if options is not None and not options.jwt_secret:
+        raise SystemExit("load: set --jwt-secret or SIGNALPOST_JWT_SECRET (the server's secret)")
+
+
+def _edges(environment: Environment) -> list[dict[str, Any]]:
+    path = environment.parsed_options.cluster_state if environment.parsed_options else ""
+    if not path:
+        return []
+    document = json.loads(Path(path).read_text())
+    return [p for p in document.get("processes", []) if p.get("kind") == "edge"]
+
+
+@events.test_start.add_listener
+def _storm(environment: Environment, **_kwargs: Any) -> None:
+    """With a cluster state file and ReconnectStormUser in the run: kill one edge later."""
+    options = environment.parsed_options
+    if options is None or not options.cluster_state:
+        return
+    if not any(u.__name__ == "ReconnectStormUser" for u in environment.user_classes):
+        return
+
+    def kill_later() -> None:
+        gevent.sleep(options.storm_after)
+        edges = _edges(environment)
+        if len(edges) < 2:
+            log.warning("reconnect storm: fewer than two edges; not killing any")
+            return
+        victim = edges[0]
+        log.warning("reconnect storm: SIGKILL edge %s (pid %s)", victim["id"], victim["pid"])
+        try:
+            os.kill(int(victim["pid"]), signal.SIGKILL)
+        except OSError as exc:
+            log.warning("reconnect storm: could not kill: %s", exc)
+
+    gevent.spawn(kill_later)
+
+
+class SignalpostUser(User):
+    """Shared plumbing: URLs, tokens, Locust reporting."""
+
+    abstract = True
+    wait_time = between(0.2, 1.0)
+
+    def __init__(self, environment: Environment) -> None:
+        super().__init__(environment)
+        self.number = next(_user_numbers)
+        options = environment.parsed_options
+        self.secret = options.jwt_secret if options else os.environ.get("SIGNALPOST_JWT_SECRET", "")
+        self.timeout = options.request_timeout if options else 10.0
+        edges = _edges(environment)
+        if edges:
+            self.urls = [
+                e["url"] if e["url"].endswith("/v1/signal") else e["url"].rstrip("/") + "/v1/signal"
+                for e in edges
+            ]
+        else:
+            base = (self.host or "ws://127.0.0.1:8080").rstrip("/")
+            self.urls = [base if base.endswith("/v1/signal") else base + "/v1/signal"]
+        self.connections: list[SignalpostConnection] = []
+        #: Edges get killed on purpose in this run: lost connections are expected.
+        self.storm = bool(edges) and any(
+            u.__name__ == "ReconnectStormUser" for u in environment.user_classes
+        )
+
+    def report(
+        self, name: str, started: float, length: int, exception: BaseException | None
+    ) -> None:
+        self.environment.events.request.fire(
+            request_type="WS",
+            name=name,
+            response_time=(time.perf_counter() - started) * 1000,
+            response_length=length,
+            exception=exception,
+            context={},
+        )
+
+    def token(self, user: str) -> str:
+        return mint_token(self.secret, user, now=time.time(), ttl=3600.0)
+
+    def open(self, user: str, edge: int = 0, **resume: Any) -> SignalpostConnection:
+        """Connect to edge ``edge``, falling over to the next ones if it is down.
+
+        Only the last attempt's failure is reported: an edge killed by the storm refusing a
+        connection is expected, no edge at all accepting it is a failure.
+        """
+        last: BaseException | None = None
+        for attempt in range(len(self.urls)):
+            url = self.urls[(edge + attempt) % len(self.urls)]
+            final = attempt == len(self.urls) - 1
+            try:
+                connection = SignalpostConnection(
+                    url,
+                    self.token(user),
+                    self.report if final else self._report_success,
+                    timeout=self.timeout,
+                    tolerate_loss=self.storm,
+                    **resume,
+                )
+            except (OSError, RequestFailed, TimeoutError, WebSocketException) as exc:
+                last = exc
+                continue
+            connection.reporter = self.report  # everything after the hello is reported
+            self.connections.append(connection)
+            return connection
+        raise RequestFailed(f"no edge accepted the connection: {last}")
+
+    def _report_success(
+        self, name: str, started: float, length: int, exception: BaseException | None
+    ) -> None:
+        if exception is None:
+            self.report(name, started, length, None)
+
+    def on_stop(self) -> None:
+        for connection in self.connections:
+            connection.close()
+        self.connections.clear()
+
+
+class CallSetupUser(SignalpostUser):
+    weight = 3
+
+    def on_start(self) -> None:
+        self.caller = self.open(f"caller-{self.number}", edge=0)
+        self.callee = self.open(f"callee-{self.number}", edge=1)
+        self.calls = itertools.count()
+
+    def _reconnect_lost(self) -> None:
+        """A killed edge took a connection: start new sessions (calls are short-lived)."""
+        if self.caller.lost:
+            self.connections.remove(self.caller)
+            self.caller = self.open(f"caller-{self.number}", edge=0)
+        if self.callee.lost:
+            self.connections.remove(self.callee)
+            self.callee = self.open(f"callee-{self.number}", edge=1)
+
+    @task
+    def call(self) -> None:
+        self._reconnect_lost()
+        caller, callee = self.caller, self.callee
+        room = f"call-{self.number}-{next(self.calls)}"
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            caller.drain()
+            callee.drain()
+            caller.join(room)
+            callee.join(room)
+            peer = caller.expect(lambda f: f.get("type") == "peer-joined" and f.get("room") == room)
+            callee_session = peer["peer"]["session"]
+            caller.signal(room, {"type": "offer", "sdp": SDP_OFFER}, to=callee_session)
+            for i in range(CANDIDATES_EACH_WAY):
+                caller.signal(
+                    room,
+                    {
+                        "candidate": CANDIDATE.format(port=50000 + i),
+                        "sdpMid": "0",
+                        "sdpMLineIndex": 0,
+                    },
+                    to=callee_session,
+                )
+            callee.expect_signals(1, caller.session)
+            callee.signal(room, {"type": "answer", "sdp": SDP_ANSWER}, to=caller.session)
+            for i in range(CANDIDATES_EACH_WAY):
+                callee.signal(
+                    room,
+                    {
+                        "candidate": CANDIDATE.format(port=51000 + i),
+                        "sdpMid": "0",
+                        "sdpMLineIndex": 0,
+                    },
+                    to=caller.session,
+                )
+            callee.expect_signals(CANDIDATES_EACH_WAY, caller.session)
+            caller.expect_signals(1 + CANDIDATES_EACH_WAY, callee_session)
+        except Exception as exc:
+            error = exc
+        if error is not None and self.storm and (caller.lost or callee.lost):
+            # The edge under this call went away (reconnect storm): not a refusal.
+            self.report("call-interrupted-by-edge-loss", started, 0, None)
+            return
+        self.report("call-setup", started, 0, error)
+        for connection in (caller, callee):
+            with contextlib.suppress(RequestFailed):  # already reported by request()
+                connection.leave(room)
+
+
+class PresenceChurnUser(SignalpostUser):
+    weight = 2
+    POOL = 50
+
+    @task
+    def cycle(self) -> None:
+        me = f"churn-{random.randrange(self.POOL)}"
+        others = random.sample([f"churn-{i}" for i in range(self.POOL)], 8)
+        connection = self.open(me, edge=random.randrange(len(self.urls)))
+        try:
+            started = time.perf_counter()
+            watching = connection.watch(others)
+            if not isinstance(watching.get("presence"), dict):
+                self.report(
+                    "watch-reply-shape",
+                    started,
+                    0,
+                    RequestFailed("watching without a presence map"),
+                )
+            gevent.sleep(random.uniform(0.2, 1.5))
+            connection.request("ping", {"type": "ping"})
+        except RequestFailed:
+            pass  # reported by request()
+        finally:
+            connection.close()
+            self.connections.remove(connection)
+
+
+class RoomFanoutUser(SignalpostUser):
+    weight = 2
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        size = options.fanout_size if options else 5
+        self.room = f"fanout-{self.number // size}"
+        self.connection = self.open(f"fan-{self.number}", edge=self.number)
+        self.connection.join(self.room)
+
+    @task
+    def broadcast(self) -> None:
+        if self.connection.lost:  # its edge was killed: a new session rejoins the room
+            self.connections.remove(self.connection)
+            self.connection = self.open(f"fan-{self.number}", edge=self.number + 1)
+            self.connection.join(self.room)
+        connection = self.connection
+        try:
+            connection.signal(self.room, {"t": time.time(), "kind": "app-data"}, name="broadcast")
+        except RequestFailed:
+            return  # reported by request(); a lost connection is replaced on the next task
+        while connection.inbox:
+            frame = connection.inbox.popleft()
+            if frame.get("type") == "signal" and "t" in frame.get("data", {}):
+                # Latency to the moment the reader got the frame, not to this task.
+                self.environment.events.request.fire(
+                    request_type="WS",
+                    name="fanout-delivery",
+                    response_time=max(0.0, (frame["_received"] - frame["data"]["t"]) * 1000),
+                    response_length=0,
+                    exception=None,
+                    context={},
+                )
+
+
+class ReconnectStormUser(SignalpostUser):
+    weight = 2
+    SELF_DROP_EVERY = 15  # tasks between self-inflicted drops when no edge gets killed
+
+    def on_start(self) -> None:
+        self.room = f"storm-{self.number // 2}"
+        self.edge = self.number % len(self.urls)
+        self.connection = self.open(f"storm-{self.number}", edge=self.edge)
+        self.connection.join(self.room)
+        self.rounds = 0  # not `tasks`: that is Locust's task list
+        options = self.environment.parsed_options
+        self.self_drop = not (options and options.cluster_state)
+
+    def _resume(self) -> None:
+        old = self.connection
+        self.edge += 1
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            self.connection = self.open(
+                f"storm-{self.number}", edge=self.edge, resume=old.resume_token, rooms=old.positions
+            )
+            if not self.connection.resumed:
+                raise RequestFailed("the session did not resume")
+        except Exception as exc:
+            error = exc
+        self.report("session-resumed", started, 0, error)
+        if old in self.connections:
+            self.connections.remove(old)
+        if error is not None:
+            # Start afresh so the user keeps producing load.
+            self.connection = self.open(f"storm-{self.number}", edge=self.edge)
+            self.connection.join(self.room)
+
+    @task
+    def talk(self) -> None:
+        self.rounds += 1
+        if self.self_drop and self.rounds % self.SELF_DROP_EVERY == 0:
+            self.connection.abort()
+            gevent.sleep(0.05)
+        if self.connection.closed_code is not None:
+            self._resume()
+        started = time.perf_counter()
+        try:
+            self.connection.request(
+                "signal",
+                {
+                    "type": "signal",
+                    "room": self.room,
+                    "data": {"kind": "keepalive", "n": self.rounds},
+                },
+                report=False,
+            )
+        except RequestFailed as exc:
+            if self.connection.closed_code is None:
+                self.report("signal", started, 0, exc)
+                return
+            # The edge went away under this request: not the server refusing it. Counted
+            # apart; the session resumes on the next task.
+            self.report("signal-lost-with-connection", started, 0, None)
+            return
+        self.report("signal", started, 0, None)
