@@ -39,8 +39,10 @@ from signalpost.errors import (
     BadRequest,
     CloseCode,
     Forbidden,
+    InternalError,
     ProtocolError,
     RateLimited,
+    TooLarge,
     Unauthorized,
 )
 from signalpost.wire import (
@@ -453,13 +455,24 @@ class EdgeServer:
                 verdict = guard.admit(clock())
                 if verdict is Verdict.SERVE:
                     try:
-                        self._dispatch(client, decode_client(frame))
-                        continue
+                        message = decode_client(frame)
                     except ProtocolError as exc:
                         self._write([client], _error(exc, request_id_of(exc)))
-                        if not isinstance(exc, BadRequest):
-                            continue
                         verdict = guard.bad_frame(clock())
+                    else:
+                        try:
+                            self._dispatch(client, message)
+                            continue
+                        except ProtocolError as exc:
+                            self._write([client], _error(exc, message.id))
+                            if not isinstance(exc, BadRequest):
+                                continue
+                            verdict = guard.bad_frame(clock())
+                        except Exception:
+                            # A bug must cost this one request, not the connection or the edge.
+                            log.exception("serving a frame of %s failed", client.session)
+                            self._write([client], _error(_INTERNAL, message.id))
+                            continue
                 else:
                     self._write([client], _error(_RATE_LIMITED, _frame_id(frame)))
                 if verdict is Verdict.CLOSE:
@@ -509,7 +522,7 @@ class EdgeServer:
             self._write([client], encode_frame(PongFrame(id=message.id)))
         elif isinstance(message, Watch):
             if len(client.watching | set(message.users)) > self.settings.max_watch:
-                raise BadRequest(f"at most {self.settings.max_watch} users may be watched")
+                raise TooLarge(f"at most {self.settings.max_watch} users may be watched")
             client.watching.update(message.users)
             seq = client.next_seq()
             watch = WatchCmd(
@@ -547,6 +560,7 @@ class EdgeServer:
 
 
 _RATE_LIMITED = RateLimited("too many frames; slow down")
+_INTERNAL = InternalError("internal error; the request was not served")
 
 
 def _error(exc: ProtocolError, request_id: RequestId | None) -> bytes:

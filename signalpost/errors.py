@@ -13,7 +13,8 @@
         ├── NotInRoom               not_in_room
         ├── UnknownPeer             unknown_peer
         ├── RateLimited             rate_limited
-        └── TooLarge                too_large
+        ├── TooLarge                too_large
+        └── InternalError           internal      (a bug; the request was not served)
 
 Cores raise these; shells turn them into an ``error`` frame (and a close when
 ``close_code`` is set). Nothing else is caught as a protocol failure.
@@ -106,3 +107,7 @@ class RateLimited(ProtocolError):
 
 class TooLarge(ProtocolError):
     code = ErrorCode.TOO_LARGE
+
+
+class InternalError(ProtocolError):
+    code = ErrorCode.INTERNAL

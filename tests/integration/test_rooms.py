@@ -72,7 +72,7 @@ async def test_token_room_grants_are_enforced(dev: EdgeServer) -> None:
         reply = await client.request({"type": "join", "id": room, "room": room})
         assert reply["type"] == expected, reply
         if expected == "error":
-            assert reply["code"] == "forbidden"
+            assert reply["code"] == "forbidden" and reply["id"] == room
 
 
 async def test_signal_to_a_peer_with_server_set_from_and_ack(dev: EdgeServer) -> None:

@@ -215,3 +215,26 @@ async def test_http_endpoints(dev: EdgeServer) -> None:
     response = await reader.read()
     writer.close()
     assert response.startswith(b"HTTP/1.1 200") and b"<!doctype html" in response.lower()
+
+
+async def test_watching_too_many_users_is_too_large(dev_factory: DevFactory) -> None:
+    server = await dev_factory(max_watch=3)
+    client = await raw_client(url_of(server), "alice")
+    reply = await client.request({"type": "watch", "id": 1, "users": ["a", "b", "c", "d"]})
+    assert reply["type"] == "error" and reply["code"] == "too_large" and reply["id"] == 1
+    assert (await client.request({"type": "watch", "id": 2, "users": ["a"]}))["type"] == "watching"
+
+
+async def test_an_internal_failure_costs_one_request_not_the_connection(
+    dev: EdgeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await raw_client(url_of(dev), "alice")
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(dev.backplane, "to_room_owner", broken)
+    reply = await client.request({"type": "join", "id": 5, "room": "r"})
+    assert reply["type"] == "error" and reply["code"] == "internal" and reply["id"] == 5
+    monkeypatch.undo()
+    assert (await client.request({"type": "join", "id": 6, "room": "r"}))["type"] == "joined"
