@@ -94,10 +94,37 @@ function describe(err) {
   }
 }
 
-async function devToken(user) {
-  const response = await fetch(`/v1/dev-token?user=${encodeURIComponent(user)}`, { cache: "no-store" });
-  if (!response.ok) throw new Error("This server does not hand out demo tokens (dev mode only).");
-  return (await response.json()).token;
+let cachedToken = null; // {user, token, exp}
+
+/** Seconds since the epoch when a JWT expires (0 if unreadable). */
+function expiryOf(token) {
+  try {
+    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return JSON.parse(atob(payload)).exp || 0;
+  } catch {
+    return 0;
+  }
+}
+
+/**
+ * A token for `user`: `?token=` when given (any edge of a cluster), else one from this
+ * server's /v1/dev-token (dev mode), reused until close to expiry so that a resume does
+ * not depend on the server that served the page.
+ */
+async function demoToken(user) {
+  if (params.get("token")) return params.get("token");
+  const now = Date.now() / 1000;
+  if (cachedToken && cachedToken.user === user && cachedToken.exp - 120 > now) return cachedToken.token;
+  try {
+    const response = await fetch(`/v1/dev-token?user=${encodeURIComponent(user)}`, { cache: "no-store" });
+    if (!response.ok) throw new Error("This server does not hand out demo tokens (dev mode only).");
+    const { token } = await response.json();
+    cachedToken = { user, token, exp: expiryOf(token) };
+    return token;
+  } catch (err) {
+    if (cachedToken && cachedToken.user === user && cachedToken.exp > now) return cachedToken.token;
+    throw err;
+  }
 }
 
 async function localMedia() {
@@ -125,7 +152,7 @@ async function joinCall() {
   Object.assign(call, { room, name, user: `${slug(name)}-${Math.random().toString(36).slice(2, 6)}` });
   try {
     call.stream = await localMedia();
-    const client = new SignalpostClient({ url: SIGNAL_URLS, getToken: () => devToken(call.user) });
+    const client = new SignalpostClient({ url: SIGNAL_URLS, getToken: () => demoToken(call.user) });
     call.client = client;
     listen(client);
     await client.connect();
@@ -154,6 +181,9 @@ function listen(client) {
     const who = displayName(peer);
     systemMessage(reason === "timeout" ? `${who} lost their connection` : `${who} left the call`);
     endLink();
+    // Someone else may be in the room already (a peer that came back as a new session).
+    const next = client.members(room)[0];
+    if (next) startLink(next, true);
   });
   on("presence", ({ user, status }) => {
     if (call.peer && user === call.peer.user) renderPresence(status);
@@ -206,7 +236,8 @@ function displayName(peer) {
 
 function startLink(peer, initiator) {
   const { client, room, stream } = call;
-  const link = new PeerLink(client, { room, peer, iceServers: client.welcome.ice_servers || [] });
+  // The one already in the room offers; the newcomer waits for that offer (no glare).
+  const link = new PeerLink(client, { room, peer, iceServers: client.welcome.ice_servers || [], waitForOffer: !initiator });
   call.peer = peer;
   call.link = link;
   call.initiator = initiator;
@@ -355,9 +386,10 @@ function render() {
   const media = link ? link.pc.connectionState : "new";
   const name = displayName(peer);
 
-  if (signaling === "reconnecting") renderStatus("reconnecting", "Reconnecting to signaling…");
+  // Media flows peer to peer: a call stays up while signaling reconnects.
+  if (peer && media === "connected") renderStatus("connected", `In call with ${name}`);
+  else if (signaling === "reconnecting") renderStatus("reconnecting", "Reconnecting to signaling…");
   else if (!peer) renderStatus("waiting", "Waiting for someone to join");
-  else if (media === "connected") renderStatus("connected", `In call with ${name}`);
   else if (media === "failed" || media === "disconnected") renderStatus("reconnecting", `Reconnecting to ${name}…`);
   else renderStatus("connecting", `Connecting to ${name}…`);
 

@@ -258,7 +258,7 @@ export class SignalpostClient extends EventTarget {
     if (this.#state === State.RECONNECTING) return this.once("open").then(() => this.welcome);
     this.#closing = false;
     this.#setState(State.CONNECTING);
-    this.#connecting = this.#open(false)
+    this.#connecting = this.#firstOpen()
       .catch((err) => {
         this.#finish(err.closeCode ?? null, err.message, err);
         throw err;
@@ -268,6 +268,35 @@ export class SignalpostClient extends EventTarget {
       });
     globalThis.addEventListener?.("online", this.#onOnline);
     return this.#connecting;
+  }
+
+  /** The first connection: each URL of a list gets one try before giving up. */
+  async #firstOpen() {
+    const tries = Array.isArray(this.#options.url) ? this.#options.url.length : 1;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.#open(false);
+      } catch (err) {
+        const refused = err.closeCode !== undefined && FINAL_CLOSE_CODES.has(err.closeCode);
+        if (refused || this.#closing || attempt >= tries) throw err;
+        this.#attempt++;
+      }
+    }
+  }
+
+  /**
+   * Drop the current connection without ending the session and resume at once, on the
+   * next URL (e.g. after a network change). Peers see nothing but a short pause.
+   */
+  reconnect() {
+    if (this.#state !== State.OPEN) return;
+    const ws = this.#ws;
+    this.#dropped(this.#generation, CloseCode.ABNORMAL, "reconnect requested");
+    try {
+      ws.close(4000, "reconnecting");
+    } catch {
+      /* gone */
+    }
   }
 
   /** End the session cleanly (close 1000: peers get `peer-left` at once). */
@@ -489,15 +518,7 @@ export class SignalpostClient extends EventTarget {
       if (Date.now() - this.#lastFrameAt < interval) return;
       // Quiet for a whole interval: prove the path still works, or give it up and resume.
       this.request({ type: "ping" }, { timeout: interval }).catch((err) => {
-        if (err.code === "timeout" && generation === this.#generation) {
-          const ws = this.#ws;
-          this.#dropped(generation, CloseCode.ABNORMAL, "heartbeat timeout");
-          try {
-            ws?.close(4000, "heartbeat timeout");
-          } catch {
-            /* gone */
-          }
-        }
+        if (err.code === "timeout" && generation === this.#generation) this.reconnect();
       });
     }, interval);
   }
@@ -724,16 +745,25 @@ export class SignalpostClient extends EventTarget {
 
 /**
  * One RTCPeerConnection to one remote session of a room, negotiated over `signal`
- * frames with "perfect negotiation": both sides may offer at any time; on a collision
- * the polite side (the lower session id, unless `polite` is given) rolls back and
- * answers, the impolite side ignores the other offer. Remote candidates wait until a
- * remote description is set. ICE restarts when the room could not be recovered after a
- * reconnect, when a negotiation message may have been lost with the connection, and
- * when the connection fails.
+ * frames with "perfect negotiation": either side may offer; on a collision the polite
+ * side (the lower session id, unless `polite` is given) rolls back and answers, the
+ * impolite side ignores the other offer. Remote candidates wait until a remote
+ * description is set.
+ *
+ * Glare is survivable but costly (Chrome may not gather again after rolling back an
+ * offer), so the side that joins a room with someone already in it should pass
+ * `waitForOffer: true`: it lets the other side offer first and only negotiates itself
+ * if no offer came within `offerTimeoutMs`.
+ *
+ * ICE restarts: when the room could not be recovered after a reconnect (`recovered:
+ * false`), when a negotiation message may have been lost with the connection, when the
+ * connection fails or stays disconnected (`disconnectedRestartMs`), and when a finished
+ * negotiation does not connect within `connectTimeoutMs` (the impolite side first).
  *
  * Options: `room`, `peer` (session id or peer object), `iceServers`, `rtcConfig`,
- * `polite`, `listen` (default true: take this peer's signals from the client; false:
- * call `handleSignal(data)` yourself), `disconnectedRestartMs` (default 4000).
+ * `polite`, `waitForOffer`, `offerTimeoutMs` (3000), `connectTimeoutMs` (8000),
+ * `disconnectedRestartMs` (4000), `listen` (default true: take this peer's signals from
+ * the client; false: call `handleSignal(data)` yourself).
  *
  * Events (`on(type, fn)` / addEventListener, detail in `event.detail`): `track`
  * ({track, streams}), `datachannel` ({channel}), `state` ({connectionState,
@@ -744,11 +774,12 @@ export class PeerLink extends EventTarget {
   #client;
   #makingOffer = false;
   #ignoreOffer = false;
+  #waitingForOffer = false;
   #candidates = []; // remote candidates waiting for a remote description
   #inbox = Promise.resolve(); // remote descriptions and candidates, applied one at a time
   #unsent = false; // a negotiation message may have been lost with the connection
   #offs = [];
-  #disconnectedTimer = null;
+  #timers = { offer: null, connect: null, disconnected: null };
   #options;
 
   constructor(client, options = {}) {
@@ -756,7 +787,14 @@ export class PeerLink extends EventTarget {
     const { room, peer } = options;
     if (!room || !peer) throw new TypeError("PeerLink needs room and peer");
     this.#client = client;
-    this.#options = { listen: true, disconnectedRestartMs: 4000, ...options };
+    this.#options = {
+      listen: true,
+      waitForOffer: false,
+      offerTimeoutMs: 3000,
+      connectTimeoutMs: 8000,
+      disconnectedRestartMs: 4000,
+      ...options,
+    };
     this.room = room;
     this.remote = typeof peer === "string" ? peer : peer.session;
     this.peer = typeof peer === "string" ? { session: peer } : peer;
@@ -767,6 +805,14 @@ export class PeerLink extends EventTarget {
     if (options.iceServers) config.iceServers = options.iceServers;
     /** The wrapped RTCPeerConnection: add tracks and data channels to it. */
     this.pc = new RTC(config);
+    if (this.#options.waitForOffer) {
+      this.#waitingForOffer = true;
+      this.#timers.offer = setTimeout(() => {
+        if (!this.#waitingForOffer) return;
+        this.#waitingForOffer = false;
+        this.restartIce("no offer came: negotiating ourselves");
+      }, this.#options.offerTimeoutMs);
+    }
     this.#wire();
   }
 
@@ -783,6 +829,7 @@ export class PeerLink extends EventTarget {
   #wire() {
     const { pc } = this;
     pc.onnegotiationneeded = async () => {
+      if (this.#waitingForOffer || this.closed) return; // the browser asks again once stable
       try {
         this.#makingOffer = true;
         await pc.setLocalDescription();
@@ -792,7 +839,10 @@ export class PeerLink extends EventTarget {
       } finally {
         this.#makingOffer = false;
       }
-      this.#send({ kind: pc.localDescription.type, sdp: pc.localDescription.sdp }, true);
+      // A colliding remote offer may have rolled ours back already: never send that one.
+      if (pc.signalingState === "have-local-offer" && pc.localDescription.type === "offer") {
+        this.#send({ kind: "offer", sdp: pc.localDescription.sdp }, true);
+      }
     };
     pc.onicecandidate = ({ candidate }) => {
       if (candidate) this.#send({ kind: "candidate", candidate: candidate.toJSON() }, false);
@@ -800,6 +850,7 @@ export class PeerLink extends EventTarget {
     pc.ontrack = ({ track, streams }) => this.#emit("track", { track, streams });
     pc.ondatachannel = ({ channel }) => this.#emit("datachannel", { channel });
     const report = () => {
+      if (this.closed) return;
       this.#emit("state", {
         connectionState: pc.connectionState,
         iceConnectionState: pc.iceConnectionState,
@@ -829,21 +880,43 @@ export class PeerLink extends EventTarget {
     );
   }
 
-  /** Restart ICE when media stays disconnected, or fails. */
+  #restartLater(name, ms, reason, stillNeeded) {
+    if (this.#timers[name]) return;
+    this.#timers[name] = setTimeout(() => {
+      this.#timers[name] = null;
+      if (!this.closed && stillNeeded()) this.restartIce(reason);
+    }, ms);
+  }
+
+  #cancel(name) {
+    clearTimeout(this.#timers[name]);
+    this.#timers[name] = null;
+  }
+
+  /** Restart ICE when media fails, stays disconnected, or a negotiation never connects. */
   #watchHealth() {
-    const state = this.pc.connectionState;
+    const { pc } = this;
+    const state = pc.connectionState;
+    if (state === "connected" || state === "closed") {
+      this.#cancel("connect");
+      this.#cancel("disconnected");
+      return;
+    }
     if (state === "failed") {
+      this.#cancel("disconnected");
       this.restartIce("connection failed");
-    } else if (state === "disconnected") {
-      if (!this.#disconnectedTimer) {
-        this.#disconnectedTimer = setTimeout(() => {
-          this.#disconnectedTimer = null;
-          if (this.pc.connectionState === "disconnected") this.restartIce("connection disconnected");
-        }, this.#options.disconnectedRestartMs);
-      }
-    } else {
-      clearTimeout(this.#disconnectedTimer);
-      this.#disconnectedTimer = null;
+      return;
+    }
+    if (state === "disconnected") {
+      this.#restartLater("disconnected", this.#options.disconnectedRestartMs, "connection disconnected",
+        () => pc.connectionState === "disconnected");
+    }
+    if (pc.signalingState === "stable" && pc.remoteDescription && (state === "new" || state === "connecting")) {
+      // Negotiated but not connecting (e.g. no candidates after a glare rollback). The
+      // impolite side acts first so that both do not restart into another collision.
+      const wait = this.#options.connectTimeoutMs * (this.polite ? 2 : 1);
+      this.#restartLater("connect", wait, "negotiated but not connected",
+        () => pc.signalingState === "stable" && ["new", "connecting"].includes(pc.connectionState));
     }
   }
 
@@ -877,6 +950,10 @@ export class PeerLink extends EventTarget {
       this.#ignoreOffer = !this.polite && offerCollision;
       if (this.#ignoreOffer) return;
       if (data.kind === "answer" && pc.signalingState !== "have-local-offer") return; // stale answer
+      if (data.kind === "offer") {
+        this.#waitingForOffer = false;
+        this.#cancel("offer");
+      }
       await pc.setRemoteDescription({ type: data.kind, sdp: data.sdp });
       const waiting = this.#candidates;
       this.#candidates = [];
@@ -885,6 +962,7 @@ export class PeerLink extends EventTarget {
         await pc.setLocalDescription();
         this.#send({ kind: "answer", sdp: pc.localDescription.sdp }, true);
       }
+      this.#watchHealth();
     } else if (data.kind === "candidate") {
       if (!data.candidate) return;
       if (!pc.remoteDescription) this.#candidates.push(data.candidate);
@@ -907,6 +985,9 @@ export class PeerLink extends EventTarget {
   async restartIce(reason = "requested") {
     if (this.closed) return;
     this.#unsent = false;
+    this.#waitingForOffer = false;
+    this.#cancel("offer");
+    this.#cancel("connect");
     this.#emit("restart", { reason });
     const { pc } = this;
     if (pc.signalingState === "have-local-offer" && !this.#makingOffer) {
@@ -917,14 +998,14 @@ export class PeerLink extends EventTarget {
         /* nothing to roll back */
       }
     }
-    pc.restartIce();
+    if (!this.closed) pc.restartIce();
   }
 
   /** Close the peer connection and stop listening. */
   close() {
     if (this.closed) return;
     this.closed = true;
-    clearTimeout(this.#disconnectedTimer);
+    for (const name of Object.keys(this.#timers)) this.#cancel(name);
     for (const off of this.#offs) off();
     this.#offs = [];
     try {
