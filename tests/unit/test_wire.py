@@ -1,0 +1,474 @@
+"""signalpost.wire: client frames in, server frames out, node envelopes both ways."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+import pytest
+
+from signalpost.errors import BadRequest, ErrorCode, ProtocolError
+from signalpost.wire import (
+    WIRE_VERSION,
+    AckFrame,
+    AttachCmd,
+    ClaimCmd,
+    ClaimReply,
+    Deliver,
+    DemoteCmd,
+    DetachCmd,
+    EdgeSync,
+    Envelope,
+    ErrorFrame,
+    Evict,
+    ForgetCmd,
+    Heartbeat,
+    Hello,
+    IceServersFrame,
+    IceServersRequest,
+    Join,
+    JoinCmd,
+    JoinedFrame,
+    Leave,
+    LeaveCmd,
+    LeftFrame,
+    PeerJoinedFrame,
+    PeerLeftFrame,
+    Ping,
+    PongFrame,
+    PresenceFrame,
+    RecoveredFrame,
+    ReplicaAck,
+    ReplicateCmd,
+    ReplicatedEvent,
+    Reply,
+    RestoreCmd,
+    RoomPosition,
+    SessionDown,
+    SessionUp,
+    Signal,
+    SignalCmd,
+    SignalFrame,
+    Unwatch,
+    UnwatchCmd,
+    UnwatchedFrame,
+    Watch,
+    WatchCmd,
+    WatchingFrame,
+    WelcomeFrame,
+    decode_client,
+    decode_envelope,
+    encode_envelope,
+    encode_frame,
+    encode_json,
+    peer_object,
+    request_id_of,
+    sender_object,
+)
+
+# ---------------------------------------------------------------------- client -> server
+
+
+def test_decode_hello() -> None:
+    message = decode_client('{"type":"hello","token":"jwt"}')
+    assert message == Hello(token="jwt")
+    assert (message.resume, message.rooms, message.id) == (None, None, None)
+
+
+def test_decode_hello_with_resume_and_positions() -> None:
+    frame = {
+        "type": "hello",
+        "token": "jwt",
+        "resume": "rt",
+        "rooms": {"r1": {"epoch": "e", "offset": 17}, "r2": {"epoch": "f", "offset": 0}},
+    }
+    message = decode_client(json.dumps(frame))
+    assert isinstance(message, Hello)
+    assert message.resume == "rt"
+    assert message.rooms == {"r1": RoomPosition("e", 17), "r2": RoomPosition("f", 0)}
+
+
+def test_decode_join() -> None:
+    message = decode_client('{"type":"join","id":1,"room":"r1","meta":{"a":[1,{"b":null}]}}')
+    assert message == Join(id=1, room="r1", meta={"a": [1, {"b": None}]})
+    assert decode_client('{"type":"join","room":"r1"}') == Join(room="r1")
+
+
+def test_decode_leave() -> None:
+    assert decode_client('{"type":"leave","id":2,"room":"r1"}') == Leave(id=2, room="r1")
+
+
+def test_decode_signal_keeps_data_raw() -> None:
+    raw = '{"type":"signal","id":3,"room":"r1","to":"s2","data":{"sdp":"v=0\\r\\n","n":1.50}}'
+    message = decode_client(raw)
+    assert isinstance(message, Signal)
+    assert (message.id, message.room, message.to) == (3, "r1", "s2")
+    # Relayed as the client wrote it: parsed once, never re-encoded.
+    assert bytes(message.data) == b'{"sdp":"v=0\\r\\n","n":1.50}'
+
+
+def test_decode_signal_without_to_is_for_everyone() -> None:
+    message = decode_client(b'{"type":"signal","room":"r1","data":{}}')
+    assert isinstance(message, Signal)
+    assert message.to is None
+    assert message.id is None
+
+
+def test_decode_watch_and_unwatch() -> None:
+    assert decode_client('{"type":"watch","id":4,"users":["eve","bob"]}') == Watch(
+        id=4, users=["eve", "bob"]
+    )
+    assert decode_client('{"type":"unwatch","id":5,"users":["eve"]}') == Unwatch(
+        id=5, users=["eve"]
+    )
+
+
+def test_decode_ping_and_ice_servers() -> None:
+    assert decode_client('{"type":"ping","id":6}') == Ping(id=6)
+    assert decode_client('{"type":"ice-servers","id":7}') == IceServersRequest(id=7)
+
+
+def test_decode_accepts_str_and_bytes() -> None:
+    assert decode_client('{"type":"ping"}') == decode_client(b'{"type":"ping"}') == Ping()
+
+
+def test_fields_added_by_newer_clients_are_tolerated() -> None:
+    # PROTOCOL.md: message types and fields may be added; an older server ignores them.
+    assert decode_client('{"type":"ping","id":1,"trace":"abc"}') == Ping(id=1)
+
+
+@pytest.mark.parametrize("request_id", [0, -1, 2**53, "", "a", "x" * 64, "\u00e9" * 64])
+def test_valid_request_ids(request_id: Any) -> None:
+    message = decode_client(json.dumps({"type": "ping", "id": request_id}))
+    assert message.id == request_id
+    assert type(message.id) is type(request_id)
+
+
+def _bad(frame: str | bytes) -> BadRequest:
+    with pytest.raises(BadRequest) as info:
+        decode_client(frame)
+    exc = info.value
+    assert isinstance(exc, ProtocolError)
+    assert exc.code is ErrorCode.BAD_REQUEST
+    assert exc.close_code is None  # a bad frame does not end the connection
+    assert exc.message
+    return exc
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("{", id="truncated"),
+        pytest.param("hello", id="text"),
+        pytest.param(b"\xff\xfe\x00", id="not-utf8"),
+        pytest.param('{"type":"ping"} {"type":"ping"}', id="two-objects"),
+    ],
+)
+def test_not_json_is_bad_request(frame: str | bytes) -> None:
+    assert request_id_of(_bad(frame)) is None
+
+
+@pytest.mark.parametrize("frame", ["[]", '[{"type":"ping"}]', '"ping"', "42", "null", "true"])
+def test_not_an_object_is_bad_request(frame: str) -> None:
+    _bad(frame)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"id":1}',
+        '{"type":"pong","id":1}',
+        '{"type":"welcome","id":1}',
+        '{"type":"PING","id":1}',
+        '{"type":5,"id":1}',
+        '{"type":null,"id":1}',
+    ],
+)
+def test_unknown_or_missing_type_is_bad_request(frame: str) -> None:
+    exc = _bad(frame)
+    assert request_id_of(exc) == 1
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type":"hello","id":"m"}',
+        '{"type":"join","id":"m"}',
+        '{"type":"leave","id":"m"}',
+        '{"type":"signal","id":"m","room":"r"}',
+        '{"type":"signal","id":"m","data":{}}',
+        '{"type":"watch","id":"m"}',
+        '{"type":"unwatch","id":"m"}',
+        '{"type":"hello","id":"m","token":"t","rooms":{"r":{"epoch":"e"}}}',
+    ],
+)
+def test_missing_fields_are_bad_request(frame: str) -> None:
+    assert request_id_of(_bad(frame)) == "m"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type":"hello","id":9,"token":1}',
+        '{"type":"hello","id":9,"token":"t","resume":5}',
+        '{"type":"hello","id":9,"token":"t","rooms":[]}',
+        '{"type":"hello","id":9,"token":"t","rooms":{"r":{"epoch":"e","offset":"17"}}}',
+        '{"type":"join","id":9,"room":5}',
+        '{"type":"join","id":9,"room":""}',
+        '{"type":"join","id":9,"room":"r","meta":[]}',
+        '{"type":"join","id":9,"room":"r","meta":"x"}',
+        '{"type":"leave","id":9,"room":["r"]}',
+        '{"type":"signal","id":9,"room":"r","to":5,"data":{}}',
+        '{"type":"signal","id":9,"room":"r","to":"","data":{}}',
+        '{"type":"watch","id":9,"users":"eve"}',
+        '{"type":"watch","id":9,"users":[1]}',
+        '{"type":"watch","id":9,"users":[""]}',
+        '{"type":"unwatch","id":9,"users":{"eve":1}}',
+    ],
+)
+def test_wrong_field_types_are_bad_request(frame: str) -> None:
+    assert request_id_of(_bad(frame)) == 9
+
+
+@pytest.mark.parametrize("data", ["[]", "[{}]", '"offer"', "1", "null", "true", " [1]", '"{}"'])
+def test_signal_data_must_be_an_object(data: str) -> None:
+    exc = _bad('{"type":"signal","id":"d","room":"r","data":' + data + "}")
+    assert request_id_of(exc) == "d"
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    [
+        pytest.param("x" * 65, id="str-65"),
+        pytest.param("\u00e9" * 65, id="str-65-non-ascii"),
+        pytest.param(True, id="bool"),
+        pytest.param(False, id="false"),
+        pytest.param(1.5, id="float"),
+        pytest.param(1.0, id="float-integral"),
+        pytest.param({}, id="object"),
+        pytest.param([1], id="array"),
+    ],
+)
+def test_bad_ids_are_bad_request_and_not_echoed(request_id: Any) -> None:
+    exc = _bad(json.dumps({"type": "ping", "id": request_id}))
+    assert request_id_of(exc) is None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: decode_client accepts integer ids longer than 64 characters "
+    "(PROTOCOL.md: ids are at most 64 chars)",
+)
+def test_an_integer_id_longer_than_64_characters_is_bad_request() -> None:
+    _bad('{"type":"ping","id":' + "9" * 65 + "}")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: decode_client accepts integer ids outside msgpack's range "
+    "(>= 2**64 or < -2**63); the edge then cannot encode the command envelope "
+    "(OverflowError) and the request fails",
+)
+@pytest.mark.parametrize("request_id", [2**64, -(2**63) - 1, 10**30])
+def test_every_accepted_id_can_travel_in_a_command_envelope(request_id: int) -> None:
+    try:
+        message = decode_client(json.dumps({"type": "leave", "id": request_id, "room": "r"}))
+    except BadRequest:
+        return  # refusing it is fine too
+    command = LeaveCmd("s", "c", "e", 1, message.id, "r")
+    decoded = decode_envelope(encode_envelope(command))
+    assert isinstance(decoded, LeaveCmd)
+    assert decoded.req == request_id
+
+
+def test_request_id_of_echoes_a_valid_id_from_a_bad_frame() -> None:
+    exc = _bad('{"type":"join","id":"abc","room":7}')
+    assert request_id_of(exc) == "abc"
+    assert request_id_of(_bad('{"type":"join","id":12,"room":7}')) == 12
+    assert request_id_of(_bad('{"type":"join","id":0,"room":7}')) == 0
+
+
+def test_request_id_of_other_errors_is_none() -> None:
+    assert request_id_of(ValueError("x")) is None
+    assert request_id_of(BadRequest("x")) is None
+
+
+# ---------------------------------------------------------------------- server -> client
+
+
+def test_signal_frame_encodes_from_not_from_() -> None:
+    frame = SignalFrame(
+        room="r1",
+        data=msgspec.Raw(b'{"sdp":"x"}'),
+        offset=3,
+        from_=msgspec.Raw(sender_object("s1", "alice")),
+    )
+    encoded = encode_frame(frame)
+    assert b"from_" not in encoded
+    assert json.loads(encoded) == {
+        "type": "signal",
+        "room": "r1",
+        "from": {"session": "s1", "user": "alice"},
+        "data": {"sdp": "x"},
+        "offset": 3,
+    }
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda i: JoinedFrame(room="r", epoch="e", offset=1, members=[], id=i),
+        lambda i: LeftFrame(room="r", id=i),
+        lambda i: WatchingFrame(presence={"eve": "online"}, id=i),
+        lambda i: UnwatchedFrame(id=i),
+        lambda i: PongFrame(id=i),
+        lambda i: IceServersFrame(ice_servers=[{"urls": ["stun:x"]}], id=i),
+        lambda i: ErrorFrame(code="bad_request", message="m", id=i),
+        lambda i: WelcomeFrame(
+            session="s", user="u", resume="r", resumed=False, ice_servers=[], heartbeat=25, id=i
+        ),
+    ],
+)
+def test_reply_frames_omit_id_when_none_and_echo_it_otherwise(make: Any) -> None:
+    assert "id" not in json.loads(encode_frame(make(None)))
+    assert json.loads(encode_frame(make(7)))["id"] == 7
+    assert json.loads(encode_frame(make("seven")))["id"] == "seven"
+    assert json.loads(encode_frame(make(0)))["id"] == 0
+
+
+def test_server_frames_have_the_protocol_shapes() -> None:
+    peer = msgspec.Raw(peer_object("s1", "alice", {"k": 1}, None))
+    assert json.loads(encode_frame(AckFrame(id=3))) == {"type": "ack", "id": 3}
+    assert json.loads(encode_frame(PeerJoinedFrame(room="r", peer=peer, offset=4))) == {
+        "type": "peer-joined",
+        "room": "r",
+        "peer": {"session": "s1", "user": "alice", "meta": {"k": 1}},
+        "offset": 4,
+    }
+    left = PeerLeftFrame(room="r", peer=peer, reason="timeout", offset=5)
+    assert json.loads(encode_frame(left))["reason"] == "timeout"
+    assert json.loads(encode_frame(RecoveredFrame(room="r", recovered=False))) == {
+        "type": "recovered",
+        "room": "r",
+        "recovered": False,  # a default-looking False is still sent
+    }
+    welcome = json.loads(
+        encode_frame(
+            WelcomeFrame(
+                session="s", user="u", resume="t", resumed=False, ice_servers=[], heartbeat=25
+            )
+        )
+    )
+    assert welcome == {
+        "type": "welcome",
+        "session": "s",
+        "user": "u",
+        "resume": "t",
+        "resumed": False,
+        "ice_servers": [],
+        "heartbeat": 25,
+    }
+    assert json.loads(encode_frame(PresenceFrame(user="eve", status="offline"))) == {
+        "type": "presence",
+        "user": "eve",
+        "status": "offline",
+    }
+
+
+def test_peer_and_sender_objects() -> None:
+    assert json.loads(peer_object("s", "u", None, None)) == {
+        "session": "s",
+        "user": "u",
+        "meta": {},
+    }
+    assert json.loads(peer_object("s", "u", {"a": 1}, "Ann")) == {
+        "session": "s",
+        "user": "u",
+        "meta": {"a": 1},
+        "name": "Ann",
+    }
+    assert json.loads(sender_object("s", "u")) == {"session": "s", "user": "u"}
+    assert json.loads(encode_json({"x": [1, "y"]})) == {"x": [1, "y"]}
+
+
+# --------------------------------------------------------------------------- envelopes
+
+_PEER = peer_object("s1", "alice", None, None)
+
+ENVELOPES: list[Envelope] = [
+    JoinCmd("s1", "c1", "edge-1", 1, 1, "r1", _PEER),
+    JoinCmd("s1", "c1", "edge-1", 2, None, "r1", _PEER),
+    JoinCmd("s1", "c1", "edge-1", 3, "req-\u00e9", "r1", _PEER),
+    LeaveCmd("s1", "c1", "edge-1", 4, 4, "r1"),
+    SignalCmd("s1", "c1", "edge-1", 5, 5, "r1", "s2", b'{"session":"s1"}', b'{"a":1}'),
+    SignalCmd("s1", "c1", "edge-1", 6, None, "r1", None, b"{}", b"{}"),
+    AttachCmd("s1", "c2", "edge-2", {"r1": RoomPosition("e", 17), "r2": RoomPosition("f", 0)}),
+    AttachCmd("s1", "c2", "edge-2", {}),
+    DetachCmd("s1", "c1", "edge-1", True),
+    DetachCmd("s1", "c1", "edge-1", False),
+    RestoreCmd("s1", "c1", "edge-1", "r1", _PEER, True),
+    ForgetCmd("s1", "r1"),
+    DemoteCmd("r1"),
+    ReplicateCmd(
+        "broker-a",
+        "r1",
+        "e",
+        3,
+        [ReplicatedEvent(7, ["s1", "s2"], b'{"type":"signal"}', "c1", 5)],
+        "s1",
+        "c1",
+        5,
+        b'{"type":"ack","id":5}',
+    ),
+    ReplicateCmd("broker-a", "r1", "e", 4, []),
+    ReplicaAck("r1", 3),
+    Deliver(["s1", "s2"], b'{"type":"signal"}', "c1", 5),
+    Deliver(["s1"], b'{"type":"recovered"}'),
+    Reply("s1", "c1", 1, b'{"type":"joined"}'),
+    Reply("s1", "c1", 2, b""),
+    Evict("s1", "c1"),
+    ClaimReply("s1", "c2", True),
+    SessionUp("s1", "alice", "edge-1", "c1"),
+    SessionDown("s1", "edge-1", "c1", False),
+    ClaimCmd("s1", "alice", "edge-2", "c2"),
+    WatchCmd("s1", "c1", "edge-1", 7, 7, ["eve", "bob"]),
+    UnwatchCmd("s1", "c1", "edge-1", 8, "u", ["eve"]),
+    EdgeSync("edge-1", [SessionUp("s1", "alice", "edge-1", "c1")], {"s1": ["eve"]}),
+    Heartbeat("broker-a", "inc-1"),
+]
+
+
+@pytest.mark.parametrize("envelope", ENVELOPES, ids=lambda e: type(e).__name__)
+def test_envelopes_round_trip(envelope: Envelope) -> None:
+    body = encode_envelope(envelope)
+    assert isinstance(body, bytes)
+    decoded = decode_envelope(body)
+    assert type(decoded) is type(envelope)
+    assert decoded == envelope
+
+
+def test_every_envelope_kind_is_covered_and_tags_are_distinct() -> None:
+    kinds = {type(e) for e in ENVELOPES}
+    assert len(kinds) == 21  # every member of the Envelope union
+    tags = {msgspec.msgpack.decode(encode_envelope(e))[0] for e in ENVELOPES}
+    assert len(tags) == len(kinds)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"\xc1", b"\x93\x01\x02\x03", msgspec.msgpack.encode([99, "x"]), b"not msgpack"],
+)
+def test_garbage_envelopes_raise_decode_error(body: bytes) -> None:
+    with pytest.raises(msgspec.DecodeError):
+        decode_envelope(body)
+
+
+def test_a_client_frame_is_not_an_envelope() -> None:
+    with pytest.raises(msgspec.DecodeError):
+        decode_envelope(msgspec.msgpack.encode({"type": "ping"}))
+
+
+def test_wire_version_is_bytes() -> None:
+    assert isinstance(WIRE_VERSION, bytes) and WIRE_VERSION
