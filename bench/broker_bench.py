@@ -22,8 +22,12 @@ import argparse
 import gc
 import json
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import msgspec
+
+import broker.rooms as rooms_module
 from broker.rooms import RoomTable
 from signalpost.wire import (
     WIRE_VERSION,
@@ -88,86 +92,117 @@ def _joins(rooms: int) -> list[JoinCmd]:
     return commands
 
 
-def _signals(rooms: int, count: int, first_seq: int = 2) -> list[SignalCmd]:
-    """``count`` signals round-robin over the rooms, each with a fresh request ``seq``."""
+def _signals(rooms: int, count: int, first_seq: int = 2) -> Iterator[SignalCmd]:
+    """``count`` signals round-robin over the rooms, each with a fresh request ``seq``.
+
+    Made on the fly: a prebuilt list of 300k envelopes would itself be 300k objects for
+    the cyclic GC to scan, and the GC's share is part of what this measures.
+    """
     senders = [sender_object(f"s{r}-0", f"u{r}-0") for r in range(rooms)]
-    return [
-        SignalCmd(
-            f"s{i % rooms}-0",
-            f"cs{i % rooms}-0",
+    for i in range(count):
+        r = i % rooms
+        yield SignalCmd(
+            f"s{r}-0",
+            f"cs{r}-0",
             EDGE,
             first_seq + i // rooms,
             i,
-            f"room{i % rooms}",
-            f"s{i % rooms}-1",
-            senders[i % rooms],
+            f"room{r}",
+            f"s{r}-1",
+            senders[r],
             DATA,
         )
-        for i in range(count)
-    ]
 
 
-def core(rooms: int = 1000, count: int = 200_000) -> dict[str, Any]:
-    """Envelopes/s and per-call p50/p99 of ``RoomTable.handle`` and of a broker's full step."""
+def _timed(table: RoomTable, commands: Iterable[Any], step: bool = False) -> dict[str, float]:
+    """Apply ``commands`` one by one, timing each; throughput, p50/p99/max per call."""
     clock = time.perf_counter_ns
-    results: dict[str, Any] = {"rooms": rooms, "commands": count}
-
-    # 1. bare handle()
-    table = _table()
-    for command in _joins(rooms):
-        table.handle(command, 0.0)
-    commands = _signals(rooms, count)
-    out_count = 0
-    start = clock()
-    for command in commands:
-        out_count += len(table.handle(command, 1.0))
-    elapsed = (clock() - start) / 1e9
     per_call: list[int] = []
-    # Fresh seqs: a repeated (conn, seq) would take the retry path (a cached reply).
-    next_seq = 2 + count // rooms + 1
-    for command in _signals(rooms, min(count, 50_000), next_seq):
-        t0 = clock()
-        table.handle(command, 2.0)
-        per_call.append(clock() - t0)
-    results["handle"] = {
-        "commands_per_s": count / elapsed,
-        "envelopes_out_per_s": out_count / elapsed,
+    append = per_call.append
+    handle = table.handle
+    out = 0
+    start = clock()
+    if step:  # bytes in, bytes out: what a broker process does minus the socket
+        for body in commands:
+            t0 = clock()
+            outbound = handle(decode_envelope(body), 1.0)
+            for _edge, envelope in outbound:
+                encode_envelope(envelope)
+            append(clock() - t0)
+            out += len(outbound)
+    else:
+        for command in commands:
+            t0 = clock()
+            out += len(handle(command, 1.0))
+            append(clock() - t0)
+    elapsed = (clock() - start) / 1e9
+    busy = sum(per_call) / 1e9  # excludes making the commands
+    return {
+        "commands_per_s": len(per_call) / busy,
+        "envelopes_out_per_s": out / busy,
+        "wall_commands_per_s": len(per_call) / elapsed,
         **_percentiles_ns(per_call),
     }
 
-    # 2. decode + handle + encode: the broker's work per envelope without the socket
-    table = _table()
-    for command in _joins(rooms):
-        table.handle(command, 0.0)
-    bodies = [encode_envelope(c) for c in _signals(rooms, count)]
-    start = clock()
-    for body in bodies:
-        for _edge, envelope in table.handle(decode_envelope(body), 1.0):
-            encode_envelope(envelope)
-    elapsed = (clock() - start) / 1e9
-    per_call = []
-    for body in [encode_envelope(c) for c in _signals(rooms, min(count, 50_000), next_seq)]:
-        t0 = clock()
-        for _edge, envelope in table.handle(decode_envelope(body), 2.0):
-            encode_envelope(envelope)
-        per_call.append(clock() - t0)
-    results["step"] = {"commands_per_s": count / elapsed, **_percentiles_ns(per_call)}
 
-    # 3. bare handle() again with the cyclic GC off: what the history's objects cost.
+def _ready_table(rooms: int) -> RoomTable:
+    """A table with ``rooms`` rooms of two members each."""
     table = _table()
     for command in _joins(rooms):
         table.handle(command, 0.0)
-    commands = _signals(rooms, count)
     gc.collect()
+    return table
+
+
+class _UntrackedEvent(msgspec.Struct, gc=False):
+    """Experiment: a history event the cyclic GC never scans (tuple recipients)."""
+
+    offset: int
+    at: float
+    recipients: tuple[str, ...]
+    payload: bytes
+    origin: tuple[str, int] = ("", 0)
+
+
+def _untracked_event(
+    offset: int,
+    at: float,
+    recipients: Iterable[str],
+    payload: bytes,
+    origin: tuple[str, int] = ("", 0),
+) -> _UntrackedEvent:
+    return _UntrackedEvent(offset, at, tuple(recipients), payload, origin)
+
+
+def core(rooms: int = 1000, count: int = 200_000) -> dict[str, Any]:
+    """Envelopes/s and per-call p50/p99/max through ``RoomTable``, four ways.
+
+    ``handle``: ``RoomTable.handle`` as it is. ``step``: msgpack decode + handle + encode
+    of every outbound envelope. ``handle_no_gc``: ``handle`` with the cyclic GC off (the
+    difference is what the GC costs once histories are full). ``handle_untracked``: an
+    experiment, ``broker.rooms.RoomEvent`` swapped for a ``gc=False`` struct with tuple
+    recipients for the run (skipped if the core no longer builds events that way).
+    """
+    results: dict[str, Any] = {"rooms": rooms, "commands": count}
+    results["handle"] = _timed(_ready_table(rooms), _signals(rooms, count))
+    bodies = (encode_envelope(c) for c in _signals(rooms, count))
+    results["step"] = _timed(_ready_table(rooms), bodies, step=True)
+    table = _ready_table(rooms)
     gc.disable()
     try:
-        start = clock()
-        for command in commands:
-            table.handle(command, 1.0)
-        elapsed = (clock() - start) / 1e9
+        results["handle_no_gc"] = _timed(table, _signals(rooms, count))
     finally:
         gc.enable()
-    results["handle_no_gc"] = {"commands_per_s": count / elapsed}
+    del table
+    original = getattr(rooms_module, "RoomEvent", None)
+    try:
+        rooms_module.RoomEvent = _untracked_event  # type: ignore[attr-defined,assignment]
+        results["handle_untracked"] = _timed(_ready_table(rooms), _signals(rooms, count))
+    except Exception as exc:  # the core changed shape: report, don't fail the bench
+        results["handle_untracked"] = {"skipped": f"{type(exc).__name__}: {exc}"}
+    finally:
+        rooms_module.RoomEvent = original  # type: ignore[attr-defined]
+    gc.collect()
     return results
 
 

@@ -13,6 +13,22 @@ COLORS = {
 }
 
 
+SHORT = {
+    "floor": "F",
+    "dev": "dev",
+    "cluster": "cluster",
+    "socketio": "Socket.IO",
+    "floor-coalesce": "F+coalesce",
+    "floor-sansio": "F sans-I/O",
+    "dev-history32": "dev hist=32",
+    "dev-gc": "dev lazy GC",
+}
+
+
+def _short(name: str) -> str:
+    return SHORT.get(name, name)
+
+
 def _bar_labels(ax: Any, bars: Any, fmt: str) -> None:
     for bar in bars:
         height = bar.get_height()
@@ -39,7 +55,7 @@ def draw(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
     if relay:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
         names = list(relay)
-        labels = [relay[n]["label"].split(" (")[0] for n in names]
+        labels = [_short(n) for n in names]
         colors = [COLORS.get(n, "#9467bd") for n in names]
         bars = a1.bar(labels, [relay[n]["max"]["cpu_us_per_unit"] for n in names], color=colors)
         _bar_labels(a1, bars, "{:.1f}")
@@ -62,7 +78,7 @@ def draw(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
         a2.set_ylabel("ms")
         a2.legend(fontsize=8)
         for ax in (a1, a2):
-            ax.tick_params(axis="x", labelsize=8)
+            ax.tick_params(axis="x", labelsize=8, labelrotation=30)
         fig.tight_layout()
         fig.savefig(out_dir / "perf-relay.png", dpi=110)
         plt.close(fig)
@@ -72,7 +88,7 @@ def draw(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
     if calls:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
         names = list(calls)
-        labels = [calls[n]["label"].split(" (")[0] for n in names]
+        labels = [_short(n) for n in names]
         colors = [COLORS.get(n, "#9467bd") for n in names]
         bars = a1.bar(
             labels, [calls[n]["max"]["cpu_us_per_unit"] / 1000 for n in names], color=colors
@@ -91,7 +107,7 @@ def draw(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
         a2.set_ylabel("ms")
         a2.legend(fontsize=8)
         for ax in (a1, a2):
-            ax.tick_params(axis="x", labelsize=8)
+            ax.tick_params(axis="x", labelsize=8, labelrotation=30)
         fig.tight_layout()
         fig.savefig(out_dir / "perf-calls.png", dpi=110)
         plt.close(fig)
@@ -121,7 +137,7 @@ def draw(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
     if growth:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
         for name, s in growth.items():
-            label = s["label"].split(" (")[0]
+            label = _short(name)
             rooms = [p for p in s["points"] if p["axis"] == "rooms"]
             members = [p for p in s["points"] if p["axis"] == "members"]
             color = COLORS.get(name, "#9467bd")

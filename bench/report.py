@@ -140,7 +140,17 @@ def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
         "inclusive": [
             (k, pct)
             for k, pct in table(inclusive)
-            if not k.startswith(("<module>", "main (", "run (", "Runner.run", "cmd_dev"))
+            if not k.startswith(
+                (
+                    "<module>",
+                    "main (",
+                    "run (",
+                    "Runner.run",
+                    "cmd_",
+                    "_run_module_as_main",
+                    "_run_code",
+                )
+            )
         ][:top],
         "areas": table(areas),
         "file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
@@ -168,6 +178,14 @@ def _get(d: dict[str, Any] | None, *keys: str) -> Any:
             return None
         d = d[key]
     return d
+
+
+def _cores(window: dict[str, Any]) -> str:
+    """Cores busy during the window: servers, generator, everything else (noise)."""
+    return (
+        f"{_f(window.get('server_cores'), 2)} / {_f(window.get('gen_cores'), 2)} / "
+        f"{_f(window.get('other_cores'), 2)}"
+    )
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -292,7 +310,7 @@ def _relay(section: dict[str, Any]) -> list[str]:
                 _f(top["relayed_per_s"] / floor["relayed_per_s"], 2) if floor else "n/a",
                 _f(top["cpu_us_per_unit"]),
                 _f(top["cpu_us_per_unit"] / floor["cpu_us_per_unit"], 2) if floor else "n/a",
-                f"{_f(top['server_cores'], 2)} / {_f(top['gen_cores'], 2)}",
+                _cores(top),
                 _f(half["relayed_per_s"]),
                 _f(half["cpu_us_per_unit"]),
                 f"{_f(lat.get('p50'), 2)} / {_f(lat.get('p99'), 2)}",
@@ -306,7 +324,7 @@ def _relay(section: dict[str, Any]) -> list[str]:
             "x F",
             "server CPU us/msg",
             "x F",
-            "cores server / generator",
+            "cores busy: server / generator / rest of machine",
             "msg/s at 50%",
             "CPU us/msg at 50%",
             "latency p50 / p99 ms at 50%",
@@ -330,7 +348,7 @@ def _calls(section: dict[str, Any]) -> list[str]:
                 _f(top["calls_per_s"]),
                 _f(top["cpu_us_per_unit"] / 1000, 3),
                 _f(sio / top["cpu_us_per_unit"], 2) if sio else "n/a",
-                f"{_f(top['server_cores'], 2)} / {_f(top['gen_cores'], 2)}",
+                _cores(top),
                 _f(half["calls_per_s"]),
                 _f(half["cpu_us_per_unit"] / 1000, 3),
                 f"{_f(setup.get('p50'), 1)} / {_f(setup.get('p99'), 1)}",
@@ -343,7 +361,7 @@ def _calls(section: dict[str, Any]) -> list[str]:
             "setups/s (max)",
             "server CPU ms/call",
             "Socket.IO CPU ÷ this",
-            "cores server / generator",
+            "cores busy: server / generator / rest of machine",
             "setups/s at 50%",
             "CPU ms/call at 50%",
             "setup p50 / p99 ms at 50%",
@@ -389,36 +407,63 @@ def _broker(section: dict[str, Any]) -> list[str]:
     out: list[str] = []
     core = section.get("core")
     if core:
-        handle, step = core["handle"], core["step"]
+        rows = []
+        for key, label in (
+            ("handle", "RoomTable.handle (pure core, as it is)"),
+            ("step", "msgpack decode + RoomTable.handle + encode (broker step, no socket)"),
+            ("handle_no_gc", "RoomTable.handle with the cyclic GC disabled"),
+            ("handle_untracked", "experiment: RoomEvent as a gc=False struct, tuple recipients"),
+        ):
+            v = core.get(key) or {}
+            if "commands_per_s" not in v:
+                if v.get("skipped"):
+                    rows.append([label, f"skipped: {v['skipped']}", "", "", "", ""])
+                continue
+            rows.append(
+                [
+                    label,
+                    _f(v["commands_per_s"]),
+                    _f(v.get("envelopes_out_per_s")),
+                    _f(v.get("p50_us"), 2),
+                    _f(v.get("p99_us"), 2),
+                    _f(v.get("max_us", 0) / 1000, 1),
+                ]
+            )
         out += _table(
-            ["path", "envelopes in/s", "envelopes out/s", "p50 us/envelope", "p99 us/envelope"],
-            [
-                [
-                    "RoomTable.handle (pure core)",
-                    _f(handle["commands_per_s"]),
-                    _f(handle["envelopes_out_per_s"]),
-                    _f(handle["p50_us"], 2),
-                    _f(handle["p99_us"], 2),
-                ],
-                [
-                    "decode + RoomTable.handle + encode (broker step, no socket)",
-                    _f(step["commands_per_s"]),
-                    "",
-                    _f(step["p50_us"], 2),
-                    _f(step["p99_us"], 2),
-                ],
-            ],
+            ["path", "envelopes in/s", "envelopes out/s", "p50 us", "p99 us", "worst call ms"], rows
         )
-        no_gc = _get(core, "handle_no_gc", "commands_per_s")
-        if no_gc:
-            out.append(f"| RoomTable.handle with the cyclic GC disabled | {_f(no_gc)} |  |  |  |")
         out.append("")
         out.append(
-            f"{core['rooms']} rooms of 2, {core['commands']:,} `SignalCmd` envelopes "
-            "(each answered by a `Reply` and a `Deliver`); best of 3 runs. p50/p99 "
-            "are per call, timed one by one; the throughput includes the cyclic "
-            "GC's pauses (the GC-disabled row shows their share)."
+            f"{core['rooms']} rooms of 2, {core['commands']:,} `SignalCmd` envelopes (each "
+            "answered by a `Reply` and a `Deliver`), best of 3 runs. Each call is timed on its "
+            "own: envelopes/s is 1 / mean time per call; the worst call is where a full "
+            "collection of the cyclic GC landed (the histories fill up as the run goes)."
         )
+    shell = section.get("zmq_shell")
+    if shell:
+        a, d = shell.get("asyncio", {}), shell.get("drain", {})
+        out += [
+            "",
+            *_table(
+                [
+                    "ZeroMQ shell (experiment, ROUTER<->DEALER echo in one process)",
+                    "msg/s",
+                    "CPU us per round trip (both ends)",
+                ],
+                [
+                    [
+                        "zmq.asyncio: await recv_multipart / send_multipart per message (as today)",
+                        _f(a.get("messages_per_s")),
+                        _f(a.get("cpu_us_per_message")),
+                    ],
+                    [
+                        "await poll once, then drain and send with a sync shadow socket (NOBLOCK)",
+                        _f(d.get("messages_per_s")),
+                        _f(d.get("cpu_us_per_message")),
+                    ],
+                ],
+            ),
+        ]
     zmq = section.get("zmq")
     if zmq:
         rtt = zmq["rtt"]
@@ -525,7 +570,8 @@ def _meta(meta: dict[str, Any]) -> list[str]:
         f"({meta.get('cpu_model')}), shared with the load generator. Python "
         f"{meta.get('python')}, websockets {meta.get('websockets')}, msgspec "
         f"{meta.get('msgspec')}, uvloop {meta.get('uvloop')}, Node {meta.get('node')}. "
-        f"Each measured window {p.get('duration')} s after {p.get('warmup')} s of warm-up.",
+        f"Each measured window {p.get('duration')} s after {p.get('warmup')} s of warm-up; "
+        f"relay and call figures are medians over {p.get('rounds')} interleaved round(s).",
     ]
 
 

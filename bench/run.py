@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import broker_bench, report
+from bench.experiments import zmq_shell
 from bench.systems import (
     LOG_DIR,
     PYTHON,
@@ -58,23 +60,38 @@ class Profile:
     members_sweep: tuple[int, ...]
     broker_count: int
     broker_seconds: float
+    rounds: int
 
     @staticmethod
     def make(quick: bool) -> Profile:
         if quick:
-            return Profile(True, 2.5, 1.0, 50, 4, 16, 1000, (10, 1000), (2, 10), 50_000, 2.0)
+            return Profile(
+                quick=True,
+                duration=2.5,
+                warmup=1.0,
+                relay_pairs=50,
+                relay_window=4,
+                call_slots=16,
+                idle_conns=1000,
+                rooms_sweep=(10, 1000),
+                members_sweep=(2, 10),
+                broker_count=50_000,
+                broker_seconds=2.0,
+                rounds=1,
+            )
         return Profile(
-            False,
-            10.0,
-            2.0,
-            50,
-            4,
-            32,
-            10_000,
-            (10, 100, 1000, 10_000),
-            (2, 5, 10, 25, 50),
-            300_000,
-            8.0,
+            quick=False,
+            duration=6.0,
+            warmup=1.5,
+            relay_pairs=50,
+            relay_window=4,
+            call_slots=32,
+            idle_conns=10_000,
+            rooms_sweep=(10, 100, 1000, 10_000),
+            members_sweep=(2, 5, 10, 25, 50),
+            broker_count=300_000,
+            broker_seconds=8.0,
+            rounds=3,
         )
 
 
@@ -83,16 +100,98 @@ def log(message: str) -> None:
 
 
 def per_window(run: GeneratorRun, count: float) -> dict[str, float]:
-    """Server CPU over the measured window: total, cores busy, microseconds per unit."""
+    """Server CPU over the measured window: total, cores busy, microseconds per unit.
+
+    ``other_cores`` is what the rest of the machine (neither the servers nor the
+    generator) kept busy during the window, and ``steal_cores`` what the hypervisor took:
+    both say how noisy the window was.
+    """
     cpu, wall, _rss = run.window()
     gen_cpu = float(run.result.get("gen_cpu_s", 0.0))
+    a, b = run.samples["measure"], run.samples["done"]
+    host = b.host_busy - a.host_busy
     return {
         "server_cpu_s": cpu,
         "server_cores": cpu / wall if wall else 0.0,
         "gen_cores": gen_cpu / wall if wall else 0.0,
+        "other_cores": max(0.0, (host - cpu - gen_cpu) / wall) if wall else 0.0,
+        "steal_cores": (b.host_steal - a.host_steal) / wall if wall else 0.0,
         "cpu_us_per_unit": cpu / count * 1e6 if count else float("nan"),
-        "processes": run.samples["measure"].processes,
+        "processes": a.processes,
     }
+
+
+def median_merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Field-wise median of several runs' results (nested dicts too); others from the first."""
+    merged: dict[str, Any] = {}
+    for key, first in runs[0].items():
+        values = [r.get(key) for r in runs]
+        if isinstance(first, bool) or not isinstance(first, int | float | dict):
+            merged[key] = first
+        elif isinstance(first, dict):
+            dicts = [v for v in values if isinstance(v, dict) and v]
+            merged[key] = median_merge(dicts) if dicts else first
+        else:
+            numbers = [v for v in values if isinstance(v, int | float)]
+            merged[key] = statistics.median(numbers) if numbers else first
+    return merged
+
+
+def two_loads(
+    p: Profile,
+    scenario: str,
+    systems: list[str],
+    workload: str,
+    options: list[str],
+    unit: str,
+    rate_key: str,
+    rate_option: Callable[[float], list[str]],
+) -> dict[str, Any]:
+    """Each system at max load (closed loop) and at 50% of that (open loop), in rounds.
+
+    Rounds interleave the systems (A B C, A B C, ...) so a burst of noise on the shared
+    machine hits one round of each rather than all of one system; the report gives the
+    field-wise median over rounds and keeps every round in ``rounds``.
+    """
+    out: dict[str, Any] = {"systems": {}, "skipped": {}, "rounds": p.rounds}
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    labels: dict[str, str] = {}
+    for round_number in range(p.rounds):
+        for name in systems:
+            if name in out["skipped"]:
+                continue
+            try:
+                with running(name) as system:
+                    labels[name] = system.label
+                    top = run_generator(system, workload, options, timeout=180)
+                    count = top.result[unit]
+                    rate = top.result[rate_key]
+                    half = run_generator(
+                        system, workload, [*options, *rate_option(rate / 2)], timeout=180
+                    )
+                    top_window = per_window(top, count)
+                    log(
+                        f"{scenario}: {system.label} (round {round_number + 1}/{p.rounds}): "
+                        f"{rate:,.1f} {unit}/s, {top_window['cpu_us_per_unit']:,.1f} us "
+                        f"server CPU per {unit.rstrip('s')}"
+                    )
+                    rounds.setdefault(name, []).append(
+                        {
+                            "max": {**top.result, **top_window},
+                            "half": {**half.result, **per_window(half, half.result[unit])},
+                        }
+                    )
+            except Unavailable as exc:
+                log(f"{scenario}: skipping {name}: {exc}")
+                out["skipped"][name] = str(exc)
+    for name, runs in rounds.items():
+        out["systems"][name] = {
+            "label": labels[name],
+            "max": median_merge([r["max"] for r in runs]),
+            "half": median_merge([r["half"] for r in runs]),
+            "rounds": runs,
+        }
+    return out
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -100,46 +199,31 @@ def per_window(run: GeneratorRun, count: float) -> dict[str, float]:
 
 def scenario_relay(p: Profile, systems: list[str]) -> dict[str, Any]:
     """Relay floor F vs signalpost dev vs cluster: throughput, CPU/message, latency at 50%."""
-    out: dict[str, Any] = {"systems": {}, "skipped": {}}
-    common = [
+    options = [
         "--duration",
         str(p.duration),
         "--warmup",
         str(p.warmup),
         "--pairs",
         str(p.relay_pairs),
+        "--window",
+        str(p.relay_window),
     ]
-    for name in systems:
-        try:
-            with running(name) as system:
-                log(f"relay: {system.label} at max load")
-                top = run_generator(
-                    system, "relay", [*common, "--window", str(p.relay_window)], timeout=120
-                )
-                relayed = top.result["relayed"]
-                rate = top.result["relayed_per_s"]
-                half = run_generator(
-                    system, "relay", [*common, "--rate", f"{rate / 2:.0f}"], timeout=120
-                )
-                log(
-                    f"relay: {system.label}: {rate:,.0f} msg/s, "
-                    f"{per_window(top, relayed)['cpu_us_per_unit']:.1f} us CPU/msg"
-                )
-                out["systems"][name] = {
-                    "label": system.label,
-                    "max": {**top.result, **per_window(top, relayed)},
-                    "half": {**half.result, **per_window(half, half.result["relayed"])},
-                }
-        except Unavailable as exc:
-            log(f"relay: skipping {name}: {exc}")
-            out["skipped"][name] = str(exc)
-    return out
+    return two_loads(
+        p,
+        "relay",
+        systems,
+        "relay",
+        options,
+        "relayed",
+        "relayed_per_s",
+        lambda rate: ["--rate", f"{rate:.0f}"],
+    )
 
 
 def scenario_calls(p: Profile, systems: list[str]) -> dict[str, Any]:
     """Call setup (join, offer, answer, 2x12 candidates, leave): setups/s, CPU/call, p50/p99."""
-    out: dict[str, Any] = {"systems": {}, "skipped": {}}
-    common = [
+    options = [
         "--duration",
         str(p.duration),
         "--warmup",
@@ -147,28 +231,16 @@ def scenario_calls(p: Profile, systems: list[str]) -> dict[str, Any]:
         "--slots",
         str(p.call_slots),
     ]
-    for name in systems:
-        try:
-            with running(name) as system:
-                log(f"calls: {system.label} at max load")
-                top = run_generator(system, "calls", common, timeout=120)
-                rate = top.result["calls_per_s"]
-                half = run_generator(
-                    system, "calls", [*common, "--rate", f"{rate / 2:.1f}"], timeout=120
-                )
-                log(
-                    f"calls: {system.label}: {rate:,.0f} calls/s, "
-                    f"{per_window(top, top.result['calls'])['cpu_us_per_unit']:.0f} us CPU/call"
-                )
-                out["systems"][name] = {
-                    "label": system.label,
-                    "max": {**top.result, **per_window(top, top.result["calls"])},
-                    "half": {**half.result, **per_window(half, half.result["calls"])},
-                }
-        except Unavailable as exc:
-            log(f"calls: skipping {name}: {exc}")
-            out["skipped"][name] = str(exc)
-    return out
+    return two_loads(
+        p,
+        "calls",
+        systems,
+        "calls",
+        options,
+        "calls",
+        "calls_per_s",
+        lambda rate: ["--rate", f"{rate:.1f}"],
+    )
 
 
 def scenario_idle(p: Profile, systems: list[str]) -> dict[str, Any]:
@@ -204,15 +276,20 @@ def scenario_idle(p: Profile, systems: list[str]) -> dict[str, Any]:
 
 
 def scenario_broker(p: Profile) -> dict[str, Any]:
-    """RoomTable in process (best of 3) and a real broker process over ZeroMQ."""
+    """RoomTable in process (best of 3), a real broker over ZeroMQ, the ZeroMQ shell cost."""
     out: dict[str, Any] = {}
-    log("broker: RoomTable core")
+    log("broker: RoomTable core (3 runs)")
     runs = [broker_bench.core(rooms=1000, count=p.broker_count) for _ in range(3)]
-    out["core"] = max(runs, key=lambda r: r["handle"]["commands_per_s"])
-    out["core"]["step"] = max((r["step"] for r in runs), key=lambda s: s["commands_per_s"])
-    out["core"]["handle_no_gc"] = max(
-        (r["handle_no_gc"] for r in runs), key=lambda s: s["commands_per_s"]
-    )
+    out["core"] = {"rooms": runs[0]["rooms"], "commands": runs[0]["commands"]}
+    for variant in ("handle", "step", "handle_no_gc", "handle_untracked"):
+        measured = [r[variant] for r in runs if "commands_per_s" in r.get(variant, {})]
+        out["core"][variant] = (
+            max(measured, key=lambda m: m["commands_per_s"])
+            if measured
+            else runs[0].get(variant, {})
+        )
+    log("broker: zmq.asyncio vs drained sync shadow sockets (experiment)")
+    out["zmq_shell"] = zmq_shell.main(count=30_000 if p.quick else 100_000)
     try:
         broker = broker_bench.start_broker()
     except Unavailable as exc:
@@ -407,6 +484,9 @@ def scenario_profile(p: Profile, with_cluster: bool = True) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- main
 
+#: Same workload on variants of F and dev: what the suggested fixes would be worth.
+RELAY_EXPERIMENTS = ("floor-coalesce", "floor-sansio", "dev-history32", "dev-gc")
+
 ALL = ("relay", "calls", "idle", "broker", "growth", "profile")
 
 
@@ -443,10 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     socketio = [] if args.no_socketio else ["socketio"]
     plan: dict[str, Callable[[], dict[str, Any]]] = {
         "relay": lambda: scenario_relay(
-            p, ["floor", "dev", *cluster] + ([] if p.quick else [*socketio, "floor-coalesce"])
+            p,
+            ["floor", "dev", *cluster] + ([] if p.quick else [*socketio, *RELAY_EXPERIMENTS]),
         ),
         "calls": lambda: scenario_calls(
-            p, ["dev", *cluster, *socketio] + ([] if p.quick else ["floor"])
+            p, ["dev", *cluster, *socketio] + ([] if p.quick else ["floor", "floor-sansio"])
         ),
         "idle": lambda: scenario_idle(
             p, ["dev", *cluster] + ([] if p.quick else ["floor", *socketio])

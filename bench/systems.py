@@ -46,6 +46,8 @@ class Sample:
     cpu: float
     rss: int
     processes: int
+    host_busy: float = 0.0  # CPU seconds the whole machine spent busy (all processes)
+    host_steal: float = 0.0  # CPU seconds the hypervisor took away
 
 
 class LineReader:
@@ -128,7 +130,10 @@ class System:
                     n += 1
             except psutil.Error:
                 continue
-        return Sample(time.monotonic(), cpu, rss, n)
+        host = psutil.cpu_times()
+        busy = host.user + host.system + getattr(host, "nice", 0.0) + getattr(host, "irq", 0.0)
+        busy += getattr(host, "softirq", 0.0)
+        return Sample(time.monotonic(), cpu, rss, n, busy, getattr(host, "steal", 0.0))
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -163,7 +168,6 @@ def server_env(capacity: int = 2, extra: dict[str, str] | None = None) -> dict[s
         SIGNALPOST_RATE_PER_SECOND="1000000000",
         SIGNALPOST_RATE_BURST="1000000000",
         SIGNALPOST_ROOM_CAPACITY=str(capacity),
-        SIGNALPOST_HISTORY_MAX_EVENTS=env.get("SIGNALPOST_HISTORY_MAX_EVENTS", "1024"),
         PYTHONUNBUFFERED="1",
         JWT_SECRET=JWT_SECRET,
         ROOM_CAPACITY=str(capacity),
@@ -212,25 +216,49 @@ def start_floor_coalesce(capacity: int = 2) -> System:
     return start_floor(capacity, coalesce=True)
 
 
-def start_dev(capacity: int = 2) -> System:
-    argv = [
-        PYTHON,
-        SIGNALPOST,
-        "--log-level",
-        "WARNING",
-        "dev",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-    ]
-    proc, out = _spawn("dev", argv, server_env(capacity))
+def start_floor_sansio(capacity: int = 2) -> System:
+    """The floor's logic on websockets' sans-I/O core with an asyncio.Protocol shell."""
+    argv = [PYTHON, "-m", "bench.experiments.sansio_relay", "--port", "0"]
+    proc, out = _spawn("floor-sansio", argv, server_env(capacity))
+    try:
+        line = out.wait_for("floor relay:", 20)
+    except (Unavailable, TimeoutError) as exc:
+        proc.kill()
+        raise Unavailable(f"sans-I/O relay: {exc}") from None
+    return System(
+        "floor-sansio",
+        "floor logic, sans-I/O shell + coalesced writes (experiment)",
+        [line.split()[2]],
+        proc,
+    )
+
+
+def start_dev(capacity: int = 2, variant: str = "") -> System:
+    """``signalpost dev``; ``variant`` names an experiment (see ``DEV_VARIANTS``)."""
+    argv = [PYTHON, SIGNALPOST, "--log-level", "WARNING", "dev"]
+    argv += ["--host", "127.0.0.1", "--port", "0"]
+    label, extra = DEV_VARIANTS[variant]
+    proc, out = _spawn("dev", argv, server_env(capacity, extra))
     try:
         line = out.wait_for("signalpost dev:", 30)
     except (Unavailable, TimeoutError) as exc:
         proc.kill()
         raise Unavailable(f"signalpost dev: {exc}") from None
-    return System("dev", "signalpost dev", [line.split()[-1]], proc)
+    return System(f"dev-{variant}" if variant else "dev", label, [line.split()[-1]], proc)
+
+
+#: Experiments on an unchanged ``signalpost dev``: settings or interpreter options only.
+DEV_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "": ("signalpost dev", {}),
+    "history32": (
+        "signalpost dev, history_max_events=32 (experiment)",
+        {"SIGNALPOST_HISTORY_MAX_EVENTS": "32"},
+    ),
+    "gc": (
+        "signalpost dev, lazier GC thresholds (experiment)",
+        {"PYTHONPATH": str(ROOT / "bench" / "experiments" / "gc_tuned")},
+    ),
+}
 
 
 def start_socketio(capacity: int = 2) -> System:
@@ -345,8 +373,11 @@ def _tail(path: Path, chars: int = 400) -> str:
 STARTERS = {
     "floor": start_floor,
     "floor-coalesce": start_floor_coalesce,
+    "floor-sansio": start_floor_sansio,
     "dev": start_dev,
     "cluster": start_cluster,
+    "dev-history32": lambda capacity=2: start_dev(capacity, "history32"),
+    "dev-gc": lambda capacity=2: start_dev(capacity, "gc"),
     "socketio": start_socketio,
 }
 
