@@ -251,11 +251,20 @@ def _targets(sc: dict[str, Any]) -> list[str]:
     for name in ("dev", "cluster"):
         p99 = _get(relay, name, "half", "latency_ms", "p99")
         label = f"p99 relay latency at 50% load, {name}"
+        rounds = [_get(r, "half", "latency_ms", "p99") for r in (_get(relay, name, "rounds") or [])]
+        rounds = [v for v in rounds if v is not None]
+        measured = "not measured" if p99 is None else f"{p99:.2f} ms"
+        if len(rounds) > 1:
+            over = sum(v > P99_RELAY_MS for v in rounds)
+            measured += (
+                f" (median; rounds {' / '.join(f'{v:.1f}' for v in rounds)} ms, "
+                f"{over} of {len(rounds)} over)"
+            )
         rows.append(
             [
                 label,
                 f"<= {P99_RELAY_MS:g} ms",
-                "not measured" if p99 is None else f"{p99:.2f} ms",
+                measured,
                 _verdict(None if p99 is None else p99 <= P99_RELAY_MS),
             ]
         )
