@@ -63,18 +63,43 @@ def pump(owner: RoomTable, replica: RoomTable, out: list[Outbound]) -> list[Outb
 
 
 def join(session: str, seq: int) -> JoinCmd:
-    return JoinCmd(session, f"c-{session}", f"edge-{session}", seq, seq, "room",
-                   peer_object(session, session, None, None))
+    return JoinCmd(
+        session,
+        f"c-{session}",
+        f"edge-{session}",
+        seq,
+        seq,
+        "room",
+        peer_object(session, session, None, None),
+    )
 
 
 def signal(seq: int, n: int) -> SignalCmd:
-    return SignalCmd("a", "c-a", "edge-a", seq, seq, "room", "b", sender_object("a", "a"),
-                     json.dumps({"n": n}).encode())
+    return SignalCmd(
+        "a",
+        "c-a",
+        "edge-a",
+        seq,
+        seq,
+        "room",
+        "b",
+        sender_object("a", "a"),
+        json.dumps({"n": n}).encode(),
+    )
 
 
 def restore(table_: RoomTable, session: str, replica: bool) -> None:
-    table_.handle(RestoreCmd(session, f"c-{session}", f"edge-{session}", "room",
-                             peer_object(session, session, None, None), replica), 0.0)
+    table_.handle(
+        RestoreCmd(
+            session,
+            f"c-{session}",
+            f"edge-{session}",
+            "room",
+            peer_object(session, session, None, None),
+            replica,
+        ),
+        0.0,
+    )
 
 
 def test_output_waits_for_the_replica_then_leaves_in_order() -> None:
@@ -130,9 +155,15 @@ def test_without_a_replica_nothing_waits() -> None:
 
 def test_losing_the_replica_releases_held_output() -> None:
     replica_name: list[str | None] = ["B"]
-    owner = RoomTable(capacity=2, resume_window=30, history_max_events=10,
-                      history_max_age=60, new_epoch=lambda: "e", node_id="A",
-                      replica_for=lambda room: replica_name[0])
+    owner = RoomTable(
+        capacity=2,
+        resume_window=30,
+        history_max_events=10,
+        history_max_age=60,
+        new_epoch=lambda: "e",
+        node_id="A",
+        replica_for=lambda room: replica_name[0],
+    )
     held = owner.handle(join("a", 1), 0.0)
     assert frames(held) == []
     replica_name[0] = None
@@ -141,9 +172,15 @@ def test_losing_the_replica_releases_held_output() -> None:
 
 def test_a_new_replica_gets_the_unconfirmed_batches() -> None:
     replica_name: list[str | None] = ["B"]
-    owner = RoomTable(capacity=2, resume_window=30, history_max_events=10,
-                      history_max_age=60, new_epoch=lambda: "e", node_id="A",
-                      replica_for=lambda room: replica_name[0])
+    owner = RoomTable(
+        capacity=2,
+        resume_window=30,
+        history_max_events=10,
+        history_max_age=60,
+        new_epoch=lambda: "e",
+        node_id="A",
+        replica_for=lambda room: replica_name[0],
+    )
     owner.handle(join("a", 1), 0.0)
     replica_name[0] = "C"
     resent: list[tuple[str, Envelope]] = owner.replicas_changed()
