@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -68,15 +69,37 @@ class TokenVerifier:
                 key,
                 algorithms=[algorithm],
                 audience=self._audience,
-                leeway=self._leeway,
-                options={"require": ["sub"], "verify_aud": self._audience is not None},
+                # Times are checked below against the caller's ``now`` (pure, testable).
+                options={
+                    "require": ["sub", "exp"],
+                    "verify_aud": self._audience is not None,
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
             )
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"invalid token: {exc}") from None
-        return _identity_from_claims(claims, now)
+        self._check_times(claims, now)
+        return _identity_from_claims(claims)
+
+    def _check_times(self, claims: dict[str, Any], now: float) -> None:
+        times = {name: claims.get(name) for name in ("exp", "nbf", "iat")}
+        for name, value in times.items():
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or value != value
+            ):
+                raise Unauthorized(f"token {name} claim must be a number")
+        exp, nbf, iat = times["exp"], times["nbf"], times["iat"]
+        if exp is not None and now > exp + self._leeway:
+            raise Unauthorized("token has expired")
+        if nbf is not None and now < nbf - self._leeway:
+            raise Unauthorized("token is not yet valid (nbf)")
+        if iat is not None and now < iat - self._leeway:
+            raise Unauthorized("token was issued in the future (iat)")
 
 
-def _identity_from_claims(claims: dict[str, Any], now: float) -> Identity:
+def _identity_from_claims(claims: dict[str, Any]) -> Identity:
     user = claims.get("sub")
     if not isinstance(user, str) or not user or len(user) > 256:
         raise Unauthorized("token subject must be a non-empty string")
@@ -132,14 +155,21 @@ class ResumeTokens:
         claims["exp"] = int(now + RESUME_TOKEN_LIFETIME)
         return jwt.encode(claims, self._key, algorithm="HS256")
 
-    def session_of(self, token: str, user: str) -> str | None:
-        """The session id ``token`` resumes for ``user``; None when invalid or not theirs."""
+    def session_of(self, token: str, user: str, now: float | None = None) -> str | None:
+        """The session id ``token`` resumes for ``user``; None when invalid or not theirs.
+
+        Expiry is checked against ``now`` (default: the wall clock).
+        """
         try:
-            claims = jwt.decode(token, self._key, algorithms=["HS256"])
+            claims = jwt.decode(
+                token, self._key, algorithms=["HS256"], options={"verify_exp": False}
+            )
         except jwt.PyJWTError:
             return None
-        session = claims.get("sid")
+        session, expiry = claims.get("sid"), claims.get("exp")
         if claims.get("sub") != user or not isinstance(session, str):
+            return None
+        if not isinstance(expiry, int) or (time.time() if now is None else now) > expiry:
             return None
         return session
 
@@ -160,9 +190,7 @@ def ice_servers(settings: Settings, user: str, now: float) -> list[dict[str, Any
     if settings.stun_urls:
         servers.append({"urls": list(settings.stun_urls)})
     if settings.turn_urls and settings.turn_secret:
-        username, credential = turn_credentials(
-            settings.turn_secret, user, settings.turn_ttl, now
-        )
+        username, credential = turn_credentials(settings.turn_secret, user, settings.turn_ttl, now)
         servers.append(
             {"urls": list(settings.turn_urls), "username": username, "credential": credential}
         )

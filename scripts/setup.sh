@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Install everything signalpost needs on a fresh Debian machine: system packages (coturn,
+# Chromium, Consul from the bullseye suite) and a .venv with the project and its extras.
+# Idempotent: re-running skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+
+need_apt=()
+command -v turnserver >/dev/null || need_apt+=(coturn)
+command -v chromium >/dev/null || need_apt+=(chromium chromium-driver)
+command -v consul >/dev/null || need_apt+=(consul)
+if ! command -v python3 >/dev/null || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    need_apt+=(python3 python3-venv)
+fi
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if [[ " ${need_apt[*]} " == *" consul "* ]] && [ ! -f /etc/apt/sources.list.d/bullseye.sources ]; then
+        # Consul 1.8.7 is packaged only in bullseye: add that suite (first stanza of the
+        # system's sources, suite swapped) pinned low so nothing else comes from it.
+        awk 'BEGIN{RS=""; ORS="\n\n"} NR==1 {print; exit}' /etc/apt/sources.list.d/debian.sources \
+            | sed -E 's/^Suites:.*/Suites: bullseye/' \
+            | $SUDO tee /etc/apt/sources.list.d/bullseye.sources >/dev/null
+        printf 'Package: *\nPin: release n=bullseye\nPin-Priority: 100\n' \
+            | $SUDO tee /etc/apt/preferences.d/bullseye >/dev/null
+    fi
+    $SUDO apt-get update -q
+    $SUDO apt-get install -y -q --no-install-recommends "${need_apt[@]}"
+    # The coturn package starts a system turnserver on 3478; tests run their own.
+    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+        $SUDO systemctl disable --now coturn 2>/dev/null || true
+    fi
+    $SUDO pkill -x turnserver 2>/dev/null || true
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test,webrtc,load]'
+echo "signalpost: set up (.venv ready; consul $(consul version 2>/dev/null | head -1 | awk '{print $2}'), $(chromium --version 2>/dev/null || echo chromium))"

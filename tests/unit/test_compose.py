@@ -1,0 +1,151 @@
+"""compose/ stays consistent with the code: Docker cannot run here, so check what it would run.
+
+Each signalpost service's command must parse with the real CLI and its environment must load
+into ``Settings``; the edges must dial the endpoints the brokers and presence bind; coturn's
+config must accept the TURN secret the edges sign with. The coturn config is also started
+with the real ``turnserver`` and must allocate a relay for credentials signalpost mints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import yaml
+
+from signalpost.auth import turn_credentials
+from signalpost.cli import build_parser
+from signalpost.config import ENV_PREFIX, Settings, load_settings
+from tests.coturn import run_coturn
+
+COMPOSE = Path(__file__).resolve().parents[2] / "compose"
+SIGNALPOST_KINDS = {"edge", "broker", "presence"}
+
+
+def _compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
+    return loaded
+
+
+def _services() -> dict[str, dict[str, Any]]:
+    services: dict[str, dict[str, Any]] = _compose()["services"]
+    return services
+
+
+def _signalpost_services() -> dict[str, dict[str, Any]]:
+    return {
+        name: service
+        for name, service in _services().items()
+        if service.get("command", [None])[0] in SIGNALPOST_KINDS
+    }
+
+
+def _option(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
+def _turn_conf() -> dict[str, list[str]]:
+    options: dict[str, list[str]] = {}
+    for line in (COMPOSE / "turnserver.conf").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            options.setdefault(key, []).append(value)
+    return options
+
+
+def test_the_topology_is_complete() -> None:
+    kinds = [service["command"][0] for service in _signalpost_services().values()]
+    assert sorted(kinds) == ["broker", "broker", "edge", "edge", "presence"]
+    assert {"consul", "coturn"} <= _services().keys()
+
+
+def test_depends_on_names_existing_services() -> None:
+    for name, service in _services().items():
+        for dependency in service.get("depends_on", []):
+            assert dependency in _services(), f"{name} depends on unknown {dependency}"
+
+
+def test_the_image_builds_from_files_that_exist() -> None:
+    for service in _signalpost_services().values():
+        build = service["build"]
+        context = (COMPOSE / build["context"]).resolve()
+        dockerfile = context / build["dockerfile"]
+        assert dockerfile.is_file()
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("COPY "):
+                for source in line.split()[1:-1]:
+                    assert (context / source).exists(), f"Dockerfile copies missing {source}"
+
+
+@pytest.mark.parametrize("name", sorted(_signalpost_services()))
+def test_each_service_command_and_environment_are_valid(name: str) -> None:
+    service = _signalpost_services()[name]
+    args = build_parser().parse_args(service["command"])
+    assert args.command in SIGNALPOST_KINDS
+    environment = {key: str(value) for key, value in service["environment"].items()}
+    fields = {field.name for field in msgspec.structs.fields(Settings)}
+    for key in environment:
+        assert key.startswith(ENV_PREFIX), key
+        assert key.removeprefix(ENV_PREFIX).lower() in fields, f"{name}: unknown setting {key}"
+    settings = load_settings(environ=environment)
+    assert settings.jwt_secret == _services()["edge-1"]["environment"]["SIGNALPOST_JWT_SECRET"]
+
+
+def test_edges_dial_what_brokers_and_presence_bind() -> None:
+    services = _signalpost_services()
+    binds = {service["command"][0]: [] for service in services.values()}  # kind -> bound endpoints
+    for service in services.values():
+        if service["command"][0] != "edge":
+            binds[service["command"][0]].append(_option(service["command"], "--bind"))
+    for name, service in services.items():
+        settings = load_settings(environ={k: str(v) for k, v in service["environment"].items()})
+        assert sorted(settings.broker_endpoints) == sorted(binds["broker"]), name
+        assert [settings.presence_endpoint] == binds["presence"], name
+
+
+def test_coturn_accepts_the_secret_the_edges_sign_with() -> None:
+    conf = _turn_conf()
+    assert "use-auth-secret" in conf
+    secrets = conf["static-auth-secret"]
+    assert len(secrets) == 2, "rotation: the new secret and the old one"
+    coturn = _services()["coturn"]
+    published = {port.split(":")[0] for port in coturn["ports"]}
+    relay_range = f"{conf['min-port'][0]}-{conf['max-port'][0]}"
+    assert relay_range in published
+    for name, service in _signalpost_services().items():
+        if service["command"][0] != "edge":
+            continue
+        settings = load_settings(environ={k: str(v) for k, v in service["environment"].items()})
+        assert settings.turn_secret in secrets, name
+        for url in settings.turn_urls + settings.stun_urls:
+            match = re.match(r"^(?:turn|stun):[^:]+:(\d+)", url)
+            assert match and match[1] == conf["listening-port"][0], url
+
+
+@pytest.mark.coturn
+def test_the_coturn_config_runs_and_allocates_for_minted_credentials(tmp_path: Path) -> None:
+    aioice_turn = pytest.importorskip("aioice.turn", reason="aioice comes with aiortc")
+    secret = load_settings(
+        environ={k: str(v) for k, v in _services()["edge-1"]["environment"].items()}
+    ).turn_secret
+    assert secret is not None
+
+    async def allocate(host: str, port: int) -> tuple[str, int]:
+        username, password = turn_credentials(secret, "alice", 60, time.time())
+        transport, _ = await aioice_turn.create_turn_endpoint(
+            asyncio.DatagramProtocol, (host, port), username, password, lifetime=60
+        )
+        relayed: tuple[str, int] = transport.get_extra_info("sockname")
+        transport.close()
+        return relayed
+
+    # The file's own secrets only (none on the command line); loopback ports override it.
+    with run_coturn(tmp_path, (), config=COMPOSE / "turnserver.conf") as server:
+        host, port = asyncio.run(asyncio.wait_for(allocate(server.host, server.port), 10))
+    assert host == server.host and server.min_port <= port <= server.max_port
