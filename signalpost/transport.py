@@ -18,8 +18,9 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import zmq
@@ -30,6 +31,55 @@ from signalpost.wire import WIRE_VERSION, Envelope, Heartbeat, decode_envelope, 
 log = logging.getLogger("signalpost.transport")
 
 HIGH_WATER_MARK = 200_000
+
+#: Messages handled per wake-up before yielding to the event loop (fairness).
+DRAIN_BATCH = 512
+
+
+class FastSocket:
+    """A zmq.asyncio socket used through a sync shadow where that cannot block.
+
+    zmq.asyncio pays a future and poller bookkeeping per call; here the loop awaits
+    readability once and then drains with NOBLOCK until ``zmq.Again``, and sends go
+    straight out unless the high-water mark is reached (then the async send queues them,
+    in order, behind any send already waiting).
+    """
+
+    def __init__(self, socket: zmq.asyncio.Socket) -> None:
+        self.socket = socket
+        self._sync: zmq.Socket[bytes] = zmq.Socket.shadow(socket.underlying)
+        self._waiting: asyncio.Future[Any] | None = None
+
+    def send(self, frames: tuple[bytes, ...]) -> None:
+        waiting = self._waiting
+        if waiting is None or waiting.done():
+            try:
+                self._sync.send_multipart(frames, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+        self._waiting = asyncio.ensure_future(self.socket.send_multipart(frames))
+
+    async def batches(self) -> AsyncIterator[list[list[bytes]]]:
+        """Yield the messages that are ready, at most ``DRAIN_BATCH`` at a time, forever."""
+        recv = self._sync.recv_multipart
+        while True:
+            await self.socket.poll(zmq.POLLIN)
+            while True:
+                batch: list[list[bytes]] = []
+                try:
+                    while len(batch) < DRAIN_BATCH:
+                        batch.append(recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    pass
+                if batch:
+                    yield batch
+                if len(batch) < DRAIN_BATCH:
+                    break
+                await asyncio.sleep(0)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
 
 
 def new_incarnation() -> str:
@@ -64,12 +114,13 @@ class RouterEndpoint:
         self.node_id = node_id
         self.incarnation = new_incarnation()
         self.peers: dict[str, PeerState] = {}
-        self._socket = context.socket(zmq.ROUTER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
-        self._socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
-        self._socket.bind(bind)
-        self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        socket = context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+        socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+        socket.bind(bind)
+        self.endpoint: str = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._socket = FastSocket(socket)
         self._on_envelope = on_envelope
         self._on_peer_lost = on_peer_lost
         self._on_peer_restarted = on_peer_restarted
@@ -84,7 +135,7 @@ class RouterEndpoint:
 
     def send_body(self, peer: str, body: bytes) -> None:
         """Queue an already-encoded envelope for ``peer``."""
-        self._socket.send_multipart((peer.encode(), WIRE_VERSION, body))
+        self._socket.send((peer.encode(), WIRE_VERSION, body))
 
     async def __aenter__(self) -> RouterEndpoint:
         self._tasks = [
@@ -99,27 +150,29 @@ class RouterEndpoint:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._socket.close(linger=0)
+        self._socket.close()
 
     async def _receive_loop(self) -> None:
-        socket = self._socket
-        while True:
-            frames = await socket.recv_multipart()
-            if len(frames) != 3 or frames[1] != WIRE_VERSION:
-                log.warning("dropping a message with a bad frame layout")
-                continue
-            peer = frames[0].decode(errors="replace")
+        async for batch in self._socket.batches():
+            for frames in batch:
+                self._receive(frames)
+
+    def _receive(self, frames: list[bytes]) -> None:
+        if len(frames) != 3 or frames[1] != WIRE_VERSION:
+            log.warning("dropping a message with a bad frame layout")
+            return
+        peer = frames[0].decode(errors="replace")
+        try:
+            envelope = decode_envelope(frames[2])
+        except msgspec.DecodeError as exc:
+            log.warning("dropping an undecodable envelope from %s: %s", peer, exc)
+            return
+        self._seen(peer, envelope)
+        if not isinstance(envelope, Heartbeat):
             try:
-                envelope = decode_envelope(frames[2])
-            except msgspec.DecodeError as exc:
-                log.warning("dropping an undecodable envelope from %s: %s", peer, exc)
-                continue
-            self._seen(peer, envelope)
-            if not isinstance(envelope, Heartbeat):
-                try:
-                    self._on_envelope(peer, envelope)
-                except Exception:  # one bad command must not stop the node
-                    log.exception("handling an envelope from %s failed", peer)
+                self._on_envelope(peer, envelope)
+            except Exception:  # one bad command must not stop the node
+                log.exception("handling an envelope from %s failed", peer)
 
     def _seen(self, peer: str, envelope: Envelope) -> None:
         now = time.monotonic()
@@ -167,14 +220,15 @@ class DealerLink:
         self.endpoint = endpoint
         self.remote: PeerState | None = None
         self.alive = False
-        self._socket = context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.IDENTITY, node_id.encode())
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
-        self._socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
-        self._socket.setsockopt(zmq.RECONNECT_IVL, 100)
-        self._socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        self._socket.connect(endpoint)
+        socket = context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.IDENTITY, node_id.encode())
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+        socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+        socket.setsockopt(zmq.RECONNECT_IVL, 100)
+        socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        socket.connect(endpoint)
+        self._socket = FastSocket(socket)
         self._on_envelope = on_envelope
         self._on_up = on_up
         self._on_down = on_down
@@ -185,11 +239,11 @@ class DealerLink:
 
     def send(self, envelope: Envelope) -> None:
         """Queue ``envelope`` for the owner (ZeroMQ buffers it while reconnecting)."""
-        self._socket.send_multipart((WIRE_VERSION, encode_envelope(envelope)))
+        self._socket.send((WIRE_VERSION, encode_envelope(envelope)))
 
     def start(self) -> None:
         """Start receiving and heartbeating."""
-        self._socket.send_multipart((WIRE_VERSION, self._heartbeat))
+        self._socket.send((WIRE_VERSION, self._heartbeat))
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name=f"dealer-receive {self.endpoint}"),
             asyncio.create_task(self._heartbeat_loop(), name=f"dealer-heartbeat {self.endpoint}"),
@@ -202,30 +256,32 @@ class DealerLink:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._socket.close(linger=0)
+        self._socket.close()
 
     async def _receive_loop(self) -> None:
-        socket = self._socket
-        while True:
-            frames = await socket.recv_multipart()
-            if len(frames) != 2 or frames[0] != WIRE_VERSION:
-                log.warning("dropping a message with a bad frame layout from %s", self.endpoint)
-                continue
-            try:
-                envelope = decode_envelope(frames[1])
-            except msgspec.DecodeError as exc:
-                log.warning("dropping an undecodable envelope from %s: %s", self.endpoint, exc)
-                continue
-            now = time.monotonic()
-            if isinstance(envelope, Heartbeat):
-                self._heartbeat_from(envelope, now)
-                continue
-            if self.remote is not None:
-                self.remote.last_seen = now
-            try:
-                self._on_envelope(envelope)
-            except Exception:  # one bad envelope must not stop the edge
-                log.exception("handling an envelope from %s failed", self.endpoint)
+        async for batch in self._socket.batches():
+            for frames in batch:
+                self._receive(frames)
+
+    def _receive(self, frames: list[bytes]) -> None:
+        if len(frames) != 2 or frames[0] != WIRE_VERSION:
+            log.warning("dropping a message with a bad frame layout from %s", self.endpoint)
+            return
+        try:
+            envelope = decode_envelope(frames[1])
+        except msgspec.DecodeError as exc:
+            log.warning("dropping an undecodable envelope from %s: %s", self.endpoint, exc)
+            return
+        now = time.monotonic()
+        if isinstance(envelope, Heartbeat):
+            self._heartbeat_from(envelope, now)
+            return
+        if self.remote is not None:
+            self.remote.last_seen = now
+        try:
+            self._on_envelope(envelope)
+        except Exception:  # one bad envelope must not stop the edge
+            log.exception("handling an envelope from %s failed", self.endpoint)
 
     def _heartbeat_from(self, heartbeat: Heartbeat, now: float) -> None:
         previous = self.remote
@@ -238,7 +294,7 @@ class DealerLink:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            self._socket.send_multipart((WIRE_VERSION, self._heartbeat))
+            self._socket.send((WIRE_VERSION, self._heartbeat))
             remote = self.remote
             if self.alive and remote is not None and time.monotonic() - remote.last_seen > (
                 self._expiry
