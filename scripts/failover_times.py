@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -74,7 +75,7 @@ async def broker_kill(processes: list[dict]) -> tuple[float, bool]:
             acked_at.append(time.monotonic())
             await asyncio.sleep(0.005)
         got = [(await b.next_event(SignalEvent, timeout=15)).data["n"] for _ in range(400)]
-        gaps = [later - earlier for earlier, later in zip(acked_at, acked_at[1:], strict=False)]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(acked_at)]
         return max(gaps), got == list(range(400))
 
 
