@@ -18,7 +18,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,7 @@ class FastSocket:
         self.socket = socket
         self._sync: zmq.Socket[bytes] = zmq.Socket.shadow(socket.underlying)
         self._waiting: asyncio.Future[Any] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def send(self, frames: tuple[bytes, ...]) -> None:
         waiting = self._waiting
@@ -60,26 +61,40 @@ class FastSocket:
                 pass
         self._waiting = asyncio.ensure_future(self.socket.send_multipart(frames))
 
-    async def batches(self) -> AsyncIterator[list[list[bytes]]]:
-        """Yield the messages that are ready, at most ``DRAIN_BATCH`` at a time, forever."""
+    def start(
+        self,
+        name: str,
+        on_message: Callable[[list[bytes]], None],
+        heartbeat: Callable[[], Coroutine[Any, Any, None]],
+    ) -> None:
+        """Feed every received message to ``on_message``; run ``heartbeat`` beside it."""
+        self._tasks = [
+            asyncio.create_task(self._receive(on_message), name=f"{name} receive"),
+            asyncio.create_task(heartbeat(), name=f"{name} heartbeat"),
+        ]
+
+    async def close(self) -> None:
+        """Stop the tasks and close the socket."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.socket.close(linger=0)
+
+    async def _receive(self, on_message: Callable[[list[bytes]], None]) -> None:
+        # Await readability once, then drain (at most DRAIN_BATCH before yielding).
         recv = self._sync.recv_multipart
         while True:
             await self.socket.poll(zmq.POLLIN)
-            while True:
-                batch: list[list[bytes]] = []
+            for _ in range(DRAIN_BATCH):
                 try:
-                    while len(batch) < DRAIN_BATCH:
-                        batch.append(recv(zmq.NOBLOCK))
+                    frames = recv(zmq.NOBLOCK)
                 except zmq.Again:
-                    pass
-                if batch:
-                    yield batch
-                if len(batch) < DRAIN_BATCH:
                     break
+                on_message(frames)
+            else:
                 await asyncio.sleep(0)
-
-    def close(self) -> None:
-        self.socket.close(linger=0)
 
 
 def new_incarnation() -> str:
@@ -127,7 +142,6 @@ class RouterEndpoint:
         self._interval = heartbeat_interval
         self._expiry = peer_expiry
         self._heartbeat = encode_envelope(Heartbeat(node_id, self.incarnation))
-        self._tasks: list[asyncio.Task[None]] = []
 
     def send(self, peer: str, envelope: Envelope) -> None:
         """Queue ``envelope`` for ``peer``; dropped if the peer is unknown to ZeroMQ."""
@@ -138,24 +152,11 @@ class RouterEndpoint:
         self._socket.send((peer.encode(), WIRE_VERSION, body))
 
     async def __aenter__(self) -> RouterEndpoint:
-        self._tasks = [
-            asyncio.create_task(self._receive_loop(), name="router-receive"),
-            asyncio.create_task(self._heartbeat_loop(), name="router-heartbeat"),
-        ]
+        self._socket.start("router", self._receive, self._heartbeat_loop)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._socket.close()
-
-    async def _receive_loop(self) -> None:
-        async for batch in self._socket.batches():
-            for frames in batch:
-                self._receive(frames)
+        await self._socket.close()
 
     def _receive(self, frames: list[bytes]) -> None:
         if len(frames) != 3 or frames[1] != WIRE_VERSION:
@@ -235,7 +236,6 @@ class DealerLink:
         self._interval = heartbeat_interval
         self._expiry = peer_expiry
         self._heartbeat = encode_envelope(Heartbeat(node_id, incarnation))
-        self._tasks: list[asyncio.Task[None]] = []
 
     def send(self, envelope: Envelope) -> None:
         """Queue ``envelope`` for the owner (ZeroMQ buffers it while reconnecting)."""
@@ -244,24 +244,11 @@ class DealerLink:
     def start(self) -> None:
         """Start receiving and heartbeating."""
         self._socket.send((WIRE_VERSION, self._heartbeat))
-        self._tasks = [
-            asyncio.create_task(self._receive_loop(), name=f"dealer-receive {self.endpoint}"),
-            asyncio.create_task(self._heartbeat_loop(), name=f"dealer-heartbeat {self.endpoint}"),
-        ]
+        self._socket.start(f"dealer {self.endpoint}", self._receive, self._heartbeat_loop)
 
     async def close(self) -> None:
         """Stop and close the socket."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._socket.close()
-
-    async def _receive_loop(self) -> None:
-        async for batch in self._socket.batches():
-            for frames in batch:
-                self._receive(frames)
+        await self._socket.close()
 
     def _receive(self, frames: list[bytes]) -> None:
         if len(frames) != 2 or frames[0] != WIRE_VERSION:
@@ -296,8 +283,10 @@ class DealerLink:
             await asyncio.sleep(self._interval)
             self._socket.send((WIRE_VERSION, self._heartbeat))
             remote = self.remote
-            if self.alive and remote is not None and time.monotonic() - remote.last_seen > (
-                self._expiry
+            if (
+                self.alive
+                and remote is not None
+                and time.monotonic() - remote.last_seen > (self._expiry)
             ):
                 self.alive = False
                 log.warning("%s missed its heartbeats; marking it down", self.endpoint)
