@@ -25,10 +25,11 @@ from pathlib import PurePosixPath
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
-from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from edge.backplane import Backplane
 from edge.guard import ClientGuard, Verdict
@@ -105,6 +106,7 @@ class ClientConnection:
     sender: bytes
     ready: bool = False  # welcome sent; until then output is held back
     held: list[bytes] = field(default_factory=list)
+    outbox: list[bytes] = field(default_factory=list)  # frames waiting for this iteration's flush
     seq: int = 0
     unanswered: dict[int, Envelope] = field(default_factory=dict)  # seq -> command
     rooms: dict[str, bytes] = field(default_factory=dict)  # joined room -> peer object
@@ -133,6 +135,7 @@ class EdgeServer:
         self._claims: dict[str, asyncio.Future[bool]] = {}  # conn -> claim outcome
         self._server: Server | None = None
         self._draining = False
+        self._to_flush: list[ClientConnection] = []
         backplane.connect(self.edge_id, self.receive, self.sync_state, self.owners_changed)
 
     # ----------------------------------------------------------------- lifecycle
@@ -168,7 +171,7 @@ class EdgeServer:
             return
         self._server.close(close_connections=False)
         closing = [
-            asyncio.create_task(c.ws.close(CloseCode.GOING_AWAY, "edge draining"))
+            asyncio.create_task(self._close(c, CloseCode.GOING_AWAY, "edge draining"))
             for c in list(self.sessions.values())
         ]
         if closing:
@@ -292,31 +295,56 @@ class EdgeServer:
         )
 
     def _write(self, targets: list[ClientConnection], payload: bytes) -> None:
-        ready = []
+        # Frames are queued and written once per client per loop iteration: a burst (a
+        # batch of deliveries from a broker, a replay) costs one transport write per client.
+        to_flush = self._to_flush
+        if not to_flush:
+            asyncio.get_running_loop().call_soon(self._flush)
         for client in targets:
-            if client.ready:
-                ready.append(client)
-            else:
+            if not client.ready:
                 client.held.append(payload)
-        if not ready:
-            return
-        connections = [client.ws for client in ready]
-        broadcast(connections, payload, text=True)
-        metrics.FRAMES_OUT.inc(len(connections))
+                continue
+            if not client.outbox:
+                to_flush.append(client)
+            client.outbox.append(payload)
+
+    def _flush(self) -> None:
+        clients, self._to_flush = self._to_flush, []
+        frames = 0
         limit = self.settings.send_buffer_limit
-        for client in ready:
+        for client in clients:
+            frames += len(client.outbox)
+            self._flush_client(client)
             transport = client.ws.transport
             if transport is not None and transport.get_write_buffer_size() > limit:
                 # A client that does not read must not make the edge buffer without end.
                 log.warning("session %s exceeds the send buffer; closing", client.session)
                 transport.abort()
+        metrics.FRAMES_OUT.inc(frames)
+
+    @staticmethod
+    def _flush_client(client: ClientConnection) -> None:
+        """Write ``client``'s queued frames now (also before closing it, to keep order)."""
+        outbox, client.outbox = client.outbox, []
+        ws = client.ws
+        if not outbox or ws.protocol.state is not State.OPEN or ws.send_in_progress is not None:
+            return
+        send_text = ws.protocol.send_text
+        for payload in outbox:
+            send_text(payload)
+        data = ws.protocol.data_to_send()
+        ws.transport.write(data[0] if len(data) == 1 else b"".join(data))
+
+    async def _close(self, client: ClientConnection, code: int, reason: str) -> None:
+        self._flush_client(client)
+        await client.ws.close(code, reason)
 
     def _evict(self, client: ClientConnection) -> None:
         client.evicted = True
         if self.sessions.get(client.session) is client:
             del self.sessions[client.session]
         asyncio.get_running_loop().create_task(
-            client.ws.close(CLOSE_REPLACED, "session resumed on another connection")
+            self._close(client, CLOSE_REPLACED, "session resumed on another connection")
         )
 
     # ----------------------------------------------------------------- HTTP
@@ -449,7 +477,7 @@ class EdgeServer:
         try:
             async for frame in ws:
                 if isinstance(frame, bytes):
-                    await ws.close(CloseCode.UNSUPPORTED_DATA, "text frames only")
+                    await self._close(client, CloseCode.UNSUPPORTED_DATA, "text frames only")
                     return
                 metrics.FRAMES_IN.inc()
                 verdict = guard.admit(clock())
@@ -477,7 +505,7 @@ class EdgeServer:
                     self._write([client], _error(_RATE_LIMITED, _frame_id(frame)))
                 if verdict is Verdict.CLOSE:
                     assert guard.close_code is not None
-                    await ws.close(guard.close_code, guard.close_code.name.lower())
+                    await self._close(client, guard.close_code, guard.close_code.name.lower())
                     return
         except ConnectionClosed:
             return
