@@ -12,6 +12,7 @@ import secrets
 
 from broker.rooms import Outbound, RoomTable
 from signalpost.config import Settings
+from signalpost.discovery import Discovery
 from signalpost.lifecycle import until_stopped
 from signalpost.node import OwnerNode
 from signalpost.placement import ranking
@@ -36,9 +37,7 @@ class BrokerNode(OwnerNode):
 
     def __init__(self, settings: Settings) -> None:
         self.placement_id = settings.broker_bind
-        self.table = room_table(
-            settings, node_id=self.placement_id, replica_for=self._replica_for
-        )
+        self.table = room_table(settings, node_id=self.placement_id, replica_for=self._replica_for)
         super().__init__(settings, "broker", self.table, settings.broker_bind)
         self.peers: dict[str, DealerLink] = {}
         self._incarnation = new_incarnation()
@@ -90,9 +89,16 @@ class BrokerNode(OwnerNode):
                 link.start()
         self._peers_changed()
 
+    @property
+    def endpoint(self) -> str:
+        return self.placement_id
+
     async def started(self) -> None:
         self._running = True
         self.update_peers(list(self.settings.broker_endpoints))
+
+    def discovering(self, discovery: Discovery) -> None:
+        discovery.watch("broker", lambda members: self.update_peers(list(members.values())))
 
     async def stopping(self) -> None:
         for link in self.peers.values():

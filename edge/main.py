@@ -5,13 +5,28 @@ from __future__ import annotations
 from edge.server import EdgeServer
 from edge.zmq_backplane import ZmqBackplane
 from signalpost.config import Settings
+from signalpost.discovery import Discovery, Registration
 from signalpost.lifecycle import until_stopped
 
 
 async def run_edge(settings: Settings) -> None:
-    """Run one edge until SIGTERM/SIGINT, then close clients with 1001 and exit."""
+    """Run one edge until SIGTERM/SIGINT, then close clients with 1001 and exit.
+
+    With Consul, the edge registers once it serves (its ``/healthz`` is the check) and
+    deregisters before draining, so nothing new is sent its way while clients leave.
+    """
     edge = EdgeServer(settings, ZmqBackplane(settings))
     async with edge:
-        print(f"signalpost edge {edge.edge_id} ready on ws://{settings.host}:{edge.port}/v1/signal",
-              flush=True)
-        await until_stopped()
+        base = f"{settings.advertised_host}:{edge.port}"
+        url = f"ws://{base}/v1/signal"
+        discovery = None
+        if settings.consul_addr:
+            registration = Registration("edge", edge.edge_id, url, f"http://{base}/healthz")
+            discovery = Discovery(settings.consul_addr, registration)
+            discovery.start()
+        print(f"signalpost edge {edge.edge_id} ready on {url}", flush=True)
+        try:
+            await until_stopped()
+        finally:
+            if discovery is not None:
+                await discovery.close()

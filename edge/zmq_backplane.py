@@ -9,6 +9,7 @@ to the brokers whose heartbeats are current.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -16,11 +17,15 @@ import zmq.asyncio
 
 from edge.backplane import Inbox
 from signalpost.config import Settings
+from signalpost.discovery import Discovery
 from signalpost.placement import owner, ranking
 from signalpost.transport import DealerLink, new_incarnation
 from signalpost.wire import AttachCmd, DemoteCmd, EdgeSync, Envelope, RestoreCmd, RoomPosition
 
 log = logging.getLogger("signalpost.edge")
+
+#: How long an edge waits at start for Consul to name the first brokers.
+FIRST_DISCOVERY_TIMEOUT = 15.0
 
 
 class ZmqBackplane:
@@ -40,6 +45,7 @@ class ZmqBackplane:
         self._former_owners: dict[str, DealerLink] = {}  # the cache before the last change
         self._live_ids: list[str] = []
         self._started = False
+        self._discovery: Discovery | None = None
 
     # ----------------------------------------------------------------- membership
 
@@ -177,8 +183,31 @@ class ZmqBackplane:
         for link in [*self.brokers.values(), self.presence]:
             if link is not None:
                 link.start()
+        if self.settings.consul_addr:
+            await self._discover(self.settings.consul_addr)
+
+    async def _discover(self, address: str) -> None:
+        """Follow brokers and presence in Consul; wait (bounded) for the first brokers."""
+        self._discovery = Discovery(address)
+        found = asyncio.Event()
+
+        def brokers(members: dict[str, str]) -> None:
+            # A broker's placement id is its endpoint: every edge hashes the same strings.
+            self.update_brokers({endpoint: endpoint for endpoint in members.values()})
+            found.set()
+
+        self._discovery.watch("broker", brokers)
+        self._discovery.watch(
+            "presence", lambda members: self.update_presence(min(members.values()))
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(found.wait(), FIRST_DISCOVERY_TIMEOUT)
+        if not found.is_set() and not self.brokers:
+            log.warning("no broker found in Consul at %s yet; still watching", address)
 
     async def close(self) -> None:
+        if self._discovery is not None:
+            await self._discovery.close()
         for link in [*self.brokers.values(), self.presence]:
             if link is not None:
                 await link.close()

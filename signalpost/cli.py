@@ -147,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if logging.getLogger().level > logging.DEBUG:
+        # websockets logs every connection and HTTP request (health checks) at INFO.
+        logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
         args.func(args)
     except ConfigError as exc:

@@ -128,11 +128,13 @@ def plan(
     presence_port = free_port()
     presence_endpoint = f"tcp://127.0.0.1:{presence_port}"
     broker_endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in range(brokers)]
-    env = {
-        **env,
-        "SIGNALPOST_PRESENCE_ENDPOINT": presence_endpoint,
-        "SIGNALPOST_BROKER_ENDPOINTS": ",".join(broker_endpoints),
-    }
+    if not env.get("SIGNALPOST_CONSUL_ADDR"):
+        # Without Consul the nodes learn each other from static endpoints.
+        env = {
+            **env,
+            "SIGNALPOST_PRESENCE_ENDPOINT": presence_endpoint,
+            "SIGNALPOST_BROKER_ENDPOINTS": ",".join(broker_endpoints),
+        }
     children.append(
         Child(
             "presence",

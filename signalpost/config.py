@@ -67,8 +67,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     heartbeat_liveness: int = 6
     request_timeout: float = 2.0
     consul_addr: str | None = None  # host:port of a Consul agent; None = static endpoints
+    advertise_host: str | None = None  # address Consul and peers reach this node at (default: host)
     health_port: int = 0  # /healthz for Consul HTTP checks (0 = pick free)
     metrics_port: int | None = None
+
+    @property
+    def advertised_host(self) -> str:
+        """The address to put in URLs others use (a wildcard bind is no address)."""
+        if self.advertise_host:
+            return self.advertise_host
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
     @property
     def peer_expiry(self) -> float:

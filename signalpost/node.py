@@ -18,6 +18,8 @@ import zmq.asyncio
 
 from signalpost import metrics
 from signalpost.config import Settings
+from signalpost.discovery import Discovery, Registration
+from signalpost.health import HealthServer
 from signalpost.transport import RouterEndpoint
 from signalpost.wire import Envelope
 
@@ -58,6 +60,13 @@ class OwnerNode:
             peer_expiry=settings.peer_expiry,
         )
         self._counter = metrics.ENVELOPES.labels(kind=kind)
+        self.discovery: Discovery | None = None
+        self.health: HealthServer | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """The ZeroMQ endpoint other nodes dial (registered in Consul)."""
+        return self.router.endpoint
 
     def _send(self, outbound: list[Outbound]) -> None:
         send = self.router.send
@@ -75,20 +84,45 @@ class OwnerNode:
     async def started(self) -> None:
         """Hook: the router is up (subclasses open more links here)."""
 
+    def discovering(self, discovery: Discovery) -> None:
+        """Hook: Consul is configured; subclasses add the watchers they need."""
+
     async def stopping(self) -> None:
         """Hook: the node is about to close its router."""
+
+    async def _register(self) -> None:
+        address = self.settings.consul_addr
+        if not address:
+            return
+        self.health = HealthServer(self.settings.host, self.settings.health_port)
+        await self.health.start()
+        check_url = f"http://{self.settings.advertised_host}:{self.health.port}/healthz"
+        self.discovery = Discovery(
+            address, Registration(self.kind, self.node_id, self.endpoint, check_url)
+        )
+        self.discovering(self.discovery)
+        self.discovery.start()
+
+    async def _deregister(self) -> None:
+        if self.health is not None:
+            self.health.healthy = False
+        if self.discovery is not None:
+            await self.discovery.close()
+        if self.health is not None:
+            await self.health.close()
 
     async def run(self, until: Callable[[], Awaitable[None]]) -> None:
         """Serve until ``until()`` returns."""
         async with self.router:
             ticker = asyncio.create_task(self._expiry_loop(), name=f"{self.kind}-expiry")
             await self.started()
-            print(f"signalpost {self.kind} {self.node_id} ready on {self.router.endpoint}",
-                  flush=True)
+            await self._register()
+            print(f"signalpost {self.kind} {self.node_id} ready on {self.endpoint}", flush=True)
             try:
                 await until()
             finally:
                 ticker.cancel()
+                await self._deregister()
                 await self.stopping()
         self._context.term()
 

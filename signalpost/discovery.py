@@ -1,0 +1,283 @@
+"""Discovery through Consul: register this node with a health check, follow a tier's members.
+
+Every node registers as ``signalpost-<kind>`` with an HTTP check on its ``/healthz`` and
+its ZeroMQ endpoint (or ws URL for edges) in the service meta; it deregisters on a clean
+shutdown. Nodes follow the other tiers with blocking queries on ``/v1/health/service``
+(healthy instances only).
+
+Consul is a hint, not the source of truth for liveness: heartbeats between nodes decide
+that within a second or two. So the membership a watcher hands out changes cautiously
+(``Membership``, a sans-I/O core): new members are taken at once, a member is dropped only
+after it has been missing from every answer for ``removal_grace`` seconds, an empty answer
+never empties it, and while Consul cannot be reached the last known membership stands.
+A Consul agent that restarts (``-dev`` keeps no state) therefore changes nothing while the
+nodes re-register, which each does within ``REREGISTER_INTERVAL``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import consul
+
+log = logging.getLogger("signalpost.discovery")
+
+SERVICE_PREFIX: Final = "signalpost-"
+#: How long a blocking query waits for a change before returning the same answer.
+QUERY_WAIT: Final = 3.0
+#: Minimum time between two queries of one watcher (rate limit).
+MIN_QUERY_INTERVAL: Final = 0.2
+#: Longest back-off between queries while Consul fails.
+MAX_BACKOFF: Final = 5.0
+#: A member missing this long from Consul's answers is dropped.
+REMOVAL_GRACE: Final = 5.0
+#: How often a node checks that Consul still has its registration (and re-registers).
+REREGISTER_INTERVAL: Final = 1.0
+#: Consul's HTTP check settings for every node.
+CHECK_INTERVAL: Final = "1s"
+CHECK_TIMEOUT: Final = "1s"
+CHECK_DEREGISTER_AFTER: Final = "1m"
+#: Timeout of the non-blocking Consul calls (register, deregister, list).
+CALL_TIMEOUT: Final = 2.0
+
+T = TypeVar("T")
+
+
+def service_name(kind: str) -> str:
+    return SERVICE_PREFIX + kind
+
+
+def consul_client(address: str) -> consul.Consul:
+    """A py-consul client for ``host:port``."""
+    host, _, port = address.rpartition(":")
+    return consul.Consul(host=host or "127.0.0.1", port=int(port), connections_timeout=CALL_TIMEOUT)
+
+
+# --------------------------------------------------------------------------- sans-I/O core
+
+
+class Membership:
+    """What a watcher believes a tier's members are, from Consul's answers and failures.
+
+    ``members`` maps a member id to the endpoint to dial. Time is passed in.
+    """
+
+    def __init__(
+        self,
+        *,
+        min_interval: float = MIN_QUERY_INTERVAL,
+        max_backoff: float = MAX_BACKOFF,
+        removal_grace: float = REMOVAL_GRACE,
+        wait: float = QUERY_WAIT,
+    ) -> None:
+        self.members: dict[str, str] = {}
+        self.index = 0  # Consul's index to block on; 0: answer at once
+        self.errors = 0  # failed queries in a row
+        self._min_interval = min_interval
+        self._max_backoff = max_backoff
+        self._removal_grace = removal_grace
+        self._wait = wait
+        self._missing_since: dict[str, float] = {}
+        self._last_query = float("-inf")
+
+    def next_query(self, now: float) -> tuple[float, float]:
+        """``(delay, wait)``: sleep ``delay`` seconds, then query blocking up to ``wait``."""
+        interval = self._min_interval
+        if self.errors:
+            interval = min(self._max_backoff, self._min_interval * 2**self.errors)
+        delay = max(0.0, self._last_query + interval - now)
+        wait = self._wait
+        if self._missing_since:  # come back in time to apply a removal
+            due = min(self._missing_since.values()) + self._removal_grace
+            wait = max(self._min_interval, min(wait, due - now - delay))
+        return delay, wait
+
+    def query_started(self, now: float) -> None:
+        self._last_query = now
+
+    def failed(self) -> None:
+        """The query failed (Consul unreachable, error): keep everything as it is."""
+        self.errors += 1
+
+    def answered(self, index: int, found: dict[str, str], now: float) -> dict[str, str] | None:
+        """Apply an answer; returns the new membership when it changed, else None."""
+        self.errors = 0
+        # An index that goes backwards means Consul lost its state (restart): start over.
+        self.index = index if index > 0 and index >= self.index else 0
+        members = dict(self.members)
+        for member, endpoint in found.items():
+            members[member] = endpoint
+            self._missing_since.pop(member, None)
+        if found:  # an empty answer never empties the membership
+            for member in [m for m in members if m not in found]:
+                since = self._missing_since.setdefault(member, now)
+                if now - since >= self._removal_grace:
+                    del members[member]
+                    del self._missing_since[member]
+        if members == self.members:
+            return None
+        self.members = members
+        return dict(members)
+
+
+def members_of(entries: list[dict[str, Any]]) -> dict[str, str]:
+    """``{member id: endpoint}`` from a ``/v1/health/service`` answer."""
+    found: dict[str, str] = {}
+    for entry in entries:
+        service = entry.get("Service") or {}
+        endpoint = (service.get("Meta") or {}).get("endpoint")
+        member = service.get("ID")
+        if isinstance(endpoint, str) and endpoint and isinstance(member, str):
+            found[member] = endpoint
+    return found
+
+
+# --------------------------------------------------------------------------- I/O shell
+
+
+async def _in_thread(call: Callable[[], T]) -> T:
+    """Run a blocking Consul call in a daemon thread (a shutdown never waits for it)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(outcome, *args)
+
+    def deliver(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = call()
+        except BaseException as exc:  # handed to the awaiting task
+            settle(deliver, None, exc)
+        else:
+            settle(deliver, result, None)
+
+    threading.Thread(target=run, name="consul-call", daemon=True).start()
+    return await future
+
+
+@dataclass(frozen=True)
+class Registration:
+    """This node as Consul should list it."""
+
+    kind: str  # edge | broker | presence
+    node_id: str
+    endpoint: str  # what other nodes dial: a ZeroMQ endpoint, or an edge's ws URL
+    check_url: str  # the HTTP check Consul polls
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "name": service_name(self.kind),
+            "service_id": self.node_id,
+            "tags": [self.kind],
+            "meta": {"endpoint": self.endpoint},
+            "check": consul.Check.http(
+                self.check_url,
+                CHECK_INTERVAL,
+                timeout=CHECK_TIMEOUT,
+                deregister=CHECK_DEREGISTER_AFTER,
+            ),
+        }
+
+
+class Discovery:
+    """Registers one node and runs the watchers it asks for, until ``close()``."""
+
+    def __init__(self, address: str, registration: Registration | None = None) -> None:
+        self.address = address
+        self.registration = registration
+        self.registered = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        if self.registration is not None:
+            self._spawn(self._keep_registered(self.registration), "consul-register")
+
+    def watch(self, kind: str, on_change: Callable[[dict[str, str]], None]) -> None:
+        """Call ``on_change(members)`` with the healthy ``kind`` nodes, on every change."""
+        self._spawn(self._watch(kind, on_change), f"consul-watch-{kind}")
+
+    async def close(self) -> None:
+        """Stop watching and deregister (best effort, bounded)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.registration is not None:
+            node_id = self.registration.node_id
+            client = consul_client(self.address)
+            try:
+                async with asyncio.timeout(CALL_TIMEOUT + 1):
+                    await _in_thread(lambda: client.agent.service.deregister(node_id))
+                log.info("deregistered %s from Consul", node_id)
+            except Exception as exc:  # Consul down: its check deregisters us later
+                log.warning("could not deregister %s from Consul: %s", node_id, exc)
+
+    def _spawn(self, coroutine: Any, name: str) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(coroutine, name=name))
+
+    async def _keep_registered(self, registration: Registration) -> None:
+        client = consul_client(self.address)
+        payload = registration.payload()
+        node_id = registration.node_id
+        while True:
+            try:
+                services = await _in_thread(client.agent.services)
+                if node_id not in services:
+                    await _in_thread(lambda: client.agent.service.register(**payload))
+                    log.info("registered %s in Consul as %s", node_id, payload["name"])
+                self.registered.set()
+            except Exception as exc:
+                log.warning("Consul at %s: %s (will retry)", self.address, exc)
+            await asyncio.sleep(REREGISTER_INTERVAL)
+
+    async def _watch(self, kind: str, on_change: Callable[[dict[str, str]], None]) -> None:
+        client = consul_client(self.address)
+        name = service_name(kind)
+        membership = Membership()
+        loop = asyncio.get_running_loop()
+        while True:
+            delay, wait = membership.next_query(loop.time())
+            if delay:
+                await asyncio.sleep(delay)
+            membership.query_started(loop.time())
+            index = membership.index
+
+            def query(index: int = index, wait: float = wait) -> Any:
+                if index:
+                    return client.health.service(
+                        name, passing=True, index=index, wait=f"{wait:.1f}s"
+                    )
+                return client.health.service(name, passing=True)
+
+            try:
+                new_index, entries = await _in_thread(query)
+                changed = membership.answered(int(new_index or 0), members_of(entries), loop.time())
+            except Exception as exc:
+                if not membership.errors:
+                    log.warning(
+                        "Consul query for %s failed: %s; keeping %d known",
+                        name,
+                        exc,
+                        len(membership.members),
+                    )
+                membership.failed()
+                continue
+            if changed is not None:
+                log.info("%s members: %s", name, sorted(changed.values()))
+                on_change(changed)
