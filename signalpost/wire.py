@@ -28,7 +28,11 @@ UserId = NewType("UserId", str)
 EdgeId = NewType("EdgeId", str)
 ConnId = NewType("ConnId", str)
 
-RequestId = int | Annotated[str, Meta(max_length=64)]
+#: Integer ids must fit a signed 64-bit integer: they travel in msgpack envelopes, and
+#: that also keeps them within PROTOCOL.md's 64 characters.
+INT_ID_MIN: Final = -(2**63)
+INT_ID_MAX: Final = 2**63 - 1
+RequestId = Annotated[int, Meta(ge=INT_ID_MIN, le=INT_ID_MAX)] | Annotated[str, Meta(max_length=64)]
 RoomName = Annotated[str, Meta(min_length=1, max_length=128)]
 UserName = Annotated[str, Meta(min_length=1, max_length=256)]
 SessionRef = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -126,7 +130,9 @@ def _bad_request(frame: bytes | str, message: str) -> FrameError:
         candidate = parsed.get("id")
         if isinstance(candidate, bool):
             candidate = None
-        if isinstance(candidate, int) or (isinstance(candidate, str) and len(candidate) <= 64):
+        if (isinstance(candidate, int) and INT_ID_MIN <= candidate <= INT_ID_MAX) or (
+            isinstance(candidate, str) and len(candidate) <= 64
+        ):
             request_id = candidate
     return FrameError(message, request_id)
 
