@@ -12,14 +12,25 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import msgspec
+from msgspec import Meta
 
 from signalpost.errors import ConfigError
 
 ENV_PREFIX: Final = "SIGNALPOST_"
 DEV_JWT_SECRET: Final = "signalpost-dev-secret-change-me"
+
+_YEAR: Final = 365 * 86400.0
+# Range types: a bad value is refused at load time (naming the setting), not at first use.
+# NaN fails every comparison, so it is refused too.
+Count = Annotated[int, Meta(gt=0)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Seconds = Annotated[float, Meta(ge=0, le=_YEAR)]
+PositiveSeconds = Annotated[float, Meta(gt=0, le=_YEAR)]
+Rate = Annotated[float, Meta(gt=0)]
+Secret = Annotated[str, Meta(min_length=1)]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -27,35 +38,35 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     # client edge
     host: str = "127.0.0.1"
-    port: int = 8080
-    jwt_secret: str = DEV_JWT_SECRET
+    port: Port = 8080
+    jwt_secret: Secret = DEV_JWT_SECRET
     jwt_audience: str | None = None
-    jwt_leeway: float = 10.0
+    jwt_leeway: Seconds = 10.0
     jwt_public_key_file: str | None = None  # PEM; enables ES256/RS256 beside HS256
-    hello_timeout: float = 5.0
-    max_frame: int = 65536
-    heartbeat: int = 25
-    resume_window: float = 30.0
+    hello_timeout: PositiveSeconds = 5.0
+    max_frame: Count = 65536
+    heartbeat: Count = 25
+    resume_window: Seconds = 30.0
     allowed_origins: list[str] = []
-    rate_per_second: float = 50.0
-    rate_burst: int = 100
-    rate_strikes: int = 20  # rate_limited errors in a row before close 4429
-    bad_frame_strikes: int = 10  # bad_request errors within a minute before close 4400
-    max_watch: int = 1000
-    send_buffer_limit: int = 4 * 1024 * 1024  # bytes queued to a slow client before dropping it
-    drain_timeout: float = 10.0
+    rate_per_second: Rate = 50.0
+    rate_burst: Count = 100
+    rate_strikes: Count = 20  # rate_limited errors in a row before close 4429
+    bad_frame_strikes: Count = 10  # bad_request errors within a minute before close 4400
+    max_watch: Count = 1000
+    send_buffer_limit: Count = 4 * 1024 * 1024  # bytes queued to a slow client before dropping it
+    drain_timeout: Seconds = 10.0
     dev_tokens: bool = False  # serve /v1/dev-token (dev mode only)
 
     # TURN / STUN
     turn_secret: str | None = None
     turn_urls: list[str] = []
     stun_urls: list[str] = []
-    turn_ttl: int = 3600
+    turn_ttl: Count = 3600
 
     # rooms (broker)
-    room_capacity: int = 2
-    history_max_events: int = 1024
-    history_max_age: float = 120.0
+    room_capacity: Count = 2
+    history_max_events: Annotated[int, Meta(ge=0)] = 1024
+    history_max_age: Seconds = 120.0
 
     # cluster
     node_id: str | None = None
@@ -63,13 +74,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     broker_endpoints: list[str] = []
     presence_bind: str = "tcp://127.0.0.1:5565"
     presence_endpoint: str | None = None
-    heartbeat_interval: float = 0.5
-    heartbeat_liveness: int = 6
-    request_timeout: float = 2.0
+    heartbeat_interval: PositiveSeconds = 0.5
+    heartbeat_liveness: Count = 6
+    request_timeout: PositiveSeconds = 2.0
     consul_addr: str | None = None  # host:port of a Consul agent; None = static endpoints
     advertise_host: str | None = None  # address Consul and peers reach this node at (default: host)
-    health_port: int = 0  # /healthz for Consul HTTP checks (0 = pick free)
-    metrics_port: int | None = None
+    health_port: Port = 0  # /healthz for Consul HTTP checks (0 = pick free)
+    metrics_port: Port | None = None
 
     @property
     def advertised_host(self) -> str:
