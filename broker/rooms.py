@@ -90,7 +90,7 @@ class RoomEvent:
     at: float
     recipients: frozenset[str]
     payload: bytes
-    origin: tuple[str, int] = ("", 0)  # the signal request that caused it
+    origin: tuple[str, int] = ("", 0)  # the request (conn, seq) that caused it, if any
 
 
 @dataclass(slots=True)
@@ -224,9 +224,7 @@ class RoomTable:
             return self._join(command, out, now)
         return self._leave(command, out, now)
 
-    def _remember(
-        self, session: str, conn: str, seq: int, entry: tuple[bytes, str, int]
-    ) -> None:
+    def _remember(self, session: str, conn: str, seq: int, entry: tuple[bytes, str, int]) -> None:
         cache = self._replies.get(session)
         if cache is None or cache.conn != conn:
             cache = self._replies[session] = _ConnReplies(conn)
@@ -254,7 +252,9 @@ class RoomTable:
             self._rooms_of.setdefault(command.session, set()).add(command.room)
             offset = room.offset + 1
             frame = PeerJoinedFrame(room=room.name, peer=Raw(command.peer), offset=offset)
-            self._record(room, others, encode_frame(frame), now, out)
+            # With its origin, a copy re-sent for a retried join is dropped by the edges.
+            origin = (command.conn, command.seq)
+            self._record(room, others, encode_frame(frame), now, out, origin)
         else:
             # Joining twice is a no-op success; it also re-homes a session that moved.
             member.edge, member.conn, member.suspended_until = command.edge, command.conn, None
@@ -269,7 +269,7 @@ class RoomTable:
         if room is None or command.session not in room.members:
             raise NotInRoom(f"not a member of room {command.room!r}")
         self._activate(room)
-        self._remove(room, command.session, "left", now, out)
+        self._remove(room, command.session, "left", now, out, (command.conn, command.seq))
         return encode_frame(LeftFrame(room=command.room, id=command.req))
 
     def _signal(self, command: SignalCmd, out: list[Outbound], now: float) -> bytes:
@@ -356,9 +356,7 @@ class RoomTable:
             if complete and position is not None:
                 for event in room.history:
                     if event.offset > position.offset and command.session in event.recipients:
-                        out.append(
-                            (command.edge, Deliver([command.session], event.payload))
-                        )
+                        out.append((command.edge, Deliver([command.session], event.payload)))
             out.append(_recovered(command, name, complete))
         return out
 
@@ -374,8 +372,11 @@ class RoomTable:
                 self._remove(room, command.session, "disconnected", now, out)
             else:
                 member.suspended_until = now + self.resume_window
-        if command.ended:
-            self._replies.pop(command.session, None)
+        cache = self._replies.get(command.session)
+        if command.ended and cache is not None and cache.conn == command.conn:
+            # Only the connection the cache belongs to may drop it: a late report from an
+            # older connection must not make the live one's retries apply twice.
+            del self._replies[command.session]
         self._seal(out)
         return out
 
@@ -423,7 +424,13 @@ class RoomTable:
     # ----------------------------------------------------------------- internals
 
     def _remove(
-        self, room: Room, session: str, reason: LeaveReason, now: float, out: list[Outbound]
+        self,
+        room: Room,
+        session: str,
+        reason: LeaveReason,
+        now: float,
+        out: list[Outbound],
+        origin: tuple[str, int] = ("", 0),
     ) -> None:
         member = room.members.pop(session)
         rooms = self._rooms_of.get(session)
@@ -442,7 +449,7 @@ class RoomTable:
         frame = PeerLeftFrame(
             room=room.name, peer=Raw(member.peer), reason=reason, offset=room.offset + 1
         )
-        self._record(room, list(room.members.values()), encode_frame(frame), now, out)
+        self._record(room, list(room.members.values()), encode_frame(frame), now, out, origin)
 
     def _record(
         self,

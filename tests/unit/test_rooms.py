@@ -998,11 +998,6 @@ def test_a_retried_join_gets_the_same_joined_and_records_no_second_event() -> No
     assert last_offset(table, "r", a, b) == first["offset"] + 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a retried join/leave re-delivers its peer-joined/peer-left with no origin, "
-    "so the other member's edge cannot drop the copy and the client sees the event twice",
-)
 def test_a_retried_join_does_not_deliver_an_undroppable_second_peer_joined() -> None:
     table = make_table()
     a, b = sess("a"), sess("b")
@@ -1010,9 +1005,23 @@ def test_a_retried_join_does_not_deliver_an_undroppable_second_peer_joined() -> 
     command = b.join("r")
     table.handle(command, 0.0)
     again = table.handle(command, 1.0)
+    assert deliveries(again)
     for _, envelope in deliveries(again):
         # Whatever goes out again must be recognisable as a copy (edge/server.py
         # ``_first_copies`` drops a Deliver whose origin it has already seen).
+        assert (envelope.origin_conn, envelope.origin_seq) == (command.conn, command.seq)
+
+
+def test_a_retried_leave_delivers_only_droppable_copies_of_peer_left() -> None:
+    table = make_table()
+    a, b = sess("a"), sess("b")
+    joined(table, a, "r")
+    joined(table, b, "r")
+    command = b.leave("r")
+    table.handle(command, 0.0)
+    again = deliveries(table.handle(command, 1.0))
+    assert again  # re-sent in case the first copy died with a broker
+    for _, envelope in again:
         assert (envelope.origin_conn, envelope.origin_seq) == (command.conn, command.seq)
 
 
@@ -1054,12 +1063,6 @@ def test_the_same_seq_on_a_new_connection_is_a_new_request() -> None:
     assert to(b, second)[0]["offset"] == to(b, first)[0]["offset"] + 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: RoomTable.detach drops the session's reply cache on a stale DetachCmd "
-    "(ended=True from an old connection), so a retry from the live connection is applied "
-    "twice",
-)
 def test_a_stale_ended_detach_keeps_the_live_connections_retry_cache() -> None:
     table = make_table()
     a, b = sess("a"), sess("b")
