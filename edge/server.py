@@ -66,6 +66,7 @@ from signalpost.wire import (
     LeaveCmd,
     Ping,
     PongFrame,
+    PresenceFrame,
     Reply,
     RequestId,
     RestoreCmd,
@@ -132,7 +133,7 @@ class EdgeServer:
         self.sessions: dict[str, ClientConnection] = {}
         self._verifier = TokenVerifier(settings)
         self._resume_tokens = ResumeTokens(settings.jwt_secret)
-        self._claims: dict[str, asyncio.Future[bool]] = {}  # conn -> claim outcome
+        self._claims: dict[str, asyncio.Future[ClaimReply]] = {}  # conn -> claim outcome
         self._server: Server | None = None
         self._draining = False
         self._to_flush: list[ClientConnection] = []
@@ -215,7 +216,7 @@ class EdgeServer:
         elif isinstance(envelope, ClaimReply):
             claim = self._claims.get(envelope.conn)
             if claim is not None and not claim.done():
-                claim.set_result(envelope.live)
+                claim.set_result(envelope)
         elif isinstance(envelope, Evict):
             client = self.sessions.get(envelope.session)
             if client is not None and client.conn == envelope.conn:
@@ -257,8 +258,9 @@ class EdgeServer:
             client.rooms[command.room] = command.peer
             self.backplane.to_room_replica(
                 command.room,
-                RestoreCmd(client.session, client.conn, self.edge_id, command.room,
-                           command.peer, True),
+                RestoreCmd(
+                    client.session, client.conn, self.edge_id, command.room, command.peer, True
+                ),
             )
         elif isinstance(command, LeaveCmd) and payload.startswith(b'{"type":"left"'):
             client.rooms.pop(command.room, None)
@@ -417,10 +419,13 @@ class EdgeServer:
 
         conn = secrets.token_urlsafe(9)
         session = None
+        claimed: ClaimReply | None = None
         if hello.resume:
             session = self._resume_tokens.session_of(hello.resume, identity.user)
-            if session is not None and not await self._claim(session, identity.user, conn):
-                session = None
+            if session is not None:
+                claimed = await self._claim(session, identity.user, conn)
+                if not claimed.live:
+                    session = None
         resumed = session is not None
         session = session or secrets.token_urlsafe(16)
         s = self.settings
@@ -432,6 +437,10 @@ class EdgeServer:
             guard=ClientGuard(s.rate_per_second, s.rate_burst, s.rate_strikes, s.bad_frame_strikes),
             sender=sender_object(session, identity.user),
         )
+        if resumed and claimed is not None:
+            # The session's watches continue; it hears what changed while it was away.
+            client.watching = set(claimed.watching)
+            client.told_status = dict(claimed.watching)
         previous = self.sessions.get(session)
         if previous is not None:
             self._evict(previous)
@@ -453,20 +462,25 @@ class EdgeServer:
         self._write([client], encode_frame(welcome))
         for payload in held:
             self._write([client], payload)
+        if resumed and claimed is not None:
+            for user in claimed.changed:
+                status = claimed.watching[user]
+                self._write([client], encode_frame(PresenceFrame(user=user, status=status)))
         if resumed:
             self.backplane.attach(session, conn, dict(hello.rooms or {}))
         return client
 
-    async def _claim(self, session: str, user: str, conn: str) -> bool:
-        claim: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    async def _claim(self, session: str, user: str, conn: str) -> ClaimReply:
+        claim: asyncio.Future[ClaimReply] = asyncio.get_running_loop().create_future()
         self._claims[conn] = claim
         try:
             self.backplane.to_presence(ClaimCmd(session, user, self.edge_id, conn))
             return await asyncio.wait_for(claim, self.settings.request_timeout)
         except TimeoutError:
             # Presence unreachable: trust the signed token; brokers still decide per room.
+            # (Watches are not known then: the client re-watches if it wants them.)
             log.warning("presence did not answer a resume claim; resuming on the token")
-            return True
+            return ClaimReply(session, conn, True)
         finally:
             del self._claims[conn]
 

@@ -61,6 +61,9 @@ class PresenceTable:
         self._sessions_of: dict[str, set[str]] = {}  # user -> sessions with a lease
         self._watchers_of: dict[str, set[str]] = {}  # user -> watching sessions
         self._watched_by: dict[str, set[str]] = {}  # watching session -> users
+        # watching session -> what it was last told of each user; a resumed watcher is
+        # told what changed while it was away.
+        self._told: dict[str, dict[str, Status]] = {}
 
     def status(self, user: str) -> Status:
         """``online`` while any session of ``user`` holds a lease."""
@@ -73,7 +76,7 @@ class PresenceTable:
         if isinstance(command, SessionDown):
             return self.session_down(command, now)
         if isinstance(command, ClaimCmd):
-            return self.claim(command)
+            return self.claim(command, now)
         if isinstance(command, WatchCmd):
             return self.watch(command)
         if isinstance(command, UnwatchCmd):
@@ -106,16 +109,31 @@ class PresenceTable:
         lease.suspended_until = now + self.resume_window
         return []
 
-    def claim(self, command: ClaimCmd) -> list[Outbound]:
-        """May ``session`` resume? Yes while it holds a lease for the same user."""
-        lease = self.leases.get(command.session)
-        live = lease is not None and lease.user == command.user
+    def claim(self, command: ClaimCmd, now: float) -> list[Outbound]:
+        """May ``session`` resume? Yes while it holds a lease for the same user.
+
+        A lease whose resume window lapsed is over even if ``expire`` has not run yet.
+        """
         out: list[Outbound] = []
-        if live:
-            out = self.session_up(
-                SessionUp(command.session, command.user, command.edge, command.conn)
-            )
-        out.append((command.edge, ClaimReply(command.session, command.conn, live)))
+        lease = self.leases.get(command.session)
+        if lease is not None and lease.suspended_until is not None and lease.suspended_until <= now:
+            out.extend(self._end(command.session))
+            lease = None
+        if lease is None or lease.user != command.user:
+            out.append((command.edge, ClaimReply(command.session, command.conn, False)))
+            return out
+        out.extend(
+            self.session_up(SessionUp(command.session, command.user, command.edge, command.conn))
+        )
+        watching: dict[str, Status] = {
+            user: self.status(user) for user in sorted(self._watched_by.get(command.session, ()))
+        }
+        told = self._told.setdefault(command.session, {})
+        changed = [user for user, status in watching.items() if told.get(user) != status]
+        told.update(watching)
+        out.append(
+            (command.edge, ClaimReply(command.session, command.conn, True, watching, changed))
+        )
         return out
 
     def edge_lost(self, edge: str, now: float) -> list[Outbound]:
@@ -134,6 +152,8 @@ class PresenceTable:
                 out.extend(self.session_up(up))
         for session, users in command.watches.items():
             self._add_watches(session, users)
+            # The edge told its clients what it knew; it drops repeats of that itself.
+            self._told.setdefault(session, {}).update({u: self.status(u) for u in users})
         return out
 
     def expire(self, now: float) -> list[Outbound]:
@@ -157,6 +177,7 @@ class PresenceTable:
             if not sessions:
                 del self._sessions_of[lease.user]
                 self._notify(lease.user, "online", out)
+        self._told.pop(session, None)
         for user in self._watched_by.pop(session, ()):
             watchers = self._watchers_of.get(user)
             if watchers is not None:
@@ -170,15 +191,18 @@ class PresenceTable:
     def watch(self, command: WatchCmd) -> list[Outbound]:
         """Start watching users; reply with their current status."""
         self._add_watches(command.session, command.users)
-        snapshot: dict[str, str] = {user: self.status(user) for user in command.users}
-        payload = encode_frame(WatchingFrame(presence=snapshot, id=command.req))
+        snapshot: dict[str, Status] = {user: self.status(user) for user in command.users}
+        self._told.setdefault(command.session, {}).update(snapshot)
+        payload = encode_frame(WatchingFrame(presence=dict(snapshot), id=command.req))
         return [(command.edge, Reply(command.session, command.conn, command.seq, payload))]
 
     def unwatch(self, command: UnwatchCmd) -> list[Outbound]:
         """Stop watching users."""
         watched = self._watched_by.get(command.session, set())
+        told = self._told.get(command.session, {})
         for user in command.users:
             watched.discard(user)
+            told.pop(user, None)
             watchers = self._watchers_of.get(user)
             if watchers is not None:
                 watchers.discard(command.session)
@@ -186,6 +210,7 @@ class PresenceTable:
                     del self._watchers_of[user]
         if not watched:
             self._watched_by.pop(command.session, None)
+            self._told.pop(command.session, None)
         payload = encode_frame(UnwatchedFrame(id=command.req))
         return [(command.edge, Reply(command.session, command.conn, command.seq, payload))]
 
@@ -208,5 +233,6 @@ class PresenceTable:
             lease = self.leases.get(watcher)
             if lease is not None and lease.suspended_until is None:
                 by_edge.setdefault(lease.edge, []).append(watcher)
+                self._told.setdefault(watcher, {})[user] = now_status
         for edge, sessions in by_edge.items():
             out.append((edge, Deliver(sessions, payload)))

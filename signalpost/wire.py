@@ -411,6 +411,10 @@ class ClaimReply(_Envelope, tag=13, frozen=True):
     session: str
     conn: str
     live: bool
+    #: When live: the users the session watches and their status now, and those whose
+    #: status changed since the session was last told (it was away).
+    watching: dict[str, Literal["online", "offline"]] = {}
+    changed: list[str] = []
 
 
 class SessionUp(_Envelope, tag=20, frozen=True):

@@ -285,11 +285,6 @@ def test_claim_after_the_session_ended_is_not_live() -> None:
     assert out == [("edge-2", ClaimReply("e1", "new", False))]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: PresenceTable.claim ignores now: a claim after the resume window lapsed "
-    "but before the next expire() tick is still live",
-)
 def test_claim_after_the_resume_window_is_not_live_even_before_expire_runs() -> None:
     table = make_table()
     table.handle(up("e1", "eve"), 0.0)
@@ -352,21 +347,41 @@ def test_watchers_on_a_lost_edge_are_not_sent_to() -> None:
     assert [t for t, _ in delivers(out)] == ["edge-ok"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: PresenceTable: a watcher suspended while a watched user's status changed "
-    "is never told the change when it resumes (claim), so it keeps showing the old status",
-)
 def test_a_watcher_that_resumes_learns_what_changed_while_it_was_away() -> None:
     table = make_table()
     table.handle(up("e1", "eve", edge="edge-2"), 0.0)
+    table.handle(up("b1", "bob", edge="edge-2"), 0.0)
     table.handle(up("w", "watcher", edge="edge-1", conn="old"), 0.0)
-    table.handle(WatchCmd("w", "old", "edge-1", 1, 1, ["eve"]), 0.0)
+    table.handle(WatchCmd("w", "old", "edge-1", 1, 1, ["eve", "bob", "zoe"]), 0.0)
     table.handle(down("w", ended=False, edge="edge-1", conn="old"), 1.0)
     assert delivers(table.handle(down("e1", ended=True, edge="edge-2"), 2.0)) == []
     out = table.handle(claim("w", "watcher", "edge-3", "new"), 3.0)
-    # resumed: true means the same session continues, watches included.
-    assert presence_to(out, "w", "edge-3") == [offline("eve")]
+    # resumed: true means the same session continues, watches included: the new edge
+    # learns them, their status, and which changed while the watcher was away.
+    assert out[-1] == (
+        "edge-3",
+        ClaimReply(
+            "w", "new", True, {"bob": "online", "eve": "offline", "zoe": "offline"}, ["eve"]
+        ),
+    )
+    # Told once: from now on, changes reach the watcher on its new edge as usual.
+    out = table.handle(up("e2", "eve", edge="edge-2"), 4.0)
+    assert presence_to(out, "w", "edge-3") == [online("eve")]
+    out = table.handle(claim("w", "watcher", "edge-4", "newer"), 5.0)
+    assert out[-1][1] == ClaimReply(
+        "w", "newer", True, {"bob": "online", "eve": "online", "zoe": "offline"}, []
+    )
+
+
+def test_an_unwatched_user_is_not_in_a_resumed_watchers_claim() -> None:
+    table = make_table()
+    table.handle(up("w", "watcher", edge="edge-1", conn="old"), 0.0)
+    table.handle(WatchCmd("w", "old", "edge-1", 1, 1, ["eve", "bob"]), 0.0)
+    table.handle(UnwatchCmd("w", "old", "edge-1", 2, 2, ["eve"]), 0.0)
+    table.handle(down("w", ended=False, edge="edge-1", conn="old"), 1.0)
+    table.handle(up("e1", "eve", edge="edge-2"), 2.0)
+    out = table.handle(claim("w", "watcher", "edge-3", "new"), 3.0)
+    assert out[-1][1] == ClaimReply("w", "new", True, {"bob": "offline"}, [])
 
 
 # ------------------------------------------------------------------------------- edge sync

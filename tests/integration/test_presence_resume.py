@@ -1,0 +1,40 @@
+"""A watcher that resumes keeps its watches and hears what changed while it was away."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import RawClient, raw_client, url_of
+from tests.integration.conftest import DevFactory
+
+
+async def quiet(client: RawClient, seconds: float = 0.3) -> None:
+    with pytest.raises(TimeoutError):
+        frame = await client.recv(timeout=seconds)
+        pytest.fail(f"unexpected frame: {frame}")
+
+
+async def test_a_resumed_watcher_is_told_the_changes_it_missed(dev_factory: DevFactory) -> None:
+    server = await dev_factory()
+    url = url_of(server)
+    eve = await raw_client(url, "eve")
+    watcher = await raw_client(url, "watcher")
+    watching = await watcher.request({"type": "watch", "id": 1, "users": ["eve", "bob"]})
+    assert watching["presence"] == {"eve": "online", "bob": "offline"}
+
+    assert watcher.ws.transport is not None
+    watcher.ws.transport.abort()  # dropped, not closed: the session waits to be resumed
+    await eve.ws.close(1000)  # eve goes offline while nobody can tell the watcher
+    bob = await raw_client(url, "bob")
+    await bob.ws.close(1000)  # bob comes and goes: no net change to report
+
+    again = await raw_client(url, "watcher", resume=watcher.welcome["resume"])
+    assert again.welcome["resumed"] is True
+    assert await again.recv() == {"type": "presence", "user": "eve", "status": "offline"}
+    await quiet(again)
+
+    # The watches carried over: the next change arrives without a new watch.
+    await raw_client(url, "eve")
+    assert await again.recv() == {"type": "presence", "user": "eve", "status": "online"}
+    unwatched = await again.request({"type": "unwatch", "id": 2, "users": ["eve", "bob"]})
+    assert unwatched == {"type": "unwatched", "id": 2}
