@@ -91,8 +91,6 @@ log = logging.getLogger("signalpost.edge")
 
 SIGNAL_PATH = "/v1/signal"
 _PRESENCE_PREFIX = b'{"type":"presence"'
-#: Close code for a connection whose session resumed on another connection.
-CLOSE_REPLACED = 4409
 
 
 @dataclass(slots=True, eq=False)
@@ -346,7 +344,7 @@ class EdgeServer:
         if self.sessions.get(client.session) is client:
             del self.sessions[client.session]
         asyncio.get_running_loop().create_task(
-            self._close(client, CLOSE_REPLACED, "session resumed on another connection")
+            self._close(client, CloseCode.REPLACED, "session resumed on another connection")
         )
 
     # ----------------------------------------------------------------- HTTP

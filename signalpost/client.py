@@ -39,7 +39,7 @@ FINAL_CLOSE_CODES = frozenset(
         CloseCode.UNAUTHORIZED,
         CloseCode.ORIGIN_REFUSED,
         CloseCode.RATE_LIMITED,
-        4409,  # the session resumed on another connection
+        CloseCode.REPLACED,
     }
 )
 _REPLY_TYPES = frozenset(

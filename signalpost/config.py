@@ -80,7 +80,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     consul_addr: str | None = None  # host:port of a Consul agent; None = static endpoints
     advertise_host: str | None = None  # address Consul and peers reach this node at (default: host)
     health_port: Port = 0  # /healthz for Consul HTTP checks (0 = pick free)
-    metrics_port: Port | None = None
 
     @property
     def advertised_host(self) -> str:
@@ -139,11 +138,57 @@ def load_settings(
         raise ConfigError(f"invalid setting: {exc}") from exc
 
 
+#: What each setting means; ``settings_table()`` puts it in docs/configuration.md.
+MEANINGS: Final = {
+    "host": "address the edge (and a broker's/presence's health server) listens on",
+    "port": "edge WebSocket/HTTP port (0: pick a free one)",
+    "jwt_secret": "HS256 secret for client tokens; also keys resume tokens (same on every node)",
+    "jwt_audience": "required `aud` claim, when set",
+    "jwt_leeway": "seconds of clock skew allowed on `exp`/`nbf`/`iat`",
+    "jwt_public_key_file": "PEM public key: accept ES256/RS256 tokens too",
+    "hello_timeout": "seconds a new connection has to send `hello` (else close 4408)",
+    "max_frame": "largest client frame in bytes (larger: close 1009)",
+    "heartbeat": "seconds between WebSocket pings to clients (sent in `welcome`)",
+    "resume_window": "seconds a dropped session stays in its rooms, resumable",
+    "allowed_origins": "browser `Origin`s accepted (empty: any; else others get 4403)",
+    "rate_per_second": "frames per second per connection (token bucket refill)",
+    "rate_burst": "token bucket size",
+    "rate_strikes": "`rate_limited` errors in a row before close 4429",
+    "bad_frame_strikes": "`bad_request` errors within a minute before close 4400",
+    "max_watch": "users one session may watch",
+    "send_buffer_limit": "bytes queued to a client that does not read before it is dropped",
+    "drain_timeout": "seconds an edge waits for clients to leave on SIGTERM",
+    "dev_tokens": "serve `/v1/dev-token` (set by `signalpost dev` only)",
+    "turn_secret": "TURN REST shared secret (one of coturn's `static-auth-secret`)",
+    "turn_urls": "TURN URLs handed out with credentials (comma separated)",
+    "stun_urls": "STUN URLs handed out (comma separated)",
+    "turn_ttl": "seconds TURN credentials stay valid",
+    "room_capacity": "members per room (the seed app's rule is 2)",
+    "history_max_events": "events kept per room for resume",
+    "history_max_age": "seconds events are kept per room for resume",
+    "node_id": "this node's id (default: generated)",
+    "broker_bind": "a broker's ZeroMQ endpoint; also its placement id, so bind what others dial",
+    "broker_endpoints": "brokers to use without Consul (comma separated)",
+    "presence_bind": "the presence service's ZeroMQ endpoint",
+    "presence_endpoint": "presence endpoint to use without Consul",
+    "heartbeat_interval": "seconds between heartbeats on every ZeroMQ link",
+    "heartbeat_liveness": "heartbeats missed before a node is taken for dead",
+    "request_timeout": "seconds an edge waits for presence to answer a resume claim",
+    "consul_addr": "`host:port` of a Consul agent: register there and discover the others",
+    "advertise_host": "address Consul and other nodes reach this node at (default: host)",
+    "health_port": "port of a broker's/presence's `/healthz` and `/metrics` (0: pick free)",
+}
+
+
 def settings_table() -> str:
-    """Markdown table of every setting, its variable and default (for docs/configuration.md)."""
+    """Markdown table of every setting: variable, default, meaning (docs/configuration.md)."""
     defaults = Settings()
-    rows = ["| setting | environment variable | default |", "|---|---|---|"]
+    rows = [
+        "| setting | environment variable | default | meaning |",
+        "|---|---|---|---|",
+    ]
     for name in _FIELD_TYPES:
         value = getattr(defaults, name)
-        rows.append(f"| `{name}` | `{ENV_PREFIX}{name.upper()}` | `{value!r}` |")
+        meaning = MEANINGS[name]
+        rows.append(f"| `{name}` | `{ENV_PREFIX}{name.upper()}` | `{value!r}` | {meaning} |")
     return "\n".join(rows)

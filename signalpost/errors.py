@@ -50,6 +50,7 @@ class CloseCode(IntEnum):
     UNAUTHORIZED = 4401
     ORIGIN_REFUSED = 4403
     HELLO_TIMEOUT = 4408
+    REPLACED = 4409  # the session was resumed on another connection
     RATE_LIMITED = 4429
 
 
