@@ -26,6 +26,8 @@ CHROMIUM_ARGS = [
 START_TIMEOUT = 20.0
 CALL_TIMEOUT_MS = 30_000
 SCREENSHOT = Path("/tmp/demo-call.png")
+#: The ICE username fragment of the page's current local description.
+UFRAG_JS = "(() => signalpostDemo.link.pc.localDescription.sdp.match(/a=ice-ufrag:(\\S+)/)[1])()"
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,35 @@ class DemoPage:
         )
         frames: int = handle.json_value()
         return frames
+
+    def wait_frames_flowing(self) -> None:
+        """Remote video keeps decoding: more frames arrive (the call is live, not frozen)."""
+        frames = self.wait_remote_video_frames()
+        self.page.wait_for_function(
+            "(n) => document.querySelector('#remote-video')"
+            ".getVideoPlaybackQuality().totalVideoFrames > n",
+            arg=frames + 5,
+            polling=200,
+            timeout=CALL_TIMEOUT_MS,
+        )
+
+    def restart_ice(self, room: str) -> None:
+        """Tell the page its room lost events (``recovered: false``): its PeerLink restarts
+        ICE with new credentials through signaling; wait until connected again."""
+        before = self.page.evaluate(UFRAG_JS)
+        self.page.evaluate(
+            """(room) => signalpostDemo.client.dispatchEvent(new CustomEvent('recovered',
+                { detail: { type: 'recovered', room, recovered: false } }))""",
+            room,
+        )
+        self.page.wait_for_function(
+            f"(before) => signalpostDemo.link.pc.signalingState === 'stable'"
+            f" && {UFRAG_JS} !== before"
+            " && signalpostDemo.link.pc.connectionState === 'connected'",
+            arg=before,
+            polling=200,
+            timeout=CALL_TIMEOUT_MS,
+        )
 
     def send_chat(self, text: str) -> None:
         self.page.wait_for_selector("#chat-input:enabled")

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser.conftest import CALL_TIMEOUT_MS, SCREENSHOT, START_TIMEOUT, DemoPage
+from tests.browser.conftest import SCREENSHOT, START_TIMEOUT, DemoPage
 
 pytestmark = pytest.mark.browser
 
@@ -122,13 +122,7 @@ def test_two_party_call_with_chat_and_a_full_room(
     assert "Bob" in alice.page.inner_text("#peer-name")
 
     # Frames keep coming: the call is live, not one frame and a freeze.
-    first = bob.wait_remote_video_frames()
-    bob.page.wait_for_function(
-        f"document.querySelector('#remote-video').getVideoPlaybackQuality()"
-        f".totalVideoFrames > {first + 5}",
-        polling=200,
-        timeout=CALL_TIMEOUT_MS,
-    )
+    bob.wait_frames_flowing()
     alice.page.screenshot(path=str(SCREENSHOT))
 
     # A third person is turned away with a clear message, and stays in the lobby.
@@ -182,25 +176,8 @@ def test_the_call_survives_a_signaling_reconnect_and_an_ice_restart(
 
     # Signaling events lost (as when a room's history is gone): the link restarts ICE
     # with new credentials and media comes back.
-    ufrag = "(() => signalpostDemo.link.pc.localDescription.sdp.match(/a=ice-ufrag:(\\S+)/)[1])()"
-    before = alice.page.evaluate(ufrag)
-    alice.page.evaluate(
-        """(room) => signalpostDemo.client.dispatchEvent(new CustomEvent('recovered',
-            { detail: { type: 'recovered', room, recovered: false } }))""",
-        room,
-    )
-    alice.page.wait_for_function(
-        f"(before) => signalpostDemo.link.pc.signalingState === 'stable' && {ufrag} !== before"
-        " && signalpostDemo.link.pc.connectionState === 'connected'",
-        arg=before,
-        polling=200,
-    )
-    frames = bob.wait_remote_video_frames()
-    bob.page.wait_for_function(
-        f"document.querySelector('#remote-video').getVideoPlaybackQuality()"
-        f".totalVideoFrames > {frames + 5}",
-        polling=200,
-    )
+    alice.restart_ice(room)
+    bob.wait_frames_flowing()
     alice.send_chat("still here after the reconnect")
     bob.wait_chat("still here after the reconnect")
     bob.send_chat("and after the ICE restart")
