@@ -25,9 +25,6 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import msgspec
-
-import broker.rooms as rooms_module
 from broker.rooms import RoomTable
 from signalpost.wire import (
     WIRE_VERSION,
@@ -154,34 +151,12 @@ def _ready_table(rooms: int) -> RoomTable:
     return table
 
 
-class _UntrackedEvent(msgspec.Struct, gc=False):
-    """Experiment: a history event the cyclic GC never scans (tuple recipients)."""
-
-    offset: int
-    at: float
-    recipients: tuple[str, ...]
-    payload: bytes
-    origin: tuple[str, int] = ("", 0)
-
-
-def _untracked_event(
-    offset: int,
-    at: float,
-    recipients: Iterable[str],
-    payload: bytes,
-    origin: tuple[str, int] = ("", 0),
-) -> _UntrackedEvent:
-    return _UntrackedEvent(offset, at, tuple(recipients), payload, origin)
-
-
 def core(rooms: int = 1000, count: int = 200_000) -> dict[str, Any]:
     """Envelopes/s and per-call p50/p99/max through ``RoomTable``, four ways.
 
     ``handle``: ``RoomTable.handle`` as it is. ``step``: msgpack decode + handle + encode
     of every outbound envelope. ``handle_no_gc``: ``handle`` with the cyclic GC off (the
-    difference is what the GC costs once histories are full). ``handle_untracked``: an
-    experiment, ``broker.rooms.RoomEvent`` swapped for a ``gc=False`` struct with tuple
-    recipients for the run (skipped if the core no longer builds events that way).
+    difference is what the GC still costs once histories are full).
     """
     results: dict[str, Any] = {"rooms": rooms, "commands": count}
     results["handle"] = _timed(_ready_table(rooms), _signals(rooms, count))
@@ -194,14 +169,6 @@ def core(rooms: int = 1000, count: int = 200_000) -> dict[str, Any]:
     finally:
         gc.enable()
     del table
-    original = getattr(rooms_module, "RoomEvent", None)
-    try:
-        rooms_module.RoomEvent = _untracked_event  # type: ignore[attr-defined,assignment]
-        results["handle_untracked"] = _timed(_ready_table(rooms), _signals(rooms, count))
-    except Exception as exc:  # the core changed shape: report, don't fail the bench
-        results["handle_untracked"] = {"skipped": f"{type(exc).__name__}: {exc}"}
-    finally:
-        rooms_module.RoomEvent = original  # type: ignore[attr-defined]
     gc.collect()
     return results
 

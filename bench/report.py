@@ -421,7 +421,6 @@ def _broker(section: dict[str, Any]) -> list[str]:
             ("handle", "RoomTable.handle (pure core, as it is)"),
             ("step", "msgpack decode + RoomTable.handle + encode (broker step, no socket)"),
             ("handle_no_gc", "RoomTable.handle with the cyclic GC disabled"),
-            ("handle_untracked", "experiment: RoomEvent as a gc=False struct, tuple recipients"),
         ):
             v = core.get(key) or {}
             if "commands_per_s" not in v:

@@ -281,7 +281,7 @@ def scenario_broker(p: Profile) -> dict[str, Any]:
     log("broker: RoomTable core (3 runs)")
     runs = [broker_bench.core(rooms=1000, count=p.broker_count) for _ in range(3)]
     out["core"] = {"rooms": runs[0]["rooms"], "commands": runs[0]["commands"]}
-    for variant in ("handle", "step", "handle_no_gc", "handle_untracked"):
+    for variant in ("handle", "step", "handle_no_gc"):
         measured = [r[variant] for r in runs if "commands_per_s" in r.get(variant, {})]
         out["core"][variant] = (
             max(measured, key=lambda m: m["commands_per_s"])

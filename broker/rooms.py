@@ -82,13 +82,17 @@ class Member:
     suspended_until: float | None = None  # None while a connection holds the session
 
 
-@dataclass(slots=True)
-class RoomEvent:
-    """One numbered event of a room, kept for replay."""
+class RoomEvent(msgspec.Struct, gc=False, frozen=True):
+    """One numbered event of a room, kept for replay.
+
+    Not tracked by the cyclic GC (it only holds strings, bytes and numbers): full histories
+    would otherwise make every full collection walk them, a pause of 100+ ms per
+    collection under load (docs/performance.md, broker routing).
+    """
 
     offset: int
     at: float
-    recipients: frozenset[str]
+    recipients: tuple[str, ...]
     payload: bytes
     origin: tuple[str, int] = ("", 0)  # the request (conn, seq) that caused it, if any
 
@@ -463,7 +467,7 @@ class RoomTable:
         """Number an event, keep it for replay, and deliver it to attached recipients."""
         room.offset += 1
         event = RoomEvent(
-            room.offset, now, frozenset(m.session for m in recipients), payload, origin
+            room.offset, now, tuple([m.session for m in recipients]), payload, origin
         )
         room.history.append(event)
         self._trim(room, now)
@@ -604,7 +608,7 @@ class RoomTable:
                     RoomEvent(
                         replicated.offset,
                         now,
-                        frozenset(replicated.recipients),
+                        tuple(replicated.recipients),
                         replicated.payload,
                         (replicated.origin_conn, replicated.origin_seq),
                     )
