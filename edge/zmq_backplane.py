@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-import zmq.asyncio
+import zmq
 
 from edge.backplane import Inbox
 from signalpost.config import Settings
@@ -34,7 +34,7 @@ class ZmqBackplane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.incarnation = new_incarnation()
-        self._context = zmq.asyncio.Context()
+        self._context = zmq.Context()
         self.brokers: dict[str, DealerLink] = {}  # broker id -> link
         self.presence: DealerLink | None = None
         self._edge_id = ""

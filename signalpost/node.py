@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-import zmq.asyncio
+import zmq
 
 from signalpost import metrics
 from signalpost.config import Settings
@@ -46,7 +46,7 @@ class OwnerNode:
         self.kind = kind
         self.node_id = settings.node_id or f"{kind}-{secrets.token_hex(4)}"
         self.core = core
-        self._context = zmq.asyncio.Context()
+        self._context = zmq.Context()
         self._clock = time.monotonic
         self.settings = settings
         self.router = RouterEndpoint(

@@ -18,13 +18,13 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from signalpost.wire import WIRE_VERSION, Envelope, Heartbeat, decode_envelope, encode_envelope
 
@@ -37,29 +37,35 @@ DRAIN_BATCH = 512
 
 
 class FastSocket:
-    """A zmq.asyncio socket used through a sync shadow where that cannot block.
+    """A ZeroMQ socket driven by the event loop without a future per message.
 
-    zmq.asyncio pays a future and poller bookkeeping per call; here the loop awaits
-    readability once and then drains with NOBLOCK until ``zmq.Again``, and sends go
-    straight out unless the high-water mark is reached (then the async send queues them,
-    in order, behind any send already waiting).
+    The loop watches the socket's file descriptor. On each wake-up the socket is drained
+    with NOBLOCK until ``zmq.Again`` (at most ``DRAIN_BATCH`` per loop turn, for fairness).
+    ZeroMQ's descriptor is edge-triggered and any send can consume the edge, so after each
+    send ``ZMQ_EVENTS`` is checked and a drain scheduled if messages wait. Sends go straight
+    out; at the high-water mark they wait in a backlog, in order, until the socket takes
+    them again.
     """
 
-    def __init__(self, socket: zmq.asyncio.Socket) -> None:
-        self.socket = socket
-        self._sync: zmq.Socket[bytes] = zmq.Socket.shadow(socket.underlying)
-        self._waiting: asyncio.Future[Any] | None = None
+    def __init__(self, socket: zmq.Socket[bytes]) -> None:
+        self._socket = socket
+        self._backlog: deque[tuple[bytes, ...]] = deque()
+        self._on_message: Callable[[list[bytes]], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd: int | None = None
+        self._scheduled = False
+        self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
 
     def send(self, frames: tuple[bytes, ...]) -> None:
-        waiting = self._waiting
-        if waiting is None or waiting.done():
+        if self._backlog:
+            self._backlog.append(frames)
+        else:
             try:
-                self._sync.send_multipart(frames, zmq.NOBLOCK)
-                return
+                self._socket.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
-                pass
-        self._waiting = asyncio.ensure_future(self.socket.send_multipart(frames))
+                self._backlog.append(frames)
+        self._look()
 
     def start(
         self,
@@ -68,33 +74,61 @@ class FastSocket:
         heartbeat: Callable[[], Coroutine[Any, Any, None]],
     ) -> None:
         """Feed every received message to ``on_message``; run ``heartbeat`` beside it."""
-        self._tasks = [
-            asyncio.create_task(self._receive(on_message), name=f"{name} receive"),
-            asyncio.create_task(heartbeat(), name=f"{name} heartbeat"),
-        ]
+        self._loop = asyncio.get_running_loop()
+        self._on_message = on_message
+        fd = self._fd = int(self._socket.getsockopt(zmq.FD))
+        self._loop.add_reader(fd, self._service)
+        self._schedule()  # messages may already be waiting
+        self._tasks = [asyncio.create_task(heartbeat(), name=f"{name} heartbeat")]
 
     async def close(self) -> None:
-        """Stop the tasks and close the socket."""
+        """Stop and close the socket."""
+        self._closed = True
+        if self._loop is not None and self._fd is not None:
+            self._loop.remove_reader(self._fd)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self.socket.close(linger=0)
+        self._socket.close(linger=0)
 
-    async def _receive(self, on_message: Callable[[list[bytes]], None]) -> None:
-        # Await readability once, then drain (at most DRAIN_BATCH before yielding).
-        recv = self._sync.recv_multipart
-        while True:
-            await self.socket.poll(zmq.POLLIN)
-            for _ in range(DRAIN_BATCH):
-                try:
-                    frames = recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                on_message(frames)
-            else:
-                await asyncio.sleep(0)
+    def _look(self) -> None:
+        if self._on_message is None or self._scheduled or self._closed:
+            return
+        events = int(self._socket.getsockopt(zmq.EVENTS))
+        if events & zmq.POLLIN or (self._backlog and events & zmq.POLLOUT):
+            self._schedule()
+
+    def _schedule(self) -> None:
+        assert self._loop is not None
+        self._scheduled = True
+        self._loop.call_soon(self._service)
+
+    def _service(self) -> None:
+        self._scheduled = False
+        if self._closed:
+            return
+        socket = self._socket
+        backlog = self._backlog
+        while backlog:
+            try:
+                socket.send_multipart(backlog[0], zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            backlog.popleft()
+        on_message = self._on_message
+        assert on_message is not None
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            on_message(frames)
+        else:
+            self._schedule()  # more may wait: go on after other callbacks had a turn
+            return
+        self._look()
 
 
 def new_incarnation() -> str:
@@ -116,7 +150,7 @@ class RouterEndpoint:
 
     def __init__(
         self,
-        context: zmq.asyncio.Context,
+        context: zmq.Context[Any],
         bind: str,
         node_id: str,
         *,
@@ -207,7 +241,7 @@ class DealerLink:
 
     def __init__(
         self,
-        context: zmq.asyncio.Context,
+        context: zmq.Context[Any],
         endpoint: str,
         node_id: str,
         incarnation: str,
