@@ -225,7 +225,10 @@ class SignalpostClient:
     async def _open(self, *, resume: bool) -> dict[str, Any]:
         token = self._token() if callable(self._token) else self._token
         ws = await connect(
-            self.url, max_size=None, compression=None, origin=self.origin,  # type: ignore[arg-type]
+            self.url,
+            max_size=None,
+            compression=None,
+            origin=self.origin,  # type: ignore[arg-type]
             open_timeout=self.request_timeout,
         )
         hello: dict[str, Any] = {"type": "hello", "token": token}
@@ -384,9 +387,7 @@ class SignalpostClient:
 
     # ----------------------------------------------------------------- events
 
-    async def next_event(
-        self, kind: type[EventT] | None = None, *, timeout: float = 5.0
-    ) -> Any:
+    async def next_event(self, kind: type[EventT] | None = None, *, timeout: float = 5.0) -> Any:
         """The next event (of type ``kind``, skipping others); TimeoutError if none comes."""
         async with asyncio.timeout(timeout):
             while True:

@@ -113,10 +113,18 @@ def plan(
                 "consul",
                 "consul",
                 [
-                    "consul", "agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1",
+                    "consul",
+                    "agent",
+                    "-dev",
+                    "-bind=127.0.0.1",
+                    "-client=127.0.0.1",
                     f"-data-dir={data_dir}",
-                    *(f"-{name.replace('_', '-')}-port={port}" if "_" in name else
-                      f"-{name}-port={port}" for name, port in ports.items()),
+                    *(
+                        f"-{name.replace('_', '-')}-port={port}"
+                        if "_" in name
+                        else f"-{name}-port={port}"
+                        for name, port in ports.items()
+                    ),
                 ],
                 f"http://127.0.0.1:{consul_port}",
                 env,
@@ -243,8 +251,10 @@ def run_cluster(
         for child in children:
             child.start()
             if not _wait_ready(child, deadline):
-                print(f"signalpost cluster: {child.id} did not become ready; see {child.log_path}",
-                      file=sys.stderr)
+                print(
+                    f"signalpost cluster: {child.id} did not become ready; see {child.log_path}",
+                    file=sys.stderr,
+                )
                 return 1
         _write_state(state_path, children)
         print(f"signalpost cluster ready: {state_path}", flush=True)

@@ -26,6 +26,8 @@ from typing import Any, Final, TypeVar
 
 import consul
 
+from signalpost.lifecycle import cancel_all
+
 log = logging.getLogger("signalpost.discovery")
 
 SERVICE_PREFIX: Final = "signalpost-"
@@ -200,7 +202,6 @@ class Discovery:
     def __init__(self, address: str, registration: Registration | None = None) -> None:
         self.address = address
         self.registration = registration
-        self.registered = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -213,11 +214,7 @@ class Discovery:
 
     async def close(self) -> None:
         """Stop watching and deregister (best effort, bounded)."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         if self.registration is not None:
             node_id = self.registration.node_id
             client = consul_client(self.address)
@@ -241,7 +238,6 @@ class Discovery:
                 if node_id not in services:
                     await _in_thread(lambda: client.agent.service.register(**payload))
                     log.info("registered %s in Consul as %s", node_id, payload["name"])
-                self.registered.set()
             except Exception as exc:
                 log.warning("Consul at %s: %s (will retry)", self.address, exc)
             await asyncio.sleep(REREGISTER_INTERVAL)

@@ -14,7 +14,6 @@ empty" from "was briefly slow" and re-announce its soft state.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -26,6 +25,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from signalpost.lifecycle import cancel_all
 from signalpost.wire import WIRE_VERSION, Envelope, Heartbeat, decode_envelope, encode_envelope
 
 log = logging.getLogger("signalpost.transport")
@@ -86,11 +86,7 @@ class FastSocket:
         self._closed = True
         if self._loop is not None and self._fd is not None:
             self._loop.remove_reader(self._fd)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self._socket.close(linger=0)
 
     def _look(self) -> None:
