@@ -26,8 +26,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from broker.rooms import RoomTable
+from signalpost.transport import frame, unframe
 from signalpost.wire import (
-    WIRE_VERSION,
     Deliver,
     Envelope,
     Heartbeat,
@@ -194,22 +194,24 @@ def zmq_broker(
     heartbeat = encode_envelope(Heartbeat(EDGE, "bench-incarnation"))
 
     def send(envelope: Envelope) -> None:
-        socket.send_multipart((WIRE_VERSION, encode_envelope(envelope)))
+        socket.send(frame(encode_envelope(envelope)))
 
     def receive(timeout_ms: int) -> Envelope | None:
         if not socket.poll(timeout_ms):
             return None
         frames = socket.recv_multipart()
-        return decode_envelope(frames[1])
+        body = unframe(frames[0])
+        assert body is not None, frames
+        return decode_envelope(body)
 
     try:
-        socket.send_multipart((WIRE_VERSION, heartbeat))
+        socket.send(frame(heartbeat))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             envelope = receive(200)
             if isinstance(envelope, Heartbeat):
                 break
-            socket.send_multipart((WIRE_VERSION, heartbeat))
+            socket.send(frame(heartbeat))
         else:
             raise RuntimeError("the broker never answered the heartbeat")
         last_beat = time.monotonic()
@@ -217,7 +219,7 @@ def zmq_broker(
         def beat() -> None:
             nonlocal last_beat
             if time.monotonic() - last_beat > 0.25:
-                socket.send_multipart((WIRE_VERSION, heartbeat))
+                socket.send(frame(heartbeat))
                 last_beat = time.monotonic()
 
         for command in _joins(rooms):
@@ -254,7 +256,7 @@ def zmq_broker(
             elif isinstance(envelope, Deliver):
                 delivered += 1
             while socket.poll(0):
-                envelope = decode_envelope(socket.recv_multipart()[1])
+                envelope = decode_envelope(unframe(socket.recv()) or b"")
                 if isinstance(envelope, Reply):
                     answered += 1
                 elif isinstance(envelope, Deliver):

@@ -1,9 +1,10 @@
 """Node links over ZeroMQ: one ROUTER per owner node, one DEALER per edge and owner.
 
-Frame layout (defined once): a DEALER sends ``[WIRE_VERSION, body]``; the ROUTER sees
-``[peer identity, WIRE_VERSION, body]`` and answers the same way. ``body`` is one msgpack
-envelope (``signalpost.wire``). A DEALER's identity is its node id, so an owner addresses
-an edge by the id the edge put in its commands.
+Frame layout (defined once, ``frame``/``unframe``): a DEALER sends one frame,
+``WIRE_VERSION + body``; the ROUTER sees ``[peer identity, WIRE_VERSION + body]`` and
+answers the same way. ``body`` is one msgpack envelope (``signalpost.wire``). A DEALER's
+identity is its node id, so an owner addresses an edge by the id the edge put in its
+commands. One frame per envelope: every ZeroMQ frame costs a send call.
 
 Heartbeats go both ways every ``heartbeat_interval``; a peer silent for
 ``interval x liveness`` is dead (the Majordomo rule). Each node carries an
@@ -20,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import zmq
@@ -34,6 +35,26 @@ HIGH_WATER_MARK = 200_000
 
 #: Messages handled per wake-up before yielding to the event loop (fairness).
 DRAIN_BATCH = 512
+
+# Plain ints: pyzmq's enum flags cost more per call than the send itself.
+_NOBLOCK: Final = int(zmq.NOBLOCK)
+_MORE_NOBLOCK: Final = int(zmq.SNDMORE | zmq.NOBLOCK)
+_EVENTS: Final = int(zmq.EVENTS)
+_POLLIN: Final = int(zmq.POLLIN)
+_POLLOUT: Final = int(zmq.POLLOUT)
+_VERSION_LENGTH: Final = len(WIRE_VERSION)
+
+
+def frame(body: bytes) -> bytes:
+    """The one ZeroMQ frame that carries an encoded envelope."""
+    return WIRE_VERSION + body
+
+
+def unframe(payload: bytes) -> bytes | None:
+    """The envelope inside a frame; None when it is not of this wire version."""
+    if payload[:_VERSION_LENGTH] != WIRE_VERSION:
+        return None
+    return payload[_VERSION_LENGTH:]
 
 
 class FastSocket:
@@ -54,18 +75,26 @@ class FastSocket:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd: int | None = None
         self._scheduled = False
+        self._servicing = False
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
 
     def send(self, frames: tuple[bytes, ...]) -> None:
-        if self._backlog:
+        if self._backlog or not self._send_now(frames):
             self._backlog.append(frames)
-        else:
-            try:
-                self._socket.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.Again:
-                self._backlog.append(frames)
-        self._look()
+        if not self._servicing:  # a drain in progress looks at the end
+            self._look()
+
+    def _send_now(self, frames: tuple[bytes, ...]) -> bool:
+        send = self._socket.send
+        try:
+            # Multipart messages are atomic: only the first part can meet the HWM.
+            for part in frames[:-1]:
+                send(part, _MORE_NOBLOCK)
+            send(frames[-1], _NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
 
     def start(
         self,
@@ -92,8 +121,8 @@ class FastSocket:
     def _look(self) -> None:
         if self._on_message is None or self._scheduled or self._closed:
             return
-        events = int(self._socket.getsockopt(zmq.EVENTS))
-        if events & zmq.POLLIN or (self._backlog and events & zmq.POLLOUT):
+        events = int(self._socket.getsockopt(_EVENTS))
+        if events & _POLLIN or (self._backlog and events & _POLLOUT):
             self._schedule()
 
     def _schedule(self) -> None:
@@ -105,25 +134,25 @@ class FastSocket:
         self._scheduled = False
         if self._closed:
             return
-        socket = self._socket
         backlog = self._backlog
-        while backlog:
-            try:
-                socket.send_multipart(backlog[0], zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        while backlog and self._send_now(backlog[0]):
             backlog.popleft()
         on_message = self._on_message
         assert on_message is not None
-        for _ in range(DRAIN_BATCH):
-            try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            on_message(frames)
-        else:
-            self._schedule()  # more may wait: go on after other callbacks had a turn
-            return
+        recv = self._socket.recv_multipart
+        self._servicing = True
+        try:
+            for _ in range(DRAIN_BATCH):
+                try:
+                    frames = recv(_NOBLOCK)
+                except zmq.Again:
+                    break
+                on_message(frames)
+            else:
+                self._schedule()  # more may wait: go on after other callbacks had a turn
+                return
+        finally:
+            self._servicing = False
         self._look()
 
 
@@ -179,7 +208,7 @@ class RouterEndpoint:
 
     def send_body(self, peer: str, body: bytes) -> None:
         """Queue an already-encoded envelope for ``peer``."""
-        self._socket.send((peer.encode(), WIRE_VERSION, body))
+        self._socket.send((peer.encode(), frame(body)))
 
     async def __aenter__(self) -> RouterEndpoint:
         self._socket.start("router", self._receive, self._heartbeat_loop)
@@ -189,12 +218,13 @@ class RouterEndpoint:
         await self._socket.close()
 
     def _receive(self, frames: list[bytes]) -> None:
-        if len(frames) != 3 or frames[1] != WIRE_VERSION:
+        body = unframe(frames[1]) if len(frames) == 2 else None
+        if body is None:
             log.warning("dropping a message with a bad frame layout")
             return
         peer = frames[0].decode(errors="replace")
         try:
-            envelope = decode_envelope(frames[2])
+            envelope = decode_envelope(body)
         except msgspec.DecodeError as exc:
             log.warning("dropping an undecodable envelope from %s: %s", peer, exc)
             return
@@ -265,15 +295,15 @@ class DealerLink:
         self._on_down = on_down
         self._interval = heartbeat_interval
         self._expiry = peer_expiry
-        self._heartbeat = encode_envelope(Heartbeat(node_id, incarnation))
+        self._heartbeat = frame(encode_envelope(Heartbeat(node_id, incarnation)))
 
     def send(self, envelope: Envelope) -> None:
         """Queue ``envelope`` for the owner (ZeroMQ buffers it while reconnecting)."""
-        self._socket.send((WIRE_VERSION, encode_envelope(envelope)))
+        self._socket.send((frame(encode_envelope(envelope)),))
 
     def start(self) -> None:
         """Start receiving and heartbeating."""
-        self._socket.send((WIRE_VERSION, self._heartbeat))
+        self._socket.send((self._heartbeat,))
         self._socket.start(f"dealer {self.endpoint}", self._receive, self._heartbeat_loop)
 
     async def close(self) -> None:
@@ -281,11 +311,12 @@ class DealerLink:
         await self._socket.close()
 
     def _receive(self, frames: list[bytes]) -> None:
-        if len(frames) != 2 or frames[0] != WIRE_VERSION:
+        body = unframe(frames[0]) if len(frames) == 1 else None
+        if body is None:
             log.warning("dropping a message with a bad frame layout from %s", self.endpoint)
             return
         try:
-            envelope = decode_envelope(frames[1])
+            envelope = decode_envelope(body)
         except msgspec.DecodeError as exc:
             log.warning("dropping an undecodable envelope from %s: %s", self.endpoint, exc)
             return
@@ -311,7 +342,7 @@ class DealerLink:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            self._socket.send((WIRE_VERSION, self._heartbeat))
+            self._socket.send((self._heartbeat,))
             remote = self.remote
             if (
                 self.alive

@@ -7,7 +7,7 @@ Two vocabularies live here:
   ``decode_client``; the ``*Frame`` structs are what the server sends, encoded once by
   ``encode_frame`` and then passed around as bytes;
 * the **node envelopes** (msgpack on ZeroMQ between edge, broker and presence):
-  ``Envelope`` is their tagged union, framed as ``[WIRE_VERSION, msgpack body]``.
+  ``Envelope`` is their tagged union, sent as one frame ``WIRE_VERSION + msgpack body``.
 
 Payloads the server only relays (signal ``data``, peer objects) stay raw JSON bytes from
 the moment the edge validated them until the receiving edge writes them out, so a
@@ -37,8 +37,9 @@ RoomName = Annotated[str, Meta(min_length=1, max_length=128)]
 UserName = Annotated[str, Meta(min_length=1, max_length=256)]
 SessionRef = Annotated[str, Meta(min_length=1, max_length=64)]
 
-#: ZeroMQ frame layout: ``[WIRE_VERSION, body]`` (ROUTER sockets prepend the peer identity).
-WIRE_VERSION: Final = b"SP1"
+#: Prefix of every node-to-node frame (``signalpost.transport.frame``): ``WIRE_VERSION + body``
+#: (ROUTER sockets prepend the peer identity frame). SP2: one frame, no separate version.
+WIRE_VERSION: Final = b"SP2"
 
 
 # --------------------------------------------------------------------------- client -> server
