@@ -28,10 +28,20 @@ pytestmark = pytest.mark.coturn
 class _Sink(asyncio.DatagramProtocol):
     """The application side of a TURN endpoint; these tests only allocate."""
 
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()
+
 
 async def allocate(server: Coturn, username: str, password: str) -> tuple[str, int]:
-    """Allocate a relay on ``server``; returns the relayed address or raises."""
-    transport, _ = await aioice_turn.create_turn_endpoint(
+    """Allocate a relay on ``server``; returns the relayed address or raises.
+
+    The allocation is deleted before this returns, so the next one never meets it on a
+    reused client port (coturn answers that with 437).
+    """
+    transport, sink = await aioice_turn.create_turn_endpoint(
         _Sink, (server.host, server.port), username, password, lifetime=60
     )
     try:
@@ -39,6 +49,8 @@ async def allocate(server: Coturn, username: str, password: str) -> tuple[str, i
         return relayed
     finally:
         transport.close()
+        async with asyncio.timeout(10):
+            await sink.closed.wait()
 
 
 async def refused(server: Coturn, username: str, password: str) -> int:
