@@ -1,10 +1,11 @@
-"""EdgeServer: the WebSocket shell that clients connect to.
+"""EdgeServer: what clients connect to.
 
-Per connection: origin check, ``hello`` within ``hello_timeout`` (JWT or resume), then a
-read loop that validates each frame (``signalpost.wire.decode_client``), holds it to the
-connection's ``ClientGuard`` and turns it into a command for the room owner or the
-presence service. Everything the owners send back arrives at ``receive`` and is written
-to the client with ``broadcast`` (synchronous, no task per message).
+Per connection (an ``edge.websocket_link.WebSocketLink``, which hands over whole text
+messages synchronously): origin check, ``hello`` within ``hello_timeout`` (JWT or
+resume), then every frame is validated (``signalpost.wire.decode_client``), held to the
+connection's ``ClientGuard`` and turned into a command for the room owner or the
+presence service. Everything the owners send back arrives at ``receive`` and is queued
+per client, then written once per client per loop iteration.
 
 The same HTTP port serves ``/healthz``, ``/metrics``, the demo app and the JS SDK
 (``signalpost/static``) and, in dev mode only, ``/v1/dev-token``.
@@ -18,21 +19,21 @@ import logging
 import mimetypes
 import secrets
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib import resources
 from pathlib import PurePosixPath
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
-from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 
 from edge.backplane import Backplane
 from edge.guard import ClientGuard, Verdict
+from edge.websocket_link import WebSocketLink
 from signalpost import metrics
 from signalpost.auth import Identity, ResumeTokens, TokenVerifier, ice_servers, mint_token
 from signalpost.config import Settings
@@ -97,7 +98,7 @@ _PRESENCE_PREFIX = b'{"type":"presence"'
 class ClientConnection:
     """One authenticated WebSocket and the session it holds."""
 
-    ws: ServerConnection
+    link: WebSocketLink
     session: str
     conn: str
     identity: Identity
@@ -119,6 +120,18 @@ class ClientConnection:
         return self.seq
 
 
+@dataclass(slots=True, eq=False)
+class Greeting:
+    """A link that is open but not yet authenticated."""
+
+    timer: asyncio.TimerHandle
+    early: list[bytes] | None = None  # frames that came after hello, while it is checked
+
+
+#: Frames a client may send after its hello before the welcome; more is abuse.
+MAX_EARLY_FRAMES = 64
+
+
 class EdgeServer:
     """Serves ``/v1/signal`` and hands client commands to a ``Backplane``."""
 
@@ -132,7 +145,10 @@ class EdgeServer:
         self._verifier = TokenVerifier(settings)
         self._resume_tokens = ResumeTokens(settings.jwt_secret)
         self._claims: dict[str, asyncio.Future[ClaimReply]] = {}  # conn -> claim outcome
-        self._server: Server | None = None
+        self._server: asyncio.Server | None = None
+        self._links: dict[WebSocketLink, Greeting | ClientConnection | None] = {}
+        self._all_closed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._draining = False
         self._to_flush: list[ClientConnection] = []
         backplane.connect(self.edge_id, self.receive, self.sync_state, self.owners_changed)
@@ -149,18 +165,12 @@ class EdgeServer:
     async def start(self) -> None:
         """Start the backplane and listen."""
         await self.backplane.start()
-        self._server = await serve(
-            self._handle,
-            self.settings.host,
-            self.settings.port,
-            process_request=self._http,
-            max_size=self.settings.max_frame,
-            max_queue=64,
-            compression=None,  # per-message deflate costs ~300 KiB per idle connection
-            ping_interval=self.settings.heartbeat,
-            ping_timeout=self.settings.heartbeat,
-            server_header="signalpost",
+        loop = asyncio.get_running_loop()
+        max_size = self.settings.max_frame
+        self._server = await loop.create_server(
+            lambda: WebSocketLink(self, max_size), self.settings.host, self.settings.port
         )
+        self._spawn(self._keepalive())
         log.info("edge %s listening on %s:%d", self.edge_id, self.settings.host, self.port)
 
     async def drain(self) -> None:
@@ -168,15 +178,20 @@ class EdgeServer:
         self._draining = True
         if self._server is None:
             return
-        self._server.close(close_connections=False)
-        closing = [
-            asyncio.create_task(self._close(c, CloseCode.GOING_AWAY, "edge draining"))
-            for c in list(self.sessions.values())
-        ]
-        if closing:
-            await asyncio.wait(closing, timeout=self.settings.drain_timeout)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._server.wait_closed(), self.settings.drain_timeout)
+        self._server.close()  # no new connections; the open ones are closed below
+        for link, state in list(self._links.items()):
+            if isinstance(state, ClientConnection):
+                self._close(state, CloseCode.GOING_AWAY, "edge draining")
+            else:
+                link.close(CloseCode.GOING_AWAY, "edge draining")
+        if self._links:
+            self._all_closed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), self.settings.drain_timeout)
+        for link in list(self._links):
+            link.abort()
+        for task in list(self._tasks):
+            task.cancel()
 
     async def close(self) -> None:
         """Drain clients, then stop the backplane."""
@@ -189,6 +204,18 @@ class EdgeServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _keepalive(self) -> None:
+        # One timer for the whole edge instead of one per connection.
+        while True:
+            await asyncio.sleep(self.settings.heartbeat)
+            for link in list(self._links):
+                link.keepalive()
 
     # ----------------------------------------------------------------- from owners
 
@@ -315,50 +342,42 @@ class EdgeServer:
         for client in clients:
             frames += len(client.outbox)
             self._flush_client(client)
-            transport = client.ws.transport
-            if transport is not None and transport.get_write_buffer_size() > limit:
+            if client.link.write_buffer_size() > limit:
                 # A client that does not read must not make the edge buffer without end.
                 log.warning("session %s exceeds the send buffer; closing", client.session)
-                transport.abort()
+                client.link.abort()
         metrics.FRAMES_OUT.inc(frames)
 
     @staticmethod
     def _flush_client(client: ClientConnection) -> None:
         """Write ``client``'s queued frames now (also before closing it, to keep order)."""
         outbox, client.outbox = client.outbox, []
-        ws = client.ws
-        if not outbox or ws.protocol.state is not State.OPEN or ws.send_in_progress is not None:
-            return
-        send_text = ws.protocol.send_text
-        for payload in outbox:
-            send_text(payload)
-        data = ws.protocol.data_to_send()
-        ws.transport.write(data[0] if len(data) == 1 else b"".join(data))
+        if outbox:
+            client.link.send_texts(outbox)
 
-    async def _close(self, client: ClientConnection, code: int, reason: str) -> None:
+    def _close(self, client: ClientConnection, code: int, reason: str) -> None:
         self._flush_client(client)
-        await client.ws.close(code, reason)
+        client.link.close(code, reason)
 
     def _evict(self, client: ClientConnection) -> None:
         client.evicted = True
         if self.sessions.get(client.session) is client:
             del self.sessions[client.session]
-        asyncio.get_running_loop().create_task(
-            self._close(client, CloseCode.REPLACED, "session resumed on another connection")
-        )
+        self._close(client, CloseCode.REPLACED, "session resumed on another connection")
 
     # ----------------------------------------------------------------- HTTP
 
-    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+    def on_request(self, link: WebSocketLink, request: Request) -> Response:
+        """Answer an HTTP request: the WebSocket handshake on ``/v1/signal``, or a page."""
         url = urlsplit(request.path)
         if url.path == SIGNAL_PATH:
             if self._draining:
-                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
-            return None
+                return link.protocol.reject(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            return link.protocol.accept(request)
         if url.path == "/healthz":
             if self._draining:
-                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
-            return connection.respond(HTTPStatus.OK, "ok\n")
+                return link.protocol.reject(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            return link.protocol.reject(HTTPStatus.OK, "ok\n")
         if url.path == "/metrics":
             body, content_type = metrics.exposition()
             return _response(HTTPStatus.OK, body, content_type)
@@ -377,33 +396,62 @@ class EdgeServer:
 
     # ----------------------------------------------------------------- connections
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        origin = ws.request.headers.get("Origin") if ws.request else None
+    def on_open(self, link: WebSocketLink) -> None:
+        """A WebSocket opened: check its origin, then wait for ``hello``."""
+        request = link.request
+        origin = request.headers.get("Origin") if request is not None else None
         allowed = self.settings.allowed_origins
         if allowed and origin not in allowed:
-            await ws.close(CloseCode.ORIGIN_REFUSED, "origin refused")
+            link.close(CloseCode.ORIGIN_REFUSED, "origin refused")
             return
-        client = await self._hello(ws)
-        if client is None:
-            return
-        metrics.CONNECTIONS.inc()
-        try:
-            await self._serve(client)
-        finally:
-            metrics.CONNECTIONS.dec()
-            self._closed(client)
+        timer = asyncio.get_running_loop().call_later(
+            self.settings.hello_timeout, link.close, CloseCode.HELLO_TIMEOUT, "hello timeout"
+        )
+        self._links[link] = Greeting(timer)
 
-    async def _hello(self, ws: ServerConnection) -> ClientConnection | None:
-        try:
-            first = await asyncio.wait_for(ws.recv(), self.settings.hello_timeout)
-        except TimeoutError:
-            await ws.close(CloseCode.HELLO_TIMEOUT, "hello timeout")
-            return None
-        except ConnectionClosed:
-            return None
-        if isinstance(first, bytes):
-            await ws.close(CloseCode.UNSUPPORTED_DATA, "text frames only")
-            return None
+    def on_binary(self, link: WebSocketLink) -> None:
+        state = self._links.get(link)
+        if isinstance(state, ClientConnection):
+            self._close(state, CloseCode.UNSUPPORTED_DATA, "text frames only")
+        else:
+            link.close(CloseCode.UNSUPPORTED_DATA, "text frames only")
+
+    def on_text(self, link: WebSocketLink, message: bytes) -> None:
+        state = self._links.get(link)
+        if type(state) is ClientConnection:
+            self._serve(state, message)
+        elif isinstance(state, Greeting):
+            if state.early is None:
+                state.timer.cancel()
+                state.early = []
+                self._spawn(self._hello(link, state, message))
+            elif len(state.early) < MAX_EARLY_FRAMES:
+                state.early.append(message)
+            else:
+                link.close(CloseCode.RATE_LIMITED, "too many frames before the welcome")
+
+    def on_closed(self, link: WebSocketLink) -> None:
+        state = self._links.pop(link, None)
+        if isinstance(state, ClientConnection):
+            metrics.CONNECTIONS.dec()
+            self._closed(state)
+        elif isinstance(state, Greeting):
+            state.timer.cancel()
+        if not self._links:
+            self._all_closed.set()
+
+    async def _hello(self, link: WebSocketLink, greeting: Greeting, first: bytes) -> None:
+        client = await self._authenticate(link, first)
+        if client is None or self._links.get(link) is not greeting:
+            return  # refused, or the link closed while the claim was out
+        self._links[link] = client
+        metrics.CONNECTIONS.inc()
+        for message in greeting.early or ():
+            if self._links.get(link) is not client:
+                break
+            self._serve(client, message)
+
+    async def _authenticate(self, link: WebSocketLink, first: bytes) -> ClientConnection | None:
         try:
             hello = decode_client(first)
             if not isinstance(hello, Hello):
@@ -411,8 +459,8 @@ class EdgeServer:
             identity = self._verifier.verify(hello.token, time.time())
         except ProtocolError as exc:
             # Whatever the first frame got wrong, nobody gets in without a good hello.
-            await _send_now(ws, _error(Unauthorized(exc.message), request_id_of(exc)))
-            await ws.close(CloseCode.UNAUTHORIZED, "unauthorized")
+            link.send_texts([_error(Unauthorized(exc.message), request_id_of(exc))])
+            link.close(CloseCode.UNAUTHORIZED, "unauthorized")
             return None
 
         conn = secrets.token_urlsafe(9)
@@ -424,11 +472,13 @@ class EdgeServer:
                 claimed = await self._claim(session, identity.user, conn)
                 if not claimed.live:
                     session = None
+                if not link.is_open:
+                    return None  # gone while the claim was out: nothing was taken over
         resumed = session is not None
         session = session or secrets.token_urlsafe(16)
         s = self.settings
         client = ClientConnection(
-            ws=ws,
+            link=link,
             session=session,
             conn=conn,
             identity=identity,
@@ -482,45 +532,35 @@ class EdgeServer:
         finally:
             del self._claims[conn]
 
-    async def _serve(self, client: ClientConnection) -> None:
-        ws = client.ws
+    def _serve(self, client: ClientConnection, frame: bytes) -> None:
+        metrics.FRAMES_IN.inc()
         guard = client.guard
-        clock = time.monotonic
-        try:
-            async for frame in ws:
-                if isinstance(frame, bytes):
-                    await self._close(client, CloseCode.UNSUPPORTED_DATA, "text frames only")
+        verdict = guard.admit(time.monotonic())
+        if verdict is Verdict.SERVE:
+            try:
+                message = decode_client(frame)
+            except ProtocolError as exc:
+                self._write([client], _error(exc, request_id_of(exc)))
+                verdict = guard.bad_frame(time.monotonic())
+            else:
+                try:
+                    self._dispatch(client, message)
                     return
-                metrics.FRAMES_IN.inc()
-                verdict = guard.admit(clock())
-                if verdict is Verdict.SERVE:
-                    try:
-                        message = decode_client(frame)
-                    except ProtocolError as exc:
-                        self._write([client], _error(exc, request_id_of(exc)))
-                        verdict = guard.bad_frame(clock())
-                    else:
-                        try:
-                            self._dispatch(client, message)
-                            continue
-                        except ProtocolError as exc:
-                            self._write([client], _error(exc, message.id))
-                            if not isinstance(exc, BadRequest):
-                                continue
-                            verdict = guard.bad_frame(clock())
-                        except Exception:
-                            # A bug must cost this one request, not the connection or the edge.
-                            log.exception("serving a frame of %s failed", client.session)
-                            self._write([client], _error(_INTERNAL, message.id))
-                            continue
-                else:
-                    self._write([client], _error(_RATE_LIMITED, _frame_id(frame)))
-                if verdict is Verdict.CLOSE:
-                    assert guard.close_code is not None
-                    await self._close(client, guard.close_code, guard.close_code.name.lower())
+                except ProtocolError as exc:
+                    self._write([client], _error(exc, message.id))
+                    if not isinstance(exc, BadRequest):
+                        return
+                    verdict = guard.bad_frame(time.monotonic())
+                except Exception:
+                    # A bug must cost this one request, not the connection or the edge.
+                    log.exception("serving a frame of %s failed", client.session)
+                    self._write([client], _error(_INTERNAL, message.id))
                     return
-        except ConnectionClosed:
-            return
+        else:
+            self._write([client], _error(_RATE_LIMITED, _frame_id(frame)))
+        if verdict is Verdict.CLOSE:
+            assert guard.close_code is not None
+            self._close(client, guard.close_code, guard.close_code.name.lower())
 
     def _dispatch(self, client: ClientConnection, message: ClientMessage) -> None:
         # Ordered by frequency: signals dominate a call's traffic.
@@ -590,7 +630,7 @@ class EdgeServer:
         if self.sessions.get(client.session) is client:
             del self.sessions[client.session]
         # A client's own close 1000 ends the session; anything else may still resume.
-        close_rcvd = client.ws.protocol.close_rcvd
+        close_rcvd = client.link.protocol.close_rcvd
         ended = close_rcvd is not None and close_rcvd.code == CloseCode.NORMAL
         if client.guard.close_code is not None:
             ended = True  # closed for abuse: no resume
@@ -607,17 +647,12 @@ def _error(exc: ProtocolError, request_id: RequestId | None) -> bytes:
     return encode_frame(ErrorFrame(code=exc.code, message=exc.message, id=request_id))
 
 
-def _frame_id(frame: str) -> RequestId | None:
+def _frame_id(frame: bytes) -> RequestId | None:
     """The id of a frame refused before it was served, so the error can echo it."""
     try:
         return decode_client(frame).id
     except ProtocolError as exc:
         return request_id_of(exc)
-
-
-async def _send_now(ws: ServerConnection, payload: bytes) -> None:
-    with contextlib.suppress(ConnectionClosed):
-        await ws.send(payload, text=True)
 
 
 def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:

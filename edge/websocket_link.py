@@ -1,0 +1,213 @@
+"""WebSocketLink: one client TCP connection, driven by websockets' sans-I/O protocol.
+
+The asyncio shell of the edge: bytes in (``data_received``) are fed to
+``websockets.server.ServerProtocol``; the events that come out (the HTTP request, whole
+text messages) go synchronously to a ``LinkHandler`` (the ``EdgeServer``), and what the
+protocol has to send is written straight to the transport. No task per connection and
+no future per frame: that is what the websockets asyncio server spent most of a relayed
+message's CPU on (docs/performance.md).
+
+The shell keeps what the asyncio server did for us: the opening handshake and plain HTTP
+responses, reassembly of fragmented messages, UTF-8 validation of text (close 1007), the
+frame size limit (1009), keepalive pings (``keepalive``: a peer that has not answered the
+previous ping is closed with 1011) and the closing handshake with a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol, cast
+
+from websockets.frames import CloseCode as WsCloseCode
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+log = logging.getLogger("signalpost.edge")
+
+#: Seconds a closing handshake may take before the TCP connection is dropped.
+CLOSE_TIMEOUT = 10.0
+
+_TEXT = Opcode.TEXT
+_CONT = Opcode.CONT
+_BINARY = Opcode.BINARY
+_PONG = Opcode.PONG
+_OPEN = State.OPEN
+
+
+class LinkHandler(Protocol):
+    """What a link hands its events to."""
+
+    def on_request(self, link: WebSocketLink, request: Request) -> Response:
+        """Answer the HTTP request: a 101 from ``link.protocol.accept`` opens the link."""
+
+    def on_open(self, link: WebSocketLink) -> None:
+        """The WebSocket handshake completed."""
+
+    def on_text(self, link: WebSocketLink, message: bytes) -> None:
+        """A whole text message arrived (valid UTF-8)."""
+
+    def on_binary(self, link: WebSocketLink) -> None:
+        """A binary message arrived."""
+
+    def on_closed(self, link: WebSocketLink) -> None:
+        """The TCP connection is gone."""
+
+
+class WebSocketLink(asyncio.Protocol):
+    """One connection: an ``asyncio.Protocol`` feeding a ``ServerProtocol``."""
+
+    def __init__(self, handler: LinkHandler, max_size: int) -> None:
+        self.handler = handler
+        # No extensions offered: no per-message deflate (it costs ~300 KiB per connection).
+        self.protocol = ServerProtocol(max_size=max_size)
+        self.transport: asyncio.Transport | None = None
+        self.request: Request | None = None
+        self.awaiting_pong = False
+        self._fragments: list[bytes] | None = None  # parts of a fragmented text message
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # ----------------------------------------------------------------- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        protocol = self.protocol
+        protocol.receive_data(data)
+        for event in protocol.events_received():
+            if isinstance(event, Frame):
+                self._frame(event)
+            elif isinstance(event, Request):
+                self._request(event)
+        self.flush()
+        if protocol.close_expected():
+            self._arm_close_timer()
+
+    def eof_received(self) -> bool | None:
+        self.protocol.receive_eof()
+        self.flush()
+        return None  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        self.handler.on_closed(self)
+
+    # ----------------------------------------------------------------- events
+
+    def _request(self, request: Request) -> None:
+        self.request = request
+        try:
+            response = self.handler.on_request(self, request)
+        except Exception:
+            log.exception("answering %s failed", request.path)
+            response = self.protocol.reject(500, "internal error\n")
+        response.headers["Server"] = "signalpost"
+        self.protocol.send_response(response)
+        if self.protocol.state is _OPEN:
+            self.flush()  # the 101 goes out before anything the handler writes
+            self.handler.on_open(self)
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        data = cast(bytes, frame.data)  # the parser makes bytes
+        if opcode is _TEXT:
+            if frame.fin:
+                self._text(data)
+            else:
+                self._fragments = [data]
+        elif opcode is _CONT:
+            if self._fragments is None:  # continues a binary message
+                if frame.fin:
+                    self.handler.on_binary(self)
+                return
+            self._fragments.append(data)
+            if frame.fin:
+                parts, self._fragments = self._fragments, None
+                self._text(b"".join(parts))
+        elif opcode is _PONG:
+            self.awaiting_pong = False
+        elif opcode is _BINARY and frame.fin:
+            self.handler.on_binary(self)
+
+    def _text(self, message: bytes) -> None:
+        try:
+            message.decode()
+        except UnicodeDecodeError as exc:
+            # A frame relayed as it came must not carry bytes a browser would choke on.
+            self.close(WsCloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+            return
+        self.handler.on_text(self, message)
+
+    # ----------------------------------------------------------------- output
+
+    @property
+    def is_open(self) -> bool:
+        return self.protocol.state is _OPEN
+
+    def send_texts(self, messages: list[bytes]) -> None:
+        """Write ``messages`` (UTF-8 text) in one transport write, if the link is open."""
+        protocol = self.protocol
+        if protocol.state is not _OPEN:
+            return
+        send_text = protocol.send_text
+        for message in messages:
+            send_text(message)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write whatever the protocol has to send; b"" from it means half-close."""
+        chunks = self.protocol.data_to_send()
+        if not chunks:
+            return
+        transport = self.transport
+        assert transport is not None
+        if len(chunks) == 1 and chunks[0]:
+            transport.write(chunks[0])
+            return
+        for chunk in chunks:
+            if chunk:
+                transport.write(chunk)
+            elif transport.can_write_eof():
+                transport.write_eof()
+                self._arm_close_timer()
+            else:
+                transport.close()
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake (or drop a connection that is not a WebSocket yet)."""
+        state = self.protocol.state
+        if state is _OPEN:
+            self.protocol.send_close(code, reason)
+            self.flush()
+            self._arm_close_timer()
+        elif state is State.CONNECTING and self.transport is not None:
+            self.transport.abort()
+
+    def keepalive(self) -> None:
+        """Ping; a peer that did not answer the previous ping is gone (1011)."""
+        if self.protocol.state is not _OPEN:
+            return
+        if self.awaiting_pong:
+            self.protocol.fail(WsCloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+            self.flush()
+            self._arm_close_timer()
+            return
+        self.awaiting_pong = True
+        self.protocol.send_ping(b"")
+        self.flush()
+
+    def write_buffer_size(self) -> int:
+        return 0 if self.transport is None else self.transport.get_write_buffer_size()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _arm_close_timer(self) -> None:
+        if self._close_timer is None:
+            loop = asyncio.get_running_loop()
+            self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.abort)
