@@ -32,6 +32,10 @@ def room_table(settings: Settings, **replication: object) -> RoomTable:
     )
 
 
+#: Rooms whose runner-up is remembered at once; past that the memo starts over.
+_MAX_CACHED_PLACEMENTS = 100_000
+
+
 class BrokerNode(OwnerNode):
     """A broker: rooms it owns, and links to the brokers that replicate them."""
 
@@ -40,15 +44,23 @@ class BrokerNode(OwnerNode):
         self.table = room_table(settings, node_id=self.placement_id, replica_for=self._replica_for)
         super().__init__(settings, "broker", self.table, settings.broker_bind)
         self.peers: dict[str, DealerLink] = {}
+        self._replicas: dict[str, str | None] = {}  # room -> runner-up, until peers change
         self._incarnation = new_incarnation()
         self._running = False
 
     def _replica_for(self, room: str) -> str | None:
+        # Asked for every batch of room events: hashing the peer set each time showed in
+        # profiles, so the answer is kept until a peer comes, goes or changes liveness.
+        try:
+            return self._replicas[room]
+        except KeyError:
+            pass
         live = [self.placement_id, *(p for p, link in self.peers.items() if link.alive)]
-        for broker in ranking(room, live):
-            if broker != self.placement_id:
-                return broker
-        return None
+        replica = next((b for b in ranking(room, live) if b != self.placement_id), None)
+        if len(self._replicas) >= _MAX_CACHED_PLACEMENTS:
+            self._replicas.clear()
+        self._replicas[room] = replica
+        return replica
 
     def _send(self, outbound: list[Outbound]) -> None:
         for target, envelope in outbound:
@@ -63,6 +75,7 @@ class BrokerNode(OwnerNode):
         self._send(self.table.handle(envelope, self._clock()))
 
     def _peers_changed(self, *_link: object) -> None:
+        self._replicas.clear()
         self._send(self.table.replicas_changed())
 
     def update_peers(self, endpoints: list[str]) -> None:

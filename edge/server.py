@@ -346,7 +346,7 @@ class EdgeServer:
                 # A client that does not read must not make the edge buffer without end.
                 log.warning("session %s exceeds the send buffer; closing", client.session)
                 client.link.abort()
-        metrics.FRAMES_OUT.inc(frames)
+        metrics.HOT.frames_out += frames
 
     @staticmethod
     def _flush_client(client: ClientConnection) -> None:
@@ -533,7 +533,7 @@ class EdgeServer:
             del self._claims[conn]
 
     def _serve(self, client: ClientConnection, frame: bytes) -> None:
-        metrics.FRAMES_IN.inc()
+        metrics.HOT.frames_in += 1
         guard = client.guard
         verdict = guard.admit(time.monotonic())
         if verdict is Verdict.SERVE:

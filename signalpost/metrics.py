@@ -1,13 +1,46 @@
-"""Prometheus metrics every node exposes (``/metrics`` on the edge, the health port elsewhere)."""
+"""Prometheus metrics every node exposes (``/metrics`` on the edge, the health port elsewhere).
+
+Counters bumped once per frame or envelope are plain ints in ``HOT``, read only when
+``/metrics`` is scraped: prometheus_client's ``Counter.inc`` takes a lock on every call,
+which showed in the relay profiles (docs/performance.md).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
+from collections.abc import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class HotCounters(Collector):
+    """Per-frame counters as plain attributes; exposed as ordinary Prometheus counters."""
+
+    def __init__(self) -> None:
+        self.frames_in = 0
+        self.frames_out = 0
+        self.envelopes: dict[str, int] = {}  # node kind -> envelopes handled
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "signalpost_frames_in", "Client frames received", value=self.frames_in
+        )
+        yield CounterMetricFamily(
+            "signalpost_frames_out", "Frames written to clients", value=self.frames_out
+        )
+        envelopes = CounterMetricFamily(
+            "signalpost_envelopes", "Envelopes handled by this node", labels=["kind"]
+        )
+        for kind, count in sorted(self.envelopes.items()):
+            envelopes.add_metric([kind], count)
+        yield envelopes
+
+
+HOT = HotCounters()
+REGISTRY.register(HOT)
 
 CONNECTIONS = Gauge("signalpost_connections", "Client WebSocket connections open on this edge")
-FRAMES_IN = Counter("signalpost_frames_in", "Client frames received")
-FRAMES_OUT = Counter("signalpost_frames_out", "Frames written to clients")
-ENVELOPES = Counter("signalpost_envelopes", "Envelopes handled by this node", ["kind"])
 PEERS_LOST = Counter("signalpost_peers_lost", "Nodes declared dead after missed heartbeats")
 
 

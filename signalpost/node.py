@@ -59,7 +59,8 @@ class OwnerNode:
             heartbeat_interval=settings.heartbeat_interval,
             peer_expiry=settings.peer_expiry,
         )
-        self._counter = metrics.ENVELOPES.labels(kind=kind)
+        self._kind = kind
+        metrics.HOT.envelopes.setdefault(kind, 0)
         self.discovery: Discovery | None = None
         self.health: HealthServer | None = None
 
@@ -74,7 +75,7 @@ class OwnerNode:
             send(edge, envelope)
 
     def _on_envelope(self, peer: str, envelope: Envelope) -> None:
-        self._counter.inc()
+        metrics.HOT.envelopes[self._kind] += 1
         self._send(self.core.handle(envelope, self._clock()))
 
     def _on_edge_lost(self, edge: str) -> None:

@@ -238,3 +238,26 @@ async def test_an_internal_failure_costs_one_request_not_the_connection(
     assert reply["type"] == "error" and reply["code"] == "internal" and reply["id"] == 5
     monkeypatch.undo()
     assert (await client.request({"type": "join", "id": 6, "room": "r"}))["type"] == "joined"
+
+
+async def _metric(port: int, name: str) -> float:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    response = (await asyncio.wait_for(reader.read(), 5)).decode()
+    writer.close()
+    for line in response.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_metrics_count_frames_and_connections(dev: EdgeServer) -> None:
+    frames_in = await _metric(dev.port, "signalpost_frames_in_total")
+    frames_out = await _metric(dev.port, "signalpost_frames_out_total")
+    connections = await _metric(dev.port, "signalpost_connections")
+    client = await raw_client(url_of(dev), "alice")  # the welcome: one frame out
+    for i in range(5):
+        assert (await client.request({"type": "ping", "id": i}))["type"] == "pong"
+    assert await _metric(dev.port, "signalpost_frames_in_total") == frames_in + 5
+    assert await _metric(dev.port, "signalpost_frames_out_total") == frames_out + 6
+    assert await _metric(dev.port, "signalpost_connections") == connections + 1
