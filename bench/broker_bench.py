@@ -10,10 +10,16 @@ of each call gives the p50/p99 the core adds per hop.
 ``zmq``: a real ``signalpost broker`` process, driven over ZeroMQ by a DEALER that poses
 as an edge (heartbeat, joins, then pipelined signals). Throughput with ``window``
 commands in flight; round-trip time (edge -> broker -> edge, two hops) with one in
-flight. The broker's CPU time per envelope comes from psutil.
+flight. The broker's CPU time per envelope comes from psutil. Frames are the wire's
+(``signalpost.transport.frame``): the bench edge puts up to ``--batch`` commands in one
+frame (default 1, one per frame; a real edge batches what it sends a broker in one event
+loop iteration), and counts every envelope of the broker's batched answers.
+``commands_per_s`` is envelopes in per second; ``frames_in``/``frames_out`` show the
+batching (frames the broker received/sent in the throughput phase).
 
     .venv/bin/python -m bench.broker_bench core
     .venv/bin/python -m bench.broker_bench zmq
+    .venv/bin/python -m bench.broker_bench zmq --batch 64
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from signalpost.wire import (
     JoinCmd,
     Reply,
     SignalCmd,
+    decode_batch,
     decode_envelope,
     encode_envelope,
     peer_object,
@@ -180,8 +187,12 @@ def zmq_broker(
     window: int = 256,
     latency_samples: int = 3000,
     broker: Any = None,
+    batch: int = 1,
 ) -> dict[str, Any]:
-    """Drive a running broker at ``endpoint``; ``broker`` (a ``System``) gives its CPU."""
+    """Drive a running broker at ``endpoint``; ``broker`` (a ``System``) gives its CPU.
+
+    The bench edge sends up to ``batch`` commands per frame.
+    """
     import zmq
 
     context = zmq.Context()
@@ -192,26 +203,37 @@ def zmq_broker(
     socket.setsockopt(zmq.RCVHWM, 0)
     socket.connect(endpoint)
     heartbeat = encode_envelope(Heartbeat(EDGE, "bench-incarnation"))
+    frames_in = frames_out = 0  # frames the broker received / sent
 
-    def send(envelope: Envelope) -> None:
-        socket.send(frame(encode_envelope(envelope)))
+    def send_all(envelopes: list[Envelope]) -> None:
+        """Send ``envelopes`` in frames of up to ``batch``."""
+        nonlocal frames_in
+        bodies = [encode_envelope(envelope) for envelope in envelopes]
+        for i in range(0, len(bodies), batch):
+            socket.send(frame(bodies[i : i + batch]))
+            frames_in += 1
 
-    def receive(timeout_ms: int) -> Envelope | None:
+    def decoded(payload: bytes) -> list[Envelope]:
+        nonlocal frames_out
+        batch_bytes = unframe(payload)
+        assert batch_bytes is not None, payload[:16]
+        frames_out += 1
+        return decode_batch(batch_bytes)
+
+    def receive(timeout_ms: int) -> list[Envelope] | None:
+        """The envelopes of the next frame; None after ``timeout_ms`` without one."""
         if not socket.poll(timeout_ms):
             return None
-        frames = socket.recv_multipart()
-        body = unframe(frames[0])
-        assert body is not None, frames
-        return decode_envelope(body)
+        return decoded(socket.recv())
 
     try:
-        socket.send(frame(heartbeat))
+        socket.send(frame([heartbeat]))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            envelope = receive(200)
-            if isinstance(envelope, Heartbeat):
+            envelopes = receive(200)
+            if envelopes is not None and any(isinstance(e, Heartbeat) for e in envelopes):
                 break
-            socket.send(frame(heartbeat))
+            socket.send(frame([heartbeat]))
         else:
             raise RuntimeError("the broker never answered the heartbeat")
         last_beat = time.monotonic()
@@ -219,17 +241,16 @@ def zmq_broker(
         def beat() -> None:
             nonlocal last_beat
             if time.monotonic() - last_beat > 0.25:
-                socket.send(frame(heartbeat))
+                socket.send(frame([heartbeat]))
                 last_beat = time.monotonic()
 
-        for command in _joins(rooms):
-            send(command)
+        send_all(list(_joins(rooms)))
         replies = 0
         while replies < 2 * rooms:
-            envelope = receive(5000)
-            if envelope is None:
+            envelopes = receive(5000)
+            if envelopes is None:
                 raise RuntimeError("joins were not answered")
-            replies += isinstance(envelope, Reply)
+            replies += sum(isinstance(e, Reply) for e in envelopes)
 
         seq = iter(range(2, 1 << 62))
         senders = [sender_object(f"s{r}-0", f"u{r}-0") for r in range(rooms)]
@@ -241,56 +262,65 @@ def zmq_broker(
             )
 
         # Throughput: ``window`` commands in flight.
-        before = broker.sample() if broker is not None else None
-        start = time.monotonic()
-        sent = answered = delivered = 0
-        while time.monotonic() - start < seconds:
-            while sent - answered < window:
-                send(signal(sent))
-                sent += 1
-            envelope = receive(5000)
-            if envelope is None:
-                raise RuntimeError("the broker stopped answering")
-            if isinstance(envelope, Reply):
-                answered += 1
-            elif isinstance(envelope, Deliver):
-                delivered += 1
-            while socket.poll(0):
-                envelope = decode_envelope(unframe(socket.recv()) or b"")
+        answered = delivered = 0
+
+        def count(envelopes: list[Envelope]) -> None:
+            nonlocal answered, delivered
+            for envelope in envelopes:
                 if isinstance(envelope, Reply):
                     answered += 1
                 elif isinstance(envelope, Deliver):
                     delivered += 1
+
+        before = broker.sample() if broker is not None else None
+        frames_in = frames_out = 0
+        start = time.monotonic()
+        sent = 0
+        while time.monotonic() - start < seconds:
+            if sent - answered < window:
+                more = window - (sent - answered)
+                send_all([signal(sent + k) for k in range(more)])
+                sent += more
+            envelopes = receive(5000)
+            if envelopes is None:
+                raise RuntimeError("the broker stopped answering")
+            count(envelopes)
+            while socket.poll(0):
+                count(decoded(socket.recv()))
             beat()
         elapsed = time.monotonic() - start
         after = broker.sample() if broker is not None else None
+        throughput_frames = (frames_in, frames_out)
         while answered < sent or delivered < sent:
-            envelope = receive(5000)
-            if envelope is None:
+            envelopes = receive(5000)
+            if envelopes is None:
                 break
-            answered += isinstance(envelope, Reply)
-            delivered += isinstance(envelope, Deliver)
+            count(envelopes)
+        complete = answered == sent and delivered == sent
 
         # Round trip with one command in flight.
         rtts: list[int] = []
         for i in range(latency_samples):
             t0 = time.perf_counter_ns()
-            send(signal(i))
+            send_all([signal(i)])
             got = 0
             while got < 2:
-                envelope = receive(5000)
-                if envelope is None:
+                envelopes = receive(5000)
+                if envelopes is None:
                     raise RuntimeError("no answer in the latency phase")
-                if isinstance(envelope, Reply | Deliver):
-                    got += 1
+                got += sum(isinstance(e, Reply | Deliver) for e in envelopes)
             rtts.append(time.perf_counter_ns() - t0)
             beat()
         result: dict[str, Any] = {
             "rooms": rooms,
             "window": window,
+            "batch": batch,
             "commands": sent,
+            "complete": complete,
             "commands_per_s": sent / elapsed,
             "envelopes_in_out_per_s": 3 * sent / elapsed,
+            "frames_in": throughput_frames[0],
+            "frames_out": throughput_frames[1],
             "rtt": _percentiles_ns(rtts),
         }
         if before is not None and after is not None:
@@ -342,6 +372,9 @@ def main() -> None:
     parser.add_argument("--rooms", type=int, default=1000)
     parser.add_argument("--count", type=int, default=200_000)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--batch", type=int, default=1, help="zmq: most commands per frame the bench edge sends"
+    )
     args = parser.parse_args()
     if args.what == "core":
         print(json.dumps(core(args.rooms, args.count), indent=2))
@@ -351,7 +384,11 @@ def main() -> None:
         print(
             json.dumps(
                 zmq_broker(
-                    broker.urls[0], rooms=min(args.rooms, 1000), seconds=args.seconds, broker=broker
+                    broker.urls[0],
+                    rooms=min(args.rooms, 1000),
+                    seconds=args.seconds,
+                    broker=broker,
+                    batch=args.batch,
                 ),
                 indent=2,
             )

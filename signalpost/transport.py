@@ -1,10 +1,18 @@
 """Node links over ZeroMQ: one ROUTER per owner node, one DEALER per edge and owner.
 
 Frame layout (defined once, ``frame``/``unframe``): a DEALER sends one frame,
-``WIRE_VERSION + body``; the ROUTER sees ``[peer identity, WIRE_VERSION + body]`` and
-answers the same way. ``body`` is one msgpack envelope (``signalpost.wire``). A DEALER's
-identity is its node id, so an owner addresses an edge by the id the edge put in its
-commands. One frame per envelope: every ZeroMQ frame costs a send call.
+``WIRE_VERSION + batch``; the ROUTER sees ``[peer identity, WIRE_VERSION + batch]`` and
+answers the same way. ``batch`` is a msgpack array of encoded envelopes
+(``signalpost.wire.batch_header`` + body 1 + ... + body n). A DEALER's identity is its
+node id, so an owner addresses an edge by the id the edge put in its commands.
+
+Envelopes are batched per peer per event loop iteration (``Outbox``): sends queue encoded
+bodies, and one ``call_soon`` callback per endpoint sends each peer's queue as one frame
+(split past ``BATCH_MAX_ENVELOPES`` or ``BATCH_MAX_BYTES``), so a burst costs one ZeroMQ
+send, one receive and one msgpack decode call per peer instead of one per envelope. Every
+envelope, heartbeats included, goes through the batch, so each peer sees them in the
+order they were sent. A frame of another version or layout is dropped; a frame with one
+undecodable envelope loses only that one.
 
 Heartbeats go both ways every ``heartbeat_interval``; a peer silent for
 ``interval x liveness`` is dead (the Majordomo rule). Each node carries an
@@ -19,7 +27,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -27,14 +35,28 @@ import msgspec
 import zmq
 
 from signalpost.lifecycle import cancel_all
-from signalpost.wire import WIRE_VERSION, Envelope, Heartbeat, decode_envelope, encode_envelope
+from signalpost.wire import (
+    WIRE_VERSION,
+    Envelope,
+    Heartbeat,
+    batch_header,
+    decode_batch,
+    decode_batch_each,
+    encode_envelope,
+)
 
 log = logging.getLogger("signalpost.transport")
 
 HIGH_WATER_MARK = 200_000
 
-#: Messages handled per wake-up before yielding to the event loop (fairness).
+#: Work units (envelopes) handled per wake-up before yielding to the event loop (fairness).
+#: Whole frames only: a wake-up handles at least one frame, however many envelopes it holds.
 DRAIN_BATCH = 512
+
+#: Most envelopes, and most bytes of envelopes, in one frame; a longer queue for one peer
+#: goes out as several frames, in order. An envelope over the byte cap travels alone.
+BATCH_MAX_ENVELOPES: Final = 1024
+BATCH_MAX_BYTES: Final = 1 << 20
 
 # Plain ints: pyzmq's enum flags cost more per call than the send itself.
 _NOBLOCK: Final = int(zmq.NOBLOCK)
@@ -43,18 +65,63 @@ _EVENTS: Final = int(zmq.EVENTS)
 _POLLIN: Final = int(zmq.POLLIN)
 _POLLOUT: Final = int(zmq.POLLOUT)
 _VERSION_LENGTH: Final = len(WIRE_VERSION)
+_PREFIXES: Final = [WIRE_VERSION + batch_header(n) for n in range(BATCH_MAX_ENVELOPES + 1)]
 
 
-def frame(body: bytes) -> bytes:
-    """The one ZeroMQ frame that carries an encoded envelope."""
-    return WIRE_VERSION + body
+def frame(bodies: Sequence[bytes]) -> bytes:
+    """The one ZeroMQ frame that carries the encoded envelopes ``bodies``, in order."""
+    count = len(bodies)
+    prefix = (
+        _PREFIXES[count] if count <= BATCH_MAX_ENVELOPES else WIRE_VERSION + batch_header(count)
+    )
+    return b"".join([prefix, *bodies])
 
 
-def unframe(payload: bytes) -> bytes | None:
-    """The envelope inside a frame; None when it is not of this wire version."""
-    if payload[:_VERSION_LENGTH] != WIRE_VERSION:
+def frames_of(bodies: list[bytes]) -> list[bytes]:
+    """``bodies`` in as few frames as ``BATCH_MAX_ENVELOPES``/``BATCH_MAX_BYTES`` allow."""
+    if len(bodies) <= BATCH_MAX_ENVELOPES:
+        payload = frame(bodies)
+        if len(payload) <= BATCH_MAX_BYTES or len(bodies) == 1:
+            return [payload]
+    out: list[bytes] = []
+    start = size = 0
+    for i, body in enumerate(bodies):
+        if i > start and (i - start == BATCH_MAX_ENVELOPES or size + len(body) > BATCH_MAX_BYTES):
+            out.append(frame(bodies[start:i]))
+            start, size = i, 0
+        size += len(body)
+    out.append(frame(bodies[start:]))
+    return out
+
+
+def unframe(payload: bytes) -> memoryview | None:
+    """The batch (a msgpack array) inside a frame; None when not of this wire version."""
+    if not payload.startswith(WIRE_VERSION):
         return None
-    return payload[_VERSION_LENGTH:]
+    return memoryview(payload)[_VERSION_LENGTH:]
+
+
+def decode_frame(batch: bytes | memoryview, source: str) -> list[Envelope]:
+    """The envelopes of a batch, in order; undecodable ones are logged and dropped.
+
+    One decode call for the whole batch; only if it fails, each envelope on its own.
+    """
+    try:
+        return decode_batch(batch)
+    except msgspec.DecodeError:
+        pass
+    try:
+        decoded = decode_batch_each(batch)
+    except msgspec.DecodeError as exc:
+        log.warning("dropping an undecodable frame from %s: %s", source, exc)
+        return []
+    envelopes: list[Envelope] = []
+    for item in decoded:
+        if isinstance(item, msgspec.DecodeError):
+            log.warning("dropping an undecodable envelope from %s: %s", source, item)
+        else:
+            envelopes.append(item)
+    return envelopes
 
 
 class FastSocket:
@@ -65,13 +132,14 @@ class FastSocket:
     ZeroMQ's descriptor is edge-triggered and any send can consume the edge, so after each
     send ``ZMQ_EVENTS`` is checked and a drain scheduled if messages wait. Sends go straight
     out; at the high-water mark they wait in a backlog, in order, until the socket takes
-    them again.
+    them again. ``on_message`` may return how many work units (envelopes) a message was;
+    ``DRAIN_BATCH`` counts those.
     """
 
     def __init__(self, socket: zmq.Socket[bytes]) -> None:
         self._socket = socket
         self._backlog: deque[tuple[bytes, ...]] = deque()
-        self._on_message: Callable[[list[bytes]], None] | None = None
+        self._on_message: Callable[[list[bytes]], int | None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd: int | None = None
         self._scheduled = False
@@ -84,6 +152,21 @@ class FastSocket:
             self._backlog.append(frames)
         if not self._servicing:  # a drain in progress looks at the end
             self._look()
+
+    def send_many(self, messages: list[tuple[bytes, ...]]) -> None:
+        """``send`` each of ``messages`` in order, checking ``ZMQ_EVENTS`` once at the end."""
+        backlog = self._backlog
+        for i, frames in enumerate(messages):
+            if backlog or not self._send_now(frames):
+                backlog.extend(messages[i:])
+                break
+        if not self._servicing:
+            self._look()
+
+    @property
+    def usable(self) -> bool:
+        """Whether the ZeroMQ socket is still open."""
+        return not self._socket.closed
 
     def _send_now(self, frames: tuple[bytes, ...]) -> bool:
         send = self._socket.send
@@ -99,7 +182,7 @@ class FastSocket:
     def start(
         self,
         name: str,
-        on_message: Callable[[list[bytes]], None],
+        on_message: Callable[[list[bytes]], int | None],
         heartbeat: Callable[[], Coroutine[Any, Any, None]],
     ) -> None:
         """Feed every received message to ``on_message``; run ``heartbeat`` beside it."""
@@ -141,19 +224,84 @@ class FastSocket:
         assert on_message is not None
         recv = self._socket.recv_multipart
         self._servicing = True
+        budget = DRAIN_BATCH
         try:
-            for _ in range(DRAIN_BATCH):
+            while budget > 0:
                 try:
                     frames = recv(_NOBLOCK)
                 except zmq.Again:
                     break
-                on_message(frames)
+                budget -= on_message(frames) or 1
             else:
                 self._schedule()  # more may wait: go on after other callbacks had a turn
                 return
         finally:
             self._servicing = False
         self._look()
+
+
+class Outbox:
+    """Encoded envelopes queued per peer until the end of this event loop iteration.
+
+    The first ``put`` of an iteration schedules one ``flush`` (``loop.call_soon``) for
+    all peers; it sends each peer's queue as one frame (more past the caps), oldest first,
+    through ``FastSocket.send_many``, whose backlog keeps that order at the high-water
+    mark. ``routed`` (a ROUTER) puts the peer identity before each frame; a DEALER has one
+    peer, and its key is ignored.
+    """
+
+    def __init__(self, socket: FastSocket, *, routed: bool) -> None:
+        self._socket = socket
+        self._routed = routed
+        self._pending: dict[str, list[bytes]] = {}
+        self._scheduled = False
+        self._closed = False
+
+    def put(self, peer: str, body: bytes) -> None:
+        """Queue the encoded envelope ``body`` for ``peer``."""
+        if self._closed:
+            log.debug("dropping an envelope for %s: the link is closed", peer)
+            return
+        bodies = self._pending.get(peer)
+        if bodies is None:
+            self._pending[peer] = [body]
+        else:
+            bodies.append(body)
+        if not self._scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop yet: flushed at start, by a later put, or close()
+                return
+            self._scheduled = True
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send everything queued now, one frame per peer (more past the caps)."""
+        self._scheduled = False
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = {}
+        if not self._socket.usable:
+            log.debug("dropping envelopes for %d peers: the socket is closed", len(pending))
+            return
+        messages: list[tuple[bytes, ...]] = []
+        append = messages.append
+        if self._routed:
+            for peer, bodies in pending.items():
+                identity = peer.encode()
+                for payload in frames_of(bodies):
+                    append((identity, payload))
+        else:
+            for bodies in pending.values():
+                for payload in frames_of(bodies):
+                    append((payload,))
+        self._socket.send_many(messages)
+
+    def close(self) -> None:
+        """Send what is queued now (while the socket is open); drop later puts."""
+        self.flush()
+        self._closed = True
 
 
 def new_incarnation() -> str:
@@ -195,6 +343,7 @@ class RouterEndpoint:
         socket.bind(bind)
         self.endpoint: str = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._socket = FastSocket(socket)
+        self._outbox = Outbox(self._socket, routed=True)
         self._on_envelope = on_envelope
         self._on_peer_lost = on_peer_lost
         self._on_peer_restarted = on_peer_restarted
@@ -207,36 +356,37 @@ class RouterEndpoint:
         self.send_body(peer, encode_envelope(envelope))
 
     def send_body(self, peer: str, body: bytes) -> None:
-        """Queue an already-encoded envelope for ``peer``."""
-        self._socket.send((peer.encode(), frame(body)))
+        """Queue an already-encoded envelope for ``peer`` (sent at the end of this iteration)."""
+        self._outbox.put(peer, body)
 
     async def __aenter__(self) -> RouterEndpoint:
         self._socket.start("router", self._receive, self._heartbeat_loop)
+        self._outbox.flush()  # anything queued before there was a loop
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        self._outbox.close()
         await self._socket.close()
 
-    def _receive(self, frames: list[bytes]) -> None:
-        body = unframe(frames[1]) if len(frames) == 2 else None
-        if body is None:
+    def _receive(self, frames: list[bytes]) -> int:
+        batch = unframe(frames[1]) if len(frames) == 2 else None
+        if batch is None:
             log.warning("dropping a message with a bad frame layout")
-            return
+            return 0
         peer = frames[0].decode(errors="replace")
-        try:
-            envelope = decode_envelope(body)
-        except msgspec.DecodeError as exc:
-            log.warning("dropping an undecodable envelope from %s: %s", peer, exc)
-            return
-        self._seen(peer, envelope)
-        if not isinstance(envelope, Heartbeat):
-            try:
-                self._on_envelope(peer, envelope)
-            except Exception:  # one bad command must not stop the node
-                log.exception("handling an envelope from %s failed", peer)
-
-    def _seen(self, peer: str, envelope: Envelope) -> None:
+        envelopes = decode_frame(batch, peer)
         now = time.monotonic()
+        seen, on_envelope = self._seen, self._on_envelope
+        for envelope in envelopes:
+            seen(peer, envelope, now)
+            if not isinstance(envelope, Heartbeat):
+                try:
+                    on_envelope(peer, envelope)
+                except Exception:  # one bad command must not stop the node
+                    log.exception("handling an envelope from %s failed", peer)
+        return len(envelopes)
+
+    def _seen(self, peer: str, envelope: Envelope, now: float) -> None:
         state = self.peers.get(peer)
         if isinstance(envelope, Heartbeat):
             if state is not None and state.incarnation != envelope.incarnation:
@@ -290,46 +440,50 @@ class DealerLink:
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         socket.connect(endpoint)
         self._socket = FastSocket(socket)
+        self._outbox = Outbox(self._socket, routed=False)
         self._on_envelope = on_envelope
         self._on_up = on_up
         self._on_down = on_down
         self._interval = heartbeat_interval
         self._expiry = peer_expiry
-        self._heartbeat = frame(encode_envelope(Heartbeat(node_id, incarnation)))
+        self._heartbeat = encode_envelope(Heartbeat(node_id, incarnation))
 
     def send(self, envelope: Envelope) -> None:
-        """Queue ``envelope`` for the owner (ZeroMQ buffers it while reconnecting)."""
-        self._socket.send((frame(encode_envelope(envelope)),))
+        """Queue ``envelope`` for the owner (ZeroMQ buffers it while reconnecting).
+
+        Sent at the end of this event loop iteration, batched with the others.
+        """
+        self._outbox.put("", encode_envelope(envelope))
 
     def start(self) -> None:
         """Start receiving and heartbeating."""
-        self._socket.send((self._heartbeat,))
+        self._outbox.put("", self._heartbeat)
         self._socket.start(f"dealer {self.endpoint}", self._receive, self._heartbeat_loop)
 
     async def close(self) -> None:
-        """Stop and close the socket."""
+        """Send what is queued, then stop and close the socket."""
+        self._outbox.close()
         await self._socket.close()
 
-    def _receive(self, frames: list[bytes]) -> None:
-        body = unframe(frames[0]) if len(frames) == 1 else None
-        if body is None:
+    def _receive(self, frames: list[bytes]) -> int:
+        batch = unframe(frames[0]) if len(frames) == 1 else None
+        if batch is None:
             log.warning("dropping a message with a bad frame layout from %s", self.endpoint)
-            return
-        try:
-            envelope = decode_envelope(body)
-        except msgspec.DecodeError as exc:
-            log.warning("dropping an undecodable envelope from %s: %s", self.endpoint, exc)
-            return
+            return 0
+        envelopes = decode_frame(batch, self.endpoint)
         now = time.monotonic()
-        if isinstance(envelope, Heartbeat):
-            self._heartbeat_from(envelope, now)
-            return
-        if self.remote is not None:
-            self.remote.last_seen = now
-        try:
-            self._on_envelope(envelope)
-        except Exception:  # one bad envelope must not stop the edge
-            log.exception("handling an envelope from %s failed", self.endpoint)
+        on_envelope = self._on_envelope
+        for envelope in envelopes:
+            if isinstance(envelope, Heartbeat):
+                self._heartbeat_from(envelope, now)
+                continue
+            if self.remote is not None:
+                self.remote.last_seen = now
+            try:
+                on_envelope(envelope)
+            except Exception:  # one bad envelope must not stop the edge
+                log.exception("handling an envelope from %s failed", self.endpoint)
+        return len(envelopes)
 
     def _heartbeat_from(self, heartbeat: Heartbeat, now: float) -> None:
         previous = self.remote
@@ -342,7 +496,7 @@ class DealerLink:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            self._socket.send((self._heartbeat,))
+            self._outbox.put("", self._heartbeat)
             remote = self.remote
             if (
                 self.alive

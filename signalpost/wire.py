@@ -7,7 +7,9 @@ Two vocabularies live here:
   ``decode_client``; the ``*Frame`` structs are what the server sends, encoded once by
   ``encode_frame`` and then passed around as bytes;
 * the **node envelopes** (msgpack on ZeroMQ between edge, broker and presence):
-  ``Envelope`` is their tagged union, sent as one frame ``WIRE_VERSION + msgpack body``.
+  ``Envelope`` is their tagged union. The envelopes a node sends one peer in one event
+  loop iteration travel together as one frame, ``WIRE_VERSION + msgpack array`` whose
+  elements are the envelope bodies (``batch_header``, ``decode_batch``).
 
 Payloads the server only relays (signal ``data``, peer objects) stay raw JSON bytes from
 the moment the edge validated them until the receiving edge writes them out, so a
@@ -37,9 +39,11 @@ RoomName = Annotated[str, Meta(min_length=1, max_length=128)]
 UserName = Annotated[str, Meta(min_length=1, max_length=256)]
 SessionRef = Annotated[str, Meta(min_length=1, max_length=64)]
 
-#: Prefix of every node-to-node frame (``signalpost.transport.frame``): ``WIRE_VERSION + body``
-#: (ROUTER sockets prepend the peer identity frame). SP2: one frame, no separate version.
-WIRE_VERSION: Final = b"SP2"
+#: Prefix of every node-to-node frame (``signalpost.transport.frame``):
+#: ``WIRE_VERSION + batch_header(n) + body1 + ... + bodyN``, one msgpack array of n encoded
+#: envelopes (ROUTER sockets prepend the peer identity frame). SP3: a frame carries a batch
+#: (SP2 carried one bare envelope body); a node drops frames of any other version.
+WIRE_VERSION: Final = b"SP3"
 
 
 # --------------------------------------------------------------------------- client -> server
@@ -511,3 +515,46 @@ def decode_envelope(body: bytes) -> Envelope:
     """Decode and validate one envelope body; raise ``msgspec.DecodeError`` on garbage."""
     envelope: Envelope = _envelope_decoder.decode(body)
     return envelope
+
+
+# --------------------------------------------------------------------------- envelope batches
+# An encoded envelope is one msgpack object, so an array header followed by n encoded
+# envelopes is a msgpack array of them: batching joins bytes, it does not re-encode.
+
+_batch_decoder: Final = msgspec.msgpack.Decoder(list[Envelope])
+_raw_batch_decoder: Final = msgspec.msgpack.Decoder(list[Raw])
+
+
+def batch_header(count: int) -> bytes:
+    """The msgpack array header for ``count`` elements (fixarray, array 16 or array 32)."""
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count < 0x10000:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+def encode_batch(bodies: list[bytes]) -> bytes:
+    """One msgpack array of the encoded envelopes ``bodies``, in order."""
+    return b"".join([batch_header(len(bodies)), *bodies])
+
+
+def decode_batch(data: bytes | memoryview) -> list[Envelope]:
+    """Decode a whole batch in one call; raise ``msgspec.DecodeError`` if any part is bad."""
+    envelopes: list[Envelope] = _batch_decoder.decode(data)
+    return envelopes
+
+
+def decode_batch_each(data: bytes | memoryview) -> list[Envelope | msgspec.DecodeError]:
+    """Decode a batch element by element: the error in place of each bad envelope.
+
+    The slow path after ``decode_batch`` failed, so one bad envelope costs only itself.
+    Raises ``msgspec.DecodeError`` when ``data`` is not a msgpack array at all.
+    """
+    decoded: list[Envelope | msgspec.DecodeError] = []
+    for element in _raw_batch_decoder.decode(data):
+        try:
+            decoded.append(_envelope_decoder.decode(element))
+        except msgspec.DecodeError as exc:
+            decoded.append(exc)
+    return decoded

@@ -57,8 +57,12 @@ from signalpost.wire import (
     WatchCmd,
     WatchingFrame,
     WelcomeFrame,
+    batch_header,
+    decode_batch,
+    decode_batch_each,
     decode_client,
     decode_envelope,
+    encode_batch,
     encode_envelope,
     encode_frame,
     encode_json,
@@ -461,6 +465,42 @@ def test_a_client_frame_is_not_an_envelope() -> None:
 
 def test_wire_version_is_bytes() -> None:
     assert isinstance(WIRE_VERSION, bytes) and WIRE_VERSION
+
+
+@pytest.mark.parametrize("count", [0, 1, 15, 16, 65535, 65536])
+def test_batch_header_makes_a_msgpack_array_at_each_size_boundary(count: int) -> None:
+    # fixarray up to 15, array 16 up to 65535, array 32 beyond; 0x01 is the msgpack int 1.
+    data = batch_header(count) + b"\x01" * count
+    assert data.startswith(msgspec.msgpack.encode([1] * count)[:5])
+    assert msgspec.msgpack.decode(data) == [1] * count
+
+
+def test_a_batch_is_a_msgpack_array_of_the_envelope_bodies() -> None:
+    bodies = [encode_envelope(e) for e in ENVELOPES]
+    batch = encode_batch(bodies)
+    assert batch == msgspec.msgpack.encode([msgspec.Raw(b) for b in bodies])
+    assert decode_batch(batch) == ENVELOPES
+    assert decode_batch(memoryview(b"xx" + batch)[2:]) == ENVELOPES
+    assert decode_batch(encode_batch([])) == []
+
+
+def test_one_bad_envelope_fails_the_batch_but_not_its_neighbours() -> None:
+    good: list[Envelope] = [Heartbeat("n", "i"), ForgetCmd("s", "r"), DemoteCmd("r")]
+    bad = msgspec.msgpack.encode([99, "x"])  # msgpack, but no envelope
+    batch = encode_batch([encode_envelope(good[0]), bad, *map(encode_envelope, good[1:])])
+    with pytest.raises(msgspec.DecodeError):
+        decode_batch(batch)
+    decoded = decode_batch_each(batch)
+    assert isinstance(decoded[1], msgspec.DecodeError)
+    assert [decoded[0], *decoded[2:]] == good
+
+
+@pytest.mark.parametrize("data", [b"", b"\x93\x01", b"\xc1", encode_envelope(DemoteCmd("r"))[:-1]])
+def test_a_batch_that_is_not_a_msgpack_array_raises_decode_error(data: bytes) -> None:
+    with pytest.raises(msgspec.DecodeError):
+        decode_batch(data)
+    with pytest.raises(msgspec.DecodeError):
+        decode_batch_each(data)
 
 
 @pytest.mark.parametrize("request_id", [2**63 - 1, -(2**63), 0, "x" * 64])
