@@ -27,6 +27,10 @@ log = logging.getLogger("signalpost.edge")
 #: How long an edge waits at start for Consul to name the first brokers.
 FIRST_DISCOVERY_TIMEOUT = 15.0
 
+#: Rooms whose owner is remembered at once; past that the memo starts over (room names
+#: come from clients, so an unbounded memo would grow with every name ever tried).
+MAX_CACHED_OWNERS = 100_000
+
 
 class ZmqBackplane:
     """Backplane over ZeroMQ DEALER links."""
@@ -42,8 +46,8 @@ class ZmqBackplane:
         self._snapshot: Callable[[], EdgeSync] | None = None
         self._owners_changed: Callable[[], None] = lambda: None
         self._owners: dict[str, DealerLink] = {}  # room -> owner link, until membership changes
-        self._former_owners: dict[str, DealerLink] = {}  # the cache before the last change
         self._live_ids: list[str] = []
+        self._former_live_ids: list[str] = []  # the placement before the change being handled
         self._started = False
         self._discovery: Discovery | None = None
 
@@ -99,13 +103,12 @@ class ZmqBackplane:
 
     def _membership_changed(self) -> None:
         live = sorted(b for b, link in self.brokers.items() if link.alive)
+        self._former_live_ids = self._live_ids
         # With no broker heard from yet (start-up), place on all configured ones: ZeroMQ
         # queues until they answer.
         self._live_ids = live or sorted(self.brokers)
-        self._former_owners = {**self._former_owners, **self._owners}
         self._owners.clear()
         self._owners_changed()
-        self._former_owners.clear()
 
     def _on_up(self, link: DealerLink, fresh: bool) -> None:
         if link is self.presence:
@@ -126,8 +129,16 @@ class ZmqBackplane:
         link = self._owners.get(room)
         if link is None:
             link = self.brokers[owner(room, self._live_ids)]
+            if len(self._owners) >= MAX_CACHED_OWNERS:
+                self._owners.clear()
             self._owners[room] = link
         return link
+
+    def former_owner_of(self, room: str) -> DealerLink | None:
+        """The link to the broker that owned ``room`` before the latest membership change."""
+        if not self._former_live_ids:
+            return None
+        return self.brokers.get(owner(room, self._former_live_ids))
 
     def replica_of(self, room: str) -> DealerLink | None:
         """The runner-up for ``room``: it takes over if the owner dies."""
@@ -146,7 +157,7 @@ class ZmqBackplane:
 
     def reannounce(self, room: str, restore: RestoreCmd) -> None:
         owner_link = self.owner_of(room)
-        former = self._former_owners.get(room)
+        former = self.former_owner_of(room)
         if former is not None and former is not owner_link and former.alive:
             former.send(DemoteCmd(room))
         owner_link.send(restore)

@@ -1,0 +1,68 @@
+"""The edge's placement of rooms on brokers (``ZmqBackplane``), over real DEALER sockets.
+
+Room names come from clients, so the owner memo must stay bounded however many names are
+tried; and after the broker set changes, the owner a room had before the change must be
+known for every room (it is told to step down), not only for rooms that had traffic.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from edge import zmq_backplane
+from edge.zmq_backplane import ZmqBackplane
+from signalpost.config import Settings
+from signalpost.placement import owner
+from signalpost.wire import EdgeSync
+
+# Nothing listens there: the links are never started, only placed on.
+A, B, C = (f"tcp://127.0.0.1:{port}" for port in (9, 13, 17))
+ROOMS = [f"room-{i}" for i in range(300)]
+
+
+def backplane(on_change: list[dict[str, tuple[str, str | None]]]) -> ZmqBackplane:
+    plane = ZmqBackplane(Settings())
+
+    def owners_changed() -> None:
+        seen = {}
+        for room in ROOMS:
+            former = plane.former_owner_of(room)
+            seen[room] = (plane.owner_of(room).endpoint, former and former.endpoint)
+        on_change.append(seen)
+
+    plane.connect(
+        "edge-test", lambda envelope: None, lambda: EdgeSync("edge-test", []), owners_changed
+    )
+    return plane
+
+
+async def test_the_owner_memo_is_bounded_and_stays_right(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zmq_backplane, "MAX_CACHED_OWNERS", 50)
+    plane = backplane([])
+    try:
+        plane.update_brokers({A: A, B: B, C: C})
+        for room in ROOMS:
+            assert plane.owner_of(room).endpoint == owner(room, sorted([A, B, C]))
+            assert len(plane._owners) <= 50
+        for room in ROOMS[:10]:  # answered again after the memo started over
+            assert plane.owner_of(room).endpoint == owner(room, sorted([A, B, C]))
+    finally:
+        await plane.close()
+
+
+async def test_after_a_change_every_room_knows_its_former_owner() -> None:
+    changes: list[dict[str, tuple[str, str | None]]] = []
+    plane = backplane(changes)
+    try:
+        plane.update_brokers({A: A, B: B})
+        plane.update_brokers({A: A, B: B, C: C})
+    finally:
+        await plane.close()
+    first, second = changes
+    assert all(former is None for _, former in first.values())  # no placement before
+    moved = 0
+    for room, (now, former) in second.items():
+        assert former == owner(room, sorted([A, B]))
+        assert now == owner(room, sorted([A, B, C]))
+        moved += now != former
+    assert 0 < moved < len(ROOMS)  # some rooms moved to C, the rest stayed
