@@ -11,6 +11,12 @@ The shell keeps what the asyncio server did for us: the opening handshake and pl
 responses, reassembly of fragmented messages, UTF-8 validation of text (close 1007), the
 frame size limit (1009), keepalive pings (``keepalive``: a peer that has not answered the
 previous ping is closed with 1011) and the closing handshake with a timeout.
+
+The common frame takes a shorter path both ways. In: the shell splits the byte stream
+into frames itself (the header says where each ends); a whole, masked, unfragmented text
+frame within the size limit is unmasked and served here, and every other frame (control,
+fragmented, binary, malformed, too big) is handed whole to the protocol, whose parser so
+always starts at a frame boundary. Out: text frames are built here (``text_frames``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+from websockets.speedups import apply_mask  # websockets' C unmasking (ships in its wheels)
 
 log = logging.getLogger("signalpost.edge")
 
@@ -35,6 +42,12 @@ _CONT = Opcode.CONT
 _BINARY = Opcode.BINARY
 _PONG = Opcode.PONG
 _OPEN = State.OPEN
+_CONNECTING = State.CONNECTING
+#: Bytes of an HTTP request head (up to the blank line) buffered before the protocol gets
+#: them anyway and answers 431 (its own limits are lower).
+MAX_REQUEST_HEAD = 65536
+#: FIN, no RSV bits, text opcode: the first header byte of a whole text frame.
+_WHOLE_TEXT = 0x81
 #: FIN + text opcode, then the 7-bit payload length: every header of a short text frame.
 _SHORT_TEXT_HEADERS = [bytes((0x81, size)) for size in range(126)]
 
@@ -81,11 +94,15 @@ class WebSocketLink(asyncio.Protocol):
         self.handler = handler
         # No extensions offered: no per-message deflate (it costs ~300 KiB per connection).
         self.protocol = ServerProtocol(max_size=max_size)
+        self.max_size = max_size
         self.transport: asyncio.Transport | None = None
         self.request: Request | None = None
         self.awaiting_pong = False
         self._fragments: list[bytes] | None = None  # parts of a fragmented text message
         self._close_timer: asyncio.TimerHandle | None = None
+        self._partial = b""  # the start of a request head or frame not complete yet
+        self._continuing = False  # the protocol is inside a fragmented message
+        self._protocol_only = False  # from now on every byte goes to the protocol
 
     # ----------------------------------------------------------------- asyncio callbacks
 
@@ -93,18 +110,24 @@ class WebSocketLink(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def data_received(self, data: bytes) -> None:
-        protocol = self.protocol
-        protocol.receive_data(data)
-        for event in protocol.events_received():
-            if isinstance(event, Frame):
-                self._frame(event)
-            elif isinstance(event, Request):
-                self._request(event)
+        if self._protocol_only:
+            self._feed(data)
+        elif self.protocol.state is _OPEN:
+            self._split(self._partial + data if self._partial else data)
+        elif self.protocol.state is _CONNECTING:
+            self._handshake(self._partial + data if self._partial else data)
+        else:  # closing, closed by us (keepalive, 1007, ...): the protocol takes it from here
+            self._protocol_only = True
+            self._feed(self._partial + data if self._partial else data)
+            self._partial = b""
         self.flush()
-        if protocol.close_expected():
+        if self.protocol.close_expected():
             self._arm_close_timer()
 
     def eof_received(self) -> bool | None:
+        if self._partial:  # a cut frame: the protocol reports it as such
+            partial, self._partial = self._partial, b""
+            self._feed(partial)
         self.protocol.receive_eof()
         self.flush()
         return None  # let the transport close
@@ -113,6 +136,89 @@ class WebSocketLink(asyncio.Protocol):
         if self._close_timer is not None:
             self._close_timer.cancel()
         self.handler.on_closed(self)
+
+    # ----------------------------------------------------------------- input
+
+    def _feed(self, data: bytes) -> None:
+        """Let the protocol parse ``data``; act on what it found, in order."""
+        protocol = self.protocol
+        protocol.receive_data(data)
+        for event in protocol.events_received():
+            if isinstance(event, Frame):
+                self._frame(event)
+            elif isinstance(event, Request):
+                self._request(event)
+
+    def _handshake(self, data: bytes) -> None:
+        """Give the protocol the request head alone; frames behind it go to ``_split``."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            if len(data) > MAX_REQUEST_HEAD:
+                self._protocol_only, self._partial = True, b""
+                self._feed(data)
+            else:
+                self._partial = data
+            return
+        self._partial = b""
+        end += 4
+        self._feed(data[:end])
+        rest = data[end:]
+        if self.protocol.state is _OPEN:
+            if rest:
+                self._split(rest)
+        else:  # refused, or a plain HTTP answer: the protocol discards the rest
+            self._protocol_only = True
+            if rest:
+                self._feed(rest)
+
+    def _split(self, data: bytes) -> None:
+        """Serve the whole frames at the start of ``data``; keep an incomplete one."""
+        protocol = self.protocol
+        max_size = self.max_size
+        size = len(data)
+        start = 0
+        while size - start >= 2:
+            first, second = data[start], data[start + 1]
+            length = second & 0x7F
+            if length < 126:
+                head = start + 2
+            elif length == 126:
+                head = start + 4
+                if head > size:
+                    break
+                length = int.from_bytes(data[start + 2 : head], "big")
+            else:
+                head = start + 10
+                if head > size:
+                    break
+                length = int.from_bytes(data[start + 2 : head], "big")
+            if length > max_size:  # the protocol closes 1009 without waiting for the payload
+                self._protocol_only = True
+                self._feed(data[start:])
+                start = size
+                break
+            if second & 0x80:
+                head += 4
+            end = head + length
+            if end > size:
+                break
+            if first == _WHOLE_TEXT and second & 0x80 and not self._continuing:
+                self._text(apply_mask(memoryview(data)[head:end], data[head - 4 : head]))
+            else:
+                opcode = first & 0x0F
+                if opcode == 1 or opcode == 2:  # a data frame; fin says whether more follow
+                    self._continuing = not first & 0x80
+                elif opcode == 0 and first & 0x80:
+                    self._continuing = False
+                self._feed(data[start:end])
+            start = end
+            if protocol.state is not _OPEN:  # closing: the protocol takes it from here
+                self._protocol_only = True
+                if start < size:
+                    self._feed(data[start:])
+                start = size
+                break
+        self._partial = data[start:] if start < size else b""
 
     # ----------------------------------------------------------------- events
 

@@ -32,7 +32,8 @@ class BareSocket:
         self.writer = writer
 
     @classmethod
-    async def open(cls, port: int) -> BareSocket:
+    async def open(cls, port: int, pipelined: bytes = b"") -> BareSocket:
+        """Connect and upgrade; ``pipelined`` goes out in the same write as the request."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         key = base64.b64encode(os.urandom(16)).decode()
         writer.write(
@@ -41,6 +42,7 @@ class BareSocket:
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                 "Sec-WebSocket-Version: 13\r\n\r\n"
             ).encode()
+            + pipelined
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 101"), head
@@ -48,7 +50,7 @@ class BareSocket:
         return cls(reader, writer)
 
     def send(self, opcode: Opcode, data: bytes, fin: bool = True) -> None:
-        self.writer.write(Frame(opcode, data, fin).serialize(mask=True, extensions=[]))
+        self.writer.write(masked(opcode, data, fin))
 
     def send_json(self, frame: dict[str, object]) -> None:
         self.send(Opcode.TEXT, json.dumps(frame).encode())
@@ -88,6 +90,20 @@ class BareSocket:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def masked(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
+    """One client frame on the wire (masked, as RFC 6455 requires of clients)."""
+    return Frame(opcode, data, fin).serialize(mask=True, extensions=[])
+
+
+def text(frame: dict[str, object], padding: int = 0) -> bytes:
+    """A text frame of ``frame`` as JSON, made longer with insignificant whitespace."""
+    return masked(Opcode.TEXT, json.dumps(frame).encode().replace(b",", b"," + b" " * padding, 1))
+
+
+def close_codes(frames: list[Frame]) -> list[int]:
+    return [Close.parse(f.data).code for f in frames if f.opcode is Opcode.CLOSE]
 
 
 def _texts(frames: list[Frame]) -> list[dict[str, object]]:
@@ -196,3 +212,87 @@ async def test_plain_http_on_the_signal_path_gets_426_and_unknown_paths_404(
         writer.close()
         assert response.startswith(b"HTTP/1.1 " + status), response[:80]
         assert b"\r\nServer: signalpost\r\n" in response
+
+
+async def test_frames_cut_at_every_byte_are_served_whole_and_in_order(dev: EdgeServer) -> None:
+    socket = await BareSocket.open(dev.port)
+    stream = text({"type": "hello", "token": token("alice"), "id": 0})
+    stream += text({"type": "ping", "id": 1}, padding=200)  # 16-bit length form
+    stream += masked(Opcode.PING, b"in between")
+    stream += text({"type": "ping", "id": 2})
+    for i in range(len(stream)):  # one byte per TCP segment (asyncio sets TCP_NODELAY)
+        socket.writer.write(stream[i : i + 1])
+        await socket.writer.drain()
+        await asyncio.sleep(0.001)
+    frames = [await socket.read_frame() for _ in range(4)]
+    assert all(frame is not None for frame in frames)
+    assert [(f.opcode, f.data) for f in frames if f and f.opcode is Opcode.PONG] == [
+        (Opcode.PONG, b"in between")
+    ]
+    texts = _texts([f for f in frames if f is not None])
+    assert [(t["type"], t["id"]) for t in texts] == [("welcome", 0), ("pong", 1), ("pong", 2)]
+    socket.close()
+
+
+async def test_frames_in_the_same_write_as_the_request_are_served(dev: EdgeServer) -> None:
+    hello = text({"type": "hello", "token": token("alice"), "id": 0})
+    socket = await BareSocket.open(dev.port, pipelined=hello + text({"type": "ping", "id": 1}))
+    frames = [await socket.read_frame() for _ in range(2)]
+    assert [(t["type"], t["id"]) for t in _texts([f for f in frames if f])] == [
+        ("welcome", 0),
+        ("pong", 1),
+    ]
+    socket.close()
+
+
+async def test_a_ping_inside_a_fragmented_message_is_answered_and_the_message_served(
+    dev: EdgeServer,
+) -> None:
+    socket = await BareSocket.open(dev.port)
+    socket.send_json({"type": "hello", "token": token("alice")})
+    await socket.read_frame()  # welcome
+    socket.send(Opcode.TEXT, b'{"type":"ping",', fin=False)
+    socket.send(Opcode.PING, b"p")
+    socket.send(Opcode.CONT, b'"id":7}', fin=True)
+    frames = [await socket.read_frame() for _ in range(2)]
+    assert [f.opcode for f in frames if f] == [Opcode.PONG, Opcode.TEXT]
+    assert _texts([f for f in frames if f]) == [{"type": "pong", "id": 7}]
+    socket.close()
+
+
+PING = b'{"type":"ping","id":1}'
+VIOLATIONS = {
+    "unmasked text frame": bytes((0x81, len(PING))) + PING,
+    "reserved bit set": bytes((0xC1,)) + masked(Opcode.TEXT, PING)[1:],
+    "unknown opcode": bytes((0x83,)) + masked(Opcode.TEXT, PING)[1:],
+    "text frame inside a fragmented message": masked(Opcode.TEXT, b'{"type":', fin=False)
+    + masked(Opcode.TEXT, PING),
+    "continuation with nothing to continue": masked(Opcode.CONT, PING),
+}
+
+
+@pytest.mark.parametrize("violation", VIOLATIONS.values(), ids=VIOLATIONS.keys())
+async def test_a_protocol_violation_closes_1002_and_a_bystander_is_unaffected(
+    dev: EdgeServer, violation: bytes
+) -> None:
+    bystander = await raw_client(url_of(dev), "bob")
+    socket = await BareSocket.open(dev.port)
+    socket.send_json({"type": "hello", "token": token("alice")})
+    await socket.read_frame()  # welcome
+    socket.writer.write(violation + masked(Opcode.TEXT, PING))
+    frames = await socket.until_close_frame(5)
+    assert close_codes(frames) == [1002]
+    assert _texts(frames) == []  # nothing of it was served, nor the frame after it
+    assert await bystander.request({"type": "ping", "id": 1}) == {"type": "pong", "id": 1}
+    socket.close()
+
+
+async def test_a_frame_over_the_limit_is_refused_on_its_header(dev: EdgeServer) -> None:
+    socket = await BareSocket.open(dev.port)
+    socket.send_json({"type": "hello", "token": token("alice")})
+    await socket.read_frame()  # welcome
+    too_big = dev.settings.max_frame + 1
+    # The header and mask alone: the edge must not wait for (or buffer) the payload.
+    socket.writer.write(bytes((0x81, 0xFF)) + too_big.to_bytes(8, "big") + os.urandom(4))
+    assert close_codes(await socket.until_close_frame(5)) == [1009]
+    socket.close()
