@@ -43,9 +43,6 @@ _BINARY = Opcode.BINARY
 _PONG = Opcode.PONG
 _OPEN = State.OPEN
 _CONNECTING = State.CONNECTING
-#: Bytes of an HTTP request head (up to the blank line) buffered before the protocol gets
-#: them anyway and answers 431 (its own limits are lower).
-MAX_REQUEST_HEAD = 65536
 #: FIN, no RSV bits, text opcode: the first header byte of a whole text frame.
 _WHOLE_TEXT = 0x81
 #: FIN + text opcode, then the 7-bit payload length: every header of a short text frame.
@@ -100,7 +97,9 @@ class WebSocketLink(asyncio.Protocol):
         self.awaiting_pong = False
         self._fragments: list[bytes] | None = None  # parts of a fragmented text message
         self._close_timer: asyncio.TimerHandle | None = None
-        self._partial = b""  # the start of a request head or frame not complete yet
+        self._partial = bytearray()  # the start of a frame not complete yet
+        self._wanted = 0  # how long ``_partial`` must grow before it is worth parsing again
+        self._head_tail = b""  # the last bytes of a request head still coming in
         self._continuing = False  # the protocol is inside a fragmented message
         self._protocol_only = False  # from now on every byte goes to the protocol
 
@@ -110,23 +109,29 @@ class WebSocketLink(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def data_received(self, data: bytes) -> None:
+        if self._partial:
+            # Bytes trickling in for one frame (or request head) are only collected until
+            # there are enough: parsing the whole buffer again on each would be quadratic.
+            self._partial += data
+            if len(self._partial) < self._wanted:
+                return
+            data, self._partial = bytes(self._partial), bytearray()
         if self._protocol_only:
             self._feed(data)
         elif self.protocol.state is _OPEN:
-            self._split(self._partial + data if self._partial else data)
+            self._split(data)
         elif self.protocol.state is _CONNECTING:
-            self._handshake(self._partial + data if self._partial else data)
+            self._handshake(data)
         else:  # closing, closed by us (keepalive, 1007, ...): the protocol takes it from here
             self._protocol_only = True
-            self._feed(self._partial + data if self._partial else data)
-            self._partial = b""
+            self._feed(data)
         self.flush()
         if self.protocol.close_expected():
             self._arm_close_timer()
 
     def eof_received(self) -> bool | None:
         if self._partial:  # a cut frame: the protocol reports it as such
-            partial, self._partial = self._partial, b""
+            partial, self._partial = bytes(self._partial), bytearray()
             self._feed(partial)
         self.protocol.receive_eof()
         self.flush()
@@ -151,16 +156,14 @@ class WebSocketLink(asyncio.Protocol):
 
     def _handshake(self, data: bytes) -> None:
         """Give the protocol the request head alone; frames behind it go to ``_split``."""
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
-            if len(data) > MAX_REQUEST_HEAD:
-                self._protocol_only, self._partial = True, b""
-                self._feed(data)
-            else:
-                self._partial = data
+        tail = self._head_tail
+        end = (tail + data).find(b"\r\n\r\n") if tail else data.find(b"\r\n\r\n")
+        if end < 0:  # the protocol buffers the head (and enforces its limits)
+            self._head_tail = (tail + data)[-3:]
+            self._feed(data)
             return
-        self._partial = b""
-        end += 4
+        end += 4 - len(tail)  # just after the blank line, in ``data``
+        self._head_tail = b""
         self._feed(data[:end])
         rest = data[end:]
         if self.protocol.state is _OPEN:
@@ -174,6 +177,7 @@ class WebSocketLink(asyncio.Protocol):
     def _split(self, data: bytes) -> None:
         """Serve the whole frames at the start of ``data``; keep an incomplete one."""
         protocol = self.protocol
+        self._wanted = 0  # unless a header says how much more to wait for
         max_size = self.max_size
         size = len(data)
         start = 0
@@ -201,6 +205,7 @@ class WebSocketLink(asyncio.Protocol):
                 head += 4
             end = head + length
             if end > size:
+                self._wanted = end - start
                 break
             if first == _WHOLE_TEXT and second & 0x80 and not self._continuing:
                 self._text(apply_mask(memoryview(data)[head:end], data[head - 4 : head]))
@@ -218,7 +223,8 @@ class WebSocketLink(asyncio.Protocol):
                     self._feed(data[start:])
                 start = size
                 break
-        self._partial = data[start:] if start < size else b""
+        if start < size:
+            self._partial = bytearray(memoryview(data)[start:])
 
     # ----------------------------------------------------------------- events
 

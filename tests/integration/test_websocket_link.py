@@ -32,22 +32,30 @@ class BareSocket:
         self.writer = writer
 
     @classmethod
-    async def open(cls, port: int, pipelined: bytes = b"") -> BareSocket:
-        """Connect and upgrade; ``pipelined`` goes out in the same write as the request."""
+    async def open(cls, port: int, pipelined: bytes = b"", trickle: bool = False) -> BareSocket:
+        """Connect and upgrade; ``pipelined`` goes out right behind the request, in the
+        same write, or with ``trickle`` all of it one byte per TCP segment."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            (
-                "GET /v1/signal HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-            + pipelined
-        )
+        request = (
+            "GET /v1/signal HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode() + pipelined
+        socket = cls(reader, writer)
+        await socket.write_in_pieces(request, 1 if trickle else len(request))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 101"), head
         assert b"Server: signalpost" in head
-        return cls(reader, writer)
+        return socket
+
+    async def write_in_pieces(self, data: bytes, piece: int) -> None:
+        """Write ``data`` ``piece`` bytes at a time, each in its own TCP segment."""
+        for start in range(0, len(data), piece):
+            self.writer.write(data[start : start + piece])
+            await self.writer.drain()
+            if piece < len(data):
+                await asyncio.sleep(0.001)  # asyncio sets TCP_NODELAY: one segment each
 
     def send(self, opcode: Opcode, data: bytes, fin: bool = True) -> None:
         self.writer.write(masked(opcode, data, fin))
@@ -220,10 +228,7 @@ async def test_frames_cut_at_every_byte_are_served_whole_and_in_order(dev: EdgeS
     stream += text({"type": "ping", "id": 1}, padding=200)  # 16-bit length form
     stream += masked(Opcode.PING, b"in between")
     stream += text({"type": "ping", "id": 2})
-    for i in range(len(stream)):  # one byte per TCP segment (asyncio sets TCP_NODELAY)
-        socket.writer.write(stream[i : i + 1])
-        await socket.writer.drain()
-        await asyncio.sleep(0.001)
+    await socket.write_in_pieces(stream, 1)
     frames = [await socket.read_frame() for _ in range(4)]
     assert all(frame is not None for frame in frames)
     assert [(f.opcode, f.data) for f in frames if f and f.opcode is Opcode.PONG] == [
@@ -241,6 +246,32 @@ async def test_frames_in_the_same_write_as_the_request_are_served(dev: EdgeServe
     assert [(t["type"], t["id"]) for t in _texts([f for f in frames if f])] == [
         ("welcome", 0),
         ("pong", 1),
+    ]
+    socket.close()
+
+
+async def test_a_request_head_and_hello_trickled_byte_by_byte_open_a_session(
+    dev: EdgeServer,
+) -> None:
+    hello = text({"type": "hello", "token": token("alice"), "id": 0})
+    socket = await BareSocket.open(dev.port, pipelined=hello, trickle=True)
+    welcome = await socket.read_frame()
+    assert welcome is not None and json.loads(welcome.data)["type"] == "welcome"
+    socket.close()
+
+
+async def test_a_frame_at_the_size_limit_arriving_in_pieces_is_served(dev: EdgeServer) -> None:
+    socket = await BareSocket.open(dev.port)
+    socket.send_json({"type": "hello", "token": token("alice")})
+    await socket.read_frame()  # welcome
+    ping = b'{"type":"ping","id":5}'
+    big = ping[:-1] + b" " * (dev.settings.max_frame - len(ping)) + b"}"
+    assert len(big) == dev.settings.max_frame
+    await socket.write_in_pieces(masked(Opcode.TEXT, big) + text({"type": "ping", "id": 6}), 997)
+    frames = [await socket.read_frame() for _ in range(2)]
+    assert _texts([f for f in frames if f]) == [
+        {"type": "pong", "id": 5},
+        {"type": "pong", "id": 6},
     ]
     socket.close()
 
