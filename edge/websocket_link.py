@@ -110,8 +110,8 @@ class WebSocketLink(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._partial:
-            # Bytes trickling in for one frame (or request head) are only collected until
-            # there are enough: parsing the whole buffer again on each would be quadratic.
+            # Bytes trickling in for one frame are only collected until the header's length
+            # is there: parsing the whole buffer again on each would be quadratic.
             self._partial += data
             if len(self._partial) < self._wanted:
                 return
