@@ -422,6 +422,7 @@ class EdgeServer:
             self._serve(state, message)
         elif isinstance(state, Greeting):
             if state.early is None:
+                metrics.HOT.frames_in += 1  # the hello (the frames behind it count when served)
                 state.timer.cancel()
                 state.early = []
                 self._spawn(self._hello(link, state, message))

@@ -255,9 +255,9 @@ async def test_metrics_count_frames_and_connections(dev: EdgeServer) -> None:
     frames_in = await _metric(dev.port, "signalpost_frames_in_total")
     frames_out = await _metric(dev.port, "signalpost_frames_out_total")
     connections = await _metric(dev.port, "signalpost_connections")
-    client = await raw_client(url_of(dev), "alice")  # the welcome: one frame out
+    client = await raw_client(url_of(dev), "alice")  # hello in, welcome out
     for i in range(5):
         assert (await client.request({"type": "ping", "id": i}))["type"] == "pong"
-    assert await _metric(dev.port, "signalpost_frames_in_total") == frames_in + 5
+    assert await _metric(dev.port, "signalpost_frames_in_total") == frames_in + 6
     assert await _metric(dev.port, "signalpost_frames_out_total") == frames_out + 6
     assert await _metric(dev.port, "signalpost_connections") == connections + 1
