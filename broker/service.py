@@ -1,6 +1,7 @@
 """The broker process: a ``RoomTable`` behind a ZeroMQ ROUTER, linked to its peer brokers.
 
-A broker's placement id is its endpoint (the same string the edges hash). It opens a DEALER
+A broker's placement id is its endpoint as others dial it (the same string the edges
+hash; a wildcard bind host is replaced by ``advertise_host``). It opens a DEALER
 to every other broker to replicate room history to each room's runner-up; the runner-up
 answers ``ReplicaAck`` through its ROUTER.
 """
@@ -40,7 +41,8 @@ class BrokerNode(OwnerNode):
     """A broker: rooms it owns, and links to the brokers that replicate them."""
 
     def __init__(self, settings: Settings) -> None:
-        self.placement_id = settings.broker_bind
+        # Edges hash what they dial, so the id is the dialable form of the bind address.
+        self.placement_id = settings.dialable(settings.broker_bind)
         self.table = room_table(settings, node_id=self.placement_id, replica_for=self._replica_for)
         super().__init__(settings, "broker", self.table, settings.broker_bind)
         self.peers: dict[str, DealerLink] = {}

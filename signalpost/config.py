@@ -33,6 +33,10 @@ Rate = Annotated[float, Meta(gt=0)]
 Secret = Annotated[str, Meta(min_length=1)]
 
 
+#: Hosts a ZeroMQ endpoint may bind that nobody can dial.
+_WILDCARD_HOSTS: Final = ("*", "0.0.0.0", "[::]", "::", "")
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """All settings; each process reads the ones it needs."""
 
@@ -87,6 +91,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if self.advertise_host:
             return self.advertise_host
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    def dialable(self, endpoint: str) -> str:
+        """``endpoint`` as other nodes dial it: a wildcard host becomes ``advertised_host``.
+
+        A broker's dialable endpoint is also its placement id, so every edge and broker
+        must name it the same way: ``tcp://0.0.0.0:5555`` is no address to dial or hash.
+        """
+        scheme, separator, rest = endpoint.partition("://")
+        host, colon, port = rest.rpartition(":")
+        if scheme != "tcp" or not separator or not colon or host not in _WILDCARD_HOSTS:
+            return endpoint
+        advertised = self.advertised_host
+        if ":" in advertised and not advertised.startswith("["):
+            advertised = f"[{advertised}]"  # an IPv6 address in a ZeroMQ endpoint
+        return f"tcp://{advertised}:{port}"
 
     @property
     def peer_expiry(self) -> float:
@@ -167,9 +186,11 @@ MEANINGS: Final = {
     "history_max_events": "events kept per room for resume",
     "history_max_age": "seconds events are kept per room for resume",
     "node_id": "this node's id (default: generated)",
-    "broker_bind": "a broker's ZeroMQ endpoint; also its placement id, so bind what others dial",
+    "broker_bind": "a broker's ZeroMQ endpoint; as dialled (a wildcard host advertised as "
+    "`advertise_host`) it is also the broker's placement id",
     "broker_endpoints": "brokers to use without Consul (comma separated)",
-    "presence_bind": "the presence service's ZeroMQ endpoint",
+    "presence_bind": "the presence service's ZeroMQ endpoint (a wildcard host is advertised "
+    "as `advertise_host`)",
     "presence_endpoint": "presence endpoint to use without Consul",
     "heartbeat_interval": "seconds between heartbeats on every ZeroMQ link",
     "heartbeat_liveness": "heartbeats missed before a node is taken for dead",

@@ -60,6 +60,13 @@ class OwnerNode:
             peer_expiry=settings.peer_expiry,
         )
         self._kind = kind
+        if settings.dialable(bind) != bind and not settings.advertise_host:
+            log.warning(
+                "%s binds %s but advertise_host is not set: other nodes are told to dial %s",
+                kind,
+                bind,
+                settings.dialable(bind),
+            )
         metrics.HOT.envelopes.setdefault(kind, 0)
         self.discovery: Discovery | None = None
         self.health: HealthServer | None = None
@@ -67,7 +74,7 @@ class OwnerNode:
     @property
     def endpoint(self) -> str:
         """The ZeroMQ endpoint other nodes dial (registered in Consul)."""
-        return self.router.endpoint
+        return self.settings.dialable(self.router.endpoint)
 
     def _send(self, outbound: list[Outbound]) -> None:
         send = self.router.send

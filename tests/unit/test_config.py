@@ -264,3 +264,22 @@ def test_an_out_of_range_variable_is_a_config_error(name: str, raw: str) -> None
     with pytest.raises(ConfigError) as info:
         load_settings(environ={name: raw})
     assert name.removeprefix("SIGNALPOST_").lower() in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("bind", "advertise_host", "dialled"),
+    [
+        ("tcp://0.0.0.0:5555", "10.0.0.21", "tcp://10.0.0.21:5555"),
+        ("tcp://*:5555", "broker-1.internal", "tcp://broker-1.internal:5555"),
+        ("tcp://[::]:5555", "fd00::21", "tcp://[fd00::21]:5555"),
+        ("tcp://0.0.0.0:5555", None, "tcp://127.0.0.1:5555"),  # host is loopback by default
+        ("tcp://10.0.0.5:5555", "10.0.0.21", "tcp://10.0.0.5:5555"),  # an address: as is
+        ("tcp://broker:5555", "10.0.0.21", "tcp://broker:5555"),
+        ("ipc:///run/signalpost/broker", "10.0.0.21", "ipc:///run/signalpost/broker"),
+    ],
+)
+def test_an_endpoint_is_advertised_as_other_nodes_dial_it(
+    bind: str, advertise_host: str | None, dialled: str
+) -> None:
+    settings = Settings(advertise_host=advertise_host)
+    assert settings.dialable(bind) == dialled
