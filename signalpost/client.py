@@ -9,7 +9,9 @@ Requests get ids and await their reply (``RequestRefused`` carries an ``error`` 
 code). Everything else arrives as typed events. When the connection drops without a clean
 close, the client reconnects (to the next URL, with ``backoff``) and resumes: it sends its
 resume token and the last ``epoch``/``offset`` it saw per room, and the cluster replays
-what it missed. A ``Resumed`` event tells how that went.
+what it missed. A ``Resumed`` event tells how that went. The users it watches are watched
+again after every reconnect (the new edge, or a presence service that restarted meanwhile,
+may not know them); a status that changed while away arrives as a ``PresenceChanged``.
 """
 
 from __future__ import annotations
@@ -192,6 +194,8 @@ class SignalpostClient:
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
         self._connected = asyncio.Event()
+        self.presence: dict[str, str] = {}  # watched user -> last status known
+        self._rewatching: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -210,10 +214,11 @@ class SignalpostClient:
         self._closing = True
         if self._ws is not None:
             await self._ws.close()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        for task in (self._reader, self._rewatching):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def __aenter__(self) -> SignalpostClient:
         await self.connect()
@@ -289,8 +294,22 @@ class SignalpostClient:
                 log.info("reconnect to %s failed: %s", self.url, exc)
                 continue
             self._events.put_nowait(Resumed(session=welcome["session"], resumed=welcome["resumed"]))
+            if self.presence:
+                self._rewatching = asyncio.create_task(self._rewatch(), name="signalpost-rewatch")
             return True
         return False
+
+    async def _rewatch(self) -> None:
+        """Watch again after a reconnect; report the statuses that changed while away."""
+        before = dict(self.presence)
+        try:
+            statuses = await self.watch(list(before))
+        except (ClientError, TimeoutError) as exc:  # dropped again: the next resume retries
+            log.info("watching again after the reconnect failed: %s", exc)
+            return
+        for user, status in statuses.items():
+            if before.get(user) != status and status in ("online", "offline"):
+                self._events.put_nowait(PresenceChanged(user=user, status=status))  # type: ignore[arg-type]
 
     def _fail_pending(self, exc: Exception) -> None:
         for future in self._pending.values():
@@ -317,6 +336,8 @@ class SignalpostClient:
             position = self.positions.get(event.room)
             if position is not None:
                 self.positions[event.room] = RoomPosition(position.epoch, event.offset)
+        elif isinstance(event, PresenceChanged) and event.user in self.presence:
+            self.presence[event.user] = event.status
         self._events.put_nowait(event)
 
     # ----------------------------------------------------------------- requests
@@ -366,13 +387,16 @@ class SignalpostClient:
         await self.request(frame)
 
     async def watch(self, users: list[str]) -> dict[str, str]:
-        """Watch users; returns their current status."""
+        """Watch users (again after every reconnect); returns their current status."""
         reply = await self.request({"type": "watch", "users": users})
         presence: dict[str, str] = reply["presence"]
+        self.presence.update(presence)
         return presence
 
     async def unwatch(self, users: list[str]) -> None:
         """Stop watching users."""
+        for user in users:
+            self.presence.pop(user, None)
         await self.request({"type": "unwatch", "users": users})
 
     async def ping(self) -> None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from tests.helpers import RawClient, raw_client, url_of
+from edge.server import ClientConnection, EdgeServer
+from signalpost.client import PresenceChanged, Resumed, SignalpostClient
+from signalpost.wire import ClientMessage, Watch
+from tests.helpers import RawClient, raw_client, token, url_of
 from tests.integration.conftest import DevFactory
 
 
@@ -38,3 +43,35 @@ async def test_a_resumed_watcher_is_told_the_changes_it_missed(dev_factory: DevF
     assert await again.recv() == {"type": "presence", "user": "eve", "status": "online"}
     unwatched = await again.request({"type": "unwatch", "id": 2, "users": ["eve", "bob"]})
     assert unwatched == {"type": "unwatched", "id": 2}
+
+
+async def test_the_sdk_watches_again_after_a_reconnect(
+    dev: EdgeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The edge that takes the resume (or a presence service that restarted meanwhile) may
+    # not know the session's watches: the client sends them again.
+    watches_seen: list[list[str]] = []
+    dispatch = dev._dispatch
+
+    def recording(client: ClientConnection, message: ClientMessage) -> None:
+        if isinstance(message, Watch):
+            watches_seen.append(list(message.users))
+        dispatch(client, message)
+
+    monkeypatch.setattr(dev, "_dispatch", recording)
+    url = url_of(dev)
+    async with SignalpostClient(url, token("alice")) as alice:
+        assert await alice.watch(["bob", "carol"]) == {"bob": "offline", "carol": "offline"}
+        await alice.unwatch(["carol"])
+        assert alice._ws is not None and alice._ws.transport is not None
+        alice._ws.transport.abort()  # dropped, not closed: the client resumes by itself
+        assert (await alice.next_event(Resumed, timeout=10)).resumed
+        for _ in range(100):
+            if len(watches_seen) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert watches_seen == [["bob", "carol"], ["bob"]]  # carol was unwatched
+        async with SignalpostClient(url, token("bob")):
+            event = await alice.next_event(PresenceChanged, timeout=10)
+        assert event == PresenceChanged(user="bob", status="online")
+        assert alice.presence == {"bob": "online"}
