@@ -157,9 +157,10 @@ class WebSocketLink(asyncio.Protocol):
     def _handshake(self, data: bytes) -> None:
         """Give the protocol the request head alone; frames behind it go to ``_split``."""
         tail = self._head_tail
-        end = (tail + data).find(b"\r\n\r\n") if tail else data.find(b"\r\n\r\n")
+        joined = tail + data  # a blank line may straddle two segments
+        end = joined.find(b"\r\n\r\n")
         if end < 0:  # the protocol buffers the head (and enforces its limits)
-            self._head_tail = (tail + data)[-3:]
+            self._head_tail = joined[-3:]
             self._feed(data)
             return
         end += 4 - len(tail)  # just after the blank line, in ``data``

@@ -60,12 +60,13 @@ class OwnerNode:
             peer_expiry=settings.peer_expiry,
         )
         self._kind = kind
-        if settings.dialable(bind) != bind and not settings.advertise_host:
+        dialled = settings.dialable(bind)
+        if dialled != bind and not settings.advertise_host:
             log.warning(
                 "%s binds %s but advertise_host is not set: other nodes are told to dial %s",
                 kind,
                 bind,
-                settings.dialable(bind),
+                dialled,
             )
         metrics.HOT.envelopes.setdefault(kind, 0)
         self.discovery: Discovery | None = None
