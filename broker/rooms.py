@@ -216,6 +216,11 @@ class RoomTable:
         # The ack leaves after the deliveries it acknowledges (and after the runner-up has
         # the events): a broker killed before that has not acked, so the edge retries.
         reply = (command.edge, Reply(command.session, command.conn, command.seq, payload))
+        if not self._parked:  # recorded nothing held back: the reply can go unless the room waits
+            room = self.rooms.get(command.room)
+            if room is None or not room.pending:
+                out.append(reply)
+                return out
         self._seal(out, command, reply, payload)
         return out
 
@@ -280,7 +285,8 @@ class RoomTable:
         room = self.rooms.get(command.room)
         if room is None or command.session not in room.members:
             raise NotInRoom(f"not a member of room {command.room!r}")
-        self._activate(room)
+        if not room.active:
+            self._activate(room)
         if command.to is None:
             targets = [m for s, m in room.members.items() if s != command.session]
         else:
@@ -469,8 +475,10 @@ class RoomTable:
         event = RoomEvent(
             room.offset, now, tuple([m.session for m in recipients]), payload, origin
         )
-        room.history.append(event)
-        self._trim(room, now)
+        history = room.history
+        history.append(event)
+        if len(history) > self.history_max_events or history[0].at < now - self.history_max_age:
+            self._trim(room, now)
         self._last_offset = room.offset
         deliveries = self._deliveries(room, event, recipients)
         if not room.pending and self.replica_for(room.name) is None:
@@ -484,11 +492,16 @@ class RoomTable:
 
     @staticmethod
     def _deliveries(
-        room: Room, event: RoomEvent, recipients: Iterable[Member] | None = None
+        room: Room, event: RoomEvent, recipients: list[Member] | None = None
     ) -> list[Outbound]:
         """One Deliver per edge holding attached recipients of ``event``."""
         if recipients is None:
             recipients = [room.members[s] for s in event.recipients if s in room.members]
+        elif len(recipients) == 1:  # a signal to one peer: most of the traffic
+            member = recipients[0]
+            if member.suspended_until is not None:
+                return []
+            return [(member.edge, Deliver([member.session], event.payload, *event.origin))]
         by_edge: dict[str, list[str]] = {}
         for member in recipients:
             if member.suspended_until is None:
@@ -506,7 +519,9 @@ class RoomTable:
         reply_payload: bytes = b"",
     ) -> None:
         """End a command: replicate what it recorded, hold or release its output."""
-        parked, self._parked = self._parked, {}
+        parked = self._parked
+        if parked:
+            self._parked = {}
         for name, (room, events, deliveries) in parked.items():
             held = list(deliveries)
             carries_reply = request is not None and reply is not None and name == request.room

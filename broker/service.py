@@ -18,7 +18,7 @@ from signalpost.lifecycle import until_stopped
 from signalpost.node import OwnerNode
 from signalpost.placement import ranking
 from signalpost.transport import DealerLink, new_incarnation
-from signalpost.wire import Envelope, ReplicateCmd
+from signalpost.wire import Envelope, ReplicateCmd, encode_envelope
 
 
 def room_table(settings: Settings, **replication: object) -> RoomTable:
@@ -65,13 +65,14 @@ class BrokerNode(OwnerNode):
         return replica
 
     def _send(self, outbound: list[Outbound]) -> None:
+        send_body = self.router.send_body
         for target, envelope in outbound:
-            if isinstance(envelope, ReplicateCmd):
+            if type(envelope) is ReplicateCmd:
                 link = self.peers.get(target)
                 if link is not None:  # else resent once the runner-up is known
                     link.send(envelope)
             else:
-                self.router.send(target, envelope)
+                send_body(target, encode_envelope(envelope))
 
     def _from_peer(self, envelope: Envelope) -> None:
         self._send(self.table.handle(envelope, self._clock()))

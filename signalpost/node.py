@@ -21,7 +21,7 @@ from signalpost.config import Settings
 from signalpost.discovery import Discovery, Registration
 from signalpost.health import HealthServer
 from signalpost.transport import RouterEndpoint
-from signalpost.wire import Envelope
+from signalpost.wire import Envelope, encode_envelope
 
 log = logging.getLogger("signalpost.node")
 
@@ -78,9 +78,9 @@ class OwnerNode:
         return self.settings.dialable(self.router.endpoint)
 
     def _send(self, outbound: list[Outbound]) -> None:
-        send = self.router.send
+        send_body = self.router.send_body
         for edge, envelope in outbound:
-            send(edge, envelope)
+            send_body(edge, encode_envelope(envelope))
 
     def _on_envelope(self, peer: str, envelope: Envelope) -> None:
         metrics.HOT.envelopes[self._kind] += 1
