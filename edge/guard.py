@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import Final
 
 from signalpost.errors import CloseCode
 
@@ -19,6 +20,11 @@ class Verdict(Enum):
     SERVE = auto()
     REFUSE = auto()  # answer rate_limited, keep the connection
     CLOSE = auto()  # close with the guard's close_code
+
+
+SERVE: Final = Verdict.SERVE
+REFUSE: Final = Verdict.REFUSE
+CLOSE: Final = Verdict.CLOSE
 
 
 @dataclass(slots=True)
@@ -39,19 +45,25 @@ class ClientGuard:
 
     def admit(self, now: float) -> Verdict:
         """Take a token for one frame arriving at ``now``."""
-        if self.refilled_at is not None:
-            elapsed = max(0.0, now - self.refilled_at)
-            self.tokens = min(float(self.burst), self.tokens + elapsed * self.rate_per_second)
+        # Once per client frame: plain comparisons, no min/max calls, module-level verdicts
+        # (an Enum member looked up on its class costs more than the arithmetic here).
+        tokens = self.tokens
+        refilled_at = self.refilled_at
+        if refilled_at is not None and now > refilled_at:
+            tokens += (now - refilled_at) * self.rate_per_second
+            if tokens > self.burst:
+                tokens = float(self.burst)
         self.refilled_at = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
             self.refusals_in_a_row = 0
-            return Verdict.SERVE
+            return SERVE
+        self.tokens = tokens
         self.refusals_in_a_row += 1
         if self.refusals_in_a_row >= self.rate_strikes:
             self.close_code = CloseCode.RATE_LIMITED
-            return Verdict.CLOSE
-        return Verdict.REFUSE
+            return CLOSE
+        return REFUSE
 
     def bad_frame(self, now: float) -> Verdict:
         """Count a malformed frame; CLOSE once too many fall within the window."""
@@ -60,5 +72,5 @@ class ClientGuard:
         self.bad_frames.append(now)
         if len(self.bad_frames) >= self.bad_frame_strikes:
             self.close_code = CloseCode.ABUSE
-            return Verdict.CLOSE
-        return Verdict.REFUSE
+            return CLOSE
+        return REFUSE

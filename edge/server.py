@@ -32,7 +32,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from edge.backplane import Backplane
-from edge.guard import ClientGuard, Verdict
+from edge.guard import CLOSE, SERVE, ClientGuard
 from edge.websocket_link import WebSocketLink
 from signalpost import metrics
 from signalpost.auth import Identity, ResumeTokens, TokenVerifier, ice_servers, mint_token
@@ -237,7 +237,8 @@ class EdgeServer:
                 return  # the answer to a retry that was already answered
             if envelope.payload:
                 self._write([client], envelope.payload)
-            self._track_membership(client, command, envelope.payload)
+            if type(command) is not SignalCmd:  # signals change no membership or watch
+                self._track_membership(client, command, envelope.payload)
         elif isinstance(envelope, ClaimReply):
             claim = self._claims.get(envelope.conn)
             if claim is not None and not claim.done():
@@ -537,7 +538,7 @@ class EdgeServer:
         metrics.HOT.frames_in += 1
         guard = client.guard
         verdict = guard.admit(time.monotonic())
-        if verdict is Verdict.SERVE:
+        if verdict is SERVE:
             try:
                 message = decode_client(frame)
             except ProtocolError as exc:
@@ -559,7 +560,7 @@ class EdgeServer:
                     return
         else:
             self._write([client], _error(_RATE_LIMITED, _frame_id(frame)))
-        if verdict is Verdict.CLOSE:
+        if verdict is CLOSE:
             assert guard.close_code is not None
             self._close(client, guard.close_code, guard.close_code.name.lower())
 

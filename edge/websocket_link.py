@@ -286,9 +286,11 @@ class WebSocketLink(asyncio.Protocol):
         is a 2-10 byte header and the payload (RFC 6455 5.2, unmasked, unfragmented), and
         websockets' general serializer cost more than the rest of a relay's write path.
         """
-        if self.protocol.state is not _OPEN:
+        protocol = self.protocol
+        if protocol.state is not _OPEN:
             return
-        self.flush()  # what the protocol queued itself (a pong) goes first
+        if protocol.writes:
+            self.flush()  # what the protocol queued itself (a pong) goes first
         assert self.transport is not None
         self.transport.write(text_frames(messages))
 

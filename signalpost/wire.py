@@ -111,7 +111,8 @@ def decode_client(frame: bytes | str) -> ClientMessage:
         raise _bad_request(frame, f"invalid message: {exc}") from None
     except msgspec.DecodeError:
         raise BadRequest("frame is not valid JSON") from None
-    if isinstance(message, Signal) and not bytes(message.data).lstrip()[:1] == b"{":
+    # A Raw value starts at its first byte (msgspec skips the whitespace before it).
+    if isinstance(message, Signal) and memoryview(message.data)[:1].tobytes() != b"{":
         raise _bad_request(frame, "signal data must be a JSON object")
     return message
 

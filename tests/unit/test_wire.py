@@ -236,6 +236,12 @@ def test_wrong_field_types_are_bad_request(frame: str) -> None:
     assert request_id_of(_bad(frame)) == 9
 
 
+def test_signal_data_may_follow_whitespace() -> None:
+    message = decode_client('{"type":"signal","room":"r","data": \n\t {"sdp":"x"} }')
+    assert isinstance(message, Signal)
+    assert bytes(message.data) == b'{"sdp":"x"}'
+
+
 @pytest.mark.parametrize("data", ["[]", "[{}]", '"offer"', "1", "null", "true", " [1]", '"{}"'])
 def test_signal_data_must_be_an_object(data: str) -> None:
     exc = _bad('{"type":"signal","id":"d","room":"r","data":' + data + "}")
