@@ -14,6 +14,7 @@ import re
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -290,19 +291,34 @@ def _targets(sc: dict[str, Any]) -> list[str]:
             _verdict(None if core is None else core >= BROKER_ENVELOPES),
         ]
     )
-    zmq = _get(broker, "zmq", "commands_per_s")
-    rows.append(
-        [
-            "broker routing, real broker over ZeroMQ",
-            f">= {BROKER_ENVELOPES:,} envelopes/s",
-            "not measured"
-            if zmq is None
-            else f"{zmq:,.0f} envelopes in/s ({_get(broker, 'zmq', 'envelopes_in_out_per_s'):,.0f}"
-            " in+out)",
-            _verdict(None if zmq is None else zmq >= BROKER_ENVELOPES),
-        ]
-    )
+    for key, label in (
+        ("zmq", "broker routing, real broker over ZeroMQ, 1 envelope per frame"),
+        ("zmq_batched", "broker routing, real broker over ZeroMQ, frames as the edges fill them"),
+    ):
+        run = broker.get(key) or {}
+        per_core = _broker_per_core(run)
+        if key == "zmq_batched" and run:
+            label = label.replace("as the edges fill them", f"of {run.get('batch')} envelopes")
+        rows.append(
+            [
+                label,
+                f">= {BROKER_ENVELOPES:,} envelopes/s",
+                "not measured"
+                if per_core is None
+                else f"{per_core:,.0f} envelopes in per broker CPU-second "
+                f"({run['broker_cpu_us_per_command']:.1f} us each); {run['commands_per_s']:,.0f}"
+                f" in/s got through with the broker {run['broker_cores']:.2f} cores busy",
+                _verdict(None if per_core is None else per_core >= BROKER_ENVELOPES),
+            ]
+        )
     return _table(["target", "goal", "measured", "verdict"], rows)
+
+
+def _broker_per_core(run: dict[str, Any]) -> float | None:
+    """Envelopes one broker core takes per second: the generator shares the machine, so
+    throughput alone says as much about it; CPU per envelope does not."""
+    cpu = run.get("broker_cpu_us_per_command")
+    return None if not cpu else 1e6 / cpu
 
 
 def _relay(section: dict[str, Any]) -> list[str]:
@@ -472,28 +488,46 @@ def _broker(section: dict[str, Any]) -> list[str]:
                 ],
             ),
         ]
-    zmq = section.get("zmq")
-    if zmq:
-        rtt = zmq["rtt"]
+    runs = [r for r in (section.get("zmq"), section.get("zmq_batched")) if r]
+    if runs:
+
+        def row(label: str, value: Callable[[dict[str, Any]], str]) -> list[str]:
+            return [label, *(value(r) for r in runs)]
+
+        def rtt(r: dict[str, Any], divide: float = 1.0) -> str:
+            return f"{_f(r['rtt']['p50_us'] / divide)} / {_f(r['rtt']['p99_us'] / divide)}"
+
         out += [
             "",
             *_table(
-                ["real broker over ZeroMQ", "value"],
                 [
-                    [f"envelopes in/s (window {zmq['window']})", _f(zmq["commands_per_s"])],
-                    ["envelopes in+out/s", _f(zmq["envelopes_in_out_per_s"])],
-                    ["broker CPU us per envelope in", _f(zmq.get("broker_cpu_us_per_command"))],
-                    ["broker cores busy", _f(zmq.get("broker_cores"), 2)],
-                    [
-                        "round trip edge->broker->edge, 1 in flight: p50 / p99 us",
-                        f"{_f(rtt['p50_us'])} / {_f(rtt['p99_us'])}",
-                    ],
-                    [
-                        "so each hop adds about (p50 / p99, us)",
-                        f"{_f(rtt['p50_us'] / 2)} / {_f(rtt['p99_us'] / 2)}",
-                    ],
+                    "real broker over ZeroMQ",
+                    *(f"{r['batch']} envelope(s) per frame in" for r in runs),
+                ],
+                [
+                    row("envelopes in/s (256 in flight)", lambda r: _f(r["commands_per_s"])),
+                    row("envelopes in+out/s", lambda r: _f(r["envelopes_in_out_per_s"])),
+                    row("frames in / out", lambda r: f"{r['frames_in']:,} / {r['frames_out']:,}"),
+                    row(
+                        "broker CPU us per envelope in",
+                        lambda r: _f(r.get("broker_cpu_us_per_command")),
+                    ),
+                    row(
+                        "envelopes in per broker CPU-second",
+                        lambda r: _f(_broker_per_core(r)),
+                    ),
+                    row("broker cores busy", lambda r: _f(r.get("broker_cores"), 2)),
+                    row("round trip edge->broker->edge, 1 in flight: p50 / p99 us", rtt),
+                    row("so each hop adds about (p50 / p99, us)", lambda r: rtt(r, 2)),
                 ],
             ),
+            "",
+            "The bench edge (a Python DEALER in its own process) shares the two cores with the "
+            "broker, so envelopes/s is what got through; envelopes per broker CPU-second "
+            "(1 / CPU per envelope) is the broker's own capacity and what the target is "
+            "checked against. A real edge batches what it sends a broker per event-loop "
+            f"iteration: {runs[-1]['batch']} per frame is about what the edges sent in the "
+            "cluster relay at max load.",
         ]
     if section.get("zmq_skipped"):
         out.append(f"- *real broker skipped*: {section['zmq_skipped']}")
