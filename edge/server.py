@@ -145,6 +145,8 @@ class EdgeServer:
         self._verifier = TokenVerifier(settings)
         self._resume_tokens = ResumeTokens(settings.jwt_secret)
         self._claims: dict[str, asyncio.Future[ClaimReply]] = {}  # conn -> claim outcome
+        # session -> what presence sent it while its resume claim was out (not yet registered)
+        self._held_for_claim: dict[str, list[bytes]] = {}
         self._server: asyncio.Server | None = None
         self._links: dict[WebSocketLink, Greeting | ClientConnection | None] = {}
         self._all_closed = asyncio.Event()
@@ -223,6 +225,8 @@ class EdgeServer:
         """Handle one envelope from a broker or the presence service."""
         if isinstance(envelope, Deliver):
             targets = [c for s in envelope.sessions if (c := self.sessions.get(s)) is not None]
+            if self._held_for_claim and not envelope.origin_conn:
+                self._hold_for_claims(envelope)
             if envelope.origin_conn:
                 targets = self._first_copies(targets, envelope.origin_conn, envelope.origin_seq)
             elif envelope.payload.startswith(_PRESENCE_PREFIX):
@@ -247,6 +251,18 @@ class EdgeServer:
             client = self.sessions.get(envelope.session)
             if client is not None and client.conn == envelope.conn:
                 self._evict(client)
+
+    def _hold_for_claims(self, envelope: Deliver) -> None:
+        """Keep what presence sends a session between its claim and its registration.
+
+        Presence routes to the claiming connection as soon as it answers the claim; the
+        edge registers the session when the claim's answer has been awaited, a loop
+        iteration later.
+        """
+        for session in envelope.sessions:
+            held = self._held_for_claim.get(session)
+            if held is not None:
+                held.append(envelope.payload)
 
     @staticmethod
     def _first_copies(
@@ -468,10 +484,17 @@ class EdgeServer:
         conn = secrets.token_urlsafe(9)
         session = None
         claimed: ClaimReply | None = None
+        held_for_claim: list[bytes] = []
         if hello.resume:
             session = self._resume_tokens.session_of(hello.resume, identity.user)
             if session is not None:
-                claimed = await self._claim(session, identity.user, conn)
+                self._held_for_claim[session] = held_for_claim
+                try:
+                    claimed = await self._claim(session, identity.user, conn)
+                finally:
+                    # Popped now: from here to the registration below nothing awaits.
+                    if self._held_for_claim.get(session) is held_for_claim:
+                        del self._held_for_claim[session]
                 if not claimed.live:
                     session = None
                 if not link.is_open:
@@ -516,6 +539,11 @@ class EdgeServer:
             for user in claimed.changed:
                 status = claimed.watching[user]
                 self._write([client], encode_frame(PresenceFrame(user=user, status=status)))
+            for payload in held_for_claim:  # newer than the claim's snapshot: after it
+                if payload.startswith(_PRESENCE_PREFIX):
+                    self._write(self._status_changes([client], payload), payload)
+                else:
+                    self._write([client], payload)
         if resumed:
             self.backplane.attach(session, conn, dict(hello.rooms or {}))
         return client

@@ -8,7 +8,7 @@ import pytest
 
 from edge.server import ClientConnection, EdgeServer
 from signalpost.client import PresenceChanged, Resumed, SignalpostClient
-from signalpost.wire import ClientMessage, Watch
+from signalpost.wire import ClaimCmd, ClientMessage, Envelope, SessionUp, Watch
 from tests.helpers import RawClient, raw_client, token, url_of
 from tests.integration.conftest import DevFactory
 
@@ -75,3 +75,35 @@ async def test_the_sdk_watches_again_after_a_reconnect(
             event = await alice.next_event(PresenceChanged, timeout=10)
         assert event == PresenceChanged(user="bob", status="online")
         assert alice.presence == {"bob": "online"}
+
+
+async def test_a_change_presence_sends_during_the_resume_claim_is_not_lost(
+    dev: EdgeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Presence routes to the resuming connection as soon as it answers the claim; the edge
+    # registers the session only once the claim's answer has been awaited.
+    url = url_of(dev)
+    watcher = await raw_client(url, "watcher")
+    assert (await watcher.request({"type": "watch", "id": 1, "users": ["carol"]}))["presence"] == {
+        "carol": "offline"
+    }
+    session = watcher.welcome["session"]
+    assert watcher.ws.transport is not None
+    watcher.ws.transport.abort()  # dropped: the session waits to be resumed
+    for _ in range(100):
+        if session not in dev.sessions:
+            break
+        await asyncio.sleep(0.02)
+    to_presence = dev.backplane.to_presence
+
+    def carol_comes_online_right_after_the_claim(command: Envelope) -> None:
+        to_presence(command)  # dev mode: the claim is answered within this call
+        if isinstance(command, ClaimCmd):
+            to_presence(SessionUp("carol-session", "carol", dev.edge_id, "carol-conn"))
+
+    monkeypatch.setattr(dev.backplane, "to_presence", carol_comes_online_right_after_the_claim)
+    again = await raw_client(url, "watcher", resume=watcher.welcome["resume"])
+    assert again.welcome["resumed"] is True
+    assert await again.recv() == {"type": "presence", "user": "carol", "status": "online"}
+    await quiet(again)
+    assert not dev._held_for_claim
