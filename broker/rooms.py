@@ -472,9 +472,7 @@ class RoomTable:
     ) -> None:
         """Number an event, keep it for replay, and deliver it to attached recipients."""
         room.offset += 1
-        event = RoomEvent(
-            room.offset, now, tuple([m.session for m in recipients]), payload, origin
-        )
+        event = RoomEvent(room.offset, now, tuple([m.session for m in recipients]), payload, origin)
         history = room.history
         history.append(event)
         if len(history) > self.history_max_events or history[0].at < now - self.history_max_age:

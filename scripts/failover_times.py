@@ -40,9 +40,23 @@ SECRET = "failover-measurement-secret-0123456789"
 
 def start_cluster(state: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], list[dict]]:
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "signalpost.cli", "cluster", "--edges", "2", "--brokers", "2",
-         "--state", str(state), "--consul", "off"],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "signalpost.cli",
+            "cluster",
+            "--edges",
+            "2",
+            "--brokers",
+            "2",
+            "--state",
+            str(state),
+            "--consul",
+            "off",
+        ],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30
     while not state.exists():
@@ -61,8 +75,10 @@ async def broker_kill(processes: list[dict]) -> tuple[float, bool]:
     brokers = {p["url"]: p for p in processes if p["kind"] == "broker"}
     room = "measure"
     doomed = brokers[owner(room, sorted(brokers))]
-    async with SignalpostClient(edges[0], token("a"), request_timeout=15) as a, \
-            SignalpostClient(edges[1], token("b"), request_timeout=15) as b:
+    async with (
+        SignalpostClient(edges[0], token("a"), request_timeout=15) as a,
+        SignalpostClient(edges[1], token("b"), request_timeout=15) as b,
+    ):
         await a.join(room)
         await b.join(room)
         await a.next_event(PeerJoined)
@@ -148,14 +164,22 @@ def main() -> None:
         resumed, _ = run_once(env, "edge")  # type: ignore[misc]
         resumes.append(resumed)
         presence.append(run_once(env, "presence"))
-    print(f"settings: heartbeat {args.heartbeat_interval}s x liveness {args.liveness}, "
-          f"resume window {args.resume_window}s, runs {args.runs}")
-    print(f"broker kill -9, longest ack stall: median {statistics.median(stalls):.2f}s "
-          f"max {max(stalls):.2f}s; exactly once in order: {all(exact)}")
-    print(f"edge kill -9, resumed+recovered on the other edge: median "
-          f"{statistics.median(resumes):.2f}s max {max(resumes):.2f}s")
-    print(f"edge kill -9, watcher sees offline: median {statistics.median(presence):.2f}s "
-          f"max {max(presence):.2f}s")
+    print(
+        f"settings: heartbeat {args.heartbeat_interval}s x liveness {args.liveness}, "
+        f"resume window {args.resume_window}s, runs {args.runs}"
+    )
+    print(
+        f"broker kill -9, longest ack stall: median {statistics.median(stalls):.2f}s "
+        f"max {max(stalls):.2f}s; exactly once in order: {all(exact)}"
+    )
+    print(
+        f"edge kill -9, resumed+recovered on the other edge: median "
+        f"{statistics.median(resumes):.2f}s max {max(resumes):.2f}s"
+    )
+    print(
+        f"edge kill -9, watcher sees offline: median {statistics.median(presence):.2f}s "
+        f"max {max(presence):.2f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ bash scripts/setup.sh
 VENV=.venv
 echo "== ruff"
 "$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
 echo "== mypy"
 "$VENV/bin/mypy"
 echo "== pytest"

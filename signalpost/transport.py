@@ -366,7 +366,6 @@ class RouterEndpoint:
         """Queue ``envelope`` for ``peer``; dropped if the peer is unknown to ZeroMQ."""
         self.send_body(peer, encode_envelope(envelope))
 
-
     async def __aenter__(self) -> RouterEndpoint:
         self._socket.start("router", self._receive, self._heartbeat_loop)
         self._outbox.flush()  # anything queued before there was a loop

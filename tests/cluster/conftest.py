@@ -86,9 +86,21 @@ def cluster_factory(tmp_path: Path) -> Iterator[ClusterFactory]:
     ) -> Cluster:
         state_path = tmp_path / f"cluster-{len(started)}.json"
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "signalpost.cli", "cluster", "--edges", str(edges),
-             "--brokers", str(brokers), "--state", str(state_path), "--consul", consul,
-             *(["--restart"] if restart else [])],
+            [
+                sys.executable,
+                "-m",
+                "signalpost.cli",
+                "cluster",
+                "--edges",
+                str(edges),
+                "--brokers",
+                str(brokers),
+                "--state",
+                str(state_path),
+                "--consul",
+                consul,
+                *(["--restart"] if restart else []),
+            ],
             env={**os.environ, **FAST_ENV, **env},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -29,8 +29,10 @@ pytestmark = pytest.mark.cluster
 async def test_call_between_two_edges(cluster_factory: ClusterFactory) -> None:
     cluster = cluster_factory(edges=2, brokers=1)
     edge1, edge2 = cluster.edge_urls
-    async with SignalpostClient(edge1, token("alice")) as alice, \
-            SignalpostClient(edge2, token("bob")) as bob:
+    async with (
+        SignalpostClient(edge1, token("alice")) as alice,
+        SignalpostClient(edge2, token("bob")) as bob,
+    ):
         assert await alice.watch(["bob", "carol"]) == {"bob": "online", "carol": "offline"}
         await alice.join("call")
         joined = await bob.join("call", meta={"device": "phone"})
@@ -49,11 +51,13 @@ async def test_call_between_two_edges(cluster_factory: ClusterFactory) -> None:
             await bob.signal("call", {"kind": "candidate", "n": n}, to=alice.session)
         assert [(await bob.next_event(SignalEvent)).data["n"] for _ in range(12)] == list(range(12))
         assert [(await alice.next_event(SignalEvent)).data["n"] for _ in range(12)] == list(
-            range(12))
+            range(12)
+        )
 
         async with SignalpostClient(edge2, token("carol")) as carol:
             assert await alice.next_event(PresenceChanged) == PresenceChanged(
-                user="carol", status="online")
+                user="carol", status="online"
+            )
             with pytest.raises(RequestRefused) as full:
                 await carol.join("call")
             assert full.value.code == "room_full"
@@ -61,7 +65,8 @@ async def test_call_between_two_edges(cluster_factory: ClusterFactory) -> None:
                 await carol.signal("call", {"x": 1}, to=alice.session)
             assert outsider.value.code == "not_in_room"
         assert await alice.next_event(PresenceChanged) == PresenceChanged(
-            user="carol", status="offline")
+            user="carol", status="offline"
+        )
 
         await bob.leave("call")
         left = await alice.next_event(PeerLeft)
@@ -71,8 +76,10 @@ async def test_call_between_two_edges(cluster_factory: ClusterFactory) -> None:
 async def test_rooms_spread_over_two_brokers(cluster_factory: ClusterFactory) -> None:
     cluster = cluster_factory(edges=2, brokers=2)
     edge1, edge2 = cluster.edge_urls
-    async with SignalpostClient(edge1, token("alice")) as alice, \
-            SignalpostClient(edge2, token("bob")) as bob:
+    async with (
+        SignalpostClient(edge1, token("alice")) as alice,
+        SignalpostClient(edge2, token("bob")) as bob,
+    ):
         rooms = [f"room-{n}" for n in range(12)]
         for room in rooms:
             await alice.join(room)
@@ -89,14 +96,21 @@ async def test_rooms_spread_over_two_brokers(cluster_factory: ClusterFactory) ->
 async def test_bad_input_does_not_hurt_the_cluster(cluster_factory: ClusterFactory) -> None:
     cluster = cluster_factory(edges=2, brokers=1)
     edge1, edge2 = cluster.edge_urls
-    async with SignalpostClient(edge1, token("alice")) as alice, \
-            SignalpostClient(edge2, token("bob")) as bob:
+    async with (
+        SignalpostClient(edge1, token("alice")) as alice,
+        SignalpostClient(edge2, token("bob")) as bob,
+    ):
         await alice.join("r")
         await bob.join("r")
         await alice.next_event(PeerJoined)
         mallory = await raw_client(edge1, "mallory")
-        for frame in ["{", "[]", '{"type":"signal","room":"r","data":{}}',
-                      '{"type":"join","room":""}', json.dumps({"type": "x" * 10000})]:
+        for frame in [
+            "{",
+            "[]",
+            '{"type":"signal","room":"r","data":{}}',
+            '{"type":"join","room":""}',
+            json.dumps({"type": "x" * 10000}),
+        ]:
             await mallory.send(frame)
             assert (await mallory.recv())["type"] == "error"
         await mallory.ws.send(b"\xff" * 10)
@@ -187,8 +201,9 @@ async def test_kill_9_an_edge_clients_resume_and_recover_every_event(
         for data in sent:
             await alice.signal("call", data, to=bob.session)
         raw = RawClient(await websockets.connect(edge1))
-        await raw.send({"type": "hello", "token": token("bob"), "resume": bob.resume_token,
-                        "rooms": rooms})
+        await raw.send(
+            {"type": "hello", "token": token("bob"), "resume": bob.resume_token, "rooms": rooms}
+        )
         assert (await raw.recv_type("welcome"))["resumed"] is True
         assert [(await raw.recv_type("signal"))["data"] for _ in sent] == sent
         assert await raw.recv() == {"type": "recovered", "room": "call", "recovered": True}
@@ -223,8 +238,10 @@ async def test_a_restarted_presence_service_rebuilds_from_the_edges(
 ) -> None:
     cluster = cluster_factory(edges=2, brokers=1, restart=True)
     edge1, edge2 = cluster.edge_urls
-    async with SignalpostClient(edge1, token("watcher")) as watcher, \
-            SignalpostClient(edge2, token("bob")) as bob:
+    async with (
+        SignalpostClient(edge1, token("watcher")) as watcher,
+        SignalpostClient(edge2, token("bob")) as bob,
+    ):
         assert await watcher.watch(["bob", "carol"]) == {"bob": "online", "carol": "offline"}
         old_pid = cluster.pid("presence-1")
         cluster.kill("presence-1")

@@ -17,8 +17,9 @@ FAST_CLIENTS = {"SIGNALPOST_RATE_PER_SECOND": "100000", "SIGNALPOST_RATE_BURST":
 SIGNALS = 300
 
 
-async def _send_all(client: SignalpostClient, room: str, to: str, killed: asyncio.Event,
-                    kill_after: int) -> list[int]:
+async def _send_all(
+    client: SignalpostClient, room: str, to: str, killed: asyncio.Event, kill_after: int
+) -> list[int]:
     """Send SIGNALS numbered signals, each awaited until acked; return the acked numbers."""
     acked = []
     for n in range(SIGNALS):
@@ -42,8 +43,10 @@ async def test_kill_9_the_room_owner_every_acked_signal_arrives_once_in_order(
     room = "failover-room"
     endpoints = {p["url"]: p["id"] for p in cluster.of_kind("broker")}
     doomed = endpoints[owner(room, sorted(endpoints))]
-    async with SignalpostClient(edge1, token("alice"), request_timeout=10) as alice, \
-            SignalpostClient(edge2, token("bob"), request_timeout=10) as bob:
+    async with (
+        SignalpostClient(edge1, token("alice"), request_timeout=10) as alice,
+        SignalpostClient(edge2, token("bob"), request_timeout=10) as bob,
+    ):
         await alice.join(room)
         await bob.join(room)
         await alice.next_event(PeerJoined)
@@ -109,8 +112,9 @@ async def test_resume_recovers_everything_after_the_room_owner_was_killed(
         for n in range(15, 25):
             await alice.signal(room, {"n": n}, to=bob_session)  # acked by the successor
         raw = RawClient(await websockets.connect(edge1))
-        await raw.send({"type": "hello", "token": token("bob"), "resume": bob.resume_token,
-                        "rooms": positions})
+        await raw.send(
+            {"type": "hello", "token": token("bob"), "resume": bob.resume_token, "rooms": positions}
+        )
         assert (await raw.recv_type("welcome"))["resumed"] is True
         replayed = [(await raw.recv_type("signal", timeout=10))["data"]["n"] for _ in range(20)]
         assert replayed == list(range(5, 25))

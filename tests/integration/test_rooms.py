@@ -67,8 +67,12 @@ async def test_token_room_grants_are_enforced(dev: EdgeServer) -> None:
     client = RawClient(ws)
     await client.send({"type": "hello", "token": token("alice", rooms=["team-*", "lobby"])})
     await client.recv_type("welcome")
-    for room, expected in [("team-a", "joined"), ("lobby", "joined"), ("lobby2", "error"),
-                           ("other", "error")]:
+    for room, expected in [
+        ("team-a", "joined"),
+        ("lobby", "joined"),
+        ("lobby2", "error"),
+        ("other", "error"),
+    ]:
         reply = await client.request({"type": "join", "id": room, "room": room})
         assert reply["type"] == expected, reply
         if expected == "error":
@@ -78,8 +82,16 @@ async def test_token_room_grants_are_enforced(dev: EdgeServer) -> None:
 async def test_signal_to_a_peer_with_server_set_from_and_ack(dev: EdgeServer) -> None:
     alice, bob = await pair(dev)
     forged = {"session": "someone-else", "user": "admin"}
-    await alice.send({"type": "signal", "id": 3, "room": "r1", "to": bob.session,
-                      "from": forged, "data": {"kind": "offer", "sdp": "v=0"}})
+    await alice.send(
+        {
+            "type": "signal",
+            "id": 3,
+            "room": "r1",
+            "to": bob.session,
+            "from": forged,
+            "data": {"kind": "offer", "sdp": "v=0"},
+        }
+    )
     assert await alice.recv() == {"type": "ack", "id": 3}
     delivered = await bob.recv_type("signal")
     assert delivered["from"] == {"session": alice.session, "user": "alice"}
@@ -128,7 +140,10 @@ async def test_signals_arrive_in_the_order_sent(dev_factory: DevFactory) -> None
 async def test_leave_and_clean_close_tell_the_peers(dev: EdgeServer) -> None:
     alice, bob = await pair(dev)
     assert await bob.request({"type": "leave", "id": 7, "room": "r1"}) == {
-        "type": "left", "id": 7, "room": "r1"}
+        "type": "left",
+        "id": 7,
+        "room": "r1",
+    }
     left = await alice.recv_type("peer-left")
     assert left["reason"] == "left" and left["peer"]["session"] == bob.session
     await bob.request({"type": "join", "id": 8, "room": "r1"})
@@ -167,10 +182,14 @@ async def test_resume_replays_missed_events_in_order(dev: EdgeServer) -> None:
             await alice.signal("r1", {"n": n}, to=bob_session)
         ws = await websockets.connect(url)
         raw = RawClient(ws)
-        await raw.send({
-            "type": "hello", "token": token("bob"), "resume": resume_token,
-            "rooms": {r: {"epoch": p.epoch, "offset": p.offset} for r, p in positions.items()},
-        })
+        await raw.send(
+            {
+                "type": "hello",
+                "token": token("bob"),
+                "resume": resume_token,
+                "rooms": {r: {"epoch": p.epoch, "offset": p.offset} for r, p in positions.items()},
+            }
+        )
         welcome = await raw.recv_type("welcome")
         assert welcome["resumed"] is True and welcome["session"] == bob_session
         replayed = [(await raw.recv_type("signal"))["data"]["n"] for _ in range(5)]
@@ -186,8 +205,10 @@ async def test_resume_replays_missed_events_in_order(dev: EdgeServer) -> None:
 
 async def test_sdk_resumes_by_itself(dev: EdgeServer) -> None:
     url = url_of(dev)
-    async with SignalpostClient(url, token("alice")) as alice, \
-            SignalpostClient(url, token("bob")) as bob:
+    async with (
+        SignalpostClient(url, token("alice")) as alice,
+        SignalpostClient(url, token("bob")) as bob,
+    ):
         await alice.join("r1")
         await bob.join("r1")
         assert bob._ws is not None and bob._ws.transport is not None
@@ -206,8 +227,14 @@ async def test_resume_with_a_stale_epoch_reports_not_recovered(dev: EdgeServer) 
     bob.ws.transport.abort()
     ws = await websockets.connect(url_of(dev))
     raw = RawClient(ws)
-    await raw.send({"type": "hello", "token": token("bob"), "resume": resume,
-                    "rooms": {"r1": {"epoch": "stale", "offset": 1}}})
+    await raw.send(
+        {
+            "type": "hello",
+            "token": token("bob"),
+            "resume": resume,
+            "rooms": {"r1": {"epoch": "stale", "offset": 1}},
+        }
+    )
     assert (await raw.recv_type("welcome"))["resumed"] is True
     assert await raw.recv() == {"type": "recovered", "room": "r1", "recovered": False}
 
@@ -236,10 +263,12 @@ async def test_presence_watch_and_changes(dev: EdgeServer) -> None:
         eve = SignalpostClient(url, token("eve"))
         await eve.connect()
         assert await watcher.next_event(PresenceChanged) == PresenceChanged(
-            user="eve", status="online")
+            user="eve", status="online"
+        )
         await eve.close()
         assert await watcher.next_event(PresenceChanged) == PresenceChanged(
-            user="eve", status="offline")
+            user="eve", status="offline"
+        )
         await watcher.unwatch(["eve"])
         eve = SignalpostClient(url, token("eve"))
         await eve.connect()

@@ -60,14 +60,17 @@ def _alg_none_token(user: str) -> str:
             lambda: mint_token("wrong-secret-0123456789abcdefghij", "eve", now=time.time()),
             id="wrong-signature",
         ),
-        pytest.param(lambda: mint_token(SECRET, "eve", now=time.time() - 7200, ttl=60),
-                     id="expired"),
+        pytest.param(
+            lambda: mint_token(SECRET, "eve", now=time.time() - 7200, ttl=60), id="expired"
+        ),
         pytest.param(lambda: _alg_none_token("eve"), id="alg-none"),
-        pytest.param(lambda: jwt.encode({"exp": time.time() + 60}, SECRET, algorithm="HS256"),
-                     id="no-sub"),
+        pytest.param(
+            lambda: jwt.encode({"exp": time.time() + 60}, SECRET, algorithm="HS256"), id="no-sub"
+        ),
         pytest.param(lambda: "not-a-jwt", id="garbage"),
-        pytest.param(lambda: jwt.encode({"sub": "eve"}, SECRET * 2, algorithm="HS512"),
-                     id="unconfigured-alg"),
+        pytest.param(
+            lambda: jwt.encode({"sub": "eve"}, SECRET * 2, algorithm="HS512"), id="unconfigured-alg"
+        ),
     ],
 )
 async def test_bad_tokens_get_unauthorized_and_4401(dev: EdgeServer, bad_token: object) -> None:
