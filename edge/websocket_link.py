@@ -125,8 +125,10 @@ class WebSocketLink(asyncio.Protocol):
         else:  # closing, closed by us (keepalive, 1007, ...): the protocol takes it from here
             self._protocol_only = True
             self._feed(data)
-        self.flush()
-        if self.protocol.close_expected():
+        protocol = self.protocol
+        if protocol.writes:  # a pong, a close, the 101: what the protocol queued itself
+            self.flush()
+        if protocol.state is not _OPEN and protocol.close_expected():
             self._arm_close_timer()
 
     def eof_received(self) -> bool | None:
