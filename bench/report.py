@@ -291,17 +291,13 @@ def _targets(sc: dict[str, Any]) -> list[str]:
             _verdict(None if core is None else core >= BROKER_ENVELOPES),
         ]
     )
-    for key, label in (
-        ("zmq", "broker routing, real broker over ZeroMQ, 1 envelope per frame"),
-        ("zmq_batched", "broker routing, real broker over ZeroMQ, frames as the edges fill them"),
-    ):
+    for key in ("zmq", "zmq_batched"):  # one envelope per frame, then frames as edges fill them
         run = broker.get(key) or {}
         per_core = _broker_per_core(run)
-        if key == "zmq_batched" and run:
-            label = label.replace("as the edges fill them", f"of {run.get('batch')} envelopes")
+        batch = run.get("batch", 1 if key == "zmq" else "n")
         rows.append(
             [
-                label,
+                f"broker routing, real broker over ZeroMQ, {batch} envelope(s) per frame",
                 f">= {BROKER_ENVELOPES:,} envelopes/s",
                 "not measured"
                 if per_core is None

@@ -145,7 +145,7 @@ class EdgeServer:
         self._verifier = TokenVerifier(settings)
         self._resume_tokens = ResumeTokens(settings.jwt_secret)
         self._claims: dict[str, asyncio.Future[ClaimReply]] = {}  # conn -> claim outcome
-        # session -> what presence sent it while its resume claim was out (not yet registered)
+        # session -> presence frames sent it while its resume claim was out (not registered yet)
         self._held_for_claim: dict[str, list[bytes]] = {}
         self._server: asyncio.Server | None = None
         self._links: dict[WebSocketLink, Greeting | ClientConnection | None] = {}
@@ -225,11 +225,11 @@ class EdgeServer:
         """Handle one envelope from a broker or the presence service."""
         if isinstance(envelope, Deliver):
             targets = [c for s in envelope.sessions if (c := self.sessions.get(s)) is not None]
-            if self._held_for_claim and not envelope.origin_conn:
-                self._hold_for_claims(envelope)
             if envelope.origin_conn:
                 targets = self._first_copies(targets, envelope.origin_conn, envelope.origin_seq)
             elif envelope.payload.startswith(_PRESENCE_PREFIX):
+                if self._held_for_claim:
+                    self._hold_for_claims(envelope)
                 targets = self._status_changes(targets, envelope.payload)
             self._write(targets, envelope.payload)
         elif isinstance(envelope, Reply):
@@ -253,11 +253,11 @@ class EdgeServer:
                 self._evict(client)
 
     def _hold_for_claims(self, envelope: Deliver) -> None:
-        """Keep what presence sends a session between its claim and its registration.
+        """Keep a presence frame for sessions between their claim and their registration.
 
         Presence routes to the claiming connection as soon as it answers the claim; the
         edge registers the session when the claim's answer has been awaited, a loop
-        iteration later.
+        iteration later. (Room events need no holding: brokers replay them after attach.)
         """
         for session in envelope.sessions:
             held = self._held_for_claim.get(session)
@@ -540,10 +540,7 @@ class EdgeServer:
                 status = claimed.watching[user]
                 self._write([client], encode_frame(PresenceFrame(user=user, status=status)))
             for payload in held_for_claim:  # newer than the claim's snapshot: after it
-                if payload.startswith(_PRESENCE_PREFIX):
-                    self._write(self._status_changes([client], payload), payload)
-                else:
-                    self._write([client], payload)
+                self._write(self._status_changes([client], payload), payload)
         if resumed:
             self.backplane.attach(session, conn, dict(hello.rooms or {}))
         return client
