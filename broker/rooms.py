@@ -149,6 +149,7 @@ class RoomTable:
     ) -> None:
         self.node_id = node_id
         self.replica_for = replica_for
+        self._replicating = replica_for is not _no_replica  # else no call per event to ask
         self.capacity = capacity
         self.resume_window = resume_window
         self.history_max_events = history_max_events
@@ -472,14 +473,19 @@ class RoomTable:
     ) -> None:
         """Number an event, keep it for replay, and deliver it to attached recipients."""
         room.offset += 1
-        event = RoomEvent(room.offset, now, tuple([m.session for m in recipients]), payload, origin)
+        sessions = (
+            (recipients[0].session,)
+            if len(recipients) == 1
+            else tuple([m.session for m in recipients])
+        )
+        event = RoomEvent(room.offset, now, sessions, payload, origin)
         history = room.history
         history.append(event)
         if len(history) > self.history_max_events or history[0].at < now - self.history_max_age:
             self._trim(room, now)
         self._last_offset = room.offset
         deliveries = self._deliveries(room, event, recipients)
-        if not room.pending and self.replica_for(room.name) is None:
+        if not room.pending and (not self._replicating or self.replica_for(room.name) is None):
             out.extend(deliveries)
             return
         parked = self._parked.get(room.name)

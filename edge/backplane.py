@@ -87,7 +87,10 @@ class LocalBackplane:
             self._inbox(envelope)
 
     def to_room_owner(self, room: str, command: Envelope) -> None:
-        self._dispatch(self.rooms.handle(command, self._clock()))
+        assert self._inbox is not None, "connect() an edge first"
+        inbox = self._inbox  # the loop of _dispatch, inline: once per client request
+        for _edge, envelope in self.rooms.handle(command, self._clock()):
+            inbox(envelope)
 
     def to_all_brokers(self, command: Envelope) -> None:
         self._dispatch(self.rooms.handle(command, self._clock()))

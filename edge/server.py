@@ -224,7 +224,16 @@ class EdgeServer:
     def receive(self, envelope: Envelope) -> None:
         """Handle one envelope from a broker or the presence service."""
         if isinstance(envelope, Deliver):
-            targets = [c for s in envelope.sessions if (c := self.sessions.get(s)) is not None]
+            sessions = envelope.sessions
+            if envelope.origin_conn and len(sessions) == 1:  # a signal to one peer, inline
+                client = self.sessions.get(sessions[0])
+                if client is not None:
+                    seen, origin = client.last_seq_from, envelope.origin_conn
+                    if seen.get(origin, 0) < envelope.origin_seq:  # else a retry's copy
+                        seen[origin] = envelope.origin_seq
+                        self._write([client], envelope.payload)
+                return
+            targets = [c for s in sessions if (c := self.sessions.get(s)) is not None]
             if envelope.origin_conn:
                 targets = self._first_copies(targets, envelope.origin_conn, envelope.origin_seq)
             elif envelope.payload.startswith(_PRESENCE_PREFIX):
@@ -357,8 +366,11 @@ class EdgeServer:
         frames = 0
         limit = self.settings.send_buffer_limit
         for client in clients:
-            frames += len(client.outbox)
-            self._flush_client(client)
+            outbox = client.outbox
+            frames += len(outbox)
+            if outbox:  # _flush_client, inline: once per client per loop iteration
+                client.outbox = []
+                client.link.send_texts(outbox)
             if client.link.write_buffer_size() > limit:
                 # A client that does not read must not make the edge buffer without end.
                 log.warning("session %s exceeds the send buffer; closing", client.session)
