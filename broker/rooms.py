@@ -209,7 +209,13 @@ class RoomTable:
             return out
         self._last_offset = 0
         try:
-            payload = self._apply(command, out, now)
+            # Ordered by frequency: signals dominate a call's traffic.
+            if isinstance(command, SignalCmd):
+                payload = self._signal(command, out, now)
+            elif isinstance(command, JoinCmd):
+                payload = self._join(command, out, now)
+            else:
+                payload = self._leave(command, out, now)
         except ProtocolError as exc:
             payload = request_error(exc, command.req)
         offset = self._last_offset
@@ -224,15 +230,6 @@ class RoomTable:
                 return out
         self._seal(out, command, reply, payload)
         return out
-
-    def _apply(
-        self, command: SignalCmd | JoinCmd | LeaveCmd, out: list[Outbound], now: float
-    ) -> bytes:
-        if isinstance(command, SignalCmd):
-            return self._signal(command, out, now)
-        if isinstance(command, JoinCmd):
-            return self._join(command, out, now)
-        return self._leave(command, out, now)
 
     def _remember(self, session: str, conn: str, seq: int, entry: tuple[bytes, str, int]) -> None:
         cache = self._replies.get(session)

@@ -125,11 +125,8 @@ class WebSocketLink(asyncio.Protocol):
         else:  # closing, closed by us (keepalive, 1007, ...): the protocol takes it from here
             self._protocol_only = True
             self._feed(data)
-        protocol = self.protocol
-        if protocol.writes:  # a pong, a close, the 101: what the protocol queued itself
+        if self.protocol.writes:  # a pong, a close, the 101: what the protocol queued itself
             self.flush()
-        if protocol.state is not _OPEN and protocol.close_expected():
-            self._arm_close_timer()
 
     def eof_received(self) -> bool | None:
         if self._partial:  # a cut frame: the protocol reports it as such
@@ -155,6 +152,8 @@ class WebSocketLink(asyncio.Protocol):
                 self._frame(event)
             elif isinstance(event, Request):
                 self._request(event)
+        if protocol.close_expected():  # a close frame or a protocol error: expect the TCP close
+            self._arm_close_timer()
 
     def _handshake(self, data: bytes) -> None:
         """Give the protocol the request head alone; frames behind it go to ``_split``."""
