@@ -223,7 +223,8 @@ class RoomTable:
         # The ack leaves after the deliveries it acknowledges (and after the runner-up has
         # the events): a broker killed before that has not acked, so the edge retries.
         reply = (command.edge, Reply(command.session, command.conn, command.seq, payload))
-        if not self._parked:  # recorded nothing held back: the reply can go unless the room waits
+        # What _seal does when nothing was held back, without the call (once per request):
+        if not self._parked:  # the reply goes out unless the room still waits on its replica
             room = self.rooms.get(command.room)
             if room is None or not room.pending:
                 out.append(reply)

@@ -227,11 +227,10 @@ class EdgeServer:
             sessions = envelope.sessions
             if envelope.origin_conn and len(sessions) == 1:  # a signal to one peer, inline
                 client = self.sessions.get(sessions[0])
-                if client is not None:
-                    seen, origin = client.last_seq_from, envelope.origin_conn
-                    if seen.get(origin, 0) < envelope.origin_seq:  # else a retry's copy
-                        seen[origin] = envelope.origin_seq
-                        self._write([client], envelope.payload)
+                if client is not None and _first_copy(
+                    client, envelope.origin_conn, envelope.origin_seq
+                ):
+                    self._write([client], envelope.payload)
                 return
             targets = [c for s in sessions if (c := self.sessions.get(s)) is not None]
             if envelope.origin_conn:
@@ -278,12 +277,7 @@ class EdgeServer:
         targets: list[ClientConnection], origin_conn: str, origin_seq: int
     ) -> list[ClientConnection]:
         """Drop copies of a signal already delivered (a request retried after failover)."""
-        fresh = []
-        for client in targets:
-            if client.last_seq_from.get(origin_conn, 0) < origin_seq:
-                client.last_seq_from[origin_conn] = origin_seq
-                fresh.append(client)
-        return fresh
+        return [client for client in targets if _first_copy(client, origin_conn, origin_seq)]
 
     @staticmethod
     def _status_changes(targets: list[ClientConnection], payload: bytes) -> list[ClientConnection]:
@@ -676,6 +670,14 @@ class EdgeServer:
         detach = DetachCmd(client.session, client.conn, self.edge_id, ended)
         self.backplane.to_all_brokers(detach)
         self.backplane.to_presence(SessionDown(client.session, self.edge_id, client.conn, ended))
+
+
+def _first_copy(client: ClientConnection, origin_conn: str, origin_seq: int) -> bool:
+    """Whether ``client`` has not had this signal yet (and note that it has now)."""
+    if client.last_seq_from.get(origin_conn, 0) < origin_seq:
+        client.last_seq_from[origin_conn] = origin_seq
+        return True
+    return False
 
 
 _RATE_LIMITED = RateLimited("too many frames; slow down")

@@ -123,8 +123,7 @@ class WebSocketLink(asyncio.Protocol):
         elif self.protocol.state is _CONNECTING:
             self._handshake(data)
         else:  # closing, closed by us (keepalive, 1007, ...): the protocol takes it from here
-            self._protocol_only = True
-            self._feed(data)
+            self._hand_over(data)
         if self.protocol.writes:  # a pong, a close, the 101: what the protocol queued itself
             self.flush()
 
@@ -155,6 +154,12 @@ class WebSocketLink(asyncio.Protocol):
         if protocol.close_expected():  # a close frame or a protocol error: expect the TCP close
             self._arm_close_timer()
 
+    def _hand_over(self, data: bytes) -> None:
+        """From now on every byte goes to the protocol, starting with ``data``."""
+        self._protocol_only = True
+        if data:
+            self._feed(data)
+
     def _handshake(self, data: bytes) -> None:
         """Give the protocol the request head alone; frames behind it go to ``_split``."""
         tail = self._head_tail
@@ -172,9 +177,7 @@ class WebSocketLink(asyncio.Protocol):
             if rest:
                 self._split(rest)
         else:  # refused, or a plain HTTP answer: the protocol discards the rest
-            self._protocol_only = True
-            if rest:
-                self._feed(rest)
+            self._hand_over(rest)
 
     def _split(self, data: bytes) -> None:
         """Serve the whole frames at the start of ``data``; keep an incomplete one."""
@@ -199,8 +202,7 @@ class WebSocketLink(asyncio.Protocol):
                     break
                 length = int.from_bytes(data[start + 2 : head], "big")
             if length > max_size:  # the protocol closes 1009 without waiting for the payload
-                self._protocol_only = True
-                self._feed(data[start:])
+                self._hand_over(data[start:])
                 start = size
                 break
             if second & 0x80:
@@ -220,9 +222,7 @@ class WebSocketLink(asyncio.Protocol):
                 self._feed(data[start:end])
             start = end
             if protocol.state is not _OPEN:  # closing: the protocol takes it from here
-                self._protocol_only = True
-                if start < size:
-                    self._feed(data[start:])
+                self._hand_over(data[start:])
                 start = size
                 break
         if start < size:
