@@ -12,22 +12,37 @@ would have received.
 Commands come in from edges (``JoinCmd`` ...); each call returns the envelopes to send,
 as ``(edge id, envelope)`` pairs, in the order they must leave. The table never reads a
 clock: ``now`` is passed in, and ``expire(now)`` turns lapsed suspensions into
-``peer-left`` with reason ``timeout``.
+``peer-left`` with reason ``timeout`` and resends what edges have not confirmed.
 
-Requests carry ``(conn, seq)``; the table remembers the recent replies of each connection,
-so an edge that retries a request (lost reply, broker failover) gets the same answer back
-and the event is not applied twice.
+Requests are applied at most once per (session, request key): the key is the client's
+``id`` when it gave one (the same on every connection of the session, so a client's
+resend after a resume is the same request), else the edge's ``(conn, seq)``. A resend is
+answered from the session's reply record, bounded by count (``REPLY_RECORDS_PER_SESSION``)
+and age (``REPLY_RECORD_TTL``), and replicated with the room's events.
+
+Delivery streams: the owner keeps, per member, the offset of the last event it sent that
+member (``sent``) and the last one the member's edge confirmed (``confirmed``). Each
+``Deliver`` carries ``prev`` (the member's ``sent`` before it), so the edge sees a gap and
+a duplicate exactly (``edge.delivery``). What is unconfirmed ``resend_after`` seconds
+after it went out, or on the edge's request (a gap), is sent again from the history; an
+edge that re-announces a member (``RestoreCmd``) or resumes a session (``AttachCmd``)
+gives its position and is replayed what came after. A member whose edge has not synced
+with this owner yet (after a takeover) is sent nothing live: the history holds it until
+the sync replays it.
 
 Replication: when ``replica_for(room)`` names a runner-up broker, every batch of events a
-command records is sent there (``ReplicateCmd``) and the batch's deliveries and reply wait
-in the room's ``pending`` queue until ``replica_acked``. The runner-up keeps the room as a
-passive replica (membership from the edges, history and reply cache from the owner); when
-it takes the room over it keeps the epoch and offsets, so resumes still recover, and a
-retried request finds its reply and re-delivers its event (edges drop the copy).
+command records is sent there (``ReplicateCmd``) and the batch waits in the room's
+``pending`` queue until ``replica_acked``; only then are its events *released*: their
+deliveries computed (to the members attached then) and the reply sent. Nothing a client
+saw is unknown to the runner-up. The runner-up keeps the room as a passive replica
+(membership from the edges, history and reply records from the owner); when it takes the
+room over it keeps the epoch and offsets, so resumes still recover and a resent request
+finds its reply.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,10 +51,11 @@ from typing import Final, Literal
 import msgspec
 from msgspec import Raw
 
-from signalpost.errors import NotInRoom, ProtocolError, RoomFull, UnknownPeer
+from signalpost.errors import BadRequest, NotInRoom, ProtocolError, RoomFull, UnknownPeer
 from signalpost.wire import (
     AckFrame,
     AttachCmd,
+    Confirm,
     Deliver,
     DemoteCmd,
     DetachCmd,
@@ -61,25 +77,51 @@ from signalpost.wire import (
     RestoreCmd,
     SignalCmd,
     SignalFrame,
+    Synced,
     encode_frame,
+    request_key,
 )
 
 Outbound = tuple[str, Envelope]
 LeaveReason = Literal["left", "disconnected", "timeout"]
+Request = SignalCmd | JoinCmd | LeaveCmd
 
-#: Replies remembered per connection for retried requests.
-REPLY_CACHE_SIZE: Final = 64
+#: Reply records kept per session (the oldest goes first) ...
+REPLY_RECORDS_PER_SESSION: Final = 256
+#: ... and for at most this long (seconds): a resend later than that is applied anew.
+REPLY_RECORD_TTL: Final = 120.0
+#: Sessions whose reply records are kept at once; past that the least recently active go.
+MAX_RECORDED_SESSIONS: Final = 200_000
+
+#: Seconds after which an unconfirmed delivery is sent again.
+RESEND_AFTER: Final = 1.0
+#: A gap reported by an edge is answered at once, but not more often than this per member.
+GAP_RESEND_INTERVAL: Final = 0.1
 
 
-@dataclass(slots=True)
+def fingerprint(command: SignalCmd | JoinCmd | LeaveCmd) -> int:
+    """What a resend must repeat to be the same request (CRC-32 of its kind and content):
+    an id used again for something else is refused instead of answered as a resend."""
+    if isinstance(command, SignalCmd):
+        return zlib.crc32(command.data, zlib.crc32((command.to or "").encode(), 1))
+    if isinstance(command, JoinCmd):
+        return zlib.crc32(command.peer, 2)
+    return 3
+
+
+@dataclass(slots=True, eq=False)
 class Member:
-    """A session's seat in a room."""
+    """A session's seat in a room, and its delivery stream from this owner."""
 
     session: str
     peer: bytes  # peer object JSON
     edge: str
     conn: str
     suspended_until: float | None = None  # None while a connection holds the session
+    synced: bool = True  # False: the edge's position is unknown here; nothing goes live
+    sent: int = 0  # offset of the last event sent to this member (its next ``prev``)
+    confirmed: int = 0  # its edge has written everything through this offset
+    sent_at: float = 0.0  # when what is unconfirmed went out (or was last resent)
 
 
 class RoomEvent(msgspec.Struct, gc=False, frozen=True):
@@ -94,15 +136,15 @@ class RoomEvent(msgspec.Struct, gc=False, frozen=True):
     at: float
     recipients: tuple[str, ...]
     payload: bytes
-    origin: tuple[str, int] = ("", 0)  # the request (conn, seq) that caused it, if any
 
 
 @dataclass(slots=True)
 class _Batch:
-    """Outbound held back until the runner-up confirms the events it depends on."""
+    """Events held back until the runner-up confirms them, and what follows them."""
 
-    number: int | None  # None: holds no events, waits only for the batches before it
-    out: list[Outbound]
+    number: int | None  # None: holds no replicated events, waits for the batches before
+    events: list[RoomEvent]
+    after: list[Outbound]  # replies, sent once the events are released
     replicate: ReplicateCmd | None = None
     target: str | None = None
     confirmed: bool = False
@@ -116,6 +158,7 @@ class Room:
     members: dict[str, Member] = field(default_factory=dict)
     history: deque[RoomEvent] = field(default_factory=deque)
     trimmed_through: int = 0  # highest offset no longer in history
+    released: int = 0  # highest offset whose event is visible (delivered, replayable)
     active: bool = True  # False: a passive replica of membership; emits nothing
     replicated: bool = False  # a passive room whose history the owner replicates here
     pending: deque[_Batch] = field(default_factory=deque)
@@ -123,10 +166,15 @@ class Room:
 
 
 @dataclass(slots=True)
-class _ConnReplies:
-    conn: str
-    # seq -> (reply payload, room, offset of the event the request recorded or 0)
-    replies: OrderedDict[int, tuple[bytes, str, int]] = field(default_factory=OrderedDict)
+class _Record:
+    """The answer given to one request, for its resends."""
+
+    payload: bytes
+    fingerprint: int
+    at: float
+    ok: bool
+    epoch: str = ""
+    offset: int = 0
 
 
 def _no_replica(room: str) -> str | None:
@@ -134,7 +182,7 @@ def _no_replica(room: str) -> str | None:
 
 
 class RoomTable:
-    """Rooms owned by one broker: membership, capacity, history, resume."""
+    """Rooms owned by one broker: membership, capacity, history, resume, delivery."""
 
     def __init__(
         self,
@@ -146,6 +194,8 @@ class RoomTable:
         new_epoch: Callable[[], str],
         node_id: str = "",
         replica_for: Callable[[str], str | None] = _no_replica,
+        confirming: bool = True,
+        resend_after: float = RESEND_AFTER,
     ) -> None:
         self.node_id = node_id
         self.replica_for = replica_for
@@ -155,19 +205,28 @@ class RoomTable:
         self.history_max_events = history_max_events
         self.history_max_age = history_max_age
         self._new_epoch = new_epoch
+        #: Edges confirm deliveries (cluster); in one process nothing is lost in between.
+        self.confirming = confirming
+        self.resend_after = resend_after
         self.rooms: dict[str, Room] = {}
         self._rooms_of: dict[str, set[str]] = {}  # session -> names of rooms it is in
-        self._replies: dict[str, _ConnReplies] = {}  # session -> recent replies
-        # Scratch of the command being applied: room -> (events, their deliveries).
-        self._parked: dict[str, tuple[Room, list[RoomEvent], list[Outbound]]] = {}
+        # session -> request key -> record; sessions in order of their latest record
+        self._records: OrderedDict[str, OrderedDict[str, _Record]] = OrderedDict()
+        self._unconfirmed: dict[Member, Room] = {}  # members with deliveries not confirmed
+        # Scratch of the command being applied: room -> (room, events it recorded).
+        self._parked: dict[str, tuple[Room, list[RoomEvent]]] = {}
         self._last_offset = 0  # offset of the last event recorded by this command
+        self._now = 0.0  # time of the command being applied
 
     # ----------------------------------------------------------------- dispatch
 
     def handle(self, command: Envelope, now: float) -> list[Outbound]:
-        """Apply one command from an edge; return what to send."""
+        """Apply one command from an edge or a peer broker; return what to send."""
+        self._now = now
         if isinstance(command, SignalCmd):
             return self._request(command, now)
+        if isinstance(command, Confirm):
+            return self.confirm(command, now)
         if isinstance(command, JoinCmd):
             return self._request(command, now)
         if isinstance(command, LeaveCmd):
@@ -179,70 +238,96 @@ class RoomTable:
         if isinstance(command, ReplicateCmd):
             return self.replicate(command, now)
         if isinstance(command, ReplicaAck):
-            return self.replica_acked(command.room, command.batch)
+            return self.replica_acked(command.room, command.batch, now)
         if isinstance(command, RestoreCmd):
-            self.restore(command)
-        elif isinstance(command, ForgetCmd):
+            return self.restore(command, now)
+        if isinstance(command, ForgetCmd):
             self.forget(command)
         elif isinstance(command, DemoteCmd):
             return self.demote(command.room)
         return []
 
-    def _request(self, command: SignalCmd | JoinCmd | LeaveCmd, now: float) -> list[Outbound]:
+    def _request(self, command: Request, now: float) -> list[Outbound]:
         out: list[Outbound] = []
-        cache = self._replies.get(command.session)
-        if cache is not None and cache.conn == command.conn and command.seq in cache.replies:
-            # A retry of a request already applied: answer again, change nothing, but
-            # deliver its event again in case the broker that applied it died first.
-            payload, room_name, offset = cache.replies[command.seq]
-            room = self.rooms.get(room_name)
-            held: list[Outbound] = []
-            if room is not None and room.active and offset:
-                for event in room.history:
-                    if event.offset == offset:
-                        held.extend(self._deliveries(room, event))
-            held.append((command.edge, Reply(command.session, command.conn, command.seq, payload)))
-            if room is not None and room.pending:
-                room.pending.append(_Batch(None, held, confirmed=True))
-            else:
-                out.extend(held)
+        # The same id in another room is another request: each room's owner decides alone.
+        key = f"{command.room}\x00{request_key(command.req, command.conn, command.seq)}"
+        records = self._records.get(command.session)
+        record = records.get(key) if records is not None else None
+        if record is not None and record.at > now - REPLY_RECORD_TTL:
+            self._answer_resend(command, record, out)
             return out
         self._last_offset = 0
+        epoch, offset = "", 0
         try:
             # Ordered by frequency: signals dominate a call's traffic.
             if isinstance(command, SignalCmd):
                 payload = self._signal(command, out, now)
             elif isinstance(command, JoinCmd):
-                payload = self._join(command, out, now)
+                payload, epoch, offset = self._join(command, out, now)
             else:
                 payload = self._leave(command, out, now)
+            ok = True
         except ProtocolError as exc:
-            payload = request_error(exc, command.req)
-        offset = self._last_offset
-        self._remember(command.session, command.conn, command.seq, (payload, command.room, offset))
+            payload, ok = request_error(exc, command.req), False
+        record = _Record(payload, fingerprint(command), now, ok, epoch, offset)
+        self._remember(command.session, key, record)
         # The ack leaves after the deliveries it acknowledges (and after the runner-up has
         # the events): a broker killed before that has not acked, so the edge retries.
-        reply = (command.edge, Reply(command.session, command.conn, command.seq, payload))
-        # What _seal does when nothing was held back, without the call (once per request):
-        if not self._parked:  # the reply goes out unless the room still waits on its replica
+        reply = (command.edge, _reply(command, record))
+        if not self._parked:  # nothing recorded to replicate: out now, unless held behind
             room = self.rooms.get(command.room)
             if room is None or not room.pending:
                 out.append(reply)
                 return out
-        self._seal(out, command, reply, payload)
+        self._seal(out, now, command, reply, key, record)
         return out
 
-    def _remember(self, session: str, conn: str, seq: int, entry: tuple[bytes, str, int]) -> None:
-        cache = self._replies.get(session)
-        if cache is None or cache.conn != conn:
-            cache = self._replies[session] = _ConnReplies(conn)
-        cache.replies[seq] = entry
-        if len(cache.replies) > REPLY_CACHE_SIZE:
-            cache.replies.popitem(last=False)
+    def _answer_resend(self, command: Request, record: _Record, out: list[Outbound]) -> None:
+        """A resend of a request already applied: the same answer, nothing applied again.
+
+        Its events reach their targets through their own delivery streams (confirmed,
+        resent, replayed on sync), so only the reply is sent again, behind whatever the
+        room still holds for its runner-up.
+        """
+        if record.fingerprint != fingerprint(command):
+            exc = BadRequest(f"request id {command.req!r} was already used for another request")
+            refusal = _Record(request_error(exc, command.req), 0, 0.0, False)
+            out.append((command.edge, _reply(command, refusal)))
+            return
+        reply = (command.edge, _reply(command, record))
+        room = self.rooms.get(command.room)
+        if room is not None and room.pending:
+            room.pending.append(_Batch(None, [], [reply], confirmed=True))
+        else:
+            out.append(reply)
+
+    def _remember(self, session: str, key: str, record: _Record) -> None:
+        records = self._records.get(session)
+        if records is None:
+            records = self._records[session] = OrderedDict()
+            if len(self._records) > MAX_RECORDED_SESSIONS:
+                self._records.popitem(last=False)
+        else:
+            self._records.move_to_end(session)
+        records[key] = record
+        records.move_to_end(key)
+        if len(records) > REPLY_RECORDS_PER_SESSION:
+            records.popitem(last=False)
+
+    def _prune_records(self, now: float) -> None:
+        """Drop reply records past their age (sessions in order of their latest record)."""
+        oldest_allowed = now - REPLY_RECORD_TTL
+        records_of = self._records
+        while records_of:
+            session, records = next(iter(records_of.items()))
+            newest = next(reversed(records.values()), None)
+            if newest is not None and newest.at > oldest_allowed:
+                break  # the others' latest records are newer still
+            del records_of[session]
 
     # ----------------------------------------------------------------- requests
 
-    def _join(self, command: JoinCmd, out: list[Outbound], now: float) -> bytes:
+    def _join(self, command: JoinCmd, out: list[Outbound], now: float) -> tuple[bytes, str, int]:
         room = self.rooms.get(command.room)
         if room is None:
             room = self.rooms[command.room] = Room(command.room, self._new_epoch())
@@ -254,30 +339,36 @@ class RoomTable:
                     del self.rooms[command.room]
                 raise RoomFull(f"room {command.room!r} is full ({self.capacity} members)")
             others = list(room.members.values())
-            room.members[command.session] = Member(
+            member = room.members[command.session] = Member(
                 command.session, command.peer, command.edge, command.conn
             )
             self._rooms_of.setdefault(command.session, set()).add(command.room)
-            offset = room.offset + 1
-            frame = PeerJoinedFrame(room=room.name, peer=Raw(command.peer), offset=offset)
-            # With its origin, a copy re-sent for a retried join is dropped by the edges.
-            origin = (command.conn, command.seq)
-            self._record(room, others, encode_frame(frame), now, out, origin)
+            frame = PeerJoinedFrame(room=room.name, peer=Raw(command.peer), offset=room.offset + 1)
+            self._record(room, others, encode_frame(frame), now, out)
+            # The stream starts at the room's offset now (its own peer-joined is not for
+            # it); later events are released after this reply, so ``offset`` is what the
+            # edge has written when it reads the reply.
+            member.sent = member.confirmed = room.offset
         else:
             # Joining twice is a no-op success; it also re-homes a session that moved.
             member.edge, member.conn, member.suspended_until = command.edge, command.conn, None
+            if not member.synced:
+                # The edge takes the reply's offset if it had no position; if it had one,
+                # its first confirm reports a gap and is believed (``confirm``).
+                member.synced = True
+                member.sent = member.confirmed = room.released
         members = [Raw(m.peer) for s, m in room.members.items() if s != command.session]
         joined = JoinedFrame(
             room=room.name, epoch=room.epoch, offset=room.offset, members=members, id=command.req
         )
-        return encode_frame(joined)
+        return encode_frame(joined), room.epoch, room.offset
 
     def _leave(self, command: LeaveCmd, out: list[Outbound], now: float) -> bytes:
         room = self.rooms.get(command.room)
         if room is None or command.session not in room.members:
             raise NotInRoom(f"not a member of room {command.room!r}")
         self._activate(room)
-        self._remove(room, command.session, "left", now, out, (command.conn, command.seq))
+        self._remove(room, command.session, "left", now, out)
         return encode_frame(LeftFrame(room=command.room, id=command.req))
 
     def _signal(self, command: SignalCmd, out: list[Outbound], now: float) -> bytes:
@@ -299,14 +390,18 @@ class RoomTable:
             offset=room.offset + 1,
             from_=Raw(command.sender),
         )
-        origin = (command.conn, command.seq)
-        self._record(room, targets, encode_frame(frame), now, out, origin)
+        self._record(room, targets, encode_frame(frame), now, out)
         return b"" if command.req is None else encode_frame(AckFrame(id=command.req))
 
     # ----------------------------------------------------------------- ownership
 
-    def restore(self, command: RestoreCmd) -> None:
-        """Put back a member an edge re-announced (as owner, or as passive replica)."""
+    def restore(self, command: RestoreCmd, now: float) -> list[Outbound]:
+        """Put back a member an edge re-announced (as owner, or as passive replica).
+
+        To the owner, the edge also says what it has written to the session in the room:
+        what came after is replayed, and ``Synced`` tells the edge the stream is open.
+        """
+        out: list[Outbound] = []
         room = self.rooms.get(command.room)
         if room is None:
             room = self.rooms[command.room] = Room(
@@ -316,12 +411,17 @@ class RoomTable:
             self._activate(room)
         member = room.members.get(command.session)
         if member is None:
-            room.members[command.session] = Member(
-                command.session, command.peer, command.edge, command.conn
+            member = room.members[command.session] = Member(
+                command.session, command.peer, command.edge, command.conn, synced=False
             )
             self._rooms_of.setdefault(command.session, set()).add(command.room)
         elif member.suspended_until is None or member.conn == command.conn:
             member.edge, member.conn, member.suspended_until = command.edge, command.conn, None
+        if command.replica:
+            member.synced = False  # a replica has no stream; a takeover syncs anew
+        elif member.conn == command.conn and member.edge == command.edge:
+            self._sync(room, member, command.epoch, command.offset, False, now, out)
+        return out
 
     def forget(self, command: ForgetCmd) -> None:
         """A replica's member left (the owner told its peers)."""
@@ -333,12 +433,124 @@ class RoomTable:
         if room.active:
             return
         room.active = True
-        if not room.replicated:
+        if room.replicated:
+            # Everything the previous owner replicated is known here: visible from now on.
+            room.released = room.offset
+        else:
             # Whatever history there was died with the previous owner: a new epoch tells
             # resuming clients that they cannot recover what they missed there.
             room.epoch = self._new_epoch()
             room.history.clear()
-            room.trimmed_through = room.offset
+            room.trimmed_through = room.released = room.offset
+        for member in room.members.values():
+            member.synced = False  # until its edge says what it has (restore, attach)
+
+    # ----------------------------------------------------------------- delivery streams
+
+    def _sync(
+        self,
+        room: Room,
+        member: Member,
+        epoch: str,
+        position: int,
+        report: bool,
+        now: float,
+        out: list[Outbound],
+    ) -> None:
+        """Open ``member``'s stream after ``position``: replay what came after, or say so."""
+        complete = epoch == room.epoch and room.trimmed_through <= position <= room.released
+        sent = position if complete else room.released
+        if complete:
+            for event in room.history:
+                if position < event.offset <= room.released and member.session in event.recipients:
+                    out.append(
+                        (
+                            member.edge,
+                            Deliver([member.session], event.payload, room.name, event.offset, sent),
+                        )
+                    )
+                    sent = event.offset
+        member.synced = True
+        member.confirmed = position if complete else room.released
+        member.sent = sent
+        member.sent_at = now
+        if self.confirming and member.sent > member.confirmed:
+            self._unconfirmed[member] = room
+        else:
+            self._unconfirmed.pop(member, None)
+        out.append(
+            (
+                member.edge,
+                Synced(
+                    member.session,
+                    member.conn,
+                    room.name,
+                    room.epoch,
+                    sent,
+                    complete,
+                    report or not complete,
+                    member.peer,
+                ),
+            )
+        )
+
+    def confirm(self, command: Confirm, now: float) -> list[Outbound]:
+        """An edge says what it has written; resend at once where it saw a gap."""
+        out: list[Outbound] = []
+        for name, session, offset, gap in command.positions:
+            room = self.rooms.get(name)
+            member = room.members.get(session) if room is not None else None
+            if room is None or member is None or not room.active or not member.synced:
+                continue
+            if member.edge != command.edge or member.suspended_until is not None:
+                continue  # a late word from an edge that no longer holds the session
+            if gap and offset < member.confirmed:
+                member.confirmed = offset  # the edge knows best what it has written
+            elif offset > member.confirmed:
+                member.confirmed = offset
+                if offset > member.sent:
+                    member.sent = offset
+            if member.confirmed >= member.sent:
+                self._unconfirmed.pop(member, None)
+            elif gap and now - member.sent_at >= GAP_RESEND_INTERVAL:
+                self._resend(room, member, now, out)
+                self._unconfirmed[member] = room
+            else:
+                self._unconfirmed[member] = room
+        return out
+
+    def _resend(self, room: Room, member: Member, now: float, out: list[Outbound]) -> None:
+        """Send ``member`` again what its edge has not confirmed, in order."""
+        member.sent_at = now
+        if member.confirmed < room.trimmed_through:
+            # No longer in the history: the client is told it cannot recover.
+            self._sync(room, member, "", 0, True, now, out)
+            return
+        prev = member.confirmed
+        for event in room.history:
+            if prev < event.offset <= member.sent and member.session in event.recipients:
+                out.append(
+                    (
+                        member.edge,
+                        Deliver([member.session], event.payload, room.name, event.offset, prev),
+                    )
+                )
+                prev = event.offset
+
+    def resend_unconfirmed(self, now: float) -> list[Outbound]:
+        """Resend what has gone unconfirmed for ``resend_after`` seconds."""
+        out: list[Outbound] = []
+        late = now - self.resend_after
+        for member, room in list(self._unconfirmed.items()):
+            if member.sent_at <= late:
+                if (
+                    member.suspended_until is not None
+                    or room.members.get(member.session) is not member
+                ):
+                    del self._unconfirmed[member]
+                else:
+                    self._resend(room, member, now, out)
+        return out
 
     # ----------------------------------------------------------------- sessions
 
@@ -355,18 +567,13 @@ class RoomTable:
                 continue
             member.edge, member.conn, member.suspended_until = command.edge, command.conn, None
             if not room.active:
+                member.synced = False
                 continue  # a replica: its owner reports recovery
             position = command.positions.get(name)
-            complete = (
-                position is not None
-                and position.epoch == room.epoch
-                and room.trimmed_through <= position.offset <= room.offset
-            )
-            if complete and position is not None:
-                for event in room.history:
-                    if event.offset > position.offset and command.session in event.recipients:
-                        out.append((command.edge, Deliver([command.session], event.payload)))
-            out.append(_recovered(command, name, complete))
+            if position is None:
+                self._sync(room, member, "", 0, True, self._now, out)
+            else:
+                self._sync(room, member, position.epoch, position.offset, True, self._now, out)
         return out
 
     def detach(self, command: DetachCmd, now: float) -> list[Outbound]:
@@ -381,12 +588,11 @@ class RoomTable:
                 self._remove(room, command.session, "disconnected", now, out)
             else:
                 member.suspended_until = now + self.resume_window
-        cache = self._replies.get(command.session)
-        if command.ended and cache is not None and cache.conn == command.conn:
-            # Only the connection the cache belongs to may drop it: a late report from an
-            # older connection must not make the live one's retries apply twice.
-            del self._replies[command.session]
-        self._seal(out)
+                self._unconfirmed.pop(member, None)
+        if command.ended and command.session not in self._rooms_of:
+            # An ended session cannot resend anything: its records can go.
+            self._records.pop(command.session, None)
+        self._seal(out, now)
         return out
 
     def edge_lost(self, edge: str, now: float) -> list[Outbound]:
@@ -395,10 +601,12 @@ class RoomTable:
             for member in room.members.values():
                 if member.edge == edge and member.suspended_until is None:
                     member.suspended_until = now + self.resume_window
+                    self._unconfirmed.pop(member, None)
         return []
 
     def expire(self, now: float) -> list[Outbound]:
-        """Remove members whose resume window lapsed; trim history by age."""
+        """Remove members whose resume window lapsed; trim history by age; resend."""
+        self._now = now
         out: list[Outbound] = []
         for room in list(self.rooms.values()):
             lapsed = [
@@ -410,7 +618,10 @@ class RoomTable:
                 self._remove(room, session, "timeout", now, out)
             if room.name in self.rooms:
                 self._trim(room, now)
-        self._seal(out)
+        self._seal(out, now)
+        self._prune_records(now)
+        if self._unconfirmed:
+            out.extend(self.resend_unconfirmed(now))
         return out
 
     def next_deadline(self) -> float | None:
@@ -433,32 +644,26 @@ class RoomTable:
     # ----------------------------------------------------------------- internals
 
     def _remove(
-        self,
-        room: Room,
-        session: str,
-        reason: LeaveReason,
-        now: float,
-        out: list[Outbound],
-        origin: tuple[str, int] = ("", 0),
+        self, room: Room, session: str, reason: LeaveReason, now: float, out: list[Outbound]
     ) -> None:
         member = room.members.pop(session)
+        self._unconfirmed.pop(member, None)
         rooms = self._rooms_of.get(session)
         if rooms is not None:
             rooms.discard(room.name)
             if not rooms:
                 del self._rooms_of[session]
-                self._replies.pop(session, None)
         if not room.members:
             del self.rooms[room.name]  # a new room of that name gets a new epoch
-            while room.pending:  # nobody is left to need the replica's confirmation
-                out.extend(room.pending.popleft().out)
+            while room.pending:  # nobody is left to need the events; replies still go
+                out.extend(room.pending.popleft().after)
             return
         if not room.active:
             return
         frame = PeerLeftFrame(
             room=room.name, peer=Raw(member.peer), reason=reason, offset=room.offset + 1
         )
-        self._record(room, list(room.members.values()), encode_frame(frame), now, out, origin)
+        self._record(room, list(room.members.values()), encode_frame(frame), now, out)
 
     def _record(
         self,
@@ -467,76 +672,99 @@ class RoomTable:
         payload: bytes,
         now: float,
         out: list[Outbound],
-        origin: tuple[str, int] = ("", 0),
     ) -> None:
-        """Number an event, keep it for replay, and deliver it to attached recipients."""
+        """Number an event, keep it for replay, and release it now or after replication."""
         room.offset += 1
         sessions = (
             (recipients[0].session,)
             if len(recipients) == 1
             else tuple([m.session for m in recipients])
         )
-        event = RoomEvent(room.offset, now, sessions, payload, origin)
+        event = RoomEvent(room.offset, now, sessions, payload)
         history = room.history
         history.append(event)
         if len(history) > self.history_max_events or history[0].at < now - self.history_max_age:
             self._trim(room, now)
         self._last_offset = room.offset
-        deliveries = self._deliveries(room, event, recipients)
         if not room.pending and (not self._replicating or self.replica_for(room.name) is None):
-            out.extend(deliveries)
+            room.released = event.offset
+            self._deliver(room, event, recipients, now, out)
             return
         parked = self._parked.get(room.name)
         if parked is None:
-            parked = self._parked[room.name] = (room, [], [])
+            parked = self._parked[room.name] = (room, [])
         parked[1].append(event)
-        parked[2].extend(deliveries)
 
-    @staticmethod
-    def _deliveries(
-        room: Room, event: RoomEvent, recipients: list[Member] | None = None
-    ) -> list[Outbound]:
-        """One Deliver per edge holding attached recipients of ``event``."""
+    def _deliver(
+        self,
+        room: Room,
+        event: RoomEvent,
+        recipients: list[Member] | None,
+        now: float,
+        out: list[Outbound],
+    ) -> None:
+        """Send a released event to its attached, synced recipients (one Deliver per edge
+        and ``prev``)."""
         if recipients is None:
-            recipients = [room.members[s] for s in event.recipients if s in room.members]
-        elif len(recipients) == 1:  # a signal to one peer: most of the traffic
+            members = room.members
+            recipients = [m for s in event.recipients if (m := members.get(s)) is not None]
+        offset = event.offset
+        if len(recipients) == 1:  # a signal to one peer: most of the traffic
             member = recipients[0]
-            if member.suspended_until is not None:
-                return []
-            return [(member.edge, Deliver([member.session], event.payload, *event.origin))]
-        by_edge: dict[str, list[str]] = {}
+            if member.suspended_until is not None or not member.synced or member.sent >= offset:
+                return
+            prev = member.sent
+            member.sent = offset
+            if self.confirming and prev == member.confirmed:
+                member.sent_at = now
+                self._unconfirmed[member] = room
+            out.append(
+                (member.edge, Deliver([member.session], event.payload, room.name, offset, prev))
+            )
+            return
+        groups: dict[tuple[str, int], list[str]] = {}
         for member in recipients:
-            if member.suspended_until is None:
-                by_edge.setdefault(member.edge, []).append(member.session)
-        return [
-            (edge, Deliver(sessions, event.payload, *event.origin))
-            for edge, sessions in by_edge.items()
-        ]
+            if member.suspended_until is not None or not member.synced or member.sent >= offset:
+                continue
+            prev = member.sent
+            member.sent = offset
+            if self.confirming and prev == member.confirmed:
+                member.sent_at = now
+                self._unconfirmed[member] = room
+            group = groups.get((member.edge, prev))
+            if group is None:
+                groups[(member.edge, prev)] = [member.session]
+            else:
+                group.append(member.session)
+        for (edge, prev), sessions in groups.items():
+            out.append((edge, Deliver(sessions, event.payload, room.name, offset, prev)))
 
     def _seal(
         self,
         out: list[Outbound],
-        request: SignalCmd | JoinCmd | LeaveCmd | None = None,
+        now: float,
+        request: Request | None = None,
         reply: Outbound | None = None,
-        reply_payload: bytes = b"",
+        key: str = "",
+        record: _Record | None = None,
     ) -> None:
-        """End a command: replicate what it recorded, hold or release its output."""
+        """End a command: replicate what it recorded, hold or release it."""
         parked = self._parked
         if parked:
             self._parked = {}
-        for name, (room, events, deliveries) in parked.items():
-            held = list(deliveries)
+        for name, (room, events) in parked.items():
+            after: list[Outbound] = []
             carries_reply = request is not None and reply is not None and name == request.room
             if carries_reply:
                 assert reply is not None
-                held.append(reply)
+                after.append(reply)
                 reply = None
             replica = self.replica_for(name)
             if self.rooms.get(name) is not room or replica is None:
                 # Gone (its last member left) or nobody to replicate to: let it out,
                 # behind whatever the room still holds.
-                room.pending.append(_Batch(None, held, confirmed=True))
-                self._release(room, out)
+                room.pending.append(_Batch(None, events, after, confirmed=True))
+                self._release(room, now, out)
                 continue
             number = room.next_batch
             room.next_batch += 1
@@ -545,37 +773,43 @@ class RoomTable:
                 name,
                 room.epoch,
                 number,
-                [
-                    ReplicatedEvent(e.offset, sorted(e.recipients), e.payload, *e.origin)
-                    for e in events
-                ],
+                [ReplicatedEvent(e.offset, sorted(e.recipients), e.payload) for e in events],
             )
-            if carries_reply and request is not None:
-                # The runner-up learns the answer too: a retry after takeover gets it.
+            if carries_reply and request is not None and record is not None:
+                # The runner-up learns the answer too: a resend after takeover gets it.
                 replicate = msgspec.structs.replace(
                     replicate,
                     reply_session=request.session,
-                    reply_conn=request.conn,
-                    reply_seq=request.seq,
-                    reply_payload=reply_payload,
+                    reply_key=key,
+                    reply_fingerprint=record.fingerprint,
+                    reply_ok=record.ok,
+                    reply_epoch=record.epoch,
+                    reply_offset=record.offset,
+                    reply_payload=record.payload,
                 )
-            room.pending.append(_Batch(number, held, replicate, replica))
+            room.pending.append(_Batch(number, events, after, replicate, replica))
             out.append((replica, replicate))
         if reply is not None:
             room_of_reply = self.rooms.get(request.room) if request is not None else None
             if room_of_reply is not None and room_of_reply.pending:
-                room_of_reply.pending.append(_Batch(None, [reply], confirmed=True))
+                room_of_reply.pending.append(_Batch(None, [], [reply], confirmed=True))
             else:
                 out.append(reply)
 
-    @staticmethod
-    def _release(room: Room, out: list[Outbound]) -> None:
-        while room.pending and room.pending[0].confirmed:
-            out.extend(room.pending.popleft().out)
+    def _release(self, room: Room, now: float, out: list[Outbound]) -> None:
+        """Let out every batch at the head of ``room.pending`` that is confirmed."""
+        pending = room.pending
+        while pending and pending[0].confirmed:
+            batch = pending.popleft()
+            for event in batch.events:
+                room.released = event.offset
+                if room.active and self.rooms.get(room.name) is room:
+                    self._deliver(room, event, None, now, out)
+            out.extend(batch.after)
 
     # ----------------------------------------------------------------- replication
 
-    def replica_acked(self, name: str, batch: int) -> list[Outbound]:
+    def replica_acked(self, name: str, batch: int, now: float) -> list[Outbound]:
         """The runner-up has batch ``batch`` of ``name``: release what waited for it."""
         out: list[Outbound] = []
         room = self.rooms.get(name)
@@ -584,10 +818,10 @@ class RoomTable:
         for held in room.pending:
             if held.number == batch:
                 held.confirmed = True
-        self._release(room, out)
+        self._release(room, now, out)
         return out
 
-    def replicas_changed(self) -> list[Outbound]:
+    def replicas_changed(self, now: float = 0.0) -> list[Outbound]:
         """The runner-ups may have changed: resend unconfirmed batches (or stop waiting)."""
         out: list[Outbound] = []
         for room in list(self.rooms.values()):
@@ -602,7 +836,7 @@ class RoomTable:
                 elif held.target != replica:
                     held.target = replica
                     out.append((replica, held.replicate))
-            self._release(room, out)
+            self._release(room, now, out)
         return out
 
     def replicate(self, command: ReplicateCmd, now: float) -> list[Outbound]:
@@ -615,7 +849,7 @@ class RoomTable:
                 room.epoch = command.epoch
                 room.history.clear()
                 first = command.events[0].offset if command.events else room.offset + 1
-                room.offset = room.trimmed_through = first - 1
+                room.offset = room.trimmed_through = room.released = first - 1
                 room.replicated = True
             for replicated in command.events:
                 if replicated.offset <= room.offset:
@@ -623,36 +857,43 @@ class RoomTable:
                 room.offset = replicated.offset
                 room.history.append(
                     RoomEvent(
-                        replicated.offset,
-                        now,
-                        tuple(replicated.recipients),
-                        replicated.payload,
-                        (replicated.origin_conn, replicated.origin_seq),
+                        replicated.offset, now, tuple(replicated.recipients), replicated.payload
                     )
                 )
             self._trim(room, now)
-            if command.reply_seq:
-                offset = command.events[-1].offset if command.events else 0
+            if command.reply_key:
                 self._remember(
                     command.reply_session,
-                    command.reply_conn,
-                    command.reply_seq,
-                    (command.reply_payload, command.room, offset),
+                    command.reply_key,
+                    _Record(
+                        command.reply_payload,
+                        command.reply_fingerprint,
+                        now,
+                        command.reply_ok,
+                        command.reply_epoch,
+                        command.reply_offset,
+                    ),
                 )
         return [(command.owner, ReplicaAck(command.room, command.batch))]
 
     def demote(self, name: str) -> list[Outbound]:
-        """Another broker owns ``name`` now: keep its membership passively, drop history."""
-        out: list[Outbound] = []
+        """Another broker owns ``name`` now: keep its membership passively, drop history.
+
+        What still waits for the runner-up is not released: it was never acked, and the
+        edges resend those requests to the new owner (which has the events if the
+        runner-up got them, and applies them otherwise).
+        """
         room = self.rooms.get(name)
         if room is None:
-            return out
-        while room.pending:
-            out.extend(room.pending.popleft().out)
+            return []
+        room.pending.clear()
         room.active = False
         room.replicated = False
         room.history.clear()
-        return out
+        for member in room.members.values():
+            member.synced = False
+            self._unconfirmed.pop(member, None)
+        return []
 
     def _trim(self, room: Room, now: float) -> None:
         history = room.history
@@ -661,6 +902,18 @@ class RoomTable:
             len(history) > self.history_max_events or history[0].at < oldest_allowed
         ):
             room.trimmed_through = history.popleft().offset
+
+
+def _reply(command: Request, record: _Record) -> Reply:
+    return Reply(
+        command.session,
+        command.conn,
+        command.seq,
+        record.payload,
+        record.ok,
+        record.epoch,
+        record.offset,
+    )
 
 
 def _recovered(command: AttachCmd, room: str, recovered: bool) -> Outbound:

@@ -21,7 +21,7 @@ from signalpost.transport import DealerLink, new_incarnation
 from signalpost.wire import Envelope, ReplicateCmd, encode_envelope
 
 
-def room_table(settings: Settings, **replication: object) -> RoomTable:
+def room_table(settings: Settings, **options: object) -> RoomTable:
     """A RoomTable configured from ``settings``."""
     return RoomTable(
         capacity=settings.room_capacity,
@@ -29,7 +29,7 @@ def room_table(settings: Settings, **replication: object) -> RoomTable:
         history_max_events=settings.history_max_events,
         history_max_age=settings.history_max_age,
         new_epoch=lambda: secrets.token_urlsafe(6),
-        **replication,  # type: ignore[arg-type]
+        **options,  # type: ignore[arg-type]
     )
 
 
@@ -79,7 +79,7 @@ class BrokerNode(OwnerNode):
 
     def _peers_changed(self, *_link: object) -> None:
         self._replicas.clear()
-        self._send(self.table.replicas_changed())
+        self._send(self.table.replicas_changed(self._clock()))
 
     def update_peers(self, endpoints: list[str]) -> None:
         """Make the peer set ``endpoints`` (other brokers' placement ids)."""

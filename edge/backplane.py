@@ -26,6 +26,10 @@ Inbox = Callable[[Envelope], None]
 class Backplane(Protocol):
     """The edge's view of the rest of the system."""
 
+    #: Whether envelopes to and from the owners can be lost on the way (a reset link):
+    #: then the edge confirms deliveries and resends unanswered requests.
+    lossy: bool
+
     def connect(
         self,
         edge_id: str,
@@ -48,6 +52,9 @@ class Backplane(Protocol):
     def to_all_brokers(self, command: Envelope) -> None:
         """Send a session-wide command (detach) to every broker."""
 
+    def confirm(self, positions: list[tuple[str, str, int, bool]]) -> None:
+        """Confirm ``(room, session, offset, gap)`` positions to the rooms' owners."""
+
     def attach(self, session: str, conn: str, positions: dict[str, RoomPosition]) -> None:
         """Tell every broker that ``session`` resumed here, each with its rooms' positions."""
 
@@ -64,8 +71,11 @@ class Backplane(Protocol):
 class LocalBackplane:
     """Broker and presence cores in this process: the ``dev`` topology."""
 
+    lossy = False
+
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rooms = room_table(settings)
+        # One process: nothing between the table and the edge can lose a delivery.
+        self.rooms = room_table(settings, confirming=False)
         self.presence = PresenceTable(resume_window=settings.resume_window)
         self._clock = clock
         self._edge_id = ""
@@ -97,6 +107,9 @@ class LocalBackplane:
 
     def to_room_replica(self, room: str, command: Envelope) -> None:
         pass  # one process, one room table: nothing to fail over to
+
+    def confirm(self, positions: list[tuple[str, str, int, bool]]) -> None:
+        pass  # nothing is lost between the table and the edge
 
     def reannounce(self, room: str, restore: RestoreCmd) -> None:
         pass  # the room table never changes owner in dev mode

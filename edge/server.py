@@ -32,6 +32,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from edge.backplane import Backplane
+from edge.delivery import ACCEPT, DUPLICATE, Confirmations, Position, Retries, admit
 from edge.guard import CLOSE, SERVE, ClientGuard
 from edge.websocket_link import WebSocketLink
 from signalpost import metrics
@@ -68,6 +69,7 @@ from signalpost.wire import (
     Ping,
     PongFrame,
     PresenceFrame,
+    RecoveredFrame,
     Reply,
     RequestId,
     RestoreCmd,
@@ -75,6 +77,7 @@ from signalpost.wire import (
     SessionUp,
     Signal,
     SignalCmd,
+    Synced,
     Unwatch,
     UnwatchCmd,
     Watch,
@@ -93,6 +96,14 @@ log = logging.getLogger("signalpost.edge")
 SIGNAL_PATH = "/v1/signal"
 _PRESENCE_PREFIX = b'{"type":"presence"'
 
+#: Requests of one connection that may wait for an answer at once; more are refused with
+#: ``rate_limited`` until answers come back (an owner that stalls must not make the edge
+#: buffer without end).
+MAX_UNANSWERED = 1024
+
+#: How often an edge confirms what it wrote and resends what was not answered (cluster).
+DELIVERY_TICK = 0.1
+
 
 @dataclass(slots=True, eq=False)
 class ClientConnection:
@@ -110,7 +121,7 @@ class ClientConnection:
     seq: int = 0
     unanswered: dict[int, Envelope] = field(default_factory=dict)  # seq -> command
     rooms: dict[str, bytes] = field(default_factory=dict)  # joined room -> peer object
-    last_seq_from: dict[str, int] = field(default_factory=dict)  # sender conn -> seq seen
+    positions: dict[str, Position] = field(default_factory=dict)  # room -> what was written
     watching: set[str] = field(default_factory=set)
     told_status: dict[str, str] = field(default_factory=dict)  # watched user -> last status
     evicted: bool = False
@@ -153,6 +164,11 @@ class EdgeServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = False
         self._to_flush: list[ClientConnection] = []
+        #: The links to the owners can lose envelopes (a reset TCP connection): confirm
+        #: what is written, resend what is unanswered. In one process they cannot.
+        self._lossy = backplane.lossy
+        self._confirms = Confirmations()
+        self._retries: Retries[tuple[ClientConnection, Envelope]] = Retries()
         backplane.connect(self.edge_id, self.receive, self.sync_state, self.owners_changed)
 
     # ----------------------------------------------------------------- lifecycle
@@ -173,6 +189,8 @@ class EdgeServer:
             lambda: WebSocketLink(self, max_size), self.settings.host, self.settings.port
         )
         self._spawn(self._keepalive())
+        if self._lossy:
+            self._spawn(self._delivery_loop())
         log.info("edge %s listening on %s:%d", self.edge_id, self.settings.host, self.port)
 
     async def drain(self) -> None:
@@ -219,26 +237,52 @@ class EdgeServer:
             for link in list(self._links):
                 link.keepalive()
 
+    async def _delivery_loop(self) -> None:
+        # One timer for the whole edge: confirm what was written, resend what is owed.
+        while True:
+            await asyncio.sleep(DELIVERY_TICK)
+            try:
+                self._delivery_tick(time.monotonic())
+            except Exception:  # a bug here must not stop confirmations for good
+                log.exception("delivery tick failed")
+
+    def _delivery_tick(self, now: float) -> None:
+        if self._confirms:
+            self.backplane.confirm(self._confirms.take())
+        for client, command in self._retries.due(now):
+            if self.sessions.get(client.session) is not client:
+                continue  # dropped with its connection below
+            metrics.REQUESTS_RESENT.inc()
+            if isinstance(command, RestoreCmd):
+                self.backplane.reannounce(command.room, command)
+            elif isinstance(command, SignalCmd | JoinCmd | LeaveCmd):
+                self.backplane.to_room_owner(command.room, command)
+            else:
+                self.backplane.to_presence(command)
+
     # ----------------------------------------------------------------- from owners
 
     def receive(self, envelope: Envelope) -> None:
         """Handle one envelope from a broker or the presence service."""
         if isinstance(envelope, Deliver):
             sessions = envelope.sessions
-            if envelope.origin_conn and len(sessions) == 1:  # a signal to one peer, inline
-                client = self.sessions.get(sessions[0])
-                if client is not None and _first_copy(
-                    client, envelope.origin_conn, envelope.origin_seq
-                ):
-                    self._write([client], envelope.payload)
-                return
-            targets = [c for s in sessions if (c := self.sessions.get(s)) is not None]
-            if envelope.origin_conn:
-                targets = self._first_copies(targets, envelope.origin_conn, envelope.origin_seq)
-            elif envelope.payload.startswith(_PRESENCE_PREFIX):
-                if self._held_for_claim:
-                    self._hold_for_claims(envelope)
-                targets = self._status_changes(targets, envelope.payload)
+            if envelope.room:
+                if len(sessions) == 1:  # a signal to one peer: most of the traffic, inline
+                    client = self.sessions.get(sessions[0])
+                    if client is not None and self._admit(client, envelope):
+                        self._write([client], envelope.payload)
+                    return
+                targets = [
+                    c
+                    for s in sessions
+                    if (c := self.sessions.get(s)) is not None and self._admit(c, envelope)
+                ]
+            else:
+                targets = [c for s in sessions if (c := self.sessions.get(s)) is not None]
+                if envelope.payload.startswith(_PRESENCE_PREFIX):
+                    if self._held_for_claim:
+                        self._hold_for_claims(envelope)
+                    targets = self._status_changes(targets, envelope.payload)
             self._write(targets, envelope.payload)
         elif isinstance(envelope, Reply):
             client = self.sessions.get(envelope.session)
@@ -247,10 +291,14 @@ class EdgeServer:
             command = client.unanswered.pop(envelope.seq, None)
             if command is None:
                 return  # the answer to a retry that was already answered
+            if self._lossy:
+                self._retries.done((client.conn, envelope.seq))
             if envelope.payload:
                 self._write([client], envelope.payload)
             if type(command) is not SignalCmd:  # signals change no membership or watch
-                self._track_membership(client, command, envelope.payload)
+                self._track_membership(client, command, envelope)
+        elif isinstance(envelope, Synced):
+            self._synced(envelope)
         elif isinstance(envelope, ClaimReply):
             claim = self._claims.get(envelope.conn)
             if claim is not None and not claim.done():
@@ -272,12 +320,46 @@ class EdgeServer:
             if held is not None:
                 held.append(envelope.payload)
 
-    @staticmethod
-    def _first_copies(
-        targets: list[ClientConnection], origin_conn: str, origin_seq: int
-    ) -> list[ClientConnection]:
-        """Drop copies of a signal already delivered (a request retried after failover)."""
-        return [client for client in targets if _first_copy(client, origin_conn, origin_seq)]
+    def _admit(self, client: ClientConnection, deliver: Deliver) -> bool:
+        """Whether ``client`` is written this room event (``edge.delivery``): not a copy,
+        nothing missing before it. Copies and gaps are confirmed back to the owner."""
+        position = client.positions.get(deliver.room)
+        if position is None:
+            # Not (or no longer) in the room here: its joined reply or sync is still to
+            # come. Unconfirmed, the owner sends it again after that.
+            metrics.DELIVERIES_DROPPED.labels("unknown_room").inc()
+            return False
+        verdict = admit(position, deliver.offset, deliver.prev)
+        if verdict == ACCEPT:
+            if self._lossy:
+                self._confirms.note(deliver.room, client.session, position)
+            return True
+        if verdict == DUPLICATE:
+            metrics.DELIVERIES_DROPPED.labels("duplicate").inc()
+            self._confirms.note(deliver.room, client.session, position)
+        else:
+            metrics.DELIVERIES_DROPPED.labels("gap").inc()
+            self._confirms.note(deliver.room, client.session, position, gap=True)
+        return False
+
+    def _synced(self, synced: Synced) -> None:
+        """An owner (re)opened a session's stream in a room: after a resume or a restore."""
+        client = self.sessions.get(synced.session)
+        if client is None or client.conn != synced.conn:
+            return
+        if self._lossy:
+            self._retries.done((client.conn, "restore", synced.room))
+        client.rooms[synced.room] = synced.peer
+        position = client.positions.get(synced.room)
+        if synced.recovered and position is not None and position.epoch == synced.epoch:
+            position.offset = max(position.offset, synced.offset)
+        else:
+            position = client.positions[synced.room] = Position(synced.epoch, synced.offset)
+        if self._lossy:
+            self._confirms.note(synced.room, client.session, position)
+        if synced.report:
+            frame = RecoveredFrame(room=synced.room, recovered=synced.recovered)
+            self._write([client], encode_frame(frame))
 
     @staticmethod
     def _status_changes(targets: list[ClientConnection], payload: bytes) -> list[ClientConnection]:
@@ -295,34 +377,51 @@ class EdgeServer:
                 news.append(client)
         return news
 
-    def _track_membership(
-        self, client: ClientConnection, command: Envelope, payload: bytes
-    ) -> None:
+    def _track_membership(self, client: ClientConnection, command: Envelope, reply: Reply) -> None:
         """Remember joined rooms: the soft state re-announced when a room changes owner."""
-        if isinstance(command, JoinCmd) and payload.startswith(b'{"type":"joined"'):
+        if not reply.ok:
+            return
+        if isinstance(command, JoinCmd):
             client.rooms[command.room] = command.peer
+            position = client.positions.get(command.room)
+            if reply.epoch and (position is None or position.epoch != reply.epoch):
+                client.positions[command.room] = Position(reply.epoch, reply.offset)
             self.backplane.to_room_replica(
                 command.room,
                 RestoreCmd(
                     client.session, client.conn, self.edge_id, command.room, command.peer, True
                 ),
             )
-        elif isinstance(command, LeaveCmd) and payload.startswith(b'{"type":"left"'):
+        elif isinstance(command, LeaveCmd):
             client.rooms.pop(command.room, None)
+            client.positions.pop(command.room, None)
             self.backplane.to_room_replica(command.room, ForgetCmd(client.session, command.room))
-        elif isinstance(command, WatchCmd) and payload.startswith(b'{"type":"watching"'):
-            client.told_status.update(msgspec.json.decode(payload)["presence"])
+        elif isinstance(command, WatchCmd):
+            client.told_status.update(msgspec.json.decode(reply.payload)["presence"])
         elif isinstance(command, UnwatchCmd):
             for user in command.users:
                 client.told_status.pop(user, None)
 
     def owners_changed(self) -> None:
-        """Brokers came or went: re-announce memberships, then retry unanswered requests."""
+        """Brokers came or went: re-announce memberships with what each session has been
+        written (resent until the owner answers ``Synced``), then retry unanswered requests."""
+        now = time.monotonic()
         for client in list(self.sessions.values()):
             for room, peer in client.rooms.items():
-                self.backplane.reannounce(
-                    room, RestoreCmd(client.session, client.conn, self.edge_id, room, peer, False)
+                position = client.positions.get(room)
+                restore = RestoreCmd(
+                    client.session,
+                    client.conn,
+                    self.edge_id,
+                    room,
+                    peer,
+                    False,
+                    position.epoch if position is not None else "",
+                    position.offset if position is not None else 0,
                 )
+                self.backplane.reannounce(room, restore)
+                if self._lossy:
+                    self._retries.add((client.conn, "restore", room), (client, restore), now)
         for client in list(self.sessions.values()):
             for seq in sorted(client.unanswered):
                 command = client.unanswered[seq]
@@ -516,6 +615,10 @@ class EdgeServer:
             guard=ClientGuard(s.rate_per_second, s.rate_burst, s.rate_strikes, s.bad_frame_strikes),
             sender=sender_object(session, identity.user),
         )
+        if resumed:
+            # Where the client says it is in each room: the owners replay what came after.
+            for room, seen in (hello.rooms or {}).items():
+                client.positions[room] = Position(seen.epoch, seen.offset)
         if resumed and claimed is not None:
             # The session's watches continue; it hears what changed while it was away.
             client.watching = set(claimed.watching)
@@ -596,6 +699,10 @@ class EdgeServer:
             self._close(client, guard.close_code, guard.close_code.name.lower())
 
     def _dispatch(self, client: ClientConnection, message: ClientMessage) -> None:
+        if len(client.unanswered) >= MAX_UNANSWERED and not isinstance(
+            message, Ping | IceServersRequest
+        ):
+            raise RateLimited(f"{MAX_UNANSWERED} requests are waiting for an answer; slow down")
         # Ordered by frequency: signals dominate a call's traffic.
         if isinstance(message, Signal):
             seq = client.next_seq()
@@ -610,7 +717,7 @@ class EdgeServer:
                 client.sender,
                 bytes(message.data),
             )
-            client.unanswered[seq] = command
+            self._await_answer(client, seq, command)
             self.backplane.to_room_owner(message.room, command)
         elif isinstance(message, Join):
             if not client.identity.may_join(message.room):
@@ -622,14 +729,14 @@ class EdgeServer:
             command = JoinCmd(
                 client.session, client.conn, self.edge_id, seq, message.id, message.room, peer
             )
-            client.unanswered[seq] = command
+            self._await_answer(client, seq, command)
             self.backplane.to_room_owner(message.room, command)
         elif isinstance(message, Leave):
             seq = client.next_seq()
             command = LeaveCmd(
                 client.session, client.conn, self.edge_id, seq, message.id, message.room
             )
-            client.unanswered[seq] = command
+            self._await_answer(client, seq, command)
             self.backplane.to_room_owner(message.room, command)
         elif isinstance(message, Ping):
             self._write([client], encode_frame(PongFrame(id=message.id)))
@@ -641,7 +748,7 @@ class EdgeServer:
             watch = WatchCmd(
                 client.session, client.conn, self.edge_id, seq, message.id, list(message.users)
             )
-            client.unanswered[seq] = watch
+            self._await_answer(client, seq, watch)
             self.backplane.to_presence(watch)
         elif isinstance(message, Unwatch):
             client.watching.difference_update(message.users)
@@ -649,7 +756,7 @@ class EdgeServer:
             unwatch = UnwatchCmd(
                 client.session, client.conn, self.edge_id, seq, message.id, list(message.users)
             )
-            client.unanswered[seq] = unwatch
+            self._await_answer(client, seq, unwatch)
             self.backplane.to_presence(unwatch)
         elif isinstance(message, IceServersRequest):
             servers = ice_servers(self.settings, client.identity.user, time.time())
@@ -657,7 +764,17 @@ class EdgeServer:
         else:
             raise BadRequest("already authenticated: hello is only valid as the first frame")
 
+    def _await_answer(self, client: ClientConnection, seq: int, command: Envelope) -> None:
+        client.unanswered[seq] = command
+        if self._lossy:
+            self._retries.add((client.conn, seq), (client, command), time.monotonic())
+
     def _closed(self, client: ClientConnection) -> None:
+        if self._lossy:  # nobody is left to answer on this connection
+            for seq in client.unanswered:
+                self._retries.done((client.conn, seq))
+            for room in client.rooms:
+                self._retries.done((client.conn, "restore", room))
         if client.evicted:
             return  # the session lives on in another connection
         if self.sessions.get(client.session) is client:
@@ -670,14 +787,6 @@ class EdgeServer:
         detach = DetachCmd(client.session, client.conn, self.edge_id, ended)
         self.backplane.to_all_brokers(detach)
         self.backplane.to_presence(SessionDown(client.session, self.edge_id, client.conn, ended))
-
-
-def _first_copy(client: ClientConnection, origin_conn: str, origin_seq: int) -> bool:
-    """Whether ``client`` has not had this signal yet (and note that it has now)."""
-    if client.last_seq_from.get(origin_conn, 0) < origin_seq:
-        client.last_seq_from[origin_conn] = origin_seq
-        return True
-    return False
 
 
 _RATE_LIMITED = RateLimited("too many frames; slow down")

@@ -20,7 +20,15 @@ from signalpost.config import Settings
 from signalpost.discovery import Discovery
 from signalpost.placement import owner, ranking
 from signalpost.transport import DealerLink, new_incarnation
-from signalpost.wire import AttachCmd, DemoteCmd, EdgeSync, Envelope, RestoreCmd, RoomPosition
+from signalpost.wire import (
+    AttachCmd,
+    Confirm,
+    DemoteCmd,
+    EdgeSync,
+    Envelope,
+    RestoreCmd,
+    RoomPosition,
+)
 
 log = logging.getLogger("signalpost.edge")
 
@@ -34,6 +42,8 @@ MAX_CACHED_OWNERS = 100_000
 
 class ZmqBackplane:
     """Backplane over ZeroMQ DEALER links."""
+
+    lossy = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -166,6 +176,13 @@ class ZmqBackplane:
             replica.send(
                 RestoreCmd(restore.session, restore.conn, restore.edge, room, restore.peer, True)
             )
+
+    def confirm(self, positions: list[tuple[str, str, int, bool]]) -> None:
+        by_owner: dict[DealerLink, list[tuple[str, str, int, bool]]] = {}
+        for position in positions:
+            by_owner.setdefault(self.owner_of(position[0]), []).append(position)
+        for link, owned in by_owner.items():
+            link.send(Confirm(self._edge_id, owned))
 
     def to_all_brokers(self, command: Envelope) -> None:
         for link in self.brokers.values():

@@ -194,7 +194,7 @@ class PresenceTable:
         snapshot: dict[str, Status] = {user: self.status(user) for user in command.users}
         self._told.setdefault(command.session, {}).update(snapshot)
         payload = encode_frame(WatchingFrame(presence=dict(snapshot), id=command.req))
-        return [(command.edge, Reply(command.session, command.conn, command.seq, payload))]
+        return [(command.edge, Reply(command.session, command.conn, command.seq, payload, True))]
 
     def unwatch(self, command: UnwatchCmd) -> list[Outbound]:
         """Stop watching users."""
@@ -212,7 +212,7 @@ class PresenceTable:
             self._watched_by.pop(command.session, None)
             self._told.pop(command.session, None)
         payload = encode_frame(UnwatchedFrame(id=command.req))
-        return [(command.edge, Reply(command.session, command.conn, command.seq, payload))]
+        return [(command.edge, Reply(command.session, command.conn, command.seq, payload, True))]
 
     def watched_by(self, session: str) -> set[str]:
         """Users ``session`` watches."""

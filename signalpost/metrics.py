@@ -42,6 +42,24 @@ REGISTRY.register(HOT)
 
 CONNECTIONS = Gauge("signalpost_connections", "Client WebSocket connections open on this edge")
 PEERS_LOST = Counter("signalpost_peers_lost", "Nodes declared dead after missed heartbeats")
+DELIVERIES_DROPPED = Counter(
+    "signalpost_deliveries_dropped",
+    "Room events an edge did not write: a copy (duplicate), something missing before it "
+    "(gap, resent by the owner), or a room the session is not in here (unknown_room)",
+    ["reason"],
+)
+REQUESTS_RESENT = Counter(
+    "signalpost_requests_resent", "Requests and re-announcements an edge sent again unanswered"
+)
+DELIVERIES_RESENT = Counter(
+    "signalpost_deliveries_resent", "Room events an owner sent again, unconfirmed by the edge"
+)
+NODE_SEND_DROPS = Counter(
+    "signalpost_node_send_drops",
+    "Envelopes a ROUTER could not hand to a peer (unknown peer or its pipe full); the "
+    "delivery streams resend them",
+    ["reason"],
+)
 
 
 def exposition() -> tuple[bytes, str]:

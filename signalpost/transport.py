@@ -34,6 +34,7 @@ from typing import Any, Final
 import msgspec
 import zmq
 
+from signalpost import metrics
 from signalpost.lifecycle import cancel_all
 from signalpost.wire import (
     WIRE_VERSION,
@@ -178,7 +179,18 @@ class FastSocket:
                 send(part, _MORE_NOBLOCK)
             send(frames[-1], _NOBLOCK)
         except zmq.Again:
+            if self._routed:
+                # A ROUTER (ROUTER_MANDATORY) says this one peer's pipe is full: waiting
+                # would stall every other peer behind it. Dropped and counted; the
+                # delivery streams resend what the peer does not confirm.
+                _dropped(frames, "full")
+                return True
             return False
+        except zmq.ZMQError as exc:
+            if self._routed and exc.errno == zmq.EHOSTUNREACH:
+                _dropped(frames, "unknown_peer")  # not connected (now): counted, resent later
+                return True
+            raise
         return True
 
     def start(
@@ -247,6 +259,25 @@ class FastSocket:
         finally:
             self._servicing = False
         self._look()
+
+
+#: (peer, reason) -> when a drop was last logged: one line per peer per interval.
+_drops_logged: dict[tuple[bytes, str], float] = {}
+_DROP_LOG_INTERVAL: Final = 5.0
+
+
+def _dropped(frames: tuple[bytes, ...], reason: str) -> None:
+    metrics.NODE_SEND_DROPS.labels(reason).inc()
+    key, now = (frames[0], reason), time.monotonic()
+    if now - _drops_logged.get(key, -_DROP_LOG_INTERVAL) >= _DROP_LOG_INTERVAL:
+        if len(_drops_logged) >= 10_000:
+            _drops_logged.clear()
+        _drops_logged[key] = now
+        log.warning(
+            "dropping frames for %s: %s (counted in signalpost_node_send_drops_total)",
+            frames[0].decode(errors="replace"),
+            reason.replace("_", " "),
+        )
 
 
 class Outbox:
@@ -347,6 +378,9 @@ class RouterEndpoint:
         self.peers: dict[str, PeerState] = {}
         socket = context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
+        # Report a message for a peer that is not connected (EHOSTUNREACH) or whose pipe
+        # is full (EAGAIN) instead of dropping it silently: FastSocket counts and logs it.
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
         socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
         socket.bind(bind)

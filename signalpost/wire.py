@@ -324,11 +324,13 @@ class DetachCmd(_Envelope, tag=5, frozen=True):
 
 
 class RestoreCmd(_Envelope, tag=6, frozen=True):
-    """Edge -> broker: a member re-announced (soft state), put back silently.
+    """Edge -> broker: a member re-announced (soft state).
 
     To the owner after the owner changed or restarted (``replica`` false), and to the
     runner-up in the rendezvous order after every join (``replica`` true), so the broker
-    that takes over a room already knows all its members.
+    that takes over a room already knows all its members. To the owner it carries the
+    position the edge has written to the session (``epoch``/``offset``): the owner replays
+    what came after it and answers ``Synced``; the edge resends it until then.
     """
 
     session: str
@@ -337,6 +339,8 @@ class RestoreCmd(_Envelope, tag=6, frozen=True):
     room: str
     peer: bytes
     replica: bool
+    epoch: str = ""
+    offset: int = 0
 
 
 class ForgetCmd(_Envelope, tag=7, frozen=True):
@@ -358,8 +362,6 @@ class ReplicatedEvent(Struct, array_like=True, frozen=True):
     offset: int
     recipients: list[str]
     payload: bytes
-    origin_conn: str
-    origin_seq: int
 
 
 class ReplicateCmd(_Envelope, tag=40, frozen=True):
@@ -374,10 +376,14 @@ class ReplicateCmd(_Envelope, tag=40, frozen=True):
     epoch: str
     batch: int
     events: list[ReplicatedEvent]
+    #: The reply record of the request that caused the events (``reply_key`` "": none).
     reply_session: str = ""
-    reply_conn: str = ""
-    reply_seq: int = 0
+    reply_key: str = ""
+    reply_fingerprint: int = 0
     reply_payload: bytes = b""
+    reply_ok: bool = False
+    reply_epoch: str = ""
+    reply_offset: int = 0
 
 
 class ReplicaAck(_Envelope, tag=41, frozen=True):
@@ -388,23 +394,64 @@ class ReplicaAck(_Envelope, tag=41, frozen=True):
 class Deliver(_Envelope, tag=10, frozen=True):
     """Owner -> edge: write ``payload`` to each listed local session.
 
-    A relayed signal names its origin (sender connection, request seq), so an edge can drop
-    the copy a retried request produces after a broker failover.
+    A room event names its ``room`` and ``offset`` and, per delivery stream, ``prev``: the
+    offset of the event the owner sent these sessions before this one in the room. The
+    edge writes it only if it is new (``offset`` above what it wrote) and nothing is
+    missing before it (``prev`` not above what it wrote); see ``edge.delivery``. Presence
+    frames have no room.
     """
 
     sessions: list[str]
     payload: bytes
-    origin_conn: str = ""
-    origin_seq: int = 0
+    room: str = ""
+    offset: int = 0
+    prev: int = 0
 
 
 class Reply(_Envelope, tag=11, frozen=True):
-    """Owner -> edge: the answer to request ``seq`` of ``conn``; accepted for routing."""
+    """Owner -> edge: the answer to request ``seq`` of ``conn``.
+
+    ``ok`` is false for an ``error`` reply; a ``joined`` reply carries the room's
+    ``epoch`` and the ``offset`` the session starts from.
+    """
 
     session: str
     conn: str
     seq: int
     payload: bytes
+    ok: bool = False
+    epoch: str = ""
+    offset: int = 0
+
+
+class Synced(_Envelope, tag=14, frozen=True):
+    """Owner -> edge: a session's delivery stream in ``room`` (re)starts after ``offset``.
+
+    The answer to an ``AttachCmd`` (per room) and to a ``RestoreCmd`` to the owner: what
+    came after the edge's position was replayed before it (``recovered``), or could not be
+    (``recovered`` false: the client is told). ``peer`` is the session's peer object,
+    so an edge that took over a resumed session knows its rooms.
+    """
+
+    session: str
+    conn: str
+    room: str
+    epoch: str
+    offset: int
+    recovered: bool
+    report: bool
+    peer: bytes
+
+
+class Confirm(_Envelope, tag=15, frozen=True):
+    """Edge -> room owner: what it has written, per (room, session), cumulatively.
+
+    Each position is ``(room, session, offset, gap)``; ``gap`` asks for a resend now (the
+    edge dropped a delivery that had an earlier one missing before it).
+    """
+
+    edge: str
+    positions: list[tuple[str, str, int, bool]]
 
 
 class Evict(_Envelope, tag=12, frozen=True):
@@ -493,6 +540,8 @@ Envelope = (
     | ReplicaAck
     | Deliver
     | Reply
+    | Synced
+    | Confirm
     | Evict
     | ClaimReply
     | SessionUp
@@ -503,6 +552,21 @@ Envelope = (
     | EdgeSync
     | Heartbeat
 )
+
+
+def request_key(req: RequestId | None, conn: str, seq: int) -> str:
+    """What identifies a request within its session for the reply record.
+
+    A client ``id`` names the request on every connection of the session (a resend after
+    a resume is the same request); a request without one is known by the connection and
+    the edge's sequence number (edge retries reuse both).
+    """
+    if req is None:
+        return f"~{conn}:{seq}"
+    if isinstance(req, int):
+        return f"i{req}"
+    return f"s{req}"
+
 
 _envelope_encoder: Final = msgspec.msgpack.Encoder()
 _envelope_decoder: Final = msgspec.msgpack.Decoder(Envelope)

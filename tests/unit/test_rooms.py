@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from broker.rooms import Outbound, RoomTable
+from broker.rooms import REPLY_RECORD_TTL, REPLY_RECORDS_PER_SESSION, Outbound, RoomTable
 from signalpost.wire import (
     AttachCmd,
     Deliver,
@@ -25,6 +25,7 @@ from signalpost.wire import (
     RequestId,
     RoomPosition,
     SignalCmd,
+    Synced,
     peer_object,
     sender_object,
 )
@@ -40,8 +41,12 @@ def make_table(
     resume_window: float = WINDOW,
     history_max_events: int = 1024,
     history_max_age: float = 120.0,
+    confirming: bool = False,
 ) -> RoomTable:
-    """A table whose epochs are ``epoch-0``, ``epoch-1`` ... in creation order."""
+    """A table whose epochs are ``epoch-0``, ``epoch-1`` ... in creation order.
+
+    Without ``confirming`` (the dev topology) nothing is resent for want of confirmation;
+    the delivery-stream tests turn it on."""
     counter = itertools.count()
     return RoomTable(
         capacity=capacity,
@@ -49,6 +54,7 @@ def make_table(
         history_max_events=history_max_events,
         history_max_age=history_max_age,
         new_epoch=lambda: f"epoch-{next(counter)}",
+        confirming=confirming,
     )
 
 
@@ -109,9 +115,16 @@ def sess(name: str, edge: str | None = None) -> Sess:
 
 
 def to(s: Sess, out: list[Outbound]) -> list[Frame]:
-    """Frames delivered to ``s`` (at its current edge), in order; replies excluded."""
+    """Frames delivered to ``s`` (at its current edge), in order; replies excluded.
+
+    A ``Synced`` that reports is the ``recovered`` frame its edge writes."""
     frames = []
     for target, envelope in out:
+        if isinstance(envelope, Synced) and envelope.session == s.session and envelope.report:
+            assert target == s.edge
+            frames.append(
+                {"type": "recovered", "room": envelope.room, "recovered": envelope.recovered}
+            )
         if isinstance(envelope, Deliver) and s.session in envelope.sessions:
             assert target == s.edge, f"{s.session} is on {s.edge}, delivery went to {target}"
             assert len(set(envelope.sessions)) == len(envelope.sessions)
@@ -473,23 +486,30 @@ def test_errors_without_an_id_carry_no_id() -> None:
 def test_every_reply_and_error_echoes_the_request_id(req: RequestId) -> None:
     table = make_table()
     a, b, c = sess("a"), sess("b"), sess("c")
+
+    def rid(i: int) -> RequestId:
+        # One id per request of a session (the same id is the same request): ``req`` first.
+        if i == 0:
+            return req
+        return req + i if isinstance(req, int) else f"{i}{req}"[:64]
+
     cases = [
-        (a, lambda: a.join("r", req=req), "joined"),
-        (b, lambda: b.join("r", req=req), "joined"),
-        (b, lambda: b.join("r", req=req), "joined"),  # again: no-op
-        (c, lambda: c.join("r", req=req), "room_full"),
-        (a, lambda: a.signal("r", "b", req=req), "ack"),
-        (a, lambda: a.signal("r", None, req=req), "ack"),  # fan-out
-        (a, lambda: a.signal("r", "zz", req=req), "unknown_peer"),
-        (c, lambda: c.signal("r", "a", req=req), "not_in_room"),
-        (c, lambda: c.leave("r", req=req), "not_in_room"),
-        (b, lambda: b.leave("r", req=req), "left"),
+        (a, lambda: a.join("r", req=rid(0)), "joined"),
+        (b, lambda: b.join("r", req=rid(0)), "joined"),
+        (b, lambda: b.join("r", req=rid(1)), "joined"),  # again: no-op
+        (c, lambda: c.join("r", req=rid(0)), "room_full"),
+        (a, lambda: a.signal("r", "b", req=rid(1)), "ack"),
+        (a, lambda: a.signal("r", None, req=rid(2)), "ack"),  # fan-out
+        (a, lambda: a.signal("r", "zz", req=rid(3)), "unknown_peer"),
+        (c, lambda: c.signal("r", "a", req=rid(1)), "not_in_room"),
+        (c, lambda: c.leave("r", req=rid(2)), "not_in_room"),
+        (b, lambda: b.leave("r", req=rid(2)), "left"),
     ]
     for s, make_command, kind in cases:
         command = make_command()
         frame = reply(table.handle(command, 0.0), s)
         assert kind in (frame["type"], frame.get("code")), (command, frame)
-        assert frame["id"] == req
+        assert frame["id"] == command.req
         assert type(frame["id"]) is type(req)
 
 
@@ -978,11 +998,8 @@ def test_a_retried_signal_gets_the_same_reply_and_records_no_second_event() -> N
     first = table.handle(command, 1.0)
     again = table.handle(command, 2.0)
     assert replies(again) == replies(first)
-    # The event may go out again (the broker that applied it may have died before it
-    # left), but as the same event, marked with its origin so the edge drops the copy.
-    for _, envelope in deliveries(again):
-        assert (envelope.origin_conn, envelope.origin_seq) == ("conn-a", command.seq)
-        assert envelope.payload == deliveries(first)[0][1].payload
+    # Its event reaches b through b's delivery stream (resent until confirmed), not again.
+    assert deliveries(again) == []
     assert last_offset(table, "r", a, b) == offset + 1
 
 
@@ -998,31 +1015,23 @@ def test_a_retried_join_gets_the_same_joined_and_records_no_second_event() -> No
     assert last_offset(table, "r", a, b) == first["offset"] + 1
 
 
-def test_a_retried_join_does_not_deliver_an_undroppable_second_peer_joined() -> None:
+def test_a_retried_join_delivers_no_second_peer_joined() -> None:
     table = make_table()
     a, b = sess("a"), sess("b")
     joined(table, a, "r")
     command = b.join("r")
-    table.handle(command, 0.0)
-    again = table.handle(command, 1.0)
-    assert deliveries(again)
-    for _, envelope in deliveries(again):
-        # Whatever goes out again must be recognisable as a copy (edge/server.py
-        # ``_first_copies`` drops a Deliver whose origin it has already seen).
-        assert (envelope.origin_conn, envelope.origin_seq) == (command.conn, command.seq)
+    assert len(to(a, table.handle(command, 0.0))) == 1
+    assert deliveries(table.handle(command, 1.0)) == []
 
 
-def test_a_retried_leave_delivers_only_droppable_copies_of_peer_left() -> None:
+def test_a_retried_leave_delivers_no_second_peer_left() -> None:
     table = make_table()
     a, b = sess("a"), sess("b")
     joined(table, a, "r")
     joined(table, b, "r")
     command = b.leave("r")
-    table.handle(command, 0.0)
-    again = deliveries(table.handle(command, 1.0))
-    assert again  # re-sent in case the first copy died with a broker
-    for _, envelope in again:
-        assert (envelope.origin_conn, envelope.origin_seq) == (command.conn, command.seq)
+    assert len(to(a, table.handle(command, 0.0))) == 1
+    assert deliveries(table.handle(command, 1.0)) == []
 
 
 def test_a_retried_leave_gets_left_again_not_an_error() -> None:
@@ -1050,17 +1059,67 @@ def test_a_retried_refusal_gets_the_same_error() -> None:
     assert deliveries(out) == []
 
 
-def test_the_same_seq_on_a_new_connection_is_a_new_request() -> None:
+def test_the_same_client_id_on_a_new_connection_is_the_same_request() -> None:
+    # A client that resumes resends what was not answered with the same id: applied once.
     table = make_table()
     a, b = sess("a"), sess("b")
     joined(table, a, "r")
     joined(table, b, "r")
-    first = table.handle(a.signal("r", "b"), 0.0)
+    first = table.handle(a.signal("r", "b", {"sdp": 1}, req="x1"), 0.0)
+    a2 = a.moved("conn-a2", "edge-z")
+    table.handle(a2.attach({}), 1.0)
+    again = table.handle(a2.signal("r", "b", {"sdp": 1}, req="x1"), 2.0)
+    assert reply(again, a2) == reply(first, a)
+    assert deliveries(again) == []
+    assert last_offset(table, "r", a2, b) == to(b, first)[0]["offset"]
+
+
+def test_without_an_id_the_same_seq_on_a_new_connection_is_a_new_request() -> None:
+    table = make_table()
+    a, b = sess("a"), sess("b")
+    joined(table, a, "r")
+    joined(table, b, "r")
+    first = table.handle(a.signal("r", "b", req=None), 0.0)
     a2 = a.moved("conn-a2")
     table.handle(a2.attach({}), 1.0)
     a2.seq = a.seq - 1  # a new connection numbers its requests from the same point
-    second = table.handle(a2.signal("r", "b"), 2.0)
+    second = table.handle(a2.signal("r", "b", req=None), 2.0)
     assert to(b, second)[0]["offset"] == to(b, first)[0]["offset"] + 1
+
+
+def test_an_id_used_again_for_another_request_is_refused_and_changes_nothing() -> None:
+    table = make_table()
+    a, b = sess("a"), sess("b")
+    joined(table, a, "r")
+    joined(table, b, "r")
+    table.handle(a.signal("r", "b", {"sdp": 1}, req=7), 0.0)
+    offset = last_offset(table, "r", a, b)
+    for other in (lambda: a.leave("r", req=7), lambda: a.signal("r", "b", {"sdp": 2}, req=7)):
+        out = table.handle(other(), 1.0)
+        assert reply(out, a)["code"] == "bad_request"
+        assert deliveries(out) == []
+    assert last_offset(table, "r", a, b) == offset + 1  # a is still a member, nothing sent
+    # The same id in another room is another request.
+    joined(table, a, "r2")
+    assert reply(table.handle(a.signal("r2", None, req=7), 2.0), a)["type"] == "ack"
+
+
+def test_reply_records_are_bounded_by_count_and_age() -> None:
+    table = make_table()
+    a, b = sess("a"), sess("b")
+    joined(table, a, "r", now=0.0)
+    joined(table, b, "r", now=0.0)
+    first = a.signal("r", "b", req="first")
+    table.handle(first, 0.0)
+    for n in range(REPLY_RECORDS_PER_SESSION - 1):
+        table.handle(a.signal("r", "b", req=f"n{n}"), 0.0)
+    assert deliveries(table.handle(first, 1.0)) == []  # still recorded: the 256th
+    table.handle(a.signal("r", "b", req="one-more"), 1.0)
+    assert len(to(b, table.handle(first, 2.0))) == 1  # pushed out: applied anew
+    late = a.signal("r", "b", req="late")
+    table.handle(late, 3.0)
+    assert deliveries(table.handle(late, 3.0 + REPLY_RECORD_TTL - 1)) == []
+    assert len(to(b, table.handle(late, 3.0 + REPLY_RECORD_TTL))) == 1  # too old: anew
 
 
 def test_a_stale_ended_detach_keeps_the_live_connections_retry_cache() -> None:
@@ -1167,13 +1226,20 @@ def _check_output(out: list[Outbound], model: _Model, clients: dict[str, _Client
     """Check every Deliver against the model (after the command); return how many."""
     count = 0
     for target, envelope in out:
-        if not isinstance(envelope, Deliver):
+        if isinstance(envelope, Synced):
+            if not envelope.report:
+                continue
+            sessions = [envelope.session]  # the recovered frame its edge writes
+            frame = {"type": "recovered", "room": envelope.room, "recovered": envelope.recovered}
+        elif isinstance(envelope, Deliver):
+            sessions = envelope.sessions
+            frame = json.loads(envelope.payload)
+        else:
             continue
         count += 1
-        frame = json.loads(envelope.payload)
         room = frame["room"]
-        assert len(set(envelope.sessions)) == len(envelope.sessions)
-        for session in envelope.sessions:
+        assert len(set(sessions)) == len(sessions)
+        for session in sessions:
             client = clients[session]
             assert target == client.session.edge, (session, target, frame)
             key = (session, room)

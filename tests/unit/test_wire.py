@@ -15,6 +15,7 @@ from signalpost.wire import (
     AttachCmd,
     ClaimCmd,
     ClaimReply,
+    Confirm,
     Deliver,
     DemoteCmd,
     DetachCmd,
@@ -50,6 +51,7 @@ from signalpost.wire import (
     Signal,
     SignalCmd,
     SignalFrame,
+    Synced,
     Unwatch,
     UnwatchCmd,
     UnwatchedFrame,
@@ -408,6 +410,7 @@ ENVELOPES: list[Envelope] = [
     DetachCmd("s1", "c1", "edge-1", True),
     DetachCmd("s1", "c1", "edge-1", False),
     RestoreCmd("s1", "c1", "edge-1", "r1", _PEER, True),
+    RestoreCmd("s1", "c1", "edge-1", "r1", _PEER, False, "e", 12),
     ForgetCmd("s1", "r1"),
     DemoteCmd("r1"),
     ReplicateCmd(
@@ -415,18 +418,20 @@ ENVELOPES: list[Envelope] = [
         "r1",
         "e",
         3,
-        [ReplicatedEvent(7, ["s1", "s2"], b'{"type":"signal"}', "c1", 5)],
+        [ReplicatedEvent(7, ["s1", "s2"], b'{"type":"signal"}')],
         "s1",
-        "c1",
-        5,
+        "i5",
+        1,
         b'{"type":"ack","id":5}',
     ),
     ReplicateCmd("broker-a", "r1", "e", 4, []),
     ReplicaAck("r1", 3),
-    Deliver(["s1", "s2"], b'{"type":"signal"}', "c1", 5),
+    Deliver(["s1", "s2"], b'{"type":"signal"}', "r1", 5, 3),
     Deliver(["s1"], b'{"type":"recovered"}'),
-    Reply("s1", "c1", 1, b'{"type":"joined"}'),
+    Reply("s1", "c1", 1, b'{"type":"joined"}', True, "e", 4),
     Reply("s1", "c1", 2, b""),
+    Synced("s1", "c1", "r1", "e", 9, True, False, _PEER),
+    Confirm("edge-1", [("r1", "s1", 9, False), ("r2", "s1", 3, True)]),
     Evict("s1", "c1"),
     ClaimReply("s1", "c2", True),
     SessionUp("s1", "alice", "edge-1", "c1"),
@@ -450,7 +455,7 @@ def test_envelopes_round_trip(envelope: Envelope) -> None:
 
 def test_every_envelope_kind_is_covered_and_tags_are_distinct() -> None:
     kinds = {type(e) for e in ENVELOPES}
-    assert len(kinds) == 21  # every member of the Envelope union
+    assert len(kinds) == 23  # every member of the Envelope union
     tags = {msgspec.msgpack.decode(encode_envelope(e))[0] for e in ENVELOPES}
     assert len(tags) == len(kinds)
 
