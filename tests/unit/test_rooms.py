@@ -1100,7 +1100,7 @@ def test_an_id_used_again_for_another_request_is_refused_and_changes_nothing() -
         assert deliveries(out) == []
     assert last_offset(table, "r", a, b) == offset + 1  # a is still a member, nothing sent
     # The same id in another room is another request.
-    joined(table, a, "r2")
+    assert reply(table.handle(a.join("r2", req="j"), 2.0), a)["type"] == "joined"
     assert reply(table.handle(a.signal("r2", None, req=7), 2.0), a)["type"] == "ack"
 
 
