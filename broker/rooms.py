@@ -86,8 +86,9 @@ Outbound = tuple[str, Envelope]
 LeaveReason = Literal["left", "disconnected", "timeout"]
 Request = SignalCmd | JoinCmd | LeaveCmd
 
-#: Reply records kept per session (the oldest goes first) ...
-REPLY_RECORDS_PER_SESSION: Final = 256
+#: Reply records kept per session (the oldest goes first): as many as an edge lets one
+#: connection have unanswered (``edge.server.MAX_UNANSWERED``), so any resend finds its own ...
+REPLY_RECORDS_PER_SESSION: Final = 1024
 #: ... and for at most this long (seconds): a resend later than that is applied anew.
 REPLY_RECORD_TTL: Final = 120.0
 #: Sessions whose reply records are kept at once; past that the least recently active go.
@@ -97,6 +98,13 @@ MAX_RECORDED_SESSIONS: Final = 200_000
 RESEND_AFTER: Final = 1.0
 #: A gap reported by an edge is answered at once, but not more often than this per member.
 GAP_RESEND_INTERVAL: Final = 0.1
+
+#: Requests held per (connection, room) while one before them is missing; past that a
+#: later one is dropped (unanswered: the edge resends it).
+MAX_HELD_REQUESTS: Final = 1024
+#: Connections whose request order is tracked at once; past that the oldest is forgotten
+#: (its next request restarts the order from the edge's ``rbase``).
+MAX_ORDERED_CONNS: Final = 200_000
 
 
 def fingerprint(command: SignalCmd | JoinCmd | LeaveCmd) -> int:
@@ -166,6 +174,17 @@ class Room:
 
 
 @dataclass(slots=True)
+class _Inflow:
+    """A connection's requests to one room: the last applied in order, and those held."""
+
+    applied: int
+    held: dict[int, Request] = field(default_factory=dict)
+    # rseq -> its answer, until the edge says it has it (``rbase`` past it): a resend
+    # finds it however many requests of the session came since.
+    answers: dict[int, _Record] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class _Record:
     """The answer given to one request, for its resends."""
 
@@ -175,6 +194,9 @@ class _Record:
     ok: bool
     epoch: str = ""
     offset: int = 0
+
+
+_NO_RECORD: Final = _Record(b"", 0, 0.0, False)
 
 
 def _no_replica(room: str) -> str | None:
@@ -213,10 +235,13 @@ class RoomTable:
         # session -> request key -> record; sessions in order of their latest record
         self._records: OrderedDict[str, OrderedDict[str, _Record]] = OrderedDict()
         self._unconfirmed: dict[Member, Room] = {}  # members with deliveries not confirmed
+        # conn -> room -> request order; conns in order of their latest request
+        self._inflows: OrderedDict[str, dict[str, _Inflow]] = OrderedDict()
         # Scratch of the command being applied: room -> (room, events it recorded).
         self._parked: dict[str, tuple[Room, list[RoomEvent]]] = {}
         self._last_offset = 0  # offset of the last event recorded by this command
         self._now = 0.0  # time of the command being applied
+        self._last_record = _NO_RECORD  # the answer of the request applied last
 
     # ----------------------------------------------------------------- dispatch
 
@@ -248,6 +273,53 @@ class RoomTable:
         return []
 
     def _request(self, command: Request, now: float) -> list[Outbound]:
+        if not command.rseq:
+            return self._apply(command, now)
+        # In the connection's order: a request that overtook one lost on the way waits.
+        rooms = self._inflows.get(command.conn)
+        if rooms is None:
+            rooms = self._inflows[command.conn] = {}
+            if len(self._inflows) > MAX_ORDERED_CONNS:
+                self._inflows.popitem(last=False)
+        else:
+            self._inflows.move_to_end(command.conn)
+        inflow = rooms.get(command.room)
+        if inflow is None:
+            inflow = rooms[command.room] = _Inflow(command.rbase - 1)
+        elif command.rbase - 1 > inflow.applied:
+            inflow.applied = command.rbase - 1  # answered before, e.g. by a previous owner
+        answers = inflow.answers
+        while answers:  # the edge has the answers below its rbase
+            first = next(iter(answers))
+            if first >= command.rbase:
+                break
+            del answers[first]
+        if command.rseq <= inflow.applied:  # a resend of a request applied here
+            out: list[Outbound] = []
+            answer = answers.get(command.rseq)
+            if answer is not None:
+                self._answer_resend(command, answer, out)
+                return out
+            if command.rseq < command.rbase:
+                return out  # the edge has had its answer
+            return self._apply(command, now)  # applied by a previous owner: its record
+        if command.rseq > inflow.applied + 1:
+            if len(inflow.held) < MAX_HELD_REQUESTS:
+                inflow.held[command.rseq] = command
+            return []
+        out = self._apply(command, now)
+        answers[command.rseq] = self._last_record
+        inflow.applied = command.rseq
+        while inflow.held:
+            following = inflow.held.pop(inflow.applied + 1, None)
+            if following is None:
+                break
+            out.extend(self._apply(following, now))
+            answers[following.rseq] = self._last_record
+            inflow.applied = following.rseq
+        return out
+
+    def _apply(self, command: Request, now: float) -> list[Outbound]:
         out: list[Outbound] = []
         # The same id in another room is another request: each room's owner decides alone.
         key = f"{command.room}\x00{request_key(command.req, command.conn, command.seq)}"
@@ -255,6 +327,7 @@ class RoomTable:
         record = records.get(key) if records is not None else None
         if record is not None and record.at > now - REPLY_RECORD_TTL:
             self._answer_resend(command, record, out)
+            self._last_record = record
             return out
         self._last_offset = 0
         epoch, offset = "", 0
@@ -269,7 +342,7 @@ class RoomTable:
             ok = True
         except ProtocolError as exc:
             payload, ok = request_error(exc, command.req), False
-        record = _Record(payload, fingerprint(command), now, ok, epoch, offset)
+        record = self._last_record = _Record(payload, fingerprint(command), now, ok, epoch, offset)
         self._remember(command.session, key, record)
         # The ack leaves after the deliveries it acknowledges (and after the runner-up has
         # the events): a broker killed before that has not acked, so the edge retries.
@@ -508,6 +581,7 @@ class RoomTable:
                 member.confirmed = offset  # the edge knows best what it has written
             elif offset > member.confirmed:
                 member.confirmed = offset
+                member.sent_at = now  # progress: the resend timer starts over
                 if offset > member.sent:
                     member.sent = offset
             if member.confirmed >= member.sent:
@@ -592,6 +666,9 @@ class RoomTable:
         if command.ended and command.session not in self._rooms_of:
             # An ended session cannot resend anything: its records can go.
             self._records.pop(command.session, None)
+        # Nothing held for the connection can be answered any more (a resumed session
+        # resends on its new connection).
+        self._inflows.pop(command.conn, None)
         self._seal(out, now)
         return out
 

@@ -122,6 +122,8 @@ class ClientConnection:
     unanswered: dict[int, Envelope] = field(default_factory=dict)  # seq -> command
     rooms: dict[str, bytes] = field(default_factory=dict)  # joined room -> peer object
     positions: dict[str, Position] = field(default_factory=dict)  # room -> what was written
+    room_seqs: dict[str, int] = field(default_factory=dict)  # room -> last request's rseq
+    waiting_in: dict[str, dict[int, None]] = field(default_factory=dict)  # room -> rseqs owed
     watching: set[str] = field(default_factory=set)
     told_status: dict[str, str] = field(default_factory=dict)  # watched user -> last status
     evicted: bool = False
@@ -253,12 +255,7 @@ class EdgeServer:
             if self.sessions.get(client.session) is not client:
                 continue  # dropped with its connection below
             metrics.REQUESTS_RESENT.inc()
-            if isinstance(command, RestoreCmd):
-                self.backplane.reannounce(command.room, command)
-            elif isinstance(command, SignalCmd | JoinCmd | LeaveCmd):
-                self.backplane.to_room_owner(command.room, command)
-            else:
-                self.backplane.to_presence(command)
+            self._resend(client, command)
 
     # ----------------------------------------------------------------- from owners
 
@@ -293,6 +290,7 @@ class EdgeServer:
                 return  # the answer to a retry that was already answered
             if self._lossy:
                 self._retries.done((client.conn, envelope.seq))
+                self._answered_in_room(client, command)
             if envelope.payload:
                 self._write([client], envelope.payload)
             if type(command) is not SignalCmd:  # signals change no membership or watch
@@ -426,7 +424,7 @@ class EdgeServer:
             for seq in sorted(client.unanswered):
                 command = client.unanswered[seq]
                 if isinstance(command, SignalCmd | JoinCmd | LeaveCmd):
-                    self.backplane.to_room_owner(command.room, command)
+                    self._resend(client, command)
 
     def sync_state(self) -> EdgeSync:
         """Everything this edge holds, for a presence node that (re)appeared."""
@@ -716,6 +714,7 @@ class EdgeServer:
                 message.to,
                 client.sender,
                 bytes(message.data),
+                *self._room_order(client, message.room),
             )
             self._await_answer(client, seq, command)
             self.backplane.to_room_owner(message.room, command)
@@ -727,14 +726,27 @@ class EdgeServer:
             seq = client.next_seq()
             peer = peer_object(client.session, identity.user, meta, identity.name)
             command = JoinCmd(
-                client.session, client.conn, self.edge_id, seq, message.id, message.room, peer
+                client.session,
+                client.conn,
+                self.edge_id,
+                seq,
+                message.id,
+                message.room,
+                peer,
+                *self._room_order(client, message.room),
             )
             self._await_answer(client, seq, command)
             self.backplane.to_room_owner(message.room, command)
         elif isinstance(message, Leave):
             seq = client.next_seq()
             command = LeaveCmd(
-                client.session, client.conn, self.edge_id, seq, message.id, message.room
+                client.session,
+                client.conn,
+                self.edge_id,
+                seq,
+                message.id,
+                message.room,
+                *self._room_order(client, message.room),
             )
             self._await_answer(client, seq, command)
             self.backplane.to_room_owner(message.room, command)
@@ -763,6 +775,41 @@ class EdgeServer:
             self._write([client], encode_frame(IceServersFrame(ice_servers=servers, id=message.id)))
         else:
             raise BadRequest("already authenticated: hello is only valid as the first frame")
+
+    def _room_order(self, client: ClientConnection, room: str) -> tuple[int, int]:
+        """``(rseq, rbase)`` of a new request to ``room``: owners apply in this order."""
+        if not self._lossy:
+            return 0, 0  # one process: requests cannot overtake each other
+        rseq = client.room_seqs[room] = client.room_seqs.get(room, 0) + 1
+        waiting = client.waiting_in.get(room)
+        if waiting is None:
+            waiting = client.waiting_in[room] = {}
+        rbase = next(iter(waiting), rseq)
+        waiting[rseq] = None
+        return rseq, rbase
+
+    def _answered_in_room(self, client: ClientConnection, command: Envelope) -> None:
+        if isinstance(command, SignalCmd | JoinCmd | LeaveCmd) and command.rseq:
+            waiting = client.waiting_in.get(command.room)
+            if waiting is not None:
+                waiting.pop(command.rseq, None)
+                if not waiting:
+                    del client.waiting_in[command.room]
+
+    def _resend(self, client: ClientConnection, command: Envelope) -> None:
+        """Send an unanswered request again, to whoever owns its room (or presence) now."""
+        if isinstance(command, SignalCmd | JoinCmd | LeaveCmd):
+            if command.rseq:
+                # Tell the owner what was answered meanwhile: it need not wait for those.
+                waiting = client.waiting_in.get(command.room)
+                rbase = next(iter(waiting), command.rseq) if waiting else command.rseq
+                if rbase != command.rbase:
+                    command = msgspec.structs.replace(command, rbase=rbase)
+            self.backplane.to_room_owner(command.room, command)
+        elif isinstance(command, RestoreCmd):
+            self.backplane.reannounce(command.room, command)
+        else:
+            self.backplane.to_presence(command)
 
     def _await_answer(self, client: ClientConnection, seq: int, command: Envelope) -> None:
         client.unanswered[seq] = command

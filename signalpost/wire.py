@@ -282,6 +282,8 @@ class JoinCmd(_Envelope, tag=1, frozen=True):
     req: RequestId | None
     room: str
     peer: bytes  # peer object JSON, see ``peer_object``
+    rseq: int = 0  # see ``SignalCmd``
+    rbase: int = 0
 
 
 class LeaveCmd(_Envelope, tag=2, frozen=True):
@@ -291,9 +293,20 @@ class LeaveCmd(_Envelope, tag=2, frozen=True):
     seq: int
     req: RequestId | None
     room: str
+    rseq: int = 0  # see ``SignalCmd``
+    rbase: int = 0
 
 
 class SignalCmd(_Envelope, tag=3, frozen=True):
+    """Edge -> room owner: relay ``data`` to ``to`` (or to every other member).
+
+    Like ``JoinCmd`` and ``LeaveCmd`` it may carry its place among the connection's
+    requests to the room (``rseq``, from 1; 0: unordered) and the lowest ``rseq`` the edge
+    has not had answered yet (``rbase``): the owner applies a connection's requests to a
+    room in ``rseq`` order, holding one that overtook a request lost on the way until the
+    edge resends that one.
+    """
+
     session: str
     conn: str
     edge: str
@@ -303,6 +316,8 @@ class SignalCmd(_Envelope, tag=3, frozen=True):
     to: str | None
     sender: bytes  # ``from`` object JSON, set by the edge from the verified token
     data: bytes
+    rseq: int = 0
+    rbase: int = 0
 
 
 class AttachCmd(_Envelope, tag=4, frozen=True):
