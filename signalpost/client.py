@@ -12,6 +12,29 @@ resume token and the last ``epoch``/``offset`` it saw per room, and the cluster 
 what it missed. A ``Resumed`` event tells how that went. The users it watches are watched
 again after every reconnect (the new edge, or a presence service that restarted meanwhile,
 may not know them); a status that changed while away arrives as a ``PresenceChanged``.
+
+Requests across a dropped connection (docs/protocol.md "Retrying a request"). An id names
+one request of the session: the counter never restarts, so a resend with the same id is
+the same request, which the cluster applies at most once and answers with the reply it
+recorded. A drop does not fail the requests waiting for a reply; each keeps its one
+deadline (``request_timeout`` from the call). After the reconnect:
+
+- ``resumed: true``: the client sends, after the ``welcome`` and the re-watch, every
+  request still waiting, with its id, in the order they were first made; then the
+  requests made while reconnecting (they wait, in order, instead of failing).
+- ``resumed: false`` (a new session; the old one and its rooms are gone): the requests
+  that had been sent fail with ``SessionLost`` (they may or may not have been applied);
+  those made while reconnecting were never sent and go out on the new session.
+
+The cluster recognises a resend for 120 s and among the session's last 256 requests to a
+room: ``request_timeout`` keeps well within the first; keep fewer than 256 requests to one
+room waiting at once.
+
+Every request ends exactly once: its reply, ``RequestRefused``, ``RequestTimeout`` (a
+reply after that is ignored, like any reply to an id not waiting), ``SessionLost``,
+``ConnectionLost`` (sent, and the session will not be resumed: a final close code,
+``auto_resume`` off or every reconnect attempt failed), or ``SessionClosed`` (``close()``
+was called, or the session ended for good before the request was sent).
 """
 
 from __future__ import annotations
@@ -50,7 +73,11 @@ _REPLY_TYPES = frozenset(
 
 
 class ClientError(SignalpostError):
-    """Base of the client SDK's errors."""
+    """Base of the client SDK's errors.
+
+    ``RequestRefused`` carries the server's error code; the others are the SDK's own and
+    carry the code the browser SDK gives the same failure (``code`` below).
+    """
 
 
 class RequestRefused(ClientError):
@@ -62,12 +89,34 @@ class RequestRefused(ClientError):
         self.message = message
 
 
+class RequestTimeout(ClientError, TimeoutError):
+    """No reply within ``request_timeout``; a reply that comes later is ignored."""
+
+    code = "timeout"
+
+
 class ConnectionLost(ClientError):
-    """The connection closed before the request was answered."""
+    """The connection dropped and the session will not be resumed (a final close code,
+    ``auto_resume`` off, or every reconnect attempt failed) before the reply: the request
+    may or may not have been applied."""
+
+    code = "connection_lost"
+
+
+class SessionLost(ClientError):
+    """A reconnect began a new session (``resumed: false``) while the request, already
+    sent, waited for its reply: the old session and its rooms are gone, and the request
+    may or may not have been applied."""
+
+    code = "session_lost"
 
 
 class SessionClosed(ClientError):
-    """The session ended for good (closed by us, or a close code that forbids retrying)."""
+    """The session ended for good (closed by us, or a close code that forbids retrying).
+
+    A request fails with it when ``close()`` is called while it waits, or when the session
+    ends for good before it was sent (the browser SDK's ``closed``). ``code`` is the
+    WebSocket close code."""
 
     def __init__(self, code: int | None, reason: str = "") -> None:
         super().__init__(f"session closed ({code}) {reason}".strip())
@@ -148,6 +197,18 @@ class RoomPosition:
     offset: int
 
 
+@dataclass(slots=True, eq=False)
+class _Request:
+    """A request waiting for its reply, with its frame as sent (id included) to resend."""
+
+    id: int
+    kind: str
+    text: str
+    future: asyncio.Future[dict[str, Any]]
+    deadline: float  # loop time: request_timeout from the call, across reconnects
+    sent: bool = False  # written to some connection: in doubt until answered
+
+
 def backoff(
     initial: float = 0.1,
     maximum: float = 5.0,
@@ -188,8 +249,10 @@ class SignalpostClient:
         self.close_code: int | None = None
         self._url_index = 0
         self._ws: ClientConnection | None = None
+        # One counter per client, never restarted: ids stay unique within the session
+        # across reconnects, so a resend with the same id is the same request.
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._pending: dict[int, _Request] = {}  # in id order: the order to resend in
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
@@ -206,11 +269,14 @@ class SignalpostClient:
     async def connect(self) -> dict[str, Any]:
         """Open the connection and authenticate; return the ``welcome`` frame."""
         welcome = await self._open(resume=False)
+        await self._flush()  # requests made while connecting
+        self._connected.set()
         self._reader = asyncio.create_task(self._read_forever(), name="signalpost-client")
         return welcome
 
     async def close(self) -> None:
-        """End the session cleanly (close 1000: the cluster drops it at once)."""
+        """End the session cleanly (close 1000: the cluster drops it at once); requests
+        still waiting fail with ``SessionClosed``."""
         self._closing = True
         if self._ws is not None:
             await self._ws.close()
@@ -219,6 +285,7 @@ class SignalpostClient:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        self._fail_pending(self._ended)
 
     async def __aenter__(self) -> SignalpostClient:
         await self.connect()
@@ -258,7 +325,6 @@ class SignalpostClient:
         self.session, self.user = frame["session"], frame["user"]
         self.resume_token = frame["resume"]
         self.ice_servers = frame.get("ice_servers", [])
-        self._connected.set()
         return frame
 
     async def _read_forever(self) -> None:
@@ -271,17 +337,16 @@ class SignalpostClient:
             except ConnectionClosed:
                 pass
             code = ws.close_code
-            self._connected.clear()
-            self._fail_pending(ConnectionLost(f"connection closed ({code})"))
+            self._connected.clear()  # requests made from now on wait for the resume
             final = self._closing or not self.auto_resume or code in FINAL_CLOSE_CODES
             self._events.put_nowait(Disconnected(code=code, final=final))
-            if final:
-                self.close_code = code
-                return
-            if not await self._reconnect():
-                self.close_code = code
+            if not final and await self._reconnect():
+                continue
+            self.close_code = code
+            self._fail_pending(self._ended)
+            if not final:
                 self._events.put_nowait(Disconnected(code=code, final=True))
-                return
+            return
 
     async def _reconnect(self) -> bool:
         delays = backoff()
@@ -293,39 +358,80 @@ class SignalpostClient:
             except (OSError, InvalidHandshake, TimeoutError, ClientError) as exc:
                 log.info("reconnect to %s failed: %s", self.url, exc)
                 continue
-            self._events.put_nowait(Resumed(session=welcome["session"], resumed=welcome["resumed"]))
+            resumed: bool = welcome["resumed"]
+            if resumed:
+                for entry in self._pending.values():
+                    entry.sent = False  # resent below with the same id: answered once
+            else:
+                # The old session is gone with whatever it had applied of these.
+                self._fail_pending(
+                    lambda entry: SessionLost(
+                        f"a new session began before the {entry.kind} reply: "
+                        "it may or may not have been applied"
+                    ),
+                    sent_only=True,
+                )
+            self._events.put_nowait(Resumed(session=welcome["session"], resumed=resumed))
             if self.presence:
-                self._rewatching = asyncio.create_task(self._rewatch(), name="signalpost-rewatch")
+                if self._rewatching is not None:
+                    self._rewatching.cancel()  # its watch is superseded by this one
+                before = dict(self.presence)
+                watch = self._issue({"type": "watch", "users": list(before)})
+                await self._send(watch)  # first, then the requests that waited
+                self._rewatching = asyncio.create_task(
+                    self._rewatch(watch, before), name="signalpost-rewatch"
+                )
+            await self._flush()
+            self._connected.set()
             return True
         return False
 
-    async def _rewatch(self) -> None:
-        """Watch again after a reconnect; report the statuses that changed while away."""
-        before = dict(self.presence)
+    async def _rewatch(self, watch: _Request, before: dict[str, str]) -> None:
+        """Take the re-watch's reply; report the statuses that changed while away."""
         try:
-            statuses = await self.watch(list(before))
-        except (ClientError, TimeoutError) as exc:  # dropped again: the next resume retries
+            reply = await self._outcome(watch)
+        except ClientError as exc:  # refused or timed out: the next resume watches again
             log.info("watching again after the reconnect failed: %s", exc)
             return
+        statuses: dict[str, str] = reply["presence"]
+        self.presence.update(statuses)
         for user, status in statuses.items():
             if before.get(user) != status and status in ("online", "offline"):
                 self._events.put_nowait(PresenceChanged(user=user, status=status))  # type: ignore[arg-type]
 
-    def _fail_pending(self, exc: Exception) -> None:
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(exc)
-        self._pending.clear()
+    def _ended(self, entry: _Request) -> ClientError:
+        """The error of a request still waiting when the session ends for good."""
+        if self._closing:
+            return SessionClosed(
+                CloseCode.NORMAL, f"closed by the client before the {entry.kind} reply"
+            )
+        if not entry.sent:
+            return SessionClosed(self.close_code, f"the session ended before {entry.kind} was sent")
+        return ConnectionLost(
+            f"connection closed ({self.close_code}) and not resumed before the {entry.kind} "
+            "reply: it may or may not have been applied"
+        )
+
+    def _fail_pending(
+        self, error: Callable[[_Request], ClientError], *, sent_only: bool = False
+    ) -> None:
+        for entry in list(self._pending.values()):
+            if sent_only and not entry.sent:
+                continue
+            del self._pending[entry.id]
+            if not entry.future.done():
+                entry.future.set_exception(error(entry))
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         request_id = frame.get("id")
         if kind in _REPLY_TYPES and request_id is not None:
-            future = self._pending.pop(request_id, None)
-            if future is not None and not future.done():
-                future.set_result(frame)
+            entry = self._pending.pop(request_id, None)
+            if entry is None or entry.future.done():
+                return  # not waiting (timed out, failed, or a copy of a reply): ignored
             if kind == "joined":
-                self.positions[frame["room"]] = RoomPosition(frame["epoch"], frame["offset"])
+                self._joined(frame)
+            entry.future.set_result(frame)
             return
         try:
             event = msgspec.convert(frame, ServerEvent)
@@ -340,23 +446,77 @@ class SignalpostClient:
             self.presence[event.user] = event.status
         self._events.put_nowait(event)
 
+    def _joined(self, frame: dict[str, Any]) -> None:
+        room, epoch, offset = frame["room"], frame["epoch"], frame["offset"]
+        known = self.positions.get(room)
+        if known is not None and known.epoch == epoch:
+            # A resent join is answered with the reply recorded when it was applied:
+            # never move back past events seen since.
+            offset = max(offset, known.offset)
+        self.positions[room] = RoomPosition(epoch, offset)
+
     # ----------------------------------------------------------------- requests
 
     async def request(self, frame: dict[str, Any]) -> dict[str, Any]:
-        """Send a request with a fresh id and return its reply; raise on ``error``."""
-        if not self._connected.is_set():
-            await asyncio.wait_for(self._connected.wait(), self.request_timeout)
+        """Send a request with the next id and return its reply; raise on ``error``.
+
+        While the client reconnects the request waits and goes out after the ``welcome``,
+        behind the requests made before it. It raises ``RequestRefused``,
+        ``RequestTimeout`` (``request_timeout`` after this call), ``SessionLost``,
+        ``ConnectionLost`` or ``SessionClosed``; see the module docstring.
+        """
+        if self._closing or self.close_code is not None:
+            raise SessionClosed(
+                self.close_code, f"cannot send {frame.get('type')}: client is closed"
+            )
+        entry = self._issue(frame)
+        return await self._outcome(entry, send=self._connected.is_set())
+
+    def _issue(self, frame: dict[str, Any]) -> _Request:
+        """Give ``frame`` the next id and make it wait for its reply (not sent yet)."""
+        loop = asyncio.get_running_loop()
         request_id = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        entry = _Request(
+            id=request_id,
+            kind=str(frame.get("type")),
+            text=msgspec.json.encode({**frame, "id": request_id}).decode(),
+            future=loop.create_future(),
+            deadline=loop.time() + self.request_timeout,
+        )
+        self._pending[request_id] = entry
+        return entry
+
+    async def _send(self, entry: _Request) -> None:
+        # In doubt from the first byte on: a drop from here leaves it for the resume.
+        entry.sent = True
         assert self._ws is not None
+        with contextlib.suppress(ConnectionClosed):  # the reader sees the drop and resumes
+            await self._ws.send(entry.text)
+
+    async def _flush(self) -> None:
+        """Send every request not sent on this connection, oldest first (before new ones:
+        ``_connected`` is still clear, so requests made meanwhile queue behind these)."""
+        while batch := [e for e in self._pending.values() if not e.sent and not e.future.done()]:
+            for entry in batch:
+                await self._send(entry)
+
+    async def _outcome(self, entry: _Request, *, send: bool = False) -> dict[str, Any]:
+        """The reply to ``entry`` (sending it first if ``send``); it stops waiting once."""
+        timeout = asyncio.timeout_at(entry.deadline)
         try:
-            await self._ws.send(msgspec.json.encode({**frame, "id": request_id}).decode())
-            reply = await asyncio.wait_for(future, self.request_timeout)
-        except ConnectionClosed:
-            raise ConnectionLost("connection closed while sending") from None
+            async with timeout:
+                if send:
+                    await self._send(entry)
+                reply = await entry.future
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            raise RequestTimeout(
+                f"no reply to {entry.kind} within {self.request_timeout} s"
+            ) from None
         finally:
-            self._pending.pop(request_id, None)
+            # Gone from the table: a late reply is ignored and a resume does not resend it.
+            self._pending.pop(entry.id, None)
         if reply.get("type") == "error":
             raise RequestRefused(reply["code"], reply["message"])
         return reply

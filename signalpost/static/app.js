@@ -218,6 +218,7 @@ async function rejoin() {
       if (call.client === client) adoptMembers(joined.members);
       return;
     } catch (err) {
+      if (err.code === "session_lost") return; // a new session: its `resumed` event rejoins
       if (err.code !== "room_full" && err.code !== "timeout" && err.code !== "connection_lost") {
         leaveCall(describe(err));
         return;

@@ -10,8 +10,19 @@
  * Theory of operation. One WebSocket carries one session (docs/protocol.md). Requests
  * get an id and a promise that settles with the reply of the same id, or rejects with a
  * `SignalpostError` whose `.code` is the server's error code (or a client-side code:
- * `timeout`, `connection_lost`, `not_connected`, `closed`). Everything without an id is
- * an event (`peer-joined`, `peer-left`, `signal`, `presence`, `recovered`).
+ * `timeout`, `session_lost`, `connection_lost`, `not_connected`, `closed`). Everything
+ * without an id is an event (`peer-joined`, `peer-left`, `signal`, `presence`,
+ * `recovered`).
+ *
+ * An id names one request of the session ("Retrying a request" in docs/protocol.md): the
+ * counter never restarts, so the cluster applies a request at most once however often
+ * it is sent, and answers a resend with the reply it recorded. A dropped connection
+ * therefore fails no request: each waits for its reply, under its one timeout. After the
+ * reconnect, `resumed: true` resends every request still waiting, with its id, in the
+ * order they were made (after the welcome and the re-watch), then sends the requests
+ * made while reconnecting; `resumed: false` rejects the ones already sent with
+ * `session_lost` (the old session is gone with whatever it applied). Each promise
+ * settles once: a reply to an id no longer waiting (timed out, or a copy) is ignored.
  *
  * For every joined room the client keeps the `epoch` and the last `offset` it saw. When
  * the connection drops without a clean close, it reconnects (to the next URL when given
@@ -69,7 +80,8 @@ const REPLY_TYPES = new Set([
 export class SignalpostError extends Error {
   /**
    * @param {string} code protocol error code (`room_full`, `not_in_room`, ...) or a
-   *   client code (`timeout`, `connection_lost`, `not_connected`, `closed`, `connect_failed`)
+   *   client code (`timeout`, `session_lost`, `connection_lost`, `not_connected`, `closed`,
+   *   `connect_failed`)
    * @param {string} message
    * @param {{closeCode?: number, frame?: object}} [extra]
    */
@@ -119,9 +131,12 @@ export class SignalpostClient extends EventTarget {
   #ws = null;
   #generation = 0; // bumped whenever a socket is abandoned; stale callbacks check it
   #state = State.IDLE;
-  #nextId = 1;
-  #pending = new Map(); // id -> {resolve, reject, timer, frame}
-  #outbox = []; // requests made while (re)connecting, sent in order once open
+  #nextId = 1; // never restarts: ids stay unique within the session across reconnects
+  // id -> {frame, resolve, reject, timer, sent}: every request not settled yet, in id
+  // order (the order to resend in). `sent`: written to some connection, so in doubt
+  // until answered; unsent ones were made while (re)connecting and wait for the welcome.
+  #pending = new Map();
+  #holding = false; // adopting a welcome: requests made meanwhile wait behind the resends
   #rooms = new Map(); // room -> {epoch, offset, meta, members: Map(session -> peer)}
   #watched = new Set();
   #presence = new Map(); // user -> last status told to the app
@@ -302,6 +317,7 @@ export class SignalpostClient extends EventTarget {
   /** End the session cleanly (close 1000: peers get `peer-left` at once). */
   close(reason = "bye") {
     this.#closing = true;
+    this.#rejectAll(() => new SignalpostError("closed", "client closed"));
     const sockets = [this.#ws, this.#attemptSocket];
     this.#abandon();
     for (const ws of sockets) {
@@ -411,11 +427,20 @@ export class SignalpostClient extends EventTarget {
     this.resumeToken = welcome.resume;
     this.#lastFrameAt = Date.now();
     let lostRooms = [];
-    if (!welcome.resumed) {
+    const inDoubt = [...this.#pending.values()].filter((entry) => entry.sent);
+    if (welcome.resumed) {
+      for (const entry of inDoubt) entry.sent = false; // resent below, same id: answered once
+    } else {
       lostRooms = [...this.#rooms.keys()];
       this.#rooms.clear();
+      // A new session: the old one is gone with whatever it applied of these.
+      for (const entry of inDoubt) {
+        this.#settle(entry, () => entry.reject(new SignalpostError("session_lost",
+          `a new session began before the ${entry.frame.type} reply: it may or may not have been applied`)));
+      }
     }
     this.#startHeartbeat(generation);
+    this.#holding = true; // what listeners ask for now goes out after what waited
     this.#setState(State.OPEN, { session: welcome.session, resumed: welcome.resumed });
     if (resume) {
       this.#emit("resumed", {
@@ -424,11 +449,12 @@ export class SignalpostClient extends EventTarget {
         resumed: Boolean(welcome.resumed),
         lostRooms,
       });
-      this.#rewatch();
     }
-    const outbox = this.#outbox;
-    this.#outbox = [];
-    for (const entry of outbox) this.#transmit(entry);
+    this.#holding = false;
+    if (resume) this.#rewatch(); // first, then the requests that waited, oldest first
+    for (const entry of [...this.#pending.values()]) {
+      if (!entry.sent && this.#ws === ws) this.#transmit(entry);
+    }
   }
 
   /** The socket of `generation` closed (or is given up on); resume unless final. */
@@ -444,32 +470,29 @@ export class SignalpostClient extends EventTarget {
     this.#reconnect(code);
   }
 
-  /** Forget the current socket: its late events are ignored; its requests fail. */
+  /**
+   * Forget the current socket: its late events are ignored. Its requests keep waiting
+   * (under their timeouts) for the resume, which sends them again.
+   */
   #abandon() {
     this.#generation++;
     this.#stopHeartbeat();
     const ws = this.#ws;
     this.#ws = null;
     if (ws) ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
-    const pending = [...this.#pending.values()];
-    this.#pending.clear();
-    for (const entry of pending) {
-      clearTimeout(entry.timer);
-      entry.reject(new SignalpostError("connection_lost", `connection closed before the ${entry.frame.type} reply`));
-    }
   }
 
+  /** The session ended for good: what still waits fails (`closed` by close() before). */
   #finish(code, reason, error) {
     this.#closing = true;
     this.#stopHeartbeat();
     if (this.#wake) this.#wake();
     globalThis.removeEventListener?.("online", this.#onOnline);
-    const outbox = this.#outbox;
-    this.#outbox = [];
-    for (const entry of outbox) {
-      clearTimeout(entry.timer);
-      entry.reject(new SignalpostError("closed", "client closed"));
-    }
+    this.#rejectAll((entry) => (entry.sent
+      ? new SignalpostError("connection_lost",
+        `connection closed (${code}) and not resumed before the ${entry.frame.type} reply: it may or may not have been applied`,
+        { closeCode: code })
+      : new SignalpostError("closed", "client closed")));
     this.#setState(State.CLOSED, { code, reason, error });
   }
 
@@ -542,16 +565,16 @@ export class SignalpostClient extends EventTarget {
     if (!frame || typeof frame !== "object") return;
     const { type } = frame;
     if (frame.id !== undefined && frame.id !== null && REPLY_TYPES.has(type)) {
+      // A reply to an id not waiting (timed out, settled, or a copy) is ignored.
       const entry = this.#pending.get(frame.id);
-      if (entry) {
-        this.#pending.delete(frame.id);
-        clearTimeout(entry.timer);
-        if (type === "error") {
-          entry.reject(new SignalpostError(frame.code, frame.message, { frame }));
-        } else {
+      if (!entry) return;
+      if (type === "error") {
+        this.#settle(entry, () => entry.reject(new SignalpostError(frame.code, frame.message, { frame })));
+      } else {
+        this.#settle(entry, () => {
           if (type === "joined") this.#joined(frame, entry.frame.meta);
           entry.resolve(frame);
-        }
+        });
       }
       return;
     }
@@ -594,9 +617,12 @@ export class SignalpostClient extends EventTarget {
   #joined(frame, meta) {
     const previous = this.#rooms.get(frame.room);
     const members = new Map(frame.members.map((peer) => [peer.session, peer]));
+    // A resent join is answered with the reply recorded when it was applied: within the
+    // same epoch, never move back past events seen since.
+    const sameEpoch = previous && previous.epoch === frame.epoch;
     this.#rooms.set(frame.room, {
       epoch: frame.epoch,
-      offset: frame.offset,
+      offset: sameEpoch ? Math.max(previous.offset, frame.offset) : frame.offset,
       meta: meta ?? previous?.meta,
       members,
     });
@@ -625,7 +651,8 @@ export class SignalpostClient extends EventTarget {
     this.join(frame.room, room.meta).then(
       (joined) => this.#emit("recovered", { ...frame, epoch: joined.epoch, members: joined.members }),
       (error) => {
-        if (error.code !== "connection_lost") {
+        // Not refused: the session or the client ended, and the app is told otherwise.
+        if (!["connection_lost", "session_lost", "closed"].includes(error.code)) {
           this.#rooms.delete(frame.room);
           this.#emit("room-lost", { room: frame.room, error });
         }
@@ -637,35 +664,44 @@ export class SignalpostClient extends EventTarget {
   // ------------------------------------------------------------------ requests
 
   /**
-   * Send a request frame with a fresh id; resolves with its reply, rejects with a
-   * `SignalpostError`. While (re)connecting the request waits, in order, for the socket.
+   * Send a request frame with the next id; resolves with its reply, rejects with a
+   * `SignalpostError`, exactly once. While (re)connecting the request waits, in order,
+   * and goes out after the welcome; across a dropped connection it is resent with the
+   * same id (see the theory of operation). `timeout` (ms) runs from this call.
    */
   request(frame, { timeout = this.#options.requestTimeout } = {}) {
     if (this.#state === State.IDLE || this.#state === State.CLOSED) {
       return Promise.reject(new SignalpostError("not_connected", `cannot send ${frame.type}: client is ${this.#state}`));
     }
     return new Promise((resolve, reject) => {
-      const entry = { frame: { ...frame, id: this.#nextId++ }, resolve, reject, timer: null };
+      const entry = { frame: { ...frame, id: this.#nextId++ }, resolve, reject, timer: null, sent: false };
+      this.#pending.set(entry.frame.id, entry);
       entry.timer = setTimeout(() => {
-        this.#pending.delete(entry.frame.id);
-        const queued = this.#outbox.indexOf(entry);
-        if (queued >= 0) this.#outbox.splice(queued, 1);
-        reject(new SignalpostError("timeout", `no reply to ${frame.type} within ${timeout} ms`));
+        this.#settle(entry, () => reject(new SignalpostError("timeout", `no reply to ${frame.type} within ${timeout} ms`)));
       }, timeout);
-      if (this.#ws && this.#state === State.OPEN) this.#transmit(entry);
-      else this.#outbox.push(entry);
+      if (this.#ws && this.#state === State.OPEN && !this.#holding) this.#transmit(entry);
     });
   }
 
   #transmit(entry) {
-    this.#pending.set(entry.frame.id, entry);
+    entry.sent = true; // from here on the server may have it: in doubt until answered
     try {
       this.#ws.send(JSON.stringify(entry.frame));
-    } catch (err) {
-      this.#pending.delete(entry.frame.id);
-      clearTimeout(entry.timer);
-      entry.reject(new SignalpostError("connection_lost", String(err && err.message)));
+    } catch {
+      // The socket is going: the request waits for the resume, which sends it again.
     }
+  }
+
+  /** End a waiting request once: later replies, resends and its timer find it gone. */
+  #settle(entry, settle) {
+    if (this.#pending.get(entry.frame.id) !== entry) return;
+    this.#pending.delete(entry.frame.id);
+    clearTimeout(entry.timer);
+    settle();
+  }
+
+  #rejectAll(error) {
+    for (const entry of [...this.#pending.values()]) this.#settle(entry, () => entry.reject(error(entry)));
   }
 
   /** Join `room`; resolves with the `joined` frame (epoch, offset, members). */
@@ -926,7 +962,7 @@ export class PeerLink extends EventTarget {
       await this.#client.signal(this.room, data, { to: this.remote });
     } catch (error) {
       if (this.closed) return;
-      if (["connection_lost", "timeout", "not_connected"].includes(error.code)) {
+      if (["connection_lost", "session_lost", "timeout", "not_connected"].includes(error.code)) {
         // Maybe delivered, maybe not: renegotiate once the session is back.
         if (negotiation || this.pc.connectionState !== "connected") this.#unsent = true;
         if (this.#client.state === State.OPEN && this.#unsent) this.restartIce("a negotiation message was lost");

@@ -237,6 +237,7 @@ async () => {
     if (f.type === 'join' && f.room === 'full')
       ws.push({ type: 'error', id: f.id, code: 'room_full', message: 'full' });
     if (f.type === 'signal') ws.push({ type: 'ack', id: f.id });
+    if (f.type === 'ping' && FakeSocket.all.length > 1) ws.push({ type: 'pong', id: f.id });
   };
   const client = new sdk.SignalpostClient({ url: ['ws://a/v1/signal', 'ws://b/v1/signal'],
     getToken: async () => 'jwt', WebSocket: FakeSocket, backoff: { initial: 5, maximum: 20 } });
@@ -251,14 +252,16 @@ async () => {
   FakeSocket.all[0].push({ type: 'signal', room: 'r', from: { session: 'p1', user: 'bob' },
                            data: { n: 1 }, offset: 5 });
   const afterSignal = client.positions();
-  const inFlight = client.request({ type: 'ping' }).catch((e) => e.code);
+  // Unanswered when the connection drops: resent after the resume, answered there.
+  const inFlight = client.request({ type: 'ping' }).then((r) => r.id, (e) => e.code);
   FakeSocket.all[0].drop(1006);
-  const lost = await inFlight;
   const queued = client.signal('r', { n: 2 });  // sent once the session is back
   await until(() => FakeSocket.all.length === 2 && client.state === 'open');
   const second = FakeSocket.all[1];
   const resumeHello = second.sent[0];
   await queued;
+  const pong = await inFlight;
+  const pingId = FakeSocket.all[0].sent.find((f) => f.type === 'ping').id;
   second.push({ type: 'recovered', room: 'r', recovered: false });
   await until(() => events.some(([t]) => t === 'recovered'));
   const afterRecovery = client.positions();
@@ -269,7 +272,7 @@ async () => {
   const rooms = client.rooms;
   FakeSocket.all[2].drop(4401);
   await new Promise((r) => setTimeout(r, 100));
-  return { welcome: welcome.session, joined: joined.epoch, refused, afterSignal, lost,
+  return { welcome: welcome.session, joined: joined.epoch, refused, afterSignal, pong, pingId,
            urls: FakeSocket.all.map((s) => s.url), resumeHello,
            secondSent: second.sent.map((f) => f.type),
            afterRecovery, rooms, state: client.state, sockets: FakeSocket.all.length,
@@ -314,15 +317,15 @@ def test_sdk_resumes_replays_rejoins_and_stops_on_final_close_codes(sdk_page: An
     assert result["welcome"] == "s1" and result["joined"] == "e1"
     assert result["refused"] == ["SignalpostError", "room_full"]
     assert result["afterSignal"] == {"r": {"epoch": "e1", "offset": 5}}
-    assert result["lost"] == "connection_lost"
+    assert result["pong"] == result["pingId"]  # resent with its id, answered after the resume
     # Reconnects go to the next URL and carry the resume token and room positions.
     assert result["urls"] == ["ws://a/v1/signal", "ws://b/v1/signal", "ws://a/v1/signal"]
     hello = result["resumeHello"]
     assert hello["resume"] == "R1" and hello["token"] == "jwt"
     assert hello["rooms"] == {"r": {"epoch": "e1", "offset": 5}}
-    # The signal queued while reconnecting went out after the hello; the unrecovered
-    # room was joined again, which moved it to the new epoch.
-    assert result["secondSent"] == ["hello", "signal", "join"]
+    # The ping in doubt went out again after the hello, then the signal queued while
+    # reconnecting; the unrecovered room was joined again, which moved it to the new epoch.
+    assert result["secondSent"] == ["hello", "ping", "signal", "join"]
     assert result["afterRecovery"] == {"r": {"epoch": "e2", "offset": 1}}
     left = [d for t, d in events if t == "peer-left"]
     arrived = [d for t, d in events if t == "peer-joined"]
@@ -339,3 +342,165 @@ def test_sdk_resumes_replays_rejoins_and_stops_on_final_close_codes(sdk_page: An
     assert result["state"] == "closed" and result["sockets"] == 3
     disconnected = [(d["code"], d["willReconnect"]) for t, d in events if t == "disconnected"]
     assert disconnected == [(1006, True), (1001, True), (4401, False)]
+
+
+# ------------------------------------------------------------- requests across a reconnect
+
+RETRY_JS = """
+async () => {
+  const { sdk, FakeSocket, until } = window.fake;
+  let resumable = true;
+  let answer = false;  // the fake edge answers signals and ice-servers only when told
+  FakeSocket.onsend = (ws, f) => {
+    if (f.type === 'hello') ws.push({ type: 'welcome', session: 's1', user: 'u1', resume: 'R1',
+      resumed: resumable && f.resume === 'R1', ice_servers: [], heartbeat: 25 });
+    if (f.type === 'join') ws.push({ type: 'joined', id: f.id, room: f.room, epoch: 'e1',
+      offset: 1, members: [] });
+    if (f.type === 'watch') ws.push({ type: 'watching', id: f.id, presence: { eve: 'online' } });
+    if (f.type === 'ping') ws.push({ type: 'pong', id: f.id });
+    if (f.type === 'signal' && answer) {
+      ws.push({ type: 'ack', id: f.id });
+      ws.push({ type: 'ack', id: f.id });  // a copy of the reply: ignored
+    }
+  };
+  const client = new sdk.SignalpostClient({ url: 'ws://a/v1/signal', getToken: async () => 'jwt',
+    WebSocket: FakeSocket, backoff: { initial: 5, maximum: 20 } });
+  // Every settlement of every request: [label, 'ok' | error code], in the order they come.
+  const outcomes = [];
+  const track = (label, promise) => promise.then(
+    () => outcomes.push([label, 'ok']), (e) => outcomes.push([label, e.code]));
+  const settled = (label) => outcomes.some(([l]) => l === label);
+  const sentOn = (i) =>
+    FakeSocket.all[i].sent.map((f) => [f.type, f.id ?? null, f.data?.n ?? null]);
+  const socketOpen = (i) => FakeSocket.all.length > i && client.state === 'open';
+
+  await client.connect();
+  await client.join('r');
+  await client.watch(['eve']);
+
+  // 1. Two signals wait for their ack when the connection drops; a third is made while
+  //    reconnecting. The resume resends the two with their ids, in order, after the
+  //    welcome and the re-watch; then the third goes out. Each settles once.
+  const s1 = track('s1', client.signal('r', { n: 1 }));
+  const s2 = track('s2', client.signal('r', { n: 2 }));
+  FakeSocket.all[0].drop(1006);
+  answer = true;
+  const s3 = track('s3', client.signal('r', { n: 3 }));
+  await until(() => socketOpen(1));
+  await Promise.all([s1, s2, s3]);
+  const first = { before: sentOn(0), after: sentOn(1) };
+
+  // 2. A request that times out is rejected once; its reply, coming later, is ignored,
+  //    and the next resume does not send it again.
+  answer = false;
+  const late = track('late', client.signal('r', { n: 4 }, { timeout: 50 }));
+  await late;
+  const lateId = FakeSocket.all[1].sent.at(-1).id;
+  FakeSocket.all[1].push({ type: 'ack', id: lateId });
+  FakeSocket.all[1].push({ type: 'ack', id: 999999 });  // an id never used: ignored
+  FakeSocket.all[1].drop(1006);
+  await until(() => socketOpen(2));
+  await client.ping();
+  const second = { lateId, after: sentOn(2) };
+
+  // 3. A new session (resumed: false): the request in doubt is rejected with
+  //    session_lost and not sent again; one made while reconnecting goes to the new session.
+  const lost = track('lost', client.signal('r', { n: 5 }));
+  await until(() => FakeSocket.all[2].sent.some((f) => f.type === 'signal'));
+  resumable = false;
+  FakeSocket.all[2].drop(1006);
+  const queued = track('queued', client.ping());
+  await until(() => socketOpen(3) && settled('lost') && settled('queued'));
+  const third = { after: sentOn(3), rooms: client.rooms };
+
+  // 4. close() rejects what still waits with `closed`.
+  const closed = track('closed', client.signal('r', { n: 6 }));
+  await until(() => FakeSocket.all[3].sent.some((f) => f.type === 'signal'));
+  client.close();
+  await closed;
+  await client.ping().catch(() => {});  // settles at once: not_connected
+  await new Promise((r) => setTimeout(r, 0));
+  return { first, second, third, outcomes };
+}
+"""
+
+
+def test_sdk_requests_survive_a_reconnect_and_settle_exactly_once(sdk_page: Any) -> None:
+    result = sdk_page.evaluate(RETRY_JS)
+    outcomes = result["outcomes"]
+    # Every request settled exactly once, in the order the cases ran.
+    assert outcomes == [
+        ["s1", "ok"],
+        ["s2", "ok"],
+        ["s3", "ok"],
+        ["late", "timeout"],
+        ["lost", "session_lost"],
+        ["queued", "ok"],
+        ["closed", "closed"],
+    ]
+    first = result["first"]
+    before = [f for f in first["before"] if f[0] == "signal"]
+    assert [n for _, _, n in before] == [1, 2]
+    # After the welcome and the re-watch: the same two frames with their ids, then the
+    # one made while reconnecting, with the next id.
+    (hello, watch, *resent) = first["after"]
+    assert hello[0] == "hello" and watch[0] == "watch"
+    assert resent[:2] == before
+    assert resent[2][0] == "signal" and resent[2][2] == 3 and resent[2][1] == before[1][1] + 1
+    assert len(resent) == 3
+    # The timed-out request is not resent after the next resume.
+    second = result["second"]
+    assert [f[0] for f in second["after"]] == ["hello", "watch", "ping"]
+    assert second["lateId"] not in [f[1] for f in second["after"]]
+    # The request in doubt is not sent to the new session; the queued ping is.
+    third = result["third"]
+    assert [f[0] for f in third["after"]] == ["hello", "watch", "ping"]
+    assert third["rooms"] == []
+
+
+RECONNECT_REAL_EDGE_JS = """
+async ({ room }) => {
+  const sdk = await import('/static/signalpost.js');
+  const sockets = [];
+  class RecordingSocket extends WebSocket {
+    constructor(url) { super(url); this.frames = []; sockets.push(this); }
+    send(text) { this.frames.push(JSON.parse(text)); super.send(text); }
+  }
+  const getToken = async () =>
+    (await (await fetch('/v1/dev-token?user=retry', { cache: 'no-store' })).json()).token;
+  const url = location.origin.replace('http', 'ws') + '/v1/signal';
+  const client = new sdk.SignalpostClient({ url, getToken, WebSocket: RecordingSocket,
+    backoff: { initial: 5, maximum: 20 } });
+  const session = (await client.connect()).session;
+  await client.join(room);
+  const resumed = client.once('resumed');
+  let settled = 0;
+  // Sent, then the connection is dropped in the same task: its ack cannot be read on
+  // this socket, so the signal is in doubt at the reconnect, every time.
+  const signal = client.signal(room, { n: 1 }).then(() => { settled += 1; return 'ok'; },
+    (e) => { settled += 1; return e.code; });
+  client.reconnect();
+  const outcome = await signal;
+  const detail = await resumed;
+  await client.ping();  // a round trip later: no second settlement came
+  const frames = sockets.map((s) => s.frames.map((f) => [f.type, f.id ?? null]));
+  client.close();
+  return { session, resumed: detail.resumed, resumedSession: detail.session, outcome, settled,
+           frames };
+}
+"""
+
+
+def test_sdk_resends_a_request_in_doubt_to_a_real_edge_and_it_resolves_once(
+    sdk_page: Any,
+) -> None:
+    room = f"retry-{int(time.time() * 1000) % 10**8}"
+    result = sdk_page.evaluate(RECONNECT_REAL_EDGE_JS, {"room": room})
+    assert result["resumed"] is True and result["resumedSession"] == result["session"]
+    assert result["outcome"] == "ok" and result["settled"] == 1
+    first, second = result["frames"]
+    (signal,) = [f for f in first if f[0] == "signal"]
+    assert first[-1] == signal  # the last frame before the drop
+    # The resume: hello, then the same signal with the same id, then the ping.
+    assert [f[0] for f in second] == ["hello", "signal", "ping"]
+    assert second[1] == signal
