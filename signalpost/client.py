@@ -26,9 +26,9 @@ deadline (``request_timeout`` from the call). After the reconnect:
   that had been sent fail with ``SessionLost`` (they may or may not have been applied);
   those made while reconnecting were never sent and go out on the new session.
 
-The cluster recognises a resend for 120 s and among the session's last 256 requests to a
-room: ``request_timeout`` keeps well within the first; keep fewer than 256 requests to one
-room waiting at once.
+The cluster recognises a resend for 120 s and among the session's last 1024 requests:
+``request_timeout`` keeps well within the first, and an edge lets a connection have at
+most 1024 requests waiting (more are refused with ``rate_limited``).
 
 Every request ends exactly once: its reply, ``RequestRefused``, ``RequestTimeout`` (a
 reply after that is ignored, like any reply to an id not waiting), ``SessionLost``,
