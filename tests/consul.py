@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import time
@@ -14,16 +13,14 @@ from typing import Any
 import pytest
 
 from signalpost.cluster import free_port
+from tests.binaries import require_binary
 
 
 class ConsulAgent:
     """A dev-mode Consul agent; ``kill()`` and ``start()`` again keep the same ports."""
 
     def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("consul")
-        if binary is None:
-            pytest.skip("consul is not installed (scripts/setup.sh installs it)")
-        self.binary = binary
+        self.binary = require_binary("consul")
         self.workdir = workdir
         self.http_port = free_port()
         self.ports = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
 import signal
 import socket
 import struct
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.binaries import require_binary
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,7 @@ def run_coturn(
     With ``config``, coturn reads that file first; the loopback listening/relay options
     given here on the command line take precedence over it.
     """
-    binary = shutil.which("turnserver")
-    if binary is None:
-        pytest.skip("turnserver (Debian package coturn) is not installed")
+    binary = require_binary("turnserver")
     port = free_udp_tcp_port()
     # A small relay range of its own, so parallel runs rarely collide.
     min_port = random.randrange(50000, 64000, 100)

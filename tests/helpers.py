@@ -51,6 +51,36 @@ class RawClient:
         assert frame["type"] == kind, frame
         return frame
 
+    async def until_markers(
+        self, *markers: dict[str, Any], timeout: float = 5.0
+    ) -> list[dict[str, Any]]:
+        """Read until a frame matching each marker came; fail if any other frame came first.
+
+        How a test shows that nothing else arrived, without waiting a fixed time: after
+        whatever might send an unwanted frame, it has a marker sent down the same path
+        (one sender's frames reach a client in order), so an unwanted frame is read
+        before its marker. Markers on different paths may come in any order. A frame
+        matches a marker when it has every field of the marker, equal. Returns the
+        matching frames, in the order of ``markers``.
+        """
+        found: dict[int, dict[str, Any]] = {}
+        before: list[dict[str, Any]] = []
+        try:
+            async with asyncio.timeout(timeout):
+                while len(found) < len(markers):
+                    frame: dict[str, Any] = json.loads(await self.ws.recv())
+                    for index, marker in enumerate(markers):
+                        if index not in found and marker.items() <= frame.items():
+                            found[index] = frame
+                            break
+                    else:
+                        before.append(frame)
+        except TimeoutError:
+            missing = [m for i, m in enumerate(markers) if i not in found]
+            raise AssertionError(f"no {missing} within {timeout} s; came: {before}") from None
+        assert not before, f"came before the marker: {before}"
+        return [found[i] for i in range(len(markers))]
+
     async def request(self, frame: dict[str, Any]) -> dict[str, Any]:
         await self.send(frame)
         return await self.recv()

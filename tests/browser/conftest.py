@@ -1,4 +1,4 @@
-"""Shared by the browser tests: Debian's Chromium driven by Playwright, and a demo page."""
+"""Shared by the browser tests: the system's Chromium driven by Playwright, and a demo page."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from typing import Any
 
 import pytest
 
+from tests.binaries import require_binary, require_module
+
 # The cluster tests' fixture, for calls through a real multi-process cluster.
 from tests.cluster.conftest import cluster_factory  # noqa: F401
 
-CHROMIUM = "/usr/bin/chromium"
+#: Chromium on PATH: Debian calls it chromium, Ubuntu and others chromium-browser.
+CHROMIUM_NAMES = ("chromium", "chromium-browser")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -32,13 +35,10 @@ UFRAG_JS = "(() => signalpostDemo.link.pc.localDescription.sdp.match(/a=ice-ufra
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
-    )
+    chromium = require_binary(*CHROMIUM_NAMES)
+    sync_api = require_module("playwright.sync_api", "pip install -e '.[webrtc]'")
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             yield browser
         finally:

@@ -20,11 +20,12 @@ from types import ModuleType
 import pytest
 
 from signalpost.auth import turn_credentials
+from tests.binaries import require_module
 from tests.cluster.conftest import ClusterFactory
 from tests.coturn import Coturn
 from tests.helpers import token
 
-pytest.importorskip("aiortc", reason="aiortc is not installed (pip install aiortc)")
+require_module("aiortc", "pip install -e '.[webrtc]'")
 
 pytestmark = [pytest.mark.cluster, pytest.mark.coturn]
 

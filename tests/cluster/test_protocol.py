@@ -8,25 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 from typing import Any
 
 import pytest
 import websockets
 
+from signalpost.placement import owner
 from tests.cluster.conftest import ClusterFactory
 from tests.helpers import RawClient, raw_client, token
 
 pytestmark = pytest.mark.cluster
 
 STUN = "stun:stun.example.test:3478"
-
-
-async def quiet(client: RawClient, seconds: float = 0.3) -> None:
-    """Fail if ``client`` receives anything within ``seconds`` (a leak check)."""
-    with pytest.raises(TimeoutError):
-        frame = await client.recv(timeout=seconds)
-        pytest.fail(f"unexpected frame: {frame}")
 
 
 async def hello_refused(url: str, hello: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
@@ -78,9 +73,10 @@ async def test_every_message_type_across_edges(cluster_factory: ClusterFactory) 
     }
     again = await bob.request({"type": "join", "id": 4, "room": "r1"})  # no-op success
     assert again["type"] == "joined" and again["id"] == 4
-    await quiet(alice)
 
-    # signal with `to`: `from` comes from the server, a forged one is ignored.
+    # signal with `to`: `from` comes from the server, a forged one is ignored. Its ack is
+    # also the marker that bob's second join told alice nothing: r1's owner sends it down
+    # the link a second peer-joined would have taken, after it.
     await alice.send(
         {
             "type": "signal",
@@ -91,7 +87,7 @@ async def test_every_message_type_across_edges(cluster_factory: ClusterFactory) 
             "data": {"sdp": "v=0"},
         }
     )
-    assert await alice.recv() == {"type": "ack", "id": 5}
+    await alice.until_markers({"type": "ack", "id": 5})
     offer = await bob.recv_type("signal")
     assert offer["from"] == {"session": alice.session, "user": "alice"}
     assert offer["data"] == {"sdp": "v=0"} and offer["room"] == "r1"
@@ -109,7 +105,11 @@ async def test_every_message_type_across_edges(cluster_factory: ClusterFactory) 
         got = await member.recv_type("signal")
         assert got["from"] == {"session": carol.session, "user": "carol"}
         assert got["data"] == {"to": "all"}
-    await quiet(carol)  # the sender does not get its own broadcast
+    # The sender does not get its own broadcast. The marker: a signal to carol alone,
+    # which r1's owner sends her after the broadcast.
+    marker = {"type": "signal", "id": 6, "room": "r1", "to": carol.session, "data": {}}
+    assert await alice.request(marker) == {"type": "ack", "id": 6}
+    await carol.until_markers({"type": "signal", "room": "r1", "data": {}})
 
     # Errors, each echoing the id, each leaving the connection usable.
     dave = await raw_client(edge1, "dave")
@@ -159,10 +159,34 @@ async def test_every_message_type_across_edges(cluster_factory: ClusterFactory) 
     await carol.ws.close(1000)
     left = await alice.recv_type("peer-left")
     assert left["peer"]["session"] == carol.session and left["reason"] == "disconnected"
-    await quiet(alice)
-    # Nothing from r1 ever reached dave (room r2) or erin.
-    await quiet(dave, 0.1)
-    await quiet(limited, 0.1)
+
+    # Nothing else came: not carol's "offline" to alice, and nothing of r1 to dave (room r2)
+    # or erin. A marker down each path such a frame would take, sent after it:
+    # - presence -> alice: frank, whom alice now watches, comes online on carol's edge
+    #   (that edge told presence of carol's close before it let frank in);
+    # - r1's owner -> edge 1 (alice, dave): dave joins r1, alice hears of it;
+    # - r1's owner -> edge 2 (erin): erin joins a room of her own that r1's owner owns.
+    watching = await alice.request({"type": "watch", "id": 11, "users": ["frank"]})
+    assert watching["presence"] == {"frank": "offline"}
+    await raw_client(edge2, "frank")
+    await dave.send({"type": "join", "id": 11, "room": "r1"})
+    await dave.until_markers({"type": "joined", "id": 11, "room": "r1"})
+    await alice.until_markers(
+        {"type": "presence", "user": "frank", "status": "online"},
+        {
+            "type": "peer-joined",
+            "room": "r1",
+            "peer": {"session": dave.session, "user": "dave", "meta": {}},
+        },
+    )
+    brokers = sorted(p["url"] for p in cluster.of_kind("broker"))
+    erins = next(
+        room
+        for room in (f"team-{n}" for n in itertools.count())
+        if owner(room, brokers) == owner("r1", brokers)
+    )
+    await limited.send({"type": "join", "id": 3, "room": erins})
+    await limited.until_markers({"type": "joined", "id": 3, "room": erins})
 
 
 async def test_a_dropped_session_times_out_with_peer_left_timeout(

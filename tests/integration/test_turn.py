@@ -14,13 +14,15 @@ from typing import Any
 import pytest
 
 from signalpost.auth import turn_credentials
+from tests.binaries import require_module
 from tests.conftest import TURN_SECRET_NEW, TURN_SECRET_OLD
 from tests.coturn import Coturn
 from tests.helpers import raw_client, url_of
 from tests.integration.conftest import DevFactory
 
-aioice_turn = pytest.importorskip("aioice.turn", reason="aioice comes with aiortc")
-aioice_stun = pytest.importorskip("aioice.stun", reason="aioice comes with aiortc")
+# aioice comes with aiortc.
+aioice_turn = require_module("aioice.turn", "pip install -e '.[webrtc]'")
+aioice_stun = require_module("aioice.stun", "pip install -e '.[webrtc]'")
 
 pytestmark = pytest.mark.coturn
 

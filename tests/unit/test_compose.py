@@ -21,6 +21,7 @@ import yaml
 from signalpost.auth import turn_credentials
 from signalpost.cli import build_parser
 from signalpost.config import ENV_PREFIX, Settings, load_settings
+from tests.binaries import require_module
 from tests.coturn import run_coturn
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose"
@@ -130,7 +131,7 @@ def test_coturn_accepts_the_secret_the_edges_sign_with() -> None:
 
 @pytest.mark.coturn
 def test_the_coturn_config_runs_and_allocates_for_minted_credentials(tmp_path: Path) -> None:
-    aioice_turn = pytest.importorskip("aioice.turn", reason="aioice comes with aiortc")
+    aioice_turn = require_module("aioice.turn", "pip install -e '.[webrtc]'")  # from aiortc
     secret = load_settings(
         environ={k: str(v) for k, v in _services()["edge-1"]["environment"].items()}
     ).turn_secret
