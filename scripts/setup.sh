@@ -13,6 +13,7 @@ need_apt=()
 command -v turnserver >/dev/null || need_apt+=(coturn)
 command -v chromium >/dev/null || need_apt+=(chromium chromium-driver)
 command -v consul >/dev/null || need_apt+=(consul)
+command -v ss >/dev/null || need_apt+=(iproute2)  # ss -K: the TCP-reset fault tests
 if ! command -v python3 >/dev/null || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     need_apt+=(python3 python3-venv)
 fi

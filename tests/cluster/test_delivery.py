@@ -13,7 +13,6 @@ Each test is one defect of the delivery issue, on real processes:
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 from typing import Any
 
@@ -22,6 +21,7 @@ import websockets
 
 from signalpost.client import PeerJoined, SignalEvent, SignalpostClient
 from signalpost.placement import owner
+from tests.binaries import require_binary
 from tests.cluster.conftest import Cluster, ClusterFactory
 from tests.helpers import RawClient, raw_client, token
 
@@ -131,9 +131,7 @@ async def test_one_client_in_two_rooms_on_two_brokers_gets_every_signal(
 
 def _reset_connections_to(port: int) -> None:
     """Reset every TCP connection to ``port`` on loopback (both ends see it die)."""
-    ss = shutil.which("ss")
-    if ss is None:
-        pytest.fail("`ss` (iproute2) is required to reset TCP connections")
+    ss = require_binary("ss")
     subprocess.run(
         [ss, "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"],
         check=True,
