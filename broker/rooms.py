@@ -42,6 +42,7 @@ finds its reply.
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -57,11 +58,14 @@ from signalpost.wire import (
     AttachCmd,
     Confirm,
     Deliver,
-    DemoteCmd,
     DetachCmd,
     Envelope,
     ErrorFrame,
     ForgetCmd,
+    HandedMember,
+    HandedRecord,
+    Handoff,
+    HandoffRequest,
     JoinCmd,
     JoinedFrame,
     LeaveCmd,
@@ -98,6 +102,12 @@ MAX_RECORDED_SESSIONS: Final = 200_000
 RESEND_AFTER: Final = 1.0
 #: A gap reported by an edge is answered at once, but not more often than this per member.
 GAP_RESEND_INTERVAL: Final = 0.1
+
+#: Seconds a broker that takes a room over waits for the broker that served it until now
+#: to hand it over; then it serves the room without (a new epoch: ``recovered: false``).
+HANDOFF_TIMEOUT: Final = 2.0
+#: Commands parked per room while its handoff is awaited; more are dropped (resent).
+MAX_PARKED: Final = 10_000
 
 #: Requests held per (connection, room) while one before them is missing; past that a
 #: later one is dropped (unanswered: the edge resends it).
@@ -171,6 +181,8 @@ class Room:
     replicated: bool = False  # a passive room whose history the owner replicates here
     pending: deque[_Batch] = field(default_factory=deque)
     next_batch: int = 0
+    term: int = 0  # this ownership's term: higher than any earlier owner's
+    replica_target: str | None = None  # the runner-up that has the whole history
 
 
 @dataclass(slots=True)
@@ -199,8 +211,28 @@ class _Record:
 _NO_RECORD: Final = _Record(b"", 0, 0.0, False)
 
 
+@dataclass(slots=True)
+class _Awaiting:
+    """A room this broker owns now, waiting for its previous server's state."""
+
+    source: str
+    since: float
+    parked: list[Envelope | tuple[AttachCmd, str]] = field(default_factory=list)
+    ask_again_at: float = 0.0
+
+
 def _no_replica(room: str) -> str | None:
     return None
+
+
+def _owns_all(room: str) -> bool:
+    return True
+
+
+def _clock_term() -> int:
+    # A room created afresh (no state to continue) starts above any term an earlier
+    # incarnation of it could have reached by takeovers: milliseconds of the wall clock.
+    return int(time.time() * 1000)
 
 
 class RoomTable:
@@ -218,6 +250,10 @@ class RoomTable:
         replica_for: Callable[[str], str | None] = _no_replica,
         confirming: bool = True,
         resend_after: float = RESEND_AFTER,
+        owns: Callable[[str], bool] = _owns_all,
+        handoff_from: Callable[[str], str | None] = _no_replica,
+        new_term: Callable[[], int] = _clock_term,
+        handoff_timeout: float = HANDOFF_TIMEOUT,
     ) -> None:
         self.node_id = node_id
         self.replica_for = replica_for
@@ -230,6 +266,14 @@ class RoomTable:
         #: Edges confirm deliveries (cluster); in one process nothing is lost in between.
         self.confirming = confirming
         self.resend_after = resend_after
+        #: Whether this broker owns a room in its own view of the brokers: it serves only
+        #: those (a command sent by an edge with another view is dropped and resent).
+        self.owns = owns
+        #: Who served a room before this broker took it, if alive (asked for a handoff).
+        self.handoff_from = handoff_from
+        self._new_term = new_term
+        self.handoff_timeout = handoff_timeout
+        self._awaiting: dict[str, _Awaiting] = {}  # room -> the handoff it waits for
         self.rooms: dict[str, Room] = {}
         self._rooms_of: dict[str, set[str]] = {}  # session -> names of rooms it is in
         # session -> request key -> record; sessions in order of their latest record
@@ -248,16 +292,17 @@ class RoomTable:
     def handle(self, command: Envelope, now: float) -> list[Outbound]:
         """Apply one command from an edge or a peer broker; return what to send."""
         self._now = now
-        if isinstance(command, SignalCmd):
-            return self._request(command, now)
+        if isinstance(command, SignalCmd | JoinCmd | LeaveCmd):
+            out = self._gate(command.room, command, now)
+            return self._request(command, now) if out is None else out
         if isinstance(command, Confirm):
             return self.confirm(command, now)
-        if isinstance(command, JoinCmd):
-            return self._request(command, now)
-        if isinstance(command, LeaveCmd):
-            return self._request(command, now)
         if isinstance(command, AttachCmd):
             return self.attach(command)
+        if isinstance(command, HandoffRequest):
+            return self.handoff_requested(command, now)
+        if isinstance(command, Handoff):
+            return self.handoff_received(command, now)
         if isinstance(command, DetachCmd):
             return self.detach(command, now)
         if isinstance(command, ReplicateCmd):
@@ -265,12 +310,167 @@ class RoomTable:
         if isinstance(command, ReplicaAck):
             return self.replica_acked(command.room, command.batch, now)
         if isinstance(command, RestoreCmd):
+            if not command.replica:
+                out = self._gate(command.room, command, now)
+                if out is not None:
+                    return out
             return self.restore(command, now)
         if isinstance(command, ForgetCmd):
             self.forget(command)
-        elif isinstance(command, DemoteCmd):
-            return self.demote(command.room)
+        # DemoteCmd (older edges): ignored. A broker stops serving a room when its own view
+        # says another broker owns it, and hands the room over when that broker asks.
         return []
+
+    def _gate(
+        self, name: str, command: Envelope | tuple[AttachCmd, str], now: float
+    ) -> list[Outbound] | None:
+        """None: serve ``command`` now. Else what to send instead: nothing (another broker
+        owns the room in this broker's view; the edge resends), or the handoff request of
+        a room this broker takes over from a broker still alive (the command waits)."""
+        room = self.rooms.get(name)
+        if room is not None and room.active:
+            return None
+        if not self.owns(name):
+            return []
+        awaiting = self._awaiting.get(name)
+        if awaiting is None:
+            source = self.handoff_from(name)
+            if source is None:
+                return None
+            awaiting = self._awaiting[name] = _Awaiting(source, now, ask_again_at=now + 0.25)
+            out: list[Outbound] = [(source, HandoffRequest(name, self.node_id))]
+        else:
+            out = []
+        if len(awaiting.parked) < MAX_PARKED:
+            awaiting.parked.append(command)
+        return out
+
+    def handoff_requested(self, command: HandoffRequest, now: float) -> list[Outbound]:
+        """Another broker owns ``command.room`` now: hand over what this one has of it."""
+        room = self.rooms.get(command.room)
+        if room is None or not room.active:
+            return [(command.requester, Handoff(command.room, self.node_id, False))]
+        if self.owns(command.room):
+            # This broker's view still has it serve the room: ask again when views agree.
+            return [(command.requester, Handoff(command.room, self.node_id, False, retry=True))]
+        return [(command.requester, self.hand_over(command.room, now))]
+
+    def hand_over(self, name: str, now: float) -> Handoff:
+        """The whole released state of an active room, and stop serving it here.
+
+        What still waits for the runner-up goes nowhere: it was never acked, and the
+        edges resend those requests to the new owner.
+        """
+        room = self.rooms[name]
+        prefix = f"{name}\x00"
+        records = [
+            HandedRecord(
+                session, key, r.fingerprint, r.payload, r.ok, r.epoch, r.offset, now - r.at
+            )
+            for session, by_key in self._records.items()
+            for key, r in by_key.items()
+            if key.startswith(prefix)
+        ]
+        handoff = Handoff(
+            name,
+            self.node_id,
+            True,
+            term=room.term,
+            epoch=room.epoch,
+            offset=room.released,
+            trimmed_through=room.trimmed_through,
+            events=[
+                ReplicatedEvent(e.offset, sorted(e.recipients), e.payload)
+                for e in room.history
+                if e.offset <= room.released
+            ],
+            members=[
+                HandedMember(
+                    m.session,
+                    m.peer,
+                    m.edge,
+                    m.conn,
+                    -1.0 if m.suspended_until is None else max(0.0, m.suspended_until - now),
+                )
+                for m in room.members.values()
+            ],
+            records=records,
+        )
+        self.demote(name)
+        return handoff
+
+    def handoff_received(self, command: Handoff, now: float) -> list[Outbound]:
+        """The previous server's answer (or push): install the room, serve what waited."""
+        out: list[Outbound] = []
+        awaiting = self._awaiting.get(command.room)
+        if command.retry and awaiting is not None:
+            return out  # asked again from ``expire``
+        if command.present:
+            room = self.rooms.get(command.room)
+            if room is None or not room.active or room.term < command.term:
+                self._install(command, now)
+        if awaiting is not None:
+            del self._awaiting[command.room]
+            out.extend(self._proceed(command.room, awaiting, now))
+        return out
+
+    def _proceed(self, name: str, awaiting: _Awaiting, now: float) -> list[Outbound]:
+        """Serve the room from here on (installed, or on what this broker has) and the
+        commands that waited for it."""
+        out: list[Outbound] = []
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = Room(name, self._new_epoch(), term=self._new_term())
+        self._activate(room)
+        for command in awaiting.parked:
+            if isinstance(command, tuple):
+                self._attach_room(command[0], command[1], out)
+            else:
+                out.extend(self.handle(command, now))
+        if not room.members and not room.pending and self.rooms.get(name) is room:
+            del self.rooms[name]  # nobody joined after all
+        return out
+
+    def _install(self, command: Handoff, now: float) -> None:
+        old = self.rooms.get(command.room)
+        term = max(command.term, old.term if old is not None else 0) + 1
+        if old is not None:
+            for member in old.members.values():
+                self._unconfirmed.pop(member, None)
+        room = self.rooms[command.room] = Room(
+            command.room,
+            command.epoch,
+            offset=command.offset,
+            trimmed_through=command.trimmed_through,
+            released=command.offset,
+            term=term,
+        )
+        room.history.extend(
+            RoomEvent(e.offset, now, tuple(e.recipients), e.payload) for e in command.events
+        )
+        for handed in command.members:
+            suspended = None if handed.suspended_for < 0 else now + handed.suspended_for
+            room.members[handed.session] = Member(
+                handed.session, handed.peer, handed.edge, handed.conn, suspended, synced=False
+            )
+            self._rooms_of.setdefault(handed.session, set()).add(command.room)
+        if old is not None:
+            for session in old.members.keys() - room.members.keys():
+                rooms = self._rooms_of.get(session)
+                if rooms is not None:
+                    rooms.discard(command.room)
+                    if not rooms:
+                        del self._rooms_of[session]
+        # What this broker recorded of the room before is stale: the handed state is newer.
+        prefix = f"{command.room}\x00"
+        for by_key in self._records.values():
+            for key in [k for k in by_key if k.startswith(prefix)]:
+                del by_key[key]
+        for by_room in self._inflows.values():
+            by_room.pop(command.room, None)
+        for r in command.records:
+            record = _Record(r.payload, r.fingerprint, now - r.age, r.ok, r.epoch, r.offset)
+            self._remember(r.session, r.key, record)
 
     def _request(self, command: Request, now: float) -> list[Outbound]:
         if not command.rseq:
@@ -346,12 +546,11 @@ class RoomTable:
         self._remember(command.session, key, record)
         # The ack leaves after the deliveries it acknowledges (and after the runner-up has
         # the events): a broker killed before that has not acked, so the edge retries.
-        reply = (command.edge, _reply(command, record))
-        if not self._parked:  # nothing recorded to replicate: out now, unless held behind
-            room = self.rooms.get(command.room)
-            if room is None or not room.pending:
-                out.append(reply)
-                return out
+        room = self.rooms.get(command.room)
+        reply = (command.edge, _reply(command, record, room.term if room is not None else 0))
+        if not self._parked and (room is None or not room.pending):
+            out.append(reply)  # nothing recorded to replicate, nothing held before it
+            return out
         self._seal(out, now, command, reply, key, record)
         return out
 
@@ -365,10 +564,10 @@ class RoomTable:
         if record.fingerprint != fingerprint(command):
             exc = BadRequest(f"request id {command.req!r} was already used for another request")
             refusal = _Record(request_error(exc, command.req), 0, 0.0, False)
-            out.append((command.edge, _reply(command, refusal)))
+            out.append((command.edge, _reply(command, refusal, 0)))
             return
-        reply = (command.edge, _reply(command, record))
         room = self.rooms.get(command.room)
+        reply = (command.edge, _reply(command, record, room.term if room is not None else 0))
         if room is not None and room.pending:
             room.pending.append(_Batch(None, [], [reply], confirmed=True))
         else:
@@ -403,7 +602,9 @@ class RoomTable:
     def _join(self, command: JoinCmd, out: list[Outbound], now: float) -> tuple[bytes, str, int]:
         room = self.rooms.get(command.room)
         if room is None:
-            room = self.rooms[command.room] = Room(command.room, self._new_epoch())
+            room = self.rooms[command.room] = Room(
+                command.room, self._new_epoch(), term=self._new_term()
+            )
         self._activate(room)
         member = room.members.get(command.session)
         if member is None:
@@ -477,8 +678,10 @@ class RoomTable:
         out: list[Outbound] = []
         room = self.rooms.get(command.room)
         if room is None:
+            # A passive room has no term of its own (0): its owner's replication sets it.
+            term = 0 if command.replica else self._new_term()
             room = self.rooms[command.room] = Room(
-                command.room, self._new_epoch(), active=not command.replica
+                command.room, self._new_epoch(), active=not command.replica, term=term
             )
         elif not command.replica:
             self._activate(room)
@@ -509,7 +712,9 @@ class RoomTable:
         if room.replicated:
             # Everything the previous owner replicated is known here: visible from now on.
             room.released = room.offset
+            room.term += 1
         else:
+            room.term = self._new_term()
             # Whatever history there was died with the previous owner: a new epoch tells
             # resuming clients that they cannot recover what they missed there.
             room.epoch = self._new_epoch()
@@ -539,7 +744,14 @@ class RoomTable:
                     out.append(
                         (
                             member.edge,
-                            Deliver([member.session], event.payload, room.name, event.offset, sent),
+                            Deliver(
+                                [member.session],
+                                event.payload,
+                                room.name,
+                                event.offset,
+                                sent,
+                                room.term,
+                            ),
                         )
                     )
                     sent = event.offset
@@ -563,6 +775,7 @@ class RoomTable:
                     complete,
                     report or not complete,
                     member.peer,
+                    room.term,
                 ),
             )
         )
@@ -606,7 +819,14 @@ class RoomTable:
                 out.append(
                     (
                         member.edge,
-                        Deliver([member.session], event.payload, room.name, event.offset, prev),
+                        Deliver(
+                            [member.session],
+                            event.payload,
+                            room.name,
+                            event.offset,
+                            prev,
+                            room.term,
+                        ),
                     )
                 )
                 prev = event.offset
@@ -634,21 +854,36 @@ class RoomTable:
         names = self._rooms_of.get(command.session, set()) | command.positions.keys()
         for name in sorted(names):
             room = self.rooms.get(name)
-            member = room.members.get(command.session) if room else None
-            if room is None or member is None:
-                if name in command.positions:
-                    out.append(_recovered(command, name, False))
-                continue
-            member.edge, member.conn, member.suspended_until = command.edge, command.conn, None
-            if not room.active:
-                member.synced = False
-                continue  # a replica: its owner reports recovery
-            position = command.positions.get(name)
-            if position is None:
-                self._sync(room, member, "", 0, True, self._now, out)
-            else:
-                self._sync(room, member, position.epoch, position.offset, True, self._now, out)
+            if room is None or not room.active:
+                waiting = self._gate(name, (command, name), self._now)
+                if waiting is not None:
+                    room = self.rooms.get(name)
+                    member = room.members.get(command.session) if room is not None else None
+                    if member is not None and member.conn != command.conn:
+                        # Re-homed at once (a replica's or one whose handoff is awaited):
+                        # its owner reports recovery.
+                        member.edge, member.conn = command.edge, command.conn
+                        member.suspended_until, member.synced = None, False
+                    out.extend(waiting)
+                    continue
+            self._attach_room(command, name, out)
         return out
+
+    def _attach_room(self, command: AttachCmd, name: str, out: list[Outbound]) -> None:
+        room = self.rooms.get(name)
+        member = room.members.get(command.session) if room else None
+        if room is None or member is None:
+            if name in command.positions:
+                out.append(_recovered(command, name, False))
+            return
+        member.edge, member.conn, member.suspended_until = command.edge, command.conn, None
+        if not room.active:
+            self._activate(room)
+        position = command.positions.get(name)
+        if position is None:
+            self._sync(room, member, "", 0, True, self._now, out)
+        else:
+            self._sync(room, member, position.epoch, position.offset, True, self._now, out)
 
     def detach(self, command: DetachCmd, now: float) -> list[Outbound]:
         """The connection holding a session ended (leave all) or dropped (suspend)."""
@@ -697,6 +932,14 @@ class RoomTable:
                 self._trim(room, now)
         self._seal(out, now)
         self._prune_records(now)
+        for name, awaiting in list(self._awaiting.items()):
+            if now - awaiting.since >= self.handoff_timeout:
+                # The previous server does not answer: serve on what this broker has.
+                del self._awaiting[name]
+                out.extend(self._proceed(name, awaiting, now))
+            elif now >= awaiting.ask_again_at:
+                awaiting.ask_again_at = now + 0.25
+                out.append((awaiting.source, HandoffRequest(name, self.node_id)))
         if self._unconfirmed:
             out.extend(self.resend_unconfirmed(now))
         return out
@@ -796,7 +1039,10 @@ class RoomTable:
                 member.sent_at = now
                 self._unconfirmed[member] = room
             out.append(
-                (member.edge, Deliver([member.session], event.payload, room.name, offset, prev))
+                (
+                    member.edge,
+                    Deliver([member.session], event.payload, room.name, offset, prev, room.term),
+                )
             )
             return
         groups: dict[tuple[str, int], list[str]] = {}
@@ -814,7 +1060,7 @@ class RoomTable:
             else:
                 group.append(member.session)
         for (edge, prev), sessions in groups.items():
-            out.append((edge, Deliver(sessions, event.payload, room.name, offset, prev)))
+            out.append((edge, Deliver(sessions, event.payload, room.name, offset, prev, room.term)))
 
     def _seal(
         self,
@@ -845,12 +1091,19 @@ class RoomTable:
                 continue
             number = room.next_batch
             room.next_batch += 1
+            if room.replica_target != replica:
+                # A runner-up new to the room gets the whole history, not only this batch.
+                room.replica_target = replica
+                sent = list(room.history)
+            else:
+                sent = events
             replicate = ReplicateCmd(
                 self.node_id,
                 name,
                 room.epoch,
                 number,
-                [ReplicatedEvent(e.offset, sorted(e.recipients), e.payload) for e in events],
+                [ReplicatedEvent(e.offset, sorted(e.recipients), e.payload) for e in sent],
+                room.term,
             )
             if carries_reply and request is not None and record is not None:
                 # The runner-up learns the answer too: a resend after takeover gets it.
@@ -912,15 +1165,30 @@ class RoomTable:
                     held.confirmed = True
                 elif held.target != replica:
                     held.target = replica
+                    if room.replica_target != replica:
+                        room.replica_target = replica
+                        out.append((replica, self._snapshot(room)))
                     out.append((replica, held.replicate))
             self._release(room, now, out)
         return out
+
+    def _snapshot(self, room: Room) -> ReplicateCmd:
+        """The room's whole history for a new runner-up (batch -1: its ack waits for none)."""
+        events = [ReplicatedEvent(e.offset, sorted(e.recipients), e.payload) for e in room.history]
+        return ReplicateCmd(self.node_id, room.name, room.epoch, -1, events, room.term)
 
     def replicate(self, command: ReplicateCmd, now: float) -> list[Outbound]:
         """Runner-up side: keep the owner's events (and reply) for a takeover."""
         room = self.rooms.get(command.room)
         if room is None:
-            room = self.rooms[command.room] = Room(command.room, command.epoch, active=False)
+            room = self.rooms[command.room] = Room(
+                command.room, command.epoch, active=False, term=command.term
+            )
+        if room.active or command.term < room.term:
+            # This broker serves the room itself, or knows a newer owner: the sender was
+            # deposed. No ack, so it releases nothing (fencing).
+            return []
+        room.term = command.term
         if not room.active:
             if not room.replicated or room.epoch != command.epoch:
                 room.epoch = command.epoch
@@ -966,6 +1234,7 @@ class RoomTable:
         room.pending.clear()
         room.active = False
         room.replicated = False
+        room.replica_target = None
         room.history.clear()
         for member in room.members.values():
             member.synced = False
@@ -981,7 +1250,7 @@ class RoomTable:
             room.trimmed_through = history.popleft().offset
 
 
-def _reply(command: Request, record: _Record) -> Reply:
+def _reply(command: Request, record: _Record, term: int) -> Reply:
     return Reply(
         command.session,
         command.conn,
@@ -990,6 +1259,8 @@ def _reply(command: Request, record: _Record) -> Reply:
         record.ok,
         record.epoch,
         record.offset,
+        command.room,
+        term,
     )
 
 

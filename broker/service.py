@@ -9,6 +9,7 @@ answers ``ReplicaAck`` through its ROUTER.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 
 from broker.rooms import Outbound, RoomTable
@@ -16,9 +17,14 @@ from signalpost.config import Settings
 from signalpost.discovery import Discovery
 from signalpost.lifecycle import until_stopped
 from signalpost.node import OwnerNode
-from signalpost.placement import ranking
+from signalpost.placement import owner, ranking
 from signalpost.transport import DealerLink, new_incarnation
-from signalpost.wire import Envelope, ReplicateCmd, encode_envelope
+from signalpost.wire import Envelope, Handoff, HandoffRequest, ReplicateCmd, encode_envelope
+
+log = logging.getLogger("signalpost.broker")
+
+#: Envelopes that go to a peer broker over this broker's own link to it.
+_TO_PEERS = (ReplicateCmd, HandoffRequest, Handoff)
 
 
 def room_table(settings: Settings, **options: object) -> RoomTable:
@@ -43,10 +49,18 @@ class BrokerNode(OwnerNode):
     def __init__(self, settings: Settings) -> None:
         # Edges hash what they dial, so the id is the dialable form of the bind address.
         self.placement_id = settings.dialable(settings.broker_bind)
-        self.table = room_table(settings, node_id=self.placement_id, replica_for=self._replica_for)
+        self.table = room_table(
+            settings,
+            node_id=self.placement_id,
+            replica_for=self._replica_for,
+            owns=self._owns,
+            handoff_from=self._handoff_from,
+        )
         super().__init__(settings, "broker", self.table, settings.broker_bind)
         self.peers: dict[str, DealerLink] = {}
         self._replicas: dict[str, str | None] = {}  # room -> runner-up, until peers change
+        self._live: list[str] = [self.placement_id]  # the brokers this one sees alive
+        self._draining = False
         self._incarnation = new_incarnation()
         self._running = False
 
@@ -64,22 +78,54 @@ class BrokerNode(OwnerNode):
         self._replicas[room] = replica
         return replica
 
+    def _owns(self, room: str) -> bool:
+        """Whether this broker owns ``room`` in its own view (never while draining)."""
+        return not self._draining and owner(room, self._live) == self.placement_id
+
+    def _handoff_from(self, room: str) -> str | None:
+        """The live broker that owned ``room`` before this one (the owner without it)."""
+        others = [b for b in self._live if b != self.placement_id]
+        return owner(room, others) if others else None
+
     def _send(self, outbound: list[Outbound]) -> None:
         send_body = self.router.send_body
         for target, envelope in outbound:
-            if type(envelope) is ReplicateCmd:
+            if isinstance(envelope, _TO_PEERS):
                 link = self.peers.get(target)
-                if link is not None:  # else resent once the runner-up is known
+                if link is not None:  # else resent (or asked again) once the peer is known
                     link.send(envelope)
             else:
                 send_body(target, encode_envelope(envelope))
+
+    def _on_envelope(self, peer: str, envelope: Envelope) -> None:
+        if self._draining and not isinstance(envelope, _TO_PEERS):
+            return  # handing over: edges resend to the rooms' next owners
+        super()._on_envelope(peer, envelope)
 
     def _from_peer(self, envelope: Envelope) -> None:
         self._send(self.table.handle(envelope, self._clock()))
 
     def _peers_changed(self, *_link: object) -> None:
         self._replicas.clear()
+        self._live = sorted(
+            [self.placement_id, *(p for p, link in self.peers.items() if link.alive)]
+        )
         self._send(self.table.replicas_changed(self._clock()))
+
+    async def draining(self) -> None:
+        """SIGTERM: hand every room served here to its next owner, then stop serving."""
+        self._draining = True
+        others = [b for b in self._live if b != self.placement_id]
+        now = self._clock()
+        handed = 0
+        for name in [n for n, room in self.table.rooms.items() if room.active]:
+            if others:
+                handoff = self.table.hand_over(name, now)
+                self._send([(owner(name, others), handoff)])
+                handed += 1
+        log.info("broker %s handed %d rooms over before stopping", self.placement_id, handed)
+        if handed:
+            await asyncio.sleep(0.2)  # the links send what is queued before they close
 
     def update_peers(self, endpoints: list[str]) -> None:
         """Make the peer set ``endpoints`` (other brokers' placement ids)."""

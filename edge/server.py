@@ -104,6 +104,11 @@ MAX_UNANSWERED = 1024
 #: How often an edge confirms what it wrote and resends what was not answered (cluster).
 DELIVERY_TICK = 0.1
 
+#: Rooms whose owner's term the edge remembers at once; past that it starts over (room
+#: names come from clients). Forgetting a term only lets a deposed owner's late envelope
+#: through until the current owner is heard from again.
+MAX_ROOM_TERMS = 100_000
+
 
 @dataclass(slots=True, eq=False)
 class ClientConnection:
@@ -170,6 +175,7 @@ class EdgeServer:
         #: what is written, resend what is unanswered. In one process they cannot.
         self._lossy = backplane.lossy
         self._confirms = Confirmations()
+        self._terms: dict[str, int] = {}  # room -> highest owner term heard
         self._retries: Retries[tuple[ClientConnection, Envelope]] = Retries()
         backplane.connect(self.edge_id, self.receive, self.sync_state, self.owners_changed)
 
@@ -264,6 +270,8 @@ class EdgeServer:
         if isinstance(envelope, Deliver):
             sessions = envelope.sessions
             if envelope.room:
+                if self._stale(envelope.room, envelope.term):
+                    return
                 if len(sessions) == 1:  # a signal to one peer: most of the traffic, inline
                     client = self.sessions.get(sessions[0])
                     if client is not None and self._admit(client, envelope):
@@ -285,6 +293,8 @@ class EdgeServer:
             client = self.sessions.get(envelope.session)
             if client is None or client.conn != envelope.conn:
                 return
+            if envelope.term and self._stale(envelope.room, envelope.term):
+                return  # a deposed owner's answer: the request is resent to the owner
             command = client.unanswered.pop(envelope.seq, None)
             if command is None:
                 return  # the answer to a retry that was already answered
@@ -318,6 +328,21 @@ class EdgeServer:
             if held is not None:
                 held.append(envelope.payload)
 
+    def _stale(self, room: str, term: int) -> bool:
+        """Whether an owner's envelope for ``room`` comes from a term older than one heard
+        (fencing: a deposed owner that woke up must not reach clients)."""
+        if not self._lossy:
+            return False  # one process, one room table: nobody to be deposed
+        known = self._terms.get(room, 0)
+        if term >= known:
+            if term > known:
+                if len(self._terms) >= MAX_ROOM_TERMS:
+                    self._terms.clear()
+                self._terms[room] = term
+            return False
+        metrics.DELIVERIES_DROPPED.labels("stale_term").inc()
+        return True
+
     def _admit(self, client: ClientConnection, deliver: Deliver) -> bool:
         """Whether ``client`` is written this room event (``edge.delivery``): not a copy,
         nothing missing before it. Copies and gaps are confirmed back to the owner."""
@@ -343,7 +368,7 @@ class EdgeServer:
     def _synced(self, synced: Synced) -> None:
         """An owner (re)opened a session's stream in a room: after a resume or a restore."""
         client = self.sessions.get(synced.session)
-        if client is None or client.conn != synced.conn:
+        if client is None or client.conn != synced.conn or self._stale(synced.room, synced.term):
             return
         if self._lossy:
             self._retries.done((client.conn, "restore", synced.room))

@@ -23,7 +23,6 @@ from signalpost.transport import DealerLink, new_incarnation
 from signalpost.wire import (
     AttachCmd,
     Confirm,
-    DemoteCmd,
     EdgeSync,
     Envelope,
     RestoreCmd,
@@ -166,11 +165,8 @@ class ZmqBackplane:
             replica.send(command)
 
     def reannounce(self, room: str, restore: RestoreCmd) -> None:
-        owner_link = self.owner_of(room)
-        former = self.former_owner_of(room)
-        if former is not None and former is not owner_link and former.alive:
-            former.send(DemoteCmd(room))
-        owner_link.send(restore)
+        # The former owner hands the room to the new one when asked (broker/rooms.py).
+        self.owner_of(room).send(restore)
         replica = self.replica_of(room)
         if replica is not None:
             replica.send(

@@ -96,6 +96,9 @@ class OwnerNode:
     def discovering(self, discovery: Discovery) -> None:
         """Hook: Consul is configured; subclasses add the watchers they need."""
 
+    async def draining(self) -> None:
+        """Hook: asked to stop (SIGTERM); hand over what this node serves."""
+
     async def stopping(self) -> None:
         """Hook: the node is about to close its router."""
 
@@ -129,6 +132,7 @@ class OwnerNode:
             print(f"signalpost {self.kind} {self.node_id} ready on {self.endpoint}", flush=True)
             try:
                 await until()
+                await self.draining()
             finally:
                 ticker.cancel()
                 await self._deregister()

@@ -391,6 +391,9 @@ class ReplicateCmd(_Envelope, tag=40, frozen=True):
     epoch: str
     batch: int
     events: list[ReplicatedEvent]
+    #: The owner's term for the room: a runner-up refuses a lower one than it knows, and
+    #: refuses while it owns the room itself (a deposed owner gets nothing acked).
+    term: int = 0
     #: The reply record of the request that caused the events (``reply_key`` "": none).
     reply_session: str = ""
     reply_key: str = ""
@@ -421,6 +424,7 @@ class Deliver(_Envelope, tag=10, frozen=True):
     room: str = ""
     offset: int = 0
     prev: int = 0
+    term: int = 0  # the sending owner's term for the room: an edge drops lower ones
 
 
 class Reply(_Envelope, tag=11, frozen=True):
@@ -437,6 +441,8 @@ class Reply(_Envelope, tag=11, frozen=True):
     ok: bool = False
     epoch: str = ""
     offset: int = 0
+    room: str = ""  # a room owner's reply names the room and its term: see ``Deliver``
+    term: int = 0
 
 
 class Synced(_Envelope, tag=14, frozen=True):
@@ -456,6 +462,59 @@ class Synced(_Envelope, tag=14, frozen=True):
     recovered: bool
     report: bool
     peer: bytes
+    term: int = 0
+
+
+class HandedMember(Struct, array_like=True, frozen=True):
+    """A member as a room's owner hands it over."""
+
+    session: str
+    peer: bytes
+    edge: str
+    conn: str
+    suspended_for: float  # seconds left of its resume window; -1 while attached
+
+
+class HandedRecord(Struct, array_like=True, frozen=True):
+    """A reply record as a room's owner hands it over."""
+
+    session: str
+    key: str
+    fingerprint: int
+    payload: bytes
+    ok: bool
+    epoch: str
+    offset: int
+    age: float  # seconds since it was recorded
+
+
+class HandoffRequest(_Envelope, tag=42, frozen=True):
+    """Broker -> broker: I own ``room`` now; hand it over if you have it."""
+
+    room: str
+    requester: str  # the requester's identity on the answering broker's ROUTER
+
+
+class Handoff(_Envelope, tag=43, frozen=True):
+    """Broker -> broker: a room's whole state, from the broker that served it until now.
+
+    ``present`` false: the sender has no state of the room to hand over (``retry``: it
+    still serves the room in its view of the brokers; ask again). The receiver continues
+    the epoch and offsets with a higher term, so nothing a client saw is lost and every
+    resume still recovers.
+    """
+
+    room: str
+    sender: str
+    present: bool
+    retry: bool = False
+    term: int = 0
+    epoch: str = ""
+    offset: int = 0
+    trimmed_through: int = 0
+    events: list[ReplicatedEvent] = []
+    members: list[HandedMember] = []
+    records: list[HandedRecord] = []
 
 
 class Confirm(_Envelope, tag=15, frozen=True):
@@ -553,6 +612,8 @@ Envelope = (
     | DemoteCmd
     | ReplicateCmd
     | ReplicaAck
+    | HandoffRequest
+    | Handoff
     | Deliver
     | Reply
     | Synced

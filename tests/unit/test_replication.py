@@ -189,6 +189,10 @@ def test_a_new_replica_gets_the_unconfirmed_batches() -> None:
     owner.handle(join("a", 1), 0.0)
     replica_name[0] = "C"
     resent: list[tuple[str, Envelope]] = owner.replicas_changed()
-    assert [(t, type(e)) for t, e in resent] == [("C", ReplicateCmd)]
+    # The whole history first (a runner-up new to the room), then the unconfirmed batch.
+    assert [(t, type(e)) for t, e in resent] == [("C", ReplicateCmd)] * 2
+    snapshot, batch = (e for _, e in resent)
+    assert isinstance(snapshot, ReplicateCmd) and isinstance(batch, ReplicateCmd)
+    assert (snapshot.batch, batch.batch) == (-1, 0)
     released = owner.handle(ReplicaAck("room", 0), 0.0)
     assert frames(released)[0]["type"] == "joined"

@@ -24,6 +24,10 @@ from signalpost.wire import (
     ErrorFrame,
     Evict,
     ForgetCmd,
+    HandedMember,
+    HandedRecord,
+    Handoff,
+    HandoffRequest,
     Heartbeat,
     Hello,
     IceServersFrame,
@@ -419,6 +423,7 @@ ENVELOPES: list[Envelope] = [
         "e",
         3,
         [ReplicatedEvent(7, ["s1", "s2"], b'{"type":"signal"}')],
+        1764680000000,
         "s1",
         "i5",
         1,
@@ -426,6 +431,20 @@ ENVELOPES: list[Envelope] = [
     ),
     ReplicateCmd("broker-a", "r1", "e", 4, []),
     ReplicaAck("r1", 3),
+    HandoffRequest("r1", "broker-b"),
+    Handoff("r1", "broker-a", False, retry=True),
+    Handoff(
+        "r1",
+        "broker-a",
+        True,
+        term=5,
+        epoch="e",
+        offset=9,
+        trimmed_through=2,
+        events=[ReplicatedEvent(9, ["s1"], b'{"type":"signal"}')],
+        members=[HandedMember("s1", _PEER, "edge-1", "c1", -1.0)],
+        records=[HandedRecord("s1", "r1\x00i5", 77, b'{"type":"ack","id":5}', True, "", 0, 1.5)],
+    ),
     Deliver(["s1", "s2"], b'{"type":"signal"}', "r1", 5, 3),
     Deliver(["s1"], b'{"type":"recovered"}'),
     Reply("s1", "c1", 1, b'{"type":"joined"}', True, "e", 4),
@@ -455,7 +474,7 @@ def test_envelopes_round_trip(envelope: Envelope) -> None:
 
 def test_every_envelope_kind_is_covered_and_tags_are_distinct() -> None:
     kinds = {type(e) for e in ENVELOPES}
-    assert len(kinds) == 23  # every member of the Envelope union
+    assert len(kinds) == 25  # every member of the Envelope union
     tags = {msgspec.msgpack.decode(encode_envelope(e))[0] for e in ENVELOPES}
     assert len(tags) == len(kinds)
 
