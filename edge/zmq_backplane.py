@@ -56,7 +56,6 @@ class ZmqBackplane:
         self._owners_changed: Callable[[], None] = lambda: None
         self._owners: dict[str, DealerLink] = {}  # room -> owner link, until membership changes
         self._live_ids: list[str] = []
-        self._former_live_ids: list[str] = []  # the placement before the change being handled
         self._started = False
         self._discovery: Discovery | None = None
 
@@ -112,7 +111,6 @@ class ZmqBackplane:
 
     def _membership_changed(self) -> None:
         live = sorted(b for b, link in self.brokers.items() if link.alive)
-        self._former_live_ids = self._live_ids
         # With no broker heard from yet (start-up), place on all configured ones: ZeroMQ
         # queues until they answer.
         self._live_ids = live or sorted(self.brokers)
@@ -142,12 +140,6 @@ class ZmqBackplane:
                 self._owners.clear()
             self._owners[room] = link
         return link
-
-    def former_owner_of(self, room: str) -> DealerLink | None:
-        """The link to the broker that owned ``room`` before the latest membership change."""
-        if not self._former_live_ids:
-            return None
-        return self.brokers.get(owner(room, self._former_live_ids))
 
     def replica_of(self, room: str) -> DealerLink | None:
         """The runner-up for ``room``: it takes over if the owner dies."""
