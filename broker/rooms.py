@@ -166,6 +166,9 @@ class _Batch:
     replicate: ReplicateCmd | None = None
     target: str | None = None
     confirmed: bool = False
+    # (session, request key) of the records whose replies wait here: not valid (their
+    # events may never be released) until the batch is
+    keys: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -308,6 +311,8 @@ class RoomTable:
         if isinstance(command, ReplicateCmd):
             return self.replicate(command, now)
         if isinstance(command, ReplicaAck):
+            if command.refused:
+                return self.fenced(command.room, command.term)
             return self.replica_acked(command.room, command.batch, now)
         if isinstance(command, RestoreCmd):
             if not command.replica:
@@ -363,13 +368,14 @@ class RoomTable:
         """
         room = self.rooms[name]
         prefix = f"{name}\x00"
+        unreleased = {k for batch in room.pending for k in batch.keys}
         records = [
             HandedRecord(
                 session, key, r.fingerprint, r.payload, r.ok, r.epoch, r.offset, now - r.at
             )
             for session, by_key in self._records.items()
             for key, r in by_key.items()
-            if key.startswith(prefix)
+            if key.startswith(prefix) and (session, key) not in unreleased
         ]
         handoff = Handoff(
             name,
@@ -1083,10 +1089,11 @@ class RoomTable:
                 after.append(reply)
                 reply = None
             replica = self.replica_for(name)
+            keys = [(request.session, key)] if carries_reply and request is not None else []
             if self.rooms.get(name) is not room or replica is None:
                 # Gone (its last member left) or nobody to replicate to: let it out,
                 # behind whatever the room still holds.
-                room.pending.append(_Batch(None, events, after, confirmed=True))
+                room.pending.append(_Batch(None, events, after, confirmed=True, keys=keys))
                 self._release(room, now, out)
                 continue
             number = room.next_batch
@@ -1117,7 +1124,7 @@ class RoomTable:
                     reply_offset=record.offset,
                     reply_payload=record.payload,
                 )
-            room.pending.append(_Batch(number, events, after, replicate, replica))
+            room.pending.append(_Batch(number, events, after, replicate, replica, keys=keys))
             out.append((replica, replicate))
         if reply is not None:
             room_of_reply = self.rooms.get(request.room) if request is not None else None
@@ -1138,6 +1145,14 @@ class RoomTable:
             out.extend(batch.after)
 
     # ----------------------------------------------------------------- replication
+
+    def fenced(self, name: str, term: int) -> list[Outbound]:
+        """The runner-up knows a newer owner of ``name``: stop serving it (its next command
+        here asks that owner for a handoff, if this broker owns the room in its view)."""
+        room = self.rooms.get(name)
+        if room is not None and room.active and term > room.term:
+            self.demote(name)
+        return []
 
     def replica_acked(self, name: str, batch: int, now: float) -> list[Outbound]:
         """The runner-up has batch ``batch`` of ``name``: release what waited for it."""
@@ -1186,8 +1201,8 @@ class RoomTable:
             )
         if room.active or command.term < room.term:
             # This broker serves the room itself, or knows a newer owner: the sender was
-            # deposed. No ack, so it releases nothing (fencing).
-            return []
+            # deposed. No ack, so it releases nothing (fencing); it is told why.
+            return [(command.owner, ReplicaAck(command.room, command.batch, True, room.term))]
         room.term = command.term
         if not room.active:
             if not room.replicated or room.epoch != command.epoch:
@@ -1231,6 +1246,13 @@ class RoomTable:
         room = self.rooms.get(name)
         if room is None:
             return []
+        for batch in room.pending:  # never released: their records are not answers
+            for session, key in batch.keys:
+                records = self._records.get(session)
+                if records is not None:
+                    records.pop(key, None)
+        for by_room in self._inflows.values():
+            by_room.pop(name, None)
         room.pending.clear()
         room.active = False
         room.replicated = False

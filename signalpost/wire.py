@@ -405,8 +405,16 @@ class ReplicateCmd(_Envelope, tag=40, frozen=True):
 
 
 class ReplicaAck(_Envelope, tag=41, frozen=True):
+    """Runner-up -> owner: it has batch ``batch`` of the room's events.
+
+    ``refused``: it does not, because it serves the room itself or knows a newer owner
+    (``term``): the sender was deposed and drops what it holds of the room.
+    """
+
     room: str
     batch: int
+    refused: bool = False
+    term: int = 0
 
 
 class Deliver(_Envelope, tag=10, frozen=True):
