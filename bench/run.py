@@ -1,6 +1,6 @@
 """Run every benchmark side by side and write docs/performance.md with its plots.
 
-    .venv/bin/python -m bench.run            # full run (~17 min), writes docs/
+    .venv/bin/python -m bench.run            # full run (~18 min), writes docs/
     .venv/bin/python -m bench.run --quick    # CI smoke (< 3 min), writes bench/results/quick/
     .venv/bin/python -m bench.run --only relay,calls --out /tmp/perf
 
