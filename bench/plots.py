@@ -10,6 +10,7 @@ COLORS = {
     "dev": "#1f77b4",
     "cluster": "#2ca02c",
     "socketio": "#d62728",
+    "socketio-redis": "#ff9896",
 }
 
 
@@ -18,6 +19,7 @@ SHORT = {
     "dev": "dev",
     "cluster": "cluster",
     "socketio": "Socket.IO",
+    "socketio-redis": "Socket.IO+Redis",
     "floor-coalesce": "F+coalesce",
     "floor-sansio": "F sans-I/O",
     "dev-history32": "dev hist=32",

@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-if [ ! -d bench/socketio/node_modules/socket.io ] && command -v npm >/dev/null; then
+if { [ ! -d bench/socketio/node_modules/socket.io ] \
+    || [ ! -d bench/socketio/node_modules/@socket.io/redis-adapter ]; } && command -v npm >/dev/null; then
     (cd bench/socketio && npm ci --no-audit --no-fund >/dev/null)
 fi
 exec "$VENV/bin/python" -m bench.run "$@"

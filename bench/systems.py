@@ -12,7 +12,9 @@ import contextlib
 import json
 import os
 import queue
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +28,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else sys.executable
-SIGNALPOST = str(ROOT / ".venv" / "bin" / "signalpost")
+# Beside the interpreter: a checkout without its own .venv runs with another one's.
+SIGNALPOST = str(Path(PYTHON).parent / "signalpost")
 SOCKETIO_DIR = ROOT / "bench" / "socketio"
 LOG_DIR = ROOT / "bench" / "results" / "logs"
 
@@ -96,11 +99,13 @@ class System:
     state_file: Path | None = None
     tree: bool = False  # measure the whole process tree of ``proc`` (cluster)
     extra_pids: list[int] = field(default_factory=list)
+    #: processes started beside ``proc``: measured with it, stopped before it
+    companions: list[subprocess.Popen[str]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     _procs: dict[int, psutil.Process] = field(default_factory=dict)
 
     def processes(self) -> list[psutil.Process]:
-        pids = [self.proc.pid, *self.extra_pids]
+        pids = [self.proc.pid, *(c.pid for c in self.companions), *self.extra_pids]
         if self.tree:
             # the supervisor's children, refreshed at each sample
             with contextlib.suppress(psutil.Error):
@@ -136,23 +141,30 @@ class System:
         return Sample(time.monotonic(), cpu, rss, n, busy, getattr(host, "steal", 0.0))
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return all(p.poll() is None for p in (self.proc, *self.companions))
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (graceful drain), then SIGKILL whatever is left of the tree."""
-        if self.proc.poll() is None:
-            children = []
-            with contextlib.suppress(psutil.Error):
-                children = psutil.Process(self.proc.pid).children(recursive=True)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-            for child in children:
-                with contextlib.suppress(psutil.Error):
-                    child.kill()
+        """SIGTERM (graceful drain), then SIGKILL whatever is left; companions first."""
+        for proc in (*self.companions, self.proc):
+            _terminate(proc, timeout)
+
+
+def _terminate(proc: subprocess.Popen[str], timeout: float) -> None:
+    """SIGTERM ``proc``, SIGKILL it after ``timeout``, then SIGKILL what is left of its tree."""
+    if proc.poll() is not None:
+        return
+    children = []
+    with contextlib.suppress(psutil.Error):
+        children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 def _log(name: str) -> IO[str]:
@@ -261,29 +273,114 @@ DEV_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
 }
 
 
-def start_socketio(capacity: int = 2) -> System:
-    if not (SOCKETIO_DIR / "node_modules" / "socket.io").exists():
-        install = subprocess.run(
-            ["npm", "ci", "--no-audit", "--no-fund"],
-            cwd=SOCKETIO_DIR,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if install.returncode != 0:
-            raise Unavailable(f"npm ci failed: {install.stderr.strip()[-300:]}")
-    proc, out = _spawn(
-        "socketio", ["node", "server.js"], server_env(capacity) | {"PORT": "0"}, cwd=SOCKETIO_DIR
+def _npm_ci() -> None:
+    """``npm ci`` in bench/socketio unless its node_modules are already complete."""
+    wanted = ("socket.io", "@socket.io/redis-adapter", "redis")
+    if all((SOCKETIO_DIR / "node_modules" / name).exists() for name in wanted):
+        return
+    install = subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund"],
+        cwd=SOCKETIO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
+    if install.returncode != 0:
+        raise Unavailable(f"npm ci failed: {install.stderr.strip()[-300:]}")
+
+
+def _start_socketio_node(name: str, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    """One ``node server.js`` on a free port; (process, its WebSocket URL)."""
+    proc, out = _spawn(name, ["node", "server.js"], env | {"PORT": "0"}, cwd=SOCKETIO_DIR)
     try:
         line = out.wait_for("socket.io signaling:", 30)
     except (Unavailable, TimeoutError) as exc:
         proc.kill()
         raise Unavailable(f"socket.io server: {exc}") from None
-    base = line.split()[-1]
+    return proc, line.split()[-1] + "?EIO=4&transport=websocket"
+
+
+def start_socketio(capacity: int = 2) -> System:
+    _npm_ci()
+    proc, url = _start_socketio_node("socketio", server_env(capacity))
+    return System("socketio", "Socket.IO (Node)", [url], proc, proto="sio")
+
+
+def start_socketio_redis(capacity: int = 2, nodes: int = 2) -> System:
+    """Socket.IO scaled out: ``nodes`` processes of server.js sharing rooms through
+    @socket.io/redis-adapter over a redis-server of their own; all of them measured.
+
+    The load generator puts client ``i`` on ``urls[i % 2]``, so a call's two peers (and a
+    relay pair) sit on different processes and every signal crosses Redis. A missing
+    ``redis-server`` is an error, not a skip: CI must not pass without this baseline.
+    """
+    redis = start_redis()  # first: its absence fails the run even where npm would skip
+    companions: list[subprocess.Popen[str]] = []
+    try:
+        _npm_ci()
+        env = server_env(capacity, {"REDIS_URL": redis.info["url"]})
+        urls = []
+        for i in range(nodes):
+            proc, url = _start_socketio_node(f"socketio-redis-{i + 1}", env)
+            companions.append(proc)
+            urls.append(url)
+    except BaseException:
+        for proc in companions:
+            _terminate(proc, 5)
+        redis.stop()
+        raise
     return System(
-        "socketio", "Socket.IO (Node)", [base + "?EIO=4&transport=websocket"], proc, proto="sio"
+        "socketio-redis",
+        f"Socket.IO, {nodes} processes + Redis adapter (Node)",
+        urls,
+        redis.proc,
+        proto="sio",
+        companions=companions,
+        info=redis.info,
     )
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the caller retries if it is taken first)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start_redis(timeout: float = 10.0) -> System:
+    """A throw-away ``redis-server`` on a free 127.0.0.1 port: no persistence, no service.
+
+    ``RuntimeError`` (not ``Unavailable``) when the binary is missing: the Debian package
+    ``redis-server`` is installed by scripts/setup.sh, so its absence is a broken set-up.
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError(
+            "redis-server is not installed (Debian package redis-server; scripts/setup.sh)"
+        )
+    for _attempt in range(3):
+        port = free_port()
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1"]
+        argv += ["--save", "", "--appendonly", "no", "--loglevel", "warning"]
+        proc, _out = _spawn("redis", argv, server_env())
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _redis_ping(port):
+                url = f"redis://127.0.0.1:{port}"
+                return System("redis", "redis-server", [url], proc, info={"url": url})
+            time.sleep(0.05)
+        _terminate(proc, 5)  # exited (port taken meanwhile) or never answered: try again
+    raise RuntimeError(f"redis-server did not start: {_tail(LOG_DIR / 'redis.log')}")
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), 0.5) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 def start_cluster(capacity: int = 2, edges: int = 2, timeout: float = 45.0) -> System:
@@ -344,7 +441,6 @@ def start_cluster(capacity: int = 2, edges: int = 2, timeout: float = 45.0) -> S
 
 
 def _accepts(url: str) -> bool:
-    import socket
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -379,6 +475,7 @@ STARTERS = {
     "dev-history32": lambda capacity=2: start_dev(capacity, "history32"),
     "dev-gc": lambda capacity=2: start_dev(capacity, "gc"),
     "socketio": start_socketio,
+    "socketio-redis": start_socketio_redis,
 }
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything signalpost needs on a fresh Debian machine: system packages (coturn,
-# Chromium, Consul from the bullseye suite) and a .venv with the project and its extras.
+# Chromium, Consul from the bullseye suite, redis-server for the benchmarks' scaled-out
+# Socket.IO baseline) and a .venv with the project and its extras.
 # Idempotent: re-running skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ command -v turnserver >/dev/null || need_apt+=(coturn)
 command -v chromium >/dev/null || need_apt+=(chromium chromium-driver)
 command -v consul >/dev/null || need_apt+=(consul)
 command -v ss >/dev/null || need_apt+=(iproute2)  # ss -K: the TCP-reset fault tests
+command -v redis-server >/dev/null || need_apt+=(redis-server)
 if ! command -v python3 >/dev/null || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     need_apt+=(python3 python3-venv)
 fi
@@ -35,6 +37,17 @@ if [ ${#need_apt[@]} -gt 0 ]; then
         $SUDO systemctl disable --now coturn 2>/dev/null || true
     fi
     $SUDO pkill -x turnserver 2>/dev/null || true
+    # The redis-server package starts a system redis on 6379 (where policy-rc.d allows it);
+    # the benchmarks run their own on a free port. Stop and disable only the service this
+    # install started, through its own init system and pidfile.
+    if [[ " ${need_apt[*]} " == *" redis-server "* ]]; then
+        if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+            $SUDO systemctl disable --now redis-server 2>/dev/null || true
+        elif [ -x /etc/init.d/redis-server ]; then
+            $SUDO /etc/init.d/redis-server stop >/dev/null 2>&1 || true
+            $SUDO update-rc.d redis-server disable >/dev/null 2>&1 || true
+        fi
+    fi
 fi
 
 if [ ! -x .venv/bin/python ]; then
