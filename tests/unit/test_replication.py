@@ -10,9 +10,12 @@ from signalpost.wire import (
     AttachCmd,
     Deliver,
     Envelope,
+    Handoff,
+    HandoffRequest,
     JoinCmd,
     ReplicaAck,
     ReplicateCmd,
+    ReplicatedEvent,
     Reply,
     RestoreCmd,
     RoomPosition,
@@ -196,3 +199,96 @@ def test_a_new_replica_gets_the_unconfirmed_batches() -> None:
     assert (snapshot.batch, batch.batch) == (-1, 0)
     released = owner.handle(ReplicaAck("room", 0), 0.0)
     assert frames(released)[0]["type"] == "joined"
+
+
+# ------------------------------------------------------------------ terms and handoff
+
+
+def test_a_runner_up_that_serves_the_room_refuses_and_the_sender_stops_serving() -> None:
+    # A paused owner wakes up after its runner-up took the room over (and its term).
+    owner, successor = table("A", "B"), table("B", None)
+    for session in ("a", "b"):
+        restore(successor, session, True)
+        pump(owner, successor, owner.handle(join(session, 1), 0.0))
+    successor.handle(signal(2, 0), 0.0)  # the takeover: active, with a higher term
+    assert successor.rooms["room"].term > owner.rooms["room"].term
+    held = owner.handle(signal(3, 1), 0.0)  # the woken owner applies a late command
+    (_, replicate) = held[0]
+    assert isinstance(replicate, ReplicateCmd)
+    (answer,) = successor.handle(replicate, 0.0)
+    assert isinstance(answer[1], ReplicaAck) and answer[1].refused
+    assert owner.handle(answer[1], 0.0) == []  # nothing released: no ack, no delivery
+    assert not owner.rooms["room"].active  # fenced: it serves the room no more
+
+
+def test_a_replica_refuses_a_lower_term_than_it_knows() -> None:
+    replica = table("B", None)
+    newer = ReplicateCmd("A2", "room", "e", 0, [ReplicatedEvent(1, ["a"], b"{}")], 10)
+    older = ReplicateCmd("A1", "room", "e", 0, [ReplicatedEvent(2, ["a"], b"{}")], 9)
+    assert replica.handle(newer, 0.0) == [("A2", ReplicaAck("room", 0))]
+    (refusal,) = replica.handle(older, 0.0)
+    assert refusal == ("A1", ReplicaAck("room", 0, True, 10))
+    assert [e.offset for e in replica.rooms["room"].history] == [1]
+
+
+def owning(node: str, source: str | None, owns: bool = True) -> RoomTable:
+    return RoomTable(
+        capacity=4,
+        resume_window=30,
+        history_max_events=100,
+        history_max_age=600,
+        new_epoch=lambda: next(epochs),
+        node_id=node,
+        owns=lambda room: owns,
+        handoff_from=lambda room: source,
+    )
+
+
+def test_a_new_owner_asks_the_previous_one_and_continues_its_room() -> None:
+    previous, new = owning("A", None), owning("B", "A")
+    previous.handle(join("a", 1), 0.0)
+    previous.handle(join("b", 1), 0.0)
+    acked = previous.handle(signal(2, 0), 0.0)
+    epoch, offset = previous.rooms["room"].epoch, previous.rooms["room"].offset
+    # The broker set changed: B owns the room now. The first command waits for a handoff.
+    asked = new.handle(signal(2, 0), 1.0)  # a resend of the acked signal
+    assert [type(e) for _, e in asked] == [HandoffRequest]
+    previous.owns = lambda room: False
+    (handoff,) = previous.handle(asked[0][1], 1.0)
+    assert isinstance(handoff[1], Handoff) and handoff[1].present
+    assert not previous.rooms["room"].active
+    served = new.handle(handoff[1], 1.0)
+    # The resend is answered from the handed record: the same ack, nothing applied again.
+    assert [r.payload for r in replies(served)] == [r.payload for r in replies(acked)]
+    assert replies(served)[0].term > replies(acked)[0].term  # from the new ownership
+    room = new.rooms["room"]
+    assert (room.epoch, room.offset, room.active) == (epoch, offset, True)
+    assert room.term > handoff[1].term
+    fresh = frames(new.handle(signal(3, 1), 1.0))
+    assert fresh[0]["offset"] == offset + 1
+
+
+def test_without_an_answer_the_new_owner_serves_after_the_timeout() -> None:
+    new = owning("B", "A")
+    assert [type(e) for _, e in new.handle(join("a", 1), 0.0)] == [HandoffRequest]
+    assert [type(e) for _, e in new.expire(0.3)] == [HandoffRequest]  # asked again
+    out = new.expire(0.0 + new.handoff_timeout)
+    assert frames(out)[0]["type"] == "joined"
+
+
+def test_a_broker_that_still_owns_the_room_in_its_view_says_ask_again() -> None:
+    previous = owning("A", None, owns=True)
+    previous.handle(join("a", 1), 0.0)
+    (answer,) = previous.handle(HandoffRequest("room", "B"), 0.0)
+    assert isinstance(answer[1], Handoff) and answer[1].retry and not answer[1].present
+    assert previous.rooms["room"].active
+
+
+def test_a_broker_serves_no_room_it_does_not_own_in_its_view() -> None:
+    other = owning("A", None, owns=False)
+    assert other.handle(join("a", 1), 0.0) == []  # dropped: the edge resends to the owner
+    assert "room" not in other.rooms
+
+
+def replies(out: list[Outbound]) -> list[Reply]:
+    return [e for _, e in out if isinstance(e, Reply)]
