@@ -1,0 +1,82 @@
+"""The edge's delivery rules (``edge.delivery``), one by one."""
+
+from __future__ import annotations
+
+from edge.delivery import (
+    ACCEPT,
+    DUPLICATE,
+    GAP,
+    RETRY_FIRST,
+    RETRY_MAX,
+    Confirmations,
+    Position,
+    Retries,
+    admit,
+)
+
+
+def test_admit_writes_the_next_event_and_moves_the_position() -> None:
+    position = Position("e", 4)
+    assert admit(position, 7, 4) == ACCEPT  # offsets of a session have gaps: prev says so
+    assert position.offset == 7
+
+
+def test_admit_drops_copies_by_their_offset() -> None:
+    position = Position("e", 7)
+    assert admit(position, 7, 4) == DUPLICATE
+    assert admit(position, 5, 4) == DUPLICATE
+    assert position.offset == 7
+
+
+def test_admit_drops_what_comes_after_a_missing_event() -> None:
+    position = Position("e", 7)
+    assert admit(position, 12, 9) == GAP  # 9 was sent and never written here
+    assert position.offset == 7
+    assert admit(position, 9, 7) == ACCEPT  # the resend, in order
+    assert admit(position, 12, 9) == ACCEPT
+
+
+def test_admit_accepts_when_the_owner_knows_less_than_the_edge_wrote() -> None:
+    # After a sync the owner may restart the stream below what was written: prev <= offset.
+    position = Position("e", 9)
+    assert admit(position, 12, 8) == ACCEPT
+
+
+def test_confirmations_coalesce_and_keep_a_gap() -> None:
+    confirms = Confirmations()
+    a, b = Position("e", 3), Position("e", 8)
+    confirms.note("r1", "s1", a)
+    confirms.note("r1", "s1", a, gap=True)
+    confirms.note("r1", "s1", a)  # a later plain note does not hide the gap
+    confirms.note("r2", "s1", b)
+    a.offset = 5  # what is confirmed is the position at the take
+    assert sorted(confirms.take()) == [("r1", "s1", 5, True), ("r2", "s1", 8, False)]
+    assert confirms.take() == []
+    assert len(confirms) == 0
+
+
+def test_retries_double_up_to_the_cap_and_stop_when_done() -> None:
+    retries: Retries[str] = Retries()
+    retries.add("k", "request", now=0.0)
+    assert retries.due(RETRY_FIRST - 0.01) == []
+    assert retries.due(RETRY_FIRST) == ["request"]
+    due_at = RETRY_FIRST
+    interval = RETRY_FIRST
+    for _ in range(6):
+        interval = min(interval * 2, RETRY_MAX)
+        assert retries.due(due_at + interval - 0.01) == []
+        due_at += interval
+        assert retries.due(due_at) == ["request"]
+    assert interval == RETRY_MAX
+    assert "k" in retries
+    assert retries.done("k") == "request"
+    assert retries.due(1e9) == []
+    assert retries.done("k") is None
+
+
+def test_retries_come_out_in_the_order_they_were_added() -> None:
+    retries: Retries[int] = Retries()
+    for n in range(5):
+        retries.add(n, n, now=0.0)
+    retries.done(2)
+    assert retries.due(RETRY_FIRST) == [0, 1, 3, 4]
