@@ -42,7 +42,7 @@ finds its reply.
 
 from __future__ import annotations
 
-import time
+import itertools
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -232,12 +232,6 @@ def _owns_all(room: str) -> bool:
     return True
 
 
-def _clock_term() -> int:
-    # A room created afresh (no state to continue) starts above any term an earlier
-    # incarnation of it could have reached by takeovers: milliseconds of the wall clock.
-    return int(time.time() * 1000)
-
-
 class RoomTable:
     """Rooms owned by one broker: membership, capacity, history, resume, delivery."""
 
@@ -255,7 +249,7 @@ class RoomTable:
         resend_after: float = RESEND_AFTER,
         owns: Callable[[str], bool] = _owns_all,
         handoff_from: Callable[[str], str | None] = _no_replica,
-        new_term: Callable[[], int] = _clock_term,
+        new_term: Callable[[], int] | None = None,
         handoff_timeout: float = HANDOFF_TIMEOUT,
     ) -> None:
         self.node_id = node_id
@@ -274,7 +268,9 @@ class RoomTable:
         self.owns = owns
         #: Who served a room before this broker took it, if alive (asked for a handoff).
         self.handoff_from = handoff_from
-        self._new_term = new_term
+        # The term of a room created afresh: above any its earlier incarnations reached
+        # (the shell passes the wall clock in ms); by default a counter.
+        self._new_term = new_term if new_term is not None else itertools.count(1).__next__
         self.handoff_timeout = handoff_timeout
         self._awaiting: dict[str, _Awaiting] = {}  # room -> the handoff it waits for
         self.rooms: dict[str, Room] = {}

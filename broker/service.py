@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 
 from broker.rooms import Outbound, RoomTable
 from signalpost.config import Settings
@@ -35,6 +36,9 @@ def room_table(settings: Settings, **options: object) -> RoomTable:
         history_max_events=settings.history_max_events,
         history_max_age=settings.history_max_age,
         new_epoch=lambda: secrets.token_urlsafe(6),
+        # A room created afresh starts above any term an earlier incarnation of it reached
+        # by takeovers (+1 each): milliseconds of the wall clock.
+        new_term=lambda: int(time.time() * 1000),
         **options,  # type: ignore[arg-type]
     )
 
