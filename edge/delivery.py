@@ -117,6 +117,14 @@ class Retries(Generic[Item]):
     def __contains__(self, key: object) -> bool:
         return key in self._items
 
+    def reschedule(self, now: float, after: float) -> None:
+        """Resend everything ``after`` seconds from ``now``, with the first interval again
+        (the owners changed: what was resent just now may have met a broker that did not
+        know yet that it owns the room)."""
+        for scheduled in self._items.values():
+            scheduled.due = now + after
+            scheduled.interval = self._first
+
     def due(self, now: float) -> list[Item]:
         """Items to resend now, oldest first; each is rescheduled twice as far out."""
         out: list[Item] = []

@@ -104,6 +104,10 @@ MAX_UNANSWERED = 1024
 #: How often an edge confirms what it wrote and resends what was not answered (cluster).
 DELIVERY_TICK = 0.1
 
+#: After the broker set changed, unanswered requests are resent at once and again this
+#: soon: the new owner may learn that it owns the room a moment after the edge did.
+OWNERS_CHANGED_RETRY = 0.5
+
 #: Rooms whose owner's term the edge remembers at once; past that it starts over (room
 #: names come from clients). Forgetting a term only lets a deposed owner's late envelope
 #: through until the current owner is heard from again.
@@ -445,6 +449,8 @@ class EdgeServer:
                 self.backplane.reannounce(room, restore)
                 if self._lossy:
                     self._retries.add((client.conn, "restore", room), (client, restore), now)
+        if self._lossy:
+            self._retries.reschedule(now, OWNERS_CHANGED_RETRY)
         for client in list(self.sessions.values()):
             for seq in sorted(client.unanswered):
                 command = client.unanswered[seq]
