@@ -47,6 +47,7 @@ signals sent before that point; a signal that was not acked may be missing.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -257,12 +258,20 @@ class _Index:
         self.offset_of: dict[SignalKey, int] = {}  # from any target that got it
         # (target, room) -> arrival times of counted receptions in the room, from anyone
         self.room_times: dict[tuple[str, str], list[float]] = defaultdict(list)
+        # (target, sender) -> counted receptions from the sender in any room, and their times
+        self.by_pair: dict[tuple[str, str], list[Reception]] = defaultdict(list)
+        self.pair_times: dict[tuple[str, str], list[float]] = defaultdict(list)
+        self.uncounted: dict[tuple[str, SignalKey], list[Reception]] = defaultdict(list)
         for reception in sorted(journal.receptions, key=lambda r: r.at):
             self.offset_of.setdefault(reception.key, reception.offset)
-            if reception.counted:
-                self.room_times[(reception.target, reception.room)].append(reception.at)
-                self.stream[(reception.target, reception.room, reception.sender)].append(reception)
-                self.got[(reception.target, reception.key)] += 1
+            if not reception.counted:
+                self.uncounted[(reception.target, reception.key)].append(reception)
+                continue
+            self.room_times[(reception.target, reception.room)].append(reception.at)
+            self.by_pair[(reception.target, reception.sender)].append(reception)
+            self.pair_times[(reception.target, reception.sender)].append(reception.at)
+            self.stream[(reception.target, reception.room, reception.sender)].append(reception)
+            self.got[(reception.target, reception.key)] += 1
         self.recoveries: dict[tuple[str, str], list[RecoveryLog]] = defaultdict(list)
         for recovery in sorted(journal.recoveries, key=lambda r: r.at):
             self.recoveries[(recovery.client, recovery.room)].append(recovery)
@@ -300,8 +309,8 @@ class _Index:
         if position is not None and offset is not None:
             return offset > position
         times = self.room_times[(target, signal.room)]
-        seen_after = [t for t in times if signal.sent_at <= t < connection.opened_at]
-        return not seen_after
+        first_after = bisect.bisect_left(times, signal.sent_at)
+        return first_after == len(times) or times[first_after] >= connection.opened_at
 
     def history(self, signal: SentSignal | None, target: str, key: SignalKey) -> list[str]:
         """What ``target`` saw around ``key``: deliveries, connections, recoveries, faults."""
@@ -312,22 +321,17 @@ class _Index:
         near = [r for r in stream if abs(r.seq - seq) <= 3] or stream[-3:]
         lines.append(f"{target} got from {sender} in {room} (near #{seq}, {len(stream)} in all):")
         lines += [f"  {r.describe(t0)}" for r in near] or ["  nothing"]
-        around = [
-            r
-            for (t, other, s), stream in self.stream.items()
-            if t == target and s == sender and other != room
-            for r in stream
-            if signal is not None and abs(r.at - signal.sent_at) <= 1.0
-        ]
-        if around:
-            lines.append(f"{target} got from {sender} in other rooms within 1 s of sending:")
-            lines += [f"  {r.describe(t0)}" for r in sorted(around, key=lambda r: r.at)]
-        abandoned = [
-            r
-            for r in self.journal.receptions
-            if r.target == target and r.key == key and not r.counted
-        ]
-        lines += [f"  on an abandoned conn: {r.describe(t0)}" for r in abandoned]
+        if signal is not None:
+            pair = self.by_pair[(target, sender)]
+            times = self.pair_times[(target, sender)]
+            lo = bisect.bisect_left(times, signal.sent_at - 1.0)
+            hi = bisect.bisect_right(times, signal.sent_at + 1.0)
+            around = [r for r in pair[lo:hi] if r.room != room]
+            if around:
+                lines.append(f"{target} got from {sender} in other rooms within 1 s of sending:")
+                lines += [f"  {r.describe(t0)}" for r in around]
+        for r in self.uncounted[(target, key)]:
+            lines.append(f"  on an abandoned conn: {r.describe(t0)}")
         when = signal.sent_at if signal else (near[0].at if near else t0)
         lines.append(f"{target}'s connections near t={when - t0:.3f}:")
         for connection in self.connections[target]:
@@ -336,6 +340,8 @@ class _Index:
             if start <= when + 15 and end >= when - 15:
                 lines.append(f"  {connection.describe(t0)}")
         for recovery in self.recoveries[(target, room)]:
+            if abs(recovery.at - when) > 60:
+                continue
             lines.append(
                 f"{target} recovered {room}: {recovery.recovered} at t={recovery.at - t0:.3f} "
                 f"(conn {recovery.conn})"

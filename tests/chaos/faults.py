@@ -11,11 +11,12 @@ until the cluster is whole again (bounded) and returns its ``FaultLog``:
 - ``broker_kill``: SIGKILL a broker; the launcher restarts it.
 - ``broker_stop``: SIGSTOP a broker for 1.5 to 3 heartbeat expiries, then SIGCONT: it
   wakes up believing it still owns its rooms.
-- ``edge_kill``: SIGKILL an edge; its clients resume on the other one; launcher restart.
+- ``edge_kill``: SIGKILL an edge; its clients resume on the other one; launcher restart;
+  a second later they drop (abort) and resume on it again, so both edges keep clients.
 - ``presence_kill``: SIGKILL the presence node; launcher restart.
 - ``link_reset``: ``ss -K`` the TCP connections to, from or both ways of a broker's or the
   presence node's ZeroMQ port (ZeroMQ reconnects by itself), or of an edge's WebSocket
-  port (its clients resume).
+  port (its clients resume elsewhere, then move back as after ``edge_kill``).
 - ``consul_restart``: SIGKILL the Consul agent, 1 to 4 s down, then a fresh dev agent (no
   state) on the same ports; the nodes register again.
 - ``client_drop``: a client aborts its connection (no close frame), or leaves it half open,
@@ -322,11 +323,25 @@ class FaultInjector:
             fault.detail = f"not restarted within {RESTART_TIMEOUT:.0f} s"
         return fault
 
+    async def _move_home(self, edge: str) -> str:
+        """Clients of ``edge`` that resumed elsewhere drop (abort) and resume on it again.
+
+        Without this, every edge fault would leave all clients on the other edge.
+        """
+        away = [c for c in self.clients if c.ready and c.home_edge == edge and c.edge != edge]
+        for client in away:
+            await client.drop(half_open=False)
+        back = await asyncio.gather(*(c.wait_ready(15.0) for c in away))
+        return f"{sum(back)} of {len(away)} clients moved back"
+
     async def _broker_kill(self) -> FaultLog:
         return await self._kill("broker")
 
     async def _edge_kill(self) -> FaultLog:
-        return await self._kill("edge")
+        fault = await self._kill("edge")
+        await asyncio.sleep(1.0)  # its clients resume elsewhere first
+        fault.detail = "; ".join(filter(None, [fault.detail, await self._move_home(fault.target)]))
+        return fault
 
     async def _presence_kill(self) -> FaultLog:
         return await self._kill("presence")
@@ -369,6 +384,9 @@ class FaultInjector:
             if process.returncode:
                 fault.detail = f"ss failed: {err.decode().strip()} "
         fault.detail += f"{side} port {port}: {killed} sockets reset"
+        if kind == "edge":
+            await asyncio.sleep(1.0)
+            fault.detail += "; " + await self._move_home(target)
         return fault
 
     async def _consul_restart(self) -> FaultLog:

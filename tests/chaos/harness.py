@@ -171,6 +171,7 @@ async def run(config: ChaosConfig, *, out: Callable[[str], None] = print) -> Rep
         env={"SIGNALPOST_ROOM_CAPACITY": str(config.clients)},
     )
     clients: list[ChaosClient] = []
+    senders: list[asyncio.Task[None]] = []
     errors: Counter[str] = Counter()
     markers_missing = 0
     try:
@@ -205,7 +206,7 @@ async def run(config: ChaosConfig, *, out: Callable[[str], None] = print) -> Rep
         out(f"{elapsed()} {len(clients)} clients joined {len(members)} rooms")
 
         stop = asyncio.Event()
-        senders = [
+        senders += [
             asyncio.create_task(
                 client.run_room(
                     room,
@@ -243,6 +244,11 @@ async def run(config: ChaosConfig, *, out: Callable[[str], None] = print) -> Rep
         out(f"{elapsed()} markers in ({markers_missing} missing); judging")
         errors.update(s.refused for s in journal.signals if s.refused)
     finally:
+        for task in senders:
+            task.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+        for client in clients:
+            client.stopping = True
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         await cluster.stop()
     report = Report(config, journal, check(journal), workdir, markers_missing, errors)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from tests.chaos.checker import ConnectionLog, Journal, Reception, RecoveryLog, SentSignal
 from tests.helpers import token
@@ -108,7 +108,7 @@ class ChaosClient:
     _seqs: dict[str, int] = field(default_factory=dict)
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _reconnecting: asyncio.Task[None] | None = None
-    _stopping: bool = False
+    stopping: bool = False  # the run is over: no reconnects, no notes
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -116,6 +116,15 @@ class ChaosClient:
     def ready(self) -> bool:
         """Connected and welcomed, pending requests resent."""
         return self._up.is_set() and self._current is not None
+
+    @property
+    def edge(self) -> str | None:
+        """The edge of the current connection."""
+        return self._current.log.edge if self._current is not None else None
+
+    @property
+    def home_edge(self) -> str:
+        return self.edges[self.home].edge
 
     async def wait_ready(self, timeout: float) -> bool:
         """Wait (bounded) until the client is ready again, or lost; return ``ready``."""
@@ -139,7 +148,7 @@ class ChaosClient:
 
     async def close(self) -> None:
         """End the session (close 1000) and close every connection still open."""
-        self._stopping = True
+        self.stopping = True
         if self._reconnecting is not None:
             self._reconnecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -207,10 +216,13 @@ class ChaosClient:
     async def _read(self, link: _Link) -> None:
         with contextlib.suppress(ConnectionClosed):
             async for raw in link.ws:
-                self._on_frame(link, raw)
+                try:
+                    self._on_frame(link, raw)
+                except Exception as exc:  # a frame we cannot read must not stop the reader
+                    self.journal.note(self.clock(), self.name, f"unreadable frame {raw!r}: {exc!r}")
         link.log.closed_at = self.clock()
         link.log.close_code = link.ws.close_code
-        if link is self._current and not self._stopping and not self.lost:
+        if link is self._current and not self.stopping and not self.lost:
             self._current = None
             self._up.clear()
             link.log.abandoned_at = link.log.closed_at
@@ -226,14 +238,7 @@ class ChaosClient:
             self._edge_index += 1  # the other edge first: this one may be the one that died
             try:
                 link = await self._open(resume=True)
-            except (
-                OSError,
-                InvalidHandshake,
-                InvalidURI,
-                TimeoutError,
-                ConnectionClosed,
-                HelloRefused,
-            ) as exc:
+            except Exception as exc:  # whatever failed, the next attempt may work
                 log.info("%s: resume failed: %r", self.name, exc)
                 await asyncio.sleep(delay)
                 delay = min(RECONNECT_CAP, delay * 2)
@@ -293,7 +298,7 @@ class ChaosClient:
             return
         if kind in ("peer-joined", "peer-left"):
             self._advance(frame["room"], frame["offset"])
-            if kind == "peer-left":
+            if kind == "peer-left" and not self.stopping:
                 self.journal.note(now, self.name, f"peer-left {frame['peer']} {frame['reason']}")
         elif kind == "recovered":
             self.journal.recoveries.append(
@@ -429,15 +434,21 @@ class ChaosClient:
     ) -> None:
         """Send signals to ``room`` until ``stop``: at most ``depth`` unanswered at once."""
         inflight: set[asyncio.Task[SentSignal]] = set()
-        while not stop.is_set() and not self.lost:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), rng.uniform(*interval))
-            if stop.is_set():
-                break
-            if len(inflight) >= depth:
-                _done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-            live = [p for p in peers if not p.lost and p.session is not None]
-            to = rng.choice(live) if live and rng.random() < 0.5 else None
-            inflight.add(asyncio.create_task(self.send_signal(room, to, peers)))
-        if inflight:
-            await asyncio.wait(inflight)
+        try:
+            while not stop.is_set() and not self.lost:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), rng.uniform(*interval))
+                if stop.is_set():
+                    break
+                if len(inflight) >= depth:
+                    _done, inflight = await asyncio.wait(
+                        inflight, return_when=asyncio.FIRST_COMPLETED
+                    )
+                live = [p for p in peers if not p.lost and p.session is not None]
+                to = rng.choice(live) if live and rng.random() < 0.5 else None
+                inflight.add(asyncio.create_task(self.send_signal(room, to, peers)))
+            if inflight:
+                await asyncio.wait(inflight)
+        finally:
+            for task in inflight:
+                task.cancel()
