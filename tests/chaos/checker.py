@@ -40,6 +40,9 @@ one monotonic clock (all clients live in the harness process):
 - ``member_refused``: a signal was refused with ``not_in_room`` (the sender is a member:
   membership is fixed) or ``unknown_peer`` (the peer is a member whose session was not
   lost): the cluster forgot a member (guarantee 5).
+- ``peer_left``: a client was told that a member left (``peer-left``), though no member
+  leaves and that member's session was not lost: resumed in time, the others must notice
+  nothing (guarantee 2).
 
 Exemptions: a target that got ``recovered: false`` for a room is exempt for that room's
 signals sent before that point; a signal that was not acked may be missing.
@@ -73,6 +76,7 @@ class Kind(StrEnum):
     TWO_LIVE_CONNECTIONS = "two_live_connections"
     RESUME_REFUSED = "resume_refused"
     MEMBER_REFUSED = "member_refused"
+    PEER_LEFT = "peer_left"
 
 
 SignalKey = tuple[str, str, int]  # (sender, room, seq)
@@ -187,6 +191,18 @@ class RecoveryLog:
     conn: int
 
 
+@dataclass(slots=True, frozen=True)
+class DepartureLog:
+    """A ``peer-left`` frame: ``client`` was told ``peer`` left ``room``."""
+
+    client: str
+    room: str
+    peer: str  # the peer's user: each client of a run is a user of its own
+    reason: str
+    at: float
+    conn: int
+
+
 @dataclass(slots=True)
 class FaultLog:
     """One fault the harness injected."""
@@ -212,6 +228,7 @@ class Journal:
     receptions: list[Reception] = field(default_factory=list)
     connections: list[ConnectionLog] = field(default_factory=list)
     recoveries: list[RecoveryLog] = field(default_factory=list)
+    departures: list[DepartureLog] = field(default_factory=list)
     faults: list[FaultLog] = field(default_factory=list)
     notes: list[tuple[float, str, str]] = field(default_factory=list)  # (time, client, text)
 
@@ -346,6 +363,12 @@ class _Index:
                 f"{target} recovered {room}: {recovery.recovered} at t={recovery.at - t0:.3f} "
                 f"(conn {recovery.conn})"
             )
+        for departure in self.journal.departures:
+            if departure.client == target and departure.room == room:
+                lines.append(
+                    f"{target} was told {departure.peer} left {room} ({departure.reason}) "
+                    f"at t={departure.at - t0:.3f}"
+                )
         for at, client, text in self.journal.notes:
             if client in (target, sender) and when - 10 <= at <= when + 10:
                 lines.append(f"note t={at - t0:.3f} {client}: {text}")
@@ -364,6 +387,7 @@ def check(journal: Journal, *, resume_window: float = 30.0) -> Verdict:
     violations += missing
     violations += _connections(index, resume_window)
     violations += _member_refusals(index)
+    violations += _departures(index)
     violations.sort(key=lambda v: (v.at, v.kind))
     return Verdict(violations, checked, exempt)
 
@@ -474,6 +498,21 @@ def _member_refusals(index: _Index) -> Iterable[Violation]:
                 for f in index.journal.faults
                 if signal.sent_at - 10 <= f.at <= signal.sent_at + 1
             ],
+        )
+
+
+def _departures(index: _Index) -> Iterable[Violation]:
+    t0 = index.journal.t0
+    for departure in index.journal.departures:
+        if departure.peer in index.refused_from:
+            continue  # its session was lost: leaving is what happens next
+        connections = [c.describe(t0) for c in index.connections[departure.peer]]
+        yield Violation(
+            Kind.PEER_LEFT,
+            departure.at,
+            f"{departure.client} was told {departure.peer} left {departure.room} "
+            f"({departure.reason})",
+            [f"{departure.peer}'s connections:", *(f"  {c}" for c in connections)],
         )
 
 

@@ -10,6 +10,7 @@ from tests.chaos.checker import (
     REPLACE_BOUND,
     STALE_GRACE,
     ConnectionLog,
+    DepartureLog,
     Journal,
     Kind,
     Reception,
@@ -201,6 +202,16 @@ def test_a_member_refused_as_not_in_room() -> None:
     signal = story.send(1, acked=False)
     signal.refused = "not_in_room"
     assert story.kinds() == ["member_refused"]
+
+
+def test_a_member_reported_gone_while_it_never_left() -> None:
+    story = Story()
+    story.journal.departures.append(DepartureLog("bob", "r", "carol", "timeout", 2.0, 1))
+    assert story.kinds() == ["peer_left"]
+    story.resume("carol", recovered=True, positions={"r": 0})
+    story.journal.connections[-1].resumed = False  # her session was lost: leaving follows
+    story.journal.recoveries.clear()
+    assert story.kinds() == ["resume_refused"]
 
 
 def test_markers_not_yet_received() -> None:

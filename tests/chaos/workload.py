@@ -32,7 +32,14 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from tests.chaos.checker import ConnectionLog, Journal, Reception, RecoveryLog, SentSignal
+from tests.chaos.checker import (
+    ConnectionLog,
+    DepartureLog,
+    Journal,
+    Reception,
+    RecoveryLog,
+    SentSignal,
+)
 from tests.helpers import token
 
 log = logging.getLogger("signalpost.chaos")
@@ -299,7 +306,16 @@ class ChaosClient:
         if kind in ("peer-joined", "peer-left"):
             self._advance(frame["room"], frame["offset"])
             if kind == "peer-left" and not self.stopping:
-                self.journal.note(now, self.name, f"peer-left {frame['peer']} {frame['reason']}")
+                self.journal.departures.append(
+                    DepartureLog(
+                        self.name,
+                        frame["room"],
+                        str(frame["peer"].get("user")),
+                        str(frame["reason"]),
+                        now,
+                        link.log.number,
+                    )
+                )
         elif kind == "recovered":
             self.journal.recoveries.append(
                 RecoveryLog(
