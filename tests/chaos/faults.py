@@ -220,6 +220,21 @@ class ChaosCluster:
     async def consul_ready(self) -> bool:
         return await asyncio.to_thread(_http_ok, f"{self.consul_url}/v1/status/leader")
 
+    async def passing(self) -> dict[str, list[str]]:
+        """Per kind, the node ids Consul lists as healthy (empty when Consul does not answer)."""
+
+        def ask(kind: str) -> list[str]:
+            url = f"{self.consul_url}/v1/health/service/signalpost-{kind}?passing=1"
+            try:
+                with urllib.request.urlopen(url, timeout=2.0) as response:
+                    return sorted(e["Service"]["ID"] for e in json.loads(response.read()))
+            except (OSError, ValueError):
+                return []
+
+        kinds = ("edge", "broker", "presence")
+        found = await asyncio.gather(*(asyncio.to_thread(ask, kind) for kind in kinds))
+        return dict(zip(kinds, found, strict=True))
+
     async def kill_consul(self) -> None:
         """SIGKILL the Consul agent (the launcher's, or the one we restarted)."""
         if self.consul is not None:

@@ -109,6 +109,9 @@ class Report:
         lines += [f"  {f.describe(t0)}" for f in self.journal.faults]
         by_kind = Counter(f.kind for f in self.journal.faults)
         lines.append("faults by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(by_kind.items())))
+        lines += [
+            f"note t={at - t0:.3f}: {text}" for at, who, text in self.journal.notes if who == "-"
+        ]
         lines.append("counts:")
         lines += [f"  {name}: {value}" for name, value in self.counts().items()]
         if self.errors:
@@ -274,6 +277,13 @@ async def _settle(
             FaultLog("settle", "-", clock(), detail="cluster or clients not back in time")
         )
     await asyncio.sleep(SETTLE_CALM)
+    # Not waited for (it needs no fault to go wrong), but a cluster routes by what it shows.
+    passing = await cluster.passing()
+    expected = {kind: sorted(p["id"] for p in cluster.of_kind(kind)) for kind in passing}
+    if passing != expected:
+        missing = {k: sorted(set(expected[k]) - set(v)) for k, v in passing.items()}
+        shown = ", ".join(f"{k}: {', '.join(v)}" for k, v in missing.items() if v)
+        journal.note(clock(), "-", f"after settling, Consul does not list as passing: {shown}")
 
 
 async def _send_markers(client: ChaosClient, members: dict[str, list[ChaosClient]]) -> None:
