@@ -415,13 +415,12 @@ class FaultInjector:
 
     async def _client_drop(self) -> FaultLog:
         half_open = self.rng.random() < 0.5
-        ready = [c for c in self.clients if c.ready]
-        if not ready:
-            return FaultLog("client_drop", "-", self.clock(), detail="no client connected")
-        client = self.rng.choice(ready)
+        client = self.rng.choice(self.clients)  # not among the ready ones: a seed replays
         mode = "half open" if half_open else "abort"
         fault = FaultLog("client_drop", client.name, self.clock(), detail=mode)
-        await client.drop(half_open=half_open)
+        if not await client.wait_ready(5.0) or not await client.drop(half_open=half_open):
+            fault.detail += "; not connected: skipped"
+            return fault
         if not await client.wait_ready(15.0):
             fault.detail += "; not resumed within 15 s"
         return fault
