@@ -77,6 +77,16 @@ async def _tcp_ready(port: int) -> bool:
     return True
 
 
+def _start_time(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks after boot), or None when it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]  # state, ..., starttime (field 22)
+
+
 def _argv(pid: int) -> list[str]:
     """The command line of a running process."""
     return Path(f"/proc/{pid}/cmdline").read_text().split("\0")[:-1]
@@ -103,7 +113,7 @@ class ChaosCluster:
         self.consul: subprocess.Popen[bytes] | None = None  # a Consul agent we restarted
         self.consul_argv: list[str] = []
         self.stopped: set[int] = set()  # pids we sent SIGSTOP and no SIGCONT yet
-        self.seen_pids: set[int] = set()
+        self.seen: dict[int, str] = {}  # pid -> its start time: a reused pid is not ours
         self._stderr: Any = None
 
     @property
@@ -160,7 +170,10 @@ class ChaosCluster:
                 break
             except (OSError, ValueError):  # mid-replace: try again
                 time.sleep(0.01)
-        self.seen_pids.update(p["pid"] for p in self.cluster.processes)
+        for process in self.cluster.processes:
+            started = _start_time(process["pid"])
+            if started is not None:
+                self.seen.setdefault(process["pid"], started)
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         assert self.cluster is not None
@@ -171,10 +184,17 @@ class ChaosCluster:
         (process,) = [p for p in self.cluster.processes if p["id"] == process_id]
         return process
 
+    def ours(self, pid: int) -> bool:
+        """Whether ``pid`` is still the process this cluster started under that pid."""
+        started = _start_time(pid)
+        return started is not None and self.seen.get(pid) == started
+
     def signal(self, process_id: str, sig: int) -> int:
         """Send ``sig`` to a node; return its pid."""
         self.reload()
         pid: int = self.process(process_id)["pid"]
+        if not self.ours(pid):
+            return pid  # gone (and its pid maybe reused): the launcher restarts it
         if sig == signal.SIGSTOP:
             self.stopped.add(pid)
         with contextlib.suppress(ProcessLookupError):
@@ -192,7 +212,7 @@ class ChaosCluster:
             process = self.process(process_id)
             if (
                 process["pid"] != old_pid
-                and self.cluster.alive(process_id)
+                and self.ours(process["pid"])
                 and await _tcp_ready(_port(process["url"]))
             ):
                 return True
@@ -206,7 +226,7 @@ class ChaosCluster:
         for process in self.cluster.processes:
             if process["kind"] == "consul":
                 continue
-            if not self.cluster.alive(process["id"]) or process["pid"] in self.stopped:
+            if not self.ours(process["pid"]) or process["pid"] in self.stopped:
                 return False
             if not await _tcp_ready(_port(process["url"])):
                 return False
@@ -242,8 +262,10 @@ class ChaosCluster:
             await asyncio.to_thread(self.consul.wait)
             self.consul = None
         else:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.of_kind("consul")[0]["pid"], signal.SIGKILL)
+            pid: int = self.of_kind("consul")[0]["pid"]
+            if self.ours(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def _spawn_consul(self) -> None:
         data_dir = self.workdir / f"consul-data-{time.monotonic_ns()}"
@@ -259,7 +281,6 @@ class ChaosCluster:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        self.seen_pids.add(self.consul.pid)
 
     async def start_consul(self) -> bool:
         """A fresh dev agent on the same ports (a dev agent comes back with no state)."""
@@ -276,8 +297,9 @@ class ChaosCluster:
         if self.cluster is None:
             return
         for pid in list(self.stopped):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+            if self.ours(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
         self.stopped.clear()
         launcher = self.cluster.launcher
         if launcher.poll() is None:
@@ -293,9 +315,10 @@ class ChaosCluster:
             self.consul = None
         with contextlib.suppress(OSError, ValueError):
             self.reload()
-        for pid in self.seen_pids:  # a child the launcher lost track of, if any
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        for pid in self.seen:  # a child the launcher lost track of, if any
+            if self.ours(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         if self._stderr is not None:
             self._stderr.close()
 
