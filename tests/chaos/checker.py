@@ -21,9 +21,9 @@ one monotonic clock (all clients live in the harness process):
 ``check`` reads the journal and returns every ``Violation``:
 
 - ``lost``: an acked signal never reached a target (counted), and nothing excuses it.
-- ``missed_after_recovered_true``: the same, but the target resumed from a position
-  before the signal and was told ``recovered: true`` for the room: the cluster said
-  nothing was missed. (A signal the target missed live, before positions past it, is
+- ``missed_after_recovered_true``: the same, but after the ack the target resumed from a
+  position before the signal and was told ``recovered: true`` for the room: the cluster
+  said nothing was missed. (A signal the target missed live, before positions past it, is
   ``lost``: its resume did not ask for it.)
 - ``duplicate``: a target got the same signal twice (acked or not: an unacked signal may
   arrive at most once).
@@ -459,10 +459,11 @@ def _losses(index: _Index) -> tuple[int, int, list[Violation]]:
                 exempt += 1
                 continue
             checked += 1
-            told_true = [
+            acked_at = signal.acked_at
+            told_true = [  # after the ack: the event existed when recovery was reported
                 r
                 for r in index.recoveries[(target, signal.room)]
-                if r.recovered and r.at > signal.sent_at and index.owed_replay(signal, target, r)
+                if r.recovered and r.at > acked_at and index.owed_replay(signal, target, r)
             ]
             if told_true:
                 kind = Kind.MISSED_AFTER_RECOVERED_TRUE
