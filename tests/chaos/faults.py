@@ -12,7 +12,7 @@ until the cluster is whole again (bounded) and returns its ``FaultLog``:
 - ``broker_stop``: SIGSTOP a broker for 1.5 to 3 heartbeat expiries, then SIGCONT: it
   wakes up believing it still owns its rooms.
 - ``edge_kill``: SIGKILL an edge; its clients resume on the other one; launcher restart;
-  a second later they drop (abort) and resume on it again, so both edges keep clients.
+  once they have resumed, they drop (abort) and resume on it again: both edges keep clients.
 - ``presence_kill``: SIGKILL the presence node; launcher restart.
 - ``link_reset``: ``ss -K`` the TCP connections to, from or both ways of a broker's or the
   presence node's ZeroMQ port (ZeroMQ reconnects by itself), or of an edge's WebSocket
@@ -366,7 +366,9 @@ class FaultInjector:
 
         Without this, every edge fault would leave all clients on the other edge.
         """
-        away = [c for c in self.clients if c.ready and c.home_edge == edge and c.edge != edge]
+        homed = [c for c in self.clients if c.home_edge == edge and not c.lost]
+        await asyncio.gather(*(c.wait_ready(10.0) for c in homed))  # resumed elsewhere first
+        away = [c for c in homed if c.ready and c.edge != edge]
         for client in away:
             await client.drop(half_open=False)
         back = await asyncio.gather(*(c.wait_ready(15.0) for c in away))
@@ -377,7 +379,6 @@ class FaultInjector:
 
     async def _edge_kill(self) -> FaultLog:
         fault = await self._kill("edge")
-        await asyncio.sleep(1.0)  # its clients resume elsewhere first
         fault.detail = "; ".join(filter(None, [fault.detail, await self._move_home(fault.target)]))
         return fault
 
@@ -423,7 +424,7 @@ class FaultInjector:
                 fault.detail = f"ss failed: {err.decode().strip()} "
         fault.detail += f"{side} port {port}: {killed} sockets reset"
         if kind == "edge":
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.5)  # the resets reach the clients
             fault.detail += "; " + await self._move_home(target)
         return fault
 
