@@ -8,7 +8,11 @@ What is wired together (in memory, no sockets, no clock):
 * 3 edges, each an ``_Edge``: the rules of ``edge.server.EdgeServer`` (``_admit``,
   ``_synced``, ``_room_order``, ``_resend``, ``_delivery_tick``, ``_track_membership``,
   ``owners_changed``) applied with ``edge.delivery`` as the server does, for 4 clients (two
-  share an edge, so a ``Deliver`` can name several sessions);
+  share an edge, so a ``Deliver`` can name several sessions); a client can drop and resume
+  on any edge (``_closed``'s ``DetachCmd``, ``_authenticate``'s positions and
+  ``AttachCmd``) while its SDK keeps each room's epoch and offset, resends what was
+  unanswered with its ids, in order, and joins again a room it could not recover
+  (``signalpost.js``);
 * links that lose what the scenario says. A link carries frames: what one node sent one peer
   in one go (one ``handle`` call, one timer tick), as the transport batches it into one
   ZeroMQ message, lost or delivered whole. Per direction a link is FIFO (ZeroMQ over TCP);
@@ -17,7 +21,8 @@ What is wired together (in memory, no sockets, no clock):
   TCP (ZeroMQ never duplicates), the protocol absorbs it anyway.
 
 A scenario is a list of commands (``_Cmd``, ``(kind, a, b, c)``): client actions (join,
-leave, signal one peer or all, repeat an earlier request with its id as an SDK does), link
+leave, signal one peer or all, repeat an earlier request with its id as an SDK does,
+drop the connection and resume on an edge), link
 actions (deliver, drop, dup, reset, flush), time (``advance``: edges confirm and retry,
 owners expire and resend) and ``flap`` (an edge sees the brokers change, as on any broker
 up/down: it re-announces its members with their positions and resends what is unanswered).
@@ -28,12 +33,14 @@ Invariants after every step: no client is written a room event twice; per (clien
 epoch) offsets strictly increase; every event written is the one the owner recorded at that
 offset, meant for that client, and released (the runner-up has it); per (sender, room)
 signals reach each target in send order; every answer to a client id is the same (an ack or
-an error never changes); each signal is recorded at most once. At the end the links heal,
-time runs on until resends and retries have done their work (well inside the reply-record
-age), and: every request was answered, the owner's membership agrees with what the clients
-were answered and with the edges' positions, every event recorded for a member since it
-joined reached it exactly once (liveness), and a signal's recipients are those its sender
-could have reached.
+an error never changes); each signal is recorded at most once; ``recovered: false`` only
+where a resume had no position in the room's epoch. At the end the links heal, time runs
+on until resends and retries have done their work (well inside the reply-record age), and:
+every request was answered, the owner's membership agrees with what the clients were
+answered and with the rooms their edges would re-announce (each member's edge holding a
+position in the room's epoch), every event recorded for a member since it joined (or was
+told it could not recover) reached it exactly once (liveness), and a signal's recipients
+are those its sender could have reached.
 
 The ``test_bug_*`` tests are the shortest scenarios found for defects of the owner and edge
 rules (each docstring says what happens); they fail until those are fixed.
@@ -62,8 +69,10 @@ from hypothesis import strategies as st
 from broker.rooms import Member, Outbound, Room, RoomEvent, RoomTable
 from edge.delivery import ACCEPT, DUPLICATE, Confirmations, Position, Retries, admit
 from signalpost.wire import (
+    AttachCmd,
     Confirm,
     Deliver,
+    DetachCmd,
     Envelope,
     ForgetCmd,
     JoinCmd,
@@ -71,6 +80,7 @@ from signalpost.wire import (
     RecoveredFrame,
     Reply,
     RestoreCmd,
+    RoomPosition,
     SignalCmd,
     Synced,
     encode_frame,
@@ -88,6 +98,8 @@ ROOMS = ("r0", "r1")
 CHAOS_TIME = 40.0
 HEAL_TIME = 40.0
 HEAL_STEP = 0.25
+#: Longer than any scenario: a suspended member never times out here (its resume must work).
+RESUME_WINDOW = 1e6
 ADVANCES = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 Request = SignalCmd | JoinCmd | LeaveCmd
@@ -114,6 +126,7 @@ class _Conn:
     positions: dict[str, Position] = field(default_factory=dict)
     room_seqs: dict[str, int] = field(default_factory=dict)
     waiting_in: dict[str, dict[int, None]] = field(default_factory=dict)
+    hello: dict[str, RoomPosition] = field(default_factory=dict)  # a resume's positions
 
 
 class _Edge:
@@ -170,6 +183,30 @@ class _Edge:
             replica = msgspec.structs.replace(restore, replica=True, epoch="", offset=0)
             self.world.send(self.id, self.world.replica_id, replica)
 
+    def closed(self, client: _Conn) -> None:
+        """``_closed`` for a dropped connection (no clean close: the session may resume)."""
+        for seq in client.unanswered:
+            self.retries.done((client.conn, seq))
+        for room in client.rooms:
+            self.retries.done((client.conn, "restore", room))
+        if self.sessions.get(client.session) is client:
+            del self.sessions[client.session]
+        detach = DetachCmd(client.session, client.conn, self.id, False)
+        for broker in self.world.tables:  # ``to_all_brokers``
+            self.world.send(self.id, broker, detach)
+
+    def resumed(self, client: _Conn) -> None:
+        """The end of ``_authenticate`` for a resume: positions from the hello, then attach
+        (each broker is sent the positions of the rooms it owns)."""
+        for room, seen in client.hello.items():
+            client.positions[room] = Position(seen.epoch, seen.offset)
+        # (An older connection of the session on this edge would be evicted: closed
+        # without a DetachCmd. The scenario's resume closed it first.)
+        self.sessions[client.session] = client
+        for broker in self.world.tables:
+            mine = dict(client.hello) if broker == self.world.owner_id else {}
+            self.world.send(self.id, broker, AttachCmd(client.session, client.conn, self.id, mine))
+
     # ------------------------------------------------------------ timers
 
     def tick(self) -> None:
@@ -212,8 +249,8 @@ class _Edge:
                 client = self.sessions.get(session)
                 if client is None:
                     continue
-                if not envelope.room:
-                    self.world.written(client, envelope.payload, None)
+                if not envelope.room:  # a ``recovered`` frame for a room it is not in
+                    self.world.not_recovered(client, envelope.payload)
                 elif self._admit(client, envelope):
                     self.world.written(client, envelope.payload, client.positions[envelope.room])
         elif isinstance(envelope, Reply):
@@ -261,7 +298,7 @@ class _Edge:
         self.confirms.note(synced.room, client.session, position)
         if synced.report:
             frame = RecoveredFrame(room=synced.room, recovered=synced.recovered)
-            self.world.written(client, encode_frame(frame), None)
+            self.world.synced(client, encode_frame(frame), position)
 
     def _track_membership(self, client: _Conn, command: Envelope, reply: Reply) -> None:
         if not reply.ok:
@@ -314,6 +351,11 @@ class _Client:
     last_from: dict[tuple[str, str], int] = field(default_factory=dict)
     # (room, epoch, offset) -> times written
     events: dict[tuple[str, str, int], int] = field(default_factory=dict)
+    # What the SDK keeps per joined room (epoch, last offset) and resumes with
+    rooms: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # (room, epoch) -> the client was told it may have lost what came up to this offset
+    lost_through: dict[tuple[str, str], int] = field(default_factory=dict)
+    conns: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
 
 @dataclass(frozen=True)
@@ -368,7 +410,7 @@ class _World:
             OWNER: _RecordingTable(
                 self.recorded_by_owner,
                 capacity=CLIENTS,
-                resume_window=30.0,
+                resume_window=RESUME_WINDOW,
                 history_max_events=1_000_000,
                 history_max_age=1e9,
                 new_epoch=lambda: f"epoch-{next(epochs)}",
@@ -380,7 +422,7 @@ class _World:
         if replicated:
             self.tables[RUNNER_UP] = RoomTable(
                 capacity=CLIENTS,
-                resume_window=30.0,
+                resume_window=RESUME_WINDOW,
                 history_max_events=1_000_000,
                 history_max_age=1e9,
                 new_epoch=lambda: f"epoch-{next(epochs)}",
@@ -510,6 +552,8 @@ class _World:
             self.client_request(client, kind, ROOMS[c % len(ROOMS)], to)
         elif kind == "repeat":
             self.repeat(self.clients[a % CLIENTS], b)
+        elif kind == "resume":
+            self.resume(self.clients[a % CLIENTS], self.edges[b % len(self.edges)])
         elif kind == "deliver":
             link = self.chaos_links[a % len(self.chaos_links)]
             for _ in range(b % 4 + 1):
@@ -552,6 +596,23 @@ class _World:
             req = sorted(client.requests)[pick % len(client.requests)]
             self._send_request(client, req)
 
+    def resume(self, client: _Client, edge: _Edge) -> None:
+        """The client's connection drops; it reconnects to ``edge`` and resumes (the SDK:
+        ``hello`` with its rooms' positions, then every request still waiting, in order)."""
+        old = client.conn
+        client.edge.closed(old)
+        self.seal()
+        client.conn = _Conn(
+            old.session, f"{old.conn.split('.')[0]}.{next(client.conns)}", old.peer, old.sender
+        )
+        client.conn.hello = {room: RoomPosition(*seen) for room, seen in client.rooms.items()}
+        client.edge = edge
+        edge.resumed(client.conn)
+        self.seal()
+        waiting = [s for s in client.requests.values() if s.answered_step is None]
+        for sent in sorted(waiting, key=lambda s: s.number):
+            self._send_request(client, next(r for r, s in client.requests.items() if s is sent))
+
     def _send_request(self, client: _Client, req: int) -> None:
         sent = client.requests[req]
         conn = client.conn
@@ -578,17 +639,11 @@ class _World:
 
     # ------------------------------------------------------------ what edges tell clients
 
-    def written(self, conn: _Conn, payload: bytes, position: Position | None) -> None:
-        """A room event (``position``: after it was admitted) or a recovered frame."""
+    def written(self, conn: _Conn, payload: bytes, position: Position) -> None:
+        """A room event was written to the client (``position``: after it was admitted)."""
         client = self.by_session[conn.session]
+        _check(conn is client.conn, "written to a connection the client left", conn)
         frame = json.loads(payload)
-        if frame["type"] == "recovered":
-            # Nothing here loses history, changes epochs under a member or moves a
-            # session: a stream can always be recovered.
-            _check(frame["recovered"], "a client was told it lost events", client.name, frame)
-            return
-        _check(position is not None, "a room event without a position", frame)
-        assert position is not None
         room, offset, epoch = frame["room"], frame["offset"], position.epoch
         _check(position.offset == offset, "position is not the written offset", position, frame)
         key = (room, epoch, offset)
@@ -610,6 +665,43 @@ class _World:
             previous = client.last_from.get((sender, room), 0)
             _check(number > previous, "signals of one sender out of order", client.name, frame)
             client.last_from[sender, room] = number
+        seen = client.rooms.get(room)
+        if seen is not None and seen[0] == epoch and offset > seen[1]:
+            client.rooms[room] = (epoch, offset)
+
+    def synced(self, conn: _Conn, payload: bytes, position: Position) -> None:
+        """A ``recovered`` frame after a resume (or a re-announce); the edge is at
+        ``position``. Nothing here loses history, changes a member's epoch or lets a
+        suspension lapse: only a resume without a position in the room's epoch (its joined
+        reply never reached the client, or the room was emptied and made anew since)
+        cannot recover."""
+        client = self.by_session[conn.session]
+        frame = json.loads(payload)
+        room = frame["room"]
+        if not frame["recovered"]:
+            hello = conn.hello.get(room)
+            _check(
+                hello is None or hello.epoch != position.epoch,
+                "a client was told it lost events",
+                client.name,
+                room,
+            )
+            key = (room, position.epoch)
+            client.lost_through[key] = max(client.lost_through.get(key, 0), position.offset)
+            self._rejoin(client, room)
+
+    def not_recovered(self, conn: _Conn, payload: bytes) -> None:
+        """``recovered: false`` for a room the resumed session was not in when its attach
+        was applied (it may have joined again since)."""
+        client = self.by_session[conn.session]
+        frame = json.loads(payload)
+        _check(frame["type"] == "recovered" and not frame["recovered"], "not a room event", frame)
+        self._rejoin(client, frame["room"])
+
+    def _rejoin(self, client: _Client, room: str) -> None:
+        """The SDK's ``rejoinUnrecovered``: join again a room it thinks it is in."""
+        if room in client.rooms:
+            self.client_request(client, "join", room, None)
 
     def replied(self, reply: Reply) -> None:
         """Every copy of an answer, also those the edge drops: one per client id, ever."""
@@ -629,6 +721,14 @@ class _World:
             sent.answered_step, sent.answer, sent.ok = self.step, reply.payload, reply.ok
         else:
             _check(sent.answer == reply.payload, "a repeated request answered otherwise", sent)
+        if reply.ok and isinstance(command, JoinCmd):
+            previous = client.rooms.get(command.room)
+            if previous is not None and previous[0] == reply.epoch:
+                client.rooms[command.room] = (reply.epoch, max(previous[1], reply.offset))
+            else:
+                client.rooms[command.room] = (reply.epoch, reply.offset)
+        elif reply.ok and isinstance(command, LeaveCmd):
+            client.rooms.pop(command.room, None)
 
     # ------------------------------------------------------------ the record
 
@@ -675,15 +775,19 @@ class _World:
             expected = {c.name for c in self.clients if self._member_by_answers(c, name)}
             _check(members == expected, "membership differs from the answers", name, members)
             for client in self.clients:
-                positions = client.conn.positions
+                # What the edge re-announces on an owners change is what the owner has ...
                 _check(
-                    (name in positions) == (client.name in members),
-                    "edge position without membership (or the reverse)",
+                    (name in client.conn.rooms) == (client.name in members),
+                    "the edge's rooms differ from the owner's membership",
                     client.name,
                     name,
                 )
-                if room is not None and name in positions:
-                    _check(positions[name].epoch == room.epoch, "stale epoch", client.name)
+                # ... and a member's edge has a position in the room's epoch to write from.
+                if room is not None and client.name in members:
+                    position = client.conn.positions.get(name)
+                    _check(position is not None, "a member without a position", client.name)
+                    assert position is not None
+                    _check(position.epoch == room.epoch, "stale epoch", client.name, name)
 
     def _member_before(self, client: _Client, room: str, number: int) -> bool:
         """Whether ``client`` is a member when its request ``number`` applies (a connection's
@@ -793,7 +897,7 @@ class _World:
                     if json.loads(e.payload)["type"] == "peer-joined"
                     and json.loads(e.payload)["peer"]["session"] == session
                 ]
-                since = max(joined, default=0)
+                since = max(max(joined, default=0), client.lost_through.get((name, room.epoch), 0))
                 owed = [e.offset for e in events if e.offset > since and session in e.recipients]
                 got = [
                     offset
@@ -815,7 +919,7 @@ KINDS = (
     + ["deliver"] * 5
     + ["signal"] * 3
     + ["join", "leave", "repeat", "drop", "drop", "dup", "reset", "advance", "advance"]
-    + ["tick", "flap"]
+    + ["tick", "flap", "resume"]
 )
 
 
@@ -999,21 +1103,26 @@ def test_bug_a_second_join_whose_first_answer_was_lost_skips_events() -> None:
 
 
 def test_bug_a_confirmation_from_before_a_leave_is_applied_to_the_next_membership() -> None:
-    """s0 and s3 (both on e0) leave r1; the room empties and is recreated with a new epoch
-    when s0 rejoins. ``Confirmations`` still holds s0's old ``Position`` (noted before the
-    leave; ``note`` keeps the first entry per key) and confirms its offset (3, old epoch):
-    the owner sets the new member's ``sent``/``confirmed`` to 3 and never sends s0 the
-    events at offsets 2 and 3 of the new epoch (s1's peer-joined here). A ``Synced`` that
-    opens a new epoch (takeover without replication) has the same hole."""
+    """No loss needed. s0 and s3 (both on e0) leave r1 and s0 joins again before e0's next
+    confirm tick: the room emptied, so it is made anew with a new epoch. ``Confirmations``
+    still holds s0's old ``Position`` (``note`` keeps the first entry per key, and nothing
+    drops it on leave) and confirms its offset, 3 of the old epoch: the owner takes it for
+    the new member (``Confirm`` names no epoch) and never sends s0 the new epoch's events
+    up to 3 (s1's peer-joined here). A ``Synced`` that opens a new epoch (a takeover
+    without replication) leaves the same stale entry behind."""
     run_scenario(
         [
             ("join", 0, 1, 0),
-            ("join", 1, 1, 0),
             ("join", 3, 1, 0),
+            ("flush", 0, 0, 0),
             ("leave", 3, 1, 0),
             ("leave", 0, 1, 0),
-            ("drop", 2, 1, 0),  # s1's join, until its retry
             ("join", 0, 1, 0),
+            ("flush", 0, 0, 0),
+            ("tick", 0, 0, 0),  # e0 confirms (r1, s0, 3)
+            ("flush", 0, 0, 0),
+            ("join", 1, 1, 0),
+            ("flush", 0, 0, 0),
         ]
     )
 
@@ -1072,4 +1181,130 @@ def test_bug_a_lost_replicate_freezes_the_room() -> None:
         [("join", 0, 0, 0), ("deliver", 0, 0, 0), ("drop", 6, 0, 0)],
         replicated=True,
         lossy_replication=True,
+    )
+
+
+def test_bug_a_stale_restore_recreates_a_membership_left_on_the_resumed_connection() -> None:
+    """s1's edge re-announces it (owners change), then s1 leaves; the connection drops
+    before either left e1. s1 resumes on e0 and its SDK resends the leave, applied there
+    (the room empties and goes). Then e1's old ``RestoreCmd`` arrives: ``restore`` creates
+    the room anew (new epoch) with s1 on the dead connection; the old connection's leave
+    is answered from the record and changes nothing; its detach suspends s1 for good."""
+    run_scenario(
+        [
+            ("join", 1, 0, 0),
+            ("flush", 0, 0, 0),
+            ("flap", 1, 0, 0),
+            ("leave", 1, 0, 0),
+            ("resume", 1, 0, 0),  # to e0
+            ("deliver", 0, 3, 0),  # attach and the resent leave
+            ("flush", 0, 0, 0),
+        ]
+    )
+
+
+def test_bug_a_lost_attach_is_never_sent_again() -> None:
+    """s2 resumes on e1 and the ``AttachCmd`` is lost on e1's link: nothing resends it (the
+    edge learns the session's rooms only from ``Synced``, so an owners change re-announces
+    nothing either). The owner keeps s2 suspended on its old connection and the signal s0
+    sends it (acked) is never delivered; the client is never told anything."""
+    run_scenario(
+        [
+            ("join", 0, 0, 0),
+            ("join", 2, 0, 0),
+            ("flush", 0, 0, 0),
+            ("resume", 2, 1, 0),  # to e1
+            ("drop", 2, 0, 0),  # the AttachCmd
+            ("signal", 0, 1, 0),  # s0 -> s2
+            ("flush", 0, 0, 0),
+        ]
+    )
+
+
+def test_bug_an_attach_from_an_older_connection_rehomes_the_session_to_it() -> None:
+    """s3 resumes on e2, drops again at once and resumes on e1. The attaches travel on
+    different links: e1's arrives first, then e2's (older connection) re-homes s3 to the
+    dead connection (``attach`` checks nothing), and e2's detach of it suspends s3. The
+    acked signal s0 sends it is never delivered."""
+    run_scenario(
+        [
+            ("join", 0, 0, 0),
+            ("join", 3, 0, 0),
+            ("flush", 0, 0, 0),
+            ("resume", 3, 2, 0),  # to e2
+            ("resume", 3, 1, 0),  # to e1
+            ("deliver", 2, 3, 0),  # e1: attach of the live connection
+            ("deliver", 0, 3, 0),  # e0: detach of the first connection (stale, ignored)
+            ("deliver", 4, 3, 0),  # e2: attach, then detach, of the second
+            ("signal", 0, 2, 0),  # s0 -> s3
+            ("flush", 0, 0, 0),
+        ]
+    )
+
+
+def test_bug_a_join_from_the_dropped_connection_binds_the_member_to_it() -> None:
+    """No loss needed. s2 sends a join and its connection drops before the join reaches
+    the owner; s2 resumes on e0. The owner applies the attach (nothing to re-home yet),
+    then the old connection's join: s2 becomes a member on the dead connection. The SDK's
+    resend of the join is answered from the record (no re-home, unlike a no-op join), and
+    the old connection's detach suspends s2: the acked signal s0 sends it never arrives."""
+    run_scenario(
+        [
+            ("join", 0, 1, 0),
+            ("flush", 0, 0, 0),
+            ("join", 2, 1, 0),
+            ("resume", 2, 0, 0),  # to e0
+            ("deliver", 0, 0, 0),  # e0: the attach
+            ("deliver", 4, 0, 0),  # e2: the join of the dropped connection
+            ("flush", 0, 0, 0),
+            ("signal", 0, 1, 1),  # s0 -> s2
+            ("flush", 0, 0, 0),
+        ]
+    )
+
+
+def test_bug_a_join_answered_from_the_record_rewinds_a_resumed_clients_position() -> None:
+    """No loss needed. s1's connection drops before its join is answered; on e0 the attach
+    says ``recovered: false`` (the client had no position) and the edge starts at the
+    room's offset, 2; s2's peer-joined (3) is written. Then the SDK's resend of the join
+    is answered from the record: offset 2. The SDK did not track 3 (a room it did not know
+    yet) and keeps 2; after the next resume the owner replays 3 and the client gets it
+    twice. (The ``recovered`` frame carries no epoch/offset the SDK could start from.)"""
+    run_scenario(
+        [
+            ("join", 0, 0, 0),
+            ("flush", 0, 0, 0),
+            ("join", 1, 0, 0),
+            ("resume", 1, 0, 0),  # to e0
+            ("deliver", 2, 1, 0),  # e1: the join and the detach of the dropped connection
+            ("deliver", 0, 0, 0),  # e0: the attach
+            ("deliver", 1, 3, 0),
+            ("join", 2, 0, 0),
+            ("deliver", 4, 0, 0),
+            ("deliver", 1, 3, 0),  # s1 is written s2's peer-joined (3)
+            ("flush", 0, 0, 0),  # the resent join: "joined", offset 2
+            ("resume", 1, 2, 0),  # to e2, with (epoch, 2)
+            ("flush", 0, 0, 0),
+        ]
+    )
+
+
+def test_bug_a_delivery_of_a_new_epoch_is_admitted_at_an_old_epochs_position() -> None:
+    """No loss needed. s1 leaves r0 and joins again (the room empties: epoch-1), then its
+    connection drops and it resumes on the same edge with its SDK's position (epoch-0, 1).
+    s0's peer-joined (epoch-1, offset 2, prev 1), sent for the old connection's stream,
+    reaches e1, where s1 now has that position: ``Deliver`` names no epoch, so ``admit``
+    writes it as offset 2 of epoch-0, an event that never existed."""
+    run_scenario(
+        [
+            ("join", 1, 0, 0),
+            ("flush", 0, 0, 0),
+            ("leave", 1, 0, 0),
+            ("join", 1, 0, 0),
+            ("deliver", 2, 1, 0),  # e1: the leave and the join (room made anew)
+            ("join", 0, 0, 0),
+            ("deliver", 0, 0, 0),  # e0: s0 joins; peer-joined (2) goes to e1 for s1
+            ("resume", 1, 1, 0),  # to e1 again, at (epoch-0, 1)
+            ("flush", 0, 0, 0),
+        ]
     )
