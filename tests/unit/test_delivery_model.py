@@ -399,7 +399,6 @@ class _World:
     def __init__(self, *, replicated: bool, lossy_replication: bool, dup: bool) -> None:
         self.now = 0.0
         self.step = 0
-        self.healing = False
         self.dup = dup
         #: What happened, for a failure's report (``DELIVERY_MODEL_TRACE=1`` prints it).
         self.trace: list[str] | None = [] if TRACE else None
@@ -629,7 +628,6 @@ class _World:
 
     def heal(self) -> None:
         """No more losses: carry everything and let time run until retries have settled."""
-        self.healing = True
         end = self.now + HEAL_TIME
         while self.now < end:
             self.flush()
