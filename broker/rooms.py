@@ -72,7 +72,6 @@ from signalpost.wire import (
     LeftFrame,
     PeerJoinedFrame,
     PeerLeftFrame,
-    RecoveredFrame,
     ReplicaAck,
     ReplicateCmd,
     ReplicatedEvent,
@@ -102,6 +101,9 @@ MAX_RECORDED_SESSIONS: Final = 200_000
 RESEND_AFTER: Final = 1.0
 #: A gap reported by an edge is answered at once, but not more often than this per member.
 GAP_RESEND_INTERVAL: Final = 0.1
+
+#: Members that left a room remembered per room (see ``Room.departed``).
+DEPARTED_MAX: Final = 1024
 
 #: Seconds a broker that takes a room over waits for the broker that served it until now
 #: to hand it over; then it serves the room without (a new epoch: ``recovered: false``).
@@ -139,6 +141,7 @@ class Member:
     synced: bool = True  # False: the edge's position is unknown here; nothing goes live
     sent: int = 0  # offset of the last event sent to this member (its next ``prev``)
     confirmed: int = 0  # its edge has written everything through this offset
+    start: int = 0  # where its stream started (joined, synced): nothing before is its
     sent_at: float = 0.0  # when what is unconfirmed went out (or was last resent)
 
 
@@ -169,6 +172,7 @@ class _Batch:
     # (session, request key) of the records whose replies wait here: not valid (their
     # events may never be released) until the batch is
     keys: list[tuple[str, str]] = field(default_factory=list)
+    sent_at: float = 0.0  # when the runner-up was last sent it (resent if unanswered)
 
 
 @dataclass(slots=True)
@@ -186,6 +190,9 @@ class Room:
     next_batch: int = 0
     term: int = 0  # this ownership's term: higher than any earlier owner's
     replica_target: str | None = None  # the runner-up that has the whole history
+    # session -> connection of members that left: a late re-announcement from that
+    # connection must not bring them back (bounded: DEPARTED_MAX, oldest first)
+    departed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -349,20 +356,24 @@ class RoomTable:
     def handoff_requested(self, command: HandoffRequest, now: float) -> list[Outbound]:
         """Another broker owns ``command.room`` now: hand over what this one has of it."""
         room = self.rooms.get(command.room)
-        if room is None or not room.active:
+        if room is None:
             return [(command.requester, Handoff(command.room, self.node_id, False))]
-        if self.owns(command.room):
+        if room.active and self.owns(command.room):
             # This broker's view still has it serve the room: ask again when views agree.
             return [(command.requester, Handoff(command.room, self.node_id, False, retry=True))]
+        # Served here until now, or a passive copy (the runner-up of an owner that died,
+        # e.g. the asker itself before it restarted): the most recent state there is.
         return [(command.requester, self.hand_over(command.room, now))]
 
     def hand_over(self, name: str, now: float) -> Handoff:
-        """The whole released state of an active room, and stop serving it here.
+        """The whole released state of a room, and stop serving it here (if it did).
 
         What still waits for the runner-up goes nowhere: it was never acked, and the
-        edges resend those requests to the new owner.
+        edges resend those requests to the new owner. A passive copy is handed over as it
+        is (and kept): a replica's history, or only the membership.
         """
         room = self.rooms[name]
+        released = room.released if room.active else room.offset
         prefix = f"{name}\x00"
         unreleased = {k for batch in room.pending for k in batch.keys}
         records = [
@@ -379,12 +390,12 @@ class RoomTable:
             True,
             term=room.term,
             epoch=room.epoch,
-            offset=room.released,
+            offset=released,
             trimmed_through=room.trimmed_through,
             events=[
                 ReplicatedEvent(e.offset, sorted(e.recipients), e.payload)
                 for e in room.history
-                if e.offset <= room.released
+                if e.offset <= released
             ],
             members=[
                 HandedMember(
@@ -393,12 +404,15 @@ class RoomTable:
                     m.edge,
                     m.conn,
                     -1.0 if m.suspended_until is None else max(0.0, m.suspended_until - now),
+                    m.confirmed if room.active and m.synced and m.suspended_until is None else -1,
                 )
                 for m in room.members.values()
             ],
             records=records,
+            history=room.active or room.replicated,
         )
-        self.demote(name)
+        if room.active:
+            self.demote(name)
         return handoff
 
     def handoff_received(self, command: Handoff, now: float) -> list[Outbound]:
@@ -410,7 +424,7 @@ class RoomTable:
         if command.present:
             room = self.rooms.get(command.room)
             if room is None or not room.active or room.term < command.term:
-                self._install(command, now)
+                self._install(command, now, out)
         if awaiting is not None:
             del self._awaiting[command.room]
             out.extend(self._proceed(command.room, awaiting, now))
@@ -433,29 +447,47 @@ class RoomTable:
             del self.rooms[name]  # nobody joined after all
         return out
 
-    def _install(self, command: Handoff, now: float) -> None:
+    def _install(self, command: Handoff, now: float, out: list[Outbound]) -> None:
         old = self.rooms.get(command.room)
         term = max(command.term, old.term if old is not None else 0) + 1
         if old is not None:
             for member in old.members.values():
                 self._unconfirmed.pop(member, None)
-        room = self.rooms[command.room] = Room(
-            command.room,
-            command.epoch,
-            offset=command.offset,
-            trimmed_through=command.trimmed_through,
-            released=command.offset,
-            term=term,
-        )
-        room.history.extend(
-            RoomEvent(e.offset, now, tuple(e.recipients), e.payload) for e in command.events
-        )
+        if command.history:
+            room = Room(
+                command.room,
+                command.epoch,
+                offset=command.offset,
+                trimmed_through=command.trimmed_through,
+                released=command.offset,
+                term=term,
+            )
+            room.history.extend(
+                RoomEvent(e.offset, now, tuple(e.recipients), e.payload) for e in command.events
+            )
+        else:  # only the membership came: the offsets go on in a new epoch
+            room = Room(
+                command.room,
+                self._new_epoch(),
+                offset=command.offset,
+                trimmed_through=command.offset,
+                released=command.offset,
+                term=max(term, self._new_term()),
+            )
+        self.rooms[command.room] = room
+        streaming: list[Member] = []
         for handed in command.members:
             suspended = None if handed.suspended_for < 0 else now + handed.suspended_for
-            room.members[handed.session] = Member(
+            member = room.members[handed.session] = Member(
                 handed.session, handed.peer, handed.edge, handed.conn, suspended, synced=False
             )
             self._rooms_of.setdefault(handed.session, set()).add(command.room)
+            if suspended is None and handed.confirmed >= 0 and command.history:
+                # The stream goes on from what the edge confirmed to the previous owner:
+                # what it may not have is resent now (copies are dropped by the edge).
+                member.synced = True
+                member.confirmed, member.sent = handed.confirmed, room.released
+                streaming.append(member)
         if old is not None:
             for session in old.members.keys() - room.members.keys():
                 rooms = self._rooms_of.get(session)
@@ -473,6 +505,11 @@ class RoomTable:
         for r in command.records:
             record = _Record(r.payload, r.fingerprint, now - r.age, r.ok, r.epoch, r.offset)
             self._remember(r.session, r.key, record)
+        for member in streaming:
+            if member.sent > member.confirmed:
+                self._resend(room, member, now, out)
+                if self.confirming:
+                    self._unconfirmed[member] = room
 
     def _request(self, command: Request, now: float) -> list[Outbound]:
         if not command.rseq:
@@ -549,7 +586,7 @@ class RoomTable:
         # The ack leaves after the deliveries it acknowledges (and after the runner-up has
         # the events): a broker killed before that has not acked, so the edge retries.
         room = self.rooms.get(command.room)
-        reply = (command.edge, _reply(command, record, room.term if room is not None else 0))
+        reply = (command.edge, self._reply(command, record, room))
         if not self._parked and (room is None or not room.pending):
             out.append(reply)  # nothing recorded to replicate, nothing held before it
             return out
@@ -569,11 +606,21 @@ class RoomTable:
             out.append((command.edge, _reply(command, refusal, 0)))
             return
         room = self.rooms.get(command.room)
-        reply = (command.edge, _reply(command, record, room.term if room is not None else 0))
+        reply = (command.edge, self._reply(command, record, room))
         if room is not None and room.pending:
             room.pending.append(_Batch(None, [], [reply], confirmed=True))
         else:
             out.append(reply)
+
+    @staticmethod
+    def _reply(command: Request, record: _Record, room: Room | None) -> Reply:
+        """The answer to ``command``, with the room's term and, for a join or leave,
+        whether the session is a member now (a resend of an old id changes nothing)."""
+        if room is None:
+            return _reply(command, record, 0)
+        if type(command) is SignalCmd:
+            return _reply(command, record, room.term)
+        return _reply(command, record, room.term, command.session in room.members)
 
     def _remember(self, session: str, key: str, record: _Record) -> None:
         records = self._records.get(session)
@@ -624,7 +671,8 @@ class RoomTable:
             # The stream starts at the room's offset now (its own peer-joined is not for
             # it); later events are released after this reply, so ``offset`` is what the
             # edge has written when it reads the reply.
-            member.sent = member.confirmed = room.offset
+            member.sent = member.confirmed = member.start = room.offset
+            room.departed.pop(command.session, None)
         else:
             # Joining twice is a no-op success; it also re-homes a session that moved.
             member.edge, member.conn, member.suspended_until = command.edge, command.conn, None
@@ -632,12 +680,16 @@ class RoomTable:
                 # The edge takes the reply's offset if it had no position; if it had one,
                 # its first confirm reports a gap and is believed (``confirm``).
                 member.synced = True
-                member.sent = member.confirmed = room.released
+                member.sent = member.confirmed = member.start = room.released
         members = [Raw(m.peer) for s, m in room.members.items() if s != command.session]
+        # The joiner starts where its stream is confirmed: what came after is (re)sent to
+        # it, so a join whose first answer was lost skips nothing. (Unconfirmed streams, in
+        # one process, lose nothing: the room's offset.)
+        start = member.confirmed if self.confirming else room.offset
         joined = JoinedFrame(
-            room=room.name, epoch=room.epoch, offset=room.offset, members=members, id=command.req
+            room=room.name, epoch=room.epoch, offset=start, members=members, id=command.req
         )
-        return encode_frame(joined), room.epoch, room.offset
+        return encode_frame(joined), room.epoch, start
 
     def _leave(self, command: LeaveCmd, out: list[Outbound], now: float) -> bytes:
         room = self.rooms.get(command.room)
@@ -688,6 +740,10 @@ class RoomTable:
         elif not command.replica:
             self._activate(room)
         member = room.members.get(command.session)
+        if member is None and room.departed.get(command.session) == command.conn:
+            if not room.members:
+                del self.rooms[command.room]
+            return out  # it left from that connection: a late re-announcement
         if member is None:
             member = room.members[command.session] = Member(
                 command.session, command.peer, command.edge, command.conn, synced=False
@@ -758,7 +814,7 @@ class RoomTable:
                     )
                     sent = event.offset
         member.synced = True
-        member.confirmed = position if complete else room.released
+        member.confirmed = member.start = position if complete else room.released
         member.sent = sent
         member.sent_at = now
         if self.confirming and member.sent > member.confirmed:
@@ -785,15 +841,19 @@ class RoomTable:
     def confirm(self, command: Confirm, now: float) -> list[Outbound]:
         """An edge says what it has written; resend at once where it saw a gap."""
         out: list[Outbound] = []
-        for name, session, offset, gap in command.positions:
+        for name, session, epoch, offset, gap in command.positions:
             room = self.rooms.get(name)
             member = room.members.get(session) if room is not None else None
             if room is None or member is None or not room.active or not member.synced:
                 continue
             if member.edge != command.edge or member.suspended_until is not None:
                 continue  # a late word from an edge that no longer holds the session
+            if epoch != room.epoch:
+                continue  # about an earlier incarnation of the room
             if gap and offset < member.confirmed:
-                member.confirmed = offset  # the edge knows best what it has written
+                # The edge knows best what it has written, but not below where this
+                # member's stream started (that would be an earlier membership's).
+                member.confirmed = max(offset, member.start)
             elif offset > member.confirmed:
                 member.confirmed = offset
                 member.sent_at = now  # progress: the resend timer starts over
@@ -932,6 +992,8 @@ class RoomTable:
                 self._remove(room, session, "timeout", now, out)
             if room.name in self.rooms:
                 self._trim(room, now)
+                if room.pending:
+                    self._resend_batches(room, now, out)
         self._seal(out, now)
         self._prune_records(now)
         for name, awaiting in list(self._awaiting.items()):
@@ -970,6 +1032,9 @@ class RoomTable:
     ) -> None:
         member = room.members.pop(session)
         self._unconfirmed.pop(member, None)
+        room.departed[session] = member.conn
+        if len(room.departed) > DEPARTED_MAX:
+            del room.departed[next(iter(room.departed))]
         rooms = self._rooms_of.get(session)
         if rooms is not None:
             rooms.discard(room.name)
@@ -1120,7 +1185,9 @@ class RoomTable:
                     reply_offset=record.offset,
                     reply_payload=record.payload,
                 )
-            room.pending.append(_Batch(number, events, after, replicate, replica, keys=keys))
+            room.pending.append(
+                _Batch(number, events, after, replicate, replica, keys=keys, sent_at=now)
+            )
             out.append((replica, replicate))
         if reply is not None:
             room_of_reply = self.rooms.get(request.room) if request is not None else None
@@ -1182,6 +1249,17 @@ class RoomTable:
                     out.append((replica, held.replicate))
             self._release(room, now, out)
         return out
+
+    def _resend_batches(self, room: Room, now: float, out: list[Outbound]) -> None:
+        """Send the runner-up again what it has not answered for ``resend_after``: a batch
+        or its ack lost on a reset link (the runner-up skips events it has)."""
+        late = now - self.resend_after
+        for held in room.pending:
+            if held.confirmed or held.replicate is None or held.target is None:
+                continue
+            if held.sent_at <= late:
+                held.sent_at = now
+                out.append((held.target, held.replicate))
 
     def _snapshot(self, room: Room) -> ReplicateCmd:
         """The room's whole history for a new runner-up (batch -1: its ack waits for none)."""
@@ -1268,7 +1346,7 @@ class RoomTable:
             room.trimmed_through = history.popleft().offset
 
 
-def _reply(command: Request, record: _Record, term: int) -> Reply:
+def _reply(command: Request, record: _Record, term: int, member: bool = False) -> Reply:
     return Reply(
         command.session,
         command.conn,
@@ -1279,12 +1357,16 @@ def _reply(command: Request, record: _Record, term: int) -> Reply:
         record.offset,
         command.room,
         term,
+        member,
     )
 
 
 def _recovered(command: AttachCmd, room: str, recovered: bool) -> Outbound:
-    frame = RecoveredFrame(room=room, recovered=recovered)
-    return (command.edge, Deliver([command.session], encode_frame(frame)))
+    # Not a member: reported, and the edge keeps no position (no peer object).
+    return (
+        command.edge,
+        Synced(command.session, command.conn, room, "", 0, recovered, True, b""),
+    )
 
 
 def request_error(exc: ProtocolError, req: RequestId | None) -> bytes:

@@ -52,7 +52,7 @@ class Backplane(Protocol):
     def to_all_brokers(self, command: Envelope) -> None:
         """Send a session-wide command (detach) to every broker."""
 
-    def confirm(self, positions: list[tuple[str, str, int, bool]]) -> None:
+    def confirm(self, positions: list[tuple[str, str, str, int, bool]]) -> None:
         """Confirm ``(room, session, offset, gap)`` positions to the rooms' owners."""
 
     def attach(self, session: str, conn: str, positions: dict[str, RoomPosition]) -> None:
@@ -108,7 +108,7 @@ class LocalBackplane:
     def to_room_replica(self, room: str, command: Envelope) -> None:
         pass  # one process, one room table: nothing to fail over to
 
-    def confirm(self, positions: list[tuple[str, str, int, bool]]) -> None:
+    def confirm(self, positions: list[tuple[str, str, str, int, bool]]) -> None:
         pass  # nothing is lost between the table and the edge
 
     def reannounce(self, room: str, restore: RestoreCmd) -> None:

@@ -66,16 +66,21 @@ class Confirmations:
     def note(self, room: str, session: str, position: Position, gap: bool = False) -> None:
         """Confirm ``position`` of ``session`` in ``room`` at the next take (gap: resend)."""
         key = (room, session)
-        if gap:
+        due = self._due.get(key)
+        if due is None or due[0] is not position:  # a new stream replaces an old one's
+            self._due[key] = (position, gap)
+        elif gap and not due[1]:
             self._due[key] = (position, True)
-        elif key not in self._due:
-            self._due[key] = (position, False)
 
-    def take(self) -> list[tuple[str, str, int, bool]]:
-        """``(room, session, offset, gap)`` for everything noted since the last take."""
+    def forget(self, room: str, session: str) -> None:
+        """Confirm nothing for ``session`` in ``room`` (it left, or its stream restarted)."""
+        self._due.pop((room, session), None)
+
+    def take(self) -> list[tuple[str, str, str, int, bool]]:
+        """``(room, session, epoch, offset, gap)`` for everything noted since the last take."""
         due, self._due = self._due, {}
         return [
-            (room, session, position.offset, gap)
+            (room, session, position.epoch, position.offset, gap)
             for (room, session), (position, gap) in due.items()
         ]
 

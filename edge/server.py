@@ -32,7 +32,17 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from edge.backplane import Backplane
-from edge.delivery import ACCEPT, DUPLICATE, Confirmations, Position, Retries, admit
+from edge.core import (
+    Attach,
+    ConfirmPositions,
+    EdgeCore,
+    Reannounce,
+    SessionState,
+    ToOwner,
+    ToReplica,
+    Write,
+)
+from edge.delivery import ACCEPT, DUPLICATE, GAP
 from edge.guard import CLOSE, SERVE, ClientGuard
 from edge.websocket_link import WebSocketLink
 from signalpost import metrics
@@ -58,7 +68,6 @@ from signalpost.wire import (
     Envelope,
     ErrorFrame,
     Evict,
-    ForgetCmd,
     Hello,
     IceServersFrame,
     IceServersRequest,
@@ -69,10 +78,8 @@ from signalpost.wire import (
     Ping,
     PongFrame,
     PresenceFrame,
-    RecoveredFrame,
     Reply,
     RequestId,
-    RestoreCmd,
     SessionDown,
     SessionUp,
     Signal,
@@ -104,42 +111,21 @@ MAX_UNANSWERED = 1024
 #: How often an edge confirms what it wrote and resends what was not answered (cluster).
 DELIVERY_TICK = 0.1
 
-#: After the broker set changed, unanswered requests are resent at once and again this
-#: soon: the new owner may learn that it owns the room a moment after the edge did.
-OWNERS_CHANGED_RETRY = 0.5
 
-#: Rooms whose owner's term the edge remembers at once; past that it starts over (room
-#: names come from clients). Forgetting a term only lets a deposed owner's late envelope
-#: through until the current owner is heard from again.
-MAX_ROOM_TERMS = 100_000
-
-
-@dataclass(slots=True, eq=False)
-class ClientConnection:
-    """One authenticated WebSocket and the session it holds."""
+@dataclass(slots=True, eq=False, kw_only=True)
+class ClientConnection(SessionState):
+    """One authenticated WebSocket and the session it holds (room state: ``SessionState``)."""
 
     link: WebSocketLink
-    session: str
-    conn: str
     identity: Identity
     guard: ClientGuard
     sender: bytes
     ready: bool = False  # welcome sent; until then output is held back
     held: list[bytes] = field(default_factory=list)
     outbox: list[bytes] = field(default_factory=list)  # frames waiting for this iteration's flush
-    seq: int = 0
-    unanswered: dict[int, Envelope] = field(default_factory=dict)  # seq -> command
-    rooms: dict[str, bytes] = field(default_factory=dict)  # joined room -> peer object
-    positions: dict[str, Position] = field(default_factory=dict)  # room -> what was written
-    room_seqs: dict[str, int] = field(default_factory=dict)  # room -> last request's rseq
-    waiting_in: dict[str, dict[int, None]] = field(default_factory=dict)  # room -> rseqs owed
     watching: set[str] = field(default_factory=set)
     told_status: dict[str, str] = field(default_factory=dict)  # watched user -> last status
     evicted: bool = False
-
-    def next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
 
 
 @dataclass(slots=True, eq=False)
@@ -163,7 +149,9 @@ class EdgeServer:
         self.settings = settings
         self.edge_id = edge_id or settings.node_id or f"edge-{secrets.token_hex(4)}"
         self.backplane = backplane
-        self.sessions: dict[str, ClientConnection] = {}
+        #: The room logic, sans I/O; its actions are carried out by ``_act``.
+        self.core: EdgeCore[ClientConnection] = EdgeCore(self.edge_id, lossy=backplane.lossy)
+        self.sessions: dict[str, ClientConnection] = self.core.sessions
         self._verifier = TokenVerifier(settings)
         self._resume_tokens = ResumeTokens(settings.jwt_secret)
         self._claims: dict[str, asyncio.Future[ClaimReply]] = {}  # conn -> claim outcome
@@ -175,12 +163,7 @@ class EdgeServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = False
         self._to_flush: list[ClientConnection] = []
-        #: The links to the owners can lose envelopes (a reset TCP connection): confirm
-        #: what is written, resend what is unanswered. In one process they cannot.
         self._lossy = backplane.lossy
-        self._confirms = Confirmations()
-        self._terms: dict[str, int] = {}  # room -> highest owner term heard
-        self._retries: Retries[tuple[ClientConnection, Envelope]] = Retries()
         backplane.connect(self.edge_id, self.receive, self.sync_state, self.owners_changed)
 
     # ----------------------------------------------------------------- lifecycle
@@ -259,13 +242,31 @@ class EdgeServer:
                 log.exception("delivery tick failed")
 
     def _delivery_tick(self, now: float) -> None:
-        if self._confirms:
-            self.backplane.confirm(self._confirms.take())
-        for client, command in self._retries.due(now):
-            if self.sessions.get(client.session) is not client:
-                continue  # dropped with its connection below
-            metrics.REQUESTS_RESENT.inc()
-            self._resend(client, command)
+        self.core.tick(now)
+        self._act()
+
+    def _act(self) -> None:
+        """Carry out what the core decided, in order."""
+        backplane = self.backplane
+        for action in self.core.take():
+            if isinstance(action, ToOwner):
+                if isinstance(action.command, SignalCmd | JoinCmd | LeaveCmd):
+                    metrics.REQUESTS_RESENT.inc()
+                backplane.to_room_owner(action.room, action.command)
+            elif isinstance(action, ConfirmPositions):
+                backplane.confirm(action.positions)
+            elif isinstance(action, Write):
+                state = self.sessions.get(action.state.session)
+                if state is action.state:
+                    self._write([state], action.payload)
+            elif isinstance(action, ToReplica):
+                backplane.to_room_replica(action.room, action.command)
+            elif isinstance(action, Reannounce):
+                backplane.reannounce(action.room, action.restore)
+            elif isinstance(action, Attach):
+                backplane.attach(action.session, action.conn, action.positions)
+            else:
+                backplane.to_presence(action.command)
 
     # ----------------------------------------------------------------- from owners
 
@@ -274,7 +275,8 @@ class EdgeServer:
         if isinstance(envelope, Deliver):
             sessions = envelope.sessions
             if envelope.room:
-                if self._stale(envelope.room, envelope.term):
+                if self._lossy and self.core.stale(envelope.room, envelope.term):
+                    metrics.DELIVERIES_DROPPED.labels("stale_term").inc()
                     return
                 if len(sessions) == 1:  # a signal to one peer: most of the traffic, inline
                     client = self.sessions.get(sessions[0])
@@ -294,23 +296,18 @@ class EdgeServer:
                     targets = self._status_changes(targets, envelope.payload)
             self._write(targets, envelope.payload)
         elif isinstance(envelope, Reply):
-            client = self.sessions.get(envelope.session)
-            if client is None or client.conn != envelope.conn:
+            answered = self.core.reply(envelope)
+            if answered is None:
                 return
-            if envelope.term and self._stale(envelope.room, envelope.term):
-                return  # a deposed owner's answer: the request is resent to the owner
-            command = client.unanswered.pop(envelope.seq, None)
-            if command is None:
-                return  # the answer to a retry that was already answered
-            if self._lossy:
-                self._retries.done((client.conn, envelope.seq))
-                self._answered_in_room(client, command)
+            client, command = answered
             if envelope.payload:
                 self._write([client], envelope.payload)
             if type(command) is not SignalCmd:  # signals change no membership or watch
-                self._track_membership(client, command, envelope)
+                self._track_watches(client, command, envelope)
+                self._act()
         elif isinstance(envelope, Synced):
-            self._synced(envelope)
+            self.core.synced(envelope)
+            self._act()
         elif isinstance(envelope, ClaimReply):
             claim = self._claims.get(envelope.conn)
             if claim is not None and not claim.done():
@@ -332,61 +329,13 @@ class EdgeServer:
             if held is not None:
                 held.append(envelope.payload)
 
-    def _stale(self, room: str, term: int) -> bool:
-        """Whether an owner's envelope for ``room`` comes from a term older than one heard
-        (fencing: a deposed owner that woke up must not reach clients)."""
-        if not self._lossy:
-            return False  # one process, one room table: nobody to be deposed
-        known = self._terms.get(room, 0)
-        if term >= known:
-            if term > known:
-                if len(self._terms) >= MAX_ROOM_TERMS:
-                    self._terms.clear()
-                self._terms[room] = term
-            return False
-        metrics.DELIVERIES_DROPPED.labels("stale_term").inc()
-        return True
-
     def _admit(self, client: ClientConnection, deliver: Deliver) -> bool:
-        """Whether ``client`` is written this room event (``edge.delivery``): not a copy,
-        nothing missing before it. Copies and gaps are confirmed back to the owner."""
-        position = client.positions.get(deliver.room)
-        if position is None:
-            # Not (or no longer) in the room here: its joined reply or sync is still to
-            # come. Unconfirmed, the owner sends it again after that.
-            metrics.DELIVERIES_DROPPED.labels("unknown_room").inc()
-            return False
-        verdict = admit(position, deliver.offset, deliver.prev)
+        """Whether ``client`` is written this room event (``EdgeCore.admit``), counted."""
+        verdict = self.core.admit(client, deliver)
         if verdict == ACCEPT:
-            if self._lossy:
-                self._confirms.note(deliver.room, client.session, position)
             return True
-        if verdict == DUPLICATE:
-            metrics.DELIVERIES_DROPPED.labels("duplicate").inc()
-            self._confirms.note(deliver.room, client.session, position)
-        else:
-            metrics.DELIVERIES_DROPPED.labels("gap").inc()
-            self._confirms.note(deliver.room, client.session, position, gap=True)
+        metrics.DELIVERIES_DROPPED.labels(_DROPPED[verdict]).inc()
         return False
-
-    def _synced(self, synced: Synced) -> None:
-        """An owner (re)opened a session's stream in a room: after a resume or a restore."""
-        client = self.sessions.get(synced.session)
-        if client is None or client.conn != synced.conn or self._stale(synced.room, synced.term):
-            return
-        if self._lossy:
-            self._retries.done((client.conn, "restore", synced.room))
-        client.rooms[synced.room] = synced.peer
-        position = client.positions.get(synced.room)
-        if synced.recovered and position is not None and position.epoch == synced.epoch:
-            position.offset = max(position.offset, synced.offset)
-        else:
-            position = client.positions[synced.room] = Position(synced.epoch, synced.offset)
-        if self._lossy:
-            self._confirms.note(synced.room, client.session, position)
-        if synced.report:
-            frame = RecoveredFrame(room=synced.room, recovered=synced.recovered)
-            self._write([client], encode_frame(frame))
 
     @staticmethod
     def _status_changes(targets: list[ClientConnection], payload: bytes) -> list[ClientConnection]:
@@ -404,58 +353,22 @@ class EdgeServer:
                 news.append(client)
         return news
 
-    def _track_membership(self, client: ClientConnection, command: Envelope, reply: Reply) -> None:
-        """Remember joined rooms: the soft state re-announced when a room changes owner."""
+    @staticmethod
+    def _track_watches(client: ClientConnection, command: Envelope, reply: Reply) -> None:
+        """Remember what a watcher was told (rooms are the core's: ``EdgeCore.reply``)."""
         if not reply.ok:
             return
-        if isinstance(command, JoinCmd):
-            client.rooms[command.room] = command.peer
-            position = client.positions.get(command.room)
-            if reply.epoch and (position is None or position.epoch != reply.epoch):
-                client.positions[command.room] = Position(reply.epoch, reply.offset)
-            self.backplane.to_room_replica(
-                command.room,
-                RestoreCmd(
-                    client.session, client.conn, self.edge_id, command.room, command.peer, True
-                ),
-            )
-        elif isinstance(command, LeaveCmd):
-            client.rooms.pop(command.room, None)
-            client.positions.pop(command.room, None)
-            self.backplane.to_room_replica(command.room, ForgetCmd(client.session, command.room))
-        elif isinstance(command, WatchCmd):
+        if isinstance(command, WatchCmd):
             client.told_status.update(msgspec.json.decode(reply.payload)["presence"])
         elif isinstance(command, UnwatchCmd):
             for user in command.users:
                 client.told_status.pop(user, None)
 
     def owners_changed(self) -> None:
-        """Brokers came or went: re-announce memberships with what each session has been
-        written (resent until the owner answers ``Synced``), then retry unanswered requests."""
-        now = time.monotonic()
-        for client in list(self.sessions.values()):
-            for room, peer in client.rooms.items():
-                position = client.positions.get(room)
-                restore = RestoreCmd(
-                    client.session,
-                    client.conn,
-                    self.edge_id,
-                    room,
-                    peer,
-                    False,
-                    position.epoch if position is not None else "",
-                    position.offset if position is not None else 0,
-                )
-                self.backplane.reannounce(room, restore)
-                if self._lossy:
-                    self._retries.add((client.conn, "restore", room), (client, restore), now)
-        if self._lossy:
-            self._retries.reschedule(now, OWNERS_CHANGED_RETRY)
-        for client in list(self.sessions.values()):
-            for seq in sorted(client.unanswered):
-                command = client.unanswered[seq]
-                if isinstance(command, SignalCmd | JoinCmd | LeaveCmd):
-                    self._resend(client, command)
+        """Brokers came or went: re-announce memberships, then retry unanswered requests
+        (``EdgeCore.owners_changed``)."""
+        self.core.owners_changed(time.monotonic())
+        self._act()
 
     def sync_state(self) -> EdgeSync:
         """Everything this edge holds, for a presence node that (re)appeared."""
@@ -644,10 +557,6 @@ class EdgeServer:
             guard=ClientGuard(s.rate_per_second, s.rate_burst, s.rate_strikes, s.bad_frame_strikes),
             sender=sender_object(session, identity.user),
         )
-        if resumed:
-            # Where the client says it is in each room: the owners replay what came after.
-            for room, seen in (hello.rooms or {}).items():
-                client.positions[room] = Position(seen.epoch, seen.offset)
         if resumed and claimed is not None:
             # The session's watches continue; it hears what changed while it was away.
             client.watching = set(claimed.watching)
@@ -680,7 +589,9 @@ class EdgeServer:
             for payload in held_for_claim:  # newer than the claim's snapshot: after it
                 self._write(self._status_changes([client], payload), payload)
         if resumed:
-            self.backplane.attach(session, conn, dict(hello.rooms or {}))
+            # Where the client says it is in each room: the owners replay what came after.
+            self.core.resumed(client, dict(hello.rooms or {}), time.monotonic())
+            self._act()
         return client
 
     async def _claim(self, session: str, user: str, conn: str) -> ClaimReply:
@@ -745,9 +656,9 @@ class EdgeServer:
                 message.to,
                 client.sender,
                 bytes(message.data),
-                *self._room_order(client, message.room),
+                *self.core.room_order(client, message.room),
             )
-            self._await_answer(client, seq, command)
+            self.core.await_answer(client, seq, command, time.monotonic())
             self.backplane.to_room_owner(message.room, command)
         elif isinstance(message, Join):
             if not client.identity.may_join(message.room):
@@ -764,9 +675,9 @@ class EdgeServer:
                 message.id,
                 message.room,
                 peer,
-                *self._room_order(client, message.room),
+                *self.core.room_order(client, message.room),
             )
-            self._await_answer(client, seq, command)
+            self.core.await_answer(client, seq, command, time.monotonic())
             self.backplane.to_room_owner(message.room, command)
         elif isinstance(message, Leave):
             seq = client.next_seq()
@@ -777,9 +688,9 @@ class EdgeServer:
                 seq,
                 message.id,
                 message.room,
-                *self._room_order(client, message.room),
+                *self.core.room_order(client, message.room),
             )
-            self._await_answer(client, seq, command)
+            self.core.await_answer(client, seq, command, time.monotonic())
             self.backplane.to_room_owner(message.room, command)
         elif isinstance(message, Ping):
             self._write([client], encode_frame(PongFrame(id=message.id)))
@@ -791,7 +702,7 @@ class EdgeServer:
             watch = WatchCmd(
                 client.session, client.conn, self.edge_id, seq, message.id, list(message.users)
             )
-            self._await_answer(client, seq, watch)
+            self.core.await_answer(client, seq, watch, time.monotonic())
             self.backplane.to_presence(watch)
         elif isinstance(message, Unwatch):
             client.watching.difference_update(message.users)
@@ -799,7 +710,7 @@ class EdgeServer:
             unwatch = UnwatchCmd(
                 client.session, client.conn, self.edge_id, seq, message.id, list(message.users)
             )
-            self._await_answer(client, seq, unwatch)
+            self.core.await_answer(client, seq, unwatch, time.monotonic())
             self.backplane.to_presence(unwatch)
         elif isinstance(message, IceServersRequest):
             servers = ice_servers(self.settings, client.identity.user, time.time())
@@ -807,52 +718,8 @@ class EdgeServer:
         else:
             raise BadRequest("already authenticated: hello is only valid as the first frame")
 
-    def _room_order(self, client: ClientConnection, room: str) -> tuple[int, int]:
-        """``(rseq, rbase)`` of a new request to ``room``: owners apply in this order."""
-        if not self._lossy:
-            return 0, 0  # one process: requests cannot overtake each other
-        rseq = client.room_seqs[room] = client.room_seqs.get(room, 0) + 1
-        waiting = client.waiting_in.get(room)
-        if waiting is None:
-            waiting = client.waiting_in[room] = {}
-        rbase = next(iter(waiting), rseq)
-        waiting[rseq] = None
-        return rseq, rbase
-
-    def _answered_in_room(self, client: ClientConnection, command: Envelope) -> None:
-        if isinstance(command, SignalCmd | JoinCmd | LeaveCmd) and command.rseq:
-            waiting = client.waiting_in.get(command.room)
-            if waiting is not None:
-                waiting.pop(command.rseq, None)
-                if not waiting:
-                    del client.waiting_in[command.room]
-
-    def _resend(self, client: ClientConnection, command: Envelope) -> None:
-        """Send an unanswered request again, to whoever owns its room (or presence) now."""
-        if isinstance(command, SignalCmd | JoinCmd | LeaveCmd):
-            if command.rseq:
-                # Tell the owner what was answered meanwhile: it need not wait for those.
-                waiting = client.waiting_in.get(command.room)
-                rbase = next(iter(waiting), command.rseq) if waiting else command.rseq
-                if rbase != command.rbase:
-                    command = msgspec.structs.replace(command, rbase=rbase)
-            self.backplane.to_room_owner(command.room, command)
-        elif isinstance(command, RestoreCmd):
-            self.backplane.reannounce(command.room, command)
-        else:
-            self.backplane.to_presence(command)
-
-    def _await_answer(self, client: ClientConnection, seq: int, command: Envelope) -> None:
-        client.unanswered[seq] = command
-        if self._lossy:
-            self._retries.add((client.conn, seq), (client, command), time.monotonic())
-
     def _closed(self, client: ClientConnection) -> None:
-        if self._lossy:  # nobody is left to answer on this connection
-            for seq in client.unanswered:
-                self._retries.done((client.conn, seq))
-            for room in client.rooms:
-                self._retries.done((client.conn, "restore", room))
+        self.core.closed(client)
         if client.evicted:
             return  # the session lives on in another connection
         if self.sessions.get(client.session) is client:
@@ -868,6 +735,7 @@ class EdgeServer:
 
 
 _RATE_LIMITED = RateLimited("too many frames; slow down")
+_DROPPED = {None: "unknown_room", DUPLICATE: "duplicate", GAP: "gap"}
 _INTERNAL = InternalError("internal error; the request was not served")
 
 

@@ -165,8 +165,8 @@ class ZmqBackplane:
                 RestoreCmd(restore.session, restore.conn, restore.edge, room, restore.peer, True)
             )
 
-    def confirm(self, positions: list[tuple[str, str, int, bool]]) -> None:
-        by_owner: dict[DealerLink, list[tuple[str, str, int, bool]]] = {}
+    def confirm(self, positions: list[tuple[str, str, str, int, bool]]) -> None:
+        by_owner: dict[DealerLink, list[tuple[str, str, str, int, bool]]] = {}
         for position in positions:
             by_owner.setdefault(self.owner_of(position[0]), []).append(position)
         for link, owned in by_owner.items():

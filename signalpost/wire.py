@@ -451,6 +451,8 @@ class Reply(_Envelope, tag=11, frozen=True):
     offset: int = 0
     room: str = ""  # a room owner's reply names the room and its term: see ``Deliver``
     term: int = 0
+    #: A join or leave answer: whether the session is a member of the room now.
+    member: bool = False
 
 
 class Synced(_Envelope, tag=14, frozen=True):
@@ -459,7 +461,8 @@ class Synced(_Envelope, tag=14, frozen=True):
     The answer to an ``AttachCmd`` (per room) and to a ``RestoreCmd`` to the owner: what
     came after the edge's position was replayed before it (``recovered``), or could not be
     (``recovered`` false: the client is told). ``peer`` is the session's peer object,
-    so an edge that took over a resumed session knows its rooms.
+    so an edge that took over a resumed session knows its rooms; empty: the session is not
+    a member (a resume named a room it is not in; reported ``recovered: false``).
     """
 
     session: str
@@ -481,6 +484,7 @@ class HandedMember(Struct, array_like=True, frozen=True):
     edge: str
     conn: str
     suspended_for: float  # seconds left of its resume window; -1 while attached
+    confirmed: int = -1  # what its edge confirmed of the room; -1: unknown (it syncs anew)
 
 
 class HandedRecord(Struct, array_like=True, frozen=True):
@@ -509,7 +513,8 @@ class Handoff(_Envelope, tag=43, frozen=True):
     ``present`` false: the sender has no state of the room to hand over (``retry``: it
     still serves the room in its view of the brokers; ask again). The receiver continues
     the epoch and offsets with a higher term, so nothing a client saw is lost and every
-    resume still recovers.
+    resume still recovers; with ``history`` false (the sender only had the membership) it
+    keeps the members and offsets in a new epoch.
     """
 
     room: str
@@ -523,17 +528,19 @@ class Handoff(_Envelope, tag=43, frozen=True):
     events: list[ReplicatedEvent] = []
     members: list[HandedMember] = []
     records: list[HandedRecord] = []
+    history: bool = True
 
 
 class Confirm(_Envelope, tag=15, frozen=True):
     """Edge -> room owner: what it has written, per (room, session), cumulatively.
 
-    Each position is ``(room, session, offset, gap)``; ``gap`` asks for a resend now (the
-    edge dropped a delivery that had an earlier one missing before it).
+    Each position is ``(room, session, epoch, offset, gap)``; ``gap`` asks for a resend now
+    (the edge dropped a delivery that had an earlier one missing before it). A position of
+    another epoch than the room's is ignored.
     """
 
     edge: str
-    positions: list[tuple[str, str, int, bool]]
+    positions: list[tuple[str, str, str, int, bool]]
 
 
 class Evict(_Envelope, tag=12, frozen=True):

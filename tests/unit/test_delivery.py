@@ -50,9 +50,20 @@ def test_confirmations_coalesce_and_keep_a_gap() -> None:
     confirms.note("r1", "s1", a)  # a later plain note does not hide the gap
     confirms.note("r2", "s1", b)
     a.offset = 5  # what is confirmed is the position at the take
-    assert sorted(confirms.take()) == [("r1", "s1", 5, True), ("r2", "s1", 8, False)]
+    assert sorted(confirms.take()) == [("r1", "s1", "e", 5, True), ("r2", "s1", "e", 8, False)]
     assert confirms.take() == []
     assert len(confirms) == 0
+
+
+def test_a_new_stream_replaces_what_an_old_one_had_noted() -> None:
+    confirms = Confirmations()
+    old, new = Position("e1", 3), Position("e2", 0)
+    confirms.note("r", "s", old, gap=True)
+    confirms.note("r", "s", new)  # the session left and joined again: a new position
+    assert confirms.take() == [("r", "s", "e2", 0, False)]
+    confirms.note("r", "s", new)
+    confirms.forget("r", "s")
+    assert confirms.take() == []
 
 
 def test_retries_double_up_to_the_cap_and_stop_when_done() -> None:

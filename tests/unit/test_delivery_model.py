@@ -67,23 +67,29 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from broker.rooms import Member, Outbound, Room, RoomEvent, RoomTable
-from edge.delivery import ACCEPT, DUPLICATE, Confirmations, Position, Retries, admit
+from edge.core import (
+    Attach,
+    ConfirmPositions,
+    EdgeCore,
+    Reannounce,
+    SessionState,
+    ToOwner,
+    ToReplica,
+    Write,
+)
+from edge.delivery import ACCEPT, Position
 from signalpost.wire import (
     AttachCmd,
     Confirm,
     Deliver,
     DetachCmd,
     Envelope,
-    ForgetCmd,
     JoinCmd,
     LeaveCmd,
-    RecoveredFrame,
     Reply,
-    RestoreCmd,
     RoomPosition,
     SignalCmd,
     Synced,
-    encode_frame,
     peer_object,
     sender_object,
 )
@@ -112,83 +118,45 @@ TRACE = os.environ.get("DELIVERY_MODEL_TRACE", "") == "1"
 # --------------------------------------------------------------------------- the edge
 
 
-@dataclass(eq=False)
-class _Conn:
-    """A client connection on an edge (``edge.server.ClientConnection``, the fields used)."""
+@dataclass(slots=True, eq=False, kw_only=True)
+class _Conn(SessionState):
+    """A client connection on an edge: the core's ``SessionState`` and what the client
+    sends with it."""
 
-    session: str
-    conn: str
     peer: bytes
     sender: bytes
-    seq: int = 0
-    unanswered: dict[int, Envelope] = field(default_factory=dict)
-    rooms: dict[str, bytes] = field(default_factory=dict)
-    positions: dict[str, Position] = field(default_factory=dict)
-    room_seqs: dict[str, int] = field(default_factory=dict)
-    waiting_in: dict[str, dict[int, None]] = field(default_factory=dict)
     hello: dict[str, RoomPosition] = field(default_factory=dict)  # a resume's positions
 
 
+def _conn(session: str, conn: str, peer: bytes, sender: bytes) -> _Conn:
+    return _Conn(session=session, conn=conn, peer=peer, sender=sender)
+
+
 class _Edge:
-    """The delivery rules of ``EdgeServer`` over ``edge.delivery``, lossy backplane."""
+    """An edge: the real ``EdgeCore`` (as ``EdgeServer`` drives it) over a lossy backplane."""
 
     def __init__(self, edge_id: str, world: _World) -> None:
         self.id = edge_id
         self.world = world
-        self.sessions: dict[str, _Conn] = {}
-        self.confirms = Confirmations()
-        self.retries: Retries[tuple[_Conn, Envelope]] = Retries()
+        self.core: EdgeCore[_Conn] = EdgeCore(edge_id, lossy=True)
+        self.sessions = self.core.sessions
+        self.retries = self.core.retries
 
     # ------------------------------------------------------------ from clients
 
     def request(self, client: _Conn, command: Request) -> None:
         """``_dispatch``: number the request, await its answer, send it to the owner."""
-        client.seq += 1
-        rseq, rbase = self._room_order(client, command.room)
+        seq = client.next_seq()
+        rseq, rbase = self.core.room_order(client, command.room)
         command = msgspec.structs.replace(
-            command, seq=client.seq, conn=client.conn, edge=self.id, rseq=rseq, rbase=rbase
+            command, seq=seq, conn=client.conn, edge=self.id, rseq=rseq, rbase=rbase
         )
-        client.unanswered[client.seq] = command
-        self.retries.add((client.conn, client.seq), (client, command), self.world.now)
+        self.core.await_answer(client, seq, command, self.world.now)
         self.world.send(self.id, self.world.owner_id, command)
-
-    def _room_order(self, client: _Conn, room: str) -> tuple[int, int]:
-        rseq = client.room_seqs[room] = client.room_seqs.get(room, 0) + 1
-        waiting = client.waiting_in.setdefault(room, {})
-        rbase = next(iter(waiting), rseq)
-        waiting[rseq] = None
-        return rseq, rbase
-
-    def _answered_in_room(self, client: _Conn, command: Envelope) -> None:
-        if isinstance(command, SignalCmd | JoinCmd | LeaveCmd) and command.rseq:
-            waiting = client.waiting_in.get(command.room)
-            if waiting is not None:
-                waiting.pop(command.rseq, None)
-                if not waiting:
-                    del client.waiting_in[command.room]
-
-    def _resend(self, client: _Conn, command: Envelope) -> None:
-        if isinstance(command, SignalCmd | JoinCmd | LeaveCmd):
-            waiting = client.waiting_in.get(command.room)
-            rbase = next(iter(waiting), command.rseq) if waiting else command.rseq
-            if rbase != command.rbase:
-                command = msgspec.structs.replace(command, rbase=rbase)
-            self.world.send(self.id, self.world.owner_id, command)
-        elif isinstance(command, RestoreCmd):
-            self._reannounce(command)
-
-    def _reannounce(self, restore: RestoreCmd) -> None:
-        self.world.send(self.id, self.world.owner_id, restore)
-        if self.world.replica_id is not None:
-            replica = msgspec.structs.replace(restore, replica=True, epoch="", offset=0)
-            self.world.send(self.id, self.world.replica_id, replica)
 
     def closed(self, client: _Conn) -> None:
         """``_closed`` for a dropped connection (no clean close: the session may resume)."""
-        for seq in client.unanswered:
-            self.retries.done((client.conn, seq))
-        for room in client.rooms:
-            self.retries.done((client.conn, "restore", room))
+        self.core.closed(client)
         if self.sessions.get(client.session) is client:
             del self.sessions[client.session]
         detach = DetachCmd(client.session, client.conn, self.id, False)
@@ -196,129 +164,85 @@ class _Edge:
             self.world.send(self.id, broker, detach)
 
     def resumed(self, client: _Conn) -> None:
-        """The end of ``_authenticate`` for a resume: positions from the hello, then attach
-        (each broker is sent the positions of the rooms it owns)."""
-        for room, seen in client.hello.items():
-            client.positions[room] = Position(seen.epoch, seen.offset)
+        """The end of ``_authenticate`` for a resume: register, then the core's attach."""
         # (An older connection of the session on this edge would be evicted: closed
         # without a DetachCmd. The scenario's resume closed it first.)
         self.sessions[client.session] = client
-        for broker in self.world.tables:
-            mine = dict(client.hello) if broker == self.world.owner_id else {}
-            self.world.send(self.id, broker, AttachCmd(client.session, client.conn, self.id, mine))
+        self.core.resumed(client, dict(client.hello), self.world.now)
+        self._act()
 
     # ------------------------------------------------------------ timers
 
     def tick(self) -> None:
-        """``_delivery_tick``: confirm what was written, resend what is owed."""
-        if self.confirms:
-            self.world.send(self.id, self.world.owner_id, Confirm(self.id, self.confirms.take()))
-        for client, command in self.retries.due(self.world.now):
-            if self.sessions.get(client.session) is client:
-                self._resend(client, command)
+        """``_delivery_tick``."""
+        self.core.tick(self.world.now)
+        self._act()
 
     def owners_changed(self) -> None:
-        """Re-announce every member with its position, then resend what is unanswered."""
-        for client in list(self.sessions.values()):
-            for room, peer in client.rooms.items():
-                position = client.positions.get(room)
-                restore = RestoreCmd(
-                    client.session,
-                    client.conn,
-                    self.id,
-                    room,
-                    peer,
-                    False,
-                    position.epoch if position is not None else "",
-                    position.offset if position is not None else 0,
-                )
-                self._reannounce(restore)
-                self.retries.add((client.conn, "restore", room), (client, restore), self.world.now)
-        for client in list(self.sessions.values()):
-            for seq in sorted(client.unanswered):
-                command = client.unanswered[seq]
-                if isinstance(command, SignalCmd | JoinCmd | LeaveCmd):
-                    self._resend(client, command)
+        self.core.owners_changed(self.world.now)
+        self._act()
 
     # ------------------------------------------------------------ from owners
 
     def receive(self, envelope: Envelope) -> None:
         """``EdgeServer.receive`` for room events, replies and syncs."""
         if isinstance(envelope, Deliver):
+            if envelope.room and self.core.stale(envelope.room, envelope.term):
+                return
             for session in envelope.sessions:
                 client = self.sessions.get(session)
                 if client is None:
                     continue
                 if not envelope.room:  # a ``recovered`` frame for a room it is not in
                     self.world.not_recovered(client, envelope.payload)
-                elif self._admit(client, envelope):
+                elif self.core.admit(client, envelope) == ACCEPT:
                     self.world.written(client, envelope.payload, client.positions[envelope.room])
         elif isinstance(envelope, Reply):
             self.world.replied(envelope)
-            client = self.sessions.get(envelope.session)
-            if client is None or client.conn != envelope.conn:
-                return
-            command = client.unanswered.pop(envelope.seq, None)
-            if command is None:
-                return  # the answer to a retry that was already answered
-            self.retries.done((client.conn, envelope.seq))
-            self._answered_in_room(client, command)
-            if type(command) is not SignalCmd:
-                self._track_membership(client, command, envelope)
-            if isinstance(command, SignalCmd | JoinCmd | LeaveCmd):
-                self.world.answered(client, command, envelope)
+            answered = self.core.reply(envelope)
+            if answered is not None:
+                client, command = answered
+                if isinstance(command, SignalCmd | JoinCmd | LeaveCmd):
+                    self.world.answered(client, command, envelope)
         elif isinstance(envelope, Synced):
-            self._synced(envelope)
+            self.core.synced(envelope)
+        self._act()
 
-    def _admit(self, client: _Conn, deliver: Deliver) -> bool:
-        position = client.positions.get(deliver.room)
-        if position is None:
-            return False  # the joined reply or the sync is still to come
-        verdict = admit(position, deliver.offset, deliver.prev)
-        if verdict == ACCEPT:
-            self.confirms.note(deliver.room, client.session, position)
-            return True
-        if verdict == DUPLICATE:
-            self.confirms.note(deliver.room, client.session, position)
-        else:
-            self.confirms.note(deliver.room, client.session, position, gap=True)
-        return False
-
-    def _synced(self, synced: Synced) -> None:
-        client = self.sessions.get(synced.session)
-        if client is None or client.conn != synced.conn:
-            return
-        self.retries.done((client.conn, "restore", synced.room))
-        client.rooms[synced.room] = synced.peer
-        position = client.positions.get(synced.room)
-        if synced.recovered and position is not None and position.epoch == synced.epoch:
-            position.offset = max(position.offset, synced.offset)
-        else:
-            position = client.positions[synced.room] = Position(synced.epoch, synced.offset)
-        self.confirms.note(synced.room, client.session, position)
-        if synced.report:
-            frame = RecoveredFrame(room=synced.room, recovered=synced.recovered)
-            self.world.synced(client, encode_frame(frame), position)
-
-    def _track_membership(self, client: _Conn, command: Envelope, reply: Reply) -> None:
-        if not reply.ok:
-            return
-        if isinstance(command, JoinCmd):
-            client.rooms[command.room] = command.peer
-            position = client.positions.get(command.room)
-            if reply.epoch and (position is None or position.epoch != reply.epoch):
-                client.positions[command.room] = Position(reply.epoch, reply.offset)
-            if self.world.replica_id is not None:
-                restore = RestoreCmd(
-                    client.session, client.conn, self.id, command.room, command.peer, True
-                )
-                self.world.send(self.id, self.world.replica_id, restore)
-        elif isinstance(command, LeaveCmd):
-            client.rooms.pop(command.room, None)
-            client.positions.pop(command.room, None)
-            if self.world.replica_id is not None:
-                forget = ForgetCmd(client.session, command.room)
-                self.world.send(self.id, self.world.replica_id, forget)
+    def _act(self) -> None:
+        """``EdgeServer._act``: carry out the core's actions over the model's links."""
+        world = self.world
+        for action in self.core.take():
+            if isinstance(action, ToOwner):
+                world.send(self.id, world.owner_id, action.command)
+            elif isinstance(action, ToReplica):
+                if world.replica_id is not None:
+                    world.send(self.id, world.replica_id, action.command)
+            elif isinstance(action, Reannounce):
+                world.send(self.id, world.owner_id, action.restore)
+                if world.replica_id is not None:
+                    replica = msgspec.structs.replace(
+                        action.restore, replica=True, epoch="", offset=0
+                    )
+                    world.send(self.id, world.replica_id, replica)
+            elif isinstance(action, Attach):
+                for broker in world.tables:  # each broker the positions of its rooms
+                    mine = action.positions if broker == world.owner_id else {}
+                    world.send(
+                        self.id, broker, AttachCmd(action.session, action.conn, self.id, mine)
+                    )
+            elif isinstance(action, ConfirmPositions):
+                world.send(self.id, world.owner_id, Confirm(self.id, action.positions))
+            elif isinstance(action, Write):
+                client = action.state
+                if self.sessions.get(client.session) is not client:
+                    continue
+                assert isinstance(client, _Conn)
+                room = json.loads(action.payload)["room"]
+                position = client.positions.get(room)
+                if position is None:
+                    world.not_recovered(client, action.payload)
+                else:
+                    world.synced(client, action.payload, position)
 
 
 # --------------------------------------------------------------------------- the reference
@@ -427,6 +351,7 @@ class _World:
                 new_epoch=lambda: f"epoch-{next(epochs)}",
                 node_id=RUNNER_UP,
                 confirming=True,
+                owns=lambda room: False,  # in every view, A owns the rooms
             )
         self.edges = [_Edge(e, self) for e in EDGES]
         # Links a scenario acts on, in a fixed order (commands name them by index) ...
@@ -453,7 +378,7 @@ class _World:
         for i in range(CLIENTS):
             name = f"s{i}"
             home = self.edges[i % len(self.edges)]
-            conn = _Conn(
+            conn = _conn(
                 name, f"c{i}", peer_object(name, f"u{i}", None, None), sender_object(name, f"u{i}")
             )
             home.sessions[name] = conn
@@ -601,7 +526,7 @@ class _World:
         old = client.conn
         client.edge.closed(old)
         self.seal()
-        client.conn = _Conn(
+        client.conn = _conn(
             old.session, f"{old.conn.split('.')[0]}.{next(client.conns)}", old.peer, old.sender
         )
         client.conn.hello = {room: RoomPosition(*seen) for room, seen in client.rooms.items()}

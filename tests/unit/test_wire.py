@@ -450,7 +450,7 @@ ENVELOPES: list[Envelope] = [
     Reply("s1", "c1", 1, b'{"type":"joined"}', True, "e", 4),
     Reply("s1", "c1", 2, b""),
     Synced("s1", "c1", "r1", "e", 9, True, False, _PEER),
-    Confirm("edge-1", [("r1", "s1", 9, False), ("r2", "s1", 3, True)]),
+    Confirm("edge-1", [("r1", "s1", "e", 9, False), ("r2", "s1", "f", 3, True)]),
     Evict("s1", "c1"),
     ClaimReply("s1", "c2", True),
     SessionUp("s1", "alice", "edge-1", "c1"),
