@@ -81,6 +81,7 @@ from signalpost.wire import (
     SignalCmd,
     SignalFrame,
     Synced,
+    conn_generation,
     encode_frame,
     request_key,
 )
@@ -673,7 +674,7 @@ class RoomTable:
             # edge has written when it reads the reply.
             member.sent = member.confirmed = member.start = room.offset
             room.departed.pop(command.session, None)
-        else:
+        elif _newer(command.conn, member.conn):
             # Joining twice is a no-op success; it also re-homes a session that moved.
             member.edge, member.conn, member.suspended_until = command.edge, command.conn, None
             if not member.synced:
@@ -740,10 +741,13 @@ class RoomTable:
         elif not command.replica:
             self._activate(room)
         member = room.members.get(command.session)
-        if member is None and room.departed.get(command.session) == command.conn:
+        departed = room.departed.get(command.session)
+        if member is None and departed is not None and not _newer(command.conn, departed, True):
             if not room.members:
                 del self.rooms[command.room]
-            return out  # it left from that connection: a late re-announcement
+            return out  # it left from that connection or a newer one: a late word
+        if member is not None and not _newer(command.conn, member.conn):
+            return out  # from an older connection of the session than the member's
         if member is None:
             member = room.members[command.session] = Member(
                 command.session, command.peer, command.edge, command.conn, synced=False
@@ -921,7 +925,7 @@ class RoomTable:
                 if waiting is not None:
                     room = self.rooms.get(name)
                     member = room.members.get(command.session) if room is not None else None
-                    if member is not None and member.conn != command.conn:
+                    if member is not None and _newer(command.conn, member.conn, True):
                         # Re-homed at once (a replica's or one whose handoff is awaited):
                         # its owner reports recovery.
                         member.edge, member.conn = command.edge, command.conn
@@ -938,6 +942,8 @@ class RoomTable:
             if name in command.positions:
                 out.append(_recovered(command, name, False))
             return
+        if not _newer(command.conn, member.conn):
+            return  # a late attach of an older connection: the newer one holds the seat
         member.edge, member.conn, member.suspended_until = command.edge, command.conn, None
         if not room.active:
             self._activate(room)
@@ -1344,6 +1350,14 @@ class RoomTable:
             len(history) > self.history_max_events or history[0].at < oldest_allowed
         ):
             room.trimmed_through = history.popleft().offset
+
+
+def _newer(conn: str, than: str, strictly: bool = False) -> bool:
+    """Whether ``conn`` may speak for its session over ``than`` (``conn_generation``)."""
+    if conn == than:
+        return not strictly
+    ours, theirs = conn_generation(conn), conn_generation(than)
+    return ours > theirs or (ours == theirs and not strictly)
 
 
 def _reply(command: Request, record: _Record, term: int, member: bool = False) -> Reply:

@@ -528,24 +528,28 @@ class EdgeServer:
             link.close(CloseCode.UNAUTHORIZED, "unauthorized")
             return None
 
-        conn = secrets.token_urlsafe(9)
         session = None
+        generation = 1
         claimed: ClaimReply | None = None
         held_for_claim: list[bytes] = []
         if hello.resume:
             session = self._resume_tokens.session_of(hello.resume, identity.user)
-            if session is not None:
-                self._held_for_claim[session] = held_for_claim
-                try:
-                    claimed = await self._claim(session, identity.user, conn)
-                finally:
-                    # Popped now: from here to the registration below nothing awaits.
-                    if self._held_for_claim.get(session) is held_for_claim:
-                        del self._held_for_claim[session]
-                if not claimed.live:
-                    session = None
-                if not link.is_open:
-                    return None  # gone while the claim was out: nothing was taken over
+            generation = self._resume_tokens.generation_of(hello.resume) + 1
+        # The connection id says which of the session's connections it is (owners ignore
+        # an older one's late word): ``<random>.<generation>``.
+        conn = f"{secrets.token_urlsafe(9)}.{generation}"
+        if hello.resume and session is not None:
+            self._held_for_claim[session] = held_for_claim
+            try:
+                claimed = await self._claim(session, identity.user, conn)
+            finally:
+                # Popped now: from here to the registration below nothing awaits.
+                if self._held_for_claim.get(session) is held_for_claim:
+                    del self._held_for_claim[session]
+            if not claimed.live:
+                session = None
+            if not link.is_open:
+                return None  # gone while the claim was out: nothing was taken over
         resumed = session is not None
         session = session or secrets.token_urlsafe(16)
         s = self.settings
@@ -571,7 +575,7 @@ class EdgeServer:
         welcome = WelcomeFrame(
             session=session,
             user=identity.user,
-            resume=self._resume_tokens.issue(session, identity.user, now),
+            resume=self._resume_tokens.issue(session, identity.user, now, generation),
             resumed=resumed,
             ice_servers=ice_servers(s, identity.user, now),
             heartbeat=s.heartbeat,

@@ -149,9 +149,13 @@ class ResumeTokens:
     def __init__(self, jwt_secret: str) -> None:
         self._key = hmac.new(jwt_secret.encode(), b"signalpost resume v1", hashlib.sha256).digest()
 
-    def issue(self, session: str, user: str, now: float) -> str:
-        """A token that lets ``user`` continue ``session`` on any edge."""
-        claims = {"sid": session, "sub": user, "iat": int(now)}
+    def issue(self, session: str, user: str, now: float, generation: int = 1) -> str:
+        """A token that lets ``user`` continue ``session`` on any edge.
+
+        ``generation`` numbers the session's connections (the one the token is issued to):
+        the connection that resumes with it is the next one.
+        """
+        claims = {"sid": session, "sub": user, "iat": int(now), "gen": generation}
         claims["exp"] = int(now + RESUME_TOKEN_LIFETIME)
         return jwt.encode(claims, self._key, algorithm="HS256")
 
@@ -172,6 +176,17 @@ class ResumeTokens:
         if not isinstance(expiry, int) or (time.time() if now is None else now) > expiry:
             return None
         return session
+
+    def generation_of(self, token: str) -> int:
+        """The connection generation a (valid) token was issued to; 1 for older tokens."""
+        try:
+            claims = jwt.decode(
+                token, self._key, algorithms=["HS256"], options={"verify_exp": False}
+            )
+        except jwt.PyJWTError:
+            return 1
+        generation = claims.get("gen", 1)
+        return generation if isinstance(generation, int) and generation > 0 else 1
 
 
 def turn_credentials(secret: str, user: str, ttl: int, now: float) -> tuple[str, str]:

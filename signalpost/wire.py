@@ -645,6 +645,16 @@ Envelope = (
 )
 
 
+def conn_generation(conn: str) -> int:
+    """A connection's place among its session's connections: ``<random>.<generation>``.
+
+    Owners ignore what an older connection of a session says once a newer one spoke
+    (a late attach, join or re-announcement must not move the session back to it).
+    """
+    _, _, generation = conn.rpartition(".")
+    return int(generation) if generation.isdigit() else 0
+
+
 def request_key(req: RequestId | None, conn: str, seq: int) -> str:
     """What identifies a request within its session for the reply record.
 
