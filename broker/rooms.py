@@ -103,6 +103,9 @@ RESEND_AFTER: Final = 1.0
 #: A gap reported by an edge is answered at once, but not more often than this per member.
 GAP_RESEND_INTERVAL: Final = 0.1
 
+#: Sessions whose newest connection is remembered (``RoomTable._latest``).
+MAX_LATEST_CONNS: Final = 200_000
+
 #: Members that left a room remembered per room (see ``Room.departed``).
 DEPARTED_MAX: Final = 1024
 
@@ -281,6 +284,9 @@ class RoomTable:
         self._new_term = new_term if new_term is not None else itertools.count(1).__next__
         self.handoff_timeout = handoff_timeout
         self._awaiting: dict[str, _Awaiting] = {}  # room -> the handoff it waits for
+        # session -> (conn, edge) of its newest connection heard from (attach, join, leave,
+        # re-announcement): an older one's late word must not bind the session to it
+        self._latest: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self.rooms: dict[str, Room] = {}
         self._rooms_of: dict[str, set[str]] = {}  # session -> names of rooms it is in
         # session -> request key -> record; sessions in order of their latest record
@@ -649,7 +655,18 @@ class RoomTable:
 
     # ----------------------------------------------------------------- requests
 
+    def _heard_from(self, session: str, conn: str, edge: str) -> tuple[str, str]:
+        """Note ``conn`` as the session's newest connection if it is; the newest one's
+        (conn, edge)."""
+        latest = self._latest.get(session)
+        if latest is None or _newer(conn, latest[0]):  # of the same generation: the last
+            latest = self._latest[session] = (conn, edge)
+            if len(self._latest) > MAX_LATEST_CONNS:
+                self._latest.popitem(last=False)
+        return latest
+
     def _join(self, command: JoinCmd, out: list[Outbound], now: float) -> tuple[bytes, str, int]:
+        conn, edge = self._heard_from(command.session, command.conn, command.edge)
         room = self.rooms.get(command.room)
         if room is None:
             room = self.rooms[command.room] = Room(
@@ -663,8 +680,10 @@ class RoomTable:
                     del self.rooms[command.room]
                 raise RoomFull(f"room {command.room!r} is full ({self.capacity} members)")
             others = list(room.members.values())
+            # On the session's newest connection: a join that was overtaken by a resume
+            # (sent on the dropped connection) binds the seat to the live one.
             member = room.members[command.session] = Member(
-                command.session, command.peer, command.edge, command.conn
+                command.session, command.peer, edge, conn
             )
             self._rooms_of.setdefault(command.session, set()).add(command.room)
             frame = PeerJoinedFrame(room=room.name, peer=Raw(command.peer), offset=room.offset + 1)
@@ -731,6 +750,10 @@ class RoomTable:
         what came after is replayed, and ``Synced`` tells the edge the stream is open.
         """
         out: list[Outbound] = []
+        if not command.replica:
+            latest = self._heard_from(command.session, command.conn, command.edge)
+            if latest[0] != command.conn:
+                return out  # from an older connection than the session's newest
         room = self.rooms.get(command.room)
         if room is None:
             # A passive room has no term of its own (0): its owner's replication sets it.
@@ -917,6 +940,8 @@ class RoomTable:
     def attach(self, command: AttachCmd) -> list[Outbound]:
         """A resumed session is back on ``command.edge``: re-home it, replay, report."""
         out: list[Outbound] = []
+        if self._heard_from(command.session, command.conn, command.edge)[0] != command.conn:
+            return out  # a late attach of an older connection of the session
         names = self._rooms_of.get(command.session, set()) | command.positions.keys()
         for name in sorted(names):
             room = self.rooms.get(name)
