@@ -836,6 +836,7 @@ class RoomTable:
                                 event.offset,
                                 sent,
                                 room.term,
+                                room.epoch,
                             ),
                         )
                     )
@@ -915,6 +916,7 @@ class RoomTable:
                             event.offset,
                             prev,
                             room.term,
+                            room.epoch,
                         ),
                     )
                 )
@@ -1139,7 +1141,15 @@ class RoomTable:
             out.append(
                 (
                     member.edge,
-                    Deliver([member.session], event.payload, room.name, offset, prev, room.term),
+                    Deliver(
+                        [member.session],
+                        event.payload,
+                        room.name,
+                        offset,
+                        prev,
+                        room.term,
+                        room.epoch,
+                    ),
                 )
             )
             return
@@ -1158,7 +1168,14 @@ class RoomTable:
             else:
                 group.append(member.session)
         for (edge, prev), sessions in groups.items():
-            out.append((edge, Deliver(sessions, event.payload, room.name, offset, prev, room.term)))
+            out.append(
+                (
+                    edge,
+                    Deliver(
+                        sessions, event.payload, room.name, offset, prev, room.term, room.epoch
+                    ),
+                )
+            )
 
     def _seal(
         self,

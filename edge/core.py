@@ -22,7 +22,7 @@ from typing import Final, Generic, NamedTuple, TypeVar
 
 import msgspec
 
-from edge.delivery import GAP, Confirmations, Position, Retries, admit
+from edge.delivery import GAP, OTHER_EPOCH, Confirmations, Position, Retries, admit
 from signalpost.wire import (
     AttachCmd,
     Deliver,
@@ -269,7 +269,9 @@ class EdgeCore(Generic[S]):
         position = state.positions.get(deliver.room)
         if position is None:
             return None
-        verdict = admit(position, deliver.offset, deliver.prev)
+        verdict = admit(position, deliver.offset, deliver.prev, deliver.epoch)
+        if verdict == OTHER_EPOCH:
+            return verdict  # nothing to confirm: the stream it belongs to is not this one
         if self.lossy:
             if verdict != GAP:
                 self.confirms.note(deliver.room, state.session, position)

@@ -29,6 +29,7 @@ from typing import Final, Generic, TypeVar
 ACCEPT: Final = 0
 DUPLICATE: Final = 1
 GAP: Final = 2
+OTHER_EPOCH: Final = 3
 
 #: First resend of an unanswered request after this many seconds, then twice as long each
 #: time, up to ``RETRY_MAX``.
@@ -44,8 +45,14 @@ class Position:
     offset: int
 
 
-def admit(position: Position, offset: int, prev: int) -> int:
-    """Whether a delivery of ``offset`` (sent after ``prev``) is written (see module doc)."""
+def admit(position: Position, offset: int, prev: int, epoch: str = "") -> int:
+    """Whether a delivery of ``offset`` (sent after ``prev``) is written (see module doc).
+
+    One of another ``epoch`` than the position's is not comparable: dropped (the owner
+    re-syncs the session, ``Synced``, which gives the position the room's epoch).
+    """
+    if epoch and epoch != position.epoch:
+        return OTHER_EPOCH
     if offset <= position.offset:
         return DUPLICATE
     if prev > position.offset:

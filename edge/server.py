@@ -42,7 +42,7 @@ from edge.core import (
     ToReplica,
     Write,
 )
-from edge.delivery import ACCEPT, DUPLICATE, GAP
+from edge.delivery import ACCEPT, DUPLICATE, GAP, OTHER_EPOCH
 from edge.guard import CLOSE, SERVE, ClientGuard
 from edge.websocket_link import WebSocketLink
 from signalpost import metrics
@@ -739,7 +739,7 @@ class EdgeServer:
 
 
 _RATE_LIMITED = RateLimited("too many frames; slow down")
-_DROPPED = {None: "unknown_room", DUPLICATE: "duplicate", GAP: "gap"}
+_DROPPED = {None: "unknown_room", DUPLICATE: "duplicate", GAP: "gap", OTHER_EPOCH: "other_epoch"}
 _INTERNAL = InternalError("internal error; the request was not served")
 
 

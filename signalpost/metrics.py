@@ -45,8 +45,8 @@ PEERS_LOST = Counter("signalpost_peers_lost", "Nodes declared dead after missed 
 DELIVERIES_DROPPED = Counter(
     "signalpost_deliveries_dropped",
     "Room events an edge did not write: a copy (duplicate), something missing before it "
-    "(gap, resent by the owner), a room the session is not in here (unknown_room), or "
-    "from a deposed owner (stale_term)",
+    "(gap, resent by the owner), a room the session is not in here (unknown_room), of "
+    "another epoch than the session's (other_epoch), or from a deposed owner (stale_term)",
     ["reason"],
 )
 REQUESTS_RESENT = Counter(

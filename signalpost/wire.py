@@ -433,6 +433,7 @@ class Deliver(_Envelope, tag=10, frozen=True):
     offset: int = 0
     prev: int = 0
     term: int = 0  # the sending owner's term for the room: an edge drops lower ones
+    epoch: str = ""  # the room's epoch: offsets of another epoch are not comparable
 
 
 class Reply(_Envelope, tag=11, frozen=True):
