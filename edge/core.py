@@ -44,6 +44,10 @@ from signalpost.wire import (
 #: through until the current owner is heard from again.
 MAX_ROOM_TERMS: Final = 100_000
 
+#: An attach is resent (1, 2, 4, 8 s) until every room the resume named was reported, and
+#: at most this often: with no room named there is no answer to wait for.
+ATTACH_RESENDS: Final = 4
+
 #: After the broker set changed, unanswered requests are resent at once and again this
 #: soon: the new owner may learn that it owns the room a moment after the edge did.
 OWNERS_CHANGED_RETRY: Final = 0.5
@@ -63,6 +67,7 @@ class SessionState:
     waiting_in: dict[str, dict[int, None]] = field(default_factory=dict)  # room -> rseqs owed
     member_since: dict[str, int] = field(default_factory=dict)  # room -> rseq of its answer
     attaching: set[str] = field(default_factory=set)  # rooms a resume waits to hear about
+    attach_resends: int = 0  # resends of its attach so far (``ATTACH_RESENDS`` at most)
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -171,9 +176,11 @@ class EdgeCore(Generic[S]):
         elif isinstance(command, RestoreCmd):
             self._actions.append(Reannounce(command.room, command))
         elif isinstance(command, AttachCmd):
-            if state.attaching:
-                wanted = {r: p for r, p in command.positions.items() if r in state.attaching}
-                self._actions.append(Attach(state.session, state.conn, wanted))
+            state.attach_resends += 1
+            if state.attach_resends >= ATTACH_RESENDS:
+                self.retries.done((state.conn, "attach"))
+            wanted = {r: p for r, p in command.positions.items() if r in state.attaching}
+            self._actions.append(Attach(state.session, state.conn, wanted))
         else:
             self._actions.append(ToPresence(command))
 
@@ -230,7 +237,9 @@ class EdgeCore(Generic[S]):
         for room, seen in rooms.items():
             state.positions[room] = Position(seen.epoch, seen.offset)
         self._actions.append(Attach(state.session, state.conn, dict(rooms)))
-        if self.lossy and rooms:
+        if self.lossy:
+            # Resent while a named room is unreported (an attach lost on a reset link),
+            # and a few times anyway: rooms the client did not name have no answer.
             state.attaching = set(rooms)
             attach = AttachCmd(state.session, state.conn, self.edge_id, dict(rooms))
             self.retries.add((state.conn, "attach"), (state, attach), now)
@@ -342,11 +351,9 @@ class EdgeCore(Generic[S]):
             frame = RecoveredFrame(room=synced.room, recovered=synced.recovered)
             self._actions.append(Write(state, encode_frame(frame)))
             return
-        state.attaching.discard(synced.room)
+        self._reported(state, synced.room)
         if self.lossy:
             self.retries.done((state.conn, "restore", synced.room))
-            if not state.attaching:
-                self.retries.done((state.conn, "attach"))
         state.rooms[synced.room] = synced.peer
         position = state.positions.get(synced.room)
         if synced.recovered and position is not None and position.epoch == synced.epoch:
@@ -362,7 +369,12 @@ class EdgeCore(Generic[S]):
 
     def not_a_member(self, state: S, room: str) -> None:
         """An owner reported ``recovered: false`` for a room the session is not in."""
-        state.attaching.discard(room)
+        self._reported(state, room)
         state.positions.pop(room, None)
-        if self.lossy and not state.attaching:
-            self.retries.done((state.conn, "attach"))
+
+    def _reported(self, state: S, room: str) -> None:
+        """The owner reported ``room`` after the session's resume."""
+        if room in state.attaching:
+            state.attaching.discard(room)
+            if not state.attaching and self.lossy:
+                self.retries.done((state.conn, "attach"))  # every named room is back
