@@ -364,7 +364,12 @@ class EdgeCore(Generic[S]):
             self.confirms.forget(synced.room, state.session)
             self.confirms.note(synced.room, state.session, position)
         if synced.report:
-            frame = RecoveredFrame(room=synced.room, recovered=synced.recovered)
+            frame = RecoveredFrame(
+                room=synced.room,
+                recovered=synced.recovered,
+                epoch=position.epoch,
+                offset=position.offset,
+            )
             self._actions.append(Write(state, encode_frame(frame)))
 
     def not_a_member(self, state: S, room: str) -> None:

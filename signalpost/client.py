@@ -170,6 +170,9 @@ class PresenceChanged(_Event, tag="presence", frozen=True):
 class Recovered(_Event, tag="recovered", frozen=True):
     room: str
     recovered: bool
+    #: Where the session's stream in the room stands now (None: not a member).
+    epoch: str | None = None
+    offset: int | None = None
 
 
 class Resumed(_Event, tag="resumed", frozen=True):
@@ -442,6 +445,12 @@ class SignalpostClient:
             position = self.positions.get(event.room)
             if position is not None:
                 self.positions[event.room] = RoomPosition(position.epoch, event.offset)
+        elif isinstance(event, Recovered) and event.epoch is not None and event.offset is not None:
+            # The stream goes on from here (even before a join in flight is answered: its
+            # events are then counted, and the joined reply does not move back past them).
+            position = self.positions.get(event.room)
+            if position is None or position.epoch != event.epoch or event.offset > position.offset:
+                self.positions[event.room] = RoomPosition(event.epoch, event.offset)
         elif isinstance(event, PresenceChanged) and event.user in self.presence:
             self.presence[event.user] = event.status
         self._events.put_nowait(event)

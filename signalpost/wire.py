@@ -207,6 +207,9 @@ class AckFrame(_ServerFrame, tag="ack"):
 class RecoveredFrame(_ServerFrame, tag="recovered"):
     room: str
     recovered: bool
+    #: Where the session's stream in the room now stands (absent: not a member).
+    epoch: str | None = None
+    offset: int | None = None
 
 
 class WatchingFrame(_ServerFrame, tag="watching"):

@@ -138,6 +138,7 @@ export class SignalpostClient extends EventTarget {
   #pending = new Map();
   #holding = false; // adopting a welcome: requests made meanwhile wait behind the resends
   #rooms = new Map(); // room -> {epoch, offset, meta, members: Map(session -> peer)}
+  #provisional = new Map(); // room -> {epoch, offset}: a stream reported before its joined reply
   #watched = new Set();
   #presence = new Map(); // user -> last status told to the app
   #closing = false;
@@ -203,6 +204,7 @@ export class SignalpostClient extends EventTarget {
   /** `{room: {epoch, offset}}`: what a resuming `hello` sends. */
   positions() {
     const positions = {};
+    for (const [room, { epoch, offset }] of this.#provisional) positions[room] = { epoch, offset };
     for (const [room, { epoch, offset }] of this.#rooms) positions[room] = { epoch, offset };
     return positions;
   }
@@ -608,9 +610,9 @@ export class SignalpostClient extends EventTarget {
 
   /** Advance the room's offset past an event; returns the room's state. */
   #track(frame) {
-    const room = this.#rooms.get(frame.room);
+    const room = this.#rooms.get(frame.room) ?? this.#provisional.get(frame.room);
     if (room && typeof frame.offset === "number" && frame.offset > room.offset) room.offset = frame.offset;
-    return room;
+    return this.#rooms.get(frame.room);
   }
 
   /** A `joined` reply: (re)set the room's position; report members that came or went. */
@@ -618,11 +620,14 @@ export class SignalpostClient extends EventTarget {
     const previous = this.#rooms.get(frame.room);
     const members = new Map(frame.members.map((peer) => [peer.session, peer]));
     // A resent join is answered with the reply recorded when it was applied: within the
-    // same epoch, never move back past events seen since.
-    const sameEpoch = previous && previous.epoch === frame.epoch;
+    // same epoch, never move back past events seen since (also those seen before this
+    // reply, counted from a `recovered` report).
+    const seen = previous ?? this.#provisional.get(frame.room);
+    this.#provisional.delete(frame.room);
+    const sameEpoch = seen && seen.epoch === frame.epoch;
     this.#rooms.set(frame.room, {
       epoch: frame.epoch,
-      offset: sameEpoch ? Math.max(previous.offset, frame.offset) : frame.offset,
+      offset: sameEpoch ? Math.max(seen.offset, frame.offset) : frame.offset,
       meta: meta ?? previous?.meta,
       members,
     });
@@ -642,6 +647,13 @@ export class SignalpostClient extends EventTarget {
 
   #recovered(frame) {
     const room = this.#rooms.get(frame.room);
+    if (typeof frame.epoch === "string" && typeof frame.offset === "number") {
+      // Where the stream stands now; a room whose join is still unanswered is counted too.
+      const stream = room ?? this.#provisional.get(frame.room);
+      if (stream && stream.epoch === frame.epoch) stream.offset = Math.max(stream.offset, frame.offset);
+      else if (stream) Object.assign(stream, { epoch: frame.epoch, offset: frame.offset });
+      else this.#provisional.set(frame.room, { epoch: frame.epoch, offset: frame.offset });
+    }
     if (frame.recovered || !room || !this.#options.rejoinUnrecovered) {
       this.#emit("recovered", frame);
       return;

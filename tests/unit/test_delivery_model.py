@@ -601,6 +601,12 @@ class _World:
         client = self.by_session[conn.session]
         frame = json.loads(payload)
         room = frame["room"]
+        # The SDKs take the stream's position from the report (``signalpost.js``).
+        seen = client.rooms.get(room)
+        if seen is not None and seen[0] == frame["epoch"]:
+            client.rooms[room] = (frame["epoch"], max(seen[1], frame["offset"]))
+        else:
+            client.rooms[room] = (frame["epoch"], frame["offset"])
         if not frame["recovered"]:
             hello = conn.hello.get(room)
             _check(
