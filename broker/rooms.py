@@ -220,6 +220,7 @@ class _Record:
     ok: bool
     epoch: str = ""
     offset: int = 0
+    member: bool = False  # a join or leave: whether the session was a member after it
 
 
 _NO_RECORD: Final = _Record(b"", 0, 0.0, False)
@@ -544,7 +545,7 @@ class RoomTable:
             out: list[Outbound] = []
             answer = answers.get(command.rseq)
             if answer is not None:
-                self._answer_resend(command, answer, out)
+                self._answer_resend(command, answer, out, same_request=True)
                 return out
             if command.rseq < command.rbase:
                 return out  # the edge has had its answer
@@ -588,24 +589,30 @@ class RoomTable:
             ok = True
         except ProtocolError as exc:
             payload, ok = request_error(exc, command.req), False
-        record = self._last_record = _Record(payload, fingerprint(command), now, ok, epoch, offset)
+        room = self.rooms.get(command.room)
+        member = room is not None and command.session in room.members
+        record = _Record(payload, fingerprint(command), now, ok, epoch, offset, member)
+        self._last_record = record
         self._remember(command.session, key, record)
         # The ack leaves after the deliveries it acknowledges (and after the runner-up has
         # the events): a broker killed before that has not acked, so the edge retries.
-        room = self.rooms.get(command.room)
-        reply = (command.edge, self._reply(command, record, room))
+        reply = (command.edge, self._reply(command, record, room, record.member))
         if not self._parked and (room is None or not room.pending):
             out.append(reply)  # nothing recorded to replicate, nothing held before it
             return out
         self._seal(out, now, command, reply, key, record)
         return out
 
-    def _answer_resend(self, command: Request, record: _Record, out: list[Outbound]) -> None:
+    def _answer_resend(
+        self, command: Request, record: _Record, out: list[Outbound], same_request: bool = False
+    ) -> None:
         """A resend of a request already applied: the same answer, nothing applied again.
 
         Its events reach their targets through their own delivery streams (confirmed,
         resent, replayed on sync), so only the reply is sent again, behind whatever the
-        room still holds for its runner-up.
+        room still holds for its runner-up. The edge's resend of the same request (same
+        ``rseq``) is told the membership that request left; a new request under an old id
+        changes nothing, so it is told the membership now.
         """
         if record.fingerprint != fingerprint(command):
             exc = BadRequest(f"request id {command.req!r} was already used for another request")
@@ -613,21 +620,26 @@ class RoomTable:
             out.append((command.edge, _reply(command, refusal, 0)))
             return
         room = self.rooms.get(command.room)
-        reply = (command.edge, self._reply(command, record, room))
+        member = (
+            record.member
+            if same_request
+            else (room is not None and command.session in room.members)
+        )
+        reply = (command.edge, self._reply(command, record, room, member))
         if room is not None and room.pending:
             room.pending.append(_Batch(None, [], [reply], confirmed=True))
         else:
             out.append(reply)
 
     @staticmethod
-    def _reply(command: Request, record: _Record, room: Room | None) -> Reply:
+    def _reply(command: Request, record: _Record, room: Room | None, member: bool) -> Reply:
         """The answer to ``command``, with the room's term and, for a join or leave,
-        whether the session is a member now (a resend of an old id changes nothing)."""
+        whether the session is a member (``member``)."""
         if room is None:
-            return _reply(command, record, 0)
+            return _reply(command, record, 0, member)
         if type(command) is SignalCmd:
             return _reply(command, record, room.term)
-        return _reply(command, record, room.term, command.session in room.members)
+        return _reply(command, record, room.term, member)
 
     def _remember(self, session: str, key: str, record: _Record) -> None:
         records = self._records.get(session)

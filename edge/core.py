@@ -324,6 +324,8 @@ class EdgeCore(Generic[S]):
             if command.rseq < state.member_since.get(room, 0):
                 return  # a newer join or leave of this room was answered already
             state.member_since[room] = command.rseq
+        if reply.member and isinstance(command, LeaveCmd):
+            return  # a resend of an old leave, answered while a member again: no change
         if isinstance(command, JoinCmd) and reply.member:
             state.rooms[room] = command.peer
             position = state.positions.get(room)
