@@ -179,8 +179,10 @@ class EdgeCore(Generic[S]):
             state.attach_resends += 1
             if state.attach_resends >= ATTACH_RESENDS:
                 self.retries.done((state.conn, "attach"))
-            wanted = {r: p for r, p in command.positions.items() if r in state.attaching}
-            self._actions.append(Attach(state.session, state.conn, wanted))
+            # Where the session stands now in every room it has: the owners re-sync from
+            # there (what was reported already is not reported lost).
+            now_at = {r: RoomPosition(p.epoch, p.offset) for r, p in state.positions.items()}
+            self._actions.append(Attach(state.session, state.conn, now_at))
         else:
             self._actions.append(ToPresence(command))
 
