@@ -431,12 +431,35 @@ class RoomTable:
             return out  # asked again from ``expire``
         if command.present:
             room = self.rooms.get(command.room)
-            if room is None or not room.active or room.term < command.term:
+            if room is None or self._newer_state(command, room):
                 self._install(command, now, out)
+            else:
+                self._merge_members(room, command, now)
         if awaiting is not None:
             del self._awaiting[command.room]
             out.extend(self._proceed(command.room, awaiting, now))
         return out
+
+    @staticmethod
+    def _newer_state(handoff: Handoff, room: Room) -> bool:
+        """Whether a handed room is newer than what this broker has of it: a served room
+        gives way only to a higher term; a replica with history only to a handoff with
+        history and a higher (term, offset); a bare membership copy to anything."""
+        if room.active:
+            return room.term < handoff.term
+        if not room.replicated:
+            return True
+        return handoff.history and (handoff.term, handoff.offset) > (room.term, room.offset)
+
+    def _merge_members(self, room: Room, handoff: Handoff, now: float) -> None:
+        """Keep this broker's (newer) state, with the members only the sender knew."""
+        for handed in handoff.members:
+            if handed.session not in room.members:
+                suspended = None if handed.suspended_for < 0 else now + handed.suspended_for
+                room.members[handed.session] = Member(
+                    handed.session, handed.peer, handed.edge, handed.conn, suspended, synced=False
+                )
+                self._rooms_of.setdefault(handed.session, set()).add(room.name)
 
     def _proceed(self, name: str, awaiting: _Awaiting, now: float) -> list[Outbound]:
         """Serve the room from here on (installed, or on what this broker has) and the
