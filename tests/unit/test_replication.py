@@ -292,3 +292,25 @@ def test_a_broker_serves_no_room_it_does_not_own_in_its_view() -> None:
 
 def replies(out: list[Outbound]) -> list[Reply]:
     return [e for _, e in out if isinstance(e, Reply)]
+
+
+def test_a_membership_copy_does_not_replace_a_replicated_history() -> None:
+    # 3 brokers: the owner died; its runner-up (with the history) asks the broker that would
+    # own the room without it, which only holds a membership copy re-announced by edges.
+    owner, runner_up = table("A", "B"), owning("B", "C")
+    for session in ("a", "b"):
+        restore(runner_up, session, True)
+        pump(owner, runner_up, owner.handle(join(session, 1), 0.0))
+    pump(owner, runner_up, owner.handle(signal(2, 0), 0.0))
+    epoch, offset = runner_up.rooms["room"].epoch, runner_up.rooms["room"].offset
+    third = owning("C", None, owns=False)
+    restore(third, "a", True)  # only a's re-announcement reached it
+    asked = runner_up.handle(signal(3, 1), 1.0)
+    assert [type(e) for _, e in asked] == [HandoffRequest]
+    (answer,) = third.handle(asked[0][1], 1.0)
+    assert isinstance(answer[1], Handoff) and answer[1].present and not answer[1].history
+    served = runner_up.handle(answer[1], 1.0)
+    room = runner_up.rooms["room"]
+    assert (room.epoch, room.active) == (epoch, True)  # the history was kept
+    assert set(room.members) == {"a", "b"}
+    assert [f["type"] for f in frames(served)] == ["ack"] and room.offset == offset + 1
