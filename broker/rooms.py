@@ -1313,9 +1313,11 @@ class RoomTable:
         return out
 
     def replicas_changed(self, now: float = 0.0) -> list[Outbound]:
-        """The runner-ups may have changed: resend unconfirmed batches (or stop waiting)."""
+        """The runner-ups may have changed (or restarted empty): the next batch of every
+        room carries its whole history; resend unconfirmed batches (or stop waiting)."""
         out: list[Outbound] = []
         for room in list(self.rooms.values()):
+            room.replica_target = None
             if not room.pending:
                 continue
             replica = self.replica_for(room.name)
