@@ -30,6 +30,10 @@ class Backplane(Protocol):
     #: then the edge confirms deliveries and resends unanswered requests.
     lossy: bool
 
+    @property
+    def ready(self) -> bool:
+        """Whether a room owner can be reached (else the edge takes no session)."""
+
     def connect(
         self,
         edge_id: str,
@@ -72,6 +76,7 @@ class LocalBackplane:
     """Broker and presence cores in this process: the ``dev`` topology."""
 
     lossy = False
+    ready = True
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         # One process: nothing between the table and the edge can lose a delivery.

@@ -441,6 +441,8 @@ class EdgeServer:
         if url.path == "/healthz":
             if self._draining:
                 return link.protocol.reject(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            if not self.backplane.ready:
+                return link.protocol.reject(HTTPStatus.SERVICE_UNAVAILABLE, "no broker\n")
             return link.protocol.reject(HTTPStatus.OK, "ok\n")
         if url.path == "/metrics":
             body, content_type = metrics.exposition()
@@ -506,6 +508,11 @@ class EdgeServer:
             self._all_closed.set()
 
     async def _hello(self, link: WebSocketLink, greeting: Greeting, first: bytes) -> None:
+        if not self.backplane.ready:
+            # No broker known or alive: a session here could not reach its rooms. The
+            # client resumes on another edge (1001), as when an edge drains.
+            link.close(CloseCode.GOING_AWAY, "no broker reachable; try another edge")
+            return
         client = await self._authenticate(link, first)
         if client is None or self._links.get(link) is not greeting:
             return  # refused, or the link closed while the claim was out

@@ -57,6 +57,7 @@ class ZmqBackplane:
         self._owners: dict[str, DealerLink] = {}  # room -> owner link, until membership changes
         self._live_ids: list[str] = []
         self._started = False
+        self._heard = False  # some broker has answered since start-up
         self._discovery: Discovery | None = None
 
     # ----------------------------------------------------------------- membership
@@ -118,6 +119,8 @@ class ZmqBackplane:
         self._owners_changed()
 
     def _on_up(self, link: DealerLink, fresh: bool) -> None:
+        if link is not self.presence:
+            self._heard = True
         if link is self.presence:
             if fresh and self._snapshot is not None:
                 link.send(self._snapshot())
@@ -130,6 +133,13 @@ class ZmqBackplane:
         if link is not self.presence:
             log.warning("broker %s is down", link.endpoint)
             self._membership_changed()
+
+    @property
+    def ready(self) -> bool:
+        """A broker answers heartbeats (or none was heard from yet since start-up)."""
+        return any(link.alive for link in self.brokers.values()) or (
+            bool(self.brokers) and not self._heard
+        )
 
     def owner_of(self, room: str) -> DealerLink:
         """The link to the broker that owns ``room`` now."""
