@@ -65,6 +65,7 @@ class BrokerNode(OwnerNode):
         self._replicas: dict[str, str | None] = {}  # room -> runner-up, until peers change
         self._live: list[str] = [self.placement_id]  # the brokers this one sees alive
         self._draining = False
+        self._grace_until = float("inf")  # until then, peers not heard from count as alive
         self._incarnation = new_incarnation()
         self._running = False
 
@@ -111,8 +112,15 @@ class BrokerNode(OwnerNode):
 
     def _peers_changed(self, *_link: object) -> None:
         self._replicas.clear()
+        # Just started, a broker has not heard its peers yet: until one heartbeat expiry
+        # has passed it counts them alive, so it asks them for the rooms they serve
+        # instead of taking every room afresh (a restarted broker's empty view).
+        starting = self._clock() < self._grace_until
         self._live = sorted(
-            [self.placement_id, *(p for p, link in self.peers.items() if link.alive)]
+            [
+                self.placement_id,
+                *(p for p, link in self.peers.items() if link.alive or starting),
+            ]
         )
         self._send(self.table.replicas_changed(self._clock()))
 
@@ -161,6 +169,9 @@ class BrokerNode(OwnerNode):
 
     async def started(self) -> None:
         self._running = True
+        grace = self.settings.peer_expiry
+        self._grace_until = self._clock() + grace
+        asyncio.get_running_loop().call_later(grace, self._peers_changed)
         self.update_peers(list(self.settings.broker_endpoints))
 
     def discovering(self, discovery: Discovery) -> None:
