@@ -232,11 +232,16 @@ class Discovery:
         client = consul_client(self.address)
         payload = registration.payload()
         node_id = registration.node_id
+        registered = False
         while True:
             try:
-                services = await _in_thread(client.agent.services)
+                # Registered once by this process whatever the agent holds: a node restarted
+                # under the same id must replace its predecessor's entry (whose health check
+                # points at the dead process), then again whenever the entry is gone.
+                services = {} if not registered else await _in_thread(client.agent.services)
                 if node_id not in services:
                     await _in_thread(lambda: client.agent.service.register(**payload))
+                    registered = True
                     log.info("registered %s in Consul as %s", node_id, payload["name"])
             except Exception as exc:
                 log.warning("Consul at %s: %s (will retry)", self.address, exc)
