@@ -210,17 +210,41 @@ class _Inflow:
     answers: dict[int, _Record] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class _Record:
-    """The answer given to one request, for its resends."""
+class _Record(msgspec.Struct, gc=False, frozen=True):
+    """The answer given to one request, for its resends.
+
+    Not tracked by the cyclic GC (only bytes, strings and numbers): a broker keeps up to
+    1024 per session, and full collections would walk them all.
+    """
 
     payload: bytes
-    fingerprint: int
+    given_fingerprint: int  # from a peer (replicated, handed over); 0: see ``request``
     at: float
     ok: bool
     epoch: str = ""
     offset: int = 0
     member: bool = False  # a join or leave: whether the session was a member after it
+    request: SignalCmd | JoinCmd | LeaveCmd | None = None  # the request answered, if here
+
+    @property
+    def fingerprint(self) -> int:
+        """What a resend must repeat (computed when needed: resends are rare)."""
+        return fingerprint(self.request) if self.request is not None else self.given_fingerprint
+
+    def repeats(self, command: SignalCmd | JoinCmd | LeaveCmd) -> bool:
+        """Whether ``command`` is the request this answers (not another one under its id)."""
+        request = self.request
+        if request is None:
+            return self.given_fingerprint == fingerprint(command)
+        if type(request) is not type(command):
+            return False
+        if isinstance(request, SignalCmd):
+            assert isinstance(command, SignalCmd)
+            return request.to == command.to and request.data == command.data
+        if isinstance(request, JoinCmd):
+            assert isinstance(command, JoinCmd)
+            return request.peer == command.peer
+        return True
 
 
 _NO_RECORD: Final = _Record(b"", 0, 0.0, False)
@@ -306,7 +330,14 @@ class RoomTable:
     def handle(self, command: Envelope, now: float) -> list[Outbound]:
         """Apply one command from an edge or a peer broker; return what to send."""
         self._now = now
-        if isinstance(command, SignalCmd | JoinCmd | LeaveCmd):
+        if type(command) is SignalCmd:  # most of the traffic: an active room needs no gate
+            room = self.rooms.get(command.room)
+            if room is None or not room.active:
+                gated = self._gate(command.room, command, now)
+                if gated is not None:
+                    return gated
+            return self._request(command, now)
+        if isinstance(command, JoinCmd | LeaveCmd):
             out = self._gate(command.room, command, now)
             return self._request(command, now) if out is None else out
         if isinstance(command, Confirm):
@@ -614,7 +645,7 @@ class RoomTable:
             payload, ok = request_error(exc, command.req), False
         room = self.rooms.get(command.room)
         member = room is not None and command.session in room.members
-        record = _Record(payload, fingerprint(command), now, ok, epoch, offset, member)
+        record = _Record(payload, 0, now, ok, epoch, offset, member, command)
         self._last_record = record
         self._remember(command.session, key, record)
         # The ack leaves after the deliveries it acknowledges (and after the runner-up has
@@ -637,7 +668,7 @@ class RoomTable:
         ``rseq``) is told the membership that request left; a new request under an old id
         changes nothing, so it is told the membership now.
         """
-        if record.fingerprint != fingerprint(command):
+        if not record.repeats(command):
             exc = BadRequest(f"request id {command.req!r} was already used for another request")
             refusal = _Record(request_error(exc, command.req), 0, 0.0, False)
             out.append((command.edge, _reply(command, refusal, 0)))
