@@ -123,6 +123,11 @@ MAX_HELD_REQUESTS: Final = 1024
 MAX_ORDERED_CONNS: Final = 200_000
 
 
+_SIGNAL: Final = 1
+_JOIN: Final = 2
+_LEAVE: Final = 3
+
+
 def fingerprint(command: SignalCmd | JoinCmd | LeaveCmd) -> int:
     """What a resend must repeat to be the same request (CRC-32 of its kind and content):
     an id used again for something else is refused instead of answered as a resend."""
@@ -224,27 +229,31 @@ class _Record(msgspec.Struct, gc=False, frozen=True):
     epoch: str = ""
     offset: int = 0
     member: bool = False  # a join or leave: whether the session was a member after it
-    request: SignalCmd | JoinCmd | LeaveCmd | None = None  # the request answered, if here
+    # What the request said, when it was applied here (plain values: nothing for the GC):
+    # its kind (``_KIND``; 0: recorded elsewhere, see ``given_fingerprint``), ``to`` and its
+    # data (a signal's data, a join's peer object).
+    kind: int = 0
+    to: str | None = None
+    content: bytes = b""
 
     @property
     def fingerprint(self) -> int:
         """What a resend must repeat (computed when needed: resends are rare)."""
-        return fingerprint(self.request) if self.request is not None else self.given_fingerprint
+        if not self.kind:
+            return self.given_fingerprint
+        if self.kind == _SIGNAL:
+            return zlib.crc32(self.content, zlib.crc32((self.to or "").encode(), 1))
+        return zlib.crc32(self.content, 2) if self.kind == _JOIN else 3
 
     def repeats(self, command: SignalCmd | JoinCmd | LeaveCmd) -> bool:
         """Whether ``command`` is the request this answers (not another one under its id)."""
-        request = self.request
-        if request is None:
+        if not self.kind:
             return self.given_fingerprint == fingerprint(command)
-        if type(request) is not type(command):
-            return False
-        if isinstance(request, SignalCmd):
-            assert isinstance(command, SignalCmd)
-            return request.to == command.to and request.data == command.data
-        if isinstance(request, JoinCmd):
-            assert isinstance(command, JoinCmd)
-            return request.peer == command.peer
-        return True
+        if type(command) is SignalCmd:
+            return self.kind == _SIGNAL and self.to == command.to and self.content == command.data
+        if type(command) is JoinCmd:
+            return self.kind == _JOIN and self.content == command.peer
+        return self.kind == _LEAVE
 
 
 _NO_RECORD: Final = _Record(b"", 0, 0.0, False)
@@ -645,7 +654,14 @@ class RoomTable:
             payload, ok = request_error(exc, command.req), False
         room = self.rooms.get(command.room)
         member = room is not None and command.session in room.members
-        record = _Record(payload, 0, now, ok, epoch, offset, member, command)
+        if type(command) is SignalCmd:
+            record = _Record(
+                payload, 0, now, ok, epoch, offset, member, _SIGNAL, command.to, command.data
+            )
+        elif type(command) is JoinCmd:
+            record = _Record(payload, 0, now, ok, epoch, offset, member, _JOIN, None, command.peer)
+        else:
+            record = _Record(payload, 0, now, ok, epoch, offset, member, _LEAVE)
         self._last_record = record
         self._remember(command.session, key, record)
         # The ack leaves after the deliveries it acknowledges (and after the runner-up has
