@@ -324,7 +324,9 @@ class RoomTable:
         self.rooms: dict[str, Room] = {}
         self._rooms_of: dict[str, set[str]] = {}  # session -> names of rooms it is in
         # session -> request key -> record; sessions in order of their latest record
-        self._records: OrderedDict[str, OrderedDict[str, _Record]] = OrderedDict()
+        # (A plain dict per session, in insertion order: holding only strings and untracked
+        # records, CPython stops tracking it, so the GC never walks the records.)
+        self._records: OrderedDict[str, dict[str, _Record]] = OrderedDict()
         self._unconfirmed: dict[Member, Room] = {}  # members with deliveries not confirmed
         # conn -> room -> request order; conns in order of their latest request
         self._inflows: OrderedDict[str, dict[str, _Inflow]] = OrderedDict()
@@ -714,15 +716,16 @@ class RoomTable:
     def _remember(self, session: str, key: str, record: _Record) -> None:
         records = self._records.get(session)
         if records is None:
-            records = self._records[session] = OrderedDict()
+            records = self._records[session] = {}
             if len(self._records) > MAX_RECORDED_SESSIONS:
                 self._records.popitem(last=False)
         else:
             self._records.move_to_end(session)
+        if key in records:
+            del records[key]  # to the end: the newest
         records[key] = record
-        records.move_to_end(key)
         if len(records) > REPLY_RECORDS_PER_SESSION:
-            records.popitem(last=False)
+            del records[next(iter(records))]
 
     def _prune_records(self, now: float) -> None:
         """Drop reply records past their age (sessions in order of their latest record)."""
