@@ -352,7 +352,11 @@ class ReconnectStormUser(SignalpostUser):
         error: BaseException | None = None
         try:
             self.connection = self.open(
-                f"storm-{self.number}", edge=self.edge, resume=old.resume_token, rooms=old.positions
+                f"storm-{self.number}",
+                edge=self.edge,
+                resume=old.resume_token,
+                rooms=old.positions,
+                ids=old.ids,
             )
             if not self.connection.resumed:
                 raise RequestFailed("the session did not resume")

@@ -15,7 +15,7 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
@@ -50,6 +50,7 @@ class SignalpostConnection:
         resume: str | None = None,
         rooms: dict[str, dict[str, Any]] | None = None,
         tolerate_loss: bool = False,
+        ids: Iterator[int] | None = None,
     ) -> None:
         self.url = url
         #: When the test kills edges on purpose, a request cut off by the lost connection
@@ -57,7 +58,9 @@ class SignalpostConnection:
         self.tolerate_loss = tolerate_loss
         self.timeout = timeout
         self.reporter = report
-        self._ids = itertools.count(1)
+        #: Request ids: one per request of the session (a resumed session goes on counting
+        #: from its previous connection: the same id would be the same request).
+        self.ids: Iterator[int] = ids if ids is not None else itertools.count(1)
         self._waiting: dict[Any, _Reply] = {}
         self._lock = threading.Lock()
         self.inbox: deque[dict[str, Any]] = deque(maxlen=10_000)
@@ -135,7 +138,7 @@ class SignalpostConnection:
 
     def request(self, name: str, frame: dict[str, Any], *, report: bool = True) -> dict[str, Any]:
         """Send ``frame`` with a fresh id, wait for its reply; report it as ``name``."""
-        request_id = next(self._ids)
+        request_id = next(self.ids)
         frame["id"] = request_id
         waiter = _Reply()
         with self._lock:
