@@ -909,23 +909,7 @@ class RoomTable:
         complete = epoch == room.epoch and room.trimmed_through <= position <= room.released
         sent = position if complete else room.released
         if complete:
-            for event in room.history:
-                if position < event.offset <= room.released and member.session in event.recipients:
-                    out.append(
-                        (
-                            member.edge,
-                            Deliver(
-                                [member.session],
-                                event.payload,
-                                room.name,
-                                event.offset,
-                                sent,
-                                room.term,
-                                room.epoch,
-                            ),
-                        )
-                    )
-                    sent = event.offset
+            sent = self._replay(room, member, position, room.released, out)
         member.synced = True
         member.confirmed = member.start = position if complete else room.released
         member.sent = sent
@@ -988,24 +972,27 @@ class RoomTable:
             # No longer in the history: the client is told it cannot recover.
             self._sync(room, member, "", 0, True, now, out)
             return
-        prev = member.confirmed
+        self._replay(room, member, member.confirmed, member.sent, out)
+
+    @staticmethod
+    def _replay(room: Room, member: Member, after: int, through: int, out: list[Outbound]) -> int:
+        """Send ``member`` its events in (``after``, ``through``] from the history, each
+        after the one before it (``prev``); the offset of the last one sent (or ``after``)."""
+        prev = after
         for event in room.history:
-            if prev < event.offset <= member.sent and member.session in event.recipients:
-                out.append(
-                    (
-                        member.edge,
-                        Deliver(
-                            [member.session],
-                            event.payload,
-                            room.name,
-                            event.offset,
-                            prev,
-                            room.term,
-                            room.epoch,
-                        ),
-                    )
+            if after < event.offset <= through and member.session in event.recipients:
+                deliver = Deliver(
+                    [member.session],
+                    event.payload,
+                    room.name,
+                    event.offset,
+                    prev,
+                    room.term,
+                    room.epoch,
                 )
+                out.append((member.edge, deliver))
                 prev = event.offset
+        return prev
 
     def resend_unconfirmed(self, now: float) -> list[Outbound]:
         """Resend what has gone unconfirmed for ``resend_after`` seconds."""
