@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from signalpost.placement import owner
 from tests.helpers import SECRET, close_raw_clients
 
 START_TIMEOUT = 30.0
@@ -59,6 +60,15 @@ class Cluster:
         (process,) = [p for p in self.processes if p["id"] == process_id]
         pid: int = process["pid"]
         return pid
+
+    def brokers(self) -> dict[str, str]:
+        """Broker placement id (the endpoint edges hash) -> process id."""
+        return {p["url"]: p["id"] for p in self.of_kind("broker")}
+
+    def owner_of(self, room: str) -> str:
+        """The process id of the broker that owns ``room`` while all brokers are up."""
+        brokers = self.brokers()
+        return brokers[owner(room, sorted(brokers))]
 
     def log(self, process_id: str) -> str:
         path = self.state_path.with_name(self.state_path.name + ".logs") / f"{process_id}.log"

@@ -34,13 +34,8 @@ FAST_CLIENTS = {
 }
 
 
-def _owners(cluster: Cluster) -> dict[str, str]:
-    """Broker placement id (its endpoint) -> process id."""
-    return {p["url"]: p["id"] for p in cluster.of_kind("broker")}
-
-
 def _rooms_on_distinct_owners(cluster: Cluster, count: int) -> list[str]:
-    endpoints = sorted(_owners(cluster))
+    endpoints = sorted(cluster.brokers())
     chosen: dict[str, str] = {}
     for n in range(1000):
         room = f"room-{n}"
@@ -149,7 +144,7 @@ async def test_tcp_resets_of_the_owners_links_lose_nothing(
     cluster = cluster_factory(edges=2, brokers=2, **FAST_CLIENTS)
     edge1, edge2 = cluster.edge_urls
     (room,) = _rooms_on_distinct_owners(cluster, 1)
-    endpoint = owner(room, sorted(_owners(cluster)))
+    endpoint = owner(room, sorted(cluster.brokers()))
     total, window = 3000, 512
     async with (
         SignalpostClient(edge1, token("alice"), request_timeout=20) as alice,
@@ -180,7 +175,7 @@ async def test_a_resent_request_is_applied_once_across_failover_and_resume(
     cluster = cluster_factory(edges=2, brokers=2, **FAST_CLIENTS)
     edge1, edge2 = cluster.edge_urls
     (room,) = _rooms_on_distinct_owners(cluster, 1)
-    doomed = _owners(cluster)[owner(room, sorted(_owners(cluster)))]
+    doomed = cluster.owner_of(room)
     alice = await raw_client(edge1, "alice")
     async with SignalpostClient(edge2, token("bob"), request_timeout=15) as bob:
         assert (await alice.request({"type": "join", "id": "j", "room": room}))["type"] == "joined"

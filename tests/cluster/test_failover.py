@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from signalpost.client import PeerJoined, SignalEvent, SignalpostClient
-from signalpost.placement import owner
 from tests.cluster.conftest import ClusterFactory
 from tests.helpers import token
 
@@ -42,8 +41,7 @@ async def test_kill_9_the_room_owner_every_acked_signal_arrives_once_in_order(
     cluster = cluster_factory(edges=2, brokers=brokers, **FAST_CLIENTS)
     edge1, edge2 = cluster.edge_urls
     room = "failover-room"
-    endpoints = {p["url"]: p["id"] for p in cluster.of_kind("broker")}
-    doomed = endpoints[owner(room, sorted(endpoints))]
+    doomed = cluster.owner_of(room)
     async with (
         SignalpostClient(edge1, token("alice"), request_timeout=10) as alice,
         SignalpostClient(edge2, token("bob"), request_timeout=10) as bob,
@@ -93,8 +91,7 @@ async def test_resume_recovers_everything_after_the_room_owner_was_killed(
     cluster = cluster_factory(edges=2, brokers=2, **FAST_CLIENTS)
     edge1, edge2 = cluster.edge_urls
     room = "replicated-room"
-    endpoints = {p["url"]: p["id"] for p in cluster.of_kind("broker")}
-    doomed = endpoints[owner(room, sorted(endpoints))]
+    doomed = cluster.owner_of(room)
     async with SignalpostClient(edge1, token("alice"), request_timeout=10) as alice:
         bob = SignalpostClient(edge2, token("bob"), auto_resume=False)
         await bob.connect()

@@ -22,8 +22,7 @@ import pytest
 import websockets
 
 from signalpost.client import PeerJoined, SignalpostClient
-from signalpost.placement import owner
-from tests.cluster.conftest import Cluster, ClusterFactory
+from tests.cluster.conftest import ClusterFactory
 from tests.helpers import RawClient, token
 
 pytestmark = pytest.mark.cluster
@@ -33,11 +32,6 @@ ENV = {
     "SIGNALPOST_RATE_BURST": "100000",
     "SIGNALPOST_ROOM_CAPACITY": "8",
 }
-
-
-def _brokers(cluster: Cluster) -> dict[str, str]:
-    """Broker placement id (endpoint) -> process id."""
-    return {p["url"]: p["id"] for p in cluster.of_kind("broker")}
 
 
 async def _away(
@@ -70,7 +64,7 @@ async def test_a_paused_owner_that_wakes_up_does_no_harm(cluster_factory: Cluste
     cluster = cluster_factory(edges=2, brokers=2, **ENV)
     edge1, edge2 = cluster.edge_urls
     room = "paused-room"
-    doomed = _brokers(cluster)[owner(room, sorted(_brokers(cluster)))]
+    doomed = cluster.owner_of(room)
     async with SignalpostClient(edge1, token("alice"), request_timeout=20) as alice:
         await alice.join(room)
         bob, bob_session, _, resume = await _away(edge2, room)
