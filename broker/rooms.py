@@ -396,7 +396,7 @@ class RoomTable:
             if source is None:
                 return None
             awaiting = self._awaiting[name] = _Awaiting(source, now, ask_again_at=now + 0.25)
-            out: list[Outbound] = [(source, HandoffRequest(name, self.node_id))]
+            out: list[Outbound] = [(source, HandoffRequest(name, self.node_id, self._new_term()))]
         else:
             out = []
         if len(awaiting.parked) < MAX_PARKED:
@@ -413,7 +413,12 @@ class RoomTable:
             return [(command.requester, Handoff(command.room, self.node_id, False, retry=True))]
         # Served here until now, or a passive copy (the runner-up of an owner that died,
         # e.g. the asker itself before it restarted): the most recent state there is.
-        return [(command.requester, self.hand_over(command.room, now))]
+        handoff = self.hand_over(command.room, now)
+        if not room.active:
+            # The asker's ownership is newer than whatever replicates here: a deposed
+            # owner's late batch must be refused, not kept behind the asker's back.
+            room.term = max(room.term, command.term)
+        return [(command.requester, handoff)]
 
     def hand_over(self, name: str, now: float) -> Handoff:
         """The whole released state of a room, and stop serving it here (if it did).
@@ -522,7 +527,7 @@ class RoomTable:
 
     def _install(self, command: Handoff, now: float, out: list[Outbound]) -> None:
         old = self.rooms.get(command.room)
-        term = max(command.term, old.term if old is not None else 0) + 1
+        term = max(max(command.term, old.term if old is not None else 0) + 1, self._new_term())
         if old is not None:
             for member in old.members.values():
                 self._unconfirmed.pop(member, None)
@@ -882,7 +887,7 @@ class RoomTable:
         if room.replicated:
             # Everything the previous owner replicated is known here: visible from now on.
             room.released = room.offset
-            room.term += 1
+            room.term = max(room.term + 1, self._new_term())
         else:
             room.term = self._new_term()
             # Whatever history there was died with the previous owner: a new epoch tells
@@ -1108,7 +1113,7 @@ class RoomTable:
                 out.extend(self._proceed(name, awaiting, now))
             elif now >= awaiting.ask_again_at:
                 awaiting.ask_again_at = now + 0.25
-                out.append((awaiting.source, HandoffRequest(name, self.node_id)))
+                out.append((awaiting.source, HandoffRequest(name, self.node_id, self._new_term())))
         if self._unconfirmed:
             out.extend(self.resend_unconfirmed(now))
         return out

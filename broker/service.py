@@ -4,6 +4,13 @@ A broker's placement id is its endpoint as others dial it (the same string the e
 hash; a wildcard bind host is replaced by ``advertise_host``). It opens a DEALER
 to every other broker to replicate room history to each room's runner-up; the runner-up
 answers ``ReplicaAck`` through its ROUTER.
+
+Which broker owns a room: with Consul, rendezvous hashing over the brokers of the newest
+view read from Consul's consistent KV (``signalpost.ownership``), and a room's term is at
+least the number of the view its owner took it in. Without Consul (static endpoints: one
+machine, tests), over the brokers whose heartbeats are current, and terms start from the
+wall clock: nothing then stops two brokers that cannot hear each other from both serving
+a room (the runner-up's term check still refuses the one with the lower term).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from signalpost.config import Settings
 from signalpost.discovery import Discovery
 from signalpost.lifecycle import until_stopped
 from signalpost.node import OwnerNode
+from signalpost.ownership import BrokerMembership, View
 from signalpost.placement import owner, ranking
 from signalpost.transport import DealerLink, new_incarnation
 from signalpost.wire import Envelope, Handoff, HandoffRequest, ReplicateCmd, encode_envelope
@@ -28,17 +36,21 @@ log = logging.getLogger("signalpost.broker")
 _TO_PEERS = (ReplicateCmd, HandoffRequest, Handoff)
 
 
+def wall_clock_term() -> int:
+    """Without Consul, a room taken afresh starts above any term an earlier incarnation of
+    it reached by takeovers (+1 each): milliseconds of the wall clock."""
+    return int(time.time() * 1000)
+
+
 def room_table(settings: Settings, **options: object) -> RoomTable:
     """A RoomTable configured from ``settings``."""
+    options.setdefault("new_term", wall_clock_term)
     return RoomTable(
         capacity=settings.room_capacity,
         resume_window=settings.resume_window,
         history_max_events=settings.history_max_events,
         history_max_age=settings.history_max_age,
         new_epoch=lambda: secrets.token_urlsafe(6),
-        # A room created afresh starts above any term an earlier incarnation of it reached
-        # by takeovers (+1 each): milliseconds of the wall clock.
-        new_term=lambda: int(time.time() * 1000),
         **options,  # type: ignore[arg-type]
     )
 
@@ -59,6 +71,7 @@ class BrokerNode(OwnerNode):
             replica_for=self._replica_for,
             owns=self._owns,
             handoff_from=self._handoff_from,
+            new_term=self._new_term,
         )
         super().__init__(settings, "broker", self.table, settings.broker_bind)
         self.peers: dict[str, DealerLink] = {}
@@ -68,6 +81,12 @@ class BrokerNode(OwnerNode):
         self._grace_until = float("inf")  # until then, peers not heard from count as alive
         self._incarnation = new_incarnation()
         self._running = False
+        # With Consul: the newest view read there decides ownership (None: not read yet,
+        # this broker owns nothing); without, ``_live`` does.
+        self._by_view = settings.consul_addr is not None
+        self._view: View | None = None
+        self._membership: BrokerMembership | None = None
+        self._discovered = list(settings.broker_endpoints)  # configured, or found in Consul
 
     def _replica_for(self, room: str) -> str | None:
         # Asked for every batch of room events: hashing the peer set each time showed in
@@ -76,21 +95,53 @@ class BrokerNode(OwnerNode):
             return self._replicas[room]
         except KeyError:
             pass
-        live = [self.placement_id, *(p for p, link in self.peers.items() if link.alive)]
+        if self._by_view:
+            # The view's runner-up, alive or not: only a view change moves the replica.
+            live = list(self._view.brokers) if self._view is not None else []
+        else:
+            live = [self.placement_id, *(p for p, link in self.peers.items() if link.alive)]
         replica = next((b for b in ranking(room, live) if b != self.placement_id), None)
         if len(self._replicas) >= _MAX_CACHED_PLACEMENTS:
             self._replicas.clear()
         self._replicas[room] = replica
         return replica
 
+    def _placing(self) -> list[str]:
+        """The brokers rooms are placed on, as this broker knows them."""
+        if self._by_view:
+            return list(self._view.brokers) if self._view is not None else []
+        return self._live
+
     def _owns(self, room: str) -> bool:
         """Whether this broker owns ``room`` in its own view (never while draining)."""
-        return not self._draining and owner(room, self._live) == self.placement_id
+        placing = self._placing()
+        return (
+            not self._draining
+            and self.placement_id in placing
+            and owner(room, placing) == self.placement_id
+        )
 
     def _handoff_from(self, room: str) -> str | None:
-        """The live broker that owned ``room`` before this one (the owner without it)."""
-        others = [b for b in self._live if b != self.placement_id]
+        """The broker that owned ``room`` before this one (the owner without it)."""
+        others = [b for b in self._placing() if b != self.placement_id]
         return owner(room, others) if others else None
+
+    def _new_term(self) -> int:
+        """The lowest term an ownership starting now may have."""
+        if self._by_view:
+            return self._view.number if self._view is not None else 0
+        return wall_clock_term()
+
+    def _view_changed(self, view: View) -> None:
+        """A newer view was read from Consul: place rooms on its brokers from now on."""
+        was_member = self._view is not None and self.placement_id in self._view
+        self._view = view
+        if was_member and self.placement_id not in view:
+            # Removed (paused or cut off from Consul past its check): the runner-ups
+            # serve these rooms now, from their replicas; what is here is stale.
+            for name in [n for n, room in self.table.rooms.items() if room.active]:
+                self._send(self.table.demote(name))
+        self.update_peers(self._discovered)
 
     def _send(self, outbound: list[Outbound]) -> None:
         send_body = self.router.send_body
@@ -112,6 +163,9 @@ class BrokerNode(OwnerNode):
 
     def _peers_changed(self, *_link: object) -> None:
         self._replicas.clear()
+        if self._by_view:  # liveness moves no room: only a new view does
+            self._send(self.table.replicas_changed(self._clock()))
+            return
         # Just started, a broker has not heard its peers yet: until one heartbeat expiry
         # has passed it counts them alive, so it asks them for the rooms they serve
         # instead of taking every room afresh (a restarted broker's empty view).
@@ -127,7 +181,7 @@ class BrokerNode(OwnerNode):
     async def draining(self) -> None:
         """SIGTERM: hand every room served here to its next owner, then stop serving."""
         self._draining = True
-        others = [b for b in self._live if b != self.placement_id]
+        others = [b for b in self._placing() if b != self.placement_id]
         now = self._clock()
         handed = 0
         for name in [n for n, room in self.table.rooms.items() if room.active]:
@@ -136,12 +190,17 @@ class BrokerNode(OwnerNode):
                 self._send([(owner(name, others), handoff)])
                 handed += 1
         log.info("broker %s handed %d rooms over before stopping", self.placement_id, handed)
+        if self._membership is not None:
+            await self._membership.leave()  # the next view leaves this broker out
         if handed:
             await asyncio.sleep(0.2)  # the links send what is queued before they close
 
     def update_peers(self, endpoints: list[str]) -> None:
-        """Make the peer set ``endpoints`` (other brokers' placement ids)."""
+        """Make the peer set ``endpoints`` (other brokers' placement ids; with Consul, also
+        every broker of the view)."""
         wanted = {e for e in endpoints if e != self.placement_id}
+        if self._view is not None:
+            wanted |= {b for b in self._view.brokers if b != self.placement_id}
         for endpoint in list(self.peers):
             if endpoint not in wanted:
                 link = self.peers.pop(endpoint)
@@ -175,9 +234,20 @@ class BrokerNode(OwnerNode):
         self.update_peers(list(self.settings.broker_endpoints))
 
     def discovering(self, discovery: Discovery) -> None:
-        discovery.watch("broker", lambda members: self.update_peers(list(members.values())))
+        def discovered(members: dict[str, str]) -> None:
+            self._discovered = list(members.values())
+            self.update_peers(self._discovered)
+
+        discovery.watch("broker", discovered)
+        assert self.settings.consul_addr is not None
+        self._membership = BrokerMembership(
+            self.settings.consul_addr, self.placement_id, self.node_id, self._view_changed
+        )
+        self._membership.start()
 
     async def stopping(self) -> None:
+        if self._membership is not None:
+            await self._membership.close()
         for link in self.peers.values():
             await link.close()
 

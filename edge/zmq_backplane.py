@@ -1,9 +1,9 @@
 """ZmqBackplane: the edge's links to every broker and to the presence service.
 
-Rooms are placed on the live brokers by rendezvous hashing (``signalpost.placement``);
-every edge computes the same owner from the same broker set. The broker set comes from
-the settings (``broker_endpoints``) or from discovery (``update_brokers``), and shrinks
-to the brokers whose heartbeats are current.
+Rooms are placed on brokers by rendezvous hashing (``signalpost.placement``); every edge
+computes the same owner from the same broker set. With Consul, the set is the newest view
+read from Consul's KV (``signalpost.ownership``), the one the brokers act on; without, the
+configured brokers (``broker_endpoints``) whose heartbeats are current.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import zmq
 from edge.backplane import Inbox
 from signalpost.config import Settings
 from signalpost.discovery import Discovery
+from signalpost.lifecycle import cancel_all
+from signalpost.ownership import View, follow_view
 from signalpost.placement import owner, ranking
 from signalpost.transport import DealerLink, new_incarnation
 from signalpost.wire import (
@@ -59,6 +61,9 @@ class ZmqBackplane:
         self._started = False
         self._heard = False  # some broker has answered since start-up
         self._discovery: Discovery | None = None
+        self._view: View | None = None  # with Consul: the brokers rooms are placed on
+        self._discovered: dict[str, str] = {}
+        self._tasks: list[asyncio.Task[None]] = []
 
     # ----------------------------------------------------------------- membership
 
@@ -91,7 +96,11 @@ class ZmqBackplane:
         return link
 
     def update_brokers(self, endpoints: dict[str, str]) -> None:
-        """Make the broker set ``{broker id: endpoint}``: open new links, close gone ones."""
+        """Make the broker set ``{broker id: endpoint}`` (with every broker of the view):
+        open new links, close gone ones."""
+        self._discovered = dict(endpoints)
+        if self._view is not None:
+            endpoints = {**endpoints, **{b: b for b in self._view.brokers}}
         for broker_id in list(self.brokers):
             link = self.brokers[broker_id]
             if endpoints.get(broker_id) != link.endpoint:
@@ -110,7 +119,18 @@ class ZmqBackplane:
             asyncio.get_running_loop().create_task(self.presence.close())
         self.presence = self._link(endpoint) if endpoint else None
 
+    def update_view(self, view: View) -> None:
+        """A newer view was read from Consul: place rooms on its brokers."""
+        self._view = view
+        log.info("view %d: %s", view.number, ", ".join(view.brokers))
+        self.update_brokers(self._discovered)
+
     def _membership_changed(self) -> None:
+        if self._view is not None:
+            self._live_ids = list(self._view.brokers)
+            self._owners.clear()
+            self._owners_changed()
+            return
         live = sorted(b for b, link in self.brokers.items() if link.alive)
         # With no broker heard from yet (start-up), place on all configured ones: ZeroMQ
         # queues until they answer.
@@ -222,16 +242,22 @@ class ZmqBackplane:
             self.update_brokers({endpoint: endpoint for endpoint in members.values()})
             found.set()
 
+        def view(view: View) -> None:
+            self.update_view(view)
+            found.set()
+
         self._discovery.watch("broker", brokers)
         self._discovery.watch(
             "presence", lambda members: self.update_presence(min(members.values()))
         )
+        self._tasks.append(asyncio.get_running_loop().create_task(follow_view(address, view)))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(found.wait(), FIRST_DISCOVERY_TIMEOUT)
         if not found.is_set() and not self.brokers:
             log.warning("no broker found in Consul at %s yet; still watching", address)
 
     async def close(self) -> None:
+        await cancel_all(self._tasks)
         if self._discovery is not None:
             await self._discovery.close()
         for link in [*self.brokers.values(), self.presence]:

@@ -509,6 +509,7 @@ class HandoffRequest(_Envelope, tag=42, frozen=True):
 
     room: str
     requester: str  # the requester's identity on the answering broker's ROUTER
+    term: int = 0  # the lowest term the requester's ownership has (a replica keeps it)
 
 
 class Handoff(_Envelope, tag=43, frozen=True):

@@ -1,0 +1,361 @@
+"""Who may own which room: a numbered view of the brokers, agreed in Consul's consistent KV.
+
+Heartbeats say which brokers look alive; only Consul says who may act. With Consul
+configured, the brokers keep one key, ``signalpost/brokers/view``: ``{"number": n,
+"brokers": [...]}``. Every edge and broker places rooms by rendezvous hashing over the
+brokers of the newest view it has read, so within one view a room has exactly one owner,
+and the view's number is the term of every ownership that starts in it (a deposed
+owner's term is always lower: its replica and the edges refuse it, broker/rooms.py).
+
+How the view changes:
+
+* each broker holds a Consul session tied to its service's health check (its
+  ``/healthz``, polled every second) and, with it, the key
+  ``signalpost/brokers/members/<placement id>``. A broker that dies, hangs or is paused
+  fails the check; Consul invalidates its session and deletes its key;
+* every broker follows the prefix with blocking queries. When the members differ from the
+  view, it writes the next view (number + 1) with check-and-set on the key's
+  ``ModifyIndex``: of brokers racing, exactly one write succeeds, and they all read it.
+
+Consul down: the last view stands (no failover until it is back). A ``-dev`` agent that
+restarts forgets the view and the sessions: the brokers write back the view they knew
+(number + 1, or the wall clock in milliseconds if higher: numbers never go backwards) and
+re-acquire their keys; a broker that does not re-appear within ``RESET_GRACE`` leaves the
+view then.
+
+``ViewKeeper`` is the sans-I/O core (Consul's answers and time in, the write to try out);
+``BrokerMembership`` and ``follow_view`` are the shells.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Final
+
+import msgspec
+
+from signalpost.discovery import (
+    MAX_BACKOFF,
+    MIN_QUERY_INTERVAL,
+    QUERY_WAIT,
+    _in_thread,
+    consul_client,
+)
+from signalpost.lifecycle import cancel_all
+
+log = logging.getLogger("signalpost.ownership")
+
+PREFIX: Final = "signalpost/brokers/"
+VIEW_KEY: Final = PREFIX + "view"
+MEMBERS: Final = PREFIX + "members/"
+#: After Consul lost its state, how long a broker of the last view has to re-acquire its
+#: key before a new view leaves it out.
+RESET_GRACE: Final = 10.0
+#: How often a broker without a session (or key) tries again.
+RETRY_INTERVAL: Final = 0.25
+
+
+class View(msgspec.Struct, frozen=True):
+    """The brokers that own rooms, and the number (term) of this arrangement."""
+
+    number: int
+    brokers: tuple[str, ...]
+
+    def __contains__(self, broker: object) -> bool:
+        return broker in self.brokers
+
+
+_view_decoder = msgspec.json.Decoder(View)
+
+
+def encode_view(view: View) -> bytes:
+    return msgspec.json.encode(view)
+
+
+def decode_view(raw: bytes | None) -> View | None:
+    """A stored view; None when missing or not a view (then it is written anew)."""
+    if not raw:
+        return None
+    try:
+        view = _view_decoder.decode(raw)
+    except msgspec.DecodeError:
+        log.warning("ignoring a malformed view in Consul: %r", raw[:200])
+        return None
+    return view if view.number > 0 and view.brokers else None
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# --------------------------------------------------------------------------- sans-I/O core
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """Write ``view`` if the key's ``ModifyIndex`` is still ``cas`` (0: the key is absent)."""
+
+    view: View
+    cas: int
+
+
+class ViewKeeper:
+    """What one broker reads from Consul and what it proposes to write there.
+
+    ``answered`` takes one answer of the prefix: the stored view (None if absent), its
+    ``ModifyIndex``, and the brokers whose member keys are held. ``current`` is the newest
+    view this broker has read (never older than one it read before).
+    """
+
+    def __init__(
+        self, *, reset_grace: float = RESET_GRACE, wall_ms: Callable[[], int] = _wall_ms
+    ) -> None:
+        self.current: View | None = None
+        self._reset_grace = reset_grace
+        self._wall_ms = wall_ms
+        self._reset_at: float | None = None  # when Consul was seen to have lost its state
+        self._back_since_reset: set[str] = set()
+
+    def answered(
+        self, stored: View | None, index: int, members: Iterable[str], now: float
+    ) -> Proposal | None:
+        present = set(members)
+        known = self.current
+        if stored is not None and (known is None or stored.number >= known.number):
+            self.current = known = stored
+            base, number, cas = stored.brokers, stored.number + 1, index
+        elif known is not None:
+            # The key is gone, or holds a lower number written by a broker that knew
+            # less: Consul lost its state. Write back what was known, numbered above it.
+            if self._reset_at is None:
+                self._reset_at = now
+                self._back_since_reset = set()
+            base, number = known.brokers, known.number + 1
+            cas = 0 if stored is None else index
+            if stored is None:
+                number = max(number, self._wall_ms())
+        else:  # nothing stored and nothing known: the first view of a new cluster
+            if not present:
+                return None
+            return Proposal(View(self._wall_ms(), tuple(sorted(present))), 0)
+        if self._reset_at is not None:
+            self._back_since_reset |= present
+            if now - self._reset_at >= self._reset_grace:
+                self._reset_at = None
+        wanted = set(base) | present
+        for broker in base:
+            if broker not in present and self._may_remove(broker):
+                wanted.discard(broker)
+        brokers = tuple(sorted(wanted))
+        if not brokers:
+            brokers = tuple(base)  # a view is never empty
+        if known is stored and brokers == stored.brokers:
+            return None
+        return Proposal(View(number, brokers), cas)
+
+    def _may_remove(self, broker: str) -> bool:
+        """A broker whose key is missing leaves the view at once, except just after Consul
+        lost its state: then only once it came back and went again, or the grace ran out."""
+        return self._reset_at is None or broker in self._back_since_reset
+
+
+# --------------------------------------------------------------------------- I/O shells
+
+
+def _split(items: list[dict[str, Any]] | None) -> tuple[View | None, int, list[str]]:
+    """The stored view, its ModifyIndex and the held member keys of a prefix answer."""
+    view: View | None = None
+    index = 0
+    members: list[str] = []
+    for item in items or []:
+        key = item.get("Key", "")
+        if key == VIEW_KEY:
+            view = decode_view(item.get("Value"))
+            index = int(item.get("ModifyIndex") or 0)
+        elif key.startswith(MEMBERS) and item.get("Session"):
+            members.append(key[len(MEMBERS) :])
+    return view, index, members
+
+
+async def _follow(
+    address: str,
+    on_answer: Callable[[list[dict[str, Any]] | None, float], None],
+) -> None:
+    """Blocking queries on the prefix until cancelled; ``on_answer(items, now)`` each time."""
+    client = consul_client(address)
+    loop = asyncio.get_running_loop()
+    index = 0
+    errors = 0
+    while True:
+        started = loop.time()
+
+        def query(index: int = index) -> Any:
+            if index:
+                return client.kv.get(
+                    PREFIX,
+                    recurse=True,
+                    index=index,
+                    wait=f"{QUERY_WAIT:.1f}s",
+                    consistency="consistent",
+                )
+            return client.kv.get(PREFIX, recurse=True, consistency="consistent")
+
+        try:
+            new_index, items = await _in_thread(query)
+        except Exception as exc:
+            if not errors:
+                log.warning("Consul KV at %s: %s; keeping the last view", address, exc)
+            errors += 1
+            await asyncio.sleep(min(MAX_BACKOFF, MIN_QUERY_INTERVAL * 2**errors))
+            continue
+        errors = 0
+        new = int(new_index or 0)
+        # An index that goes backwards means Consul lost its state (restart): start over.
+        index = new if new > 0 and new >= index else 0
+        on_answer(items, loop.time())
+        await asyncio.sleep(max(0.0, started + MIN_QUERY_INTERVAL - loop.time()))
+
+
+async def follow_view(address: str, on_view: Callable[[View], None]) -> None:
+    """Call ``on_view`` with every newer view (an edge's part: it only reads)."""
+    newest: list[View] = []
+
+    def answer(items: list[dict[str, Any]] | None, now: float) -> None:
+        view, _index, _members = _split(items)
+        if view is not None and (not newest or view.number > newest[0].number):
+            newest[:] = [view]
+            on_view(view)
+
+    await _follow(address, answer)
+
+
+class BrokerMembership:
+    """A broker's part: hold its member key, keep the view, report every newer view."""
+
+    def __init__(
+        self,
+        address: str,
+        placement_id: str,
+        service_id: str,
+        on_view: Callable[[View], None],
+        keeper: ViewKeeper | None = None,
+    ) -> None:
+        self.address = address
+        self.placement_id = placement_id
+        self.service_id = service_id  # its health check invalidates the session
+        self.on_view = on_view
+        self.keeper = keeper or ViewKeeper()
+        self._client = consul_client(address)
+        self._session: str | None = None
+        self._member = asyncio.Event()  # this broker's key is missing: (re)acquire it
+        self._writing = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._hold_key(), name="ownership-member"),
+            loop.create_task(_follow(self.address, self._answered), name="ownership-view"),
+        ]
+
+    async def leave(self) -> None:
+        """Give up the member key (SIGTERM): the next view leaves this broker out."""
+        session = self._session
+        for task in self._tasks[:1]:
+            task.cancel()
+        if session is not None:
+            try:
+                async with asyncio.timeout(3):
+                    await _in_thread(lambda: self._client.session.destroy(session))
+            except Exception as exc:
+                log.warning("could not leave the view: %s", exc)
+
+    async def close(self) -> None:
+        await cancel_all(self._tasks)
+
+    def _answered(self, items: list[dict[str, Any]] | None, now: float) -> None:
+        stored, index, members = _split(items)
+        before = self.keeper.current
+        proposal = self.keeper.answered(stored, index, members, now)
+        if self.keeper.current is not before and self.keeper.current is not None:
+            log.info(
+                "view %d: %s", self.keeper.current.number, ", ".join(self.keeper.current.brokers)
+            )
+            self.on_view(self.keeper.current)
+        if self.placement_id not in members:
+            self._member.set()
+        if proposal is not None and not self._writing:
+            self._writing = True
+            asyncio.get_running_loop().create_task(self._write(proposal))
+
+    async def _write(self, proposal: Proposal) -> None:
+        body = encode_view(proposal.view)
+        try:
+            written = await _in_thread(
+                lambda: self._client.kv.put(VIEW_KEY, body, cas=proposal.cas)
+            )
+            if written:
+                log.info(
+                    "wrote view %d: %s", proposal.view.number, ", ".join(proposal.view.brokers)
+                )
+        except Exception as exc:
+            log.warning("could not write view %d: %s", proposal.view.number, exc)
+        finally:
+            self._writing = False
+
+    async def _hold_key(self) -> None:
+        """Keep a session tied to this broker's health check and the member key with it."""
+        await self._destroy_stale_sessions()
+        self._member.set()
+        while True:
+            await self._member.wait()
+            if await self._acquire():
+                self._member.clear()
+            else:
+                await asyncio.sleep(RETRY_INTERVAL)
+
+    async def _destroy_stale_sessions(self) -> None:
+        """A previous process under this placement id (it binds the same endpoint, so it is
+        dead) may still hold the key through its session: end it."""
+        try:
+            _index, sessions = await _in_thread(self._client.session.list)
+            for session in sessions or []:
+                if session.get("Name") == self.placement_id:
+                    await _in_thread(partial(self._client.session.destroy, session["ID"]))
+        except Exception as exc:
+            log.warning("could not list Consul sessions: %s", exc)
+
+    async def _acquire(self) -> bool:
+        client = self._client
+        try:
+            if self._session is not None:
+                _index, info = await _in_thread(lambda: client.session.info(self._session))
+                if info is None:
+                    self._session = None  # invalidated (check failed, Consul restarted)
+            if self._session is None:
+                # Fails while the health check is critical (just registered): retried.
+                self._session = await _in_thread(
+                    lambda: client.session.create(
+                        name=self.placement_id,
+                        checks=["serfHealth", f"service:{self.service_id}"],
+                        lock_delay=0,
+                        behavior="delete",
+                    )
+                )
+            session = self._session
+            held: bool = await _in_thread(
+                lambda: client.kv.put(
+                    MEMBERS + self.placement_id, self.service_id.encode(), acquire=session
+                )
+            )
+        except Exception as exc:
+            log.debug("member key not held yet: %s", exc)
+            return False
+        if held:
+            log.info("holding %s%s", MEMBERS, self.placement_id)
+        return held

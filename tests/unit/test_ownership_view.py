@@ -1,0 +1,176 @@
+"""The view keeper (signalpost/ownership.py): unit tests, then a model check of several
+keepers sharing one check-and-set store that loses its state now and then."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from signalpost.ownership import Proposal, View, ViewKeeper, decode_view, encode_view
+
+
+class Clock:
+    """Wall-clock milliseconds that move on by a second at every reading."""
+
+    def __init__(self, start: int = 1_000_000) -> None:
+        self.ms = start
+
+    def __call__(self) -> int:
+        self.ms += 1000
+        return self.ms
+
+
+def keeper(grace: float = 10.0) -> ViewKeeper:
+    return ViewKeeper(reset_grace=grace, wall_ms=Clock())
+
+
+def test_the_first_view_holds_the_members_present() -> None:
+    k = keeper()
+    assert k.answered(None, 0, [], 0.0) is None  # nobody yet: nothing to write
+    proposal = k.answered(None, 0, ["b", "a"], 0.0)
+    assert proposal == Proposal(View(1_001_000, ("a", "b")), 0)
+    assert k.current is None  # adopted only once read back
+
+
+def test_a_stored_view_is_adopted_and_kept_while_members_match() -> None:
+    k = keeper()
+    view = View(7, ("a", "b"))
+    assert k.answered(view, 40, ["a", "b"], 0.0) is None
+    assert k.current == view
+
+
+def test_a_missing_member_leaves_and_a_new_one_joins_with_the_next_number() -> None:
+    k = keeper()
+    assert k.answered(View(7, ("a", "b")), 40, ["a"], 0.0) == Proposal(View(8, ("a",)), 40)
+    assert k.answered(View(7, ("a", "b")), 40, ["a", "b", "c"], 0.0) == Proposal(
+        View(8, ("a", "b", "c")), 40
+    )
+
+
+def test_a_view_is_never_empty() -> None:
+    k = keeper()
+    assert k.answered(View(7, ("a",)), 40, [], 0.0) is None
+
+
+def test_an_older_view_is_not_adopted() -> None:
+    k = keeper()
+    k.answered(View(9, ("a",)), 50, ["a"], 0.0)
+    k.answered(View(8, ("a", "b")), 51, ["a"], 1.0)
+    assert k.current == View(9, ("a",))
+
+
+def test_after_consul_lost_its_state_the_known_view_is_written_back_above_it() -> None:
+    k = keeper(grace=10.0)
+    k.answered(View(5, ("a", "b", "c")), 40, ["a", "b", "c"], 0.0)
+    # Consul restarted: no view, only "a" has its key again.
+    proposal = k.answered(None, 0, ["a"], 1.0)
+    assert proposal is not None and proposal.cas == 0
+    assert proposal.view.brokers == ("a", "b", "c")  # the others get time to come back
+    assert proposal.view.number > 5
+    written = proposal.view
+    # "b" comes back and goes again: it leaves at once; "c" only after the grace.
+    assert k.answered(written, 3, ["a", "b"], 2.0) is None
+    assert k.answered(written, 3, ["a"], 3.0) == Proposal(View(written.number + 1, ("a", "c")), 3)
+    assert k.answered(written, 3, ["a"], 11.5) == Proposal(View(written.number + 1, ("a",)), 3)
+
+
+def test_a_lower_number_written_by_a_broker_that_knew_less_is_overwritten() -> None:
+    k = keeper()
+    k.answered(View(50, ("a", "b")), 40, ["a", "b"], 0.0)
+    assert k.answered(View(3, ("b",)), 7, ["a", "b"], 1.0) == Proposal(View(51, ("a", "b")), 7)
+    assert k.current == View(50, ("a", "b"))
+
+
+def test_views_round_trip_and_bad_values_read_as_missing() -> None:
+    view = View(12, ("tcp://127.0.0.1:5555",))
+    assert decode_view(encode_view(view)) == view
+    for raw in [
+        None,
+        b"",
+        b"{",
+        b'{"number": 0, "brokers": ["a"]}',
+        b'{"number": 3, "brokers": []}',
+    ]:
+        assert decode_view(raw) is None
+
+
+# --------------------------------------------------------------------------- model check
+
+
+@dataclass
+class Store:
+    """Consul's KV as the keepers see it: one view key with a ModifyIndex, member keys."""
+
+    view: View | None = None
+    index: int = 0
+    members: set[str] = field(default_factory=set)
+    written: list[int] = field(default_factory=list)  # numbers of every successful write
+
+    def write(self, proposal: Proposal) -> None:
+        if proposal.cas != (self.index if self.view is not None else 0):
+            return  # check-and-set failed
+        self.index += 1
+        self.view = proposal.view
+        self.written.append(proposal.view.number)
+
+
+BROKERS = ["a", "b", "c", "d"]
+step = st.one_of(
+    st.tuples(st.just("read"), st.sampled_from(BROKERS)),
+    st.tuples(st.just("leave"), st.sampled_from(BROKERS)),
+    st.tuples(st.just("join"), st.sampled_from(BROKERS)),
+    st.tuples(st.just("restart"), st.sampled_from(BROKERS)),  # the process: memory gone
+    st.tuples(st.just("reset"), st.just("")),  # Consul restarted
+    st.tuples(st.just("tick"), st.just("")),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(step, max_size=60))
+def test_keepers_sharing_a_store_agree_and_numbers_only_grow(steps: list[tuple[str, str]]) -> None:
+    clock = Clock()
+    keepers = {b: ViewKeeper(reset_grace=5.0, wall_ms=clock) for b in BROKERS}
+    store = Store(members={"a", "b"})
+    now = 0.0
+    seen: dict[str, list[int]] = {b: [] for b in BROKERS}
+
+    def read(broker: str) -> None:
+        k = keepers[broker]
+        proposal = k.answered(store.view, store.index, sorted(store.members), now)
+        if k.current is not None:
+            seen[broker].append(k.current.number)
+        if proposal is not None:
+            store.write(proposal)
+
+    for action, broker in steps:
+        if action == "read":
+            read(broker)
+        elif action == "leave":
+            store.members.discard(broker)
+        elif action == "join":
+            store.members.add(broker)
+        elif action == "restart":
+            keepers[broker] = ViewKeeper(reset_grace=5.0, wall_ms=clock)
+            seen[broker] = []
+        elif action == "reset":
+            store.view, store.index = None, 0
+            store.members.clear()
+        else:
+            now += 1.0
+        clock.ms += 10  # wall time passes between steps
+    # Every view written carries a higher number than every view written before it.
+    assert store.written == sorted(set(store.written))
+    # Each keeper only ever moves forward.
+    for numbers in seen.values():
+        assert numbers == sorted(numbers)
+    # Quiet again: members hold their keys, the grace passes, everyone reads twice.
+    store.members |= {"a"}
+    now += 10.0
+    for _ in range(3):
+        for broker in BROKERS:
+            read(broker)
+    assert store.view is not None
+    assert set(store.view.brokers) == store.members
+    assert {k.current for k in keepers.values()} == {store.view}
