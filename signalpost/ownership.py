@@ -11,7 +11,8 @@ How the view changes:
 
 * each broker holds a Consul session tied to its service's health check (its
   ``/healthz``, polled every second) and, with it, the key
-  ``signalpost/brokers/members/<placement id>``. A broker that dies, hangs or is paused
+  ``signalpost/brokers/members/<placement id, base64url>`` (ids hold ``//``, which a
+  Consul key path would not keep). A broker that dies, hangs or is paused
   fails the check; Consul invalidates its session and deletes its key;
 * every broker follows the prefix with blocking queries. When the members differ from the
   view, it writes the next view (number + 1) with check-and-set on the key's
@@ -30,6 +31,7 @@ view then.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -89,6 +91,19 @@ def decode_view(raw: bytes | None) -> View | None:
     return view if view.number > 0 and view.brokers else None
 
 
+def member_key(placement_id: str) -> str:
+    return MEMBERS + base64.urlsafe_b64encode(placement_id.encode()).decode().rstrip("=")
+
+
+def member_of(key: str) -> str | None:
+    """The placement id a member key names (None: not one)."""
+    name = key[len(MEMBERS) :]
+    try:
+        return base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 def _wall_ms() -> int:
     return int(time.time() * 1000)
 
@@ -127,7 +142,8 @@ class ViewKeeper:
         present = set(members)
         known = self.current
         if stored is not None and (known is None or stored.number >= known.number):
-            self.current = known = stored
+            if known is None or stored.number > known.number:
+                self.current = known = stored  # else the same view, read again
             base, number, cas = stored.brokers, stored.number + 1, index
         elif known is not None:
             # The key is gone, or holds a lower number written by a broker that knew
@@ -154,7 +170,7 @@ class ViewKeeper:
         brokers = tuple(sorted(wanted))
         if not brokers:
             brokers = tuple(base)  # a view is never empty
-        if known is stored and brokers == stored.brokers:
+        if known == stored and brokers == known.brokers:
             return None
         return Proposal(View(number, brokers), cas)
 
@@ -178,7 +194,9 @@ def _split(items: list[dict[str, Any]] | None) -> tuple[View | None, int, list[s
             view = decode_view(item.get("Value"))
             index = int(item.get("ModifyIndex") or 0)
         elif key.startswith(MEMBERS) and item.get("Session"):
-            members.append(key[len(MEMBERS) :])
+            member = member_of(key)
+            if member is not None:
+                members.append(member)
     return view, index, members
 
 
@@ -350,12 +368,12 @@ class BrokerMembership:
             session = self._session
             held: bool = await _in_thread(
                 lambda: client.kv.put(
-                    MEMBERS + self.placement_id, self.service_id.encode(), acquire=session
+                    member_key(self.placement_id), self.service_id.encode(), acquire=session
                 )
             )
         except Exception as exc:
             log.debug("member key not held yet: %s", exc)
             return False
         if held:
-            log.info("holding %s%s", MEMBERS, self.placement_id)
+            log.info("holding %s (%s)", member_key(self.placement_id), self.placement_id)
         return held

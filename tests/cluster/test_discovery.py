@@ -183,13 +183,14 @@ async def test_a_broker_added_while_running_takes_rooms(
             await asyncio.to_thread(
                 consul_agent.wait_for, lambda: "broker-new" in consul_agent.passing("broker")
             )
-            # The edges follow Consul: some rooms move to the newcomer, rebuilt from the
-            # edges' soft state, and signals in every room keep arriving.
+            # The edges follow the view in Consul: some rooms move to the newcomer, handed
+            # over by the broker that had them, and signals in every room keep arriving.
             metrics_url = f"http://127.0.0.1:{health_port}/metrics"
             deadline = time.monotonic() + 20
             while await asyncio.to_thread(_envelopes_handled, metrics_url) == 0:
                 assert time.monotonic() < deadline, "the new broker never got a room"
                 await exchange(alice, bob, ROOMS)
+                await asyncio.sleep(0.2)  # it joins the view once its check passes
             await exchange(alice, bob, ROOMS)
             assert await asyncio.to_thread(_envelopes_handled, metrics_url) > 0
     finally:

@@ -60,8 +60,13 @@ async def _resume_and_read(
             got.append(frame["data"]["n"])
 
 
-async def test_a_paused_owner_that_wakes_up_does_no_harm(cluster_factory: ClusterFactory) -> None:
-    cluster = cluster_factory(edges=2, brokers=2, **ENV)
+# "on": ownership from the view in Consul's KV (the paused broker's check fails, a new view
+# leaves it out); "off": from heartbeats alone.
+@pytest.mark.parametrize("consul", ["on", "off"])
+async def test_a_paused_owner_that_wakes_up_does_no_harm(
+    cluster_factory: ClusterFactory, consul: str
+) -> None:
+    cluster = cluster_factory(edges=2, brokers=2, consul=consul, **ENV)
     edge1, edge2 = cluster.edge_urls
     room = "paused-room"
     doomed = cluster.owner_of(room)
@@ -91,10 +96,11 @@ async def test_a_paused_owner_that_wakes_up_does_no_harm(cluster_factory: Cluste
         await bob.close()
 
 
+@pytest.mark.parametrize("consul", ["on", "off"])
 async def test_a_rolling_restart_keeps_every_resume_recovered(
-    cluster_factory: ClusterFactory,
+    cluster_factory: ClusterFactory, consul: str
 ) -> None:
-    cluster = cluster_factory(edges=2, brokers=3, restart=True, **ENV)
+    cluster = cluster_factory(edges=2, brokers=3, restart=True, consul=consul, **ENV)
     edge1, edge2 = cluster.edge_urls
     rooms = [f"rolling-{n}" for n in range(6)]
     async with SignalpostClient(edge1, token("alice"), request_timeout=20) as alice:
