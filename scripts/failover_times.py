@@ -38,7 +38,9 @@ from signalpost.placement import owner
 SECRET = "failover-measurement-secret-0123456789"
 
 
-def start_cluster(state: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], list[dict]]:
+def start_cluster(
+    state: Path, env: dict[str, str], consul: str = "on"
+) -> tuple[subprocess.Popen[bytes], list[dict]]:
     launcher = subprocess.Popen(
         [
             sys.executable,
@@ -52,7 +54,7 @@ def start_cluster(state: Path, env: dict[str, str]) -> tuple[subprocess.Popen[by
             "--state",
             str(state),
             "--consul",
-            "off",
+            consul,
         ],
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
@@ -127,9 +129,9 @@ async def presence_after_edge_kill(processes: list[dict]) -> float:
         return time.monotonic() - killed
 
 
-def run_once(env: dict[str, str], scenario: str) -> object:
+def run_once(env: dict[str, str], scenario: str, consul: str) -> object:
     with tempfile.TemporaryDirectory() as tmp:
-        launcher, processes = start_cluster(Path(tmp) / "state.json", env)
+        launcher, processes = start_cluster(Path(tmp) / "state.json", env, consul)
         try:
             if scenario == "broker":
                 return asyncio.run(broker_kill(processes))
@@ -147,6 +149,13 @@ def main() -> None:
     parser.add_argument("--heartbeat-interval", default="0.5")
     parser.add_argument("--liveness", default="6")
     parser.add_argument("--resume-window", default="30")
+    parser.add_argument(
+        "--consul",
+        choices=["on", "off"],
+        default="on",
+        help="ownership by Consul's view or heartbeats",
+    )
+    parser.add_argument("--broker-only", action="store_true", help="only the broker kill")
     args = parser.parse_args()
     env = {
         "SIGNALPOST_JWT_SECRET": SECRET,
@@ -158,20 +167,24 @@ def main() -> None:
     }
     stalls, exact, resumes, presence = [], [], [], []
     for _ in range(args.runs):
-        stall, ok = run_once(env, "broker")  # type: ignore[misc]
+        stall, ok = run_once(env, "broker", args.consul)  # type: ignore[misc]
         stalls.append(stall)
         exact.append(ok)
-        resumed, _ = run_once(env, "edge")  # type: ignore[misc]
+        if args.broker_only:
+            continue
+        resumed, _ = run_once(env, "edge", args.consul)  # type: ignore[misc]
         resumes.append(resumed)
-        presence.append(run_once(env, "presence"))
+        presence.append(run_once(env, "presence", args.consul))
     print(
         f"settings: heartbeat {args.heartbeat_interval}s x liveness {args.liveness}, "
-        f"resume window {args.resume_window}s, runs {args.runs}"
+        f"resume window {args.resume_window}s, runs {args.runs}, consul {args.consul}"
     )
     print(
         f"broker kill -9, longest ack stall: median {statistics.median(stalls):.2f}s "
         f"max {max(stalls):.2f}s; exactly once in order: {all(exact)}"
     )
+    if args.broker_only:
+        return
     print(
         f"edge kill -9, resumed+recovered on the other edge: median "
         f"{statistics.median(resumes):.2f}s max {max(resumes):.2f}s"
