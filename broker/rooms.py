@@ -452,17 +452,7 @@ class RoomTable:
                 for e in room.history
                 if e.offset <= released
             ],
-            members=[
-                HandedMember(
-                    m.session,
-                    m.peer,
-                    m.edge,
-                    m.conn,
-                    -1.0 if m.suspended_until is None else max(0.0, m.suspended_until - now),
-                    m.confirmed if room.active and m.synced and m.suspended_until is None else -1,
-                )
-                for m in room.members.values()
-            ],
+            members=_handed_members(room, now),
             records=records,
             history=room.active or room.replicated,
         )
@@ -481,7 +471,7 @@ class RoomTable:
             if room is None or self._newer_state(command, room):
                 self._install(command, now, out)
             else:
-                self._merge_members(room, command, now)
+                self._merge_members(room, command.members, now)
         if awaiting is not None:
             del self._awaiting[command.room]
             out.extend(self._proceed(command.room, awaiting, now))
@@ -498,9 +488,9 @@ class RoomTable:
             return True
         return handoff.history and (handoff.term, handoff.offset) > (room.term, room.offset)
 
-    def _merge_members(self, room: Room, handoff: Handoff, now: float) -> None:
+    def _merge_members(self, room: Room, members: list[HandedMember], now: float) -> None:
         """Keep this broker's (newer) state, with the members only the sender knew."""
-        for handed in handoff.members:
+        for handed in members:
             if handed.session not in room.members:
                 suspended = None if handed.suspended_for < 0 else now + handed.suspended_for
                 room.members[handed.session] = Member(
@@ -1284,10 +1274,13 @@ class RoomTable:
                 continue
             number = room.next_batch
             room.next_batch += 1
+            members: list[HandedMember] = []
             if room.replica_target != replica:
-                # A runner-up new to the room gets the whole history, not only this batch.
+                # A runner-up new to the room gets the whole history, not only this batch,
+                # and the members (those away from their edges are known nowhere else).
                 room.replica_target = replica
                 sent = list(room.history)
+                members = _handed_members(room, now)
             else:
                 sent = events
             replicate = ReplicateCmd(
@@ -1297,6 +1290,7 @@ class RoomTable:
                 number,
                 [ReplicatedEvent(e.offset, sorted(e.recipients), e.payload) for e in sent],
                 room.term,
+                members=members,
             )
             if carries_reply and request is not None and record is not None:
                 # The runner-up learns the answer too: a resend after takeover gets it.
@@ -1372,7 +1366,7 @@ class RoomTable:
                     held.target = replica
                     if room.replica_target != replica:
                         room.replica_target = replica
-                        out.append((replica, self._snapshot(room)))
+                        out.append((replica, self._snapshot(room, now)))
                     out.append((replica, held.replicate))
             self._release(room, now, out)
         return out
@@ -1388,10 +1382,19 @@ class RoomTable:
                 held.sent_at = now
                 out.append((held.target, held.replicate))
 
-    def _snapshot(self, room: Room) -> ReplicateCmd:
-        """The room's whole history for a new runner-up (batch -1: its ack waits for none)."""
+    def _snapshot(self, room: Room, now: float) -> ReplicateCmd:
+        """The room's whole history and members for a new runner-up (batch -1: its ack
+        waits for none)."""
         events = [ReplicatedEvent(e.offset, sorted(e.recipients), e.payload) for e in room.history]
-        return ReplicateCmd(self.node_id, room.name, room.epoch, -1, events, room.term)
+        return ReplicateCmd(
+            self.node_id,
+            room.name,
+            room.epoch,
+            -1,
+            events,
+            room.term,
+            members=_handed_members(room, now),
+        )
 
     def replicate(self, command: ReplicateCmd, now: float) -> list[Outbound]:
         """Runner-up side: keep the owner's events (and reply) for a takeover."""
@@ -1422,6 +1425,8 @@ class RoomTable:
                     )
                 )
             self._trim(room, now)
+            if command.members:
+                self._merge_members(room, command.members, now)
             if command.reply_key:
                 self._remember(
                     command.reply_session,
@@ -1471,6 +1476,21 @@ class RoomTable:
             len(history) > self.history_max_events or history[0].at < oldest_allowed
         ):
             room.trimmed_through = history.popleft().offset
+
+
+def _handed_members(room: Room, now: float) -> list[HandedMember]:
+    """A room's members as its owner hands them to a successor or a new runner-up."""
+    return [
+        HandedMember(
+            m.session,
+            m.peer,
+            m.edge,
+            m.conn,
+            -1.0 if m.suspended_until is None else max(0.0, m.suspended_until - now),
+            m.confirmed if room.active and m.synced and m.suspended_until is None else -1,
+        )
+        for m in room.members.values()
+    ]
 
 
 def _newer(conn: str, than: str, strictly: bool = False) -> bool:

@@ -405,6 +405,9 @@ class ReplicateCmd(_Envelope, tag=40, frozen=True):
     reply_ok: bool = False
     reply_epoch: str = ""
     reply_offset: int = 0
+    #: With the whole history for a new runner-up: the room's members (a member away from
+    #: its edge, in its resume window, is known to no edge that could re-announce it).
+    members: list[HandedMember] = []
 
 
 class ReplicaAck(_Envelope, tag=41, frozen=True):

@@ -9,6 +9,7 @@ from broker.rooms import Outbound, RoomTable
 from signalpost.wire import (
     AttachCmd,
     Deliver,
+    DetachCmd,
     Envelope,
     Handoff,
     HandoffRequest,
@@ -199,6 +200,36 @@ def test_a_new_replica_gets_the_unconfirmed_batches() -> None:
     assert (snapshot.batch, batch.batch) == (-1, 0)
     released = owner.handle(ReplicaAck("room", 0), 0.0)
     assert frames(released)[0]["type"] == "joined"
+
+
+def test_a_runner_up_new_to_the_room_learns_the_members_away_from_their_edges() -> None:
+    # b joined while the room had no runner-up, then dropped (in its resume window: no
+    # edge knows it to re-announce it). A runner-up that appears later gets b from the
+    # owner's snapshot, so a takeover still knows b as a member.
+    replica_name: list[str | None] = [None]
+    owner = RoomTable(
+        capacity=2,
+        resume_window=30,
+        history_max_events=10,
+        history_max_age=60,
+        new_epoch=lambda: "e",
+        node_id="A",
+        replica_for=lambda room: replica_name[0],
+    )
+    successor = table("C", None)
+    owner.handle(join("a", 1), 0.0)
+    owner.handle(join("b", 1), 0.0)
+    owner.handle(DetachCmd("b", "c-b", "edge-b", False), 1.0)
+    replica_name[0] = "C"
+    pump(owner, successor, owner.replicas_changed(2.0))
+    pump(owner, successor, owner.handle(signal(2, 0), 2.0))
+    replica = successor.rooms["room"]
+    assert set(replica.members) == {"a", "b"}
+    assert replica.members["b"].suspended_until is not None
+    # The owner dies: the successor serves the room and b is still a member.
+    restore(successor, "a", False)
+    answered = frames(successor.handle(signal(3, 1), 3.0))
+    assert [f["type"] for f in answered if f["type"] in ("ack", "error")] == ["ack"]
 
 
 # ------------------------------------------------------------------ terms and handoff
