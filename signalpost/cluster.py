@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from signalpost.config import Settings
+from signalpost.ownership import VIEW_KEY, decode_view
 
 log = logging.getLogger("signalpost.cluster")
 
@@ -202,6 +203,25 @@ def _wait_ready(child: Child, deadline: float) -> bool:
     return False
 
 
+def _wait_for_view(consul_url: str, brokers: set[str], deadline: float) -> bool:
+    """Wait until the ownership view in Consul holds every broker, then long enough for
+    every node to have read it (one query interval): until then a room's owner may have no
+    runner-up in its view, and what it acks is not replicated."""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(
+                f"{consul_url}/v1/kv/{VIEW_KEY}?raw&consistent", timeout=2
+            ) as response:
+                view = decode_view(response.read())
+        except OSError:
+            view = None
+        if view is not None and set(view.brokers) == brokers:
+            time.sleep(0.5)
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def _stop(children: list[Child], grace: float) -> None:
     for child in reversed(children):  # edges first: they drain clients
         if child.process is not None and child.process.poll() is None:
@@ -256,6 +276,11 @@ def run_cluster(
                     file=sys.stderr,
                 )
                 return 1
+        consul_url = next((c.url for c in children if c.kind == "consul"), None)
+        broker_urls = {c.url for c in children if c.kind == "broker"}
+        if consul_url is not None and not _wait_for_view(consul_url, broker_urls, deadline):
+            print("signalpost cluster: the brokers did not form a view in Consul", file=sys.stderr)
+            return 1
         _write_state(state_path, children)
         print(f"signalpost cluster ready: {state_path}", flush=True)
         while not stopping:
