@@ -697,6 +697,15 @@ class RoomTable:
             if same_request
             else (room is not None and command.session in room.members)
         )
+        if member and not same_request and type(command) is JoinCmd:
+            assert room is not None
+            if record.epoch != room.epoch:
+                # Recorded in an earlier incarnation of the room: the edge takes its
+                # position from the reply, so it gets the current stream's (as a no-op
+                # join would), not one of an epoch that is gone.
+                seat = room.members[command.session]
+                start = seat.confirmed if self.confirming else room.offset
+                record = msgspec.structs.replace(record, epoch=room.epoch, offset=start)
         reply = (command.edge, self._reply(command, record, room, member))
         if room is not None and room.pending:
             room.pending.append(_Batch(None, [], [reply], confirmed=True))

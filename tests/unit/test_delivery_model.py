@@ -1256,3 +1256,20 @@ def test_bug_a_delivery_of_a_new_epoch_is_admitted_at_an_old_epochs_position() -
             ("flush", 0, 0, 0),
         ]
     )
+
+
+def test_bug_a_repeated_join_id_of_an_earlier_epoch_gives_the_edge_that_epoch() -> None:
+    """No loss needed. s1 joins r0 (epoch-0), leaves (the room empties and goes) and joins
+    again (epoch-1); then it sends its first join again with its id. The owner answers from
+    the record, with the record's epoch and offset (epoch-0, 1), and the edge takes them as
+    the member's position (another epoch than its own): every delivery of epoch-1 is then
+    dropped as of another epoch, for good."""
+    run_scenario(
+        [
+            ("join", 1, 0, 0),
+            ("flush", 0, 0, 0),
+            ("leave", 1, 0, 0),
+            ("join", 1, 0, 0),
+            ("repeat", 1, 0, 0),  # the join, id 1
+        ]
+    )
