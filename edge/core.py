@@ -348,8 +348,10 @@ class EdgeCore(Generic[S]):
         """An owner (re)opened a session's stream in a room: after a resume or a restore;
         or (no room) it has handled the session's attach."""
         state = self.sessions.get(synced.session)
-        if state is None or state.conn != synced.conn or self.stale(synced.room, synced.term):
+        if state is None or state.conn != synced.conn:
             return
+        if synced.term and self.stale(synced.room, synced.term):
+            return  # (no term: a room the owner does not have, reported not recovered)
         if not synced.peer:  # not a member there: reported, nothing kept
             self.not_a_member(state, synced.room)
             frame = RecoveredFrame(room=synced.room, recovered=synced.recovered)

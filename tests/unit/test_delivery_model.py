@@ -1273,3 +1273,24 @@ def test_bug_a_repeated_join_id_of_an_earlier_epoch_gives_the_edge_that_epoch() 
             ("repeat", 1, 0, 0),  # the join, id 1
         ]
     )
+
+
+def test_bug_a_not_a_member_report_is_dropped_as_stale() -> None:
+    """No loss needed. s2 leaves r0 and its connection drops before the answer; it resumes
+    on e0 with its position in r0 and the SDK resends the leave. The attach arrives after
+    the leave: the owner reports r0 not recovered with no term (a ``Synced`` for a room
+    it may not have), and the edge, which knows r0's term, drops it as a deposed owner's.
+    So the attach is resent; s2 joins r0 again meanwhile, and the resent attach, naming no
+    position in r0 any more, has the new membership reported ``recovered: false``."""
+    run_scenario(
+        [
+            ("join", 2, 0, 0),
+            ("flush", 0, 0, 0),
+            ("join", 0, 0, 0),
+            ("leave", 2, 0, 0),
+            ("resume", 2, 0, 0),  # to e0
+            ("flush", 0, 0, 0),
+            ("join", 2, 0, 0),
+            ("advance", 4, 0, 0),
+        ]
+    )
