@@ -151,6 +151,7 @@ class Member:
     sent: int = 0  # offset of the last event sent to this member (its next ``prev``)
     confirmed: int = 0  # its edge has written everything through this offset
     start: int = 0  # where its stream started (joined, synced): nothing before is its
+    joined: int = 0  # where this membership began (its join; 0: unknown, re-announced)
     sent_at: float = 0.0  # when what is unconfirmed went out (or was last resent)
 
 
@@ -785,7 +786,7 @@ class RoomTable:
             # The stream starts at the room's offset now (its own peer-joined is not for
             # it); later events are released after this reply, so ``offset`` is what the
             # edge has written when it reads the reply.
-            member.sent = member.confirmed = member.start = room.offset
+            member.sent = member.confirmed = member.start = member.joined = room.offset
             room.departed.pop(command.session, None)
         elif _newer(command.conn, member.conn):
             # Joining twice is a no-op success; it also re-homes a session that moved.
@@ -915,12 +916,17 @@ class RoomTable:
         out: list[Outbound],
     ) -> None:
         """Open ``member``'s stream after ``position``: replay what came after, or say so."""
+        if epoch == room.epoch and position < member.joined:
+            # A position from an earlier membership (the edge's or the SDK's, named before
+            # the leave and join were answered): what came before this one is not the
+            # member's, and the edge resets its position to the join's when answered.
+            position = min(member.joined, room.released)
         complete = epoch == room.epoch and room.trimmed_through <= position <= room.released
         sent = position if complete else room.released
         if complete:
             sent = self._replay(room, member, position, room.released, out)
         member.synced = True
-        member.confirmed = member.start = position if complete else room.released
+        start = member.confirmed = member.start = position if complete else room.released
         member.sent = sent
         member.sent_at = now
         if self.confirming and member.sent > member.confirmed:
@@ -935,7 +941,9 @@ class RoomTable:
                     member.conn,
                     room.name,
                     room.epoch,
-                    sent,
+                    # Where the stream starts: the replay moves the edge on from there, and
+                    # what of it the edge dropped (a gap) is resent, not taken as written.
+                    start,
                     complete,
                     report or not complete,
                     member.peer,

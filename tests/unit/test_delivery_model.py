@@ -926,10 +926,9 @@ def test_with_a_runner_up_replication_lossy(commands: list[_Cmd]) -> None:
     run_scenario(commands, replicated=True, lossy_replication=True)
 
 
-#: Seeds of the default run that still find a defect (docs/reliability.md, "Known limits"):
-#: seed 15, a session that leaves and joins a room again while the replay after its resume
-#: is resent over a lossy link is written one event twice. Strict: fixed, it must go.
-KNOWN_FAILING_SEEDS = {15}
+#: Seeds of the default run that still find a defect (docs/reliability.md, "Known limits").
+#: Strict: fixed, it must go.
+KNOWN_FAILING_SEEDS: set[int] = set()
 
 
 @pytest.mark.parametrize(
@@ -1292,5 +1291,52 @@ def test_bug_a_not_a_member_report_is_dropped_as_stale() -> None:
             ("flush", 0, 0, 0),
             ("join", 2, 0, 0),
             ("advance", 4, 0, 0),
+        ]
+    )
+
+
+def test_bug_a_resent_attach_replays_the_previous_membership_into_the_new_one() -> None:
+    """Seed 15, shrunk. s2 resumes on e0 (its position in r0: 1), leaves r0 and joins
+    again; a reset loses it all, and the retries are applied (the attach, then the leave
+    and the join: a new membership from offset 4) with their answers lost; s0 joins (5).
+    The edge's resent attach still names position 1, and the owner re-opens the new
+    membership's stream there: it replays 2 (of the previous membership) and 5, and the
+    edge writes them. Then the answers come: the leave drops the edge's position and the
+    join sets it to 4, and the owner's resend from 1 has 5 written again."""
+    run_scenario(
+        [
+            ("join", 2, 0, 0),
+            ("flush", 0, 0, 0),
+            ("join", 3, 0, 0),
+            ("resume", 2, 0, 0),  # to e0
+            ("leave", 2, 0, 0),
+            ("advance", 4, 0, 0),
+            ("join", 2, 0, 0),
+            ("reset", 0, 0, 0),
+            ("advance", 4, 0, 0),
+            ("advance", 5, 0, 0),
+            ("join", 0, 0, 0),
+            ("deliver", 0, 1, 0),  # e0: the retries
+            ("drop", 1, 0, 0),  # their answers
+        ]
+    )
+
+
+def test_bug_a_resume_position_from_before_a_rejoin_replays_the_old_membership() -> None:
+    """No loss needed. s3 joins r0 and is written s1's peer-joined (2), leaves, sends its
+    first join again (answered from the record, "joined" at offset 1, not a member) and
+    joins again (4); it resumes before that answer, naming position 1 in r0. The owner
+    replays from 1 into the new membership: 2, already written, is written again. (With
+    that fixed alone, a replay from the membership's start that the edge drops as a gap
+    was taken as written: ``Synced`` named the last offset replayed.)"""
+    run_scenario(
+        [
+            ("join", 1, 0, 0),
+            ("join", 3, 0, 0),
+            ("leave", 3, 0, 0),
+            ("repeat", 3, 0, 0),  # the join, id 1
+            ("flush", 0, 0, 0),
+            ("join", 3, 0, 0),
+            ("resume", 3, 0, 0),  # to e0
         ]
     )
