@@ -228,6 +228,14 @@ class EdgeCore(Generic[S]):
                     self._resend(state, command)
 
     @staticmethod
+    def _left_before(state: SessionState, join: JoinCmd) -> bool:
+        """Whether a leave of the room sent before ``join`` is still unanswered."""
+        return any(
+            isinstance(c, LeaveCmd) and c.room == join.room and c.rseq < join.rseq
+            for c in state.unanswered.values()
+        )
+
+    @staticmethod
     def _leaving(state: SessionState, room: str) -> bool:
         return any(isinstance(c, LeaveCmd) and c.room == room for c in state.unanswered.values())
 
@@ -333,6 +341,10 @@ class EdgeCore(Generic[S]):
             position = state.positions.get(room)
             if reply.epoch and (position is None or position.epoch != reply.epoch):
                 state.positions[room] = Position(reply.epoch, reply.offset)
+            elif position is not None and self._left_before(state, command):
+                # The position is of the membership that leave ended (its answer, still to
+                # come, changes nothing now): this one's stream starts at the join.
+                position.offset = max(position.offset, reply.offset)
             restore = RestoreCmd(state.session, state.conn, self.edge_id, room, command.peer, True)
             self._actions.append(ToReplica(room, restore))
         elif isinstance(command, LeaveCmd) or not reply.member:

@@ -1340,3 +1340,24 @@ def test_bug_a_resume_position_from_before_a_rejoin_replays_the_old_membership()
             ("resume", 3, 0, 0),  # to e0
         ]
     )
+
+
+def test_bug_a_rejoin_answered_before_the_leave_keeps_the_old_position() -> None:
+    """s3 leaves r0 (applied; the answer is lost on a reset) and joins again (4); s0
+    signals it (5, prev 4). The join's answer comes first: the edge keeps its position of
+    the previous membership (2, the same epoch), reports a gap at 2 and the owner resends
+    from the new membership's start (4): a gap again, for good. The leave's answer, when
+    it comes, is older than the join's and changes nothing."""
+    run_scenario(
+        [
+            ("join", 0, 0, 0),
+            ("join", 3, 0, 0),
+            ("flush", 0, 0, 0),
+            ("leave", 3, 0, 0),
+            ("advance", 4, 0, 0),
+            ("join", 3, 0, 0),
+            ("signal", 0, 2, 0),  # s0 -> s3
+            ("deliver", 0, 0, 0),  # the leave
+            ("reset", 0, 0, 0),
+        ]
+    )
