@@ -152,6 +152,7 @@ class Member:
     confirmed: int = 0  # its edge has written everything through this offset
     start: int = 0  # where its stream started (joined, synced): nothing before is its
     joined: int = 0  # where this membership began (its join; 0: unknown, re-announced)
+    joined_by: str = ""  # the connection that joined (and is answered where it began)
     sent_at: float = 0.0  # when what is unconfirmed went out (or was last resent)
 
 
@@ -787,6 +788,7 @@ class RoomTable:
             # it); later events are released after this reply, so ``offset`` is what the
             # edge has written when it reads the reply.
             member.sent = member.confirmed = member.start = member.joined = room.offset
+            member.joined_by = command.conn
             room.departed.pop(command.session, None)
         elif _newer(command.conn, member.conn):
             # Joining twice is a no-op success; it also re-homes a session that moved.
@@ -916,7 +918,11 @@ class RoomTable:
         out: list[Outbound],
     ) -> None:
         """Open ``member``'s stream after ``position``: replay what came after, or say so."""
-        if epoch == room.epoch and position < member.joined:
+        if member.joined_by == member.conn and (epoch != room.epoch or position < member.joined):
+            # This connection joined: the join's answer starts its stream (whatever it
+            # named is of an earlier membership, or was dropped when a leave was answered).
+            epoch, position = room.epoch, min(member.joined, room.released)
+        elif epoch == room.epoch and position < member.joined:
             # A position from an earlier membership (the edge's or the SDK's, named before
             # the leave and join were answered): what came before this one is not the
             # member's, and the edge resets its position to the join's when answered.

@@ -1361,3 +1361,29 @@ def test_bug_a_rejoin_answered_before_the_leave_keeps_the_old_position() -> None
             ("reset", 0, 0, 0),
         ]
     )
+
+
+def test_bug_a_resent_attach_after_a_rejoin_on_the_same_connection_is_not_recovered() -> None:
+    """s0 resumes on e0 (position 2 in r1) and leaves r1; the attach's ``Synced`` is lost
+    on a reset, the leave's answer comes (the edge drops its position) and s0 joins again
+    (4). The edge's resent attach names no position in r1 any more; the owner applies it
+    after the join and reports the new membership ``recovered: false`` (a stream with no
+    position), though its connection's own join starts it and nothing was lost."""
+    run_scenario(
+        [
+            ("join", 0, 1, 0),
+            ("join", 1, 1, 0),
+            ("flush", 0, 0, 0),
+            ("resume", 0, 0, 0),  # to e0
+            ("leave", 0, 1, 0),
+            ("deliver", 0, 2, 0),  # the detach, the attach, the leave
+            ("leave", 0, 1, 0),
+            ("reset", 0, 0, 0),
+            ("join", 0, 1, 0),
+            ("flush", 0, 0, 0),
+            ("flap", 0, 0, 0),
+            ("advance", 3, 0, 0),
+        ],
+        replicated=True,
+        lossy_replication=True,
+    )
