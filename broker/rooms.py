@@ -640,8 +640,8 @@ class RoomTable:
         records = self._records.get(command.session)
         record = records.get(key) if records is not None else None
         if record is not None and record.at > now - REPLY_RECORD_TTL:
-            self._answer_resend(command, record, out)
-            self._last_record = record
+            # What this request was answered (a resend of its rseq is answered the same)
+            self._last_record = self._answer_resend(command, record, out)
             return out
         self._last_offset = 0
         epoch, offset = "", 0
@@ -679,20 +679,21 @@ class RoomTable:
 
     def _answer_resend(
         self, command: Request, record: _Record, out: list[Outbound], same_request: bool = False
-    ) -> None:
+    ) -> _Record:
         """A resend of a request already applied: the same answer, nothing applied again.
 
         Its events reach their targets through their own delivery streams (confirmed,
         resent, replayed on sync), so only the reply is sent again, behind whatever the
         room still holds for its runner-up. The edge's resend of the same request (same
         ``rseq``) is told the membership that request left; a new request under an old id
-        changes nothing, so it is told the membership now.
+        changes nothing, so it is told the membership now. Returns the record as answered
+        (what a resend of this request's ``rseq`` is answered).
         """
         if not record.repeats(command):
             exc = BadRequest(f"request id {command.req!r} was already used for another request")
             refusal = _Record(request_error(exc, command.req), 0, 0.0, False)
             out.append((command.edge, _reply(command, refusal, 0)))
-            return
+            return record
         room = self.rooms.get(command.room)
         member = (
             record.member
@@ -708,11 +709,14 @@ class RoomTable:
                 seat = room.members[command.session]
                 start = seat.confirmed if self.confirming else room.offset
                 record = msgspec.structs.replace(record, epoch=room.epoch, offset=start)
+        if member != record.member:
+            record = msgspec.structs.replace(record, member=member)
         reply = (command.edge, self._reply(command, record, room, member))
         if room is not None and room.pending:
             room.pending.append(_Batch(None, [], [reply], confirmed=True))
         else:
             out.append(reply)
+        return record
 
     @staticmethod
     def _reply(command: Request, record: _Record, room: Room | None, member: bool) -> Reply:

@@ -1387,3 +1387,23 @@ def test_bug_a_resent_attach_after_a_rejoin_on_the_same_connection_is_not_recove
         replicated=True,
         lossy_replication=True,
     )
+
+
+def test_bug_a_resend_of_a_repeated_join_id_is_told_the_old_membership() -> None:
+    """s2 resumes on e0, leaves r0 (answered), then sends its first join again with its id:
+    answered from the record, not a member now. That answer is lost; the edge resends the
+    request (same ``rseq``) and the owner answers it from the connection's order with the
+    record it kept for that ``rseq``: the first join's, "a member" after it. The edge
+    keeps r0 (and a position) for a session that is not in it."""
+    run_scenario(
+        [
+            ("join", 2, 0, 0),
+            ("flush", 0, 0, 0),
+            ("resume", 2, 0, 0),  # to e0
+            ("leave", 2, 0, 0),
+            ("flush", 0, 0, 0),
+            ("repeat", 2, 0, 0),  # the join, id 1
+            ("deliver", 0, 0, 0),
+            ("reset", 0, 0, 0),  # its answer
+        ]
+    )
