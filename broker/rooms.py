@@ -796,12 +796,21 @@ class RoomTable:
             room.departed.pop(command.session, None)
         elif _newer(command.conn, member.conn):
             # Joining twice is a no-op success; it also re-homes a session that moved.
+            away = member.suspended_until is not None
             member.edge, member.conn, member.suspended_until = command.edge, command.conn, None
             if not member.synced:
                 # The edge takes the reply's offset if it had no position; if it had one,
                 # its first confirm reports a gap and is believed (``confirm``).
                 member.synced = True
                 member.sent = member.confirmed = member.start = room.released
+            elif away and member.sent < room.released:
+                # What was recorded while it was away was held back: its stream goes on
+                # with it (the attach that would replay it may be lost, or come later).
+                sent = self._replay(room, member, member.sent, room.released, out)
+                if self.confirming and member.sent == member.confirmed < sent:
+                    member.sent_at = now
+                    self._unconfirmed[member] = room
+                member.sent = sent
         members = [Raw(m.peer) for s, m in room.members.items() if s != command.session]
         # The joiner starts where its stream is confirmed: what came after is (re)sent to
         # it, so a join whose first answer was lost skips nothing. (Unconfirmed streams, in

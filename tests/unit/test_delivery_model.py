@@ -1407,3 +1407,26 @@ def test_bug_a_resend_of_a_repeated_join_id_is_told_the_old_membership() -> None
             ("reset", 0, 0, 0),  # its answer
         ]
     )
+
+
+def test_bug_a_join_that_rehomes_a_suspended_member_skips_what_it_missed() -> None:
+    """s1 resumes on e1 (position 1 in r0); the detach arrives, the attach is lost on a
+    reset. s0 joins (2, held back: s1 is suspended). s1 joins r0 again with a new id: the
+    no-op join re-homes it and ends the suspension, but sends nothing of what was held;
+    the next event (3) goes out after 1 and the edge writes it. The attach, resent, names
+    position 3 by then: s0's peer-joined (2) never reaches s1."""
+    run_scenario(
+        [
+            ("join", 1, 0, 0),
+            ("flush", 0, 0, 0),
+            ("resume", 1, 1, 0),  # to e1
+            ("dup", 2, 0, 0),  # the detach (twice)
+            ("join", 0, 0, 0),
+            ("reset", 2, 0, 0),  # the attach
+            ("flush", 0, 0, 0),
+            ("join", 2, 0, 0),
+            ("deliver", 0, 0, 0),
+            ("join", 1, 0, 0),
+        ],
+        replicated=True,
+    )
