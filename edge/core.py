@@ -374,7 +374,9 @@ class EdgeCore(Generic[S]):
             self.retries.done((state.conn, "restore", synced.room))
         state.rooms[synced.room] = synced.peer
         position = state.positions.get(synced.room)
-        if synced.recovered and position is not None and position.epoch == synced.epoch:
+        if position is not None and position.epoch == synced.epoch:
+            # Never back in the epoch: what was written is not written again (a copy or a
+            # late ``Synced``, even one that reports a loss, restarts nothing before it).
             position.offset = max(position.offset, synced.offset)
         else:
             position = state.positions[synced.room] = Position(synced.epoch, synced.offset)

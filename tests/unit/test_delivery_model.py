@@ -1430,3 +1430,24 @@ def test_bug_a_join_that_rehomes_a_suspended_member_skips_what_it_missed() -> No
         ],
         replicated=True,
     )
+
+
+def test_bug_a_copy_of_a_not_recovered_sync_moves_the_position_back() -> None:
+    """s1 resumes on e0 before its join was answered (no position); s3 leaves. The owner's
+    frame to e0 arrives twice: ``Synced`` (``recovered: false``, offset 2), then s3's
+    peer-left (3, prev 2), which the edge writes; the copy's ``Synced`` sets the position
+    back to 2 (a not-recovered sync replaced the position even in its epoch) and the
+    copy's peer-left is written again."""
+    run_scenario(
+        [
+            ("join", 1, 0, 0),
+            ("join", 3, 0, 0),
+            ("resume", 1, 0, 0),  # to e0
+            ("deliver", 2, 0, 0),  # the first join
+            ("leave", 3, 0, 0),
+            ("reset", 0, 0, 0),
+            ("advance", 4, 0, 0),
+            ("deliver", 0, 0, 0),  # the retries
+            ("dup", 1, 0, 0),  # their answers, twice
+        ]
+    )
