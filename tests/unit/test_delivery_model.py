@@ -1451,3 +1451,25 @@ def test_bug_a_copy_of_a_not_recovered_sync_moves_the_position_back() -> None:
             ("dup", 1, 0, 0),  # their answers, twice
         ]
     )
+
+
+def test_bug_a_copy_of_a_sync_after_a_leave_writes_the_stream_again() -> None:
+    """As the test before, and s1 leaves r0 too: the first copy of the owner's frame has
+    the edge write s3's peer-left (3) and then drop s1's position with the leave's answer;
+    the report (``recovered: false``) had the SDK join again, so the copy's ``Synced``
+    opens a new position at 2, and the copy's peer-left is written again."""
+    run_scenario(
+        [
+            ("join", 1, 0, 0),
+            ("join", 3, 0, 0),
+            ("resume", 1, 0, 0),  # to e0
+            ("deliver", 2, 0, 0),  # the first join
+            ("leave", 3, 0, 0),
+            ("reset", 0, 0, 0),
+            ("leave", 1, 0, 0),
+            ("drop", 0, 0, 0),
+            ("advance", 4, 0, 0),
+            ("deliver", 0, 0, 0),  # the retries
+            ("dup", 1, 0, 0),  # their answers, twice
+        ]
+    )
