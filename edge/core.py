@@ -337,12 +337,14 @@ class EdgeCore(Generic[S]):
         room = command.room
         if not reply.ok:
             return
+        if reply.member and isinstance(command, LeaveCmd):
+            # A resend of an old leave, answered while a member again: no change, and it
+            # orders nothing (the join answers it would hide carry the peer to keep).
+            return
         if command.rseq:
             if command.rseq < state.member_since.get(room, 0):
                 return  # a newer join or leave of this room was answered already
             state.member_since[room] = command.rseq
-        if reply.member and isinstance(command, LeaveCmd):
-            return  # a resend of an old leave, answered while a member again: no change
         if isinstance(command, JoinCmd) and reply.member:
             state.rooms[room] = command.peer
             position = state.positions.get(room)

@@ -1473,3 +1473,25 @@ def test_bug_a_copy_of_a_sync_after_a_leave_writes_the_stream_again() -> None:
             ("dup", 1, 0, 0),  # their answers, twice
         ]
     )
+
+
+def test_bug_a_repeated_leave_answered_first_hides_the_rejoin() -> None:
+    """s2 joins r1, leaves and joins again; the requests are lost on e2's link and resent.
+    s2 sends its leave again with its id: the owner answers it from the record ("left",
+    but a member now: nothing changes), and that answer reaches the edge first. It
+    changed nothing, yet it took the room's place in the answer order: the answers of
+    the requests before it, the join among them, are then ignored as older, and the edge
+    never holds r1 (nor re-announces it) though s2 is a member."""
+    run_scenario(
+        [
+            ("join", 2, 1, 0),
+            ("leave", 2, 1, 0),
+            ("join", 2, 1, 0),
+            ("drop", 4, 2, 0),
+            ("flush", 0, 0, 0),
+            ("advance", 4, 0, 0),
+            ("repeat", 2, 1, 0),  # the leave, id 2
+            ("deliver", 4, 0, 0),
+            ("reset", 4, 0, 0),
+        ]
+    )
