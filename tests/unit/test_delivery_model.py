@@ -515,7 +515,8 @@ class _World:
         self._send_request(client, req)
 
     def repeat(self, client: _Client, pick: int) -> None:
-        """The client sends an earlier request again with its id (as an SDK does)."""
+        """The client sends an earlier request again with its id (as an SDK does). An answer
+        to an id already answered changes nothing on the client (``answered``)."""
         if client.requests:
             req = sorted(client.requests)[pick % len(client.requests)]
             self._send_request(client, req)
@@ -646,16 +647,19 @@ class _World:
         _check(command.req is not None, "an answer to a request without id", command)
         assert isinstance(command.req, int)
         sent = client.requests[command.req]
-        if sent.answered_step is None:
-            sent.answered_step, sent.answer, sent.ok = self.step, reply.payload, reply.ok
-        else:
+        if sent.answered_step is not None:
             _check(sent.answer == reply.payload, "a repeated request answered otherwise", sent)
+            return  # the SDKs ignore a reply to an id no longer waiting (``signalpost.js``)
+        sent.answered_step, sent.answer, sent.ok = self.step, reply.payload, reply.ok
         if reply.ok and isinstance(command, JoinCmd):
+            # The SDKs read the joined frame (``Reply.epoch``/``offset`` are the edge's).
+            joined = json.loads(reply.payload)
+            epoch, offset = joined["epoch"], joined["offset"]
             previous = client.rooms.get(command.room)
-            if previous is not None and previous[0] == reply.epoch:
-                client.rooms[command.room] = (reply.epoch, max(previous[1], reply.offset))
+            if previous is not None and previous[0] == epoch:
+                client.rooms[command.room] = (epoch, max(previous[1], offset))
             else:
-                client.rooms[command.room] = (reply.epoch, reply.offset)
+                client.rooms[command.room] = (epoch, offset)
         elif reply.ok and isinstance(command, LeaveCmd):
             client.rooms.pop(command.room, None)
 
@@ -1323,21 +1327,27 @@ def test_bug_a_resent_attach_replays_the_previous_membership_into_the_new_one() 
 
 
 def test_bug_a_resume_position_from_before_a_rejoin_replays_the_old_membership() -> None:
-    """No loss needed. s3 joins r0 and is written s1's peer-joined (2), leaves, sends its
-    first join again (answered from the record, "joined" at offset 1, not a member) and
-    joins again (4); it resumes before that answer, naming position 1 in r0. The owner
-    replays from 1 into the new membership: 2, already written, is written again. (With
-    that fixed alone, a replay from the membership's start that the edge drops as a gap
-    was taken as written: ``Synced`` named the last offset replayed.)"""
+    """s0 leaves r0 and joins again (4), and its connection drops before either answer
+    reaches it; s3 joins (5). s0 resumes on e2 naming its position from before the leave
+    (2), and the SDK resends the leave and the join. The owner re-opens the new
+    membership's stream at 2 and the edge writes 5 at once; then the answers come: "left"
+    (the SDK drops the room) and "joined" at 4, the position the SDK resumes from next
+    time, and 5 is written again. (With the replay starting at the join, a replay the edge
+    drops as a gap was taken as written: ``Synced`` named the last offset replayed.)"""
     run_scenario(
         [
+            ("join", 0, 0, 0),
             ("join", 1, 0, 0),
-            ("join", 3, 0, 0),
-            ("leave", 3, 0, 0),
-            ("repeat", 3, 0, 0),  # the join, id 1
             ("flush", 0, 0, 0),
+            ("leave", 0, 0, 0),
+            ("join", 0, 0, 0),
+            ("resume", 0, 2, 0),  # to e2
             ("join", 3, 0, 0),
-            ("resume", 3, 0, 0),  # to e0
+            ("reset", 4, 0, 0),  # e2's link: the attach, the resent leave and join
+            ("flush", 0, 0, 0),
+            ("advance", 4, 0, 0),
+            ("flush", 0, 0, 0),
+            ("resume", 0, 0, 0),  # to e0
         ]
     )
 
