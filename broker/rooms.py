@@ -152,6 +152,7 @@ class Member:
     confirmed: int = 0  # its edge has written everything through this offset
     start: int = 0  # where its stream started (joined, synced): nothing before is its
     joined: int = 0  # where this membership began (its join; 0: unknown, re-announced)
+    joined_in: str = ""  # ... in which epoch (an offset of another is no bound)
     joined_by: str = ""  # the connection that joined (and is answered where it began)
     sent_at: float = 0.0  # when what is unconfirmed went out (or was last resent)
 
@@ -792,7 +793,7 @@ class RoomTable:
             # it); later events are released after this reply, so ``offset`` is what the
             # edge has written when it reads the reply.
             member.sent = member.confirmed = member.start = member.joined = room.offset
-            member.joined_by = command.conn
+            member.joined_in, member.joined_by = room.epoch, command.conn
             room.departed.pop(command.session, None)
         elif _newer(command.conn, member.conn):
             # Joining twice is a no-op success; it also re-homes a session that moved.
@@ -931,15 +932,21 @@ class RoomTable:
         out: list[Outbound],
     ) -> None:
         """Open ``member``'s stream after ``position``: replay what came after, or say so."""
-        if member.joined_by == member.conn and (epoch != room.epoch or position < member.joined):
+        # (``joined`` bounds nothing if the member joined in an earlier incarnation.)
+        joined = member.joined if member.joined_in == room.epoch else 0
+        if (
+            joined
+            and member.joined_by == member.conn
+            and (epoch != room.epoch or position < joined)
+        ):
             # This connection joined: the join's answer starts its stream (whatever it
             # named is of an earlier membership, or was dropped when a leave was answered).
-            epoch, position = room.epoch, min(member.joined, room.released)
-        elif epoch == room.epoch and position < member.joined:
+            epoch, position = room.epoch, min(joined, room.released)
+        elif epoch == room.epoch and position < joined:
             # A position from an earlier membership (the edge's or the SDK's, named before
             # the leave and join were answered): what came before this one is not the
             # member's, and the edge resets its position to the join's when answered.
-            position = min(member.joined, room.released)
+            position = min(joined, room.released)
         complete = epoch == room.epoch and room.trimmed_through <= position <= room.released
         sent = position if complete else room.released
         if complete:
