@@ -170,6 +170,9 @@ class EdgeCore(Generic[S]):
         state.unanswered[seq] = command
         if self.lossy:
             self.retries.add((state.conn, seq), (state, command), now)
+            if isinstance(command, LeaveCmd):
+                # A re-announcement resent behind the leave would put the member back.
+                self.retries.done((state.conn, "restore", command.room))
 
     def _resend(self, state: S, command: Envelope) -> None:
         if isinstance(command, SignalCmd | JoinCmd | LeaveCmd):

@@ -1505,3 +1505,21 @@ def test_bug_a_repeated_leave_answered_first_hides_the_rejoin() -> None:
             ("reset", 4, 0, 0),
         ]
     )
+
+
+def test_bug_a_restore_resent_behind_a_leave_makes_the_room_anew() -> None:
+    """No loss needed. An owners change has e0 re-announce s3 in r1; s3 leaves before the
+    owner answered, and the edge's resend of the re-announcement (still scheduled: only
+    the leave's answer cancelled it) goes out behind the leave. The leave empties r1 (the
+    room goes, with what it remembered of departed members) and the resent ``RestoreCmd``
+    makes it anew with s3 in it: s3's next signal is acked though it left."""
+    run_scenario(
+        [
+            ("join", 3, 1, 0),
+            ("flush", 0, 0, 0),
+            ("flap", 0, 0, 0),
+            ("leave", 3, 1, 0),
+            ("advance", 3, 0, 0),
+            ("signal", 3, 3, 1),
+        ]
+    )
