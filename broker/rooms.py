@@ -703,13 +703,26 @@ class RoomTable:
         )
         if member and not same_request and type(command) is JoinCmd:
             assert room is not None
-            if record.epoch != room.epoch:
-                # Recorded in an earlier incarnation of the room: the edge takes its
-                # position from the reply, so it gets the current stream's (as a no-op
-                # join would), not one of an epoch that is gone.
-                seat = room.members[command.session]
+            seat = room.members[command.session]
+            joined = seat.joined if seat.joined_in == room.epoch else 0
+            if record.epoch != room.epoch or record.offset < joined:
+                # Recorded for an earlier membership or incarnation of the room: the edge
+                # takes its position from the reply, so it gets the current stream's (as a
+                # no-op join would), not one that stream never had.
                 start = seat.confirmed if self.confirming else room.offset
                 record = msgspec.structs.replace(record, epoch=room.epoch, offset=start)
+            elif (
+                joined
+                and self.confirming
+                and seat.conn == command.conn
+                and max(joined, room.trimmed_through) <= record.offset < seat.confirmed
+            ):
+                # The stream was restarted past this join's start since (a resume that
+                # named no position: reported lost, and that report may never arrive),
+                # and an edge with no position takes the record's: resend from there.
+                seat.confirmed = seat.start = record.offset
+                self._resend(room, seat, self._now, out)
+                self._unconfirmed[seat] = room
         if member != record.member:
             record = msgspec.structs.replace(record, member=member)
         reply = (command.edge, self._reply(command, record, room, member))

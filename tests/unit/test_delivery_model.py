@@ -1523,3 +1523,58 @@ def test_bug_a_restore_resent_behind_a_leave_makes_the_room_anew() -> None:
             ("signal", 3, 3, 1),
         ]
     )
+
+
+def test_bug_a_repeated_join_id_of_an_earlier_membership_gives_the_edge_its_offset() -> None:
+    """s3 joins r0 (id 3, offset 1 of epoch-1), leaves and joins again (id 5, offset 4);
+    the answer to the last join is lost, and s3 sends its join id 3 again. That is
+    answered from the record: "joined" at 1, an offset of the earlier membership, which
+    the edge (no position since the leave's answer) takes: every delivery of the new
+    membership (prev 4 and up) is a gap at the edge, and the owner, which does not resend
+    below where the membership began, sends the same again for good. (The answer to join
+    5, older than the repeat's, changes nothing when it comes.)"""
+    run_scenario(
+        [
+            ("join", 3, 0, 0),
+            ("leave", 3, 0, 0),
+            ("join", 3, 0, 0),
+            ("flush", 0, 0, 0),
+            ("join", 0, 0, 0),
+            ("flush", 0, 0, 0),
+            ("leave", 3, 0, 0),
+            ("flush", 0, 0, 0),
+            ("join", 3, 0, 0),
+            ("deliver", 0, 0, 0),
+            ("signal", 0, 2, 0),  # s0 -> s3
+            ("deliver", 0, 0, 0),
+            ("drop", 1, 0, 0),  # the answer to join 5, and the signal
+            ("repeat", 3, 2, 0),  # the join, id 3
+        ]
+    )
+
+
+def test_bug_a_lost_not_recovered_report_and_a_resent_join_skip_events() -> None:
+    """s3's join is applied but not answered before it resumes on e0 naming no room; s0
+    joins (2, for s3). The attach finds s3 a member with no position: the owner restarts
+    its stream at 2 and reports ``recovered: false``, and that report is lost (as are the
+    attach's few resends). The SDK's resent join is answered from the record, offset 1,
+    and the edge takes it: the owner's stream is past 2 already, nothing resends 2, and
+    the client was never told it lost it."""
+    run_scenario(
+        [
+            ("join", 3, 1, 0),
+            ("join", 0, 1, 0),
+            ("dup", 0, 0, 0),
+            ("deliver", 0, 0, 0),
+            ("resume", 3, 0, 0),  # to e0, no room named
+            ("advance", 4, 0, 0),
+            ("advance", 5, 0, 0),
+            ("flap", 0, 0, 0),
+            ("advance", 3, 0, 0),
+            ("deliver", 0, 0, 0),
+            ("deliver", 0, 0, 0),
+            ("flap", 0, 0, 0),
+            ("advance", 3, 0, 0),
+            ("reset", 0, 0, 0),
+        ]
+    )
