@@ -151,6 +151,9 @@ class Member:
     sent: int = 0  # offset of the last event sent to this member (its next ``prev``)
     confirmed: int = 0  # its edge has written everything through this offset
     start: int = 0  # where its stream started (joined, synced): nothing before is its
+    joined: int = 0  # where this membership began (its join; 0: unknown, re-announced)
+    joined_in: str = ""  # ... in which epoch (an offset of another is no bound)
+    joined_by: str = ""  # the connection that joined (and is answered where it began)
     sent_at: float = 0.0  # when what is unconfirmed went out (or was last resent)
 
 
@@ -633,8 +636,8 @@ class RoomTable:
         records = self._records.get(command.session)
         record = records.get(key) if records is not None else None
         if record is not None and record.at > now - REPLY_RECORD_TTL:
-            self._answer_resend(command, record, out)
-            self._last_record = record
+            # What this request was answered (a resend of its rseq is answered the same)
+            self._last_record = self._answer_resend(command, record, out)
             return out
         self._last_offset = 0
         epoch, offset = "", 0
@@ -672,31 +675,57 @@ class RoomTable:
 
     def _answer_resend(
         self, command: Request, record: _Record, out: list[Outbound], same_request: bool = False
-    ) -> None:
+    ) -> _Record:
         """A resend of a request already applied: the same answer, nothing applied again.
 
         Its events reach their targets through their own delivery streams (confirmed,
         resent, replayed on sync), so only the reply is sent again, behind whatever the
         room still holds for its runner-up. The edge's resend of the same request (same
         ``rseq``) is told the membership that request left; a new request under an old id
-        changes nothing, so it is told the membership now.
+        changes nothing, so it is told the membership now. Returns the record as answered
+        (what a resend of this request's ``rseq`` is answered).
         """
         if not record.repeats(command):
             exc = BadRequest(f"request id {command.req!r} was already used for another request")
             refusal = _Record(request_error(exc, command.req), 0, 0.0, False)
             out.append((command.edge, _reply(command, refusal, 0)))
-            return
+            return record
         room = self.rooms.get(command.room)
         member = (
             record.member
             if same_request
             else (room is not None and command.session in room.members)
         )
+        if member and not same_request and type(command) is JoinCmd:
+            assert room is not None
+            seat = room.members[command.session]
+            joined = seat.joined if seat.joined_in == room.epoch else 0
+            if record.epoch != room.epoch or record.offset < joined:
+                # Recorded for an earlier membership or incarnation of the room: the edge
+                # takes its position from the reply, so it gets the current stream's (as a
+                # no-op join would), not one that stream never had.
+                start = seat.confirmed if self.confirming else room.offset
+                record = msgspec.structs.replace(record, epoch=room.epoch, offset=start)
+            elif (
+                joined
+                and self.confirming
+                and seat.conn == command.conn
+                and max(joined, room.trimmed_through) <= record.offset < seat.confirmed
+            ):
+                # The stream was restarted past this join's start since (a resume that
+                # named no position: reported lost, and that report may never arrive),
+                # and an edge with no position takes the record's: resend from there.
+                seat.confirmed = seat.start = record.offset
+                self._resend(room, seat, self._now, out)
+                self._unconfirmed[seat] = room
+        if member != record.member:
+            record = msgspec.structs.replace(record, member=member)
         reply = (command.edge, self._reply(command, record, room, member))
         if room is not None and room.pending:
             room.pending.append(_Batch(None, [], [reply], confirmed=True))
         else:
             out.append(reply)
+        return record
 
     @staticmethod
     def _reply(command: Request, record: _Record, room: Room | None, member: bool) -> Reply:
@@ -771,16 +800,26 @@ class RoomTable:
             # The stream starts at the room's offset now (its own peer-joined is not for
             # it); later events are released after this reply, so ``offset`` is what the
             # edge has written when it reads the reply.
-            member.sent = member.confirmed = member.start = room.offset
+            member.sent = member.confirmed = member.start = member.joined = room.offset
+            member.joined_in, member.joined_by = room.epoch, command.conn
             room.departed.pop(command.session, None)
         elif _newer(command.conn, member.conn):
             # Joining twice is a no-op success; it also re-homes a session that moved.
+            away = member.suspended_until is not None
             member.edge, member.conn, member.suspended_until = command.edge, command.conn, None
             if not member.synced:
                 # The edge takes the reply's offset if it had no position; if it had one,
                 # its first confirm reports a gap and is believed (``confirm``).
                 member.synced = True
                 member.sent = member.confirmed = member.start = room.released
+            elif away and member.sent < room.released:
+                # What was recorded while it was away was held back: its stream goes on
+                # with it (the attach that would replay it may be lost, or come later).
+                sent = self._replay(room, member, member.sent, room.released, out)
+                if self.confirming and member.sent == member.confirmed < sent:
+                    member.sent_at = now
+                    self._unconfirmed[member] = room
+                member.sent = sent
         members = [Raw(m.peer) for s, m in room.members.items() if s != command.session]
         # The joiner starts where its stream is confirmed: what came after is (re)sent to
         # it, so a join whose first answer was lost skips nothing. (Unconfirmed streams, in
@@ -901,12 +940,27 @@ class RoomTable:
         out: list[Outbound],
     ) -> None:
         """Open ``member``'s stream after ``position``: replay what came after, or say so."""
+        # (``joined`` bounds nothing if the member joined in an earlier incarnation.)
+        joined = member.joined if member.joined_in == room.epoch else 0
+        if (
+            joined
+            and member.joined_by == member.conn
+            and (epoch != room.epoch or position < joined)
+        ):
+            # This connection joined: the join's answer starts its stream (whatever it
+            # named is of an earlier membership, or was dropped when a leave was answered).
+            epoch, position = room.epoch, min(joined, room.released)
+        elif epoch == room.epoch and position < joined:
+            # A position from an earlier membership (the edge's or the SDK's, named before
+            # the leave and join were answered): what came before this one is not the
+            # member's, and the edge resets its position to the join's when answered.
+            position = min(joined, room.released)
         complete = epoch == room.epoch and room.trimmed_through <= position <= room.released
         sent = position if complete else room.released
         if complete:
             sent = self._replay(room, member, position, room.released, out)
         member.synced = True
-        member.confirmed = member.start = position if complete else room.released
+        start = member.confirmed = member.start = position if complete else room.released
         member.sent = sent
         member.sent_at = now
         if self.confirming and member.sent > member.confirmed:
@@ -921,7 +975,9 @@ class RoomTable:
                     member.conn,
                     room.name,
                     room.epoch,
-                    sent,
+                    # Where the stream starts: the replay moves the edge on from there, and
+                    # what of it the edge dropped (a gap) is resent, not taken as written.
+                    start,
                     complete,
                     report or not complete,
                     member.peer,

@@ -48,6 +48,10 @@ MAX_ROOM_TERMS: Final = 100_000
 #: at most this often: with no room named there is no answer to wait for.
 ATTACH_RESENDS: Final = 4
 
+#: Rooms a connection left whose last position it keeps (the oldest go first): a stream
+#: opened there again in the same epoch starts no lower (see ``SessionState.left``).
+MAX_LEFT_POSITIONS: Final = 256
+
 #: After the broker set changed, unanswered requests are resent at once and again this
 #: soon: the new owner may learn that it owns the room a moment after the edge did.
 OWNERS_CHANGED_RETRY: Final = 0.5
@@ -63,6 +67,9 @@ class SessionState:
     unanswered: dict[int, Envelope] = field(default_factory=dict)  # seq -> command
     rooms: dict[str, bytes] = field(default_factory=dict)  # joined room -> peer object
     positions: dict[str, Position] = field(default_factory=dict)  # room -> what was written
+    # room -> its position when the session left it (or was told it is not in it): a late
+    # copy or an answer from before that must not have the same events written again
+    left: dict[str, Position] = field(default_factory=dict)
     room_seqs: dict[str, int] = field(default_factory=dict)  # room -> last request's rseq
     waiting_in: dict[str, dict[int, None]] = field(default_factory=dict)  # room -> rseqs owed
     member_since: dict[str, int] = field(default_factory=dict)  # room -> rseq of its answer
@@ -163,6 +170,9 @@ class EdgeCore(Generic[S]):
         state.unanswered[seq] = command
         if self.lossy:
             self.retries.add((state.conn, seq), (state, command), now)
+            if isinstance(command, LeaveCmd):
+                # A re-announcement resent behind the leave would put the member back.
+                self.retries.done((state.conn, "restore", command.room))
 
     def _resend(self, state: S, command: Envelope) -> None:
         if isinstance(command, SignalCmd | JoinCmd | LeaveCmd):
@@ -226,6 +236,14 @@ class EdgeCore(Generic[S]):
                 command = state.unanswered[seq]
                 if isinstance(command, SignalCmd | JoinCmd | LeaveCmd):
                     self._resend(state, command)
+
+    @staticmethod
+    def _left_before(state: SessionState, join: JoinCmd) -> bool:
+        """Whether a leave of the room sent before ``join`` is still unanswered."""
+        return any(
+            isinstance(c, LeaveCmd) and c.room == join.room and c.rseq < join.rseq
+            for c in state.unanswered.values()
+        )
 
     @staticmethod
     def _leaving(state: SessionState, room: str) -> bool:
@@ -322,22 +340,28 @@ class EdgeCore(Generic[S]):
         room = command.room
         if not reply.ok:
             return
+        if reply.member and isinstance(command, LeaveCmd):
+            # A resend of an old leave, answered while a member again: no change, and it
+            # orders nothing (the join answers it would hide carry the peer to keep).
+            return
         if command.rseq:
             if command.rseq < state.member_since.get(room, 0):
                 return  # a newer join or leave of this room was answered already
             state.member_since[room] = command.rseq
-        if reply.member and isinstance(command, LeaveCmd):
-            return  # a resend of an old leave, answered while a member again: no change
         if isinstance(command, JoinCmd) and reply.member:
             state.rooms[room] = command.peer
             position = state.positions.get(room)
             if reply.epoch and (position is None or position.epoch != reply.epoch):
-                state.positions[room] = Position(reply.epoch, reply.offset)
+                self._open(state, room, reply.epoch, reply.offset)
+            elif position is not None and self._left_before(state, command):
+                # The position is of the membership that leave ended (its answer, still to
+                # come, changes nothing now): this one's stream starts at the join.
+                position.offset = max(position.offset, reply.offset)
             restore = RestoreCmd(state.session, state.conn, self.edge_id, room, command.peer, True)
             self._actions.append(ToReplica(room, restore))
         elif isinstance(command, LeaveCmd) or not reply.member:
             state.rooms.pop(room, None)
-            state.positions.pop(room, None)
+            self._close(state, room)
             self.confirms.forget(room, state.session)
             if self.lossy:
                 self.retries.done((state.conn, "restore", room))
@@ -348,8 +372,10 @@ class EdgeCore(Generic[S]):
         """An owner (re)opened a session's stream in a room: after a resume or a restore;
         or (no room) it has handled the session's attach."""
         state = self.sessions.get(synced.session)
-        if state is None or state.conn != synced.conn or self.stale(synced.room, synced.term):
+        if state is None or state.conn != synced.conn:
             return
+        if synced.term and self.stale(synced.room, synced.term):
+            return  # (no term: a room the owner does not have, reported not recovered)
         if not synced.peer:  # not a member there: reported, nothing kept
             self.not_a_member(state, synced.room)
             frame = RecoveredFrame(room=synced.room, recovered=synced.recovered)
@@ -360,10 +386,12 @@ class EdgeCore(Generic[S]):
             self.retries.done((state.conn, "restore", synced.room))
         state.rooms[synced.room] = synced.peer
         position = state.positions.get(synced.room)
-        if synced.recovered and position is not None and position.epoch == synced.epoch:
+        if position is not None and position.epoch == synced.epoch:
+            # Never back in the epoch: what was written is not written again (a copy or a
+            # late ``Synced``, even one that reports a loss, restarts nothing before it).
             position.offset = max(position.offset, synced.offset)
         else:
-            position = state.positions[synced.room] = Position(synced.epoch, synced.offset)
+            position = self._open(state, synced.room, synced.epoch, synced.offset)
         if self.lossy:
             self.confirms.forget(synced.room, state.session)
             self.confirms.note(synced.room, state.session, position)
@@ -379,7 +407,26 @@ class EdgeCore(Generic[S]):
     def not_a_member(self, state: S, room: str) -> None:
         """An owner reported ``recovered: false`` for a room the session is not in."""
         self._reported(state, room)
-        state.positions.pop(room, None)
+        self._close(state, room)
+
+    @staticmethod
+    def _open(state: SessionState, room: str, epoch: str, offset: int) -> Position:
+        """A new position in ``room``: never below what was written there in ``epoch``."""
+        left = state.left.pop(room, None)
+        if left is not None and left.epoch == epoch:
+            offset = max(offset, left.offset)
+        position = state.positions[room] = Position(epoch, offset)
+        return position
+
+    @staticmethod
+    def _close(state: SessionState, room: str) -> None:
+        """No stream in ``room`` any more; what was written there is remembered."""
+        position = state.positions.pop(room, None)
+        if position is not None:
+            state.left.pop(room, None)
+            state.left[room] = position
+            if len(state.left) > MAX_LEFT_POSITIONS:
+                del state.left[next(iter(state.left))]
 
     def _reported(self, state: S, room: str) -> None:
         """The owner reported ``room`` after the session's resume."""

@@ -515,7 +515,8 @@ class _World:
         self._send_request(client, req)
 
     def repeat(self, client: _Client, pick: int) -> None:
-        """The client sends an earlier request again with its id (as an SDK does)."""
+        """The client sends an earlier request again with its id (as an SDK does). An answer
+        to an id already answered changes nothing on the client (``answered``)."""
         if client.requests:
             req = sorted(client.requests)[pick % len(client.requests)]
             self._send_request(client, req)
@@ -646,16 +647,19 @@ class _World:
         _check(command.req is not None, "an answer to a request without id", command)
         assert isinstance(command.req, int)
         sent = client.requests[command.req]
-        if sent.answered_step is None:
-            sent.answered_step, sent.answer, sent.ok = self.step, reply.payload, reply.ok
-        else:
+        if sent.answered_step is not None:
             _check(sent.answer == reply.payload, "a repeated request answered otherwise", sent)
+            return  # the SDKs ignore a reply to an id no longer waiting (``signalpost.js``)
+        sent.answered_step, sent.answer, sent.ok = self.step, reply.payload, reply.ok
         if reply.ok and isinstance(command, JoinCmd):
+            # The SDKs read the joined frame (``Reply.epoch``/``offset`` are the edge's).
+            joined = json.loads(reply.payload)
+            epoch, offset = joined["epoch"], joined["offset"]
             previous = client.rooms.get(command.room)
-            if previous is not None and previous[0] == reply.epoch:
-                client.rooms[command.room] = (reply.epoch, max(previous[1], reply.offset))
+            if previous is not None and previous[0] == epoch:
+                client.rooms[command.room] = (epoch, max(previous[1], offset))
             else:
-                client.rooms[command.room] = (reply.epoch, reply.offset)
+                client.rooms[command.room] = (epoch, offset)
         elif reply.ok and isinstance(command, LeaveCmd):
             client.rooms.pop(command.room, None)
 
@@ -926,10 +930,9 @@ def test_with_a_runner_up_replication_lossy(commands: list[_Cmd]) -> None:
     run_scenario(commands, replicated=True, lossy_replication=True)
 
 
-#: Seeds of the default run that still find a defect (docs/reliability.md, "Known limits"):
-#: seed 15, a session that leaves and joins a room again while the replay after its resume
-#: is resent over a lossy link is written one event twice. Strict: fixed, it must go.
-KNOWN_FAILING_SEEDS = {15}
+#: Seeds of the default run that still find a defect (docs/reliability.md, "Known limits").
+#: Strict: fixed, it must go.
+KNOWN_FAILING_SEEDS: set[int] = set()
 
 
 @pytest.mark.parametrize(
@@ -1254,5 +1257,324 @@ def test_bug_a_delivery_of_a_new_epoch_is_admitted_at_an_old_epochs_position() -
             ("deliver", 0, 0, 0),  # e0: s0 joins; peer-joined (2) goes to e1 for s1
             ("resume", 1, 1, 0),  # to e1 again, at (epoch-0, 1)
             ("flush", 0, 0, 0),
+        ]
+    )
+
+
+def test_bug_a_repeated_join_id_of_an_earlier_epoch_gives_the_edge_that_epoch() -> None:
+    """No loss needed. s1 joins r0 (epoch-0), leaves (the room empties and goes) and joins
+    again (epoch-1); then it sends its first join again with its id. The owner answers from
+    the record, with the record's epoch and offset (epoch-0, 1), and the edge takes them as
+    the member's position (another epoch than its own): every delivery of epoch-1 is then
+    dropped as of another epoch, for good."""
+    run_scenario(
+        [
+            ("join", 1, 0, 0),
+            ("flush", 0, 0, 0),
+            ("leave", 1, 0, 0),
+            ("join", 1, 0, 0),
+            ("repeat", 1, 0, 0),  # the join, id 1
+        ]
+    )
+
+
+def test_bug_a_not_a_member_report_is_dropped_as_stale() -> None:
+    """No loss needed. s2 leaves r0 and its connection drops before the answer; it resumes
+    on e0 with its position in r0 and the SDK resends the leave. The attach arrives after
+    the leave: the owner reports r0 not recovered with no term (a ``Synced`` for a room
+    it may not have), and the edge, which knows r0's term, drops it as a deposed owner's.
+    So the attach is resent; s2 joins r0 again meanwhile, and the resent attach, naming no
+    position in r0 any more, has the new membership reported ``recovered: false``."""
+    run_scenario(
+        [
+            ("join", 2, 0, 0),
+            ("flush", 0, 0, 0),
+            ("join", 0, 0, 0),
+            ("leave", 2, 0, 0),
+            ("resume", 2, 0, 0),  # to e0
+            ("flush", 0, 0, 0),
+            ("join", 2, 0, 0),
+            ("advance", 4, 0, 0),
+        ]
+    )
+
+
+def test_bug_a_resent_attach_replays_the_previous_membership_into_the_new_one() -> None:
+    """Seed 15, shrunk. s2 resumes on e0 (its position in r0: 1), leaves r0 and joins
+    again; a reset loses it all, and the retries are applied (the attach, then the leave
+    and the join: a new membership from offset 4) with their answers lost; s0 joins (5).
+    The edge's resent attach still names position 1, and the owner re-opens the new
+    membership's stream there: it replays 2 (of the previous membership) and 5, and the
+    edge writes them. Then the answers come: the leave drops the edge's position and the
+    join sets it to 4, and the owner's resend from 1 has 5 written again."""
+    run_scenario(
+        [
+            ("join", 2, 0, 0),
+            ("flush", 0, 0, 0),
+            ("join", 3, 0, 0),
+            ("resume", 2, 0, 0),  # to e0
+            ("leave", 2, 0, 0),
+            ("advance", 4, 0, 0),
+            ("join", 2, 0, 0),
+            ("reset", 0, 0, 0),
+            ("advance", 4, 0, 0),
+            ("advance", 5, 0, 0),
+            ("join", 0, 0, 0),
+            ("deliver", 0, 1, 0),  # e0: the retries
+            ("drop", 1, 0, 0),  # their answers
+        ]
+    )
+
+
+def test_bug_a_resume_position_from_before_a_rejoin_replays_the_old_membership() -> None:
+    """s0 leaves r0 and joins again (4), and its connection drops before either answer
+    reaches it; s3 joins (5). s0 resumes on e2 naming its position from before the leave
+    (2), and the SDK resends the leave and the join. The owner re-opens the new
+    membership's stream at 2 and the edge writes 5 at once; then the answers come: "left"
+    (the SDK drops the room) and "joined" at 4, the position the SDK resumes from next
+    time, and 5 is written again. (With the replay starting at the join, a replay the edge
+    drops as a gap was taken as written: ``Synced`` named the last offset replayed.)"""
+    run_scenario(
+        [
+            ("join", 0, 0, 0),
+            ("join", 1, 0, 0),
+            ("flush", 0, 0, 0),
+            ("leave", 0, 0, 0),
+            ("join", 0, 0, 0),
+            ("resume", 0, 2, 0),  # to e2
+            ("join", 3, 0, 0),
+            ("reset", 4, 0, 0),  # e2's link: the attach, the resent leave and join
+            ("flush", 0, 0, 0),
+            ("advance", 4, 0, 0),
+            ("flush", 0, 0, 0),
+            ("resume", 0, 0, 0),  # to e0
+        ]
+    )
+
+
+def test_bug_a_rejoin_answered_before_the_leave_keeps_the_old_position() -> None:
+    """s3 leaves r0 (applied; the answer is lost on a reset) and joins again (4); s0
+    signals it (5, prev 4). The join's answer comes first: the edge keeps its position of
+    the previous membership (2, the same epoch), reports a gap at 2 and the owner resends
+    from the new membership's start (4): a gap again, for good. The leave's answer, when
+    it comes, is older than the join's and changes nothing."""
+    run_scenario(
+        [
+            ("join", 0, 0, 0),
+            ("join", 3, 0, 0),
+            ("flush", 0, 0, 0),
+            ("leave", 3, 0, 0),
+            ("advance", 4, 0, 0),
+            ("join", 3, 0, 0),
+            ("signal", 0, 2, 0),  # s0 -> s3
+            ("deliver", 0, 0, 0),  # the leave
+            ("reset", 0, 0, 0),
+        ]
+    )
+
+
+def test_bug_a_resent_attach_after_a_rejoin_on_the_same_connection_is_not_recovered() -> None:
+    """s0 resumes on e0 (position 2 in r1) and leaves r1; the attach's ``Synced`` is lost
+    on a reset, the leave's answer comes (the edge drops its position) and s0 joins again
+    (4). The edge's resent attach names no position in r1 any more; the owner applies it
+    after the join and reports the new membership ``recovered: false`` (a stream with no
+    position), though its connection's own join starts it and nothing was lost."""
+    run_scenario(
+        [
+            ("join", 0, 1, 0),
+            ("join", 1, 1, 0),
+            ("flush", 0, 0, 0),
+            ("resume", 0, 0, 0),  # to e0
+            ("leave", 0, 1, 0),
+            ("deliver", 0, 2, 0),  # the detach, the attach, the leave
+            ("leave", 0, 1, 0),
+            ("reset", 0, 0, 0),
+            ("join", 0, 1, 0),
+            ("flush", 0, 0, 0),
+            ("flap", 0, 0, 0),
+            ("advance", 3, 0, 0),
+        ],
+        replicated=True,
+        lossy_replication=True,
+    )
+
+
+def test_bug_a_resend_of_a_repeated_join_id_is_told_the_old_membership() -> None:
+    """s2 resumes on e0, leaves r0 (answered), then sends its first join again with its id:
+    answered from the record, not a member now. That answer is lost; the edge resends the
+    request (same ``rseq``) and the owner answers it from the connection's order with the
+    record it kept for that ``rseq``: the first join's, "a member" after it. The edge
+    keeps r0 (and a position) for a session that is not in it."""
+    run_scenario(
+        [
+            ("join", 2, 0, 0),
+            ("flush", 0, 0, 0),
+            ("resume", 2, 0, 0),  # to e0
+            ("leave", 2, 0, 0),
+            ("flush", 0, 0, 0),
+            ("repeat", 2, 0, 0),  # the join, id 1
+            ("deliver", 0, 0, 0),
+            ("reset", 0, 0, 0),  # its answer
+        ]
+    )
+
+
+def test_bug_a_join_that_rehomes_a_suspended_member_skips_what_it_missed() -> None:
+    """s1 resumes on e1 (position 1 in r0); the detach arrives, the attach is lost on a
+    reset. s0 joins (2, held back: s1 is suspended). s1 joins r0 again with a new id: the
+    no-op join re-homes it and ends the suspension, but sends nothing of what was held;
+    the next event (3) goes out after 1 and the edge writes it. The attach, resent, names
+    position 3 by then: s0's peer-joined (2) never reaches s1."""
+    run_scenario(
+        [
+            ("join", 1, 0, 0),
+            ("flush", 0, 0, 0),
+            ("resume", 1, 1, 0),  # to e1
+            ("dup", 2, 0, 0),  # the detach (twice)
+            ("join", 0, 0, 0),
+            ("reset", 2, 0, 0),  # the attach
+            ("flush", 0, 0, 0),
+            ("join", 2, 0, 0),
+            ("deliver", 0, 0, 0),
+            ("join", 1, 0, 0),
+        ],
+        replicated=True,
+    )
+
+
+def test_bug_a_copy_of_a_not_recovered_sync_moves_the_position_back() -> None:
+    """s1 resumes on e0 before its join was answered (no position); s3 leaves. The owner's
+    frame to e0 arrives twice: ``Synced`` (``recovered: false``, offset 2), then s3's
+    peer-left (3, prev 2), which the edge writes; the copy's ``Synced`` sets the position
+    back to 2 (a not-recovered sync replaced the position even in its epoch) and the
+    copy's peer-left is written again."""
+    run_scenario(
+        [
+            ("join", 1, 0, 0),
+            ("join", 3, 0, 0),
+            ("resume", 1, 0, 0),  # to e0
+            ("deliver", 2, 0, 0),  # the first join
+            ("leave", 3, 0, 0),
+            ("reset", 0, 0, 0),
+            ("advance", 4, 0, 0),
+            ("deliver", 0, 0, 0),  # the retries
+            ("dup", 1, 0, 0),  # their answers, twice
+        ]
+    )
+
+
+def test_bug_a_copy_of_a_sync_after_a_leave_writes_the_stream_again() -> None:
+    """As the test before, and s1 leaves r0 too: the first copy of the owner's frame has
+    the edge write s3's peer-left (3) and then drop s1's position with the leave's answer;
+    the report (``recovered: false``) had the SDK join again, so the copy's ``Synced``
+    opens a new position at 2, and the copy's peer-left is written again."""
+    run_scenario(
+        [
+            ("join", 1, 0, 0),
+            ("join", 3, 0, 0),
+            ("resume", 1, 0, 0),  # to e0
+            ("deliver", 2, 0, 0),  # the first join
+            ("leave", 3, 0, 0),
+            ("reset", 0, 0, 0),
+            ("leave", 1, 0, 0),
+            ("drop", 0, 0, 0),
+            ("advance", 4, 0, 0),
+            ("deliver", 0, 0, 0),  # the retries
+            ("dup", 1, 0, 0),  # their answers, twice
+        ]
+    )
+
+
+def test_bug_a_repeated_leave_answered_first_hides_the_rejoin() -> None:
+    """s2 joins r1, leaves and joins again; the requests are lost on e2's link and resent.
+    s2 sends its leave again with its id: the owner answers it from the record ("left",
+    but a member now: nothing changes), and that answer reaches the edge first. It
+    changed nothing, yet it took the room's place in the answer order: the answers of
+    the requests before it, the join among them, are then ignored as older, and the edge
+    never holds r1 (nor re-announces it) though s2 is a member."""
+    run_scenario(
+        [
+            ("join", 2, 1, 0),
+            ("leave", 2, 1, 0),
+            ("join", 2, 1, 0),
+            ("drop", 4, 2, 0),
+            ("flush", 0, 0, 0),
+            ("advance", 4, 0, 0),
+            ("repeat", 2, 1, 0),  # the leave, id 2
+            ("deliver", 4, 0, 0),
+            ("reset", 4, 0, 0),
+        ]
+    )
+
+
+def test_bug_a_restore_resent_behind_a_leave_makes_the_room_anew() -> None:
+    """No loss needed. An owners change has e0 re-announce s3 in r1; s3 leaves before the
+    owner answered, and the edge's resend of the re-announcement (still scheduled: only
+    the leave's answer cancelled it) goes out behind the leave. The leave empties r1 (the
+    room goes, with what it remembered of departed members) and the resent ``RestoreCmd``
+    makes it anew with s3 in it: s3's next signal is acked though it left."""
+    run_scenario(
+        [
+            ("join", 3, 1, 0),
+            ("flush", 0, 0, 0),
+            ("flap", 0, 0, 0),
+            ("leave", 3, 1, 0),
+            ("advance", 3, 0, 0),
+            ("signal", 3, 3, 1),
+        ]
+    )
+
+
+def test_bug_a_repeated_join_id_of_an_earlier_membership_gives_the_edge_its_offset() -> None:
+    """s3 joins r0 (id 3, offset 1 of epoch-1), leaves and joins again (id 5, offset 4);
+    the answer to the last join is lost, and s3 sends its join id 3 again. That is
+    answered from the record: "joined" at 1, an offset of the earlier membership, which
+    the edge (no position since the leave's answer) takes: every delivery of the new
+    membership (prev 4 and up) is a gap at the edge, and the owner, which does not resend
+    below where the membership began, sends the same again for good. (The answer to join
+    5, older than the repeat's, changes nothing when it comes.)"""
+    run_scenario(
+        [
+            ("join", 3, 0, 0),
+            ("leave", 3, 0, 0),
+            ("join", 3, 0, 0),
+            ("flush", 0, 0, 0),
+            ("join", 0, 0, 0),
+            ("flush", 0, 0, 0),
+            ("leave", 3, 0, 0),
+            ("flush", 0, 0, 0),
+            ("join", 3, 0, 0),
+            ("deliver", 0, 0, 0),
+            ("signal", 0, 2, 0),  # s0 -> s3
+            ("deliver", 0, 0, 0),
+            ("drop", 1, 0, 0),  # the answer to join 5, and the signal
+            ("repeat", 3, 2, 0),  # the join, id 3
+        ]
+    )
+
+
+def test_bug_a_lost_not_recovered_report_and_a_resent_join_skip_events() -> None:
+    """s3's join is applied but not answered before it resumes on e0 naming no room; s0
+    joins (2, for s3). The attach finds s3 a member with no position: the owner restarts
+    its stream at 2 and reports ``recovered: false``, and that report is lost (as are the
+    attach's few resends). The SDK's resent join is answered from the record, offset 1,
+    and the edge takes it: the owner's stream is past 2 already, nothing resends 2, and
+    the client was never told it lost it."""
+    run_scenario(
+        [
+            ("join", 3, 1, 0),
+            ("join", 0, 1, 0),
+            ("dup", 0, 0, 0),
+            ("deliver", 0, 0, 0),
+            ("resume", 3, 0, 0),  # to e0, no room named
+            ("advance", 4, 0, 0),
+            ("advance", 5, 0, 0),
+            ("flap", 0, 0, 0),
+            ("advance", 3, 0, 0),
+            ("deliver", 0, 0, 0),
+            ("deliver", 0, 0, 0),
+            ("flap", 0, 0, 0),
+            ("advance", 3, 0, 0),
+            ("reset", 0, 0, 0),
         ]
     )
