@@ -479,3 +479,59 @@ def test_ending_a_watcher_session_removes_its_watches(how: str) -> None:
 
 def test_unknown_envelopes_are_ignored() -> None:
     assert make_table().handle(Heartbeat("edge-1", "inc"), 0.0) == []
+
+
+# ------------------------------------------------------------------- expiry bookkeeping
+
+
+def test_a_session_dropped_twice_expires_a_window_after_the_second_drop() -> None:
+    table = make_table()
+    watching(table, "w", ["eve"])
+    table.handle(up("e1", "eve"), 0.0)
+    table.handle(down("e1", ended=False), 0.0)
+    table.handle(down("e1", ended=False), 10.0)
+    assert table.expire(WINDOW) == []
+    assert presence_to(table.expire(10.0 + WINDOW), "w") == [offline("eve")]
+
+
+def test_a_second_edge_lost_keeps_the_first_deadline() -> None:
+    table = make_table()
+    table.handle(up("e1", "eve", edge="edge-1"), 0.0)
+    table.edge_lost("edge-1", 0.0)
+    table.edge_lost("edge-1", 10.0)
+    table.expire(WINDOW)
+    assert table.status("eve") == "offline"
+
+
+def test_drops_and_resumes_do_not_grow_the_deadline_heap() -> None:
+    table = make_table()
+    table.handle(up("e1", "eve"), 0.0)
+    table.handle(up("b1", "bob"), 0.0)
+    table.handle(down("b1", ended=False), 0.0)  # one live entry all along
+    for i in range(1000):
+        table.handle(down("e1", ended=False), float(i))
+        table.handle(up("e1", "eve"), float(i))
+        assert len(table._deadlines) <= 2  # stale entries never outnumber live ones
+    table.expire(1e9)
+    assert (table.status("bob"), table.status("eve")) == ("offline", "online")
+
+
+def test_nothing_is_kept_once_every_session_is_gone() -> None:
+    table = make_table()
+    for i in range(20):
+        edge = f"edge-{i % 3}"
+        table.handle(up(f"s{i}", f"user{i % 7}", edge=edge), 0.0)
+        table.handle(watch(f"s{i}", [f"user{(i + 1) % 7}"], edge=edge), 0.0)
+    table.edge_lost("edge-0", 1.0)
+    for i in range(1, 20, 3):
+        table.handle(down(f"s{i}", ended=False, edge="edge-1"), 2.0)
+        table.handle(claim(f"s{i}", f"user{i % 7}", "edge-2", f"again-{i}"), 3.0)
+    for i in range(20):
+        lease = table.leases.get(f"s{i}")
+        if lease is not None and lease.suspended_until is None:
+            table.handle(down(f"s{i}", ended=i % 2 == 0, edge=lease.edge, conn=lease.conn), 4.0)
+    table.expire(4.0 + WINDOW)
+    assert table.leases == {}
+    assert table._deadlines == [] and table._stale == 0
+    assert table._connected_at == {} and table._sessions_of == {}
+    assert table._watchers_of == {} and table._watched_by == {} and table._told == {}
