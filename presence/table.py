@@ -16,6 +16,14 @@ The table is also the session directory for resume: ``claim`` says whether a ses
 continue (it still holds a lease) and moves it to the claiming connection, evicting a stale
 one still open elsewhere.
 
+A lease belongs to the newest connection of its session (``conn_generation``: a resume gets
+a higher generation). A ``SessionUp`` or ``ClaimCmd`` naming an older connection than the
+lease's (a late or forged one) changes nothing: the SessionUp is ignored, the claim is
+refused (its edge then welcomes the client into a fresh session), and the newer connection
+is not evicted. Of one generation the last word wins, as in the broker's ``_newer``: a
+client that retries a resume with the same token (its first attempt never welcomed, yet
+holding the lease here) must get its session back.
+
 Cost follows changes, not sessions held: resume deadlines wait in a heap that ``expire``
 pops only as far as ``now``, and ``edge_lost`` reaches the edge's connected sessions through
 an index (see ``PresenceTable``).
@@ -42,6 +50,7 @@ from signalpost.wire import (
     UnwatchedFrame,
     WatchCmd,
     WatchingFrame,
+    conn_generation,
     encode_frame,
 )
 
@@ -116,6 +125,8 @@ class PresenceTable:
         out: list[Outbound] = []
         lease = self.leases.get(command.session)
         if lease is not None:
+            if not _newer_or_same(command.conn, lease.conn):
+                return out  # an older connection's late word: the newer one keeps the lease
             if lease.conn != command.conn and lease.suspended_until is None:
                 out.append((lease.edge, Evict(command.session, lease.conn)))
             self._unlink(command.session, lease)
@@ -137,7 +148,8 @@ class PresenceTable:
         return []
 
     def claim(self, command: ClaimCmd, now: float) -> list[Outbound]:
-        """May ``session`` resume? Yes while it holds a lease for the same user.
+        """May ``session`` resume? Yes while it holds a lease for the same user and the
+        claiming connection is not older than the lease's.
 
         A lease whose resume window lapsed is over even if ``expire`` has not run yet.
         """
@@ -146,7 +158,11 @@ class PresenceTable:
         if lease is not None and lease.suspended_until is not None and lease.suspended_until <= now:
             out.extend(self._end(command.session))
             lease = None
-        if lease is None or lease.user != command.user:
+        if (
+            lease is None
+            or lease.user != command.user
+            or not _newer_or_same(command.conn, lease.conn)
+        ):
             out.append((command.edge, ClaimReply(command.session, command.conn, False)))
             return out
         out.extend(
@@ -308,3 +324,9 @@ class PresenceTable:
                 self._told.setdefault(watcher, {})[user] = now_status
         for edge, sessions in by_edge.items():
             out.append((edge, Deliver(sessions, payload)))
+
+
+def _newer_or_same(conn: str, than: str) -> bool:
+    """Whether ``conn`` may take a lease held by ``than``: the same connection, or one of a
+    generation no older (``conn_generation``; the broker's ``_newer`` has the same rule)."""
+    return conn == than or conn_generation(conn) >= conn_generation(than)

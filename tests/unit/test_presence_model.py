@@ -2,10 +2,11 @@
 
 The table keeps resume deadlines in a heap with lazy deletion and its connected sessions
 indexed by edge; the model keeps a plain dict of leases and scans it for everything. Random
-sequences of ``SessionUp``, ``SessionDown`` (ended or not), claims, edge re-announcements,
-watches, lost edges, expiry ticks and advancing time go to both; after every step they must
-agree on each user's status, the leases, and what was sent (evictions, presence frames,
-claim outcomes), and the table's own bookkeeping must be bounded and consistent.
+sequences of ``SessionUp``, ``SessionDown`` (ended or not), claims and edge re-announcements
+(by connections older, as old as and newer than the lease's), watches, lost edges, expiry
+ticks and advancing time go to both; after every step they must agree on each user's
+status, the leases, and what was sent (evictions, presence frames, claim outcomes), and the
+table's own bookkeeping must be bounded and consistent.
 
 Runs: a fixed set of examples by default; ``PRESENCE_MODEL_EXAMPLES=N`` runs N examples
 with fresh randomness.
@@ -84,7 +85,13 @@ class Model:
                 sent.append(("presence", lease.edge, watcher, user, status))
 
     def may_take(self, conn: str, holder: str) -> bool:
-        return True
+        """A lease goes to the same connection or one of no older generation."""
+
+        def generation(c: str) -> int:
+            tail = c.rpartition(".")[2]
+            return int(tail) if "." in c and tail.isdigit() else 0
+
+        return conn == holder or generation(conn) >= generation(holder)
 
     def session_up(self, session: str, user: str, edge: str, conn: str, sent: list[Sent]) -> None:
         lease = self.leases.get(session)
