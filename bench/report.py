@@ -536,6 +536,42 @@ def _broker(section: dict[str, Any]) -> list[str]:
     return out
 
 
+def _presence(section: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for name, points in (section.get("variants") or {}).items():
+        rows = [
+            [
+                f"{point['sessions']:,.0f}",
+                _f(point["change_us"], 2),
+                _f(point["tick_us"], 2),
+                _f(point["edge_lost_us"], 1),
+                _f(point["bytes_per_session"], 0),
+            ]
+            for point in points
+        ]
+        out += [
+            f"**{name}**",
+            "",
+            *_table(
+                [
+                    "sessions held",
+                    "CPU us per up + down (2 status changes, 10 watchers)",
+                    "CPU us per expiry tick (nothing lapses)",
+                    "CPU us per lost edge (100 sessions on it)",
+                    "bytes per session held",
+                ],
+                rows,
+            ),
+            "",
+        ]
+    out.append(
+        "`PresenceTable` alone (`bench/presence_bench.py`): 1% of the sessions within their "
+        f"resume window; each CPU figure the best of {section.get('rounds')} batches. A flat "
+        "column is a cost that follows changes, not sessions held."
+    )
+    return out
+
+
 def _growth(section: dict[str, Any]) -> list[str]:
     out: list[str] = []
     for _name, s in (section.get("systems") or {}).items():
@@ -633,6 +669,7 @@ def generated(results: dict[str, Any], plots: dict[str, str]) -> str:
         ("idle", "### 4. Memory per idle connection", _idle),
         ("broker", "### 5. Broker routing", _broker),
         ("growth", "### 6. Cost as rooms and members grow", _growth),
+        ("presence", "### 7. Presence core as sessions grow", _presence),
         ("profile", "### Profile of signalpost under load (py-spy, generated part)", _profile),
     ]
     for key, title, render in sections:

@@ -7,8 +7,9 @@
 Scenarios: ``relay`` (floor F vs dev vs cluster), ``calls`` (call setup vs Socket.IO: one
 process for dev, two processes behind the Redis adapter for the cluster),
 ``idle`` (memory per idle connection), ``broker`` (RoomTable and a real broker over
-ZeroMQ), ``growth`` (cost as rooms and members grow), ``profile`` (py-spy on dev under
-load; full run only unless named in ``--only``).
+ZeroMQ), ``presence`` (PresenceTable as the sessions it holds grow), ``growth`` (cost as
+rooms and members grow), ``profile`` (py-spy on dev under load; full run only unless named
+in ``--only``).
 
 A system that cannot start (``signalpost cluster`` before it exists, Node without
 ``npm ci``) is skipped with the reason written into the report; any other failure is an
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import broker_bench, report
+from bench import broker_bench, presence_bench, report
 from bench.experiments import zmq_shell
 from bench.systems import (
     LOG_DIR,
@@ -62,6 +63,7 @@ class Profile:
     members_sweep: tuple[int, ...]
     broker_count: int
     broker_seconds: float
+    presence_sizes: tuple[int, ...]
     rounds: int
 
     @staticmethod
@@ -79,6 +81,7 @@ class Profile:
                 members_sweep=(2, 10),
                 broker_count=50_000,
                 broker_seconds=2.0,
+                presence_sizes=(1000, 10_000),
                 rounds=1,
             )
         return Profile(
@@ -93,6 +96,7 @@ class Profile:
             members_sweep=(2, 5, 10, 25, 50),
             broker_count=300_000,
             broker_seconds=8.0,
+            presence_sizes=(1000, 10_000, 100_000),
             rounds=3,
         )
 
@@ -309,6 +313,12 @@ def scenario_broker(p: Profile) -> dict[str, Any]:
     return out
 
 
+def scenario_presence(p: Profile) -> dict[str, Any]:
+    """PresenceTable alone: CPU per status change, expiry tick and lost edge; bytes/session."""
+    log(f"presence: PresenceTable core at {', '.join(map(str, p.presence_sizes))} sessions")
+    return presence_bench.core(p.presence_sizes, rounds=3 if p.quick else 5)
+
+
 def scenario_growth(p: Profile, systems: list[str]) -> dict[str, Any]:
     """Server CPU per delivered message as rooms grow (2 members) and members grow (10 rooms)."""
     out: dict[str, Any] = {"systems": {}, "skipped": {}}
@@ -491,7 +501,7 @@ def scenario_profile(p: Profile, with_cluster: bool = True) -> dict[str, Any]:
 #: Same workload on variants of F and dev: what the suggested fixes would be worth.
 RELAY_EXPERIMENTS = ("floor-coalesce", "floor-sansio", "dev-history32", "dev-gc")
 
-ALL = ("relay", "calls", "idle", "broker", "growth", "profile")
+ALL = ("relay", "calls", "idle", "broker", "presence", "growth", "profile")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -545,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             ["dev", *cluster, *socketio_cluster] + ([] if p.quick else ["floor", *socketio]),
         ),
         "broker": lambda: scenario_broker(p),
+        "presence": lambda: scenario_presence(p),
         "growth": lambda: scenario_growth(p, ["dev"] + ([] if p.quick else ["floor", *cluster])),
         "profile": lambda: scenario_profile(p, with_cluster=bool(cluster)),
     }

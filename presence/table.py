@@ -15,10 +15,23 @@ they go offline one resume window later, as if each connection had dropped.
 The table is also the session directory for resume: ``claim`` says whether a session may
 continue (it still holds a lease) and moves it to the claiming connection, evicting a stale
 one still open elsewhere.
+
+A lease belongs to the newest connection of its session (``conn_generation``: a resume gets
+a higher generation). A ``SessionUp`` or ``ClaimCmd`` naming an older connection than the
+lease's (a late or forged one) changes nothing: the SessionUp is ignored, the claim is
+refused (its edge then welcomes the client into a fresh session), and the newer connection
+is not evicted. Of one generation the last word wins, as in the broker's ``_newer``: a
+client that retries a resume with the same token (its first attempt never welcomed, yet
+holding the lease here) must get its session back.
+
+Cost follows changes, not sessions held: resume deadlines wait in a heap that ``expire``
+pops only as far as ``now``, and ``edge_lost`` reaches the edge's connected sessions through
+an index (see ``PresenceTable``).
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +50,7 @@ from signalpost.wire import (
     UnwatchedFrame,
     WatchCmd,
     WatchingFrame,
+    conn_generation,
     encode_frame,
 )
 
@@ -50,15 +64,34 @@ class SessionLease:
     edge: str
     conn: str
     suspended_until: float | None = None
+    #: Names this lease's live entry in the deadline heap; 0 while it has none.
+    deadline_token: int = 0
 
 
 class PresenceTable:
-    """Who is online, and who wants to know."""
+    """Who is online, and who wants to know.
+
+    Resume deadlines: each suspension pushes ``(deadline, session, token)`` on a heap and
+    stamps the lease with the token. Entries are never removed in place: an entry is stale
+    once its lease is gone, resumed or suspended again (the lease's token differs), and is
+    dropped when ``expire`` pops it. ``_stale`` counts the stale entries; whenever they
+    outnumber the live ones (more than half the heap), the heap is rebuilt from the live
+    ones, so it never holds more than twice the suspended leases, and each rebuild costs no
+    more than the changes that made it stale.
+
+    ``_connected_at`` indexes the sessions connected (leased, not suspended) by edge, so
+    ``edge_lost`` touches that edge's sessions only. Every map drops a key once its set is
+    empty.
+    """
 
     def __init__(self, *, resume_window: float) -> None:
         self.resume_window = resume_window
         self.leases: dict[str, SessionLease] = {}
         self._sessions_of: dict[str, set[str]] = {}  # user -> sessions with a lease
+        self._connected_at: dict[str, set[str]] = {}  # edge -> its unsuspended sessions
+        self._deadlines: list[tuple[float, str, int]] = []  # (deadline, session, token)
+        self._stale = 0  # entries of _deadlines whose lease no longer has that token
+        self._last_token = 0
         self._watchers_of: dict[str, set[str]] = {}  # user -> watching sessions
         self._watched_by: dict[str, set[str]] = {}  # watching session -> users
         # watching session -> what it was last told of each user; a resumed watcher is
@@ -91,11 +124,16 @@ class PresenceTable:
         """A connection now holds ``command.session``."""
         out: list[Outbound] = []
         lease = self.leases.get(command.session)
-        if lease is not None and lease.conn != command.conn and lease.suspended_until is None:
-            out.append((lease.edge, Evict(command.session, lease.conn)))
+        if lease is not None:
+            if not _newer_or_same(command.conn, lease.conn):
+                return out  # an older connection's late word: the newer one keeps the lease
+            if lease.conn != command.conn and lease.suspended_until is None:
+                out.append((lease.edge, Evict(command.session, lease.conn)))
+            self._unlink(command.session, lease)
         was = self.status(command.user)
         self.leases[command.session] = SessionLease(command.user, command.edge, command.conn)
         self._sessions_of.setdefault(command.user, set()).add(command.session)
+        self._connected_at.setdefault(command.edge, set()).add(command.session)
         self._notify(command.user, was, out)
         return out
 
@@ -106,11 +144,12 @@ class PresenceTable:
             return []  # stale: the session already moved to another connection
         if command.ended:
             return self._end(command.session)
-        lease.suspended_until = now + self.resume_window
+        self._suspend(command.session, lease, now + self.resume_window)
         return []
 
     def claim(self, command: ClaimCmd, now: float) -> list[Outbound]:
-        """May ``session`` resume? Yes while it holds a lease for the same user.
+        """May ``session`` resume? Yes while it holds a lease for the same user and the
+        claiming connection is not older than the lease's.
 
         A lease whose resume window lapsed is over even if ``expire`` has not run yet.
         """
@@ -119,7 +158,11 @@ class PresenceTable:
         if lease is not None and lease.suspended_until is not None and lease.suspended_until <= now:
             out.extend(self._end(command.session))
             lease = None
-        if lease is None or lease.user != command.user:
+        if (
+            lease is None
+            or lease.user != command.user
+            or not _newer_or_same(command.conn, lease.conn)
+        ):
             out.append((command.edge, ClaimReply(command.session, command.conn, False)))
             return out
         out.extend(
@@ -138,9 +181,9 @@ class PresenceTable:
 
     def edge_lost(self, edge: str, now: float) -> list[Outbound]:
         """``edge`` stopped heartbeating: its sessions start their resume windows now."""
-        for lease in self.leases.values():
-            if lease.edge == edge and lease.suspended_until is None:
-                lease.suspended_until = now + self.resume_window
+        deadline = now + self.resume_window
+        for session in list(self._connected_at.get(edge, ())):
+            self._suspend(session, self.leases[session], deadline)
         return []
 
     def edge_sync(self, command: EdgeSync) -> list[Outbound]:
@@ -157,20 +200,65 @@ class PresenceTable:
         return out
 
     def expire(self, now: float) -> list[Outbound]:
-        """End the sessions whose resume window lapsed."""
+        """End the sessions whose resume window lapsed, earliest deadline first."""
         out: list[Outbound] = []
-        lapsed = [
-            session
-            for session, lease in self.leases.items()
-            if lease.suspended_until is not None and lease.suspended_until <= now
-        ]
-        for session in lapsed:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, session, token = heapq.heappop(self._deadlines)
+            lease = self.leases.get(session)
+            if lease is None or lease.deadline_token != token:
+                self._stale -= 1
+                continue
+            lease.deadline_token = 0  # popped: _end must not count it stale
             out.extend(self._end(session))
+        self._compact_deadlines()
         return out
+
+    def _suspend(self, session: str, lease: SessionLease, deadline: float) -> None:
+        """Start (or restart) ``session``'s resume window: it is offline after ``deadline``."""
+        if lease.suspended_until is None:
+            self._disconnect(session, lease.edge)
+        elif lease.deadline_token:
+            self._stale += 1  # superseded by the entry pushed below
+        self._last_token += 1
+        lease.suspended_until = deadline
+        lease.deadline_token = self._last_token
+        heapq.heappush(self._deadlines, (deadline, session, self._last_token))
+        self._compact_deadlines()
+
+    def _unlink(self, session: str, lease: SessionLease) -> None:
+        """``lease`` stops being ``session``'s: out of the edge index and the deadline heap."""
+        if lease.suspended_until is None:
+            self._disconnect(session, lease.edge)
+        elif lease.deadline_token:
+            self._stale += 1
+            lease.deadline_token = 0
+            self._compact_deadlines()
+
+    def _disconnect(self, session: str, edge: str) -> None:
+        connected = self._connected_at.get(edge)
+        if connected is not None:
+            connected.discard(session)
+            if not connected:
+                del self._connected_at[edge]
+
+    def _compact_deadlines(self) -> None:
+        """Rebuild the heap from its live entries once stale ones are more than half."""
+        if 2 * self._stale <= len(self._deadlines):
+            return
+        leases = self.leases
+        live = []
+        for entry in self._deadlines:
+            lease = leases.get(entry[1])
+            if lease is not None and lease.deadline_token == entry[2]:
+                live.append(entry)
+        heapq.heapify(live)
+        self._deadlines = live
+        self._stale = 0
 
     def _end(self, session: str) -> list[Outbound]:
         out: list[Outbound] = []
         lease = self.leases.pop(session)
+        self._unlink(session, lease)
         sessions = self._sessions_of.get(lease.user)
         if sessions is not None:
             sessions.discard(session)
@@ -236,3 +324,9 @@ class PresenceTable:
                 self._told.setdefault(watcher, {})[user] = now_status
         for edge, sessions in by_edge.items():
             out.append((edge, Deliver(sessions, payload)))
+
+
+def _newer_or_same(conn: str, than: str) -> bool:
+    """Whether ``conn`` may take a lease held by ``than``: the same connection, or one of a
+    generation no older (``conn_generation``; the broker's ``_newer`` has the same rule)."""
+    return conn == than or conn_generation(conn) >= conn_generation(than)

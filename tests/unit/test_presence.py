@@ -479,3 +479,146 @@ def test_ending_a_watcher_session_removes_its_watches(how: str) -> None:
 
 def test_unknown_envelopes_are_ignored() -> None:
     assert make_table().handle(Heartbeat("edge-1", "inc"), 0.0) == []
+
+
+# ------------------------------------------------------------------- expiry bookkeeping
+
+
+def test_a_session_dropped_twice_expires_a_window_after_the_second_drop() -> None:
+    table = make_table()
+    watching(table, "w", ["eve"])
+    table.handle(up("e1", "eve"), 0.0)
+    table.handle(down("e1", ended=False), 0.0)
+    table.handle(down("e1", ended=False), 10.0)
+    assert table.expire(WINDOW) == []
+    assert presence_to(table.expire(10.0 + WINDOW), "w") == [offline("eve")]
+
+
+def test_a_second_edge_lost_keeps_the_first_deadline() -> None:
+    table = make_table()
+    table.handle(up("e1", "eve", edge="edge-1"), 0.0)
+    table.edge_lost("edge-1", 0.0)
+    table.edge_lost("edge-1", 10.0)
+    table.expire(WINDOW)
+    assert table.status("eve") == "offline"
+
+
+def test_drops_and_resumes_do_not_grow_the_deadline_heap() -> None:
+    table = make_table()
+    table.handle(up("e1", "eve"), 0.0)
+    table.handle(up("b1", "bob"), 0.0)
+    table.handle(down("b1", ended=False), 0.0)  # one live entry all along
+    for i in range(1000):
+        table.handle(down("e1", ended=False), float(i))
+        table.handle(up("e1", "eve"), float(i))
+        assert len(table._deadlines) <= 2  # stale entries never outnumber live ones
+    table.expire(1e9)
+    assert (table.status("bob"), table.status("eve")) == ("offline", "online")
+
+
+def test_nothing_is_kept_once_every_session_is_gone() -> None:
+    table = make_table()
+    for i in range(20):
+        edge = f"edge-{i % 3}"
+        table.handle(up(f"s{i}", f"user{i % 7}", edge=edge), 0.0)
+        table.handle(watch(f"s{i}", [f"user{(i + 1) % 7}"], edge=edge), 0.0)
+    table.edge_lost("edge-0", 1.0)
+    for i in range(1, 20, 3):
+        table.handle(down(f"s{i}", ended=False, edge="edge-1"), 2.0)
+        table.handle(claim(f"s{i}", f"user{i % 7}", "edge-2", f"again-{i}"), 3.0)
+    for i in range(20):
+        lease = table.leases.get(f"s{i}")
+        if lease is not None and lease.suspended_until is None:
+            table.handle(down(f"s{i}", ended=i % 2 == 0, edge=lease.edge, conn=lease.conn), 4.0)
+    table.expire(4.0 + WINDOW)
+    assert table.leases == {}
+    assert table._deadlines == [] and table._stale == 0
+    assert table._connected_at == {} and table._sessions_of == {}
+    assert table._watchers_of == {} and table._watched_by == {} and table._told == {}
+
+
+# --------------------------------------------------------------- the newest connection
+
+
+def test_an_older_claim_is_refused_and_evicts_nobody() -> None:
+    table = make_table()
+    watching(table, "w", ["eve"])
+    table.handle(up("e1", "eve", edge="edge-1", conn="new.3"), 0.0)
+    out = table.handle(claim("e1", "eve", "edge-2", "old.2"), 1.0)
+    assert out == [("edge-2", ClaimReply("e1", "old.2", False))]
+    assert (table.leases["e1"].edge, table.leases["e1"].conn) == ("edge-1", "new.3")
+    # The newer connection still speaks for the session.
+    assert presence_to(table.handle(down("e1", True, "edge-1", "new.3"), 2.0), "w") == [
+        offline("eve")
+    ]
+
+
+def test_an_older_claim_does_not_take_a_suspended_lease() -> None:
+    table = make_table()
+    table.handle(up("e1", "eve", edge="edge-1", conn="new.3"), 0.0)
+    table.handle(down("e1", False, "edge-1", "new.3"), 1.0)
+    out = table.handle(claim("e1", "eve", "edge-2", "old.2"), 2.0)
+    assert out == [("edge-2", ClaimReply("e1", "old.2", False))]
+    assert table.leases["e1"].suspended_until == 1.0 + WINDOW  # its window still runs
+    # The newer connection's own resume is still live.
+    reply = table.handle(claim("e1", "eve", "edge-2", "newer.4"), 3.0)[-1][1]
+    assert isinstance(reply, ClaimReply) and reply.live
+
+
+def test_an_older_session_up_is_ignored() -> None:
+    table = make_table()
+    watching(table, "w", ["eve"], edge="edge-9")
+    table.handle(up("e1", "eve", edge="edge-1", conn="new.3"), 0.0)
+    assert table.handle(up("e1", "eve", edge="edge-2", conn="old.1"), 1.0) == []
+    assert table.handle(EdgeSync("edge-2", [up("e1", "eve", "edge-2", "old.1")], {}), 1.0) == []
+    assert (table.leases["e1"].edge, table.leases["e1"].conn) == ("edge-1", "new.3")
+    # Nor does it keep a session whose newer connection ended.
+    table.handle(down("e1", True, "edge-1", "new.3"), 2.0)
+    assert table.status("eve") == "offline"
+
+
+def test_a_newer_claim_evicts_the_older_live_connection_exactly_once() -> None:
+    table = make_table()
+    table.handle(up("e1", "eve", edge="edge-1", conn="old.1"), 0.0)
+    out = table.handle(claim("e1", "eve", "edge-2", "new.2"), 1.0)
+    assert out == [
+        ("edge-1", Evict("e1", "old.1")),
+        ("edge-2", ClaimReply("e1", "new.2", True)),
+    ]
+    # Repeats and late words of either connection evict nobody again.
+    assert table.handle(claim("e1", "eve", "edge-2", "new.2"), 2.0) == [
+        ("edge-2", ClaimReply("e1", "new.2", True))
+    ]
+    assert table.handle(up("e1", "eve", "edge-2", "new.2"), 2.0) == []
+    assert table.handle(up("e1", "eve", "edge-1", "old.1"), 3.0) == []
+    assert table.handle(claim("e1", "eve", "edge-1", "old.1"), 3.0) == [
+        ("edge-1", ClaimReply("e1", "old.1", False))
+    ]
+    assert table.handle(down("e1", False, "edge-1", "old.1"), 4.0) == []
+    assert (table.leases["e1"].conn, table.leases["e1"].suspended_until) == ("new.2", None)
+
+
+def test_an_equal_connection_re_announced_is_harmless() -> None:
+    table = make_table()
+    watching(table, "w", ["eve"], edge="edge-9")
+    table.handle(up("e1", "eve", edge="edge-1", conn="c.2"), 0.0)
+    sync = EdgeSync("edge-1", [up("e1", "eve", "edge-1", "c.2")], {})
+    assert table.handle(sync, 1.0) == []
+    assert table.handle(up("e1", "eve", "edge-1", "c.2"), 1.0) == []
+    # Re-announced while suspended (the edge came back): the window stops, nobody is evicted.
+    table.edge_lost("edge-1", 2.0)
+    assert table.handle(sync, 3.0) == []
+    assert table.expire(1e9) == []
+    assert table.status("eve") == "online"
+
+
+def test_a_claim_of_the_same_generation_takes_the_lease() -> None:
+    """A client retrying a resume with the same token: the last attempt gets the session
+    (the first may never have been welcomed, yet holds the lease here)."""
+    table = make_table()
+    table.handle(up("e1", "eve", edge="edge-1", conn="first.2"), 0.0)
+    out = table.handle(claim("e1", "eve", "edge-2", "retry.2"), 1.0)
+    assert out == [
+        ("edge-1", Evict("e1", "first.2")),
+        ("edge-2", ClaimReply("e1", "retry.2", True)),
+    ]
