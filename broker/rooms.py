@@ -81,7 +81,7 @@ from signalpost.wire import (
     SignalCmd,
     SignalFrame,
     Synced,
-    conn_generation,
+    conn_supersedes,
     encode_frame,
     request_key,
 )
@@ -768,7 +768,7 @@ class RoomTable:
         """Note ``conn`` as the session's newest connection if it is; the newest one's
         (conn, edge)."""
         latest = self._latest.get(session)
-        if latest is None or _newer(conn, latest[0]):  # of the same generation: the last
+        if latest is None or conn_supersedes(conn, latest[0]):  # of the same generation: the last
             latest = self._latest[session] = (conn, edge)
             if len(self._latest) > MAX_LATEST_CONNS:
                 self._latest.popitem(last=False)
@@ -803,7 +803,7 @@ class RoomTable:
             member.sent = member.confirmed = member.start = member.joined = room.offset
             member.joined_in, member.joined_by = room.epoch, command.conn
             room.departed.pop(command.session, None)
-        elif _newer(command.conn, member.conn):
+        elif conn_supersedes(command.conn, member.conn):
             # Joining twice is a no-op success; it also re-homes a session that moved.
             away = member.suspended_until is not None
             member.edge, member.conn, member.suspended_until = command.edge, command.conn, None
@@ -884,11 +884,15 @@ class RoomTable:
             self._activate(room)
         member = room.members.get(command.session)
         departed = room.departed.get(command.session)
-        if member is None and departed is not None and not _newer(command.conn, departed, True):
+        if (
+            member is None
+            and departed is not None
+            and not conn_supersedes(command.conn, departed, True)
+        ):
             if not room.members:
                 del self.rooms[command.room]
             return out  # it left from that connection or a newer one: a late word
-        if member is not None and not _newer(command.conn, member.conn):
+        if member is not None and not conn_supersedes(command.conn, member.conn):
             return out  # from an older connection of the session than the member's
         if member is None:
             member = room.members[command.session] = Member(
@@ -1075,7 +1079,7 @@ class RoomTable:
                 if waiting is not None:
                     room = self.rooms.get(name)
                     member = room.members.get(command.session) if room is not None else None
-                    if member is not None and _newer(command.conn, member.conn, True):
+                    if member is not None and conn_supersedes(command.conn, member.conn, True):
                         # Re-homed at once (a replica's or one whose handoff is awaited):
                         # its owner reports recovery.
                         member.edge, member.conn = command.edge, command.conn
@@ -1092,7 +1096,7 @@ class RoomTable:
             if name in command.positions:
                 out.append(_recovered(command, name, False))
             return
-        if not _newer(command.conn, member.conn):
+        if not conn_supersedes(command.conn, member.conn):
             return  # a late attach of an older connection: the newer one holds the seat
         member.edge, member.conn, member.suspended_until = command.edge, command.conn, None
         if not room.active:
@@ -1547,14 +1551,6 @@ def _handed_members(room: Room, now: float) -> list[HandedMember]:
         )
         for m in room.members.values()
     ]
-
-
-def _newer(conn: str, than: str, strictly: bool = False) -> bool:
-    """Whether ``conn`` may speak for its session over ``than`` (``conn_generation``)."""
-    if conn == than:
-        return not strictly
-    ours, theirs = conn_generation(conn), conn_generation(than)
-    return ours > theirs or (ours == theirs and not strictly)
 
 
 def _reply(command: Request, record: _Record, term: int, member: bool = False) -> Reply:

@@ -50,7 +50,7 @@ from signalpost.wire import (
     UnwatchedFrame,
     WatchCmd,
     WatchingFrame,
-    conn_generation,
+    conn_supersedes,
     encode_frame,
 )
 
@@ -125,7 +125,7 @@ class PresenceTable:
         out: list[Outbound] = []
         lease = self.leases.get(command.session)
         if lease is not None:
-            if not _newer_or_same(command.conn, lease.conn):
+            if not conn_supersedes(command.conn, lease.conn):
                 return out  # an older connection's late word: the newer one keeps the lease
             if lease.conn != command.conn and lease.suspended_until is None:
                 out.append((lease.edge, Evict(command.session, lease.conn)))
@@ -161,7 +161,7 @@ class PresenceTable:
         if (
             lease is None
             or lease.user != command.user
-            or not _newer_or_same(command.conn, lease.conn)
+            or not conn_supersedes(command.conn, lease.conn)
         ):
             out.append((command.edge, ClaimReply(command.session, command.conn, False)))
             return out
@@ -324,9 +324,3 @@ class PresenceTable:
                 self._told.setdefault(watcher, {})[user] = now_status
         for edge, sessions in by_edge.items():
             out.append((edge, Deliver(sessions, payload)))
-
-
-def _newer_or_same(conn: str, than: str) -> bool:
-    """Whether ``conn`` may take a lease held by ``than``: the same connection, or one of a
-    generation no older (``conn_generation``; the broker's ``_newer`` has the same rule)."""
-    return conn == than or conn_generation(conn) >= conn_generation(than)

@@ -663,6 +663,16 @@ def conn_generation(conn: str) -> int:
     return int(generation) if generation.isdigit() else 0
 
 
+def conn_supersedes(conn: str, than: str, strictly: bool = False) -> bool:
+    """Whether ``conn`` may speak for its session over ``than``: the same connection (unless
+    ``strictly``) or one of a generation no older (newer, if ``strictly``). The rule every
+    owner applies, brokers to members and presence to leases."""
+    if conn == than:
+        return not strictly
+    ours, theirs = conn_generation(conn), conn_generation(than)
+    return ours > theirs or (ours == theirs and not strictly)
+
+
 def request_key(req: RequestId | None, conn: str, seq: int) -> str:
     """What identifies a request within its session for the reply record.
 
