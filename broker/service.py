@@ -34,6 +34,9 @@ log = logging.getLogger("signalpost.broker")
 
 #: Envelopes that go to a peer broker over this broker's own link to it.
 _TO_PEERS = (ReplicateCmd, HandoffRequest, Handoff)
+#: The same as a set of exact types: a set lookup per outbound envelope costs less than an
+#: isinstance against a tuple (these classes have no subclasses).
+_TO_PEER_TYPES: frozenset[type] = frozenset(_TO_PEERS)
 
 
 def wall_clock_term() -> int:
@@ -146,7 +149,7 @@ class BrokerNode(OwnerNode):
     def _send(self, outbound: list[Outbound]) -> None:
         send_body = self.router.send_body
         for target, envelope in outbound:
-            if isinstance(envelope, _TO_PEERS):
+            if type(envelope) in _TO_PEER_TYPES:
                 link = self.peers.get(target)
                 if link is not None:  # else resent (or asked again) once the peer is known
                     link.send(envelope)
