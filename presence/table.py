@@ -130,6 +130,10 @@ class PresenceTable:
             if lease.conn != command.conn and lease.suspended_until is None:
                 out.append((lease.edge, Evict(command.session, lease.conn)))
             self._unlink(command.session, lease)
+            if lease.user != command.user:
+                # (Sessions belong to one user; a node that says otherwise must at least
+                # not leave the previous user online for good.)
+                self._release(command.session, lease.user, out)
         was = self.status(command.user)
         self.leases[command.session] = SessionLease(command.user, command.edge, command.conn)
         self._sessions_of.setdefault(command.user, set()).add(command.session)
@@ -225,6 +229,15 @@ class PresenceTable:
         heapq.heappush(self._deadlines, (deadline, session, self._last_token))
         self._compact_deadlines()
 
+    def _release(self, session: str, user: str, out: list[Outbound]) -> None:
+        """``session`` no longer counts for ``user`` (offline if it was the last)."""
+        sessions = self._sessions_of.get(user)
+        if sessions is not None and session in sessions:
+            sessions.discard(session)
+            if not sessions:
+                del self._sessions_of[user]
+                self._notify(user, "online", out)
+
     def _unlink(self, session: str, lease: SessionLease) -> None:
         """``lease`` stops being ``session``'s: out of the edge index and the deadline heap."""
         if lease.suspended_until is None:
@@ -259,12 +272,7 @@ class PresenceTable:
         out: list[Outbound] = []
         lease = self.leases.pop(session)
         self._unlink(session, lease)
-        sessions = self._sessions_of.get(lease.user)
-        if sessions is not None:
-            sessions.discard(session)
-            if not sessions:
-                del self._sessions_of[lease.user]
-                self._notify(lease.user, "online", out)
+        self._release(session, lease.user, out)
         self._told.pop(session, None)
         for user in self._watched_by.pop(session, ()):
             watchers = self._watchers_of.get(user)

@@ -622,3 +622,16 @@ def test_a_claim_of_the_same_generation_takes_the_lease() -> None:
         ("edge-1", Evict("e1", "first.2")),
         ("edge-2", ClaimReply("e1", "retry.2", True)),
     ]
+
+
+def test_a_session_announced_for_another_user_leaves_no_user_online_for_good() -> None:
+    # A session belongs to one user; a node that names another for it (a bug, a forgery)
+    # must not leave the first user online for ever.
+    table = make_table()
+    watching(table, "w", ["eve", "mallory"])
+    table.handle(up("s1", "eve"), 0.0)
+    out = table.handle(up("s1", "mallory"), 1.0)
+    assert presence_to(out, "w") == [offline("eve"), online("mallory")]
+    assert (table.status("eve"), table.status("mallory")) == ("offline", "online")
+    table.handle(down("s1", ended=True), 2.0)
+    assert table.status("mallory") == "offline"
