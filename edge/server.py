@@ -556,7 +556,12 @@ class EdgeServer:
             if not claimed.live:
                 session = None
             if not link.is_open:
-                return None  # gone while the claim was out: nothing was taken over
+                if session is not None:
+                    # Gone while the claim was out: presence moved the lease to this
+                    # connection, which will never say goodbye. Its resume window starts
+                    # now (the session can still resume), as for any dropped connection.
+                    self.backplane.to_presence(SessionDown(session, self.edge_id, conn, False))
+                return None
         resumed = session is not None
         session = session or secrets.token_urlsafe(16)
         s = self.settings

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
+import websockets
 
 from edge.server import ClientConnection, EdgeServer
 from signalpost.client import PresenceChanged, Resumed, SignalpostClient
@@ -105,3 +107,49 @@ async def test_a_change_presence_sends_during_the_resume_claim_is_not_lost(
     dev.backplane.to_presence(SessionDown("carol-session", dev.edge_id, "carol-conn", True))
     await again.until_markers({"type": "presence", "user": "carol", "status": "offline"})
     assert not dev._held_for_claim
+
+
+async def test_a_resume_dropped_while_its_claim_is_out_starts_the_resume_window(
+    dev: EdgeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Presence moves the lease to the resuming connection when it answers the claim; if
+    # that connection is gone before the edge registers it, nobody would ever say
+    # goodbye for it, and the user would stay online for good.
+    url = url_of(dev)
+    first = await raw_client(url, "dana")
+    session = first.welcome["session"]
+    assert first.ws.transport is not None
+    first.ws.transport.abort()
+    for _ in range(100):
+        if session not in dev.sessions:
+            break
+        await asyncio.sleep(0.02)
+    presence = dev.backplane.presence  # type: ignore[attr-defined]
+    to_presence = dev.backplane.to_presence
+    claimed = asyncio.Event()
+
+    def claim_answered_late(command: Envelope) -> None:
+        if isinstance(command, ClaimCmd):
+            # The answer comes 0.3 s later, after the client has gone.
+            asyncio.get_running_loop().call_later(0.3, to_presence, command)
+            asyncio.get_running_loop().call_later(0.3, claimed.set)
+        else:
+            to_presence(command)
+
+    monkeypatch.setattr(dev.backplane, "to_presence", claim_answered_late)
+    ws = await websockets.connect(url)
+    await ws.send(
+        json.dumps({"type": "hello", "token": token("dana"), "resume": first.welcome["resume"]})
+    )
+    await asyncio.sleep(0.05)
+    assert ws.transport is not None
+    ws.transport.abort()
+    await claimed.wait()
+    for _ in range(100):
+        lease = presence.leases.get(session)
+        if lease is not None and lease.suspended_until is not None:
+            break
+        await asyncio.sleep(0.02)
+    lease = presence.leases[session]
+    assert lease.suspended_until is not None  # its resume window runs: offline after it
+    assert presence.status("dana") == "online"
