@@ -513,7 +513,14 @@ class EdgeServer:
             # client resumes on another edge (1001), as when an edge drains.
             link.close(CloseCode.GOING_AWAY, "no broker reachable; try another edge")
             return
-        client = await self._authenticate(link, first)
+        try:
+            client = await self._authenticate(link, first)
+        except Exception:
+            # A bug must not leave the connection open with no welcome and no close (the
+            # hello timer was cancelled when the hello arrived).
+            log.exception("a hello failed")
+            link.close(CloseCode.INTERNAL_ERROR, "internal error")
+            return
         if client is None or self._links.get(link) is not greeting:
             return  # refused, or the link closed while the claim was out
         self._links[link] = client

@@ -46,6 +46,7 @@ class CloseCode(IntEnum):
     GOING_AWAY = 1001  # edge draining: reconnect elsewhere and resume
     UNSUPPORTED_DATA = 1003  # binary frame
     MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011  # the hello failed inside the server: nothing was taken over
     ABUSE = 4400
     UNAUTHORIZED = 4401
     ORIGIN_REFUSED = 4403

@@ -62,6 +62,13 @@ NODE_SEND_DROPS = Counter(
     ["reason"],
 )
 
+NODE_FRAMES_DROPPED = Counter(
+    "signalpost_node_frames_dropped",
+    "Frames (or single envelopes in a frame) from another node that could not be decoded "
+    "(malformed, or nested too deeply), dropped",
+    ["what"],
+)
+
 
 def exposition() -> tuple[bytes, str]:
     """The text exposition format and its content type."""

@@ -110,16 +110,18 @@ def decode_frame(batch: bytes | memoryview, source: str) -> list[Envelope]:
     """
     try:
         return decode_batch(batch)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         pass
     try:
         decoded = decode_batch_each(batch)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
+        metrics.NODE_FRAMES_DROPPED.labels("frame").inc()
         log.warning("dropping an undecodable frame from %s: %s", source, exc)
         return []
     envelopes: list[Envelope] = []
     for item in decoded:
-        if isinstance(item, msgspec.DecodeError):
+        if isinstance(item, Exception):
+            metrics.NODE_FRAMES_DROPPED.labels("envelope").inc()
             log.warning("dropping an undecodable envelope from %s: %s", source, item)
         else:
             envelopes.append(item)

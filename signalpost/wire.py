@@ -112,6 +112,10 @@ def decode_client(frame: bytes | str) -> ClientMessage:
         raise _bad_request(frame, f"invalid message: {exc}") from None
     except msgspec.DecodeError:
         raise BadRequest("frame is not valid JSON") from None
+    except RecursionError:
+        # msgspec recurses per level of nesting: a small frame nested ~1,000 deep reaches
+        # the interpreter's limit. Refused like any other bad frame.
+        raise BadRequest("frame is nested too deeply") from None
     # A Raw value starts at its first byte (msgspec skips the whitespace before it).
     if isinstance(message, Signal) and memoryview(message.data)[:1].tobytes() != b"{":
         raise _bad_request(frame, "signal data must be a JSON object")
@@ -131,7 +135,7 @@ def _bad_request(frame: bytes | str, message: str) -> FrameError:
     request_id: RequestId | None = None
     try:
         parsed = _any_decoder.decode(frame)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         parsed = None
     if isinstance(parsed, dict):
         candidate = parsed.get("id")
@@ -730,16 +734,19 @@ def decode_batch(data: bytes | memoryview) -> list[Envelope]:
     return envelopes
 
 
-def decode_batch_each(data: bytes | memoryview) -> list[Envelope | msgspec.DecodeError]:
-    """Decode a batch element by element: the error in place of each bad envelope.
+def decode_batch_each(
+    data: bytes | memoryview,
+) -> list[Envelope | msgspec.DecodeError | RecursionError]:
+    """Decode a batch element by element: the error in place of each bad envelope
+    (``RecursionError``: nested too deeply).
 
     The slow path after ``decode_batch`` failed, so one bad envelope costs only itself.
     Raises ``msgspec.DecodeError`` when ``data`` is not a msgpack array at all.
     """
-    decoded: list[Envelope | msgspec.DecodeError] = []
+    decoded: list[Envelope | msgspec.DecodeError | RecursionError] = []
     for element in _raw_batch_decoder.decode(data):
         try:
             decoded.append(_envelope_decoder.decode(element))
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             decoded.append(exc)
     return decoded

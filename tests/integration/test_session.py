@@ -83,7 +83,14 @@ async def test_bad_tokens_get_unauthorized_and_4401(dev: EdgeServer, bad_token: 
 
 @pytest.mark.parametrize(
     "first_frame",
-    ['{"type":"hello"}', '{"type":"ping","id":1}', "not json", '{"type":"join","room":"r"}'],
+    [
+        '{"type":"hello"}',
+        '{"type":"ping","id":1}',
+        "not json",
+        '{"type":"join","room":"r"}',
+        # ~2 KB nested 1,000 deep: the decoder's recursion limit, not an escaped error
+        '{"type":"hello","token":' + "[" * 1000 + "]" * 1000 + "}",
+    ],
 )
 async def test_a_first_frame_other_than_a_good_hello_is_refused(
     dev: EdgeServer, first_frame: str
@@ -150,6 +157,8 @@ async def test_malformed_frames_get_bad_request_and_the_connection_stays(
         '{"type":"watch","id":11,"users":"bob"}',
         '{"type":"hello","id":12,"token":"x"}',
         '{"type":"ping","id":"' + "x" * 65 + '"}',
+        '{"type":"signal","id":13,"room":"r","data":{"a":' + "[" * 1000 + "]" * 1000 + "}}",
+        "[" * 5000 + "]" * 5000,
     ]
     for frame in bad_frames:
         await client.send(frame)
@@ -264,3 +273,17 @@ async def test_metrics_count_frames_and_connections(dev: EdgeServer) -> None:
     assert await _metric(dev.port, "signalpost_frames_in_total") == frames_in + 6
     assert await _metric(dev.port, "signalpost_frames_out_total") == frames_out + 6
     assert await _metric(dev.port, "signalpost_connections") == connections + 1
+
+
+async def test_a_hello_that_fails_inside_the_server_is_closed_1011(
+    dev: EdgeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug while handling the hello must not leave the connection open with no welcome
+    # and no close (the hello timer stops when the hello arrives).
+    def broken(token: str, now: float) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(dev._verifier, "verify", broken)
+    async with websockets.connect(url_of(dev)) as ws:
+        await ws.send(json.dumps({"type": "hello", "token": token("alice")}))
+        assert await closed_with(ws) == 1011

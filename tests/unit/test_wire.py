@@ -545,3 +545,33 @@ def test_ids_at_the_limits_are_accepted_and_travel(request_id: int | str) -> Non
 def test_ids_past_the_limits_are_bad_request(request_id: int) -> None:
     exc = _bad(json.dumps({"type": "ping", "id": request_id}))
     assert request_id_of(exc) is None
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type":"ping","id":1,"extra":' + "[" * 1000 + "]" * 1000 + "}",
+        '{"type":"hello","token":' + "[" * 1000 + "]" * 1000 + "}",
+        '{"type":"signal","id":1,"room":"r","data":{"a":'
+        + '{"a":' * 1000
+        + "1"
+        + "}" * 1000
+        + "}}",
+    ],
+)
+def test_a_frame_nested_too_deeply_is_a_bad_request(frame: str) -> None:
+    # (A field of another type is refused at its first level; the untyped read for the
+    # request id of such a refusal must not recurse out either.)
+    with pytest.raises(BadRequest):
+        decode_client(frame)
+
+
+def test_a_node_frame_nested_too_deeply_is_dropped_and_counted() -> None:
+    from signalpost import metrics
+    from signalpost.transport import decode_frame
+
+    deep = b"\x91" * 100_000 + b"\xc0"  # one msgpack element nested 100,000 deep
+    batch = encode_batch([encode_envelope(ForgetCmd("s", "r")), deep])
+    before = metrics.NODE_FRAMES_DROPPED.labels("frame")._value.get()
+    assert decode_frame(batch, "peer") == []
+    assert metrics.NODE_FRAMES_DROPPED.labels("frame")._value.get() == before + 1
