@@ -181,7 +181,9 @@ class EdgeServer:
         loop = asyncio.get_running_loop()
         max_size = self.settings.max_frame
         self._server = await loop.create_server(
-            lambda: WebSocketLink(self, max_size), self.settings.host, self.settings.port
+            lambda: WebSocketLink(self, max_size, self.settings.hello_timeout),
+            self.settings.host,
+            self.settings.port,
         )
         self._spawn(self._keepalive())
         if self._lossy:

@@ -87,8 +87,15 @@ class LinkHandler(Protocol):
 class WebSocketLink(asyncio.Protocol):
     """One connection: an ``asyncio.Protocol`` feeding a ``ServerProtocol``."""
 
-    def __init__(self, handler: LinkHandler, max_size: int) -> None:
+    def __init__(
+        self, handler: LinkHandler, max_size: int, handshake_timeout: float | None = None
+    ) -> None:
         self.handler = handler
+        # A connection that has not completed its opening handshake in this time (sent
+        # nothing, half a request line, headers trickling in) is dropped: the hello
+        # timeout only starts once the WebSocket is open.
+        self.handshake_timeout = handshake_timeout
+        self._handshake_timer: asyncio.TimerHandle | None = None
         # No extensions offered: no per-message deflate (it costs ~300 KiB per connection).
         self.protocol = ServerProtocol(max_size=max_size)
         self.max_size = max_size
@@ -107,6 +114,10 @@ class WebSocketLink(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        if self.handshake_timeout is not None:
+            self._handshake_timer = asyncio.get_running_loop().call_later(
+                self.handshake_timeout, self.abort
+            )
 
     def data_received(self, data: bytes) -> None:
         if self._partial:
@@ -138,6 +149,8 @@ class WebSocketLink(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._close_timer is not None:
             self._close_timer.cancel()
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
         self.handler.on_closed(self)
 
     # ----------------------------------------------------------------- input
@@ -239,6 +252,11 @@ class WebSocketLink(asyncio.Protocol):
             response = self.protocol.reject(500, "internal error\n")
         response.headers["Server"] = "signalpost"
         self.protocol.send_response(response)
+        if self._handshake_timer is not None and self.protocol.state is _OPEN:
+            # Open: the hello timeout takes over. (After any other answer the timer stays:
+            # a client that keeps the connection open is dropped when it fires.)
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         if self.protocol.state is _OPEN:
             self.flush()  # the 101 goes out before anything the handler writes
             self.handler.on_open(self)

@@ -165,7 +165,10 @@ MEANINGS: Final = {
     "jwt_audience": "required `aud` claim, when set",
     "jwt_leeway": "seconds of clock skew allowed on `exp`/`nbf`/`iat`",
     "jwt_public_key_file": "PEM public key: accept ES256/RS256 tokens too",
-    "hello_timeout": "seconds a new connection has to send `hello` (else close 4408)",
+    "hello_timeout": (
+        "seconds a new connection has to complete the WebSocket handshake (else dropped), "
+        "then again to send `hello` (else close 4408)"
+    ),
     "max_frame": "largest client frame in bytes (larger: close 1009)",
     "heartbeat": "seconds between WebSocket pings to clients (sent in `welcome`)",
     "resume_window": "seconds a dropped session stays in its rooms, resumable",

@@ -108,6 +108,30 @@ async def test_hello_timeout_closes_4408(dev_factory: DevFactory) -> None:
         assert await closed_with(ws) == 4408
 
 
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"",  # connects and says nothing
+        b"GET /v1/sig",  # half a request line
+        b"GET /v1/signal HTTP/1.1\r\nHost: x\r\n",  # headers that never end
+    ],
+)
+async def test_a_connection_that_never_completes_its_handshake_is_dropped(
+    dev_factory: DevFactory, sent: bytes
+) -> None:
+    # Slowloris: the hello timeout starts only once the WebSocket is open, so the
+    # handshake has its own (the same length).
+    server = await dev_factory(hello_timeout=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(sent)
+    await writer.drain()
+    try:
+        async with asyncio.timeout(3):
+            assert await reader.read() == b""  # the server closed it
+    finally:
+        writer.close()
+
+
 async def test_binary_frame_closes_1003(dev: EdgeServer) -> None:
     client = await raw_client(url_of(dev), "alice")
     await client.ws.send(b"\x00\x01binary")
