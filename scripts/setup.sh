@@ -32,11 +32,17 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     fi
     $SUDO apt-get update -q
     $SUDO apt-get install -y -q --no-install-recommends "${need_apt[@]}"
-    # The coturn package starts a system turnserver on 3478; tests run their own.
-    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-        $SUDO systemctl disable --now coturn 2>/dev/null || true
+    # The coturn package may start a system turnserver on 3478; tests run their own on
+    # free ports. Stop and disable only the service this install started, through its own
+    # init system: never a turnserver that was running here before (a user's own coturn).
+    if [[ " ${need_apt[*]} " == *" coturn "* ]]; then
+        if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+            $SUDO systemctl disable --now coturn 2>/dev/null || true
+        elif [ -x /etc/init.d/coturn ]; then
+            $SUDO /etc/init.d/coturn stop >/dev/null 2>&1 || true
+            $SUDO update-rc.d coturn disable >/dev/null 2>&1 || true
+        fi
     fi
-    $SUDO pkill -x turnserver 2>/dev/null || true
     # The redis-server package starts a system redis on 6379 (where policy-rc.d allows it);
     # the benchmarks run their own on a free port. Stop and disable only the service this
     # install started, through its own init system and pidfile.
