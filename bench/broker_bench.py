@@ -34,6 +34,7 @@ from typing import Any
 from broker.rooms import RoomTable
 from signalpost.transport import frame, unframe
 from signalpost.wire import (
+    Confirm,
     Deliver,
     Envelope,
     Heartbeat,
@@ -242,11 +243,22 @@ def zmq_broker(
             raise RuntimeError("the broker never answered the heartbeat")
         last_beat = time.monotonic()
 
+        # Like a real edge, confirm what was delivered every 0.1 s (cumulative per room and
+        # session): an edge that never confirms has the broker resend its whole history.
+        written: dict[tuple[str, str], tuple[str, int]] = {}
+        last_confirm = time.monotonic()
+
         def beat() -> None:
-            nonlocal last_beat
-            if time.monotonic() - last_beat > 0.25:
+            nonlocal last_beat, last_confirm
+            now = time.monotonic()
+            if now - last_beat > 0.25:
                 socket.send(frame([heartbeat]))
-                last_beat = time.monotonic()
+                last_beat = now
+            if written and now - last_confirm > 0.1:
+                positions = [(r, s, e, o, False) for (r, s), (e, o) in written.items()]
+                socket.send(frame([encode_envelope(Confirm(EDGE, positions))]))
+                written.clear()
+                last_confirm = now
 
         send_all(list(_joins(rooms)))
         replies = 0
@@ -260,13 +272,23 @@ def zmq_broker(
         senders = [sender_object(f"s{r}-0", f"u{r}-0") for r in range(rooms)]
 
         def signal(i: int) -> SignalCmd:
+            # (Ids above the joins': the same id for another request is refused.)
             r = i % rooms
             return SignalCmd(
-                f"s{r}-0", f"cs{r}-0", EDGE, next(seq), i, f"room{r}", f"s{r}-1", senders[r], DATA
+                f"s{r}-0",
+                f"cs{r}-0",
+                EDGE,
+                next(seq),
+                1_000_000 + i,
+                f"room{r}",
+                f"s{r}-1",
+                senders[r],
+                DATA,
             )
 
         # Throughput: ``window`` commands in flight.
         answered = delivered = 0
+        seen: set[tuple[str, int]] = set()
 
         def count(envelopes: list[Envelope]) -> None:
             nonlocal answered, delivered
@@ -274,7 +296,15 @@ def zmq_broker(
                 if isinstance(envelope, Reply):
                     answered += 1
                 elif isinstance(envelope, Deliver):
+                    if (envelope.room, envelope.offset) in seen or envelope.payload.startswith(
+                        b'{"type":"peer-'
+                    ):
+                        continue  # a resend, or the joins' peer-joined (resent unconfirmed)
+                    seen.add((envelope.room, envelope.offset))
                     delivered += 1
+                    if envelope.room:
+                        for session in envelope.sessions:
+                            written[(envelope.room, session)] = (envelope.epoch, envelope.offset)
 
         before = broker.sample() if broker is not None else None
         frames_in = frames_out = 0
@@ -306,13 +336,17 @@ def zmq_broker(
         rtts: list[int] = []
         for i in range(latency_samples):
             t0 = time.perf_counter_ns()
-            send_all([signal(i)])
+            send_all([signal(sent + i)])  # new ids: a reused one is answered, not delivered
             got = 0
             while got < 2:
                 envelopes = receive(5000)
                 if envelopes is None:
                     raise RuntimeError("no answer in the latency phase")
                 got += sum(isinstance(e, Reply | Deliver) for e in envelopes)
+                for envelope in envelopes:
+                    if isinstance(envelope, Deliver) and envelope.room:
+                        for session in envelope.sessions:
+                            written[(envelope.room, session)] = (envelope.epoch, envelope.offset)
             rtts.append(time.perf_counter_ns() - t0)
             beat()
         result: dict[str, Any] = {
