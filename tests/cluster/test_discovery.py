@@ -170,8 +170,17 @@ async def test_a_broker_added_while_running_takes_rooms(
 ) -> None:
     cluster = consul_cluster(cluster_factory, consul_agent, brokers=1)
     edge1, edge2 = cluster.edge_urls
-    health_port = free_port()
-    newcomer = _start_broker("broker-new", consul_agent, health_port, tmp_path)
+    for _attempt in range(3):
+        # A port free_port() found can be taken by another process before the broker
+        # binds it (the broker then exits at once): start again on other ports.
+        health_port = free_port()
+        newcomer = _start_broker("broker-new", consul_agent, health_port, tmp_path)
+        try:
+            newcomer.wait(1.0)
+        except subprocess.TimeoutExpired:
+            break
+    else:
+        pytest.fail("the new broker could not start: see broker-new.log")
     try:
         async with (
             SignalpostClient(edge1, token("alice")) as alice,
