@@ -100,10 +100,6 @@ MAX_RECORDED_SESSIONS: Final = 200_000
 
 #: Seconds after which an unconfirmed delivery is sent again.
 RESEND_AFTER: Final = 1.0
-#: Resends to a member with no confirmation in between wait longer each time, up to
-#: ``RESEND_AFTER * 2**RESEND_BACKOFF_STEPS`` (8 s): an edge that stops confirming (hung,
-#: or not confirming at all) costs a replay of its history at that pace, not every second.
-RESEND_BACKOFF_STEPS: Final = 3
 #: A gap reported by an edge is answered at once, but not more often than this per member.
 GAP_RESEND_INTERVAL: Final = 0.1
 
@@ -159,7 +155,6 @@ class Member:
     joined_in: str = ""  # ... in which epoch (an offset of another is no bound)
     joined_by: str = ""  # the connection that joined (and is answered where it began)
     sent_at: float = 0.0  # when what is unconfirmed went out (or was last resent)
-    resends: int = 0  # resends since its edge last confirmed progress (the backoff step)
 
 
 class RoomEvent(msgspec.Struct, gc=False, frozen=True):
@@ -1014,7 +1009,6 @@ class RoomTable:
             elif offset > member.confirmed:
                 member.confirmed = offset
                 member.sent_at = now  # progress: the resend timer starts over
-                member.resends = 0
                 if offset > member.sent:
                     member.sent = offset
             if member.confirmed >= member.sent:
@@ -1029,8 +1023,6 @@ class RoomTable:
     def _resend(self, room: Room, member: Member, now: float, out: list[Outbound]) -> None:
         """Send ``member`` again what its edge has not confirmed, in order."""
         member.sent_at = now
-        if member.resends < RESEND_BACKOFF_STEPS:
-            member.resends += 1
         if member.confirmed < room.trimmed_through:
             # No longer in the history: the client is told it cannot recover.
             self._sync(room, member, "", 0, True, now, out)
@@ -1060,9 +1052,9 @@ class RoomTable:
     def resend_unconfirmed(self, now: float) -> list[Outbound]:
         """Resend what has gone unconfirmed for ``resend_after`` seconds."""
         out: list[Outbound] = []
-        after = self.resend_after
+        late = now - self.resend_after
         for member, room in list(self._unconfirmed.items()):
-            if member.sent_at <= now - after * (1 << member.resends):
+            if member.sent_at <= late:
                 if (
                     member.suspended_until is not None
                     or room.members.get(member.session) is not member

@@ -8,7 +8,6 @@ import json
 from broker.rooms import Outbound, RoomTable
 from signalpost.wire import (
     AttachCmd,
-    Confirm,
     Deliver,
     DetachCmd,
     Envelope,
@@ -346,34 +345,3 @@ def test_a_membership_copy_does_not_replace_a_replicated_history() -> None:
     assert (room.epoch, room.active) == (epoch, True)  # the history was kept
     assert set(room.members) == {"a", "b"}
     assert [f["type"] for f in frames(served)] == ["ack"] and room.offset == offset + 1
-
-
-def test_resends_to_an_edge_that_never_confirms_back_off_and_a_confirm_resets_them() -> None:
-    # An edge that stops confirming (hung, or not confirming at all) has its members'
-    # unconfirmed events replayed after 1 s, then 2, 4 and 8 s: not every second.
-    owner = RoomTable(
-        capacity=2,
-        resume_window=30,
-        history_max_events=100,
-        history_max_age=600,
-        new_epoch=lambda: "e",
-        node_id="A",
-        confirming=True,
-    )
-    for session in ("a", "b"):
-        owner.handle(join(session, 1), 0.0)
-    owner.handle(signal(2, 0), 0.0)
-
-    def resent_at(now: float) -> bool:
-        return any(
-            isinstance(e, Deliver) and e.sessions == ["b"] for _, e in owner.resend_unconfirmed(now)
-        )
-
-    times = [t / 4 for t in range(1, 4 * 40)]
-    resends = [t for t in times if resent_at(t)]
-    assert resends[:5] == [1.0, 3.0, 7.0, 15.0, 23.0]
-    # b's edge confirms what it has: the next event is resent 1 s after it went out.
-    room = owner.rooms["room"]
-    owner.handle(Confirm("edge-b", [("room", "b", room.epoch, room.offset, False)]), 40.0)
-    owner.handle(signal(3, 1), 40.0)
-    assert [t for t in [40.5, 41.0, 41.5] if resent_at(t)] == [41.0]
