@@ -299,6 +299,7 @@ class RoomTable:
         handoff_from: Callable[[str], str | None] = _no_replica,
         new_term: Callable[[], int] | None = None,
         handoff_timeout: float = HANDOFF_TIMEOUT,
+        handoff_fences: bool = True,
     ) -> None:
         self.node_id = node_id
         self.replica_for = replica_for
@@ -320,6 +321,10 @@ class RoomTable:
         # (the shell passes the wall clock in ms); by default a counter.
         self._new_term = new_term if new_term is not None else itertools.count(1).__next__
         self.handoff_timeout = handoff_timeout
+        #: Whether a handoff request names the asker's term, which a passive copy then
+        #: keeps (refusing a deposed owner's late batch). Only where views are consistent
+        #: (Consul): with views from heartbeats the asker may be the one that is wrong.
+        self.handoff_fences = handoff_fences
         self._awaiting: dict[str, _Awaiting] = {}  # room -> the handoff it waits for
         # session -> (conn, edge) of its newest connection heard from (attach, join, leave,
         # re-announcement): an older one's late word must not bind the session to it
@@ -399,12 +404,17 @@ class RoomTable:
             if source is None:
                 return None
             awaiting = self._awaiting[name] = _Awaiting(source, now, ask_again_at=now + 0.25)
-            out: list[Outbound] = [(source, HandoffRequest(name, self.node_id, self._new_term()))]
+            out: list[Outbound] = [
+                (source, HandoffRequest(name, self.node_id, self._handoff_term()))
+            ]
         else:
             out = []
         if len(awaiting.parked) < MAX_PARKED:
             awaiting.parked.append(command)
         return out
+
+    def _handoff_term(self) -> int:
+        return self._new_term() if self.handoff_fences else 0
 
     def handoff_requested(self, command: HandoffRequest, now: float) -> list[Outbound]:
         """Another broker owns ``command.room`` now: hand over what this one has of it."""
@@ -1163,7 +1173,9 @@ class RoomTable:
                 out.extend(self._proceed(name, awaiting, now))
             elif now >= awaiting.ask_again_at:
                 awaiting.ask_again_at = now + 0.25
-                out.append((awaiting.source, HandoffRequest(name, self.node_id, self._new_term())))
+                out.append(
+                    (awaiting.source, HandoffRequest(name, self.node_id, self._handoff_term()))
+                )
         if self._unconfirmed:
             out.extend(self.resend_unconfirmed(now))
         return out

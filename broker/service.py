@@ -75,6 +75,7 @@ class BrokerNode(OwnerNode):
             owns=self._owns,
             handoff_from=self._handoff_from,
             new_term=self._new_term,
+            handoff_fences=settings.consul_addr is not None,
         )
         super().__init__(settings, "broker", self.table, settings.broker_bind)
         self.peers: dict[str, DealerLink] = {}
