@@ -137,10 +137,22 @@ class ViewKeeper:
         self._back_since_reset: set[str] = set()
 
     def answered(
-        self, stored: View | None, index: int, members: Iterable[str], now: float
+        self,
+        stored: View | None,
+        index: int,
+        members: Iterable[str],
+        now: float,
+        reset: bool = False,
     ) -> Proposal | None:
+        """``reset``: the answer comes from a Consul that lost its state (its index went
+        backwards). Another broker may have written the view back already, so this one
+        would not see the key missing; the brokers of the view get their grace all the
+        same."""
         present = set(members)
         known = self.current
+        if reset and self._reset_at is None and known is not None:
+            self._reset_at = now
+            self._back_since_reset = set()
         if stored is not None and (known is None or stored.number >= known.number):
             if known is None or stored.number > known.number:
                 self.current = known = stored  # else the same view, read again
@@ -183,28 +195,32 @@ class ViewKeeper:
 # --------------------------------------------------------------------------- I/O shells
 
 
-def _split(items: list[dict[str, Any]] | None) -> tuple[View | None, int, list[str]]:
-    """The stored view, its ModifyIndex and the held member keys of a prefix answer."""
+def _split(items: list[dict[str, Any]] | None) -> tuple[View | None, int, list[str], int]:
+    """The stored view, its ModifyIndex, the held member keys of a prefix answer, and the
+    view key's CreateIndex (it changes only when the key is created anew: a Consul that
+    lost its state)."""
     view: View | None = None
-    index = 0
+    index = created = 0
     members: list[str] = []
     for item in items or []:
         key = item.get("Key", "")
         if key == VIEW_KEY:
             view = decode_view(item.get("Value"))
             index = int(item.get("ModifyIndex") or 0)
+            created = int(item.get("CreateIndex") or 0)
         elif key.startswith(MEMBERS) and item.get("Session"):
             member = member_of(key)
             if member is not None:
                 members.append(member)
-    return view, index, members
+    return view, index, members, created
 
 
 async def _follow(
     address: str,
-    on_answer: Callable[[list[dict[str, Any]] | None, float], None],
+    on_answer: Callable[[list[dict[str, Any]] | None, float, bool], None],
 ) -> None:
-    """Blocking queries on the prefix until cancelled; ``on_answer(items, now)`` each time."""
+    """Blocking queries on the prefix until cancelled; ``on_answer(items, now, reset)``
+    each time (``reset``: Consul's index went backwards, it lost its state)."""
     client = consul_client(address)
     loop = asyncio.get_running_loop()
     index = 0
@@ -234,8 +250,9 @@ async def _follow(
         errors = 0
         new = int(new_index or 0)
         # An index that goes backwards means Consul lost its state (restart): start over.
+        reset = 0 < new < index
         index = new if new > 0 and new >= index else 0
-        on_answer(items, loop.time())
+        on_answer(items, loop.time(), reset)
         await asyncio.sleep(max(0.0, started + MIN_QUERY_INTERVAL - loop.time()))
 
 
@@ -243,8 +260,8 @@ async def follow_view(address: str, on_view: Callable[[View], None]) -> None:
     """Call ``on_view`` with every newer view (an edge's part: it only reads)."""
     newest: list[View] = []
 
-    def answer(items: list[dict[str, Any]] | None, now: float) -> None:
-        view, _index, _members = _split(items)
+    def answer(items: list[dict[str, Any]] | None, now: float, reset: bool) -> None:
+        view, _index, _members, _created = _split(items)
         if view is not None and (not newest or view.number > newest[0].number):
             newest[:] = [view]
             on_view(view)
@@ -272,6 +289,7 @@ class BrokerMembership:
         self._session: str | None = None
         self._member = asyncio.Event()  # this broker's key is missing: (re)acquire it
         self._writing = False
+        self._view_created = 0  # the view key's CreateIndex last seen
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -296,10 +314,15 @@ class BrokerMembership:
     async def close(self) -> None:
         await cancel_all(self._tasks)
 
-    def _answered(self, items: list[dict[str, Any]] | None, now: float) -> None:
-        stored, index, members = _split(items)
+    def _answered(self, items: list[dict[str, Any]] | None, now: float, reset: bool) -> None:
+        stored, index, members, created = _split(items)
+        if created:
+            # The view key created anew (not by this broker's first write): Consul lost
+            # its state, whichever broker wrote the view back.
+            reset = reset or (self._view_created not in (0, created))
+            self._view_created = created
         before = self.keeper.current
-        proposal = self.keeper.answered(stored, index, members, now)
+        proposal = self.keeper.answered(stored, index, members, now, reset)
         if self.keeper.current is not before and self.keeper.current is not None:
             log.info(
                 "view %d: %s", self.keeper.current.number, ", ".join(self.keeper.current.brokers)

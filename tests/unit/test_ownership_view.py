@@ -76,6 +76,17 @@ def test_after_consul_lost_its_state_the_known_view_is_written_back_above_it() -
     assert k.answered(written, 3, ["a"], 11.5) == Proposal(View(written.number + 1, ("a",)), 3)
 
 
+def test_a_broker_told_of_a_reset_gives_the_view_its_grace_though_another_wrote_it_back() -> None:
+    # Another broker saw the empty store and wrote the view back; this one only sees the
+    # written-back view and the keys not re-acquired yet. Told that Consul lost its state,
+    # it must not drop those brokers at once (it wrote a one-broker view before).
+    k = keeper(grace=10.0)
+    k.answered(View(5, ("a", "b", "c")), 40, ["a", "b", "c"], 0.0)
+    back = View(9_000, ("a", "b", "c"))
+    assert k.answered(back, 3, ["a"], 1.0, reset=True) is None
+    assert k.answered(back, 3, ["a"], 12.0) == Proposal(View(9_001, ("a",)), 3)
+
+
 def test_a_lower_number_written_by_a_broker_that_knew_less_is_overwritten() -> None:
     k = keeper()
     k.answered(View(50, ("a", "b")), 40, ["a", "b"], 0.0)
