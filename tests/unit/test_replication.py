@@ -41,6 +41,21 @@ def table(node: str, replica: str | None) -> RoomTable:
     )
 
 
+def owner_whose_replica_moves(first: str | None) -> tuple[RoomTable, list[str | None]]:
+    """Owner "A" whose runner-up is ``replica_name[0]`` (tests change it)."""
+    replica_name: list[str | None] = [first]
+    owner = RoomTable(
+        capacity=2,
+        resume_window=30,
+        history_max_events=10,
+        history_max_age=60,
+        new_epoch=lambda: "e",
+        node_id="A",
+        replica_for=lambda room: replica_name[0],
+    )
+    return owner, replica_name
+
+
 def frames(out: list[Outbound], edge: str | None = None) -> list[dict[str, object]]:
     """Client frames written by ``out`` (optionally to one edge), in order."""
     found = []
@@ -163,16 +178,7 @@ def test_without_a_replica_nothing_waits() -> None:
 
 
 def test_losing_the_replica_releases_held_output() -> None:
-    replica_name: list[str | None] = ["B"]
-    owner = RoomTable(
-        capacity=2,
-        resume_window=30,
-        history_max_events=10,
-        history_max_age=60,
-        new_epoch=lambda: "e",
-        node_id="A",
-        replica_for=lambda room: replica_name[0],
-    )
+    owner, replica_name = owner_whose_replica_moves("B")
     held = owner.handle(join("a", 1), 0.0)
     assert frames(held) == []
     replica_name[0] = None
@@ -180,16 +186,7 @@ def test_losing_the_replica_releases_held_output() -> None:
 
 
 def test_a_new_replica_gets_the_unconfirmed_batches() -> None:
-    replica_name: list[str | None] = ["B"]
-    owner = RoomTable(
-        capacity=2,
-        resume_window=30,
-        history_max_events=10,
-        history_max_age=60,
-        new_epoch=lambda: "e",
-        node_id="A",
-        replica_for=lambda room: replica_name[0],
-    )
+    owner, replica_name = owner_whose_replica_moves("B")
     owner.handle(join("a", 1), 0.0)
     replica_name[0] = "C"
     resent: list[tuple[str, Envelope]] = owner.replicas_changed()
@@ -206,16 +203,7 @@ def test_a_runner_up_new_to_the_room_learns_the_members_away_from_their_edges() 
     # b joined while the room had no runner-up, then dropped (in its resume window: no
     # edge knows it to re-announce it). A runner-up that appears later gets b from the
     # owner's snapshot, so a takeover still knows b as a member.
-    replica_name: list[str | None] = [None]
-    owner = RoomTable(
-        capacity=2,
-        resume_window=30,
-        history_max_events=10,
-        history_max_age=60,
-        new_epoch=lambda: "e",
-        node_id="A",
-        replica_for=lambda room: replica_name[0],
-    )
+    owner, replica_name = owner_whose_replica_moves(None)
     successor = table("C", None)
     owner.handle(join("a", 1), 0.0)
     owner.handle(join("b", 1), 0.0)
