@@ -123,11 +123,6 @@ MAX_HELD_REQUESTS: Final = 1024
 MAX_ORDERED_CONNS: Final = 200_000
 
 
-_SIGNAL: Final = 1
-_JOIN: Final = 2
-_LEAVE: Final = 3
-
-
 def fingerprint(command: SignalCmd | JoinCmd | LeaveCmd) -> int:
     """What a resend must repeat to be the same request (CRC-32 of its kind and content):
     an id used again for something else is refused instead of answered as a resend."""
@@ -222,41 +217,25 @@ class _Record(msgspec.Struct, gc=False, frozen=True):
     """The answer given to one request, for its resends.
 
     Not tracked by the cyclic GC (only bytes, strings and numbers): a broker keeps up to
-    1024 per session, and full collections would walk them all.
+    1024 per session, and full collections would walk them all. It keeps a fingerprint
+    of what the request said, not the request's data: records that held every signal's
+    data (4 KB offers) grew a dev server under call load from 54 to 126 MB, and the cache
+    misses of that working set cost more than the CRC (docs/performance.md).
     """
 
+    #: The answer's frame; empty for an acked signal: its ack is made again from the
+    #: resend's id (``_reply``), which saves most records a frame each.
     payload: bytes
-    given_fingerprint: int  # from a peer (replicated, handed over); 0: see ``request``
+    fingerprint: int  # what a resend must repeat (``fingerprint``)
     at: float
     ok: bool
     epoch: str = ""
     offset: int = 0
     member: bool = False  # a join or leave: whether the session was a member after it
-    # What the request said, when it was applied here (plain values: nothing for the GC):
-    # its kind (``_KIND``; 0: recorded elsewhere, see ``given_fingerprint``), ``to`` and its
-    # data (a signal's data, a join's peer object).
-    kind: int = 0
-    to: str | None = None
-    content: bytes = b""
-
-    @property
-    def fingerprint(self) -> int:
-        """What a resend must repeat (computed when needed: resends are rare)."""
-        if not self.kind:
-            return self.given_fingerprint
-        if self.kind == _SIGNAL:
-            return zlib.crc32(self.content, zlib.crc32((self.to or "").encode(), 1))
-        return zlib.crc32(self.content, 2) if self.kind == _JOIN else 3
 
     def repeats(self, command: SignalCmd | JoinCmd | LeaveCmd) -> bool:
         """Whether ``command`` is the request this answers (not another one under its id)."""
-        if not self.kind:
-            return self.given_fingerprint == fingerprint(command)
-        if type(command) is SignalCmd:
-            return self.kind == _SIGNAL and self.to == command.to and self.content == command.data
-        if type(command) is JoinCmd:
-            return self.kind == _JOIN and self.content == command.peer
-        return self.kind == _LEAVE
+        return self.fingerprint == fingerprint(command)
 
 
 _NO_RECORD: Final = _Record(b"", 0, 0.0, False)
@@ -340,7 +319,6 @@ class RoomTable:
         self._inflows: OrderedDict[str, dict[str, _Inflow]] = OrderedDict()
         # Scratch of the command being applied: room -> (room, events it recorded).
         self._parked: dict[str, tuple[Room, list[RoomEvent]]] = {}
-        self._last_offset = 0  # offset of the last event recorded by this command
         self._now = 0.0  # time of the command being applied
         self._last_record = _NO_RECORD  # the answer of the request applied last
 
@@ -642,45 +620,61 @@ class RoomTable:
     def _apply(self, command: Request, now: float) -> list[Outbound]:
         out: list[Outbound] = []
         # The same id in another room is another request: each room's owner decides alone.
-        key = f"{command.room}\x00{request_key(command.req, command.conn, command.seq)}"
-        records = self._records.get(command.session)
-        record = records.get(key) if records is not None else None
-        if record is not None and record.at > now - REPLY_RECORD_TTL:
-            # What this request was answered (a resend of its rseq is answered the same)
-            self._last_record = self._answer_resend(command, record, out)
-            return out
-        self._last_offset = 0
-        epoch, offset = "", 0
-        try:
-            # Ordered by frequency: signals dominate a call's traffic.
-            if isinstance(command, SignalCmd):
-                payload = self._signal(command, out, now)
-            elif isinstance(command, JoinCmd):
-                payload, epoch, offset = self._join(command, out, now)
-            else:
-                payload = self._leave(command, out, now)
-            ok = True
-        except ProtocolError as exc:
-            payload, ok = request_error(exc, command.req), False
-        room = self.rooms.get(command.room)
-        member = room is not None and command.session in room.members
-        if type(command) is SignalCmd:
-            record = _Record(
-                payload, 0, now, ok, epoch, offset, member, _SIGNAL, command.to, command.data
-            )
-        elif type(command) is JoinCmd:
-            record = _Record(payload, 0, now, ok, epoch, offset, member, _JOIN, None, command.peer)
+        req = command.req
+        if type(req) is int:  # ``request_key`` of the usual id, spelled out (hot path)
+            key = f"{command.room}\x00i{req}"
         else:
-            record = _Record(payload, 0, now, ok, epoch, offset, member, _LEAVE)
+            key = f"{command.room}\x00{request_key(req, command.conn, command.seq)}"
+        session = command.session
+        records = self._records.get(session)
+        if records is not None:
+            record = records.get(key)
+            if record is not None and record.at > now - REPLY_RECORD_TTL:
+                # What this request was answered (a resend of its rseq is answered the same)
+                self._last_record = self._answer_resend(command, record, out)
+                return out
+        if isinstance(command, SignalCmd):  # most of the traffic: no membership to report
+            try:
+                payload, ok = self._signal(command, out, now), True
+            except ProtocolError as exc:
+                payload, ok = request_error(exc, req), False
+            room = self.rooms.get(command.room)
+            to = command.to  # ``fingerprint``, inline (hot path)
+            crc = zlib.crc32(command.data, zlib.crc32(to.encode(), 1) if to else 1)
+            record = _Record(b"" if ok else payload, crc, now, ok)
+            reply = Reply(
+                session,
+                command.conn,
+                command.seq,
+                payload,
+                ok,
+                "",
+                0,
+                command.room,
+                0 if room is None else room.term,
+            )
+        else:
+            epoch, offset = "", 0
+            try:
+                if isinstance(command, JoinCmd):
+                    payload, epoch, offset = self._join(command, out, now)
+                else:
+                    payload = self._leave(command, out, now)
+                ok = True
+            except ProtocolError as exc:
+                payload, ok = request_error(exc, req), False
+            room = self.rooms.get(command.room)
+            member = room is not None and session in room.members
+            record = _Record(payload, fingerprint(command), now, ok, epoch, offset, member)
+            reply = self._reply(command, record, room, member)
         self._last_record = record
-        self._remember(command.session, key, record)
+        self._remember(session, key, record)
         # The ack leaves after the deliveries it acknowledges (and after the runner-up has
         # the events): a broker killed before that has not acked, so the edge retries.
-        reply = (command.edge, self._reply(command, record, room, record.member))
         if not self._parked and (room is None or not room.pending):
-            out.append(reply)  # nothing recorded to replicate, nothing held before it
+            out.append((command.edge, reply))  # nothing to replicate, nothing held before
             return out
-        self._seal(out, now, command, reply, key, record)
+        self._seal(out, now, command, (command.edge, reply), key, record)
         return out
 
     def _answer_resend(
@@ -748,15 +742,16 @@ class RoomTable:
         return _reply(command, record, room.term, member)
 
     def _remember(self, session: str, key: str, record: _Record) -> None:
-        records = self._records.get(session)
+        records_of = self._records
+        records = records_of.get(session)
         if records is None:
-            records = self._records[session] = {}
-            if len(self._records) > MAX_RECORDED_SESSIONS:
-                self._records.popitem(last=False)
+            records = records_of[session] = {}
+            if len(records_of) > MAX_RECORDED_SESSIONS:
+                records_of.popitem(last=False)
         else:
-            self._records.move_to_end(session)
-        if key in records:
-            del records[key]  # to the end: the newest
+            records_of.move_to_end(session)
+            if key in records:
+                del records[key]  # to the end: the newest
         records[key] = record
         if len(records) > REPLY_RECORDS_PER_SESSION:
             del records[next(iter(records))]
@@ -1244,7 +1239,6 @@ class RoomTable:
         history.append(event)
         if len(history) > self.history_max_events or history[0].at < now - self.history_max_age:
             self._trim(room, now)
-        self._last_offset = room.offset
         if not room.pending and (not self._replicating or self.replica_for(room.name) is None):
             room.released = event.offset
             self._deliver(room, event, recipients, now, out)
@@ -1566,11 +1560,14 @@ def _handed_members(room: Room, now: float) -> list[HandedMember]:
 
 
 def _reply(command: Request, record: _Record, term: int, member: bool = False) -> Reply:
+    payload = record.payload
+    if not payload and record.ok and type(command) is SignalCmd and command.req is not None:
+        payload = encode_frame(AckFrame(id=command.req))  # see ``_Record.payload``
     return Reply(
         command.session,
         command.conn,
         command.seq,
-        record.payload,
+        payload,
         record.ok,
         record.epoch,
         record.offset,

@@ -314,7 +314,7 @@ class EdgeCore(Generic[S]):
         state = self.sessions.get(reply.session)
         if state is None or state.conn != reply.conn:
             return None
-        if reply.term and self.stale(reply.room, reply.term):
+        if reply.term and self.lossy and self.stale(reply.room, reply.term):
             return None  # a deposed owner's answer: the request is resent to the owner
         command = state.unanswered.pop(reply.seq, None)
         if command is None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib import resources
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -282,8 +282,13 @@ class EdgeServer:
                     return
                 if len(sessions) == 1:  # a signal to one peer: most of the traffic, inline
                     client = self.sessions.get(sessions[0])
-                    if client is not None and self._admit(client, envelope):
+                    if client is None:
+                        return
+                    verdict = self.core.admit(client, envelope)  # ``_admit``, inline
+                    if verdict == ACCEPT:
                         self._write([client], envelope.payload)
+                    else:
+                        metrics.DELIVERIES_DROPPED.labels(_DROPPED[verdict]).inc()
                     return
                 targets = [
                     c
@@ -670,7 +675,10 @@ class EdgeServer:
             raise RateLimited(f"{MAX_UNANSWERED} requests are waiting for an answer; slow down")
         # Ordered by frequency: signals dominate a call's traffic.
         if isinstance(message, Signal):
+            core = self.core
             seq = client.next_seq()
+            lossy = self._lossy
+            rseq, rbase = core.room_order(client, message.room) if lossy else _UNORDERED
             command: Envelope = SignalCmd(
                 client.session,
                 client.conn,
@@ -681,9 +689,10 @@ class EdgeServer:
                 message.to,
                 client.sender,
                 bytes(message.data),
-                *self.core.room_order(client, message.room),
+                rseq,
+                rbase,
             )
-            self.core.await_answer(client, seq, command, time.monotonic())
+            core.await_answer(client, seq, command, time.monotonic() if lossy else 0.0)
             self.backplane.to_room_owner(message.room, command)
         elif isinstance(message, Join):
             if not client.identity.may_join(message.room):
@@ -760,6 +769,8 @@ class EdgeServer:
 
 
 _RATE_LIMITED = RateLimited("too many frames; slow down")
+#: ``(rseq, rbase)`` of requests in one process: nothing can overtake them (``room_order``).
+_UNORDERED: Final = (0, 0)
 _DROPPED = {None: "unknown_room", DUPLICATE: "duplicate", GAP: "gap", OTHER_EPOCH: "other_epoch"}
 _INTERNAL = InternalError("internal error; the request was not served")
 

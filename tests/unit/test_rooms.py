@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 
 from broker.rooms import REPLY_RECORD_TTL, REPLY_RECORDS_PER_SESSION, Outbound, RoomTable
@@ -1102,6 +1103,23 @@ def test_an_id_used_again_for_another_request_is_refused_and_changes_nothing() -
     # The same id in another room is another request.
     assert reply(table.handle(a.join("r2", req="j"), 2.0), a)["type"] == "joined"
     assert reply(table.handle(a.signal("r2", None, req=7), 2.0), a)["type"] == "ack"
+
+
+@pytest.mark.parametrize("req", [7, "seven", None])
+def test_a_resent_signal_is_answered_with_the_same_ack_and_applied_once(req: Any) -> None:
+    # A record keeps no ack frame (it is made again from the resend's id): the answer to a
+    # resend must still be byte for byte the first one.
+    table = make_table()
+    a, b = sess("a"), sess("b")
+    joined(table, a, "r")
+    joined(table, b, "r")
+    command = a.signal("r", "b", req=req)
+    first = table.handle(command, 1.0)
+    again = table.handle(command, 2.0)
+    assert [r.payload for _, r in replies(again)] == [r.payload for _, r in replies(first)]
+    assert len(to(b, first)) == 1 and to(b, again) == []
+    if req is not None:
+        assert reply(again, a) == {"type": "ack", "id": req}
 
 
 def test_reply_records_are_bounded_by_count_and_age() -> None:
