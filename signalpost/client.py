@@ -44,6 +44,7 @@ import contextlib
 import itertools
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -67,6 +68,9 @@ FINAL_CLOSE_CODES = frozenset(
         CloseCode.REPLACED,
     }
 )
+#: (room, epoch) pairs whose highest offset seen is kept past a leave (the oldest go first).
+MAX_SEEN_POSITIONS = 256
+
 _REPLY_TYPES = frozenset(
     {"welcome", "joined", "left", "ack", "watching", "unwatched", "pong", "ice-servers", "error"}
 )
@@ -248,6 +252,10 @@ class SignalpostClient:
         self.resume_token: str | None = None
         self.ice_servers: list[dict[str, Any]] = []
         self.positions: dict[str, RoomPosition] = {}
+        # The highest offset seen per (room, epoch), kept past a leave: a ``joined`` answer
+        # never starts a room below it (``_joined``). Room -> the epoch last known there.
+        self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._epoch_of: OrderedDict[str, str] = OrderedDict()
         self.welcome: dict[str, Any] = {}
         self.close_code: int | None = None
         self._url_index = 0
@@ -325,6 +333,8 @@ class SignalpostClient:
         self.welcome = frame
         if not frame["resumed"]:
             self.positions.clear()
+            self._seen.clear()
+            self._epoch_of.clear()
         self.session, self.user = frame["session"], frame["user"]
         self.resume_token = frame["resume"]
         self.ice_servers = frame.get("ice_servers", [])
@@ -434,6 +444,10 @@ class SignalpostClient:
                 return  # not waiting (timed out, failed, or a copy of a reply): ignored
             if kind == "joined":
                 self._joined(frame)
+            elif kind == "left":
+                self._left(frame["room"])
+            elif kind == "error" and entry.kind == "leave" and frame.get("code") == "not_in_room":
+                self._left(msgspec.json.decode(entry.text)["room"])  # not a member after all
             entry.future.set_result(frame)
             return
         try:
@@ -445,12 +459,19 @@ class SignalpostClient:
             position = self.positions.get(event.room)
             if position is not None:
                 self.positions[event.room] = RoomPosition(position.epoch, event.offset)
+            else:  # its leave was answered, a join may be under way: counted in that epoch
+                epoch = self._epoch_of.get(event.room)
+                if epoch is not None:
+                    self._saw(event.room, epoch, event.offset)
         elif isinstance(event, Recovered) and event.epoch is not None and event.offset is not None:
             # The stream goes on from here (even before a join in flight is answered: its
             # events are then counted, and the joined reply does not move back past them).
             position = self.positions.get(event.room)
             if position is None or position.epoch != event.epoch or event.offset > position.offset:
+                if position is not None:
+                    self._saw(event.room, position.epoch, position.offset)
                 self.positions[event.room] = RoomPosition(event.epoch, event.offset)
+                self._epoch_of[event.room] = event.epoch
         elif isinstance(event, PresenceChanged) and event.user in self.presence:
             self.presence[event.user] = event.status
         self._events.put_nowait(event)
@@ -458,11 +479,36 @@ class SignalpostClient:
     def _joined(self, frame: dict[str, Any]) -> None:
         room, epoch, offset = frame["room"], frame["epoch"], frame["offset"]
         known = self.positions.get(room)
-        if known is not None and known.epoch == epoch:
-            # A resent join is answered with the reply recorded when it was applied:
-            # never move back past events seen since.
-            offset = max(offset, known.offset)
+        if known is not None:
+            if known.epoch == epoch:
+                # A resent join is answered with the reply recorded when it was applied:
+                # never move back past events seen since.
+                offset = max(offset, known.offset)
+            else:
+                self._saw(room, known.epoch, known.offset)
+        # Nor past what was seen in this epoch before a leave: answers to a pipelined leave
+        # and join can come late, after a resume, once events of the join were written.
+        offset = max(offset, self._seen.get((room, epoch), 0))
         self.positions[room] = RoomPosition(epoch, offset)
+        self._epoch_of[room] = epoch
+        self._epoch_of.move_to_end(room)
+        if len(self._epoch_of) > MAX_SEEN_POSITIONS:
+            self._epoch_of.popitem(last=False)
+
+    def _left(self, room: str) -> None:
+        """A leave was answered: the room's position goes, what it had seen stays."""
+        position = self.positions.pop(room, None)
+        if position is not None:
+            self._saw(room, position.epoch, position.offset)
+
+    def _saw(self, room: str, epoch: str, offset: int) -> None:
+        """Remember that ``offset`` was seen in ``room``'s ``epoch`` (bounded)."""
+        key = (room, epoch)
+        if offset > self._seen.get(key, -1):
+            self._seen[key] = offset
+        self._seen.move_to_end(key)
+        if len(self._seen) > MAX_SEEN_POSITIONS:
+            self._seen.popitem(last=False)
 
     # ----------------------------------------------------------------- requests
 
@@ -546,7 +592,6 @@ class SignalpostClient:
     async def leave(self, room: str) -> None:
         """Leave ``room``."""
         await self.request({"type": "leave", "room": room})
-        self.positions.pop(room, None)
 
     async def signal(self, room: str, data: dict[str, Any], to: str | None = None) -> None:
         """Send ``data`` to ``to`` (or every other member); return once acked."""

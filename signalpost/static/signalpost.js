@@ -72,6 +72,9 @@ export const State = Object.freeze({
   CLOSED: "closed",
 });
 
+/** Room and epoch pairs whose highest offset seen is kept past a leave. */
+const MAX_SEEN_POSITIONS = 256;
+
 const REPLY_TYPES = new Set([
   "welcome", "joined", "left", "ack", "watching", "unwatched", "pong", "ice-servers", "error",
 ]);
@@ -139,6 +142,10 @@ export class SignalpostClient extends EventTarget {
   #holding = false; // adopting a welcome: requests made meanwhile wait behind the resends
   #rooms = new Map(); // room -> {epoch, offset, meta, members: Map(session -> peer)}
   #provisional = new Map(); // room -> {epoch, offset}: a stream reported before its joined reply
+  // The highest offset seen per room and epoch, kept past a leave (bounded, oldest first):
+  // a `joined` answer never starts a room below it. Room -> the epoch last known there.
+  #seen = new Map(); // `${room}\u0000${epoch}` -> offset
+  #epochOf = new Map();
   #watched = new Set();
   #presence = new Map(); // user -> last status told to the app
   #closing = false;
@@ -435,6 +442,8 @@ export class SignalpostClient extends EventTarget {
     } else {
       lostRooms = [...this.#rooms.keys()];
       this.#rooms.clear();
+      this.#seen.clear();
+      this.#epochOf.clear();
       // A new session: the old one is gone with whatever it applied of these.
       for (const entry of inDoubt) {
         this.#settle(entry, () => entry.reject(new SignalpostError("session_lost",
@@ -571,10 +580,13 @@ export class SignalpostClient extends EventTarget {
       const entry = this.#pending.get(frame.id);
       if (!entry) return;
       if (type === "error") {
+        // Not a member after all: in the order of the answers, like a `left`.
+        if (entry.frame.type === "leave" && frame.code === "not_in_room") this.#left(entry.frame.room);
         this.#settle(entry, () => entry.reject(new SignalpostError(frame.code, frame.message, { frame })));
       } else {
         this.#settle(entry, () => {
           if (type === "joined") this.#joined(frame, entry.frame.meta);
+          else if (type === "left") this.#left(frame.room);
           entry.resolve(frame);
         });
       }
@@ -612,7 +624,33 @@ export class SignalpostClient extends EventTarget {
   #track(frame) {
     const room = this.#rooms.get(frame.room) ?? this.#provisional.get(frame.room);
     if (room && typeof frame.offset === "number" && frame.offset > room.offset) room.offset = frame.offset;
+    if (!room && typeof frame.offset === "number" && this.#epochOf.has(frame.room)) {
+      // Its leave was answered and a join may be under way: counted in the epoch last known.
+      this.#saw(frame.room, this.#epochOf.get(frame.room), frame.offset);
+    }
     return this.#rooms.get(frame.room);
+  }
+
+  /** Remember that `offset` was seen in `room`'s `epoch` (bounded, oldest first). */
+  #saw(room, epoch, offset) {
+    const key = `${room}\u0000${epoch}`;
+    const known = this.#seen.get(key);
+    this.#seen.delete(key);
+    this.#seen.set(key, known === undefined ? offset : Math.max(known, offset));
+    if (this.#seen.size > MAX_SEEN_POSITIONS) this.#seen.delete(this.#seen.keys().next().value);
+  }
+
+  #knowEpoch(room, epoch) {
+    this.#epochOf.delete(room);
+    this.#epochOf.set(room, epoch);
+    if (this.#epochOf.size > MAX_SEEN_POSITIONS) this.#epochOf.delete(this.#epochOf.keys().next().value);
+  }
+
+  /** A `left` reply: the room's position goes, what it had seen stays. */
+  #left(room) {
+    const state = this.#rooms.get(room);
+    if (state) this.#saw(room, state.epoch, state.offset);
+    this.#rooms.delete(room);
   }
 
   /** A `joined` reply: (re)set the room's position; report members that came or went. */
@@ -625,12 +663,17 @@ export class SignalpostClient extends EventTarget {
     const seen = previous ?? this.#provisional.get(frame.room);
     this.#provisional.delete(frame.room);
     const sameEpoch = seen && seen.epoch === frame.epoch;
+    if (seen && !sameEpoch) this.#saw(frame.room, seen.epoch, seen.offset);
+    // Nor past what was seen in this epoch before a leave: answers to a pipelined leave
+    // and join can come late, after a resume, once events of the join were written.
+    const before = this.#seen.get(`${frame.room}\u0000${frame.epoch}`) ?? 0;
     this.#rooms.set(frame.room, {
       epoch: frame.epoch,
-      offset: sameEpoch ? Math.max(seen.offset, frame.offset) : frame.offset,
+      offset: Math.max(sameEpoch ? Math.max(seen.offset, frame.offset) : frame.offset, before),
       meta: meta ?? previous?.meta,
       members,
     });
+    this.#knowEpoch(frame.room, frame.epoch);
     if (!previous) return;
     // A re-join after an unrecoverable gap: what changed in between was never seen.
     for (const [session, peer] of previous.members) {
@@ -651,8 +694,11 @@ export class SignalpostClient extends EventTarget {
       // Where the stream stands now; a room whose join is still unanswered is counted too.
       const stream = room ?? this.#provisional.get(frame.room);
       if (stream && stream.epoch === frame.epoch) stream.offset = Math.max(stream.offset, frame.offset);
-      else if (stream) Object.assign(stream, { epoch: frame.epoch, offset: frame.offset });
-      else this.#provisional.set(frame.room, { epoch: frame.epoch, offset: frame.offset });
+      else if (stream) {
+        this.#saw(frame.room, stream.epoch, stream.offset);
+        Object.assign(stream, { epoch: frame.epoch, offset: frame.offset });
+      } else this.#provisional.set(frame.room, { epoch: frame.epoch, offset: frame.offset });
+      this.#knowEpoch(frame.room, frame.epoch);
     }
     if (frame.recovered || !room || !this.#options.rejoinUnrecovered) {
       this.#emit("recovered", frame);
@@ -729,8 +775,6 @@ export class SignalpostClient extends EventTarget {
       await this.request({ type: "leave", room });
     } catch (err) {
       if (err.code !== "not_in_room") throw err;
-    } finally {
-      this.#rooms.delete(room);
     }
   }
 

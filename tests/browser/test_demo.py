@@ -281,6 +281,40 @@ async () => {
 """
 
 
+LATE_ANSWERS_JS = """
+async () => {
+  const { sdk, FakeSocket, until } = window.fake;
+  FakeSocket.onsend = (ws, f) => {
+    if (f.type === 'hello') ws.push({ type: 'welcome', session: 's1', user: 'u1', resume: 'R1',
+      resumed: false, ice_servers: [], heartbeat: 25 });
+  };
+  const client = new sdk.SignalpostClient({ url: 'ws://a/v1/signal', getToken: async () => 'jwt',
+    WebSocket: FakeSocket });
+  await client.connect();
+  const ws = FakeSocket.all[0];
+  const joins = () => ws.sent.filter((f) => f.type === 'join');
+  const first = client.join('r');
+  await until(() => joins().length === 1);
+  ws.push({ type: 'joined', id: joins()[0].id, room: 'r', epoch: 'e1', offset: 2, members: [] });
+  await first;
+  // A leave and a join pipelined; their answers come late (from the reply records after a
+  // resume, say), around events of the new membership.
+  const left = client.leave('r');
+  const again = client.join('r');
+  await until(() => joins().length === 2);
+  const from = { session: 'p1', user: 'bob' };
+  ws.push({ type: 'signal', room: 'r', from, data: { n: 1 }, offset: 5 });
+  ws.push({ type: 'left', id: ws.sent.find((f) => f.type === 'leave').id, room: 'r' });
+  const afterLeft = client.positions();
+  ws.push({ type: 'signal', room: 'r', from, data: { n: 2 }, offset: 6 });
+  ws.push({ type: 'joined', id: joins()[1].id, room: 'r', epoch: 'e1', offset: 4, members: [] });
+  await left;
+  await again;
+  return { afterLeft, afterJoined: client.positions() };
+}
+"""
+
+
 @pytest.fixture
 def sdk_page(browser: Any, dev_server: str) -> Iterator[Any]:
     context = browser.new_context()
@@ -504,3 +538,11 @@ def test_sdk_resends_a_request_in_doubt_to_a_real_edge_and_it_resolves_once(
     # The resume: hello, then the same signal with the same id, then the ping.
     assert [f[0] for f in second] == ["hello", "signal", "ping"]
     assert second[1] == signal
+
+
+def test_sdk_never_starts_a_room_below_what_it_saw_in_that_epoch(sdk_page: Any) -> None:
+    # A late joined answer (offset 4) must not rewind the room past events already seen
+    # (5 before the leave's answer, 6 after it): a resume from 4 would replay them.
+    result = sdk_page.evaluate(LATE_ANSWERS_JS)
+    assert result["afterLeft"] == {}
+    assert result["afterJoined"] == {"r": {"epoch": "e1", "offset": 6}}

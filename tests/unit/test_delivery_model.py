@@ -277,6 +277,11 @@ class _Client:
     events: dict[tuple[str, str, int], int] = field(default_factory=dict)
     # What the SDK keeps per joined room (epoch, last offset) and resumes with
     rooms: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # ... and the highest offset it saw per (room, epoch), across leaves (the SDKs'
+    # ``seen``): a ``joined`` answer never starts below it (answers can come late, from
+    # reply records, after events of a later membership were written)
+    seen: dict[tuple[str, str], int] = field(default_factory=dict)
+    epoch_of: dict[str, str] = field(default_factory=dict)  # room -> epoch it last knew
     # (room, epoch) -> the client was told it may have lost what came up to this offset
     lost_through: dict[tuple[str, str], int] = field(default_factory=dict)
     conns: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -592,6 +597,11 @@ class _World:
         seen = client.rooms.get(room)
         if seen is not None and seen[0] == epoch and offset > seen[1]:
             client.rooms[room] = (epoch, offset)
+        # The SDK counts an event in the epoch it believes the room is in (frames name none).
+        believed = seen[0] if seen is not None else client.epoch_of.get(room)
+        if believed is not None:
+            key = (room, believed)
+            client.seen[key] = max(client.seen.get(key, 0), offset)
 
     def synced(self, conn: _Conn, payload: bytes, position: Position) -> None:
         """A ``recovered`` frame after a resume (or a re-announce); the edge is at
@@ -608,6 +618,9 @@ class _World:
             client.rooms[room] = (frame["epoch"], max(seen[1], frame["offset"]))
         else:
             client.rooms[room] = (frame["epoch"], frame["offset"])
+        client.epoch_of[room] = frame["epoch"]
+        key = (room, frame["epoch"])
+        client.seen[key] = max(client.seen.get(key, 0), client.rooms[room][1])
         if not frame["recovered"]:
             hello = conn.hello.get(room)
             _check(
@@ -657,11 +670,15 @@ class _World:
             epoch, offset = joined["epoch"], joined["offset"]
             previous = client.rooms.get(command.room)
             if previous is not None and previous[0] == epoch:
-                client.rooms[command.room] = (epoch, max(previous[1], offset))
-            else:
-                client.rooms[command.room] = (epoch, offset)
+                offset = max(previous[1], offset)
+            offset = max(offset, client.seen.get((command.room, epoch), 0))
+            client.rooms[command.room] = (epoch, offset)
+            client.epoch_of[command.room] = epoch
         elif reply.ok and isinstance(command, LeaveCmd):
-            client.rooms.pop(command.room, None)
+            previous = client.rooms.pop(command.room, None)
+            if previous is not None:
+                key = (command.room, previous[0])
+                client.seen[key] = max(client.seen.get(key, 0), previous[1])
 
     # ------------------------------------------------------------ the record
 
