@@ -12,7 +12,6 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import pytest
 
 from broker.rooms import REPLY_RECORD_TTL, REPLY_RECORDS_PER_SESSION, Outbound, RoomTable
