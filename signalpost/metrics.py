@@ -69,6 +69,14 @@ NODE_FRAMES_DROPPED = Counter(
     ["what"],
 )
 
+NODE_LINKS_REFUSED = Counter(
+    "signalpost_node_links_refused",
+    "Node links refused: a connecting node whose public key is not in the cluster keys "
+    "directory (unknown_key, counted per handshake), or an endpoint this node would dial "
+    "that no trusted certificate names (no_server_key)",
+    ["reason"],
+)
+
 
 def exposition() -> tuple[bytes, str]:
     """The text exposition format and its content type."""

@@ -18,6 +18,13 @@ Heartbeats go both ways every ``heartbeat_interval``; a peer silent for
 ``interval x liveness`` is dead (the Majordomo rule). Each node carries an
 ``incarnation`` that changes when it restarts, so the other side can tell "came back
 empty" from "was briefly slow" and re-announce its soft state.
+
+Security (``signalpost.node_keys``): with ``keys``, a ROUTER is a CurveZMQ server whose
+context runs a ZAP authenticator admitting only the cluster's node keys, and a DEALER a
+CurveZMQ client that dials only an endpoint whose server key the cluster keys directory
+names; ``keys=None`` is plaintext (``insecure_node_links``). Every node socket has
+``MAXMSGSIZE`` (``max_message``): libzmq drops the connection of a peer that sends a
+larger message, before any of it reaches Python; the peer reconnects.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import zmq
 
 from signalpost import metrics
 from signalpost.lifecycle import cancel_all
+from signalpost.node_keys import NodeAuthenticator, NodeKeys, dial_curve, serve_curve
 from signalpost.wire import (
     WIRE_VERSION,
     Envelope,
@@ -374,11 +382,22 @@ class RouterEndpoint:
         on_peer_restarted: Callable[[str], None],
         heartbeat_interval: float,
         peer_expiry: float,
+        keys: NodeKeys | None,
+        max_message: int,
     ) -> None:
         self.node_id = node_id
         self.incarnation = new_incarnation()
         self.peers: dict[str, PeerState] = {}
+        # The ZAP handler must be up before the bind: without one, libzmq admits any
+        # CurveZMQ client that knows the server key.
+        self._authenticator: NodeAuthenticator | None = None
+        if keys is not None:
+            self._authenticator = NodeAuthenticator(context, keys.cluster_dir)
+            self._authenticator.start()
         socket = context.socket(zmq.ROUTER)
+        if keys is not None:
+            serve_curve(socket, keys)
+        socket.setsockopt(zmq.MAXMSGSIZE, max_message)
         socket.setsockopt(zmq.LINGER, 0)
         # Report a message for a peer that is not connected (EHOSTUNREACH) or whose pipe
         # is full (EAGAIN) instead of dropping it silently: FastSocket counts and logs it.
@@ -410,6 +429,8 @@ class RouterEndpoint:
     async def __aexit__(self, *exc_info: object) -> None:
         self._outbox.close()
         await self._socket.close()
+        if self._authenticator is not None:
+            self._authenticator.stop()
 
     def _receive(self, frames: list[bytes]) -> int:
         batch = unframe(frames[1]) if len(frames) == 2 else None
@@ -470,18 +491,24 @@ class DealerLink:
         on_down: Callable[[DealerLink], None],
         heartbeat_interval: float,
         peer_expiry: float,
+        keys: NodeKeys | None,
+        max_message: int,
     ) -> None:
         self.endpoint = endpoint
         self.remote: PeerState | None = None
         self.alive = False
         socket = context.socket(zmq.DEALER)
+        #: False when no trusted key names ``endpoint``: the link is never opened (logged).
+        self.dialled = keys is None or dial_curve(socket, keys, endpoint)
+        socket.setsockopt(zmq.MAXMSGSIZE, max_message)
         socket.setsockopt(zmq.IDENTITY, node_id.encode())
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
         socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
         socket.setsockopt(zmq.RECONNECT_IVL, 100)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        socket.connect(endpoint)
+        if self.dialled:
+            socket.connect(endpoint)
         self._socket = FastSocket(socket)
         self._outbox = Outbox(self._socket, routed=False)
         self._on_envelope = on_envelope
