@@ -43,7 +43,7 @@ from edge.core import (
     Write,
 )
 from edge.delivery import ACCEPT, DUPLICATE, GAP, OTHER_EPOCH
-from edge.guard import CLOSE, SERVE, ClientGuard
+from edge.guard import CLOSE, SERVE, ClientGuard, origin_admitted
 from edge.websocket_link import WebSocketLink
 from signalpost import metrics
 from signalpost.auth import Identity, ResumeTokens, TokenVerifier, ice_servers, mint_token
@@ -468,8 +468,8 @@ class EdgeServer:
         """A WebSocket opened: check its origin, then wait for ``hello``."""
         request = link.request
         origin = request.headers.get("Origin") if request is not None else None
-        allowed = self.settings.allowed_origins
-        if allowed and origin not in allowed:
+        settings = self.settings
+        if not origin_admitted(origin, settings.allowed_origins, settings.allow_missing_origin):
             link.close(CloseCode.ORIGIN_REFUSED, "origin refused")
             return
         timer = asyncio.get_running_loop().call_later(

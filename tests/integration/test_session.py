@@ -166,6 +166,22 @@ async def test_origin_refused_4403(dev_factory: DevFactory) -> None:
         assert json.loads(await ws.recv())["type"] == "welcome"
 
 
+@pytest.mark.parametrize(("allow_missing", "admitted"), [(True, True), (False, False)])
+async def test_a_client_without_origin_follows_allow_missing_origin(
+    dev_factory: DevFactory, allow_missing: bool, admitted: bool
+) -> None:
+    # websockets' client sends no Origin unless told to: like the Python SDK or a native app.
+    server = await dev_factory(
+        allowed_origins=["https://app.example"], allow_missing_origin=allow_missing
+    )
+    async with websockets.connect(url_of(server)) as ws:
+        if admitted:
+            await ws.send(json.dumps({"type": "hello", "token": token("alice")}))
+            assert json.loads(await ws.recv())["type"] == "welcome"
+        else:
+            assert await closed_with(ws) == 4403
+
+
 async def test_malformed_frames_get_bad_request_and_the_connection_stays(
     dev_factory: DevFactory,
 ) -> None:
