@@ -641,6 +641,7 @@ class EdgeServer:
             try:
                 message = decode_client(frame)
             except ProtocolError as exc:
+                metrics.CLIENT_BAD_FRAMES.inc()
                 self._write([client], _error(exc, request_id_of(exc)))
                 verdict = guard.bad_frame(time.monotonic())
             else:
@@ -651,6 +652,7 @@ class EdgeServer:
                     self._write([client], _error(exc, message.id))
                     if not isinstance(exc, BadRequest):
                         return
+                    metrics.CLIENT_BAD_FRAMES.inc()
                     verdict = guard.bad_frame(time.monotonic())
                 except Exception:
                     # A bug must cost this one request, not the connection or the edge.

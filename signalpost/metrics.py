@@ -69,6 +69,11 @@ NODE_FRAMES_DROPPED = Counter(
     ["what"],
 )
 
+CLIENT_BAD_FRAMES = Counter(
+    "signalpost_client_bad_frames",
+    "Client frames answered bad_request: not JSON, invalid, or nested too deeply (a frame "
+    "over max_frame closes the connection with 1009 instead)",
+)
 NODE_LINKS_REFUSED = Counter(
     "signalpost_node_links_refused",
     "Node links refused: a connecting node whose public key is not in the cluster keys "

@@ -10,6 +10,7 @@ import time
 import jwt
 import pytest
 import websockets
+from prometheus_client import REGISTRY
 from websockets.exceptions import ConnectionClosed
 
 from edge.server import EdgeServer
@@ -200,10 +201,14 @@ async def test_malformed_frames_get_bad_request_and_the_connection_stays(
         '{"type":"signal","id":13,"room":"r","data":{"a":' + "[" * 1000 + "]" * 1000 + "}}",
         "[" * 5000 + "]" * 5000,
     ]
+    counted = REGISTRY.get_sample_value("signalpost_client_bad_frames_total") or 0.0
     for frame in bad_frames:
         await client.send(frame)
         error = await client.recv_type("error")
         assert error["code"] == "bad_request", (frame, error)
+    assert REGISTRY.get_sample_value("signalpost_client_bad_frames_total") == counted + len(
+        bad_frames
+    )
     # The ids that could be read are echoed.
     await client.send('{"type":"teleport","id":"t1"}')
     assert (await client.recv_type("error"))["id"] == "t1"
