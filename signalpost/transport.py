@@ -521,12 +521,16 @@ class DealerLink:
     def send(self, envelope: Envelope) -> None:
         """Queue ``envelope`` for the owner (ZeroMQ buffers it while reconnecting).
 
-        Sent at the end of this event loop iteration, batched with the others.
+        Sent at the end of this event loop iteration, batched with the others. Dropped
+        when the link was not dialled (no trusted server key): nothing would take it.
         """
-        self._outbox.put("", encode_envelope(envelope))
+        if self.dialled:
+            self._outbox.put("", encode_envelope(envelope))
 
     def start(self) -> None:
-        """Start receiving and heartbeating."""
+        """Start receiving and heartbeating (a link that was not dialled stays idle)."""
+        if not self.dialled:
+            return
         self._outbox.put("", self._heartbeat)
         self._socket.start(f"dealer {self.endpoint}", self._receive, self._heartbeat_loop)
 

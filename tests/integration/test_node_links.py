@@ -215,6 +215,10 @@ async def test_an_endpoint_no_certificate_names_is_not_dialled(
     assert refused("no_server_key") == before + 1
     assert any("not dialling tcp://127.0.0.1:1" in r.getMessage() for r in caplog.records)
     link.start()
+    for n in range(100):  # dropped: an unconnected socket would keep them forever
+        link.send(deliver(n))
+    await asyncio.sleep(0.01)  # a flush would have run
+    assert not link._socket._backlog and not link._outbox._pending
     await link.close()
 
 
