@@ -391,6 +391,7 @@ def zmq_broker(
             result["broker_cpu_us_per_command"] = cpu / sent * 1e6
             result["broker_cores"] = cpu / elapsed
             result["envelopes_per_broker_cpu_s"] = 3 * sent / cpu if cpu > 0 else None
+            result["envelopes_in_per_broker_cpu_s"] = sent / cpu if cpu > 0 else None
         result["curve"] = keys_dir is not None
         return result
     finally:
@@ -491,6 +492,9 @@ def main() -> None:
             "envelopes_per_broker_cpu_s": [round(r["envelopes_per_broker_cpu_s"]) for r in rs],
             "median_envelopes_per_broker_cpu_s": round(
                 statistics.median(r["envelopes_per_broker_cpu_s"] for r in rs)
+            ),
+            "median_envelopes_in_per_broker_cpu_s": round(
+                statistics.median(r["envelopes_in_per_broker_cpu_s"] for r in rs)
             ),
             "commands_per_s": [round(r["commands_per_s"]) for r in rs],
             "rtt_p50_us": [round(r["rtt"]["p50_us"], 1) for r in rs if "p50_us" in r["rtt"]],
