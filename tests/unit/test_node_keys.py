@@ -130,10 +130,12 @@ def test_a_node_without_keys_or_the_flag_exits_with_a_clear_error(kind: str) -> 
 def test_an_edge_or_broker_with_the_public_jwt_secret_refuses_to_start(
     kind: str, tmp_path: Path
 ) -> None:
-    args = {"edge": ["edge"], "broker": ["broker"], "cluster": ["cluster", "--state", "x.json"]}
+    state = str(tmp_path / "cluster.json")
+    args = {"edge": ["edge"], "broker": ["broker"], "cluster": ["cluster", "--state", state]}
     done = _cli(*args[kind], "--insecure-node-links", env={})
     assert done.returncode == 2, done.stderr
     assert "jwt_secret" in done.stderr and "public default" in done.stderr
+    assert not list(tmp_path.iterdir())  # refused before anything was started
 
 
 def test_signalpost_keys_writes_a_pair(tmp_path: Path) -> None:
