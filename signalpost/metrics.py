@@ -76,9 +76,12 @@ CLIENT_BAD_FRAMES = Counter(
 )
 NODE_LINKS_REFUSED = Counter(
     "signalpost_node_links_refused",
-    "Node links refused: a connecting node whose public key is not in the cluster keys "
-    "directory (unknown_key, counted per handshake), or an endpoint this node would dial "
-    "that no trusted certificate names (no_server_key)",
+    "Node links refused, per handshake. At a broker or presence: a node whose public key "
+    "is not in the cluster keys directory (unknown_key), a plaintext node (plaintext), a "
+    "handshake that failed otherwise, e.g. dialled with another server key (bad_handshake). "
+    "At a dialling node: an endpoint no trusted certificate names (no_server_key), its own "
+    "key refused by the server (refused_by_server), a server not holding the expected key "
+    "(server_unverified)",
     ["reason"],
 )
 

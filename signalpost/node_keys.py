@@ -23,6 +23,11 @@ the same on every node. It is the whole trust model:
   ``reason="no_server_key"``). Several files naming one endpoint (during a rotation): the
   newest file wins.
 
+Every other failed handshake is seen on the socket's monitor (``HandshakeWatch``), logged
+and counted too: at a ROUTER a plaintext node (``plaintext``) or one that dialled with
+another server key (``bad_handshake``); at a DEALER its own key refused (``refused_by_server``)
+or a server that does not hold the key it expected (``server_unverified``).
+
 The server key is not taken from Consul's service metadata: Consul would then decide whom
 an edge trusts, and it is only as trustworthy as its ACLs. Here Consul decides only where
 a node is; the directory decides who it must be.
@@ -33,6 +38,7 @@ warning at start-up; with neither keys nor that flag a node refuses to start.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -42,7 +48,7 @@ from typing import Any, Final
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
-from zmq.utils import z85
+from zmq.utils import monitor, z85
 
 from signalpost import metrics
 from signalpost.config import Settings
@@ -304,3 +310,98 @@ class NodeAuthenticator(ThreadAuthenticator):
                 self._directory,
             )
         return False
+
+
+_HANDSHAKE_FAILURES: Final = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+def handshake_failure(event: int, value: int, *, server: bool) -> str | None:
+    """The ``signalpost_node_links_refused_total`` reason of a failed handshake, as a
+    socket's monitor reports it; None for what is counted elsewhere or not a failure.
+
+    A ROUTER (``server``) sees a plaintext peer as a mechanism mismatch and a peer that
+    dialled with another server key (or sent garbage) as a cryptographic error; a ZAP
+    refusal is counted by the authenticator. A DEALER sees a ZAP refusal of its own key
+    as an authentication failure, and a server that does not hold the key it expected
+    (or runs without keys) as a failure without detail.
+    """
+    if server:
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                return "plaintext"
+            return "bad_handshake"
+        return None
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return "refused_by_server"
+    if event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+        return "server_unverified"
+    return None
+
+
+_HANDSHAKE_LOGS: Final = {
+    "plaintext": "a node tried a plaintext link to %s (no CurveZMQ keys): refused",
+    "bad_handshake": "a CurveZMQ handshake on %s failed (dialled with another server key, "
+    "or garbage): refused",
+    "refused_by_server": "%s refused this node's key: add its public key to the cluster "
+    "keys directory of that node",
+    "server_unverified": "the CurveZMQ handshake with %s failed: the node there does not hold "
+    "the key the cluster keys directory names for it, or runs without keys",
+}
+
+
+class HandshakeWatch:
+    """Logs and counts the failed CurveZMQ handshakes of one socket (its monitor).
+
+    Only handshake failures are monitored; each is counted in
+    ``signalpost_node_links_refused_total`` and logged at most once per reason per 10 s
+    (a refused peer retries every second).
+    """
+
+    def __init__(self, socket: zmq.Socket[Any], describe: str, *, server: bool) -> None:
+        self._socket = socket
+        self._monitor: zmq.Socket[Any] = socket.get_monitor_socket(_HANDSHAKE_FAILURES)
+        self._describe = describe
+        self._server = server
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._logged: dict[str, float] = {}
+
+    def start(self) -> None:
+        """Watch from the running event loop (the monitor's descriptor, like FastSocket)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(int(self._monitor.getsockopt(zmq.FD)), self._drain)
+        self._loop.call_soon(self._drain)  # events may already wait: the fd is edge-triggered
+
+    def _drain(self) -> None:
+        if self._monitor.closed:
+            return
+        while True:
+            try:
+                parts = self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event = monitor.parse_monitor_message(parts)
+            reason = handshake_failure(
+                int(event["event"]), int(event["value"]), server=self._server
+            )
+            if reason is None:
+                continue
+            metrics.NODE_LINKS_REFUSED.labels(reason).inc()
+            now = time.monotonic()
+            if now - self._logged.get(reason, -_REFUSAL_LOG_INTERVAL) >= _REFUSAL_LOG_INTERVAL:
+                self._logged[reason] = now
+                log.warning(
+                    _HANDSHAKE_LOGS[reason] + " (counted in signalpost_node_links_refused_total)",
+                    self._describe,
+                )
+
+    def close(self) -> None:
+        """Stop watching; call before the socket is closed."""
+        if self._loop is not None and not self._monitor.closed:
+            self._loop.remove_reader(int(self._monitor.getsockopt(zmq.FD)))
+        if not self._socket.closed:
+            self._socket.disable_monitor()
+        self._monitor.close(linger=0)

@@ -43,7 +43,13 @@ import zmq
 
 from signalpost import metrics
 from signalpost.lifecycle import cancel_all
-from signalpost.node_keys import NodeAuthenticator, NodeKeys, dial_curve, serve_curve
+from signalpost.node_keys import (
+    HandshakeWatch,
+    NodeAuthenticator,
+    NodeKeys,
+    dial_curve,
+    serve_curve,
+)
 from signalpost.wire import (
     WIRE_VERSION,
     Envelope,
@@ -406,6 +412,7 @@ class RouterEndpoint:
         socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
         socket.bind(bind)
         self.endpoint: str = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._watch = None if keys is None else HandshakeWatch(socket, self.endpoint, server=True)
         self._socket = FastSocket(socket)
         self._outbox = Outbox(self._socket, routed=True)
         #: Queue an already-encoded envelope for a peer (sent at the end of this iteration).
@@ -423,11 +430,15 @@ class RouterEndpoint:
 
     async def __aenter__(self) -> RouterEndpoint:
         self._socket.start("router", self._receive, self._heartbeat_loop)
+        if self._watch is not None:
+            self._watch.start()
         self._outbox.flush()  # anything queued before there was a loop
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._outbox.close()
+        if self._watch is not None:
+            self._watch.close()
         await self._socket.close()
         if self._authenticator is not None:
             self._authenticator.stop()
@@ -507,6 +518,11 @@ class DealerLink:
         socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
         socket.setsockopt(zmq.RECONNECT_IVL, 100)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        self._watch = (
+            HandshakeWatch(socket, endpoint, server=False)
+            if keys is not None and self.dialled
+            else None
+        )
         if self.dialled:
             socket.connect(endpoint)
         self._socket = FastSocket(socket)
@@ -533,10 +549,14 @@ class DealerLink:
             return
         self._outbox.put("", self._heartbeat)
         self._socket.start(f"dealer {self.endpoint}", self._receive, self._heartbeat_loop)
+        if self._watch is not None:
+            self._watch.start()
 
     async def close(self) -> None:
         """Send what is queued, then stop and close the socket."""
         self._outbox.close()
+        if self._watch is not None:
+            self._watch.close()
         await self._socket.close()
 
     def _receive(self, frames: list[bytes]) -> int:

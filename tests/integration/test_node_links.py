@@ -45,6 +45,31 @@ def keys_of(directory: Path, name: str, endpoint: str | None = None) -> NodeKeys
     return keys
 
 
+def trust(directory: Path, name: str, public: bytes, endpoint: str) -> None:
+    """Write a public certificate naming ``public`` as the server key of ``endpoint``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.key").write_text(
+        f'metadata\n    endpoint = "{endpoint}"\ncurve\n    public-key = "{public.decode()}"\n'
+    )
+
+
+def link(context: zmq.Context[Any], endpoint: str, keys: NodeKeys) -> DealerLink:
+    """A DealerLink of node ``edge-x`` with ``keys``, nobody listening to what it gets."""
+    return DealerLink(
+        context,
+        endpoint,
+        "edge-x",
+        "inc-x",
+        on_envelope=lambda envelope: None,
+        on_up=lambda link, fresh: None,
+        on_down=lambda link: None,
+        heartbeat_interval=60.0,
+        peer_expiry=120.0,
+        keys=keys,
+        max_message=MAX_MESSAGE,
+    )
+
+
 def refused(reason: str) -> float:
     value = REGISTRY.get_sample_value("signalpost_node_links_refused_total", {"reason": reason})
     return value or 0.0
@@ -142,9 +167,14 @@ async def test_a_node_not_on_the_allow_list_is_refused_logged_and_counted(
     edge_keys = keys_of(trusted_dir, "edge-1")
     rogue_keys = keys_of(rogue_dir, "rogue")  # a valid pair, but not in the cluster's directory
     got: Collected[tuple[str, Envelope]] = Collected()
-    before = refused("unknown_key")
+    before = {r: refused(r) for r in ("unknown_key", "plaintext", "refused_by_server")}
     with caplog.at_level(logging.WARNING, logger="signalpost.node_keys"):
         async with router(context, owner_keys, got) as endpoint:
+            # A DealerLink with the rogue's keys (its directory names the owner's key):
+            # the rogue side is told it was refused.
+            trust(rogue_dir, "owner-1", owner_keys.public, endpoint.endpoint)
+            rogue_link = link(context, endpoint.endpoint, rogue_keys)
+            rogue_link.start()
             rogue = curve_dealer(
                 context, endpoint.endpoint, b"edge-1", rogue_keys, owner_keys.public
             )
@@ -155,7 +185,9 @@ async def test_a_node_not_on_the_allow_list_is_refused_logged_and_counted(
             forged = frame([encode_envelope(deliver(666))])
             rogue.send(forged)
             plain.send(forged)
-            await until(lambda: refused("unknown_key") > before)
+            await until(
+                lambda: all(refused(r) > before[r] for r in before)  # at the owner and the rogue
+            )
             # A trusted node is served, after the rogue and the plaintext one tried.
             good = curve_dealer(context, endpoint.endpoint, b"edge-1", edge_keys, owner_keys.public)
             good.send(frame([encode_envelope(deliver(1))]))
@@ -166,8 +198,11 @@ async def test_a_node_not_on_the_allow_list_is_refused_logged_and_counted(
             assert got == [("edge-1", deliver(1)), ("edge-1", deliver(2))]
             for sock in (rogue, plain, good):
                 sock.close()
+            await rogue_link.close()
     messages = [r.getMessage() for r in caplog.records]
     assert any("refused a node link" in m and rogue_keys.public.decode() in m for m in messages)
+    assert any("plaintext link to " + endpoint.endpoint in m for m in messages)
+    assert any(endpoint.endpoint + " refused this node's key" in m for m in messages)
 
 
 async def test_a_dealer_verifies_the_server_key(context: zmq.Context[Any], tmp_path: Path) -> None:
@@ -177,7 +212,14 @@ async def test_a_dealer_verifies_the_server_key(context: zmq.Context[Any], tmp_p
     edge_keys = keys_of(tmp_path / "cluster", "edge-1")
     impostor_keys = keys_of(tmp_path / "impostor", "impostor")
     got: Collected[tuple[str, Envelope]] = Collected()
+    before = {r: refused(r) for r in ("bad_handshake", "server_unverified")}
     async with router(context, impostor_keys, got) as impostor:
+        # An edge's own link, its directory naming the owner's key at this endpoint: it
+        # is told the node there is not the one it expected.
+        trust(tmp_path / "cluster", "owner-1-here", owner_keys.public, impostor.endpoint)
+        edge_link = link(context, impostor.endpoint, edge_keys)
+        assert edge_link.dialled
+        edge_link.start()
         wrong = curve_dealer(context, impostor.endpoint, b"edge-1", edge_keys, owner_keys.public)
         wrong.send(frame([encode_envelope(deliver(1))]))
         # Marker: a client that knows the impostor's real key (and is on its list) gets
@@ -189,8 +231,11 @@ async def test_a_dealer_verifies_the_server_key(context: zmq.Context[Any], tmp_p
         await asyncio.wait_for(got.reach(1), 10)
         await asyncio.sleep(0.3)  # the wrong one had every chance to connect meanwhile
         assert got == [("edge-2", deliver(2))]
+        await until(lambda: all(refused(r) > before[r] for r in before))  # both sides count
+        assert not edge_link.alive
         wrong.close()
         right.close()
+        await edge_link.close()
 
 
 async def test_an_endpoint_no_certificate_names_is_not_dialled(
