@@ -20,6 +20,13 @@ batching (frames the broker received/sent in the throughput phase).
     .venv/bin/python -m bench.broker_bench core
     .venv/bin/python -m bench.broker_bench zmq
     .venv/bin/python -m bench.broker_bench zmq --batch 64
+    .venv/bin/python -m bench.broker_bench zmq --curve
+    .venv/bin/python -m bench.broker_bench compare --rounds 3 --batch 4
+
+``--curve``: the broker and the bench edge use CurveZMQ keys (written to a temporary
+directory, as ``signalpost cluster`` does); without it the broker runs with
+``--insecure-node-links``. ``compare``: plaintext and CurveZMQ brokers in alternating runs
+(``--rounds`` of each), reporting envelopes (in + out) per broker CPU-second.
 """
 
 from __future__ import annotations
@@ -27,8 +34,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from broker.rooms import RoomTable
@@ -193,15 +203,29 @@ def zmq_broker(
     latency_samples: int = 3000,
     broker: Any = None,
     batch: int = 1,
+    keys_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Drive a running broker at ``endpoint``; ``broker`` (a ``System``) gives its CPU.
 
-    The bench edge sends up to ``batch`` commands per frame.
+    The bench edge sends up to ``batch`` commands per frame; with ``keys_dir`` (see
+    ``start_broker``) it speaks CurveZMQ with the key pair written there for it.
     """
     import zmq
 
     context = zmq.Context()
     socket = context.socket(zmq.DEALER)
+    if keys_dir is not None:
+        from signalpost.config import load_settings
+        from signalpost.node_keys import SECRET_SUFFIX, NodeKeys, dial_curve, node_keys
+
+        keys: NodeKeys | None = node_keys(
+            load_settings(
+                environ={},
+                node_key_file=str(keys_dir / (EDGE + SECRET_SUFFIX)),
+                cluster_keys_dir=str(keys_dir),
+            )
+        )
+        assert keys is not None and dial_curve(socket, keys, endpoint)
     socket.setsockopt(zmq.IDENTITY, EDGE.encode())
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SNDHWM, 0)
@@ -366,14 +390,21 @@ def zmq_broker(
             result["broker_cpu_s"] = cpu
             result["broker_cpu_us_per_command"] = cpu / sent * 1e6
             result["broker_cores"] = cpu / elapsed
+            result["envelopes_per_broker_cpu_s"] = 3 * sent / cpu if cpu > 0 else None
+            result["envelopes_in_per_broker_cpu_s"] = sent / cpu if cpu > 0 else None
+        result["curve"] = keys_dir is not None
         return result
     finally:
         socket.close(0)
         context.term()
 
 
-def start_broker() -> Any:
-    """A standalone ``signalpost broker`` on a free port, as a ``bench.systems.System``."""
+def start_broker(keys_dir: Path | None = None) -> Any:
+    """A standalone ``signalpost broker`` on a free port, as a ``bench.systems.System``.
+
+    With ``keys_dir``, key pairs for the broker and the bench edge are written there and
+    the broker uses CurveZMQ; without, it runs with ``--insecure-node-links``.
+    """
     import socket as sockets
 
     from bench.systems import PYTHON, SIGNALPOST, System, Unavailable, _spawn, server_env
@@ -393,7 +424,20 @@ def start_broker() -> Any:
         "--bind",
         endpoint,
     ]
-    proc, out = _spawn("broker", argv, server_env())
+    extra: dict[str, str] = {}
+    if keys_dir is None:
+        argv.append("--insecure-node-links")
+    else:
+        from signalpost.node_keys import SECRET_SUFFIX, create_node_keys
+
+        create_node_keys(keys_dir, "broker-bench", endpoint)
+        if not (keys_dir / (EDGE + SECRET_SUFFIX)).exists():
+            create_node_keys(keys_dir, EDGE)
+        extra = {
+            "SIGNALPOST_NODE_KEY_FILE": str(keys_dir / ("broker-bench" + SECRET_SUFFIX)),
+            "SIGNALPOST_CLUSTER_KEYS_DIR": str(keys_dir),
+        }
+    proc, out = _spawn("broker", argv, server_env(extra=extra))
     try:
         out.wait_for("signalpost broker", 30)
     except (Unavailable, TimeoutError) as exc:
@@ -406,33 +450,59 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=("core", "zmq"))
+    parser.add_argument("what", choices=("core", "zmq", "compare"))
     parser.add_argument("--rooms", type=int, default=1000)
     parser.add_argument("--count", type=int, default=200_000)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument(
         "--batch", type=int, default=1, help="zmq: most commands per frame the bench edge sends"
     )
+    parser.add_argument("--curve", action="store_true", help="zmq: CurveZMQ node links")
+    parser.add_argument("--rounds", type=int, default=3, help="compare: runs of each mode")
     args = parser.parse_args()
     if args.what == "core":
         print(json.dumps(core(args.rooms, args.count), indent=2))
         return
-    broker = start_broker()
-    try:
-        print(
-            json.dumps(
-                zmq_broker(
+
+    def run_once(curve: bool) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="signalpost-bench-keys-") as directory:
+            keys_dir = Path(directory) if curve else None
+            broker = start_broker(keys_dir)
+            try:
+                return zmq_broker(
                     broker.urls[0],
                     rooms=min(args.rooms, 1000),
                     seconds=args.seconds,
                     broker=broker,
                     batch=args.batch,
-                ),
-                indent=2,
-            )
-        )
-    finally:
-        broker.stop()
+                    keys_dir=keys_dir,
+                )
+            finally:
+                broker.stop()
+
+    if args.what == "zmq":
+        print(json.dumps(run_once(args.curve), indent=2))
+        return
+    runs: dict[str, list[dict[str, Any]]] = {"plaintext": [], "curve": []}
+    for _ in range(args.rounds):  # alternating, so drift in the machine hits both alike
+        runs["plaintext"].append(run_once(False))
+        runs["curve"].append(run_once(True))
+    summary = {
+        mode: {
+            "envelopes_per_broker_cpu_s": [round(r["envelopes_per_broker_cpu_s"]) for r in rs],
+            "median_envelopes_per_broker_cpu_s": round(
+                statistics.median(r["envelopes_per_broker_cpu_s"] for r in rs)
+            ),
+            "median_envelopes_in_per_broker_cpu_s": round(
+                statistics.median(r["envelopes_in_per_broker_cpu_s"] for r in rs)
+            ),
+            "commands_per_s": [round(r["commands_per_s"]) for r in rs],
+            "rtt_p50_us": [round(r["rtt"]["p50_us"], 1) for r in rs if "p50_us" in r["rtt"]],
+            "complete": all(r["complete"] for r in rs),
+        }
+        for mode, rs in runs.items()
+    }
+    print(json.dumps({"batch": args.batch, "seconds": args.seconds, **summary}, indent=2))
 
 
 if __name__ == "__main__":

@@ -220,6 +220,8 @@ class BrokerNode(OwnerNode):
                 on_down=self._peers_changed,
                 heartbeat_interval=self.settings.heartbeat_interval,
                 peer_expiry=self.settings.peer_expiry,
+                keys=self.keys,
+                max_message=self.settings.max_node_message,
             )
             self.peers[endpoint] = link
             if self._running:

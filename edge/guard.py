@@ -74,3 +74,17 @@ class ClientGuard:
             self.close_code = CloseCode.ABUSE
             return CLOSE
         return REFUSE
+
+
+def origin_admitted(origin: str | None, allowed: list[str], allow_missing: bool) -> bool:
+    """Whether a WebSocket handshake with ``Origin: origin`` (None: no header) may open.
+
+    An empty ``allowed`` admits every origin. A missing header is never a browser page
+    (browsers send ``Origin`` on every WebSocket handshake); it is a native app or an SDK,
+    admitted by ``allow_missing`` (see docs/security.md for why that is the default).
+    """
+    if not allowed:
+        return True
+    if origin is None:
+        return allow_missing
+    return origin in allowed

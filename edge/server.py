@@ -43,7 +43,7 @@ from edge.core import (
     Write,
 )
 from edge.delivery import ACCEPT, DUPLICATE, GAP, OTHER_EPOCH
-from edge.guard import CLOSE, SERVE, ClientGuard
+from edge.guard import CLOSE, SERVE, ClientGuard, origin_admitted
 from edge.websocket_link import WebSocketLink
 from signalpost import metrics
 from signalpost.auth import Identity, ResumeTokens, TokenVerifier, ice_servers, mint_token
@@ -473,8 +473,8 @@ class EdgeServer:
         """A WebSocket opened: check its origin, then wait for ``hello``."""
         request = link.request
         origin = request.headers.get("Origin") if request is not None else None
-        allowed = self.settings.allowed_origins
-        if allowed and origin not in allowed:
+        settings = self.settings
+        if not origin_admitted(origin, settings.allowed_origins, settings.allow_missing_origin):
             link.close(CloseCode.ORIGIN_REFUSED, "origin refused")
             return
         timer = asyncio.get_running_loop().call_later(
@@ -646,6 +646,7 @@ class EdgeServer:
             try:
                 message = decode_client(frame)
             except ProtocolError as exc:
+                metrics.CLIENT_BAD_FRAMES.inc()
                 self._write([client], _error(exc, request_id_of(exc)))
                 verdict = guard.bad_frame(time.monotonic())
             else:
@@ -656,6 +657,7 @@ class EdgeServer:
                     self._write([client], _error(exc, message.id))
                     if not isinstance(exc, BadRequest):
                         return
+                    metrics.CLIENT_BAD_FRAMES.inc()
                     verdict = guard.bad_frame(time.monotonic())
                 except Exception:
                     # A bug must cost this one request, not the connection or the edge.

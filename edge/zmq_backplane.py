@@ -19,6 +19,7 @@ from edge.backplane import Inbox
 from signalpost.config import Settings
 from signalpost.discovery import Discovery
 from signalpost.lifecycle import cancel_all
+from signalpost.node_keys import node_keys
 from signalpost.ownership import View, follow_view
 from signalpost.placement import owner, ranking
 from signalpost.transport import DealerLink, new_incarnation
@@ -49,6 +50,7 @@ class ZmqBackplane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.incarnation = new_incarnation()
+        self._keys = node_keys(settings)  # raises ConfigError before any socket exists
         self._context = zmq.Context()
         self.brokers: dict[str, DealerLink] = {}  # broker id -> link
         self.presence: DealerLink | None = None
@@ -90,6 +92,8 @@ class ZmqBackplane:
             on_down=self._on_down,
             heartbeat_interval=s.heartbeat_interval,
             peer_expiry=s.peer_expiry,
+            keys=self._keys,
+            max_message=s.max_node_message,
         )
         if self._started:
             link.start()

@@ -1,4 +1,4 @@
-"""``signalpost`` command line: dev, edge, broker, presence, cluster, token."""
+"""``signalpost`` command line: dev, edge, broker, presence, cluster, token, keys."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from signalpost.auth import mint_token
@@ -37,8 +38,23 @@ async def run_dev(settings: Settings, ready: Callable[[int], None] | None = None
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}
+    if getattr(args, "insecure_node_links", False):
+        overrides["insecure_node_links"] = True
     overrides.update(extra)
     return load_settings(args.config, **overrides)
+
+
+def require_own_jwt_secret(settings: Settings, kind: str) -> None:
+    """Refuse to run an edge or broker with the public default ``jwt_secret``.
+
+    Anyone can mint tokens with it; only ``signalpost dev`` may use it.
+    """
+    if settings.jwt_secret == DEV_JWT_SECRET:
+        raise ConfigError(
+            f"refusing to start a {kind} with the public default jwt_secret: set "
+            "SIGNALPOST_JWT_SECRET (e.g. `openssl rand -hex 32`); only `signalpost dev` "
+            "runs with the default"
+        )
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
@@ -65,13 +81,17 @@ def cmd_token(args: argparse.Namespace) -> None:
 def cmd_edge(args: argparse.Namespace) -> None:
     from edge.main import run_edge
 
-    run(lambda: run_edge(_settings(args, node_id=args.id)))
+    settings = _settings(args, node_id=args.id)
+    require_own_jwt_secret(settings, "edge")
+    run(lambda: run_edge(settings))
 
 
 def cmd_broker(args: argparse.Namespace) -> None:
     from broker.service import run_broker
 
-    run(lambda: run_broker(_settings(args, node_id=args.id, broker_bind=args.bind)))
+    settings = _settings(args, node_id=args.id, broker_bind=args.bind)
+    require_own_jwt_secret(settings, "broker")
+    run(lambda: run_broker(settings))
 
 
 def cmd_presence(args: argparse.Namespace) -> None:
@@ -80,10 +100,19 @@ def cmd_presence(args: argparse.Namespace) -> None:
     run(lambda: run_presence(_settings(args, node_id=args.id, presence_bind=args.bind)))
 
 
+def cmd_keys(args: argparse.Namespace) -> None:
+    from signalpost.node_keys import create_node_keys
+
+    public, secret = create_node_keys(Path(args.dir), args.name, args.endpoint)
+    print(f"public key: {public}  (copy into every node's cluster_keys_dir)")
+    print(f"secret key: {secret}  (this node only: its node_key_file)")
+
+
 def cmd_cluster(args: argparse.Namespace) -> None:
     from signalpost.cluster import run_cluster
 
-    settings = load_settings(args.config)
+    settings = _settings(args)
+    require_own_jwt_secret(settings, "cluster")
     raise SystemExit(
         run_cluster(
             settings,
@@ -114,9 +143,25 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--name")
     token.set_defaults(func=cmd_token)
 
+    keys = commands.add_parser(
+        "keys", help="write a node's CurveZMQ key pair (<name>.key, <name>.key_secret)"
+    )
+    keys.add_argument("--dir", required=True, help="directory to write the two files to")
+    keys.add_argument("--name", required=True, help="file name: the node id is a good one")
+    keys.add_argument(
+        "--endpoint",
+        help="the ZeroMQ endpoint others dial this node at (brokers and presence)",
+    )
+    keys.set_defaults(func=cmd_keys)
+
+    insecure_help = (
+        "plaintext, unauthenticated node links without keys: anyone who reaches a ZeroMQ "
+        "port can forge envelopes (a closed test network only; logged as a warning)"
+    )
     for kind, func in (("edge", cmd_edge), ("broker", cmd_broker), ("presence", cmd_presence)):
         tier = commands.add_parser(kind, help=f"run one {kind} node")
         tier.add_argument("--id", help="node id (default: generated)")
+        tier.add_argument("--insecure-node-links", action="store_true", help=insecure_help)
         if kind == "edge":
             tier.add_argument("--host")
             tier.add_argument("--port", type=int)
@@ -135,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="start a Consul dev agent for discovery (auto: when consul is on PATH)",
     )
+    cluster.add_argument("--insecure-node-links", action="store_true", help=insecure_help)
     cluster.set_defaults(func=cmd_cluster)
     return parser
 

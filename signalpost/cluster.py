@@ -6,6 +6,12 @@ the state file: ``{"processes": [{"kind", "id", "pid", "url"}, ...]}`` (``url`` 
 ws URL of an edge, the ZeroMQ endpoint of a broker or presence node, the HTTP address of
 Consul). Children that die are left dead unless ``--restart``; SIGTERM/SIGINT stops all.
 Each child's output goes to ``<state file>.logs/<id>.log``.
+
+Node links use CurveZMQ: the launcher writes a key pair per node into a fresh directory
+under the logs directory (``signalpost.node_keys``; brokers and presence with the endpoint
+they bind) and gives each child its own secret file and that directory as the cluster keys
+directory; the state file names it (``keys_dir``), so a test can add a node. With
+``insecure_node_links`` (``--insecure-node-links``) no keys are made and links are plaintext.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from signalpost.config import Settings
+from signalpost.node_keys import SECRET_SUFFIX, create_node_keys
 from signalpost.ownership import VIEW_KEY, decode_view
 
 log = logging.getLogger("signalpost.cluster")
@@ -93,10 +100,21 @@ def plan(
     brokers: int,
     log_dir: Path,
     consul: bool,
+    keys_dir: Path | None = None,
 ) -> list[Child]:
-    """The children of a cluster, with ports picked and settings passed by environment."""
+    """The children of a cluster, with ports picked and settings passed by environment.
+
+    With ``keys_dir``, each signalpost node gets a key pair written there (plaintext links
+    without: then ``settings.insecure_node_links`` must be set).
+    """
     env = dict(os.environ)
     env.setdefault("SIGNALPOST_JWT_SECRET", settings.jwt_secret)
+    if keys_dir is None:
+        env["SIGNALPOST_INSECURE_NODE_LINKS"] = "true"
+    else:
+        env["SIGNALPOST_CLUSTER_KEYS_DIR"] = str(keys_dir)
+        env.pop("SIGNALPOST_INSECURE_NODE_LINKS", None)
+        env.pop("SIGNALPOST_NODE_SECRET_KEY", None)
     children: list[Child] = []
     if consul:
         consul_port = free_port()
@@ -182,11 +200,22 @@ def plan(
                 f"http:http://127.0.0.1:{port}/healthz",
             )
         )
+    if keys_dir is not None:
+        for child in children:
+            if child.kind == "consul":
+                continue
+            create_node_keys(keys_dir, child.id, None if child.kind == "edge" else child.url)
+            child.env = {
+                **child.env,
+                "SIGNALPOST_NODE_KEY_FILE": str(keys_dir / (child.id + SECRET_SUFFIX)),
+            }
     return children
 
 
-def _write_state(path: Path, children: list[Child]) -> None:
-    state = {"processes": [child.describe() for child in children]}
+def _write_state(path: Path, children: list[Child], keys_dir: Path | None) -> None:
+    state: dict[str, Any] = {"processes": [child.describe() for child in children]}
+    if keys_dir is not None:
+        state["keys_dir"] = str(keys_dir)
     partial = path.with_suffix(path.suffix + ".partial")
     partial.write_text(json.dumps(state, indent=2))
     partial.replace(path)  # readers never see half a file
@@ -256,7 +285,19 @@ def run_cluster(
     if consul == "on" and shutil.which("consul") is None:
         print("signalpost cluster: --consul on, but consul is not on PATH", file=sys.stderr)
         return 2
-    children = plan(settings, edges=edges, brokers=brokers, log_dir=log_dir, consul=want_consul)
+    keys_dir = (
+        None
+        if settings.insecure_node_links
+        else Path(tempfile.mkdtemp(prefix="signalpost-keys-", dir=log_dir))
+    )
+    children = plan(
+        settings,
+        edges=edges,
+        brokers=brokers,
+        log_dir=log_dir,
+        consul=want_consul,
+        keys_dir=keys_dir,
+    )
 
     stopping = False
 
@@ -281,7 +322,7 @@ def run_cluster(
         if consul_url is not None and not _wait_for_view(consul_url, broker_urls, deadline):
             print("signalpost cluster: the brokers did not form a view in Consul", file=sys.stderr)
             return 1
-        _write_state(state_path, children)
+        _write_state(state_path, children, keys_dir)
         print(f"signalpost cluster ready: {state_path}", flush=True)
         while not stopping:
             time.sleep(0.2)
@@ -293,7 +334,7 @@ def run_cluster(
                 if restart and child.kind != "consul":
                     log.warning("%s exited with %s; restarting", child.id, code)
                     child.start()
-                    _write_state(state_path, children)
+                    _write_state(state_path, children, keys_dir)
         return 0
     finally:
         _stop(children, settings.drain_timeout + 2.0)

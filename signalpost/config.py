@@ -52,6 +52,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     heartbeat: Count = 25
     resume_window: Seconds = 30.0
     allowed_origins: list[str] = []
+    allow_missing_origin: bool = True  # with allowed_origins: admit clients sending no Origin
     rate_per_second: Rate = 50.0
     rate_burst: Count = 100
     rate_strikes: Count = 20  # rate_limited errors in a row before close 4429
@@ -84,6 +85,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     consul_addr: str | None = None  # host:port of a Consul agent; None = static endpoints
     advertise_host: str | None = None  # address Consul and peers reach this node at (default: host)
     health_port: Port = 0  # /healthz for Consul HTTP checks (0 = pick free)
+
+    # node links: CurveZMQ keys (signalpost/node_keys.py, docs/security.md)
+    node_key_file: str | None = None  # this node's <name>.key_secret
+    node_secret_key: str | None = None  # or the Z85 secret key itself (e.g. from env)
+    cluster_keys_dir: str | None = None  # every node's <name>.key: allow-list, server keys
+    insecure_node_links: bool = False  # plaintext, unauthenticated links (closed test nets)
+    max_node_message: Count = 128 * 1024 * 1024  # ZeroMQ MAXMSGSIZE on every node socket
 
     @property
     def advertised_host(self) -> str:
@@ -173,6 +181,8 @@ MEANINGS: Final = {
     "heartbeat": "seconds between WebSocket pings to clients (sent in `welcome`)",
     "resume_window": "seconds a dropped session stays in its rooms, resumable",
     "allowed_origins": "browser `Origin`s accepted (empty: any; else others get 4403)",
+    "allow_missing_origin": "with `allowed_origins` set, still accept connections that send "
+    "no `Origin` (native apps, the Python SDK: never a browser page); false: refuse them (4403)",
     "rate_per_second": "frames per second per connection (token bucket refill)",
     "rate_burst": "token bucket size",
     "rate_strikes": "`rate_limited` errors in a row before close 4429",
@@ -201,6 +211,16 @@ MEANINGS: Final = {
     "consul_addr": "`host:port` of a Consul agent: register there and discover the others",
     "advertise_host": "address Consul and other nodes reach this node at (default: host)",
     "health_port": "port of a broker's/presence's `/healthz` and `/metrics` (0: pick free)",
+    "node_key_file": "this node's CurveZMQ key pair: the `<name>.key_secret` file "
+    "`signalpost keys` wrote",
+    "node_secret_key": "this node's CurveZMQ secret key (40 Z85 characters), instead of "
+    "`node_key_file`",
+    "cluster_keys_dir": "directory of every node's public `<name>.key`: the nodes a broker "
+    "or presence admits, and the server key for each endpoint a node dials",
+    "insecure_node_links": "plaintext, unauthenticated node links without keys "
+    "(`--insecure-node-links`; logged as a warning; a closed test network only)",
+    "max_node_message": "largest ZeroMQ message a node accepts (MAXMSGSIZE); a larger one "
+    "drops the connection. Keep above `history_max_events x max_frame` (a room handoff)",
 }
 
 

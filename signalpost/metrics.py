@@ -69,6 +69,22 @@ NODE_FRAMES_DROPPED = Counter(
     ["what"],
 )
 
+CLIENT_BAD_FRAMES = Counter(
+    "signalpost_client_bad_frames",
+    "Client frames answered bad_request: not JSON, invalid, or nested too deeply (a frame "
+    "over max_frame closes the connection with 1009 instead)",
+)
+NODE_LINKS_REFUSED = Counter(
+    "signalpost_node_links_refused",
+    "Node links refused, per handshake. At a broker or presence: a node whose public key "
+    "is not in the cluster keys directory (unknown_key), a plaintext node (plaintext), a "
+    "handshake that failed otherwise, e.g. dialled with another server key (bad_handshake). "
+    "At a dialling node: an endpoint no trusted certificate names (no_server_key), its own "
+    "key refused by the server (refused_by_server), a server not holding the expected key "
+    "(server_unverified)",
+    ["reason"],
+)
+
 
 def exposition() -> tuple[bytes, str]:
     """The text exposition format and its content type."""

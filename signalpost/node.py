@@ -20,6 +20,7 @@ from signalpost import metrics
 from signalpost.config import Settings
 from signalpost.discovery import Discovery, Registration
 from signalpost.health import HealthServer
+from signalpost.node_keys import node_keys
 from signalpost.transport import RouterEndpoint
 from signalpost.wire import Envelope, encode_envelope
 
@@ -46,6 +47,7 @@ class OwnerNode:
         self.kind = kind
         self.node_id = settings.node_id or f"{kind}-{secrets.token_hex(4)}"
         self.core = core
+        self.keys = node_keys(settings)  # raises ConfigError before any socket exists
         self._context = zmq.Context()
         self._clock = time.monotonic
         self.settings = settings
@@ -58,6 +60,8 @@ class OwnerNode:
             on_peer_restarted=self._on_edge_lost,
             heartbeat_interval=settings.heartbeat_interval,
             peer_expiry=settings.peer_expiry,
+            keys=self.keys,
+            max_message=settings.max_node_message,
         )
         self._kind = kind
         dialled = settings.dialable(bind)

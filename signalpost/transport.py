@@ -18,6 +18,13 @@ Heartbeats go both ways every ``heartbeat_interval``; a peer silent for
 ``interval x liveness`` is dead (the Majordomo rule). Each node carries an
 ``incarnation`` that changes when it restarts, so the other side can tell "came back
 empty" from "was briefly slow" and re-announce its soft state.
+
+Security (``signalpost.node_keys``): with ``keys``, a ROUTER is a CurveZMQ server whose
+context runs a ZAP authenticator admitting only the cluster's node keys, and a DEALER a
+CurveZMQ client that dials only an endpoint whose server key the cluster keys directory
+names; ``keys=None`` is plaintext (``insecure_node_links``). Every node socket has
+``MAXMSGSIZE`` (``max_message``): libzmq drops the connection of a peer that sends a
+larger message, before any of it reaches Python; the peer reconnects.
 """
 
 from __future__ import annotations
@@ -36,6 +43,13 @@ import zmq
 
 from signalpost import metrics
 from signalpost.lifecycle import cancel_all
+from signalpost.node_keys import (
+    HandshakeWatch,
+    NodeAuthenticator,
+    NodeKeys,
+    dial_curve,
+    serve_curve,
+)
 from signalpost.wire import (
     WIRE_VERSION,
     Envelope,
@@ -374,11 +388,22 @@ class RouterEndpoint:
         on_peer_restarted: Callable[[str], None],
         heartbeat_interval: float,
         peer_expiry: float,
+        keys: NodeKeys | None,
+        max_message: int,
     ) -> None:
         self.node_id = node_id
         self.incarnation = new_incarnation()
         self.peers: dict[str, PeerState] = {}
+        # The ZAP handler must be up before the bind: without one, libzmq admits any
+        # CurveZMQ client that knows the server key.
+        self._authenticator: NodeAuthenticator | None = None
+        if keys is not None:
+            self._authenticator = NodeAuthenticator(context, keys.cluster_dir)
+            self._authenticator.start()
         socket = context.socket(zmq.ROUTER)
+        if keys is not None:
+            serve_curve(socket, keys)
+        socket.setsockopt(zmq.MAXMSGSIZE, max_message)
         socket.setsockopt(zmq.LINGER, 0)
         # Report a message for a peer that is not connected (EHOSTUNREACH) or whose pipe
         # is full (EAGAIN) instead of dropping it silently: FastSocket counts and logs it.
@@ -387,6 +412,7 @@ class RouterEndpoint:
         socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
         socket.bind(bind)
         self.endpoint: str = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._watch = None if keys is None else HandshakeWatch(socket, self.endpoint, server=True)
         self._socket = FastSocket(socket)
         self._outbox = Outbox(self._socket, routed=True)
         #: Queue an already-encoded envelope for a peer (sent at the end of this iteration).
@@ -404,12 +430,18 @@ class RouterEndpoint:
 
     async def __aenter__(self) -> RouterEndpoint:
         self._socket.start("router", self._receive, self._heartbeat_loop)
+        if self._watch is not None:
+            self._watch.start()
         self._outbox.flush()  # anything queued before there was a loop
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._outbox.close()
+        if self._watch is not None:
+            self._watch.close()
         await self._socket.close()
+        if self._authenticator is not None:
+            self._authenticator.stop()
 
     def _receive(self, frames: list[bytes]) -> int:
         batch = unframe(frames[1]) if len(frames) == 2 else None
@@ -470,18 +502,29 @@ class DealerLink:
         on_down: Callable[[DealerLink], None],
         heartbeat_interval: float,
         peer_expiry: float,
+        keys: NodeKeys | None,
+        max_message: int,
     ) -> None:
         self.endpoint = endpoint
         self.remote: PeerState | None = None
         self.alive = False
         socket = context.socket(zmq.DEALER)
+        #: False when no trusted key names ``endpoint``: the link is never opened (logged).
+        self.dialled = keys is None or dial_curve(socket, keys, endpoint)
+        socket.setsockopt(zmq.MAXMSGSIZE, max_message)
         socket.setsockopt(zmq.IDENTITY, node_id.encode())
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
         socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
         socket.setsockopt(zmq.RECONNECT_IVL, 100)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        socket.connect(endpoint)
+        self._watch = (
+            HandshakeWatch(socket, endpoint, server=False)
+            if keys is not None and self.dialled
+            else None
+        )
+        if self.dialled:
+            socket.connect(endpoint)
         self._socket = FastSocket(socket)
         self._outbox = Outbox(self._socket, routed=False)
         self._on_envelope = on_envelope
@@ -494,18 +537,26 @@ class DealerLink:
     def send(self, envelope: Envelope) -> None:
         """Queue ``envelope`` for the owner (ZeroMQ buffers it while reconnecting).
 
-        Sent at the end of this event loop iteration, batched with the others.
+        Sent at the end of this event loop iteration, batched with the others. Dropped
+        when the link was not dialled (no trusted server key): nothing would take it.
         """
-        self._outbox.put("", encode_envelope(envelope))
+        if self.dialled:
+            self._outbox.put("", encode_envelope(envelope))
 
     def start(self) -> None:
-        """Start receiving and heartbeating."""
+        """Start receiving and heartbeating (a link that was not dialled stays idle)."""
+        if not self.dialled:
+            return
         self._outbox.put("", self._heartbeat)
         self._socket.start(f"dealer {self.endpoint}", self._receive, self._heartbeat_loop)
+        if self._watch is not None:
+            self._watch.start()
 
     async def close(self) -> None:
         """Send what is queued, then stop and close the socket."""
         self._outbox.close()
+        if self._watch is not None:
+            self._watch.close()
         await self._socket.close()
 
     def _receive(self, frames: list[bytes]) -> int:

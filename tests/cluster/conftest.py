@@ -29,6 +29,7 @@ class Cluster:
     launcher: subprocess.Popen[bytes]
     state_path: Path
     processes: list[dict[str, Any]] = field(default_factory=list)
+    keys_dir: Path = Path()  # the cluster keys directory (node_keys): add a node's pair here
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [p for p in self.processes if p["kind"] == kind]
@@ -125,7 +126,9 @@ def cluster_factory(tmp_path: Path) -> Iterator[ClusterFactory]:
             if time.monotonic() > deadline:
                 pytest.fail("signalpost cluster did not become ready")
             time.sleep(0.05)
-        cluster.processes = json.loads(state_path.read_text())["processes"]
+        state = json.loads(state_path.read_text())
+        cluster.processes = state["processes"]
+        cluster.keys_dir = Path(state["keys_dir"])
         return cluster
 
     yield start

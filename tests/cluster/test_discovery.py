@@ -21,6 +21,7 @@ import pytest
 
 from signalpost.client import SignalEvent, SignalpostClient
 from signalpost.cluster import free_port
+from signalpost.node_keys import create_node_keys
 from tests.cluster.conftest import FAST_ENV, Cluster, ClusterFactory
 from tests.consul import ConsulAgent
 from tests.helpers import token
@@ -144,15 +145,24 @@ async def test_routing_continues_while_consul_restarts(
 
 
 def _start_broker(
-    broker_id: str, agent: ConsulAgent, health_port: int, log_dir: Path
+    broker_id: str, agent: ConsulAgent, health_port: int, log_dir: Path, keys_dir: Path
 ) -> subprocess.Popen[bytes]:
-    """One more broker, outside the cluster, that only Consul tells the others about."""
+    """One more broker, outside the cluster, that only Consul tells the others about.
+
+    Its key pair goes into the cluster keys directory (with the endpoint it binds), so the
+    others admit it and can dial it: how an operator adds a node.
+    """
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    name = f"{broker_id}-{endpoint.rsplit(':', 1)[1]}"  # each attempt: a new pair
+    _, secret_path = create_node_keys(keys_dir, name, endpoint)
     with (log_dir / f"{broker_id}.log").open("wb") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "signalpost.cli", "broker", "--id", broker_id,
-             "--bind", f"tcp://127.0.0.1:{free_port()}"],
+             "--bind", endpoint],
             env={**os.environ, **FAST_ENV, "SIGNALPOST_CONSUL_ADDR": agent.address,
-                 "SIGNALPOST_HEALTH_PORT": str(health_port)},
+                 "SIGNALPOST_HEALTH_PORT": str(health_port),
+                 "SIGNALPOST_NODE_KEY_FILE": str(secret_path),
+                 "SIGNALPOST_CLUSTER_KEYS_DIR": str(keys_dir)},
             stdout=log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -174,7 +184,9 @@ async def test_a_broker_added_while_running_takes_rooms(
         # A port free_port() found can be taken by another process before the broker
         # binds it (the broker then exits at once): start again on other ports.
         health_port = free_port()
-        newcomer = _start_broker("broker-new", consul_agent, health_port, tmp_path)
+        newcomer = _start_broker(
+            "broker-new", consul_agent, health_port, tmp_path, cluster.keys_dir
+        )
         try:
             newcomer.wait(1.0)
         except subprocess.TimeoutExpired:

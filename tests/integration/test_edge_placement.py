@@ -21,7 +21,7 @@ ROOMS = [f"room-{i}" for i in range(300)]
 
 
 def backplane(on_change: list[dict[str, tuple[str, str | None]]]) -> ZmqBackplane:
-    plane = ZmqBackplane(Settings())
+    plane = ZmqBackplane(Settings(insecure_node_links=True))
 
     def owners_changed() -> None:
         on_change.append({room: (plane.owner_of(room).endpoint, None) for room in ROOMS})

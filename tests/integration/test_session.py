@@ -10,6 +10,7 @@ import time
 import jwt
 import pytest
 import websockets
+from prometheus_client import REGISTRY
 from websockets.exceptions import ConnectionClosed
 
 from edge.server import EdgeServer
@@ -166,6 +167,22 @@ async def test_origin_refused_4403(dev_factory: DevFactory) -> None:
         assert json.loads(await ws.recv())["type"] == "welcome"
 
 
+@pytest.mark.parametrize(("allow_missing", "admitted"), [(True, True), (False, False)])
+async def test_a_client_without_origin_follows_allow_missing_origin(
+    dev_factory: DevFactory, allow_missing: bool, admitted: bool
+) -> None:
+    # websockets' client sends no Origin unless told to: like the Python SDK or a native app.
+    server = await dev_factory(
+        allowed_origins=["https://app.example"], allow_missing_origin=allow_missing
+    )
+    async with websockets.connect(url_of(server)) as ws:
+        if admitted:
+            await ws.send(json.dumps({"type": "hello", "token": token("alice")}))
+            assert json.loads(await ws.recv())["type"] == "welcome"
+        else:
+            assert await closed_with(ws) == 4403
+
+
 async def test_malformed_frames_get_bad_request_and_the_connection_stays(
     dev_factory: DevFactory,
 ) -> None:
@@ -184,10 +201,14 @@ async def test_malformed_frames_get_bad_request_and_the_connection_stays(
         '{"type":"signal","id":13,"room":"r","data":{"a":' + "[" * 1000 + "]" * 1000 + "}}",
         "[" * 5000 + "]" * 5000,
     ]
+    counted = REGISTRY.get_sample_value("signalpost_client_bad_frames_total") or 0.0
     for frame in bad_frames:
         await client.send(frame)
         error = await client.recv_type("error")
         assert error["code"] == "bad_request", (frame, error)
+    assert REGISTRY.get_sample_value("signalpost_client_bad_frames_total") == counted + len(
+        bad_frames
+    )
     # The ids that could be read are echoed.
     await client.send('{"type":"teleport","id":"t1"}')
     assert (await client.recv_type("error"))["id"] == "t1"

@@ -130,6 +130,8 @@ def router_endpoint(
         on_peer_restarted=lambda peer: None,
         heartbeat_interval=60.0,  # no periodic heartbeat during a test
         peer_expiry=120.0,
+        keys=None,
+        max_message=1 << 30,
     )
 
 
@@ -219,6 +221,8 @@ async def test_a_dealer_link_batches_its_heartbeat_and_sends_in_order(
         on_down=lambda link: None,
         heartbeat_interval=60.0,
         peer_expiry=120.0,
+        keys=None,
+        max_message=1 << 30,
     )
     link.start()
     count = 500
@@ -256,6 +260,8 @@ async def test_batches_flow_both_ways_between_a_link_and_an_endpoint(
             on_down=lambda link: None,
             heartbeat_interval=60.0,
             peer_expiry=120.0,
+            keys=None,
+            max_message=1 << 30,
         )
         link.start()
         await asyncio.wait_for(up.wait(), 30)

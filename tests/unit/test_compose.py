@@ -1,5 +1,9 @@
 """compose/ stays consistent with the code: Docker cannot run here, so check what it would run.
 
+``make-keys.sh`` is run for real (with this checkout's CLI): every node must load the key
+pair its env_file gives it, trust the others' mounted public keys, and find the server
+key of every endpoint it dials.
+
 Each signalpost service's command must parse with the real CLI and its environment must load
 into ``Settings``; the edges must dial the endpoints the brokers and presence bind; coturn's
 config must accept the TURN secret the edges sign with. The coturn config is also started
@@ -9,7 +13,10 @@ with the real ``turnserver`` and must allocate a relay for credentials signalpos
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,7 @@ import yaml
 from signalpost.auth import turn_credentials
 from signalpost.cli import build_parser
 from signalpost.config import ENV_PREFIX, Settings, load_settings
+from signalpost.node_keys import node_keys, read_trusted
 from tests.binaries import require_module
 from tests.coturn import run_coturn
 
@@ -108,6 +116,56 @@ def test_edges_dial_what_brokers_and_presence_bind() -> None:
         settings = load_settings(environ={k: str(v) for k, v in service["environment"].items()})
         assert sorted(settings.broker_endpoints) == sorted(binds["broker"]), name
         assert [settings.presence_endpoint] == binds["presence"], name
+
+
+def _make_keys(keys_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", str(COMPOSE / "make-keys.sh")],
+        env={
+            **os.environ,
+            "SIGNALPOST": f"{sys.executable} -m signalpost.cli",
+            "KEYS_DIR": str(keys_dir),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_every_node_gets_keys_that_admit_and_name_each_other(tmp_path: Path) -> None:
+    keys_dir = tmp_path / "keys"
+    done = _make_keys(keys_dir)
+    assert done.returncode == 0, done.stderr
+    services = _signalpost_services()
+    loaded = {}
+    for name, service in services.items():
+        # The container paths, as the volume mounts map them to the host.
+        (mount,) = service["volumes"]
+        host, container, mode = mount.split(":")
+        assert host == "./keys/public" and mode == "ro", name
+        env_file = service["env_file"]
+        assert env_file.startswith("keys/"), name
+        environment = {k: str(v) for k, v in service["environment"].items()}
+        for line in (keys_dir / env_file.removeprefix("keys/")).read_text().splitlines():
+            key, _, value = line.partition("=")
+            environment[key] = value
+        assert environment["SIGNALPOST_CLUSTER_KEYS_DIR"] == container, name
+        environment["SIGNALPOST_CLUSTER_KEYS_DIR"] = str(keys_dir / "public")
+        keys = node_keys(load_settings(environ=environment))
+        assert keys is not None, name
+        loaded[name] = (keys, load_settings(environ=environment))
+    assert len({keys.public for keys, _ in loaded.values()}) == len(services)  # one pair each
+    trusted = read_trusted(keys_dir / "public")
+    assert trusted.keys == {keys.public for keys, _ in loaded.values()}
+    for name, (keys, settings) in loaded.items():
+        command = services[name]["command"]
+        if command[0] != "edge":  # dialled at what it binds, with its own key
+            assert trusted.servers[_option(command, "--bind")] == keys.public, name
+        for endpoint in [*settings.broker_endpoints, settings.presence_endpoint]:
+            assert endpoint in trusted.servers, f"{name} dials {endpoint}: no server key"
+    assert (keys_dir / "edge-1.env").stat().st_mode & 0o077 == 0  # secrets: owner only
+    again = _make_keys(keys_dir)
+    assert again.returncode != 0 and "exists" in again.stderr  # never overwritten
 
 
 def test_coturn_accepts_the_secret_the_edges_sign_with() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge.guard import ClientGuard, Verdict
+from edge.guard import ClientGuard, Verdict, origin_admitted
 from signalpost.errors import CloseCode
 
 
@@ -120,3 +120,21 @@ def test_bad_frame_strikes_is_the_number_of_errors_before_the_close(strikes: int
     guard = make_guard(bad_frame_strikes=strikes)
     verdicts = [guard.bad_frame(0.0) for _ in range(strikes)]
     assert verdicts == [Verdict.REFUSE] * (strikes - 1) + [Verdict.CLOSE]
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed", "allow_missing", "admitted"),
+    [
+        ("https://a.example", [], False, True),  # no list: any origin
+        (None, [], False, True),
+        ("https://a.example", ["https://a.example"], False, True),
+        ("https://evil.example", ["https://a.example"], True, False),
+        (None, ["https://a.example"], True, True),  # no header: not a browser page
+        (None, ["https://a.example"], False, False),
+        ("", ["https://a.example"], True, False),  # an empty header is a header
+    ],
+)
+def test_origin_admitted(
+    origin: str | None, allowed: list[str], allow_missing: bool, admitted: bool
+) -> None:
+    assert origin_admitted(origin, allowed, allow_missing) is admitted

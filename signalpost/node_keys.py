@@ -1,0 +1,407 @@
+"""Node keys: CurveZMQ on every link between nodes, and who may open one.
+
+Every node (edge, broker, presence) has a CurveZMQ key pair. ``signalpost keys`` writes it
+as two ZeroMQ certificate files (the format czmq and ``zmq.auth`` read):
+
+* ``<name>.key_secret``: the pair; stays on that node (``node_key_file``, or the secret
+  key itself in ``node_secret_key``, e.g. from a secret store through the environment);
+* ``<name>.key``: the public key, and for a node that binds (broker, presence) the
+  ``endpoint`` other nodes dial it at, in the certificate's metadata.
+
+The **cluster keys directory** (``cluster_keys_dir``) holds every node's ``<name>.key``,
+the same on every node. It is the whole trust model:
+
+* a node that binds (a ROUTER: broker, presence) admits a connecting node only if its
+  public key has a file there: ZAP, run by pyzmq's ``ThreadAuthenticator``. The directory
+  is read again at each handshake, so adding or removing a node's file takes effect at
+  that node's next connection (connections already up stay until they drop). A refused
+  node is logged (once per key per interval) and counted in
+  ``signalpost_node_links_refused_total{reason="unknown_key"}``;
+* a node that dials (a DEALER: edge, broker towards a peer) uses, as the server key, the
+  key of the file whose ``endpoint`` is the endpoint it dials, so it talks only to the node
+  holding that key's secret. An endpoint no file names is not dialled (logged, counted as
+  ``reason="no_server_key"``). Several files naming one endpoint (during a rotation): the
+  newest file wins.
+
+Every other failed handshake is seen on the socket's monitor (``HandshakeWatch``), logged
+and counted too: at a ROUTER a plaintext node (``plaintext``) or one that dialled with
+another server key (``bad_handshake``); at a DEALER its own key refused (``refused_by_server``)
+or a server that does not hold the key it expected (``server_unverified``).
+
+The server key is not taken from Consul's service metadata: Consul would then decide whom
+an edge trusts, and it is only as trustworthy as its ACLs. Here Consul decides only where
+a node is; the directory decides who it must be.
+
+Plaintext links only with ``insecure_node_links`` (``--insecure-node-links``), logged as a
+warning at start-up; with neither keys nor that flag a node refuses to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import monitor, z85
+
+from signalpost import metrics
+from signalpost.config import Settings
+from signalpost.errors import ConfigError
+
+log = logging.getLogger("signalpost.node_keys")
+
+#: The ZAP domain of every ROUTER signalpost binds.
+ZAP_DOMAIN: Final = "signalpost"
+
+#: File name endings of the two certificate files (czmq's convention, read by ``zmq.auth``).
+PUBLIC_SUFFIX: Final = ".key"
+SECRET_SUFFIX: Final = ".key_secret"
+
+_Z85_KEY_LENGTH: Final = 40
+
+
+@dataclass(frozen=True, slots=True)
+class NodeKeys:
+    """This node's key pair (Z85) and the cluster keys directory it trusts."""
+
+    public: bytes
+    secret: bytes
+    cluster_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedKeys:
+    """What the cluster keys directory says now: every node's key, and servers by endpoint."""
+
+    keys: frozenset[bytes]
+    servers: dict[str, bytes]
+
+
+def _parse_certificate(path: Path) -> tuple[bytes | None, bytes | None, dict[str, str]]:
+    """(public key, secret key, metadata) of a ZeroMQ certificate file (ZPL, czmq's form)."""
+    public: bytes | None = None
+    secret: bytes | None = None
+    metadata: dict[str, str] = {}
+    section = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.rstrip()
+        if not line.strip() or line.lstrip().startswith("#"):  # "#" is also a Z85 digit
+            continue
+        if not line[0].isspace():
+            section = line.strip()
+            continue
+        name, separator, value = line.strip().partition("=")
+        if not separator:
+            continue
+        name, value = name.strip(), value.strip().strip("\"'")
+        if section == "curve" and name == "public-key":
+            public = value.encode()
+        elif section == "curve" and name == "secret-key":
+            secret = value.encode()
+        elif section == "metadata":
+            metadata[name] = value
+    return public, secret, metadata
+
+
+def _valid_key(key: bytes) -> bool:
+    if len(key) != _Z85_KEY_LENGTH:
+        return False
+    try:
+        z85.decode(key)
+    except (ValueError, KeyError):
+        return False
+    return True
+
+
+def read_trusted(directory: Path) -> TrustedKeys:
+    """Read every ``*.key`` file of the cluster keys directory (unreadable ones are logged)."""
+    keys: set[bytes] = set()
+    servers: dict[str, tuple[float, bytes]] = {}
+    try:
+        paths = sorted(directory.glob("*" + PUBLIC_SUFFIX))
+    except OSError as exc:
+        log.error("cannot read the cluster keys directory %s: %s", directory, exc)
+        return TrustedKeys(frozenset(), {})
+    for path in paths:
+        try:
+            public, _, metadata = _parse_certificate(path)
+            modified = path.stat().st_mtime
+        except (OSError, UnicodeDecodeError) as exc:
+            log.error("cannot read node certificate %s: %s", path, exc)
+            continue
+        if public is None or not _valid_key(public):
+            log.error("node certificate %s has no valid public key; ignored", path)
+            continue
+        keys.add(public)
+        endpoint = metadata.get("endpoint")
+        if endpoint and (endpoint not in servers or servers[endpoint][0] <= modified):
+            servers[endpoint] = (modified, public)
+    return TrustedKeys(frozenset(keys), {e: key for e, (_, key) in servers.items()})
+
+
+def create_node_keys(directory: Path, name: str, endpoint: str | None = None) -> tuple[Path, Path]:
+    """Write ``<name>.key`` (public, with ``endpoint``) and ``<name>.key_secret`` (0600).
+
+    Refuses to overwrite: a new key is a new name (see docs/security.md, rotation).
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"invalid key name {name!r}")
+    directory.mkdir(parents=True, exist_ok=True)
+    public_path = directory / (name + PUBLIC_SUFFIX)
+    secret_path = directory / (name + SECRET_SUFFIX)
+    for path in (public_path, secret_path):
+        if path.exists():
+            raise ConfigError(f"{path} exists; pick another name (keys are never overwritten)")
+    public, secret = zmq.curve_keypair()
+    metadata = f'    endpoint = "{endpoint}"\n' if endpoint else ""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+    def body(banner: str, secret_line: str) -> str:
+        return (
+            f"#   {banner}\n#   generated by signalpost keys at {stamp}\n"
+            f"metadata\n{metadata}curve\n"
+            f'    public-key = "{public.decode()}"\n{secret_line}'
+        )
+
+    public_path.write_text(body("signalpost node public key: share it", ""))
+    descriptor = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as secret_file:
+        secret_file.write(
+            body("signalpost node SECRET key: keep it on this node only", "")
+            + f'    secret-key = "{secret.decode()}"\n'
+        )
+    return public_path, secret_path
+
+
+def node_keys(settings: Settings) -> NodeKeys | None:
+    """This node's keys from ``settings``; None for plaintext links (``insecure_node_links``).
+
+    Raises ``ConfigError`` naming the settings when keys are missing or unreadable.
+    """
+    has_key = bool(settings.node_key_file or settings.node_secret_key)
+    if settings.insecure_node_links:
+        if has_key or settings.cluster_keys_dir:
+            raise ConfigError(
+                "insecure_node_links is set together with node keys: choose one "
+                "(remove --insecure-node-links to use the keys)"
+            )
+        log.warning(
+            "INSECURE: node links are plaintext and unauthenticated (insecure_node_links): "
+            "anything that reaches a ZeroMQ port can forge envelopes. Never use this on a "
+            "network others can reach; see docs/security.md"
+        )
+        return None
+    if not has_key or not settings.cluster_keys_dir:
+        raise ConfigError(
+            "node links need CurveZMQ keys: set node_key_file (or node_secret_key) and "
+            "cluster_keys_dir (make them with `signalpost keys`), or run with "
+            "--insecure-node-links (plaintext; a closed test network only)"
+        )
+    if settings.node_key_file and settings.node_secret_key:
+        raise ConfigError("set node_key_file or node_secret_key, not both")
+    if settings.node_secret_key:
+        secret = settings.node_secret_key.encode()
+        if not _valid_key(secret):
+            raise ConfigError("node_secret_key is not a 40-character Z85 CurveZMQ secret key")
+    else:
+        assert settings.node_key_file is not None
+        try:
+            _, found, _ = _parse_certificate(Path(settings.node_key_file))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read node_key_file {settings.node_key_file}: {exc}") from exc
+        if found is None or not _valid_key(found):
+            raise ConfigError(
+                f"node_key_file {settings.node_key_file} holds no secret key "
+                f"(give the {SECRET_SUFFIX} file, not the {PUBLIC_SUFFIX} one)"
+            )
+        secret = found
+    directory = Path(settings.cluster_keys_dir)
+    if not directory.is_dir():
+        raise ConfigError(f"cluster_keys_dir {directory} is not a directory")
+    public = zmq.curve_public(secret)
+    if public not in read_trusted(directory).keys:
+        log.warning(
+            "this node's public key %s has no file in cluster_keys_dir %s: other nodes will "
+            "refuse its links",
+            public.decode(),
+            directory,
+        )
+    return NodeKeys(public, secret, directory)
+
+
+def serve_curve(socket: zmq.Socket[Any], keys: NodeKeys) -> None:
+    """Make a socket that binds a CurveZMQ server checked by ZAP (set before ``bind``)."""
+    socket.setsockopt(zmq.CURVE_SERVER, 1)
+    socket.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+    socket.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+    socket.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+
+
+def dial_curve(socket: zmq.Socket[Any], keys: NodeKeys, endpoint: str) -> bool:
+    """Make a socket a CurveZMQ client of the node at ``endpoint`` (before ``connect``).
+
+    False (logged, counted) when the cluster keys directory names no key for ``endpoint``:
+    the caller must not connect.
+    """
+    server = read_trusted(keys.cluster_dir).servers.get(endpoint)
+    if server is None:
+        metrics.NODE_LINKS_REFUSED.labels("no_server_key").inc()
+        log.error(
+            "not dialling %s: no certificate in %s names this endpoint "
+            "(add the node's .key file with `endpoint = %s`)",
+            endpoint,
+            keys.cluster_dir,
+            endpoint,
+        )
+        return False
+    socket.setsockopt(zmq.CURVE_SERVERKEY, server)
+    socket.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+    socket.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+    return True
+
+
+#: How often a refused key is logged again (a refused node retries every second).
+_REFUSAL_LOG_INTERVAL: Final = 10.0
+
+
+class NodeAuthenticator(ThreadAuthenticator):
+    """ZAP for one context: admits the CurveZMQ clients whose key is in the directory.
+
+    Runs in pyzmq's authenticator thread; it reads the directory at each handshake.
+    """
+
+    def __init__(self, context: zmq.Context[Any], directory: Path) -> None:
+        super().__init__(context, log=logging.getLogger("signalpost.node_keys.zap"))
+        self._directory = directory
+        self._address = ""
+        self._logged: dict[bytes, float] = {}
+
+    def start(self) -> None:
+        """Bind the context's ZAP handler and admit keys from the directory."""
+        super().start()
+        self.configure_curve_callback(ZAP_DOMAIN, self)
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        # The address is in the request, not passed on to the key check: kept for the log.
+        self._address = msg[3].decode(errors="replace") if len(msg) > 3 else "?"
+        await super().handle_zap_message(msg)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """The ZAP credentials check (pyzmq's provider protocol): is ``key`` trusted?"""
+        if key in read_trusted(self._directory).keys:
+            return True
+        metrics.NODE_LINKS_REFUSED.labels("unknown_key").inc()
+        now = time.monotonic()
+        if now - self._logged.get(key, -_REFUSAL_LOG_INTERVAL) >= _REFUSAL_LOG_INTERVAL:
+            if len(self._logged) >= 10_000:
+                self._logged.clear()
+            self._logged[key] = now
+            log.warning(
+                "refused a node link from %s: public key %s is not in %s "
+                "(counted in signalpost_node_links_refused_total)",
+                self._address,
+                key.decode(errors="replace"),
+                self._directory,
+            )
+        return False
+
+
+_HANDSHAKE_FAILURES: Final = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+def handshake_failure(event: int, value: int, *, server: bool) -> str | None:
+    """The ``signalpost_node_links_refused_total`` reason of a failed handshake, as a
+    socket's monitor reports it; None for what is counted elsewhere or not a failure.
+
+    A ROUTER (``server``) sees a plaintext peer as a mechanism mismatch and a peer that
+    dialled with another server key (or sent garbage) as a cryptographic error; a ZAP
+    refusal is counted by the authenticator. A DEALER sees a ZAP refusal of its own key
+    as an authentication failure, and a server that does not hold the key it expected
+    (or runs without keys) as a failure without detail.
+    """
+    if server:
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                return "plaintext"
+            return "bad_handshake"
+        return None
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return "refused_by_server"
+    if event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+        return "server_unverified"
+    return None
+
+
+_HANDSHAKE_LOGS: Final = {
+    "plaintext": "a node tried a plaintext link to %s (no CurveZMQ keys): refused",
+    "bad_handshake": "a CurveZMQ handshake on %s failed (dialled with another server key, "
+    "or garbage): refused",
+    "refused_by_server": "%s refused this node's key: add its public key to the cluster "
+    "keys directory of that node",
+    "server_unverified": "the CurveZMQ handshake with %s failed: the node there does not hold "
+    "the key the cluster keys directory names for it, or runs without keys",
+}
+
+
+class HandshakeWatch:
+    """Logs and counts the failed CurveZMQ handshakes of one socket (its monitor).
+
+    Only handshake failures are monitored; each is counted in
+    ``signalpost_node_links_refused_total`` and logged at most once per reason per 10 s
+    (a refused peer retries every second).
+    """
+
+    def __init__(self, socket: zmq.Socket[Any], describe: str, *, server: bool) -> None:
+        self._socket = socket
+        self._monitor: zmq.Socket[Any] = socket.get_monitor_socket(_HANDSHAKE_FAILURES)
+        self._describe = describe
+        self._server = server
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._logged: dict[str, float] = {}
+
+    def start(self) -> None:
+        """Watch from the running event loop (the monitor's descriptor, like FastSocket)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(int(self._monitor.getsockopt(zmq.FD)), self._drain)
+        self._loop.call_soon(self._drain)  # events may already wait: the fd is edge-triggered
+
+    def _drain(self) -> None:
+        if self._monitor.closed:
+            return
+        while True:
+            try:
+                parts = self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event = monitor.parse_monitor_message(parts)
+            reason = handshake_failure(
+                int(event["event"]), int(event["value"]), server=self._server
+            )
+            if reason is None:
+                continue
+            metrics.NODE_LINKS_REFUSED.labels(reason).inc()
+            now = time.monotonic()
+            if now - self._logged.get(reason, -_REFUSAL_LOG_INTERVAL) >= _REFUSAL_LOG_INTERVAL:
+                self._logged[reason] = now
+                log.warning(
+                    _HANDSHAKE_LOGS[reason] + " (counted in signalpost_node_links_refused_total)",
+                    self._describe,
+                )
+
+    def close(self) -> None:
+        """Stop watching; call before the socket is closed."""
+        if self._loop is not None and not self._monitor.closed:
+            self._loop.remove_reader(int(self._monitor.getsockopt(zmq.FD)))
+        if not self._socket.closed:
+            self._socket.disable_monitor()
+        self._monitor.close(linger=0)

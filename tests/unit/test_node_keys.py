@@ -1,0 +1,148 @@
+"""Node keys: files ``signalpost keys`` writes, what a node loads, and when it refuses to start."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import zmq
+
+from signalpost.config import load_settings
+from signalpost.errors import ConfigError
+from signalpost.node_keys import (
+    PUBLIC_SUFFIX,
+    SECRET_SUFFIX,
+    create_node_keys,
+    node_keys,
+    read_trusted,
+)
+
+CLI = [sys.executable, "-m", "signalpost.cli"]
+
+
+def test_keys_files_hold_the_pair_and_the_endpoint(tmp_path: Path) -> None:
+    public_path, secret_path = create_node_keys(tmp_path, "broker-1", "tcp://10.0.0.21:5555")
+    assert public_path == tmp_path / ("broker-1" + PUBLIC_SUFFIX)
+    assert secret_path.stat().st_mode & 0o777 == 0o600
+    public, secret = zmq.auth.load_certificate(secret_path)  # pyzmq reads our files
+    assert secret is not None and zmq.curve_public(secret) == public
+    assert zmq.auth.load_certificate(public_path) == (public, None)  # no secret in .key
+    trusted = read_trusted(tmp_path)
+    assert trusted.keys == {public}
+    assert trusted.servers == {"tcp://10.0.0.21:5555": public}
+    with pytest.raises(ConfigError, match="exists"):
+        create_node_keys(tmp_path, "broker-1")  # never overwritten
+
+
+def test_the_newest_certificate_for_an_endpoint_wins(tmp_path: Path) -> None:
+    old, _ = create_node_keys(tmp_path, "old", "tcp://b:1")
+    new, _ = create_node_keys(tmp_path, "new", "tcp://b:1")
+    os.utime(old, (1_000_000, 1_000_000))
+    new_key, _ = zmq.auth.load_certificate(new)
+    assert read_trusted(tmp_path).servers == {"tcp://b:1": new_key}
+
+
+def test_a_node_loads_its_keys_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    _, secret_path = create_node_keys(tmp_path, "edge-1")
+    public, secret = zmq.auth.load_certificate(secret_path)
+    assert secret is not None
+    from_file = node_keys(
+        load_settings(
+            environ={
+                "SIGNALPOST_NODE_KEY_FILE": str(secret_path),
+                "SIGNALPOST_CLUSTER_KEYS_DIR": str(tmp_path),
+            }
+        )
+    )
+    from_env = node_keys(
+        load_settings(
+            environ={
+                "SIGNALPOST_NODE_SECRET_KEY": secret.decode(),
+                "SIGNALPOST_CLUSTER_KEYS_DIR": str(tmp_path),
+            }
+        )
+    )
+    assert from_file is not None and from_env is not None
+    assert (from_file.public, from_file.secret) == (from_env.public, from_env.secret)
+    assert (from_file.public, from_file.secret) == (public, secret)
+
+
+@dataclass(frozen=True)
+class KeyFiles:
+    secret: str
+    public: str
+    directory: str
+
+
+CASES: list[tuple[Callable[[KeyFiles], dict[str, object]], str]] = [
+    (lambda f: {}, "node_key_file .*cluster_keys_dir.*--insecure-node-links"),
+    (lambda f: {"node_key_file": f.secret}, "cluster_keys_dir"),
+    (lambda f: {"cluster_keys_dir": f.directory}, "node_key_file"),
+    (lambda f: {"node_secret_key": "short", "cluster_keys_dir": f.directory}, "node_secret_key"),
+    (lambda f: {"node_key_file": f.public, "cluster_keys_dir": f.directory}, "no secret key"),
+    (lambda f: {"node_key_file": f.directory + "/x", "cluster_keys_dir": f.directory}, "cannot"),
+    (lambda f: {"node_key_file": f.secret, "cluster_keys_dir": f.secret}, "not a directory"),
+    (lambda f: {"insecure_node_links": True, "cluster_keys_dir": f.directory}, "choose one"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), CASES)
+def test_missing_or_bad_keys_are_refused_naming_the_setting(
+    tmp_path: Path, overrides: Callable[[KeyFiles], dict[str, object]], message: str
+) -> None:
+    public_path, secret_path = create_node_keys(tmp_path, "n")
+    files = KeyFiles(str(secret_path), str(public_path), str(tmp_path))
+    with pytest.raises(ConfigError, match=message):
+        node_keys(load_settings(environ={}, **overrides(files)))
+
+
+def test_insecure_links_are_plaintext_and_logged_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        assert node_keys(load_settings(environ={}, insecure_node_links=True)) is None
+    assert any(
+        "INSECURE" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records
+    )
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SIGNALPOST_")}
+    return subprocess.run(
+        [*CLI, *args], env={**clean, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("kind", ["edge", "broker", "presence"])
+def test_a_node_without_keys_or_the_flag_exits_with_a_clear_error(kind: str) -> None:
+    secret = {"SIGNALPOST_JWT_SECRET": "a-test-secret-0123456789abcdef"}
+    args = [kind, "--id", f"{kind}-x"] + ([] if kind == "edge" else ["--bind", "tcp://127.0.0.1:*"])
+    done = _cli(*args, env=secret)
+    assert done.returncode == 2, done.stderr
+    assert "node_key_file" in done.stderr and "--insecure-node-links" in done.stderr
+
+
+@pytest.mark.parametrize("kind", ["edge", "broker", "cluster"])
+def test_an_edge_or_broker_with_the_public_jwt_secret_refuses_to_start(
+    kind: str, tmp_path: Path
+) -> None:
+    state = str(tmp_path / "cluster.json")
+    args = {"edge": ["edge"], "broker": ["broker"], "cluster": ["cluster", "--state", state]}
+    done = _cli(*args[kind], "--insecure-node-links", env={})
+    assert done.returncode == 2, done.stderr
+    assert "jwt_secret" in done.stderr and "public default" in done.stderr
+    assert not list(tmp_path.iterdir())  # refused before anything was started
+
+
+def test_signalpost_keys_writes_a_pair(tmp_path: Path) -> None:
+    done = _cli(
+        "keys", "--dir", str(tmp_path), "--name", "presence-1", "--endpoint", "tcp://p:5565", env={}
+    )
+    assert done.returncode == 0, done.stderr
+    public = (tmp_path / "presence-1.key").read_text()
+    assert "secret-key" not in public and 'endpoint = "tcp://p:5565"' in public
+    assert (tmp_path / ("presence-1" + SECRET_SUFFIX)).stat().st_mode & 0o777 == 0o600
