@@ -150,6 +150,10 @@ class Member:
     joined_in: str = ""  # ... in which epoch (an offset of another is no bound)
     joined_by: str = ""  # the connection that joined (and is answered where it began)
     sent_at: float = 0.0  # when what is unconfirmed went out (or was last resent)
+    # The ``Synced`` that (re)opened this stream, until its edge confirms a position in the
+    # room's epoch: resent with what is unconfirmed (an edge with no position in the room
+    # learns where its stream starts, and a ``recovered: false``, from nothing else).
+    syncing: Synced | None = None
 
 
 class RoomEvent(msgspec.Struct, gc=False, frozen=True):
@@ -976,24 +980,23 @@ class RoomTable:
             self._unconfirmed[member] = room
         else:
             self._unconfirmed.pop(member, None)
-        out.append(
-            (
-                member.edge,
-                Synced(
-                    member.session,
-                    member.conn,
-                    room.name,
-                    room.epoch,
-                    # Where the stream starts: the replay moves the edge on from there, and
-                    # what of it the edge dropped (a gap) is resent, not taken as written.
-                    start,
-                    complete,
-                    report or not complete,
-                    member.peer,
-                    room.term,
-                ),
-            )
+        synced = Synced(
+            member.session,
+            member.conn,
+            room.name,
+            room.epoch,
+            # Where the stream starts: the replay moves the edge on from there, and what of
+            # it the edge dropped (a gap) is resent, not taken as written.
+            start,
+            complete,
+            report or not complete,
+            member.peer,
+            room.term,
         )
+        if self.confirming:
+            member.syncing = synced
+            self._unconfirmed[member] = room
+        out.append((member.edge, synced))
 
     def confirm(self, command: Confirm, now: float) -> list[Outbound]:
         """An edge says what it has written; resend at once where it saw a gap."""
@@ -1007,6 +1010,9 @@ class RoomTable:
                 continue  # a late word from an edge that no longer holds the session
             if epoch != room.epoch:
                 continue  # about an earlier incarnation of the room
+            # A position in this epoch: the edge had the ``Synced`` (it had none before; an
+            # edge sends nothing of a connection that closed, ``EdgeCore.closed``).
+            member.syncing = None
             if gap and offset < member.confirmed:
                 # The edge knows best what it has written, but not below where this
                 # member's stream started (that would be an earlier membership's).
@@ -1032,6 +1038,8 @@ class RoomTable:
             # No longer in the history: the client is told it cannot recover.
             self._sync(room, member, "", 0, True, now, out)
             return
+        if member.syncing is not None:
+            out.append((member.edge, member.syncing))
         self._replay(room, member, member.confirmed, member.sent, out)
 
     @staticmethod

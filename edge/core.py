@@ -265,9 +265,13 @@ class EdgeCore(Generic[S]):
             self.retries.add((state.conn, "attach"), (state, attach), now)
 
     def closed(self, state: S) -> None:
-        """The connection ended: nobody is left to answer on it."""
+        """The connection ended: nobody is left to answer on it, nothing of it is confirmed
+        (an owner takes a position confirmed after it re-synced the session as the answer
+        to that ``Synced``)."""
         if not self.lossy:
             return
+        for room, position in state.positions.items():
+            self.confirms.forget_stream(room, state.session, position)
         for seq in state.unanswered:
             self.retries.done((state.conn, seq))
         for room in state.rooms:

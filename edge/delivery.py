@@ -83,6 +83,13 @@ class Confirmations:
         """Confirm nothing for ``session`` in ``room`` (it left, or its stream restarted)."""
         self._due.pop((room, session), None)
 
+    def forget_stream(self, room: str, session: str, position: Position) -> None:
+        """Confirm nothing of the stream at ``position`` (its connection closed); a newer
+        stream of the session in ``room`` is kept."""
+        due = self._due.get((room, session))
+        if due is not None and due[0] is position:
+            del self._due[room, session]
+
     def take(self) -> list[tuple[str, str, str, int, bool]]:
         """``(room, session, epoch, offset, gap)`` for everything noted since the last take."""
         due, self._due = self._due, {}

@@ -66,6 +66,19 @@ def test_a_new_stream_replaces_what_an_old_one_had_noted() -> None:
     assert confirms.take() == []
 
 
+def test_a_closed_streams_position_is_not_confirmed_but_a_newer_one_is() -> None:
+    # An owner takes a position confirmed after it re-synced a session as the edge's answer
+    # to that Synced: the connection that closed must not send one.
+    confirms = Confirmations()
+    closed, resumed = Position("e", 4), Position("e", 4)
+    confirms.note("r", "s", closed)
+    confirms.forget_stream("r", "s", closed)
+    assert confirms.take() == []
+    confirms.note("r", "s", resumed)
+    confirms.forget_stream("r", "s", closed)  # the old connection's close, reported late
+    assert confirms.take() == [("r", "s", "e", 4, False)]
+
+
 def test_retries_double_up_to_the_cap_and_stop_when_done() -> None:
     retries: Retries[str] = Retries()
     retries.add("k", "request", now=0.0)

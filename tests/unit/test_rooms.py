@@ -14,9 +14,16 @@ from typing import Any
 
 import pytest
 
-from broker.rooms import REPLY_RECORD_TTL, REPLY_RECORDS_PER_SESSION, Outbound, RoomTable
+from broker.rooms import (
+    REPLY_RECORD_TTL,
+    REPLY_RECORDS_PER_SESSION,
+    RESEND_AFTER,
+    Outbound,
+    RoomTable,
+)
 from signalpost.wire import (
     AttachCmd,
+    Confirm,
     Deliver,
     DetachCmd,
     JoinCmd,
@@ -849,6 +856,30 @@ def test_attach_after_the_resume_window_lapsed_is_recovered_false() -> None:
 def test_attach_with_nothing_to_report_sends_nothing() -> None:
     table = make_table()
     assert table.handle(sess("b").attach({}), 0.0) == []
+
+
+def test_a_lost_report_of_a_resume_naming_no_room_is_sent_again_until_confirmed() -> None:
+    # The edge has no position in a room its client did not name: only the owner's Synced
+    # tells it where the stream starts (and that events may be lost). The delivery model
+    # found it lost for good (seeds 1809, 2638): events went undelivered and unreported.
+    table = make_table(confirming=True)
+    a, b = sess("a"), sess("b")
+    joined(table, a, "r")
+    joined(table, b, "r")
+    table.handle(b.detach(ended=False), 1.0)
+    table.handle(a.signal("r", "b"), 2.0)
+    b2 = b.moved("conn-b2", "edge-b2")
+    (first,) = [e for _, e in table.handle(b2.attach({}), 3.0) if isinstance(e, Synced)]
+    assert (first.conn, first.room, first.recovered) == ("conn-b2", "r", False)
+    # That report is lost on the way: it comes again after the resend interval.
+    def reports(out: list[Outbound]) -> list[Synced]:
+        return [e for _, e in out if isinstance(e, Synced)]
+
+    assert reports(table.resend_unconfirmed(3.5)) == []
+    assert reports(table.resend_unconfirmed(3.0 + RESEND_AFTER)) == [first]
+    # The edge took it and confirms where it stands: nothing more is sent to it.
+    table.handle(Confirm("edge-b2", [("r", "b", first.epoch, first.offset, False)]), 5.0)
+    assert [t for t, _ in table.resend_unconfirmed(5.0 + 10 * RESEND_AFTER)] == ["edge-a"]
 
 
 def test_attach_reports_each_room_after_its_own_replay() -> None:
