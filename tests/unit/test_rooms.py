@@ -871,6 +871,7 @@ def test_a_lost_report_of_a_resume_naming_no_room_is_sent_again_until_confirmed(
     b2 = b.moved("conn-b2", "edge-b2")
     (first,) = [e for _, e in table.handle(b2.attach({}), 3.0) if isinstance(e, Synced)]
     assert (first.conn, first.room, first.recovered) == ("conn-b2", "r", False)
+
     # That report is lost on the way: it comes again after the resend interval.
     def reports(out: list[Outbound]) -> list[Synced]:
         return [e for _, e in out if isinstance(e, Synced)]
