@@ -19,7 +19,7 @@ from edge.backplane import Inbox
 from signalpost.config import Settings
 from signalpost.discovery import Discovery
 from signalpost.lifecycle import cancel_all
-from signalpost.ownership import View, follow_view
+from signalpost.ownership import BROKERS, View, follow_view
 from signalpost.placement import owner, ranking
 from signalpost.transport import DealerLink, new_incarnation
 from signalpost.wire import (
@@ -100,7 +100,7 @@ class ZmqBackplane:
         open new links, close gone ones."""
         self._discovered = dict(endpoints)
         if self._view is not None:
-            endpoints = {**endpoints, **{b: b for b in self._view.brokers}}
+            endpoints = {**endpoints, **{b: b for b in self._view.members}}
         for broker_id in list(self.brokers):
             link = self.brokers[broker_id]
             if endpoints.get(broker_id) != link.endpoint:
@@ -122,12 +122,12 @@ class ZmqBackplane:
     def update_view(self, view: View) -> None:
         """A newer view was read from Consul: place rooms on its brokers."""
         self._view = view
-        log.info("view %d: %s", view.number, ", ".join(view.brokers))
+        log.info("view %d: %s", view.number, ", ".join(view.members))
         self.update_brokers(self._discovered)
 
     def _membership_changed(self) -> None:
         if self._view is not None:
-            self._live_ids = list(self._view.brokers)
+            self._live_ids = list(self._view.members)
             self._owners.clear()
             self._owners_changed()
             return
@@ -250,7 +250,9 @@ class ZmqBackplane:
         self._discovery.watch(
             "presence", lambda members: self.update_presence(min(members.values()))
         )
-        self._tasks.append(asyncio.get_running_loop().create_task(follow_view(address, view)))
+        self._tasks.append(
+            asyncio.get_running_loop().create_task(follow_view(address, BROKERS, view))
+        )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(found.wait(), FIRST_DISCOVERY_TIMEOUT)
         if not found.is_set() and not self.brokers:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from signalpost.config import Settings
-from signalpost.ownership import VIEW_KEY, decode_view
+from signalpost.ownership import BROKERS, decode_view
 
 log = logging.getLogger("signalpost.cluster")
 
@@ -210,12 +210,12 @@ def _wait_for_view(consul_url: str, brokers: set[str], deadline: float) -> bool:
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(
-                f"{consul_url}/v1/kv/{VIEW_KEY}?raw&consistent", timeout=2
+                f"{consul_url}/v1/kv/{BROKERS.view_key}?raw&consistent", timeout=2
             ) as response:
                 view = decode_view(response.read())
         except OSError:
             view = None
-        if view is not None and set(view.brokers) == brokers:
+        if view is not None and set(view.members) == brokers:
             time.sleep(0.5)
             return True
         time.sleep(0.1)
