@@ -27,13 +27,40 @@ holding the lease here) must get its session back.
 Cost follows changes, not sessions held: resume deadlines wait in a heap that ``expire``
 pops only as far as ``now``, and ``edge_lost`` reaches the edge's connected sessions through
 an index (see ``PresenceTable``).
+
+Several presence nodes (sharding)
+---------------------------------
+Users are placed on the presence nodes by rendezvous hashing over the presence view
+(``owner_of``; ``signalpost.ownership``). A node holds the leases of the users it owns, and
+the watches of the sessions it holds a lease for: everything a session's resume needs
+(``claim``: live or not, what it watches, what changed) is on one node. Edges send a
+session's lease and watch commands to the owner of its user.
+
+A watched user owned by another node is known through a subscription: the watcher's node
+sends the owner ``StatusSubscribe``; the owner answers ``StatusNote`` with the status now
+and again at every change; the watcher's node keeps the last one (``_remote``) and notifies
+its watchers from it as it would from a lease. A watch reply waits until every user it
+names has a status (``_pending``). Subscriptions not answered are sent again every
+``RESUBSCRIBE_INTERVAL`` (a lost message, an owner that did not own the user yet, one that
+restarted and forgot its subscribers).
+
+When the view changes (``view_changed``), a node forgets, without telling anyone, the
+leases and watches of users it no longer owns (the edges send them to the new owner:
+``EdgeSync``) and its subscribers for them, and subscribes where owners changed. For
+``SYNC_GRACE`` after a change it answers no subscription: the edges' re-sync arrives first,
+so a user who stayed connected is not reported offline by its new owner (warm move).
+Commands for a user this node does not own are dropped and counted (``misrouted``): the
+edge re-sends them to the owner when it reads the same view.
+
+Without ``owner_of`` (one presence node, dev mode) the node owns every user.
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Final, Literal
 
 from signalpost.wire import (
     ClaimCmd,
@@ -46,6 +73,8 @@ from signalpost.wire import (
     Reply,
     SessionDown,
     SessionUp,
+    StatusNote,
+    StatusSubscribe,
     UnwatchCmd,
     UnwatchedFrame,
     WatchCmd,
@@ -56,6 +85,36 @@ from signalpost.wire import (
 
 Outbound = tuple[str, Envelope]
 Status = Literal["online", "offline"]
+
+#: How often unanswered subscriptions to other presence nodes are sent again (seconds).
+RESUBSCRIBE_INTERVAL: Final = 1.0
+#: After a view change, how long a node answers no subscription: edges re-sync their
+#: sessions to the new owners within it (they read the view as the nodes do).
+SYNC_GRACE: Final = 1.0
+#: How long a watch reply waits for the status of users owned elsewhere; then it is
+#: dropped (the edge resends the watch).
+PENDING_TIMEOUT: Final = 5.0
+#: Watch replies waiting at once; more are dropped (counted) and resent by their edges.
+MAX_PENDING: Final = 10_000
+
+
+@dataclass(slots=True)
+class PendingWatch:
+    """A watch reply waiting for the status of users owned by other nodes."""
+
+    command: WatchCmd
+    missing: set[str]
+    deadline: float
+
+
+@dataclass(slots=True)
+class Counters:
+    """Frames a node dropped, by cause (exported as metrics by the shell)."""
+
+    misrouted: int = 0  # a command for a user this node does not own
+    pending_dropped: int = 0  # a watch reply that waited too long or found no room
+    notes_ignored: int = 0  # a status note from a node that does not own the user here
+    extra: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -84,8 +143,19 @@ class PresenceTable:
     empty.
     """
 
-    def __init__(self, *, resume_window: float) -> None:
+    def __init__(
+        self,
+        *,
+        resume_window: float,
+        node_id: str = "",
+        owner_of: Callable[[str], str | None] | None = None,
+    ) -> None:
         self.resume_window = resume_window
+        #: This node's placement id, and the owner of a user in this node's view (None:
+        #: no view yet). Without ``owner_of`` this node owns every user.
+        self.node_id = node_id
+        self._owner_of = owner_of
+        self.counters = Counters()
         self.leases: dict[str, SessionLease] = {}
         self._sessions_of: dict[str, set[str]] = {}  # user -> sessions with a lease
         self._connected_at: dict[str, set[str]] = {}  # edge -> its unsuspended sessions
@@ -97,25 +167,52 @@ class PresenceTable:
         # watching session -> what it was last told of each user; a resumed watcher is
         # told what changed while it was away.
         self._told: dict[str, dict[str, Status]] = {}
+        # Sharding. Each map holds users watched here or owned here, and drops a key once
+        # nobody watches it (or this node stops owning it).
+        self._subscribers: dict[str, set[str]] = {}  # owned user -> subscribed nodes
+        self._subscribed: dict[str, str] = {}  # remote watched user -> owner subscribed at
+        self._remote: dict[str, Status] = {}  # remote watched user -> status last noted
+        self._unanswered: set[str] = set()  # subscribed, no note yet from that owner
+        self._pending: dict[tuple[str, str, int], PendingWatch] = {}  # (session, conn, seq)
+        self._awaiting: dict[str, set[tuple[str, str, int]]] = {}  # user -> pending keys
+        self._settled_at = float("-inf")  # answers subscriptions from then on
+        self._resubscribe_at = float("-inf")
+
+    def owns(self, user: str) -> bool:
+        """Whether this node owns ``user`` in its view (always, without a view function)."""
+        return self._owner_of is None or self._owner_of(user) == self.node_id
 
     def status(self, user: str) -> Status:
-        """``online`` while any session of ``user`` holds a lease."""
+        """``online`` while any session of ``user`` holds a lease (on the node that owns
+        it); for a user owned elsewhere, what its owner noted last."""
+        if self._owner_of is not None and not self.owns(user):
+            return self._remote.get(user, "offline")
         return "online" if self._sessions_of.get(user) else "offline"
 
     def handle(self, command: Envelope, now: float) -> list[Outbound]:
-        """Apply one command from an edge; return what to send."""
+        """Apply one command from an edge or another presence node; return what to send."""
         if isinstance(command, SessionUp):
+            if not self.owns(command.user):
+                self.counters.misrouted += 1
+                return []
             return self.session_up(command)
         if isinstance(command, SessionDown):
             return self.session_down(command, now)
         if isinstance(command, ClaimCmd):
+            if not self.owns(command.user):
+                self.counters.misrouted += 1
+                return []
             return self.claim(command, now)
         if isinstance(command, WatchCmd):
-            return self.watch(command)
+            return self.watch(command, now)
         if isinstance(command, UnwatchCmd):
             return self.unwatch(command)
         if isinstance(command, EdgeSync):
             return self.edge_sync(command)
+        if isinstance(command, StatusSubscribe):
+            return self.subscribe(command, now)
+        if isinstance(command, StatusNote):
+            return self.noted(command)
         return []
 
     # ----------------------------------------------------------------- leases
@@ -188,19 +285,26 @@ class PresenceTable:
         deadline = now + self.resume_window
         for session in list(self._connected_at.get(edge, ())):
             self._suspend(session, self.leases[session], deadline)
+        self._unsubscribe_node(edge)  # a presence node that subscribed here: it re-subscribes
         return []
 
     def edge_sync(self, command: EdgeSync) -> list[Outbound]:
         """Rebuild from an edge's announcement of all it holds."""
         out: list[Outbound] = []
         for up in command.sessions:
+            if not self.owns(up.user):
+                self.counters.misrouted += 1
+                continue
             lease = self.leases.get(up.session)
             if lease is None or lease.conn != up.conn or lease.suspended_until is not None:
                 out.extend(self.session_up(up))
         for session, users in command.watches.items():
+            if session not in self.leases:
+                continue  # (its lease is on another node, which gets these watches)
             self._add_watches(session, users)
             # The edge told its clients what it knew; it drops repeats of that itself.
             self._told.setdefault(session, {}).update({u: self.status(u) for u in users})
+            self._subscribe_remote(users, out)
         return out
 
     def expire(self, now: float) -> list[Outbound]:
@@ -215,6 +319,13 @@ class PresenceTable:
             lease.deadline_token = 0  # popped: _end must not count it stale
             out.extend(self._end(session))
         self._compact_deadlines()
+        if self._owner_of is not None and now >= self._resubscribe_at:
+            self._resubscribe_at = now + RESUBSCRIBE_INTERVAL
+            self._resubscribe(out, only_unanswered=True)
+            for key, pending in list(self._pending.items()):
+                if pending.deadline <= now:
+                    self._drop_pending(key)
+                    self.counters.pending_dropped += 1
         return out
 
     def _suspend(self, session: str, lease: SessionLease, deadline: float) -> None:
@@ -273,27 +384,67 @@ class PresenceTable:
         lease = self.leases.pop(session)
         self._unlink(session, lease)
         self._release(session, lease.user, out)
+        self._forget_watches(session, out)
+        return out
+
+    def _forget_watches(self, session: str, out: list[Outbound]) -> None:
+        """``session`` watches nobody any more (its lease ended or left this node)."""
         self._told.pop(session, None)
-        for user in self._watched_by.pop(session, ()):
+        users = self._watched_by.pop(session, ())
+        for user in users:
             watchers = self._watchers_of.get(user)
             if watchers is not None:
                 watchers.discard(session)
                 if not watchers:
                     del self._watchers_of[user]
-        return out
+        self._unsubscribe_unwatched(users, out)
+        if self._pending:
+            for key in [k for k in self._pending if k[0] == session]:
+                self._drop_pending(key)
 
     # ----------------------------------------------------------------- watches
 
-    def watch(self, command: WatchCmd) -> list[Outbound]:
-        """Start watching users; reply with their current status."""
+    def watch(self, command: WatchCmd, now: float = 0.0) -> list[Outbound]:
+        """Start watching users; reply with their current status (once every user owned
+        by another node has one here)."""
+        out: list[Outbound] = []
         self._add_watches(command.session, command.users)
+        if self._owner_of is not None:
+            self._subscribe_remote(command.users, out)
+            missing = {u for u in command.users if not self.owns(u) and u not in self._remote}
+            if missing:
+                key = (command.session, command.conn, command.seq)
+                self._drop_pending(key)  # a resend replaces the first
+                if len(self._pending) >= MAX_PENDING:
+                    self.counters.pending_dropped += 1
+                    return out
+                self._pending[key] = PendingWatch(command, missing, now + PENDING_TIMEOUT)
+                for user in missing:
+                    self._awaiting.setdefault(user, set()).add(key)
+                return out
+        out.append(self._watch_reply(command))
+        return out
+
+    def _watch_reply(self, command: WatchCmd) -> Outbound:
         snapshot: dict[str, Status] = {user: self.status(user) for user in command.users}
         self._told.setdefault(command.session, {}).update(snapshot)
         payload = encode_frame(WatchingFrame(presence=dict(snapshot), id=command.req))
-        return [(command.edge, Reply(command.session, command.conn, command.seq, payload, True))]
+        return (command.edge, Reply(command.session, command.conn, command.seq, payload, True))
+
+    def _drop_pending(self, key: tuple[str, str, int]) -> None:
+        pending = self._pending.pop(key, None)
+        if pending is None:
+            return
+        for user in pending.missing:
+            keys = self._awaiting.get(user)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._awaiting[user]
 
     def unwatch(self, command: UnwatchCmd) -> list[Outbound]:
         """Stop watching users."""
+        out: list[Outbound] = []
         watched = self._watched_by.get(command.session, set())
         told = self._told.get(command.session, {})
         for user in command.users:
@@ -307,8 +458,10 @@ class PresenceTable:
         if not watched:
             self._watched_by.pop(command.session, None)
             self._told.pop(command.session, None)
+        self._unsubscribe_unwatched(command.users, out)
         payload = encode_frame(UnwatchedFrame(id=command.req))
-        return [(command.edge, Reply(command.session, command.conn, command.seq, payload, True))]
+        out.append((command.edge, Reply(command.session, command.conn, command.seq, payload, True)))
+        return out
 
     def watched_by(self, session: str) -> set[str]:
         """Users ``session`` watches."""
@@ -332,3 +485,157 @@ class PresenceTable:
                 self._told.setdefault(watcher, {})[user] = now_status
         for edge, sessions in by_edge.items():
             out.append((edge, Deliver(sessions, payload)))
+        subscribers = self._subscribers.get(user)
+        if subscribers:
+            note = StatusNote(self.node_id, {user: now_status})
+            for node in subscribers:
+                out.append((node, note))
+
+    # ----------------------------------------------------------------- sharding
+
+    def view_changed(self, now: float) -> list[Outbound]:
+        """``owner_of`` answers from a new view: forget what moved away, subscribe where
+        owners changed, and answer no subscription for ``SYNC_GRACE``."""
+        out: list[Outbound] = []
+        self._settled_at = now + SYNC_GRACE
+        for session, lease in list(self.leases.items()):
+            if not self.owns(lease.user):
+                self._forget(session, lease, out)
+        for session in [s for s in self._watched_by if s not in self.leases]:
+            self._forget_watches(session, out)
+        for user in [u for u in self._subscribers if not self.owns(u)]:
+            del self._subscribers[user]  # its subscribers subscribe at its new owner
+        for user in [u for u in self._remote if self.owns(u)]:
+            del self._remote[user]  # known from leases now
+            self._unanswered.discard(user)
+        for user in [u for u in self._awaiting if self.owns(u)]:
+            for key in list(self._awaiting.get(user, ())):
+                pending = self._pending.get(key)
+                if pending is not None:
+                    pending.missing.discard(user)
+            self._awaiting.pop(user, None)
+            self._complete_pending(out)
+        self._resubscribe(out, only_unanswered=False)
+        return out
+
+    def _forget(self, session: str, lease: SessionLease, out: list[Outbound]) -> None:
+        """Drop ``session``'s lease and watches without telling anyone: another node owns
+        its user now, and the edges re-sync the session there."""
+        del self.leases[session]
+        self._unlink(session, lease)
+        sessions = self._sessions_of.get(lease.user)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._sessions_of[lease.user]
+        self._forget_watches(session, out)
+
+    def subscribe(self, command: StatusSubscribe, now: float) -> list[Outbound]:
+        """Another node wants the status of users this node owns (now and on change)."""
+        for user in command.drop:
+            subscribers = self._subscribers.get(user)
+            if subscribers is not None:
+                subscribers.discard(command.node)
+                if not subscribers:
+                    del self._subscribers[user]
+        if now < self._settled_at:
+            return []  # edges are still re-syncing: the subscriber asks again
+        statuses: dict[str, Status] = {}
+        for user in command.users:
+            if not self.owns(user):
+                self.counters.misrouted += 1
+                continue
+            self._subscribers.setdefault(user, set()).add(command.node)
+            statuses[user] = self.status(user)
+        if not statuses:
+            return []
+        return [(command.node, StatusNote(self.node_id, statuses))]
+
+    def noted(self, note: StatusNote) -> list[Outbound]:
+        """An owner told this node the status of users watched here."""
+        out: list[Outbound] = []
+        for user, status in note.statuses.items():
+            if self._subscribed.get(user) != note.owner or self.owns(user):
+                self.counters.notes_ignored += 1
+                continue
+            self._unanswered.discard(user)
+            was = self._remote.get(user)
+            self._remote[user] = status
+            if was is None:
+                for key in self._awaiting.pop(user, ()):
+                    pending = self._pending.get(key)
+                    if pending is not None:
+                        pending.missing.discard(user)
+            elif was != status:
+                self._notify(user, was, out)
+        self._complete_pending(out)
+        return out
+
+    def _complete_pending(self, out: list[Outbound]) -> None:
+        for key in [k for k, p in self._pending.items() if not p.missing]:
+            pending = self._pending.pop(key)
+            out.append(self._watch_reply(pending.command))
+
+    def _subscribe_remote(self, users: list[str], out: list[Outbound]) -> None:
+        """Subscribe at their owners to the watched ``users`` this node does not own."""
+        if self._owner_of is None:
+            return
+        by_owner: dict[str, list[str]] = {}
+        for user in users:
+            if self.owns(user) or user in self._subscribed:
+                continue
+            owner = self._owner_of(user)
+            if owner is None:
+                continue
+            self._subscribed[user] = owner
+            self._unanswered.add(user)
+            by_owner.setdefault(owner, []).append(user)
+        for owner, owned in by_owner.items():
+            out.append((owner, StatusSubscribe(self.node_id, owned)))
+
+    def _unsubscribe_unwatched(self, users: Iterable[str], out: list[Outbound]) -> None:
+        """Stop the subscriptions of ``users`` nobody here watches any more."""
+        if not self._subscribed:
+            return
+        by_owner: dict[str, list[str]] = {}
+        for user in users:
+            if user in self._watchers_of:
+                continue
+            owner = self._subscribed.pop(user, None)
+            self._remote.pop(user, None)
+            self._unanswered.discard(user)
+            if owner is not None:
+                by_owner.setdefault(owner, []).append(user)
+        for owner, dropped in by_owner.items():
+            out.append((owner, StatusSubscribe(self.node_id, [], dropped)))
+
+    def _resubscribe(self, out: list[Outbound], *, only_unanswered: bool) -> None:
+        """Subscribe again: where no note came yet, or (view change) where owners moved."""
+        assert self._owner_of is not None
+        by_owner: dict[str, list[str]] = {}
+        candidates = self._unanswered if only_unanswered else self._watchers_of
+        for user in list(candidates):
+            owner = None if self.owns(user) else self._owner_of(user)
+            if owner is None:  # owned here now, or no view
+                self._subscribed.pop(user, None)
+                self._unanswered.discard(user)
+                continue
+            if self._subscribed.get(user) == owner and user not in self._unanswered:
+                continue  # answered by its owner: changes come by themselves
+            self._subscribed[user] = owner
+            self._unanswered.add(user)
+            by_owner.setdefault(owner, []).append(user)
+        for owner, users in by_owner.items():
+            out.append((owner, StatusSubscribe(self.node_id, users)))
+
+    def resubscribe_at(self, node: str) -> list[Outbound]:
+        """``node`` restarted (it forgot its subscribers): subscribe there again."""
+        users = [u for u, owner in self._subscribed.items() if owner == node]
+        return [(node, StatusSubscribe(self.node_id, users))] if users else []
+
+    def _unsubscribe_node(self, node: str) -> None:
+        for user in [u for u, nodes in self._subscribers.items() if node in nodes]:
+            nodes = self._subscribers[user]
+            nodes.discard(node)
+            if not nodes:
+                del self._subscribers[user]

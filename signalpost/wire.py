@@ -621,6 +621,26 @@ class EdgeSync(_Envelope, tag=25, frozen=True):
     watches: dict[str, list[str]]
 
 
+class StatusSubscribe(_Envelope, tag=26, frozen=True):
+    """Presence node -> the presence node that owns ``users``: send ``node`` their status
+    now and on every change (``StatusNote``); ``drop``: stop for these users.
+
+    A presence node serves the watches of the sessions it owns; a watched user owned by
+    another node reaches it this way (``presence.table``).
+    """
+
+    node: str  # the subscriber's placement id: its identity on the owner's ROUTER
+    users: list[str]
+    drop: list[str] = []
+
+
+class StatusNote(_Envelope, tag=27, frozen=True):
+    """Owner presence node -> subscriber: the status of users ``owner`` owns."""
+
+    owner: str
+    statuses: dict[str, Literal["online", "offline"]]
+
+
 class Heartbeat(_Envelope, tag=30, frozen=True):
     """Both ways on every link; ``incarnation`` changes when a node restarts."""
 
@@ -653,6 +673,8 @@ Envelope = (
     | WatchCmd
     | UnwatchCmd
     | EdgeSync
+    | StatusSubscribe
+    | StatusNote
     | Heartbeat
 )
 

@@ -55,6 +55,8 @@ from signalpost.wire import (
     Signal,
     SignalCmd,
     SignalFrame,
+    StatusNote,
+    StatusSubscribe,
     Synced,
     Unwatch,
     UnwatchCmd,
@@ -459,6 +461,8 @@ ENVELOPES: list[Envelope] = [
     WatchCmd("s1", "c1", "edge-1", 7, 7, ["eve", "bob"]),
     UnwatchCmd("s1", "c1", "edge-1", 8, "u", ["eve"]),
     EdgeSync("edge-1", [SessionUp("s1", "alice", "edge-1", "c1")], {"s1": ["eve"]}),
+    StatusSubscribe("tcp://p1:5565", ["bob"], ["eve"]),
+    StatusNote("tcp://p2:5565", {"bob": "online"}),
     Heartbeat("broker-a", "inc-1"),
 ]
 
@@ -474,7 +478,7 @@ def test_envelopes_round_trip(envelope: Envelope) -> None:
 
 def test_every_envelope_kind_is_covered_and_tags_are_distinct() -> None:
     kinds = {type(e) for e in ENVELOPES}
-    assert len(kinds) == 25  # every member of the Envelope union
+    assert len(kinds) == 27  # every member of the Envelope union
     tags = {msgspec.msgpack.decode(encode_envelope(e))[0] for e in ENVELOPES}
     assert len(tags) == len(kinds)
 

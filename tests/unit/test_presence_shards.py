@@ -1,0 +1,220 @@
+"""Several PresenceTables sharing users by an ownership function, wired in memory.
+
+``Shards`` routes what each table returns: to another table when the destination is a
+node id, else to the named edge's inbox. Messages between nodes can be held back to play
+a lost or late one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import deque
+from typing import Any
+
+from presence.table import RESUBSCRIBE_INTERVAL, SYNC_GRACE, Outbound, PresenceTable
+from signalpost.wire import (
+    ClaimCmd,
+    ClaimReply,
+    Deliver,
+    EdgeSync,
+    Envelope,
+    Reply,
+    SessionDown,
+    SessionUp,
+    StatusNote,
+    StatusSubscribe,
+    UnwatchCmd,
+    WatchCmd,
+)
+
+WINDOW = 30.0
+_seqs = itertools.count(1)
+
+
+class Shards:
+    def __init__(self, owners: dict[str, str], nodes: tuple[str, ...] = ("p1", "p2")) -> None:
+        self.owners = owners  # user -> node: the view the edges read
+        # Each node's own view: nodes read a new view one after the other.
+        self.views = {node: dict(owners) for node in nodes}
+        self.tables = {
+            node: PresenceTable(
+                resume_window=WINDOW,
+                node_id=node,
+                owner_of=lambda u, node=node: self.views[node].get(u),
+            )
+            for node in nodes
+        }
+        self.edges: dict[str, list[Envelope]] = {}
+        self.now = 0.0
+        self.drop_between_nodes = False
+        self.dropped: list[tuple[str, Envelope]] = []
+
+    def run(self, out: list[Outbound]) -> None:
+        queue = deque(out)
+        for _ in range(10_000):  # bounded: a loop between nodes would be a bug
+            if not queue:
+                return
+            dest, envelope = queue.popleft()
+            if dest in self.tables:
+                if self.drop_between_nodes:
+                    self.dropped.append((dest, envelope))
+                    continue
+                queue.extend(self.tables[dest].handle(envelope, self.now))
+            else:
+                self.edges.setdefault(dest, []).append(envelope)
+        raise AssertionError("messages between nodes never settle")
+
+    def send(self, command: Envelope, user: str) -> None:
+        """An edge sends ``command`` to the owner of ``user``."""
+        self.run(self.tables[self.owners[user]].handle(command, self.now))
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+        for table in self.tables.values():
+            self.run(table.expire(self.now))
+
+    def view(self, owners: dict[str, str]) -> None:
+        self.owners = owners
+        for node, table in self.tables.items():
+            self.views[node] = dict(owners)
+            self.run(table.view_changed(self.now))
+
+    def taken(self, edge: str = "edge-1") -> list[Envelope]:
+        got, self.edges[edge] = self.edges.get(edge, []), []
+        return got
+
+
+def frames(envelopes: list[Envelope], session: str) -> list[dict[str, Any]]:
+    """Presence frames delivered to ``session``."""
+    return [
+        json.loads(e.payload) for e in envelopes if isinstance(e, Deliver) and session in e.sessions
+    ]
+
+
+def watch(session: str, users: list[str]) -> WatchCmd:
+    return WatchCmd(session, f"conn-{session}", "edge-1", next(_seqs), 1, users)
+
+
+def watching_reply(envelopes: list[Envelope]) -> dict[str, str]:
+    replies = [e for e in envelopes if isinstance(e, Reply)]
+    assert len(replies) == 1, envelopes
+    body: dict[str, str] = json.loads(replies[0].payload)["presence"]
+    return body
+
+
+def up(session: str, user: str, edge: str = "edge-1") -> SessionUp:
+    return SessionUp(session, user, edge, f"conn-{session}")
+
+
+def test_a_watch_of_a_user_owned_elsewhere_answers_once_the_owner_noted_its_status() -> None:
+    net = Shards({"wally": "p1", "bob": "p2"})
+    net.send(up("w1", "wally"), "wally")
+    net.send(up("b1", "bob"), "bob")
+    net.taken()
+    net.send(watch("w1", ["bob"]), "wally")
+    assert watching_reply(net.taken()) == {"bob": "online"}
+    # Bob's status changes reach the watcher through its node, once each.
+    net.send(SessionDown("b1", "edge-1", "conn-b1", True), "bob")
+    assert [f["status"] for f in frames(net.taken(), "w1")] == ["offline"]
+    net.send(up("b2", "bob"), "bob")
+    net.send(up("b3", "bob"), "bob")  # a second session: bob stays online, no frame
+    assert [f["status"] for f in frames(net.taken(), "w1")] == ["online"]
+
+
+def test_a_lost_subscription_is_sent_again_and_the_watch_answered_then() -> None:
+    net = Shards({"wally": "p1", "bob": "p2"})
+    net.send(up("w1", "wally"), "wally")
+    net.drop_between_nodes = True
+    net.send(watch("w1", ["bob"]), "wally")
+    assert net.taken() == []  # waiting for bob's owner
+    net.drop_between_nodes = False
+    net.tick(RESUBSCRIBE_INTERVAL)
+    assert watching_reply(net.taken()) == {"bob": "offline"}
+
+
+def test_commands_for_a_user_owned_elsewhere_are_dropped_and_counted() -> None:
+    net = Shards({"bob": "p2"})
+    p1 = net.tables["p1"]
+    assert p1.handle(up("b1", "bob"), 0.0) == []
+    assert p1.handle(ClaimCmd("b1", "bob", "edge-1", "conn-b1"), 0.0) == []
+    assert p1.counters.misrouted == 2 and p1.leases == {}
+
+
+def test_unwatching_ends_the_subscription_at_the_owner() -> None:
+    net = Shards({"wally": "p1", "bob": "p2"})
+    net.send(up("w1", "wally"), "wally")
+    net.send(watch("w1", ["bob"]), "wally")
+    assert net.tables["p2"]._subscribers == {"bob": {"p1"}}
+    net.send(UnwatchCmd("w1", "conn-w1", "edge-1", next(_seqs), 2, ["bob"]), "wally")
+    assert net.tables["p2"]._subscribers == {}
+    assert net.tables["p1"]._subscribed == {} and net.tables["p1"]._remote == {}
+    # ... and so does the watcher's session ending.
+    net.send(watch("w1", ["bob"]), "wally")
+    net.send(SessionDown("w1", "edge-1", "conn-w1", True), "wally")
+    assert net.tables["p2"]._subscribers == {}
+
+
+def test_a_resume_hears_what_changed_of_users_owned_elsewhere() -> None:
+    net = Shards({"wally": "p1", "bob": "p2"})
+    net.send(up("w1", "wally"), "wally")
+    net.send(watch("w1", ["bob"]), "wally")
+    net.send(SessionDown("w1", "edge-1", "conn-w1", False), "wally")  # wally drops
+    net.send(up("b1", "bob"), "bob")  # bob comes online meanwhile
+    net.taken()
+    net.send(ClaimCmd("w1", "wally", "edge-2", "x.2"), "wally")
+    (reply,) = [e for e in net.taken("edge-2") if isinstance(e, ClaimReply)]
+    assert reply.live and reply.watching == {"bob": "online"} and reply.changed == ["bob"]
+
+
+def test_a_user_moved_to_another_node_does_not_flap_for_its_watchers() -> None:
+    net = Shards({"wally": "p1", "bob": "p2"}, nodes=("p1", "p2", "p3"))
+    net.send(up("w1", "wally"), "wally")
+    net.send(up("b1", "bob", edge="edge-2"), "bob")
+    net.send(watch("w1", ["bob"]), "wally")
+    net.taken()
+    # p3 joins and takes bob over. p2 forgets bob silently; p3 answers no subscription
+    # until the edges re-synced.
+    net.view({"wally": "p1", "bob": "p3"})
+    assert net.tables["p2"].leases == {}
+    net.tick(SYNC_GRACE / 2)
+    net.send(EdgeSync("edge-2", [up("b1", "bob", edge="edge-2")], {}), "bob")
+    net.tick(SYNC_GRACE)
+    assert net.tables["p3"]._subscribers == {"bob": {"p1"}}
+    assert frames(net.taken(), "w1") == []  # no offline, no repeated online
+    net.send(SessionDown("b1", "edge-2", "conn-b1", True), "bob")
+    assert [f["status"] for f in frames(net.taken(), "w1")] == ["offline"]
+
+
+def test_a_watch_waits_at_most_pending_timeout_for_a_silent_owner() -> None:
+    net = Shards({"wally": "p1", "bob": "p2"})
+    net.send(up("w1", "wally"), "wally")
+    net.drop_between_nodes = True
+    net.send(watch("w1", ["bob"]), "wally")
+    net.tick(10.0)
+    p1 = net.tables["p1"]
+    assert p1._pending == {} and p1._awaiting == {}
+    assert p1.counters.pending_dropped == 1
+
+
+def test_a_forged_note_from_a_node_that_does_not_own_the_user_is_ignored() -> None:
+    net = Shards({"wally": "p1", "bob": "p2"})
+    net.send(up("w1", "wally"), "wally")
+    net.send(watch("w1", ["bob"]), "wally")
+    net.taken()
+    p1 = net.tables["p1"]
+    assert p1.handle(StatusNote("p3", {"bob": "online"}), 0.0) == []
+    assert p1.counters.notes_ignored == 1 and p1.status("bob") == "offline"
+
+
+def test_a_subscriber_that_goes_away_is_forgotten_by_the_owner() -> None:
+    net = Shards({"wally": "p1", "bob": "p2"})
+    net.send(up("w1", "wally"), "wally")
+    net.send(watch("w1", ["bob"]), "wally")
+    p2 = net.tables["p2"]
+    assert p2._subscribers == {"bob": {"p1"}}
+    p2.edge_lost("p1", 1.0)
+    assert p2._subscribers == {}
+    # The subscriber, told its owner restarted, subscribes again.
+    out = net.tables["p1"].resubscribe_at("p2")
+    assert out == [("p2", StatusSubscribe("p1", ["bob"]))]
