@@ -47,10 +47,18 @@ restarted and forgot its subscribers).
 When the view changes (``view_changed``), a node forgets, without telling anyone, the
 leases and watches of users it no longer owns (the edges send them to the new owner:
 ``EdgeSync``) and its subscribers for them, and subscribes where owners changed. For
-``SYNC_GRACE`` after a change it answers no subscription: the edges' re-sync arrives first,
-so a user who stayed connected is not reported offline by its new owner (warm move).
-Commands for a user this node does not own are dropped and counted (``misrouted``): the
-edge re-sends them to the owner when it reads the same view.
+``SYNC_GRACE`` after a change it answers no subscription and tells its own watchers nothing
+of the users it took over: the edges' re-sync arrives first, so a user who stayed connected
+is not reported offline by its new owner (warm move); then each watcher hears of a user
+taken over only if its status settled otherwise than its previous owner last said (a user
+who left while their owner was dead: once, offline).
+Nodes and edges read a new view one after the other, so a lease may reach a node that
+does not own its user (yet, or any more). It is kept: the node may be about to own the
+user (an edge that read the view first re-syncs to it before it read the view itself);
+if not, the next view change forgets it, and the edge has re-synced it to the owner. A
+claim for a user a node does not own and holds no lease of is dropped and counted
+(``misrouted``): the edge, which did not hear back, resumes on its signed token and
+announces the session to the owner it knows.
 
 Without ``owner_of`` (one presence node, dev mode) the node owns every user.
 """
@@ -176,6 +184,10 @@ class PresenceTable:
         self._pending: dict[tuple[str, str, int], PendingWatch] = {}  # (session, conn, seq)
         self._awaiting: dict[str, set[tuple[str, str, int]]] = {}  # user -> pending keys
         self._settled_at = float("-inf")  # answers subscriptions from then on
+        # Users watched here that this node took over in the last view change -> the
+        # status last noted by their previous owner. Until ``_settled_at`` their watchers
+        # are told nothing; then once, if the status settled otherwise (``_settle``).
+        self._settling: dict[str, Status] = {}
         self._resubscribe_at = float("-inf")
 
     def owns(self, user: str) -> bool:
@@ -192,15 +204,12 @@ class PresenceTable:
     def handle(self, command: Envelope, now: float) -> list[Outbound]:
         """Apply one command from an edge or another presence node; return what to send."""
         if isinstance(command, SessionUp):
-            if not self.owns(command.user):
-                self.counters.misrouted += 1
-                return []
             return self.session_up(command)
         if isinstance(command, SessionDown):
             return self.session_down(command, now)
         if isinstance(command, ClaimCmd):
-            if not self.owns(command.user):
-                self.counters.misrouted += 1
+            if not self.owns(command.user) and command.session not in self.leases:
+                self.counters.misrouted += 1  # its owner answers once the edge knows it
                 return []
             return self.claim(command, now)
         if isinstance(command, WatchCmd):
@@ -292,9 +301,6 @@ class PresenceTable:
         """Rebuild from an edge's announcement of all it holds."""
         out: list[Outbound] = []
         for up in command.sessions:
-            if not self.owns(up.user):
-                self.counters.misrouted += 1
-                continue
             lease = self.leases.get(up.session)
             if lease is None or lease.conn != up.conn or lease.suspended_until is not None:
                 out.extend(self.session_up(up))
@@ -319,6 +325,8 @@ class PresenceTable:
             lease.deadline_token = 0  # popped: _end must not count it stale
             out.extend(self._end(session))
         self._compact_deadlines()
+        if self._settling and now >= self._settled_at:
+            self._settle(out)
         if self._owner_of is not None and now >= self._resubscribe_at:
             self._resubscribe_at = now + RESUBSCRIBE_INTERVAL
             self._resubscribe(out, only_unanswered=True)
@@ -474,7 +482,7 @@ class PresenceTable:
 
     def _notify(self, user: str, was: Status, out: list[Outbound]) -> None:
         now_status = self.status(user)
-        if now_status == was:
+        if now_status == was or user in self._settling:
             return
         payload = encode_frame(PresenceFrame(user=user, status=now_status))
         by_edge: dict[str, list[str]] = {}
@@ -506,7 +514,8 @@ class PresenceTable:
         for user in [u for u in self._subscribers if not self.owns(u)]:
             del self._subscribers[user]  # its subscribers subscribe at its new owner
         for user in [u for u in self._remote if self.owns(u)]:
-            del self._remote[user]  # known from leases now
+            # Known from leases now, once the edges re-synced them.
+            self._settling.setdefault(user, self._remote.pop(user))
             self._unanswered.discard(user)
         for user in [u for u in self._awaiting if self.owns(u)]:
             for key in list(self._awaiting.get(user, ())):
@@ -517,6 +526,13 @@ class PresenceTable:
             self._complete_pending(out)
         self._resubscribe(out, only_unanswered=False)
         return out
+
+    def _settle(self, out: list[Outbound]) -> None:
+        """The edges re-synced the users taken over: tell watchers what differs."""
+        settling, self._settling = self._settling, {}
+        for user, was in settling.items():
+            if user in self._watchers_of and self.owns(user):
+                self._notify(user, was, out)
 
     def _forget(self, session: str, lease: SessionLease, out: list[Outbound]) -> None:
         """Drop ``session``'s lease and watches without telling anyone: another node owns

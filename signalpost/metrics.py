@@ -69,6 +69,13 @@ NODE_FRAMES_DROPPED = Counter(
     ["what"],
 )
 
+PRESENCE_DROPPED = Counter(
+    "signalpost_presence_dropped",
+    "Commands a presence node dropped: for a user it does not own (misrouted), a watch "
+    "reply that waited too long for another node, a status note from a node that does not "
+    "own the user",
+)
+
 
 def exposition() -> tuple[bytes, str]:
     """The text exposition format and its content type."""

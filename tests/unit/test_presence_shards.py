@@ -133,12 +133,31 @@ def test_a_lost_subscription_is_sent_again_and_the_watch_answered_then() -> None
     assert watching_reply(net.taken()) == {"bob": "offline"}
 
 
-def test_commands_for_a_user_owned_elsewhere_are_dropped_and_counted() -> None:
+def test_a_claim_for_a_user_owned_elsewhere_without_a_lease_here_is_dropped_and_counted() -> None:
     net = Shards({"bob": "p2"})
     p1 = net.tables["p1"]
-    assert p1.handle(up("b1", "bob"), 0.0) == []
     assert p1.handle(ClaimCmd("b1", "bob", "edge-1", "conn-b1"), 0.0) == []
-    assert p1.counters.misrouted == 2 and p1.leases == {}
+    assert p1.counters.misrouted == 1
+
+
+def test_a_lease_sent_before_the_node_read_the_view_that_gives_it_the_user_is_kept() -> None:
+    # The edge read the view first: its re-sync reaches p3 before p3 knows it owns bob.
+    net = Shards({"wally": "p1", "bob": "p2"}, nodes=("p1", "p2", "p3"))
+    net.send(up("w1", "wally"), "wally")
+    net.send(up("b1", "bob", edge="edge-2"), "bob")
+    net.send(watch("w1", ["bob"]), "wally")
+    net.taken()
+    net.run(net.tables["p3"].handle(EdgeSync("edge-2", [up("b1", "bob", "edge-2")], {}), 0.0))
+    net.view({"wally": "p1", "bob": "p3"})
+    net.tick(SYNC_GRACE)
+    net.tick(RESUBSCRIBE_INTERVAL)
+    assert net.tables["p3"].status("bob") == "online"
+    assert frames(net.taken(), "w1") == []  # bob never flapped
+    # A lease left on a node that does not own its user goes at the next view change.
+    net.run(net.tables["p1"].handle(up("b9", "bob", "edge-3"), net.now))
+    assert "b9" in net.tables["p1"].leases
+    net.view({"wally": "p1", "bob": "p3"})
+    assert "b9" not in net.tables["p1"].leases
 
 
 def test_unwatching_ends_the_subscription_at_the_owner() -> None:
@@ -218,3 +237,24 @@ def test_a_subscriber_that_goes_away_is_forgotten_by_the_owner() -> None:
     # The subscriber, told its owner restarted, subscribes again.
     out = net.tables["p1"].resubscribe_at("p2")
     assert out == [("p2", StatusSubscribe("p1", ["bob"]))]
+
+
+def test_users_taken_over_from_a_dead_node_are_told_once_and_only_if_changed() -> None:
+    net = Shards({"wally": "p1", "bob": "p2", "carol": "p2"})
+    net.send(up("w1", "wally"), "wally")
+    net.send(up("b1", "bob", edge="edge-2"), "bob")
+    net.send(up("c1", "carol", edge="edge-2"), "carol")
+    net.send(watch("w1", ["bob", "carol"]), "wally")
+    assert watching_reply(net.taken()) == {"bob": "online", "carol": "online"}
+    del net.tables["p2"]  # kill -9: bob's goodbye is lost with it
+    net.view({"wally": "p1", "bob": "p1", "carol": "p1"})
+    # The edges re-sync: carol is still connected, bob is not.
+    net.send(EdgeSync("edge-2", [up("c1", "carol", edge="edge-2")], {}), "carol")
+    net.send(EdgeSync("edge-1", [up("w1", "wally")], {"w1": ["bob", "carol"]}), "wally")
+    assert frames(net.taken(), "w1") == []  # nothing before the grace is over
+    net.tick(SYNC_GRACE)
+    assert frames(net.taken(), "w1") == [{"type": "presence", "user": "bob", "status": "offline"}]
+    net.tick(SYNC_GRACE)
+    assert frames(net.taken(), "w1") == []
+    net.send(up("b2", "bob", edge="edge-2"), "bob")
+    assert [f["status"] for f in frames(net.taken(), "w1")] == ["online"]
