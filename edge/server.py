@@ -101,6 +101,9 @@ from signalpost.wire import (
 log = logging.getLogger("signalpost.edge")
 
 SIGNAL_PATH = "/v1/signal"
+#: Times a resume claim is sent before the edge resumes on the signed token alone.
+CLAIM_ATTEMPTS = 2
+
 _PRESENCE_PREFIX = b'{"type":"presence"'
 
 #: Requests of one connection that may wait for an answer at once; more are refused with
@@ -637,9 +640,16 @@ class EdgeServer:
         claim: asyncio.Future[ClaimReply] = asyncio.get_running_loop().create_future()
         self._claims[conn] = claim
         try:
-            self.backplane.to_presence(user, ClaimCmd(session, user, self.edge_id, conn))
-            return await asyncio.wait_for(claim, self.settings.request_timeout)
-        except TimeoutError:
+            # Sent again once unanswered: the owner may have died, and the claim then
+            # reaches the node that took its users over (a view change takes ~1.3 s).
+            for _attempt in range(CLAIM_ATTEMPTS):
+                self.backplane.to_presence(user, ClaimCmd(session, user, self.edge_id, conn))
+                try:
+                    return await asyncio.wait_for(
+                        asyncio.shield(claim), self.settings.request_timeout
+                    )
+                except TimeoutError:
+                    continue
             # Presence unreachable: trust the signed token; brokers still decide per room.
             # (Watches are not known then: the client re-watches if it wants them.)
             log.warning("presence did not answer a resume claim; resuming on the token")

@@ -8,8 +8,9 @@ heartbeats are current, counting every configured one alive for one heartbeat ex
 after start.
 
 Each node opens a DEALER to every other presence node: its subscriptions to users owned
-there (``StatusSubscribe``) go out on it, and the owner's ``StatusNote``s come back on it
-(through the owner's ROUTER, addressed to this node's placement id).
+there (``StatusSubscribe``) and the copies of its leases (``LeaseCopy``, to each user's
+runner-up) go out on it, and the owner's ``StatusNote``s come back on it (through the
+owner's ROUTER, addressed to this node's placement id).
 
 SIGTERM: the node leaves the view (Consul) and waits until it has read a view without
 itself (bounded by ``drain_timeout``), so the edges re-sync its users to their new owners
@@ -28,11 +29,15 @@ from signalpost.discovery import Discovery
 from signalpost.lifecycle import until_stopped
 from signalpost.node import OwnerNode
 from signalpost.ownership import PRESENCE, TierMembership, View
-from signalpost.placement import owner
+from signalpost.placement import owner, ranking
 from signalpost.transport import DealerLink, new_incarnation
-from signalpost.wire import Envelope, StatusSubscribe, encode_envelope
+from signalpost.wire import Envelope, LeaseCopy, StatusSubscribe, encode_envelope
 
 log = logging.getLogger("signalpost.presence")
+
+#: Envelopes that go to another presence node over this node's own link to it (status
+#: notes go back through the ROUTER, to the subscriber's identity).
+_TO_PEER_TYPES: frozenset[type] = frozenset({StatusSubscribe, LeaseCopy})
 
 #: How long a draining node waits for the view that leaves it out, at most (seconds).
 DRAIN_VIEW_TIMEOUT = 5.0
@@ -47,6 +52,7 @@ class PresenceNode(OwnerNode):
             resume_window=settings.resume_window,
             node_id=self.placement_id,
             owner_of=self._owner_of,
+            replica_of=self._replica_of,
         )
         super().__init__(settings, "presence", self.table, settings.presence_bind)
         self.peers: dict[str, DealerLink] = {}
@@ -68,6 +74,12 @@ class PresenceNode(OwnerNode):
 
     def _owner_of(self, user: str) -> str | None:
         return owner(user, self._placing) if self._placing else None
+
+    def _replica_of(self, user: str) -> str | None:
+        """The runner-up for ``user``: it holds copies of the user's leases."""
+        if len(self._placing) < 2:
+            return None
+        return ranking(user, self._placing)[1]
 
     # ----------------------------------------------------------------- placement
 
@@ -135,7 +147,7 @@ class PresenceNode(OwnerNode):
     def _send(self, outbound: list[Outbound]) -> None:
         send_body = self.router.send_body
         for target, envelope in outbound:
-            if type(envelope) is StatusSubscribe:
+            if type(envelope) in _TO_PEER_TYPES:
                 link = self.peers.get(target)
                 if link is not None:  # else sent again once the peer is known
                     link.send(envelope)

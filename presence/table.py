@@ -60,6 +60,23 @@ claim for a user a node does not own and holds no lease of is dropped and counte
 (``misrouted``): the edge, which did not hear back, resumes on its signed token and
 announces the session to the owner it knows.
 
+Replication and handoff
+-----------------------
+After every change of a session's lease or watches, the owner sends the whole state of
+the session (``LeaseCopy``) to the runner-up of its user (``replica_of``); ``gone`` when
+the lease ended. The runner-up keeps the last copy of each (``_copies``) and does nothing
+else with it. When a view makes it the owner (the owner died or left), it adopts the
+copies as leases, suspended ones with the time left of their windows: resumes go on
+(``resumed: true``) and watches are kept. When a view moves a user to a node that is not
+its runner-up (a node joined), the old owner hands each session over (``handoff``)
+instead of forgetting it. Copies are not acknowledged: the change in flight when an owner
+dies is lost (the edges' re-sync restores every connected session; a session that
+dropped in that instant loses its resume).
+
+What each watcher was last told (``_told``) travels with a copy of its session but is not
+copied when only that changes (every status change would copy every watcher): after a
+failover a resumed watcher may be told a status it already knew.
+
 Without ``owner_of`` (one presence node, dev mode) the node owns every user.
 """
 
@@ -67,7 +84,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, Literal
 
 from signalpost.wire import (
@@ -77,6 +94,7 @@ from signalpost.wire import (
     EdgeSync,
     Envelope,
     Evict,
+    LeaseCopy,
     PresenceFrame,
     Reply,
     SessionDown,
@@ -122,7 +140,6 @@ class Counters:
     misrouted: int = 0  # a command for a user this node does not own
     pending_dropped: int = 0  # a watch reply that waited too long or found no room
     notes_ignored: int = 0  # a status note from a node that does not own the user here
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -157,12 +174,15 @@ class PresenceTable:
         resume_window: float,
         node_id: str = "",
         owner_of: Callable[[str], str | None] | None = None,
+        replica_of: Callable[[str], str | None] | None = None,
     ) -> None:
         self.resume_window = resume_window
         #: This node's placement id, and the owner of a user in this node's view (None:
         #: no view yet). Without ``owner_of`` this node owns every user.
         self.node_id = node_id
         self._owner_of = owner_of
+        #: The runner-up of a user (None: no other node), whom its owner copies leases to.
+        self._replica_of = replica_of
         self.counters = Counters()
         self.leases: dict[str, SessionLease] = {}
         self._sessions_of: dict[str, set[str]] = {}  # user -> sessions with a lease
@@ -188,6 +208,16 @@ class PresenceTable:
         # status last noted by their previous owner. Until ``_settled_at`` their watchers
         # are told nothing; then once, if the status settled otherwise (``_settle``).
         self._settling: dict[str, Status] = {}
+        # Replication: sessions changed by the call under way (session -> user), copied
+        # at its end; the copies this node holds as runner-up -> (copy, when received).
+        # Copies hold the sessions of users this node is the runner-up of: a view change
+        # drops the others, an owner's ``gone`` each ended one.
+        self._dirty: dict[str, str] = {}
+        self._copies: dict[str, tuple[LeaseCopy, float]] = {}
+        # Connected sessions adopted from copies -> their edge, until that edge's re-sync
+        # names them; those it does not name were gone when their goodbye was lost with
+        # the old owner, and are suspended once settled. Cleared at every settling.
+        self._unconfirmed: dict[str, str] = {}
         self._resubscribe_at = float("-inf")
 
     def owns(self, user: str) -> bool:
@@ -203,6 +233,12 @@ class PresenceTable:
 
     def handle(self, command: Envelope, now: float) -> list[Outbound]:
         """Apply one command from an edge or another presence node; return what to send."""
+        out = self._apply(command, now)
+        if self._dirty:
+            self._copy_dirty(out, now)
+        return out
+
+    def _apply(self, command: Envelope, now: float) -> list[Outbound]:
         if isinstance(command, SessionUp):
             return self.session_up(command)
         if isinstance(command, SessionDown):
@@ -222,6 +258,8 @@ class PresenceTable:
             return self.subscribe(command, now)
         if isinstance(command, StatusNote):
             return self.noted(command)
+        if isinstance(command, LeaseCopy):
+            return self.copied(command, now)
         return []
 
     # ----------------------------------------------------------------- leases
@@ -241,6 +279,7 @@ class PresenceTable:
                 # not leave the previous user online for good.)
                 self._release(command.session, lease.user, out)
         was = self.status(command.user)
+        self._dirty[command.session] = command.user
         self.leases[command.session] = SessionLease(command.user, command.edge, command.conn)
         self._sessions_of.setdefault(command.user, set()).add(command.session)
         self._connected_at.setdefault(command.edge, set()).add(command.session)
@@ -295,12 +334,16 @@ class PresenceTable:
         for session in list(self._connected_at.get(edge, ())):
             self._suspend(session, self.leases[session], deadline)
         self._unsubscribe_node(edge)  # a presence node that subscribed here: it re-subscribes
-        return []
+        out: list[Outbound] = []
+        if self._dirty:
+            self._copy_dirty(out, now)
+        return out
 
     def edge_sync(self, command: EdgeSync) -> list[Outbound]:
         """Rebuild from an edge's announcement of all it holds."""
         out: list[Outbound] = []
         for up in command.sessions:
+            self._unconfirmed.pop(up.session, None)
             lease = self.leases.get(up.session)
             if lease is None or lease.conn != up.conn or lease.suspended_until is not None:
                 out.extend(self.session_up(up))
@@ -325,8 +368,10 @@ class PresenceTable:
             lease.deadline_token = 0  # popped: _end must not count it stale
             out.extend(self._end(session))
         self._compact_deadlines()
-        if self._settling and now >= self._settled_at:
-            self._settle(out)
+        if self._dirty:
+            self._copy_dirty(out, now)
+        if (self._settling or self._unconfirmed) and now >= self._settled_at:
+            self._settle(out, now)
         if self._owner_of is not None and now >= self._resubscribe_at:
             self._resubscribe_at = now + RESUBSCRIBE_INTERVAL
             self._resubscribe(out, only_unanswered=True)
@@ -338,6 +383,7 @@ class PresenceTable:
 
     def _suspend(self, session: str, lease: SessionLease, deadline: float) -> None:
         """Start (or restart) ``session``'s resume window: it is offline after ``deadline``."""
+        self._dirty[session] = lease.user
         if lease.suspended_until is None:
             self._disconnect(session, lease.edge)
         elif lease.deadline_token:
@@ -390,6 +436,7 @@ class PresenceTable:
     def _end(self, session: str) -> list[Outbound]:
         out: list[Outbound] = []
         lease = self.leases.pop(session)
+        self._dirty[session] = lease.user
         self._unlink(session, lease)
         self._release(session, lease.user, out)
         self._forget_watches(session, out)
@@ -453,6 +500,9 @@ class PresenceTable:
     def unwatch(self, command: UnwatchCmd) -> list[Outbound]:
         """Stop watching users."""
         out: list[Outbound] = []
+        lease = self.leases.get(command.session)
+        if lease is not None:
+            self._dirty[command.session] = lease.user
         watched = self._watched_by.get(command.session, set())
         told = self._told.get(command.session, {})
         for user in command.users:
@@ -476,6 +526,9 @@ class PresenceTable:
         return set(self._watched_by.get(session, ()))
 
     def _add_watches(self, session: str, users: list[str]) -> None:
+        lease = self.leases.get(session)
+        if lease is not None:
+            self._dirty[session] = lease.user
         self._watched_by.setdefault(session, set()).update(users)
         for user in users:
             self._watchers_of.setdefault(user, set()).add(session)
@@ -508,6 +561,10 @@ class PresenceTable:
         self._settled_at = now + SYNC_GRACE
         for session, lease in list(self.leases.items()):
             if not self.owns(lease.user):
+                new_owner = self._owner_of(lease.user) if self._owner_of is not None else None
+                if new_owner is not None and new_owner != self.node_id:
+                    copy = self._copy_of(session, lease, now, handoff=True)
+                    out.append((new_owner, copy))
                 self._forget(session, lease, out)
         for session in [s for s in self._watched_by if s not in self.leases]:
             self._forget_watches(session, out)
@@ -524,11 +581,99 @@ class PresenceTable:
                     pending.missing.discard(user)
             self._awaiting.pop(user, None)
             self._complete_pending(out)
+        for session, (copy, received) in list(self._copies.items()):
+            if self.owns(copy.user):
+                del self._copies[session]
+                self._adopt(copy, received, now, out)
+            elif self._replica_of is None or self._replica_of(copy.user) != self.node_id:
+                del self._copies[session]  # another node is its runner-up now
         self._resubscribe(out, only_unanswered=False)
+        # Every lease to its (maybe new) runner-up: a view change is rare, leases many,
+        # so this costs one copy per lease per view change.
+        self._dirty = {session: lease.user for session, lease in self.leases.items()}
+        self._copy_dirty(out, now)
         return out
 
-    def _settle(self, out: list[Outbound]) -> None:
-        """The edges re-synced the users taken over: tell watchers what differs."""
+    # ----------------------------------------------------------------- replication
+
+    def _copy_of(
+        self, session: str, lease: SessionLease | None, now: float, handoff: bool = False
+    ) -> LeaseCopy:
+        if lease is None:
+            return LeaseCopy(self.node_id, session, "", gone=True)
+        left = -1.0
+        if lease.suspended_until is not None:
+            left = max(0.0, lease.suspended_until - now)
+        return LeaseCopy(
+            self.node_id,
+            session,
+            lease.user,
+            lease.edge,
+            lease.conn,
+            left,
+            sorted(self._watched_by.get(session, ())),
+            dict(self._told.get(session, {})),
+            handoff=handoff,
+        )
+
+    def _copy_dirty(self, out: list[Outbound], now: float) -> None:
+        """Copy each session changed by this call to its user's runner-up."""
+        dirty, self._dirty = self._dirty, {}
+        if self._replica_of is None:
+            return
+        for session, user in dirty.items():
+            if not self.owns(user):
+                continue  # a lease held ahead of a view: its owner replicates it
+            replica = self._replica_of(user)
+            if replica is None or replica == self.node_id:
+                continue
+            copy = self._copy_of(session, self.leases.get(session), now)
+            if copy.gone:
+                copy = LeaseCopy(self.node_id, session, user, gone=True)
+            out.append((replica, copy))
+
+    def copied(self, copy: LeaseCopy, now: float) -> list[Outbound]:
+        """A copy of a session from its user's owner (or, ``handoff``, its old owner)."""
+        out: list[Outbound] = []
+        if copy.handoff or (self.owns(copy.user) and self._owner_of is not None):
+            if not copy.gone:
+                self._adopt(copy, now, now, out)
+            return out
+        if copy.gone:
+            self._copies.pop(copy.session, None)
+        else:
+            self._copies[copy.session] = (copy, now)
+        return out
+
+    def _adopt(self, copy: LeaseCopy, received: float, now: float, out: list[Outbound]) -> None:
+        """Take a copied session as a lease of this node's own (it owns the user now)."""
+        lease = self.leases.get(copy.session)
+        if lease is not None and conn_supersedes(lease.conn, copy.conn):
+            return  # what an edge re-synced here is as new or newer
+        deadline = None
+        if copy.suspended_for >= 0:
+            deadline = received + copy.suspended_for
+            if deadline <= now:
+                return  # its resume window lapsed while it was a copy
+        out.extend(self.session_up(SessionUp(copy.session, copy.user, copy.edge, copy.conn)))
+        if deadline is not None:
+            self._suspend(copy.session, self.leases[copy.session], deadline)
+        else:
+            self._unconfirmed[copy.session] = copy.edge
+            self._settled_at = max(self._settled_at, now + SYNC_GRACE)
+        if copy.watches:
+            self._add_watches(copy.session, copy.watches)
+            self._told.setdefault(copy.session, {}).update(copy.told)
+            self._subscribe_remote(copy.watches, out)
+
+    def _settle(self, out: list[Outbound], now: float) -> None:
+        """The edges re-synced the users taken over: suspend the adopted connections no
+        edge named, then tell watchers what differs."""
+        unconfirmed, self._unconfirmed = self._unconfirmed, {}
+        for session, edge in unconfirmed.items():
+            lease = self.leases.get(session)
+            if lease is not None and lease.suspended_until is None and lease.edge == edge:
+                self._suspend(session, lease, now + self.resume_window)
         settling, self._settling = self._settling, {}
         for user, was in settling.items():
             if user in self._watchers_of and self.owns(user):

@@ -641,6 +641,28 @@ class StatusNote(_Envelope, tag=27, frozen=True):
     statuses: dict[str, Literal["online", "offline"]]
 
 
+class LeaseCopy(_Envelope, tag=28, frozen=True):
+    """Owner presence node -> the runner-up of the session's user (its replica), after
+    every change of the session's lease or watches; or -> the user's new owner when a view
+    moves the user (``handoff``: take it as a lease now).
+
+    The whole state of the session, not the change: copies are idempotent, and the last
+    one received is the state. ``suspended_for`` is the time left of the resume window
+    when sent (nodes' clocks are not comparable), -1 while connected.
+    """
+
+    owner: str
+    session: str
+    user: str
+    edge: str = ""
+    conn: str = ""
+    suspended_for: float = -1.0
+    watches: list[str] = []
+    told: dict[str, Literal["online", "offline"]] = {}
+    gone: bool = False  # the lease ended: drop the copy
+    handoff: bool = False
+
+
 class Heartbeat(_Envelope, tag=30, frozen=True):
     """Both ways on every link; ``incarnation`` changes when a node restarts."""
 
@@ -675,6 +697,7 @@ Envelope = (
     | EdgeSync
     | StatusSubscribe
     | StatusNote
+    | LeaseCopy
     | Heartbeat
 )
 

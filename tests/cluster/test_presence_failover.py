@@ -1,10 +1,12 @@
 """Presence as N nodes (real processes, real Consul): a kill -9 of one of two presence nodes.
 
 Users are placed on the presence nodes by rendezvous hashing over the presence view in
-Consul. The watcher's node survives; the watched user's node is killed. The survivor
-takes the users over when Consul's view leaves the dead node out; the edges re-sync their
-sessions to it, so users who stay connected stay online, and the watcher hears each real
-status change once.
+Consul; each owner copies its leases to the runner-up (with two nodes: the other one).
+The watcher's node survives; the watched users' node is killed. The survivor adopts the
+copies when Consul's view leaves the dead node out, and the edges re-sync their sessions
+to it: users who stay connected stay online, a session that dropped just before the kill
+still resumes (``resumed: true``, its room seat kept, no ``room_full``), the watcher
+hears each real status change once, and a session never has two live connections.
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ from tests.helpers import RawClient, raw_client
 
 pytestmark = pytest.mark.cluster
 
-ENV = {"SIGNALPOST_RATE_PER_SECOND": "1000", "SIGNALPOST_RATE_BURST": "1000"}
-#: Consul's check (1 s), the new view, the edges' re-sync and the owner's answer: the
-#: bound the tests hold failover to.
+WINDOW = 6.0  # the resume window
+ENV = {
+    "SIGNALPOST_RATE_PER_SECOND": "1000",
+    "SIGNALPOST_RATE_BURST": "1000",
+    "SIGNALPOST_RESUME_WINDOW": str(WINDOW),
+}
+#: Consul's check (1 s), the new view, the edges' re-sync, the settling grace (1 s), and,
+#: for a goodbye lost with the dead node, the resume window: the bound the test holds to.
 FAILOVER_BOUND = 15.0
 
 
@@ -57,22 +64,54 @@ async def test_kill_9_of_a_presence_node_keeps_watches_and_resumes(
     cluster = cluster_factory(edges=2, brokers=1, presence=2, consul="on", **ENV)
     edge1, edge2 = cluster.edge_urls
     survivor, doomed = "presence-1", "presence-2"
-    (wally,) = _placed(cluster, survivor, "wally")
-    bob, carol = _placed(cluster, doomed, "bob", 2)
+    (wally, erin) = _placed(cluster, survivor, "wally", 2)
+    bob, carol, dana = _placed(cluster, doomed, "bob", 3)
 
     watcher = await raw_client(edge1, wally)
     bob_client = await raw_client(edge2, bob)
     carol_client = await raw_client(edge1, carol)
-    reply = await watcher.request({"type": "watch", "users": [bob, carol], "id": 1})
-    assert reply == {"type": "watching", "presence": {bob: "online", carol: "online"}, "id": 1}
+    dana_client = await raw_client(edge2, dana)
+    erin_client = await raw_client(edge1, erin)
+    for client in (dana_client, erin_client):  # a room of two: capacity 2
+        assert (await client.request({"type": "join", "room": "r", "id": 1}))["type"] == "joined"
+    await dana_client.recv_type("peer-joined")  # erin
+    reply = await watcher.request({"type": "watch", "users": [bob, carol, dana], "id": 1})
+    assert reply["presence"] == {bob: "online", carol: "online", dana: "online"}
 
+    # Dana drops just before the kill: her lease, suspended, is copied to the survivor.
+    assert dana_client.ws.transport is not None
+    dana_client.ws.transport.abort()
+    await asyncio.sleep(0.3)
     cluster.kill(doomed)
     killed_at = time.monotonic()
-    # Bob leaves while his owner is dead: his goodbye is lost with it; the survivor, once
-    # it owns bob, learns from the edges that he is not connected any more.
+    # Bob leaves while his owner is dead: his goodbye is lost with it; the survivor holds
+    # a copy that says connected, which no edge names again: his window runs out.
     await bob_client.close()
+    # Carol resumes on the other edge while her first connection is still open and her
+    # owner is dead: the new connection waits for the survivor's answer, and the old one
+    # is closed 4409 (it never stays live beside the new one).
+    carol_again = await raw_client(edge2, carol, resume=carol_client.welcome["resume"])
+    welcomed_at = time.monotonic()
+    assert carol_again.welcome["resumed"] is True
+    async with asyncio.timeout(5):
+        await carol_client.ws.wait_closed()
+    assert carol_client.ws.close_code == 4409
+    # Presence sends the eviction and the claim's answer at once, to the two edges: the
+    # old connection's close is not ordered before the welcome, only close to it.
+    overlap = time.monotonic() - welcomed_at
+    assert overlap < 0.5, overlap
+    # Dana resumes within her window: her seat is hers, no room_full.
+    dana_again = await raw_client(edge1, dana, resume=dana_client.welcome["resume"])
+    assert dana_again.welcome["resumed"] is True
+    # (She is still a member: the broker tells her so, "recovered", before the answer.)
+    await dana_again.send({"type": "join", "room": "r", "id": 2})
+    for _ in range(10):
+        rejoined = await dana_again.recv()
+        if rejoined.get("id") == 2:
+            break
+    assert rejoined["type"] == "joined", rejoined
     frames, times = await _presence_frames(watcher, killed_at + FAILOVER_BOUND)
-    # Each change once: bob offline; carol, connected all along, never flaps.
+    # Each change once: bob offline; carol and dana, resumed, never flap.
     assert frames == [{"type": "presence", "user": bob, "status": "offline"}], frames
     offline_after = times[0] - killed_at
 
@@ -83,11 +122,11 @@ async def test_kill_9_of_a_presence_node_keeps_watches_and_resumes(
     assert online["status"] == "online"
     told_after = time.monotonic() - started
 
-    # Carol's session moved to the survivor with the edge's re-sync: it resumes.
-    assert carol_client.ws.transport is not None
-    carol_client.ws.transport.abort()
+    # Carol's session lives on the survivor now: it resumes again.
+    assert carol_again.ws.transport is not None
+    carol_again.ws.transport.abort()
     await asyncio.sleep(0.3)
-    resumed = await raw_client(edge2, carol, resume=carol_client.welcome["resume"])
+    resumed = await raw_client(edge1, carol, resume=carol_again.welcome["resume"])
     assert resumed.welcome["resumed"] is True
     assert resumed.session == carol_client.session
 
@@ -101,6 +140,8 @@ async def test_kill_9_of_a_presence_node_keeps_watches_and_resumes(
     (offline,) = await back.until_markers({"type": "presence", "user": bob}, timeout=5)
     assert offline["status"] == "offline"
     print(
-        f"presence failover: bob offline told {offline_after:.2f} s after the kill; "
+        f"presence failover: carol's resume welcomed {welcomed_at - killed_at:.2f} s after "
+        f"the kill, her old connection closed {overlap * 1000:.0f} ms after; "
+        f"bob offline told {offline_after:.2f} s after the kill (window {WINDOW:.0f} s); "
         f"online {told_after:.2f} s after he reconnected"
     )

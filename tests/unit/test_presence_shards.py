@@ -33,15 +33,22 @@ _seqs = itertools.count(1)
 
 
 class Shards:
-    def __init__(self, owners: dict[str, str], nodes: tuple[str, ...] = ("p1", "p2")) -> None:
+    def __init__(
+        self,
+        owners: dict[str, str],
+        nodes: tuple[str, ...] = ("p1", "p2"),
+        replicas: dict[str, str] | None = None,
+    ) -> None:
         self.owners = owners  # user -> node: the view the edges read
-        # Each node's own view: nodes read a new view one after the other.
+        # Each node's own view (owners, runner-ups): nodes read a view one after another.
         self.views = {node: dict(owners) for node in nodes}
+        self.replicas = {node: dict(replicas or {}) for node in nodes}
         self.tables = {
             node: PresenceTable(
                 resume_window=WINDOW,
                 node_id=node,
                 owner_of=lambda u, node=node: self.views[node].get(u),
+                replica_of=lambda u, node=node: self.replicas[node].get(u),
             )
             for node in nodes
         }
@@ -74,10 +81,11 @@ class Shards:
         for table in self.tables.values():
             self.run(table.expire(self.now))
 
-    def view(self, owners: dict[str, str]) -> None:
+    def view(self, owners: dict[str, str], replicas: dict[str, str] | None = None) -> None:
         self.owners = owners
         for node, table in self.tables.items():
             self.views[node] = dict(owners)
+            self.replicas[node] = dict(replicas or {})
             self.run(table.view_changed(self.now))
 
     def taken(self, edge: str = "edge-1") -> list[Envelope]:
@@ -258,3 +266,70 @@ def test_users_taken_over_from_a_dead_node_are_told_once_and_only_if_changed() -
     assert frames(net.taken(), "w1") == []
     net.send(up("b2", "bob", edge="edge-2"), "bob")
     assert [f["status"] for f in frames(net.taken(), "w1")] == ["online"]
+
+
+def test_the_runner_up_takes_over_leases_and_watches_of_a_dead_owner() -> None:
+    replicas = {"bob": "p2", "dana": "p2", "wally": "p2"}
+    net = Shards({"wally": "p1", "bob": "p1", "dana": "p1"}, replicas=replicas)
+    net.send(up("w1", "wally"), "wally")
+    net.send(up("b1", "bob", edge="edge-2"), "bob")
+    net.send(up("d1", "dana", edge="edge-2"), "dana")
+    net.send(watch("w1", ["bob", "dana"]), "wally")
+    net.taken()
+    # wally drops (his resume window starts); dana closes; then p1 dies. bob stays.
+    net.send(SessionDown("w1", "edge-1", "conn-w1", False), "wally")
+    net.send(SessionDown("d1", "edge-2", "conn-d1", True), "dana")
+    assert "d1" not in net.tables["p2"]._copies  # the end was copied too
+    del net.tables["p1"]
+    net.tick(5.0)
+    net.view({"wally": "p2", "bob": "p2", "dana": "p2"})
+    net.send(EdgeSync("edge-2", [up("b1", "bob", edge="edge-2")], {}), "bob")
+    net.tick(SYNC_GRACE)
+    p2 = net.tables["p2"]
+    assert p2.status("bob") == "online" and p2.status("dana") == "offline"
+    # wally resumes within what is left of his window, his watches intact.
+    net.send(ClaimCmd("w1", "wally", "edge-3", "x.2"), "wally")
+    (reply,) = [e for e in net.taken("edge-3") if isinstance(e, ClaimReply)]
+    assert reply.live and reply.watching == {"bob": "online", "dana": "offline"}
+    assert reply.changed == ["dana"]
+    net.send(SessionDown("b1", "edge-2", "conn-b1", True), "bob")
+    assert [f["status"] for f in frames(net.taken("edge-3"), "w1")] == ["offline"]
+
+
+def test_an_adopted_connection_its_edge_does_not_name_again_is_suspended() -> None:
+    # Bob closed while his owner was dead: the goodbye is lost; the copy says connected.
+    net = Shards({"bob": "p1"}, replicas={"bob": "p2"})
+    net.send(up("b1", "bob"), "bob")
+    del net.tables["p1"]
+    net.view({"bob": "p2"})
+    net.send(EdgeSync("edge-1", [], {}), "bob")  # edge-1 no longer has bob
+    p2 = net.tables["p2"]
+    assert p2.leases["b1"].suspended_until is None
+    net.tick(SYNC_GRACE)
+    assert p2.leases["b1"].suspended_until == net.now + WINDOW - 0.0
+    net.tick(WINDOW)
+    assert p2.status("bob") == "offline"
+
+
+def test_a_copy_whose_window_lapsed_is_not_adopted() -> None:
+    net = Shards({"bob": "p1"}, replicas={"bob": "p2"})
+    net.send(up("b1", "bob"), "bob")
+    net.send(SessionDown("b1", "edge-1", "conn-b1", False), "bob")
+    del net.tables["p1"]
+    net.tick(WINDOW + 1)
+    net.view({"bob": "p2"})
+    assert net.tables["p2"].leases == {}
+
+
+def test_a_user_moved_to_a_node_that_was_not_its_runner_up_is_handed_over() -> None:
+    net = Shards({"bob": "p1"}, nodes=("p1", "p2", "p3"), replicas={"bob": "p2"})
+    net.send(up("b1", "bob"), "bob")
+    net.send(SessionDown("b1", "edge-1", "conn-b1", False), "bob")  # away, may resume
+    net.view({"bob": "p3"}, replicas={"bob": "p1"})
+    assert "b1" not in net.tables["p1"].leases
+    assert net.tables["p3"].leases["b1"].suspended_until is not None
+    assert "b1" in net.tables["p1"]._copies  # p1 is bob's runner-up now
+    assert net.tables["p2"]._copies == {}  # p2 is nothing to bob any more
+    net.send(ClaimCmd("b1", "bob", "edge-2", "x.2"), "bob")
+    (reply,) = [e for e in net.taken("edge-2") if isinstance(e, ClaimReply)]
+    assert reply.live

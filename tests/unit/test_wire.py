@@ -35,6 +35,7 @@ from signalpost.wire import (
     Join,
     JoinCmd,
     JoinedFrame,
+    LeaseCopy,
     Leave,
     LeaveCmd,
     LeftFrame,
@@ -463,6 +464,7 @@ ENVELOPES: list[Envelope] = [
     EdgeSync("edge-1", [SessionUp("s1", "alice", "edge-1", "c1")], {"s1": ["eve"]}),
     StatusSubscribe("tcp://p1:5565", ["bob"], ["eve"]),
     StatusNote("tcp://p2:5565", {"bob": "online"}),
+    LeaseCopy("tcp://p2:5565", "s1", "bob", "edge-1", "c1.2", 12.5, ["eve"], {"eve": "online"}),
     Heartbeat("broker-a", "inc-1"),
 ]
 
@@ -478,7 +480,7 @@ def test_envelopes_round_trip(envelope: Envelope) -> None:
 
 def test_every_envelope_kind_is_covered_and_tags_are_distinct() -> None:
     kinds = {type(e) for e in ENVELOPES}
-    assert len(kinds) == 27  # every member of the Envelope union
+    assert len(kinds) == 28  # every member of the Envelope union
     tags = {msgspec.msgpack.decode(encode_envelope(e))[0] for e in ENVELOPES}
     assert len(tags) == len(kinds)
 
