@@ -66,6 +66,10 @@ class Backplane(Protocol):
         """Send a command about a session of ``user`` to the presence node that owns
         ``user``."""
 
+    @property
+    def presence_term(self) -> int:
+        """The newest presence view's number this edge read (0: none, or no Consul)."""
+
     async def start(self) -> None:
         """Open links and start timers."""
 
@@ -78,6 +82,7 @@ class LocalBackplane:
 
     lossy = False
     ready = True
+    presence_term = 0
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         # One process: nothing between the table and the edge can lose a delivery.

@@ -68,6 +68,7 @@ from signalpost.wire import (
     Envelope,
     ErrorFrame,
     Evict,
+    Evicted,
     Hello,
     IceServersFrame,
     IceServersRequest,
@@ -318,6 +319,11 @@ class EdgeServer:
             self.core.synced(envelope)
             self._act()
         elif isinstance(envelope, ClaimReply):
+            if envelope.term < self.backplane.presence_term:
+                # A grant from a node deposed since (it answered from an older view):
+                # the claim is sent again to the owner of the view this edge knows.
+                log.warning("ignoring a claim answer of term %d", envelope.term)
+                return
             claim = self._claims.get(envelope.conn)
             if claim is not None and not claim.done():
                 claim.set_result(envelope)
@@ -325,6 +331,9 @@ class EdgeServer:
             client = self.sessions.get(envelope.session)
             if client is not None and client.conn == envelope.conn:
                 self._evict(client)
+            # Closed (or never here): the resume that replaces it may be welcomed now.
+            evicted = Evicted(envelope.session, envelope.conn, self.edge_id)
+            self.backplane.to_presence(envelope.user, evicted)
 
     def _hold_for_claims(self, envelope: Deliver) -> None:
         """Keep a presence frame for sessions between their claim and their registration.

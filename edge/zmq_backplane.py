@@ -155,6 +155,10 @@ class ZmqBackplane:
             if link is not None:
                 self._sync_presence(link)
 
+    @property
+    def presence_term(self) -> int:
+        return self._presence_view.number if self._presence_view is not None else 0
+
     def presence_owner(self, user: str) -> DealerLink | None:
         """The link to the presence node that owns ``user`` now (None: none known)."""
         if not self._presence_ids:

@@ -93,6 +93,7 @@ class PresenceNode(OwnerNode):
     def _view_changed(self, view: View) -> None:
         """A newer presence view was read from Consul: place users on its members."""
         self._view = view
+        self.table.term = view.number
         if self._draining and self.placement_id not in view:
             self._left.set()
         self.update_peers(self._discovered)

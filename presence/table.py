@@ -94,6 +94,7 @@ from signalpost.wire import (
     EdgeSync,
     Envelope,
     Evict,
+    Evicted,
     LeaseCopy,
     PresenceFrame,
     Reply,
@@ -122,6 +123,10 @@ SYNC_GRACE: Final = 1.0
 PENDING_TIMEOUT: Final = 5.0
 #: Watch replies waiting at once; more are dropped (counted) and resent by their edges.
 MAX_PENDING: Final = 10_000
+#: How long a granted resume waits for the edge of the connection it replaces to confirm
+#: that connection closed (``Evicted``); then it is answered all the same (counted). Less
+#: than the edge's claim timeout, so the edge does not give up first.
+EVICT_WAIT: Final = 1.5
 
 
 @dataclass(slots=True)
@@ -134,12 +139,24 @@ class PendingWatch:
 
 
 @dataclass(slots=True)
+class HeldReply:
+    """A granted resume claim, answered once the connection it replaces is closed."""
+
+    edge: str
+    reply: ClaimReply
+    old_edge: str
+    old_conn: str
+    deadline: float
+
+
+@dataclass(slots=True)
 class Counters:
     """Frames a node dropped, by cause (exported as metrics by the shell)."""
 
     misrouted: int = 0  # a command for a user this node does not own
     pending_dropped: int = 0  # a watch reply that waited too long or found no room
     notes_ignored: int = 0  # a status note from a node that does not own the user here
+    evict_unconfirmed: int = 0  # a resume answered without the old connection's close
 
 
 @dataclass(slots=True)
@@ -184,6 +201,12 @@ class PresenceTable:
         #: The runner-up of a user (None: no other node), whom its owner copies leases to.
         self._replica_of = replica_of
         self.counters = Counters()
+        #: The presence view's number this node acts in (0 without Consul), set by the
+        #: shell; every grant names it (``ClaimReply.term``).
+        self.term = 0
+        # session -> its granted claim, held until the replaced connection closed. One per
+        # session at most; released by ``Evicted``, the old edge's loss, or EVICT_WAIT.
+        self._held: dict[str, HeldReply] = {}
         self.leases: dict[str, SessionLease] = {}
         self._sessions_of: dict[str, set[str]] = {}  # user -> sessions with a lease
         self._connected_at: dict[str, set[str]] = {}  # edge -> its unsuspended sessions
@@ -260,6 +283,8 @@ class PresenceTable:
             return self.noted(command)
         if isinstance(command, LeaseCopy):
             return self.copied(command, now)
+        if isinstance(command, Evicted):
+            return self.evicted(command)
         return []
 
     # ----------------------------------------------------------------- leases
@@ -272,7 +297,7 @@ class PresenceTable:
             if not conn_supersedes(command.conn, lease.conn):
                 return out  # an older connection's late word: the newer one keeps the lease
             if lease.conn != command.conn and lease.suspended_until is None:
-                out.append((lease.edge, Evict(command.session, lease.conn)))
+                out.append((lease.edge, Evict(command.session, lease.conn, lease.user)))
             self._unlink(command.session, lease)
             if lease.user != command.user:
                 # (Sessions belong to one user; a node that says otherwise must at least
@@ -303,6 +328,11 @@ class PresenceTable:
         A lease whose resume window lapsed is over even if ``expire`` has not run yet.
         """
         out: list[Outbound] = []
+        held = self._held.get(command.session)
+        if held is not None:
+            if held.reply.conn == command.conn:
+                return out  # the edge asks again: still waiting for the old one to close
+            del self._held[command.session]  # a newer connection claims: that one waits
         lease = self.leases.get(command.session)
         if lease is not None and lease.suspended_until is not None and lease.suspended_until <= now:
             out.extend(self._end(command.session))
@@ -312,21 +342,49 @@ class PresenceTable:
             or lease.user != command.user
             or not conn_supersedes(command.conn, lease.conn)
         ):
-            out.append((command.edge, ClaimReply(command.session, command.conn, False)))
+            reply = ClaimReply(command.session, command.conn, False, term=self.term)
+            out.append((command.edge, reply))
             return out
-        out.extend(
-            self.session_up(SessionUp(command.session, command.user, command.edge, command.conn))
+        granted = self.session_up(
+            SessionUp(command.session, command.user, command.edge, command.conn)
         )
+        out.extend(granted)
         watching: dict[str, Status] = {
             user: self.status(user) for user in sorted(self._watched_by.get(command.session, ()))
         }
         told = self._told.setdefault(command.session, {})
         changed = [user for user, status in watching.items() if told.get(user) != status]
         told.update(watching)
-        out.append(
-            (command.edge, ClaimReply(command.session, command.conn, True, watching, changed))
-        )
+        reply = ClaimReply(command.session, command.conn, True, watching, changed, self.term)
+        for edge, envelope in granted:
+            if isinstance(envelope, Evict) and envelope.session == command.session:
+                # The connection it replaces is live: answered once that one is closed.
+                self._held[command.session] = HeldReply(
+                    command.edge, reply, edge, envelope.conn, now + EVICT_WAIT
+                )
+                return out
+        out.append((command.edge, reply))
         return out
+
+    def evicted(self, command: Evicted) -> list[Outbound]:
+        """The edge of a replaced connection closed it: the resume may be welcomed."""
+        held = self._held.get(command.session)
+        if held is None or held.old_conn != command.conn:
+            return []
+        del self._held[command.session]
+        return [(held.edge, held.reply)]
+
+    def _release_held(self, out: list[Outbound], now: float, lost_edge: str = "") -> None:
+        """Answer the held resumes whose old edge is gone, or that waited EVICT_WAIT."""
+        for session, held in list(self._held.items()):
+            if held.old_edge == lost_edge:
+                pass  # it cannot answer, and its connections are closed with it
+            elif held.deadline <= now:
+                self.counters.evict_unconfirmed += 1
+            else:
+                continue
+            del self._held[session]
+            out.append((held.edge, held.reply))
 
     def edge_lost(self, edge: str, now: float) -> list[Outbound]:
         """``edge`` stopped heartbeating: its sessions start their resume windows now."""
@@ -335,6 +393,8 @@ class PresenceTable:
             self._suspend(session, self.leases[session], deadline)
         self._unsubscribe_node(edge)  # a presence node that subscribed here: it re-subscribes
         out: list[Outbound] = []
+        if self._held:
+            self._release_held(out, now, lost_edge=edge)
         if self._dirty:
             self._copy_dirty(out, now)
         return out
@@ -370,6 +430,8 @@ class PresenceTable:
         self._compact_deadlines()
         if self._dirty:
             self._copy_dirty(out, now)
+        if self._held:
+            self._release_held(out, now)
         if (self._settling or self._unconfirmed) and now >= self._settled_at:
             self._settle(out, now)
         if self._owner_of is not None and now >= self._resubscribe_at:

@@ -556,10 +556,23 @@ class Confirm(_Envelope, tag=15, frozen=True):
 
 
 class Evict(_Envelope, tag=12, frozen=True):
-    """Presence -> edge: ``session`` resumed elsewhere; close this stale connection."""
+    """Presence -> edge: ``session`` resumed elsewhere; close this stale connection.
+
+    The edge answers ``Evicted`` once it is closed (or was not there): the resume that
+    caused it is welcomed only then (``presence.table``).
+    """
 
     session: str
     conn: str
+    user: str = ""  # whose session: the edge sends ``Evicted`` to the user's presence owner
+
+
+class Evicted(_Envelope, tag=29, frozen=True):
+    """Edge -> presence: the connection an ``Evict`` named is closed (or was gone)."""
+
+    session: str
+    conn: str
+    edge: str
 
 
 class ClaimReply(_Envelope, tag=13, frozen=True):
@@ -570,6 +583,9 @@ class ClaimReply(_Envelope, tag=13, frozen=True):
     #: status changed since the session was last told (it was away).
     watching: dict[str, Literal["online", "offline"]] = {}
     changed: list[str] = []
+    #: The answering node's term (the presence view's number; 0 without Consul): an edge
+    #: that read a newer view ignores a grant from a deposed owner.
+    term: int = 0
 
 
 class SessionUp(_Envelope, tag=20, frozen=True):
@@ -698,6 +714,7 @@ Envelope = (
     | StatusSubscribe
     | StatusNote
     | LeaseCopy
+    | Evicted
     | Heartbeat
 )
 
