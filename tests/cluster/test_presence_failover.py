@@ -12,6 +12,7 @@ hears each real status change once, and a session never has two live connections
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from typing import Any
 
@@ -144,4 +145,46 @@ async def test_kill_9_of_a_presence_node_keeps_watches_and_resumes(
         f"the kill, her old connection closed {overlap * 1000:.0f} ms after; "
         f"bob offline told {offline_after:.2f} s after the kill (window {WINDOW:.0f} s); "
         f"online {told_after:.2f} s after he reconnected"
+    )
+
+
+async def test_sigterm_of_a_presence_node_hands_its_users_over(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = cluster_factory(edges=2, brokers=1, presence=2, consul="on", **ENV)
+    edge1, edge2 = cluster.edge_urls
+    stays, leaving = "presence-1", "presence-2"
+    (wally,) = _placed(cluster, stays, "wally")
+    bob, dana = _placed(cluster, leaving, "bob", 2)
+    watcher = await raw_client(edge1, wally)
+    bob_client = await raw_client(edge2, bob)
+    dana_client = await raw_client(edge2, dana)
+    reply = await watcher.request({"type": "watch", "users": [bob, dana], "id": 1})
+    assert reply["presence"] == {bob: "online", dana: "online"}
+    assert dana_client.ws.transport is not None
+    dana_client.ws.transport.abort()  # away: her lease waits for her on the leaving node
+    await asyncio.sleep(0.3)
+
+    cluster.kill(leaving, signal.SIGTERM)
+    started = time.monotonic()
+    for _ in range(200):  # bounded: DRAIN_VIEW_TIMEOUT (5 s) + 0.5 s, and some
+        if not cluster.alive(leaving):
+            break
+        await asyncio.sleep(0.05)
+    assert not cluster.alive(leaving)
+    drained_in = time.monotonic() - started
+
+    # Handed over warm: nobody flapped, dana resumes, bob's goodbye is heard at once.
+    dana_again = await raw_client(edge1, dana, resume=dana_client.welcome["resume"])
+    assert dana_again.welcome["resumed"] is True
+    await bob_client.close()
+    closed_at = time.monotonic()
+    (offline,) = await watcher.until_markers({"type": "presence", "user": bob}, timeout=5)
+    assert offline["status"] == "offline"
+    told_after = time.monotonic() - closed_at
+    # (Within the settling grace of the view change, SYNC_GRACE 1 s, at most.)
+    assert told_after < 1.5, told_after
+    print(
+        f"presence drain: exited {drained_in:.2f} s after SIGTERM; "
+        f"bob offline told {told_after:.3f} s after he left"
     )
