@@ -188,3 +188,37 @@ async def test_sigterm_of_a_presence_node_hands_its_users_over(
         f"presence drain: exited {drained_in:.2f} s after SIGTERM; "
         f"bob offline told {told_after:.3f} s after he left"
     )
+
+
+async def test_without_consul_heartbeats_place_users_and_a_kill_moves_them(
+    cluster_factory: ClusterFactory,
+) -> None:
+    # Static endpoints (presence_endpoint lists both nodes): placement over the nodes whose
+    # heartbeats are current (1 s expiry in the tests).
+    cluster = cluster_factory(edges=2, brokers=1, presence=2, consul="off", **ENV)
+    edge1, edge2 = cluster.edge_urls
+    survivor, doomed = "presence-1", "presence-2"
+    (wally,) = _placed(cluster, survivor, "wally")
+    bob, dana = _placed(cluster, doomed, "bob", 2)
+    watcher = await raw_client(edge1, wally)
+    await asyncio.sleep(1.5)  # the nodes' start-up grace (one heartbeat expiry) is over
+    reply = await watcher.request({"type": "watch", "users": [bob, dana], "id": 1})
+    assert reply["presence"] == {bob: "offline", dana: "offline"}
+    bob_client = await raw_client(edge2, bob)
+    dana_client = await raw_client(edge2, dana)
+    for user in (bob, dana):
+        (frame,) = await watcher.until_markers({"type": "presence", "user": user}, timeout=5)
+        assert frame["status"] == "online"
+    assert dana_client.ws.transport is not None
+    dana_client.ws.transport.abort()
+    await asyncio.sleep(0.3)
+    cluster.kill(doomed)
+    killed_at = time.monotonic()
+    await asyncio.sleep(3.0)  # heartbeat expiry (1 s), re-sync, settling grace (1 s)
+    dana_again = await raw_client(edge1, dana, resume=dana_client.welcome["resume"])
+    assert dana_again.welcome["resumed"] is True
+    await bob_client.close()
+    (offline,) = await watcher.until_markers({"type": "presence", "user": bob}, timeout=10)
+    assert offline["status"] == "offline"
+    elapsed = time.monotonic() - killed_at
+    print(f"presence without Consul: bob offline told {elapsed:.2f} s after the kill")
