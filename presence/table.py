@@ -637,12 +637,7 @@ class PresenceTable:
             self._settling.setdefault(user, self._remote.pop(user))
             self._unanswered.discard(user)
         for user in [u for u in self._awaiting if self.owns(u)]:
-            for key in list(self._awaiting.get(user, ())):
-                pending = self._pending.get(key)
-                if pending is not None:
-                    pending.missing.discard(user)
-            self._awaiting.pop(user, None)
-            self._complete_pending(out)
+            self._status_known(user, out)
         for session, (copy, received) in list(self._copies.items()):
             if self.owns(copy.user):
                 del self._copies[session]
@@ -785,19 +780,22 @@ class PresenceTable:
             was = self._remote.get(user)
             self._remote[user] = status
             if was is None:
-                for key in self._awaiting.pop(user, ()):
-                    pending = self._pending.get(key)
-                    if pending is not None:
-                        pending.missing.discard(user)
+                self._status_known(user, out)
             elif was != status:
                 self._notify(user, was, out)
-        self._complete_pending(out)
         return out
 
-    def _complete_pending(self, out: list[Outbound]) -> None:
-        for key in [k for k, p in self._pending.items() if not p.missing]:
-            pending = self._pending.pop(key)
-            out.append(self._watch_reply(pending.command))
+    def _status_known(self, user: str, out: list[Outbound]) -> None:
+        """``user`` has a status here now: answer the watches that waited only for it
+        (cost: the watches waiting for this user, not every waiting watch)."""
+        for key in self._awaiting.pop(user, ()):
+            pending = self._pending.get(key)
+            if pending is None:
+                continue
+            pending.missing.discard(user)
+            if not pending.missing:
+                del self._pending[key]
+                out.append(self._watch_reply(pending.command))
 
     def _subscribe_remote(self, users: list[str], out: list[Outbound]) -> None:
         """Subscribe at their owners to the watched ``users`` this node does not own."""

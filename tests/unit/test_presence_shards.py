@@ -333,3 +333,17 @@ def test_a_user_moved_to_a_node_that_was_not_its_runner_up_is_handed_over() -> N
     net.send(ClaimCmd("b1", "bob", "edge-2", "x.2"), "bob")
     (reply,) = [e for e in net.taken("edge-2") if isinstance(e, ClaimReply)]
     assert reply.live
+
+
+def test_a_watch_over_users_of_two_other_nodes_is_answered_once_both_noted() -> None:
+    net = Shards({"wally": "p1", "bob": "p2", "eve": "p3"}, nodes=("p1", "p2", "p3"))
+    net.send(up("w1", "wally"), "wally")
+    net.send(up("e1", "eve", edge="edge-2"), "eve")
+    del net.tables["p3"]  # eve's owner does not answer (yet)
+    net.send(watch("w1", ["bob", "eve"]), "wally")
+    assert [e for e in net.taken() if isinstance(e, Reply)] == []  # bob noted, eve not
+    p1 = net.tables["p1"]
+    assert p1._awaiting.keys() == {"eve"}
+    out = p1.handle(StatusNote("p3", {"eve": "online"}), net.now)
+    assert watching_reply([e for _, e in out]) == {"bob": "offline", "eve": "online"}
+    assert p1._pending == {} and p1._awaiting == {}
