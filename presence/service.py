@@ -113,8 +113,8 @@ class PresenceNode(OwnerNode):
         )
 
     def _peer_up(self, link: DealerLink, fresh: bool) -> None:
-        if fresh:  # it restarted and forgot whom to tell: subscribe there again
-            self._send(self.table.resubscribe_at(link.endpoint))
+        if fresh:  # it restarted and forgot everything: subscriptions, copies
+            self._send(self.table.peer_restarted(link.endpoint, self._clock()))
         self._peers_changed()
 
     def update_peers(self, endpoints: list[str]) -> None:

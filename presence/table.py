@@ -849,10 +849,21 @@ class PresenceTable:
         for owner, users in by_owner.items():
             out.append((owner, StatusSubscribe(self.node_id, users)))
 
-    def resubscribe_at(self, node: str) -> list[Outbound]:
-        """``node`` restarted (it forgot its subscribers): subscribe there again."""
+    def peer_restarted(self, node: str, now: float) -> list[Outbound]:
+        """``node`` restarted and forgot everything: subscribe there again, and copy it
+        every lease it is the runner-up of."""
+        out: list[Outbound] = []
         users = [u for u, owner in self._subscribed.items() if owner == node]
-        return [(node, StatusSubscribe(self.node_id, users))] if users else []
+        if users:
+            out.append((node, StatusSubscribe(self.node_id, users)))
+        if self._replica_of is not None:
+            self._dirty = {
+                session: lease.user
+                for session, lease in self.leases.items()
+                if self._replica_of(lease.user) == node
+            }
+            self._copy_dirty(out, now)
+        return out
 
     def _unsubscribe_node(self, node: str) -> None:
         for user in [u for u, nodes in self._subscribers.items() if node in nodes]:

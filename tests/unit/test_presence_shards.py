@@ -243,8 +243,25 @@ def test_a_subscriber_that_goes_away_is_forgotten_by_the_owner() -> None:
     p2.edge_lost("p1", 1.0)
     assert p2._subscribers == {}
     # The subscriber, told its owner restarted, subscribes again.
-    out = net.tables["p1"].resubscribe_at("p2")
+    out = net.tables["p1"].peer_restarted("p2", 1.0)
     assert out == [("p2", StatusSubscribe("p1", ["bob"]))]
+
+
+def test_a_runner_up_that_restarted_is_copied_every_lease_again() -> None:
+    net = Shards({"bob": "p1", "eve": "p1"}, replicas={"bob": "p2", "eve": "p2"})
+    net.send(up("b1", "bob"), "bob")
+    net.send(up("e1", "eve"), "eve")
+    net.send(SessionDown("e1", "edge-1", "conn-e1", False), "eve")
+    net.tables["p2"] = PresenceTable(
+        resume_window=WINDOW,
+        node_id="p2",
+        owner_of=lambda u: net.views["p2"].get(u),
+        replica_of=lambda u: net.replicas["p2"].get(u),
+    )  # restarted: empty
+    net.run(net.tables["p1"].peer_restarted("p2", net.now))
+    copies = net.tables["p2"]._copies
+    assert sorted(copies) == ["b1", "e1"]
+    assert copies["e1"][0].suspended_for == WINDOW
 
 
 def test_users_taken_over_from_a_dead_node_are_told_once_and_only_if_changed() -> None:
