@@ -52,6 +52,7 @@ of the users it took over: the edges' re-sync arrives first, so a user who staye
 is not reported offline by its new owner (warm move); then each watcher hears of a user
 taken over only if its status settled otherwise than its previous owner last said (a user
 who left while their owner was dead: once, offline).
+
 Nodes and edges read a new view one after the other, so a lease may reach a node that
 does not own its user (yet, or any more). It is kept: the node may be about to own the
 user (an edge that read the view first re-syncs to it before it read the view itself);
@@ -70,12 +71,22 @@ copies as leases, suspended ones with the time left of their windows: resumes go
 (``resumed: true``) and watches are kept. When a view moves a user to a node that is not
 its runner-up (a node joined), the old owner hands each session over (``handoff``)
 instead of forgetting it. Copies are not acknowledged: the change in flight when an owner
-dies is lost (the edges' re-sync restores every connected session; a session that
-dropped in that instant loses its resume).
+dies is lost. The edges' re-sync restores every connected session; an adopted connection
+no edge names again within ``SYNC_GRACE`` had its goodbye lost with the dead owner, and is
+suspended then (``_unconfirmed``): it may resume, or goes offline one window later.
 
 What each watcher was last told (``_told``) travels with a copy of its session but is not
 copied when only that changes (every status change would copy every watcher): after a
 failover a resumed watcher may be told a status it already knew.
+
+One live connection per session
+-------------------------------
+A claim that moves a lease away from a connection still open elsewhere sends that edge
+``Evict`` and holds the ``ClaimReply`` (``_held``) until the edge answers ``Evicted`` (it
+closed the connection, 4409), the edge is lost, or ``EVICT_WAIT`` passed: the new
+connection is welcomed only after the old one is closed. Every claim answer names this
+node's ``term`` (the presence view's number, set by the shell); an edge that read a newer
+view ignores the grant of a node deposed since.
 
 Without ``owner_of`` (one presence node, dev mode) the node owns every user.
 """
@@ -125,7 +136,7 @@ PENDING_TIMEOUT: Final = 5.0
 MAX_PENDING: Final = 10_000
 #: How long a granted resume waits for the edge of the connection it replaces to confirm
 #: that connection closed (``Evicted``); then it is answered all the same (counted). Less
-#: than the edge's claim timeout, so the edge does not give up first.
+#: than the two request timeouts an edge keeps claiming for, so it does not give up first.
 EVICT_WAIT: Final = 1.5
 
 
