@@ -12,13 +12,21 @@ hears each real status change once, and a session never has two live connections
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.cluster.conftest import Cluster, ClusterFactory
+from signalpost.cluster import free_port
+from signalpost.ownership import PRESENCE, decode_view
+from signalpost.placement import owner
+from tests.cluster.conftest import FAST_ENV, Cluster, ClusterFactory
 from tests.helpers import RawClient, raw_client
 
 pytestmark = pytest.mark.cluster
@@ -222,3 +230,70 @@ async def test_without_consul_heartbeats_place_users_and_a_kill_moves_them(
     assert offline["status"] == "offline"
     elapsed = time.monotonic() - killed_at
     print(f"presence without Consul: bob offline told {elapsed:.2f} s after the kill")
+
+
+def _start_presence(bind: str, consul_address: str, log_dir: Path) -> subprocess.Popen[bytes]:
+    """One more presence node, outside the cluster, that only Consul tells the others of."""
+    env = {**os.environ, **FAST_ENV, **ENV}
+    env["SIGNALPOST_CONSUL_ADDR"] = consul_address
+    env["SIGNALPOST_HEALTH_PORT"] = str(free_port())
+    with (log_dir / "presence-new.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "signalpost.cli", "presence", "--id", "presence-new",
+             "--bind", bind],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def _presence_view(consul_url: str) -> tuple[str, ...]:
+    url = f"{consul_url}/v1/kv/{PRESENCE.view_key}?raw&consistent"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            view = decode_view(response.read())
+    except OSError:
+        return ()
+    return view.members if view is not None else ()
+
+
+async def test_a_presence_node_added_takes_its_users_over_warm(
+    cluster_factory: ClusterFactory, tmp_path: Path
+) -> None:
+    cluster = cluster_factory(edges=2, brokers=1, presence=1, consul="on", **ENV)
+    edge1, edge2 = cluster.edge_urls
+    (consul,) = cluster.of_kind("consul")
+    (first,) = cluster.of_kind("presence")
+    newcomer = f"tcp://127.0.0.1:{free_port()}"
+    nodes = sorted([first["url"], newcomer])
+    moving = [u for u in (f"user-{i}" for i in range(200)) if owner(u, nodes) == newcomer][:3]
+    assert len(moving) == 3
+    watcher = await raw_client(edge1, "wally")
+    stay, leave, away = [await raw_client(edge2, user) for user in moving]
+    reply = await watcher.request({"type": "watch", "users": moving, "id": 1})
+    assert set(reply["presence"].values()) == {"online"}
+    assert away.ws.transport is not None
+    away.ws.transport.abort()
+    await asyncio.sleep(0.3)
+
+    process = _start_presence(newcomer, consul["url"].removeprefix("http://"), tmp_path)
+    try:
+        for _ in range(150):  # bounded: 15 s for its check to pass and the view to change
+            if set(await asyncio.to_thread(_presence_view, consul["url"])) == set(nodes):
+                break
+            assert process.poll() is None, "the new presence node exited: see its log"
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the new presence node never joined the presence view")
+        await asyncio.sleep(2.0)  # the edges' re-sync, the settling grace
+        # Its users moved warm: the one away resumes, the one who stayed never flapped,
+        # and the one who leaves now is told once.
+        back = await raw_client(edge1, moving[2], resume=away.welcome["resume"])
+        assert back.welcome["resumed"] is True
+        await leave.close()
+        await watcher.until_markers(
+            {"type": "presence", "user": moving[1], "status": "offline"}, timeout=5
+        )
+        assert stay.ws.close_code is None
+    finally:
+        process.terminate()
+        await asyncio.to_thread(process.wait, 20)
+    assert process.returncode == 0
