@@ -202,7 +202,8 @@ MEANINGS: Final = {
     "presence_endpoint": "presence endpoints to use without Consul (comma separated)",
     "heartbeat_interval": "seconds between heartbeats on every ZeroMQ link",
     "heartbeat_liveness": "heartbeats missed before a node is taken for dead",
-    "request_timeout": "seconds an edge waits for presence to answer a resume claim",
+    "request_timeout": "an edge claims a resume from presence (every 0.5 s) for twice this "
+    "many seconds, then resumes on the signed token",
     "consul_addr": "`host:port` of a Consul agent: register there and discover the others",
     "advertise_host": "address Consul and other nodes reach this node at (default: host)",
     "health_port": "port of a broker's/presence's `/healthz` and `/metrics` (0: pick free)",
