@@ -25,7 +25,7 @@ from signalpost.config import Settings
 from signalpost.discovery import Discovery
 from signalpost.lifecycle import until_stopped
 from signalpost.node import OwnerNode
-from signalpost.ownership import BrokerMembership, View
+from signalpost.ownership import BROKERS, TierMembership, View
 from signalpost.placement import owner, ranking
 from signalpost.transport import DealerLink, new_incarnation
 from signalpost.wire import Envelope, Handoff, HandoffRequest, ReplicateCmd, encode_envelope
@@ -89,7 +89,7 @@ class BrokerNode(OwnerNode):
         # this broker owns nothing); without, ``_live`` does.
         self._by_view = settings.consul_addr is not None
         self._view: View | None = None
-        self._membership: BrokerMembership | None = None
+        self._membership: TierMembership | None = None
         self._discovered = list(settings.broker_endpoints)  # configured, or found in Consul
 
     def _replica_for(self, room: str) -> str | None:
@@ -101,7 +101,7 @@ class BrokerNode(OwnerNode):
             pass
         if self._by_view:
             # The view's runner-up, alive or not: only a view change moves the replica.
-            live = list(self._view.brokers) if self._view is not None else []
+            live = list(self._view.members) if self._view is not None else []
         else:
             live = [self.placement_id, *(p for p, link in self.peers.items() if link.alive)]
         replica = next((b for b in ranking(room, live) if b != self.placement_id), None)
@@ -113,7 +113,7 @@ class BrokerNode(OwnerNode):
     def _placing(self) -> list[str]:
         """The brokers rooms are placed on, as this broker knows them."""
         if self._by_view:
-            return list(self._view.brokers) if self._view is not None else []
+            return list(self._view.members) if self._view is not None else []
         return self._live
 
     def _owns(self, room: str) -> bool:
@@ -204,7 +204,7 @@ class BrokerNode(OwnerNode):
         every broker of the view)."""
         wanted = {e for e in endpoints if e != self.placement_id}
         if self._view is not None:
-            wanted |= {b for b in self._view.brokers if b != self.placement_id}
+            wanted |= {b for b in self._view.members if b != self.placement_id}
         for endpoint in list(self.peers):
             if endpoint not in wanted:
                 link = self.peers.pop(endpoint)
@@ -246,8 +246,8 @@ class BrokerNode(OwnerNode):
 
         discovery.watch("broker", discovered)
         assert self.settings.consul_addr is not None
-        self._membership = BrokerMembership(
-            self.settings.consul_addr, self.placement_id, self.node_id, self._view_changed
+        self._membership = TierMembership(
+            self.settings.consul_addr, BROKERS, self.placement_id, self.node_id, self._view_changed
         )
         self._membership.start()
 

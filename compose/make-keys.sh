@@ -28,7 +28,8 @@ node() {
     mv "$work/$name.key" "$KEYS_DIR/public/$name.key"
 }
 
-node presence-1 --endpoint tcp://presence:5565
+node presence-1 --endpoint tcp://presence-1:5565
+node presence-2 --endpoint tcp://presence-2:5565
 node broker-1 --endpoint tcp://broker-1:5555
 node broker-2 --endpoint tcp://broker-2:5555
 node edge-1

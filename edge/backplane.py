@@ -62,8 +62,13 @@ class Backplane(Protocol):
     def attach(self, session: str, conn: str, positions: dict[str, RoomPosition]) -> None:
         """Tell every broker that ``session`` resumed here, each with its rooms' positions."""
 
-    def to_presence(self, command: Envelope) -> None:
-        """Send a command to the presence service."""
+    def to_presence(self, user: str, command: Envelope) -> None:
+        """Send a command about a session of ``user`` to the presence node that owns
+        ``user``."""
+
+    @property
+    def presence_term(self) -> int:
+        """The newest presence view's number this edge read (0: none, or no Consul)."""
 
     async def start(self) -> None:
         """Open links and start timers."""
@@ -77,6 +82,7 @@ class LocalBackplane:
 
     lossy = False
     ready = True
+    presence_term = 0
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         # One process: nothing between the table and the edge can lose a delivery.
@@ -122,7 +128,7 @@ class LocalBackplane:
     def attach(self, session: str, conn: str, positions: dict[str, RoomPosition]) -> None:
         self._dispatch(self.rooms.attach(AttachCmd(session, conn, self._edge_id, positions)))
 
-    def to_presence(self, command: Envelope) -> None:
+    def to_presence(self, user: str, command: Envelope) -> None:
         self._dispatch(self.presence.handle(command, self._clock()))
 
     async def start(self) -> None:

@@ -1,9 +1,15 @@
-"""ZmqBackplane: the edge's links to every broker and to the presence service.
+"""ZmqBackplane: the edge's links to every broker and to every presence node.
 
 Rooms are placed on brokers by rendezvous hashing (``signalpost.placement``); every edge
 computes the same owner from the same broker set. With Consul, the set is the newest view
 read from Consul's KV (``signalpost.ownership``), the one the brokers act on; without, the
 configured brokers (``broker_endpoints``) whose heartbeats are current.
+
+Users are placed on presence nodes the same way, over the presence view (with Consul) or
+the configured presence nodes whose heartbeats are current (``presence_endpoint``, comma
+separated). A session's lease and watch commands go to the owner of its user. When the
+placement changes, or a presence node (re)appears, the edge sends each presence node the
+part of its soft state that node owns (``EdgeSync``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from signalpost.config import Settings
 from signalpost.discovery import Discovery
 from signalpost.lifecycle import cancel_all
 from signalpost.node_keys import node_keys
-from signalpost.ownership import View, follow_view
+from signalpost.ownership import BROKERS, PRESENCE, View, follow_view
 from signalpost.placement import owner, ranking
 from signalpost.transport import DealerLink, new_incarnation
 from signalpost.wire import (
@@ -53,7 +59,9 @@ class ZmqBackplane:
         self._keys = node_keys(settings)  # raises ConfigError before any socket exists
         self._context = zmq.Context()
         self.brokers: dict[str, DealerLink] = {}  # broker id -> link
-        self.presence: DealerLink | None = None
+        self.presence: dict[str, DealerLink] = {}  # presence placement id -> link
+        self._presence_view: View | None = None  # with Consul: the presence nodes
+        self._presence_ids: list[str] = []  # users are placed on these
         self._edge_id = ""
         self._inbox: Inbox | None = None
         self._snapshot: Callable[[], EdgeSync] | None = None
@@ -65,6 +73,7 @@ class ZmqBackplane:
         self._discovery: Discovery | None = None
         self._view: View | None = None  # with Consul: the brokers rooms are placed on
         self._discovered: dict[str, str] = {}
+        self._presence_discovered: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
 
     # ----------------------------------------------------------------- membership
@@ -104,7 +113,7 @@ class ZmqBackplane:
         open new links, close gone ones."""
         self._discovered = dict(endpoints)
         if self._view is not None:
-            endpoints = {**endpoints, **{b: b for b in self._view.brokers}}
+            endpoints = {**endpoints, **{b: b for b in self._view.members}}
         for broker_id in list(self.brokers):
             link = self.brokers[broker_id]
             if endpoints.get(broker_id) != link.endpoint:
@@ -115,23 +124,72 @@ class ZmqBackplane:
                 self.brokers[broker_id] = self._link(endpoint)
         self._membership_changed()
 
-    def update_presence(self, endpoint: str | None) -> None:
-        """Point the presence link at ``endpoint``."""
-        if self.presence is not None and self.presence.endpoint == endpoint:
+    def update_presence(self, endpoints: list[str]) -> None:
+        """Make the presence node set ``endpoints`` (placement ids; with Consul, also every
+        member of the presence view): open new links, close gone ones."""
+        self._presence_discovered = list(endpoints)
+        wanted = set(endpoints)
+        if self._presence_view is not None:
+            wanted |= set(self._presence_view.members)
+        for node in list(self.presence):
+            if node not in wanted:
+                link = self.presence.pop(node)
+                asyncio.get_running_loop().create_task(link.close())
+        for node in sorted(wanted - self.presence.keys()):
+            self.presence[node] = self._link(node)
+        self._presence_changed()
+
+    def update_presence_view(self, view: View) -> None:
+        """A newer presence view was read from Consul: place users on its members."""
+        self._presence_view = view
+        log.info("presence view %d: %s", view.number, ", ".join(view.members))
+        self.update_presence(self._presence_discovered)
+
+    def _presence_changed(self) -> None:
+        if self._presence_view is not None:
+            placing = list(self._presence_view.members)
+        else:
+            live = sorted(p for p, link in self.presence.items() if link.alive)
+            placing = live or sorted(self.presence)  # none heard yet: ZeroMQ queues
+        if placing == self._presence_ids:
             return
-        if self.presence is not None:
-            asyncio.get_running_loop().create_task(self.presence.close())
-        self.presence = self._link(endpoint) if endpoint else None
+        self._presence_ids = placing
+        for node in placing:  # each node gets the sessions it owns now
+            link = self.presence.get(node)
+            if link is not None:
+                self._sync_presence(link)
+
+    @property
+    def presence_term(self) -> int:
+        return self._presence_view.number if self._presence_view is not None else 0
+
+    def presence_owner(self, user: str) -> DealerLink | None:
+        """The link to the presence node that owns ``user`` now (None: none known)."""
+        if not self._presence_ids:
+            return None
+        return self.presence.get(owner(user, self._presence_ids))
+
+    def _sync_presence(self, link: DealerLink) -> None:
+        """Send ``link``'s node the sessions (and their watches) whose users it owns."""
+        if self._snapshot is None or not self._presence_ids:
+            return
+        snapshot = self._snapshot()
+        mine = [
+            up for up in snapshot.sessions if owner(up.user, self._presence_ids) == link.endpoint
+        ]
+        sessions = {up.session for up in mine}
+        watches = {s: users for s, users in snapshot.watches.items() if s in sessions}
+        link.send(EdgeSync(snapshot.edge, mine, watches))
 
     def update_view(self, view: View) -> None:
         """A newer view was read from Consul: place rooms on its brokers."""
         self._view = view
-        log.info("view %d: %s", view.number, ", ".join(view.brokers))
+        log.info("view %d: %s", view.number, ", ".join(view.members))
         self.update_brokers(self._discovered)
 
     def _membership_changed(self) -> None:
         if self._view is not None:
-            self._live_ids = list(self._view.brokers)
+            self._live_ids = list(self._view.members)
             self._owners.clear()
             self._owners_changed()
             return
@@ -142,21 +200,27 @@ class ZmqBackplane:
         self._owners.clear()
         self._owners_changed()
 
+    def _is_presence(self, link: DealerLink) -> bool:
+        return self.presence.get(link.endpoint) is link
+
     def _on_up(self, link: DealerLink, fresh: bool) -> None:
-        if link is not self.presence:
-            self._heard = True
-        if link is self.presence:
-            if fresh and self._snapshot is not None:
-                link.send(self._snapshot())
+        if self._is_presence(link):
+            if fresh:
+                self._sync_presence(link)
+            self._presence_changed()
             return
+        self._heard = True
         log.info("broker %s is up%s", link.endpoint, " (fresh)" if fresh else "")
         # A broker that restarted came back empty: re-announcing rebuilds its rooms.
         self._membership_changed()
 
     def _on_down(self, link: DealerLink) -> None:
-        if link is not self.presence:
-            log.warning("broker %s is down", link.endpoint)
-            self._membership_changed()
+        if self._is_presence(link):
+            log.warning("presence %s is down", link.endpoint)
+            self._presence_changed()
+            return
+        log.warning("broker %s is down", link.endpoint)
+        self._membership_changed()
 
     @property
     def ready(self) -> bool:
@@ -220,19 +284,19 @@ class ZmqBackplane:
         for broker_id, link in self.brokers.items():
             link.send(AttachCmd(session, conn, self._edge_id, mine[broker_id]))
 
-    def to_presence(self, command: Envelope) -> None:
-        if self.presence is not None:
-            self.presence.send(command)
+    def to_presence(self, user: str, command: Envelope) -> None:
+        link = self.presence_owner(user)
+        if link is not None:
+            link.send(command)
 
     async def start(self) -> None:
         if not self.brokers and self.settings.broker_endpoints:
             self.update_brokers({e: e for e in self.settings.broker_endpoints})
-        if self.presence is None and self.settings.presence_endpoint:
-            self.update_presence(self.settings.presence_endpoint)
+        if not self.presence and self.settings.presence_endpoints:
+            self.update_presence(self.settings.presence_endpoints)
         self._started = True
-        for link in [*self.brokers.values(), self.presence]:
-            if link is not None:
-                link.start()
+        for link in [*self.brokers.values(), *self.presence.values()]:
+            link.start()
         if self.settings.consul_addr:
             await self._discover(self.settings.consul_addr)
 
@@ -252,9 +316,13 @@ class ZmqBackplane:
 
         self._discovery.watch("broker", brokers)
         self._discovery.watch(
-            "presence", lambda members: self.update_presence(min(members.values()))
+            "presence", lambda members: self.update_presence(list(members.values()))
         )
-        self._tasks.append(asyncio.get_running_loop().create_task(follow_view(address, view)))
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(follow_view(address, BROKERS, view)))
+        self._tasks.append(
+            loop.create_task(follow_view(address, PRESENCE, self.update_presence_view))
+        )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(found.wait(), FIRST_DISCOVERY_TIMEOUT)
         if not found.is_set() and not self.brokers:
@@ -264,7 +332,6 @@ class ZmqBackplane:
         await cancel_all(self._tasks)
         if self._discovery is not None:
             await self._discovery.close()
-        for link in [*self.brokers.values(), self.presence]:
-            if link is not None:
-                await link.close()
+        for link in [*self.brokers.values(), *self.presence.values()]:
+            await link.close()
         self._context.term()

@@ -1,15 +1,219 @@
-"""The presence process: a ``PresenceTable`` behind a ZeroMQ ROUTER."""
+"""The presence process: a ``PresenceTable`` behind a ZeroMQ ROUTER, one of N presence nodes.
+
+A presence node's placement id is its endpoint as others dial it (what the edges hash).
+Users are placed on the presence nodes by rendezvous hashing: with Consul, over the
+members of the presence view (``signalpost/presence/view``, ``signalpost.ownership``);
+without, over the configured nodes (``presence_endpoint``, comma separated) whose
+heartbeats are current, counting every configured one alive for one heartbeat expiry
+after start.
+
+Each node opens a DEALER to every other presence node: its subscriptions to users owned
+there (``StatusSubscribe``) and the copies of its leases (``LeaseCopy``, to each user's
+runner-up) go out on it, and the owner's ``StatusNote``s come back on it (through the
+owner's ROUTER, addressed to this node's placement id).
+
+SIGTERM: the node leaves the view (Consul) and waits until it has read a view without
+itself (bounded by ``drain_timeout``), so the edges re-sync its users to their new owners
+while it still answers; then it deregisters and exits.
+"""
 
 from __future__ import annotations
 
-from presence.table import PresenceTable
+import asyncio
+import logging
+
+from presence.table import Outbound, PresenceTable
+from signalpost import metrics
 from signalpost.config import Settings
+from signalpost.discovery import Discovery
 from signalpost.lifecycle import until_stopped
 from signalpost.node import OwnerNode
+from signalpost.ownership import PRESENCE, TierMembership, View
+from signalpost.placement import owner, ranking
+from signalpost.transport import DealerLink, new_incarnation
+from signalpost.wire import Envelope, LeaseCopy, StatusSubscribe, encode_envelope
+
+log = logging.getLogger("signalpost.presence")
+
+#: Envelopes that go to another presence node over this node's own link to it (status
+#: notes go back through the ROUTER, to the subscriber's identity).
+_TO_PEER_TYPES: frozenset[type] = frozenset({StatusSubscribe, LeaseCopy})
+
+#: How long a draining node waits for the view that leaves it out, at most (seconds).
+DRAIN_VIEW_TIMEOUT = 5.0
+
+
+class PresenceNode(OwnerNode):
+    """One presence node: the users it owns, and links to the other presence nodes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.placement_id = settings.dialable(settings.presence_bind)
+        self.table = PresenceTable(
+            resume_window=settings.resume_window,
+            node_id=self.placement_id,
+            owner_of=self._owner_of,
+            replica_of=self._replica_of,
+        )
+        super().__init__(settings, "presence", self.table, settings.presence_bind)
+        self.peers: dict[str, DealerLink] = {}
+        self._incarnation = new_incarnation()
+        self._running = False
+        self._by_view = settings.consul_addr is not None
+        self._view: View | None = None
+        self._membership: TierMembership | None = None
+        self._placing: list[str] = [] if self._by_view else [self.placement_id]
+        self._grace_until = float("inf")
+        self._discovered = [e for e in settings.presence_endpoints if e != self.placement_id]
+        self._draining = False
+        self._left = asyncio.Event()  # draining: a view without this node was read
+        self._reported = 0  # table drop counters already exported
+
+    @property
+    def endpoint(self) -> str:
+        return self.placement_id
+
+    def _owner_of(self, user: str) -> str | None:
+        return owner(user, self._placing) if self._placing else None
+
+    def _replica_of(self, user: str) -> str | None:
+        """The runner-up for ``user``: it holds copies of the user's leases."""
+        if len(self._placing) < 2:
+            return None
+        return ranking(user, self._placing)[1]
+
+    # ----------------------------------------------------------------- placement
+
+    def _set_placing(self, placing: list[str]) -> None:
+        if placing == self._placing:
+            return
+        self._placing = placing
+        log.info("presence placed on %s", ", ".join(placing) or "nobody")
+        self._send(self.table.view_changed(self._clock()))
+
+    def _view_changed(self, view: View) -> None:
+        """A newer presence view was read from Consul: place users on its members."""
+        self._view = view
+        self.table.term = view.number
+        if self._draining and self.placement_id not in view:
+            self._left.set()
+        self.update_peers(self._discovered)
+        self._set_placing(list(view.members))
+
+    def _peers_changed(self, *_link: object) -> None:
+        if self._by_view:
+            return  # liveness moves no user: only a new view does
+        starting = self._clock() < self._grace_until
+        self._set_placing(
+            sorted(
+                [
+                    self.placement_id,
+                    *(p for p, link in self.peers.items() if link.alive or starting),
+                ]
+            )
+        )
+
+    def _peer_up(self, link: DealerLink, fresh: bool) -> None:
+        if fresh:  # it restarted and forgot everything: subscriptions, copies
+            self._send(self.table.peer_restarted(link.endpoint, self._clock()))
+        self._peers_changed()
+
+    def update_peers(self, endpoints: list[str]) -> None:
+        """Make the peer set ``endpoints`` (and, with Consul, every member of the view)."""
+        wanted = {e for e in endpoints if e != self.placement_id}
+        if self._view is not None:
+            wanted |= {m for m in self._view.members if m != self.placement_id}
+        for endpoint in list(self.peers):
+            if endpoint not in wanted:
+                link = self.peers.pop(endpoint)
+                asyncio.get_running_loop().create_task(link.close())
+        for endpoint in sorted(wanted - self.peers.keys()):
+            link = DealerLink(
+                self._context,
+                endpoint,
+                self.placement_id,
+                self._incarnation,
+                on_envelope=self._from_peer,
+                on_up=self._peer_up,
+                on_down=self._peers_changed,
+                heartbeat_interval=self.settings.heartbeat_interval,
+                peer_expiry=self.settings.peer_expiry,
+                keys=self.keys,
+                max_message=self.settings.max_node_message,
+            )
+            self.peers[endpoint] = link
+            if self._running:
+                link.start()
+        self._peers_changed()
+
+    # ----------------------------------------------------------------- I/O
+
+    def _send(self, outbound: list[Outbound]) -> None:
+        send_body = self.router.send_body
+        for target, envelope in outbound:
+            if type(envelope) in _TO_PEER_TYPES:
+                link = self.peers.get(target)
+                if link is not None:  # else sent again once the peer is known
+                    link.send(envelope)
+            else:
+                send_body(target, encode_envelope(envelope))
+
+    def _from_peer(self, envelope: Envelope) -> None:
+        self._send(self.core.handle(envelope, self._clock()))
+
+    def expired(self) -> None:
+        counters = self.table.counters
+        dropped = counters.misrouted + counters.pending_dropped + counters.notes_ignored
+        if dropped != self._reported:
+            metrics.PRESENCE_DROPPED.inc(dropped - self._reported)
+            self._reported = dropped
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def started(self) -> None:
+        self._running = True
+        self._grace_until = self._clock() + self.settings.peer_expiry
+        asyncio.get_running_loop().call_later(self.settings.peer_expiry, self._peers_changed)
+        self.update_peers(self._discovered)
+
+    def discovering(self, discovery: Discovery) -> None:
+        def discovered(members: dict[str, str]) -> None:
+            self._discovered = list(members.values())
+            self.update_peers(self._discovered)
+
+        discovery.watch("presence", discovered)
+        assert self.settings.consul_addr is not None
+        self._membership = TierMembership(
+            self.settings.consul_addr,
+            PRESENCE,
+            self.placement_id,
+            self.node_id,
+            self._view_changed,
+        )
+        self._membership.start()
+
+    async def draining(self) -> None:
+        """SIGTERM: leave the view and keep answering until the others took over."""
+        if self._membership is None:
+            return  # static endpoints: the edges' heartbeats move the users
+        self._draining = True
+        await self._membership.leave()
+        try:
+            async with asyncio.timeout(DRAIN_VIEW_TIMEOUT):
+                await self._left.wait()
+        except TimeoutError:
+            log.warning("no view without %s read in %.0f s", self.placement_id, DRAIN_VIEW_TIMEOUT)
+            return
+        # The edges read the same view about when this node did: give their re-sync and
+        # the new owners' subscriptions a moment to land before this node stops answering.
+        await asyncio.sleep(0.5)
+
+    async def stopping(self) -> None:
+        if self._membership is not None:
+            await self._membership.close()
+        for link in self.peers.values():
+            await link.close()
 
 
 async def run_presence(settings: Settings) -> None:
-    """Run the presence service until SIGTERM/SIGINT."""
-    table = PresenceTable(resume_window=settings.resume_window)
-    node = OwnerNode(settings, "presence", table, settings.presence_bind)
-    await node.run(until_stopped)
+    """Run one presence node until SIGTERM/SIGINT."""
+    await PresenceNode(settings).run(until_stopped)

@@ -27,13 +27,76 @@ holding the lease here) must get its session back.
 Cost follows changes, not sessions held: resume deadlines wait in a heap that ``expire``
 pops only as far as ``now``, and ``edge_lost`` reaches the edge's connected sessions through
 an index (see ``PresenceTable``).
+
+Several presence nodes (sharding)
+---------------------------------
+Users are placed on the presence nodes by rendezvous hashing over the presence view
+(``owner_of``; ``signalpost.ownership``). A node holds the leases of the users it owns, and
+the watches of the sessions it holds a lease for: everything a session's resume needs
+(``claim``: live or not, what it watches, what changed) is on one node. Edges send a
+session's lease and watch commands to the owner of its user.
+
+A watched user owned by another node is known through a subscription: the watcher's node
+sends the owner ``StatusSubscribe``; the owner answers ``StatusNote`` with the status now
+and again at every change; the watcher's node keeps the last one (``_remote``) and notifies
+its watchers from it as it would from a lease. A watch reply waits until every user it
+names has a status (``_pending``). Subscriptions not answered are sent again every
+``RESUBSCRIBE_INTERVAL`` (a lost message, an owner that did not own the user yet, one that
+restarted and forgot its subscribers).
+
+When the view changes (``view_changed``), a node forgets, without telling anyone, the
+leases and watches of users it no longer owns (the edges send them to the new owner:
+``EdgeSync``) and its subscribers for them, and subscribes where owners changed. For
+``SYNC_GRACE`` after a change it answers no subscription and tells its own watchers nothing
+of the users it took over: the edges' re-sync arrives first, so a user who stayed connected
+is not reported offline by its new owner (warm move); then each watcher hears of a user
+taken over only if its status settled otherwise than its previous owner last said (a user
+who left while their owner was dead: once, offline).
+
+Nodes and edges read a new view one after the other, so a lease may reach a node that
+does not own its user (yet, or any more). It is kept: the node may be about to own the
+user (an edge that read the view first re-syncs to it before it read the view itself);
+if not, the next view change forgets it, and the edge has re-synced it to the owner. A
+claim for a user a node does not own and holds no lease of is dropped and counted
+(``misrouted``): the edge, which did not hear back, resumes on its signed token and
+announces the session to the owner it knows.
+
+Replication and handoff
+-----------------------
+After every change of a session's lease or watches, the owner sends the whole state of
+the session (``LeaseCopy``) to the runner-up of its user (``replica_of``); ``gone`` when
+the lease ended. The runner-up keeps the last copy of each (``_copies``) and does nothing
+else with it. When a view makes it the owner (the owner died or left), it adopts the
+copies as leases, suspended ones with the time left of their windows: resumes go on
+(``resumed: true``) and watches are kept. When a view moves a user to a node that is not
+its runner-up (a node joined), the old owner hands each session over (``handoff``)
+instead of forgetting it. Copies are not acknowledged: the change in flight when an owner
+dies is lost. The edges' re-sync restores every connected session; an adopted connection
+no edge names again within ``SYNC_GRACE`` had its goodbye lost with the dead owner, and is
+suspended then (``_unconfirmed``): it may resume, or goes offline one window later.
+
+What each watcher was last told (``_told``) travels with a copy of its session but is not
+copied when only that changes (every status change would copy every watcher): after a
+failover a resumed watcher may be told a status it already knew.
+
+One live connection per session
+-------------------------------
+A claim that moves a lease away from a connection still open elsewhere sends that edge
+``Evict`` and holds the ``ClaimReply`` (``_held``) until the edge answers ``Evicted`` (it
+closed the connection, 4409), the edge is lost, or ``EVICT_WAIT`` passed: the new
+connection is welcomed only after the old one is closed. Every claim answer names this
+node's ``term`` (the presence view's number, set by the shell); an edge that read a newer
+view ignores the grant of a node deposed since.
+
+Without ``owner_of`` (one presence node, dev mode) the node owns every user.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from signalpost.wire import (
     ClaimCmd,
@@ -42,10 +105,14 @@ from signalpost.wire import (
     EdgeSync,
     Envelope,
     Evict,
+    Evicted,
+    LeaseCopy,
     PresenceFrame,
     Reply,
     SessionDown,
     SessionUp,
+    StatusNote,
+    StatusSubscribe,
     UnwatchCmd,
     UnwatchedFrame,
     WatchCmd,
@@ -56,6 +123,51 @@ from signalpost.wire import (
 
 Outbound = tuple[str, Envelope]
 Status = Literal["online", "offline"]
+
+#: How often unanswered subscriptions to other presence nodes are sent again (seconds).
+RESUBSCRIBE_INTERVAL: Final = 1.0
+#: After a view change, how long a node answers no subscription: edges re-sync their
+#: sessions to the new owners within it (they read the view as the nodes do).
+SYNC_GRACE: Final = 1.0
+#: How long a watch reply waits for the status of users owned elsewhere; then it is
+#: dropped (the edge resends the watch).
+PENDING_TIMEOUT: Final = 5.0
+#: Watch replies waiting at once; more are dropped (counted) and resent by their edges.
+MAX_PENDING: Final = 10_000
+#: How long a granted resume waits for the edge of the connection it replaces to confirm
+#: that connection closed (``Evicted``); then it is answered all the same (counted). Less
+#: than the two request timeouts an edge keeps claiming for, so it does not give up first.
+EVICT_WAIT: Final = 1.5
+
+
+@dataclass(slots=True)
+class PendingWatch:
+    """A watch reply waiting for the status of users owned by other nodes."""
+
+    command: WatchCmd
+    missing: set[str]
+    deadline: float
+
+
+@dataclass(slots=True)
+class HeldReply:
+    """A granted resume claim, answered once the connection it replaces is closed."""
+
+    edge: str
+    reply: ClaimReply
+    old_edge: str
+    old_conn: str
+    deadline: float
+
+
+@dataclass(slots=True)
+class Counters:
+    """Frames a node dropped, by cause (exported as metrics by the shell)."""
+
+    misrouted: int = 0  # a command for a user this node does not own
+    pending_dropped: int = 0  # a watch reply that waited too long or found no room
+    notes_ignored: int = 0  # a status note from a node that does not own the user here
+    evict_unconfirmed: int = 0  # a resume answered without the old connection's close
 
 
 @dataclass(slots=True)
@@ -84,8 +196,28 @@ class PresenceTable:
     empty.
     """
 
-    def __init__(self, *, resume_window: float) -> None:
+    def __init__(
+        self,
+        *,
+        resume_window: float,
+        node_id: str = "",
+        owner_of: Callable[[str], str | None] | None = None,
+        replica_of: Callable[[str], str | None] | None = None,
+    ) -> None:
         self.resume_window = resume_window
+        #: This node's placement id, and the owner of a user in this node's view (None:
+        #: no view yet). Without ``owner_of`` this node owns every user.
+        self.node_id = node_id
+        self._owner_of = owner_of
+        #: The runner-up of a user (None: no other node), whom its owner copies leases to.
+        self._replica_of = replica_of
+        self.counters = Counters()
+        #: The presence view's number this node acts in (0 without Consul), set by the
+        #: shell; every grant names it (``ClaimReply.term``).
+        self.term = 0
+        # session -> its granted claim, held until the replaced connection closed. One per
+        # session at most; released by ``Evicted``, the old edge's loss, or EVICT_WAIT.
+        self._held: dict[str, HeldReply] = {}
         self.leases: dict[str, SessionLease] = {}
         self._sessions_of: dict[str, set[str]] = {}  # user -> sessions with a lease
         self._connected_at: dict[str, set[str]] = {}  # edge -> its unsuspended sessions
@@ -97,25 +229,73 @@ class PresenceTable:
         # watching session -> what it was last told of each user; a resumed watcher is
         # told what changed while it was away.
         self._told: dict[str, dict[str, Status]] = {}
+        # Sharding. Each map holds users watched here or owned here, and drops a key once
+        # nobody watches it (or this node stops owning it).
+        self._subscribers: dict[str, set[str]] = {}  # owned user -> subscribed nodes
+        self._subscribed: dict[str, str] = {}  # remote watched user -> owner subscribed at
+        self._remote: dict[str, Status] = {}  # remote watched user -> status last noted
+        self._unanswered: set[str] = set()  # subscribed, no note yet from that owner
+        self._pending: dict[tuple[str, str, int], PendingWatch] = {}  # (session, conn, seq)
+        self._awaiting: dict[str, set[tuple[str, str, int]]] = {}  # user -> pending keys
+        self._settled_at = float("-inf")  # answers subscriptions from then on
+        # Users watched here that this node took over in the last view change -> the
+        # status last noted by their previous owner. Until ``_settled_at`` their watchers
+        # are told nothing; then once, if the status settled otherwise (``_settle``).
+        self._settling: dict[str, Status] = {}
+        # Replication: sessions changed by the call under way (session -> user), copied
+        # at its end; the copies this node holds as runner-up -> (copy, when received).
+        # Copies hold the sessions of users this node is the runner-up of: a view change
+        # drops the others, an owner's ``gone`` each ended one.
+        self._dirty: dict[str, str] = {}
+        self._copies: dict[str, tuple[LeaseCopy, float]] = {}
+        # Connected sessions adopted from copies -> their edge, until that edge's re-sync
+        # names them; those it does not name were gone when their goodbye was lost with
+        # the old owner, and are suspended once settled. Cleared at every settling.
+        self._unconfirmed: dict[str, str] = {}
+        self._resubscribe_at = float("-inf")
+
+    def owns(self, user: str) -> bool:
+        """Whether this node owns ``user`` in its view (always, without a view function)."""
+        return self._owner_of is None or self._owner_of(user) == self.node_id
 
     def status(self, user: str) -> Status:
-        """``online`` while any session of ``user`` holds a lease."""
+        """``online`` while any session of ``user`` holds a lease (on the node that owns
+        it); for a user owned elsewhere, what its owner noted last."""
+        if self._owner_of is not None and not self.owns(user):
+            return self._remote.get(user, "offline")
         return "online" if self._sessions_of.get(user) else "offline"
 
     def handle(self, command: Envelope, now: float) -> list[Outbound]:
-        """Apply one command from an edge; return what to send."""
+        """Apply one command from an edge or another presence node; return what to send."""
+        out = self._apply(command, now)
+        if self._dirty:
+            self._copy_dirty(out, now)
+        return out
+
+    def _apply(self, command: Envelope, now: float) -> list[Outbound]:
         if isinstance(command, SessionUp):
             return self.session_up(command)
         if isinstance(command, SessionDown):
             return self.session_down(command, now)
         if isinstance(command, ClaimCmd):
+            if not self.owns(command.user) and command.session not in self.leases:
+                self.counters.misrouted += 1  # its owner answers once the edge knows it
+                return []
             return self.claim(command, now)
         if isinstance(command, WatchCmd):
-            return self.watch(command)
+            return self.watch(command, now)
         if isinstance(command, UnwatchCmd):
             return self.unwatch(command)
         if isinstance(command, EdgeSync):
             return self.edge_sync(command)
+        if isinstance(command, StatusSubscribe):
+            return self.subscribe(command, now)
+        if isinstance(command, StatusNote):
+            return self.noted(command)
+        if isinstance(command, LeaseCopy):
+            return self.copied(command, now)
+        if isinstance(command, Evicted):
+            return self.evicted(command)
         return []
 
     # ----------------------------------------------------------------- leases
@@ -128,13 +308,14 @@ class PresenceTable:
             if not conn_supersedes(command.conn, lease.conn):
                 return out  # an older connection's late word: the newer one keeps the lease
             if lease.conn != command.conn and lease.suspended_until is None:
-                out.append((lease.edge, Evict(command.session, lease.conn)))
+                out.append((lease.edge, Evict(command.session, lease.conn, lease.user)))
             self._unlink(command.session, lease)
             if lease.user != command.user:
                 # (Sessions belong to one user; a node that says otherwise must at least
                 # not leave the previous user online for good.)
                 self._release(command.session, lease.user, out)
         was = self.status(command.user)
+        self._dirty[command.session] = command.user
         self.leases[command.session] = SessionLease(command.user, command.edge, command.conn)
         self._sessions_of.setdefault(command.user, set()).add(command.session)
         self._connected_at.setdefault(command.edge, set()).add(command.session)
@@ -158,6 +339,11 @@ class PresenceTable:
         A lease whose resume window lapsed is over even if ``expire`` has not run yet.
         """
         out: list[Outbound] = []
+        held = self._held.get(command.session)
+        if held is not None:
+            if held.reply.conn == command.conn:
+                return out  # the edge asks again: still waiting for the old one to close
+            del self._held[command.session]  # a newer connection claims: that one waits
         lease = self.leases.get(command.session)
         if lease is not None and lease.suspended_until is not None and lease.suspended_until <= now:
             out.extend(self._end(command.session))
@@ -167,40 +353,78 @@ class PresenceTable:
             or lease.user != command.user
             or not conn_supersedes(command.conn, lease.conn)
         ):
-            out.append((command.edge, ClaimReply(command.session, command.conn, False)))
+            reply = ClaimReply(command.session, command.conn, False, term=self.term)
+            out.append((command.edge, reply))
             return out
-        out.extend(
-            self.session_up(SessionUp(command.session, command.user, command.edge, command.conn))
+        granted = self.session_up(
+            SessionUp(command.session, command.user, command.edge, command.conn)
         )
+        out.extend(granted)
         watching: dict[str, Status] = {
             user: self.status(user) for user in sorted(self._watched_by.get(command.session, ()))
         }
         told = self._told.setdefault(command.session, {})
         changed = [user for user, status in watching.items() if told.get(user) != status]
         told.update(watching)
-        out.append(
-            (command.edge, ClaimReply(command.session, command.conn, True, watching, changed))
-        )
+        reply = ClaimReply(command.session, command.conn, True, watching, changed, self.term)
+        for edge, envelope in granted:
+            if isinstance(envelope, Evict) and envelope.session == command.session:
+                # The connection it replaces is live: answered once that one is closed.
+                self._held[command.session] = HeldReply(
+                    command.edge, reply, edge, envelope.conn, now + EVICT_WAIT
+                )
+                return out
+        out.append((command.edge, reply))
         return out
+
+    def evicted(self, command: Evicted) -> list[Outbound]:
+        """The edge of a replaced connection closed it: the resume may be welcomed."""
+        held = self._held.get(command.session)
+        if held is None or held.old_conn != command.conn:
+            return []
+        del self._held[command.session]
+        return [(held.edge, held.reply)]
+
+    def _release_held(self, out: list[Outbound], now: float, lost_edge: str = "") -> None:
+        """Answer the held resumes whose old edge is gone, or that waited EVICT_WAIT."""
+        for session, held in list(self._held.items()):
+            if held.old_edge == lost_edge:
+                pass  # it cannot answer, and its connections are closed with it
+            elif held.deadline <= now:
+                self.counters.evict_unconfirmed += 1
+            else:
+                continue
+            del self._held[session]
+            out.append((held.edge, held.reply))
 
     def edge_lost(self, edge: str, now: float) -> list[Outbound]:
         """``edge`` stopped heartbeating: its sessions start their resume windows now."""
         deadline = now + self.resume_window
         for session in list(self._connected_at.get(edge, ())):
             self._suspend(session, self.leases[session], deadline)
-        return []
+        self._unsubscribe_node(edge)  # a presence node that subscribed here: it re-subscribes
+        out: list[Outbound] = []
+        if self._held:
+            self._release_held(out, now, lost_edge=edge)
+        if self._dirty:
+            self._copy_dirty(out, now)
+        return out
 
     def edge_sync(self, command: EdgeSync) -> list[Outbound]:
         """Rebuild from an edge's announcement of all it holds."""
         out: list[Outbound] = []
         for up in command.sessions:
+            self._unconfirmed.pop(up.session, None)
             lease = self.leases.get(up.session)
             if lease is None or lease.conn != up.conn or lease.suspended_until is not None:
                 out.extend(self.session_up(up))
         for session, users in command.watches.items():
+            if session not in self.leases:
+                continue  # (its lease is on another node, which gets these watches)
             self._add_watches(session, users)
             # The edge told its clients what it knew; it drops repeats of that itself.
             self._told.setdefault(session, {}).update({u: self.status(u) for u in users})
+            self._subscribe_remote(users, out)
         return out
 
     def expire(self, now: float) -> list[Outbound]:
@@ -215,10 +439,24 @@ class PresenceTable:
             lease.deadline_token = 0  # popped: _end must not count it stale
             out.extend(self._end(session))
         self._compact_deadlines()
+        if self._dirty:
+            self._copy_dirty(out, now)
+        if self._held:
+            self._release_held(out, now)
+        if (self._settling or self._unconfirmed) and now >= self._settled_at:
+            self._settle(out, now)
+        if self._owner_of is not None and now >= self._resubscribe_at:
+            self._resubscribe_at = now + RESUBSCRIBE_INTERVAL
+            self._resubscribe(out, only_unanswered=True)
+            for key, pending in list(self._pending.items()):
+                if pending.deadline <= now:
+                    self._drop_pending(key)
+                    self.counters.pending_dropped += 1
         return out
 
     def _suspend(self, session: str, lease: SessionLease, deadline: float) -> None:
         """Start (or restart) ``session``'s resume window: it is offline after ``deadline``."""
+        self._dirty[session] = lease.user
         if lease.suspended_until is None:
             self._disconnect(session, lease.edge)
         elif lease.deadline_token:
@@ -271,29 +509,73 @@ class PresenceTable:
     def _end(self, session: str) -> list[Outbound]:
         out: list[Outbound] = []
         lease = self.leases.pop(session)
+        self._dirty[session] = lease.user
         self._unlink(session, lease)
         self._release(session, lease.user, out)
+        self._forget_watches(session, out)
+        return out
+
+    def _forget_watches(self, session: str, out: list[Outbound]) -> None:
+        """``session`` watches nobody any more (its lease ended or left this node)."""
         self._told.pop(session, None)
-        for user in self._watched_by.pop(session, ()):
+        users = self._watched_by.pop(session, ())
+        for user in users:
             watchers = self._watchers_of.get(user)
             if watchers is not None:
                 watchers.discard(session)
                 if not watchers:
                     del self._watchers_of[user]
-        return out
+        self._unsubscribe_unwatched(users, out)
+        if self._pending:
+            for key in [k for k in self._pending if k[0] == session]:
+                self._drop_pending(key)
 
     # ----------------------------------------------------------------- watches
 
-    def watch(self, command: WatchCmd) -> list[Outbound]:
-        """Start watching users; reply with their current status."""
+    def watch(self, command: WatchCmd, now: float = 0.0) -> list[Outbound]:
+        """Start watching users; reply with their current status (once every user owned
+        by another node has one here)."""
+        out: list[Outbound] = []
         self._add_watches(command.session, command.users)
+        if self._owner_of is not None:
+            self._subscribe_remote(command.users, out)
+            missing = {u for u in command.users if not self.owns(u) and u not in self._remote}
+            if missing:
+                key = (command.session, command.conn, command.seq)
+                self._drop_pending(key)  # a resend replaces the first
+                if len(self._pending) >= MAX_PENDING:
+                    self.counters.pending_dropped += 1
+                    return out
+                self._pending[key] = PendingWatch(command, missing, now + PENDING_TIMEOUT)
+                for user in missing:
+                    self._awaiting.setdefault(user, set()).add(key)
+                return out
+        out.append(self._watch_reply(command))
+        return out
+
+    def _watch_reply(self, command: WatchCmd) -> Outbound:
         snapshot: dict[str, Status] = {user: self.status(user) for user in command.users}
         self._told.setdefault(command.session, {}).update(snapshot)
         payload = encode_frame(WatchingFrame(presence=dict(snapshot), id=command.req))
-        return [(command.edge, Reply(command.session, command.conn, command.seq, payload, True))]
+        return (command.edge, Reply(command.session, command.conn, command.seq, payload, True))
+
+    def _drop_pending(self, key: tuple[str, str, int]) -> None:
+        pending = self._pending.pop(key, None)
+        if pending is None:
+            return
+        for user in pending.missing:
+            keys = self._awaiting.get(user)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._awaiting[user]
 
     def unwatch(self, command: UnwatchCmd) -> list[Outbound]:
         """Stop watching users."""
+        out: list[Outbound] = []
+        lease = self.leases.get(command.session)
+        if lease is not None:
+            self._dirty[command.session] = lease.user
         watched = self._watched_by.get(command.session, set())
         told = self._told.get(command.session, {})
         for user in command.users:
@@ -307,21 +589,26 @@ class PresenceTable:
         if not watched:
             self._watched_by.pop(command.session, None)
             self._told.pop(command.session, None)
+        self._unsubscribe_unwatched(command.users, out)
         payload = encode_frame(UnwatchedFrame(id=command.req))
-        return [(command.edge, Reply(command.session, command.conn, command.seq, payload, True))]
+        out.append((command.edge, Reply(command.session, command.conn, command.seq, payload, True)))
+        return out
 
     def watched_by(self, session: str) -> set[str]:
         """Users ``session`` watches."""
         return set(self._watched_by.get(session, ()))
 
     def _add_watches(self, session: str, users: list[str]) -> None:
+        lease = self.leases.get(session)
+        if lease is not None:
+            self._dirty[session] = lease.user
         self._watched_by.setdefault(session, set()).update(users)
         for user in users:
             self._watchers_of.setdefault(user, set()).add(session)
 
     def _notify(self, user: str, was: Status, out: list[Outbound]) -> None:
         now_status = self.status(user)
-        if now_status == was:
+        if now_status == was or user in self._settling:
             return
         payload = encode_frame(PresenceFrame(user=user, status=now_status))
         by_edge: dict[str, list[str]] = {}
@@ -332,3 +619,266 @@ class PresenceTable:
                 self._told.setdefault(watcher, {})[user] = now_status
         for edge, sessions in by_edge.items():
             out.append((edge, Deliver(sessions, payload)))
+        subscribers = self._subscribers.get(user)
+        if subscribers:
+            note = StatusNote(self.node_id, {user: now_status})
+            for node in subscribers:
+                out.append((node, note))
+
+    # ----------------------------------------------------------------- sharding
+
+    def view_changed(self, now: float) -> list[Outbound]:
+        """``owner_of`` answers from a new view: forget what moved away, subscribe where
+        owners changed, and answer no subscription for ``SYNC_GRACE``."""
+        out: list[Outbound] = []
+        self._settled_at = now + SYNC_GRACE
+        for session, lease in list(self.leases.items()):
+            if not self.owns(lease.user):
+                new_owner = self._owner_of(lease.user) if self._owner_of is not None else None
+                if new_owner is not None and new_owner != self.node_id:
+                    copy = self._copy_of(session, lease, now, handoff=True)
+                    out.append((new_owner, copy))
+                self._forget(session, lease, out)
+        for session in [s for s in self._watched_by if s not in self.leases]:
+            self._forget_watches(session, out)
+        for user in [u for u in self._subscribers if not self.owns(u)]:
+            del self._subscribers[user]  # its subscribers subscribe at its new owner
+        for user in [u for u in self._remote if self.owns(u)]:
+            # Known from leases now, once the edges re-synced them.
+            self._settling.setdefault(user, self._remote.pop(user))
+            self._unanswered.discard(user)
+        for user in [u for u in self._awaiting if self.owns(u)]:
+            self._status_known(user, out)
+        for session, (copy, received) in list(self._copies.items()):
+            if self.owns(copy.user):
+                del self._copies[session]
+                self._adopt(copy, received, now, out)
+            elif self._replica_of is None or self._replica_of(copy.user) != self.node_id:
+                del self._copies[session]  # another node is its runner-up now
+        self._resubscribe(out, only_unanswered=False)
+        # Every lease to its (maybe new) runner-up: a view change is rare, leases many,
+        # so this costs one copy per lease per view change.
+        self._dirty = {session: lease.user for session, lease in self.leases.items()}
+        self._copy_dirty(out, now)
+        return out
+
+    # ----------------------------------------------------------------- replication
+
+    def _copy_of(
+        self, session: str, lease: SessionLease | None, now: float, handoff: bool = False
+    ) -> LeaseCopy:
+        if lease is None:
+            return LeaseCopy(self.node_id, session, "", gone=True)
+        left = -1.0
+        if lease.suspended_until is not None:
+            left = max(0.0, lease.suspended_until - now)
+        return LeaseCopy(
+            self.node_id,
+            session,
+            lease.user,
+            lease.edge,
+            lease.conn,
+            left,
+            sorted(self._watched_by.get(session, ())),
+            dict(self._told.get(session, {})),
+            handoff=handoff,
+        )
+
+    def _copy_dirty(self, out: list[Outbound], now: float) -> None:
+        """Copy each session changed by this call to its user's runner-up."""
+        dirty, self._dirty = self._dirty, {}
+        if self._replica_of is None:
+            return
+        for session, user in dirty.items():
+            if not self.owns(user):
+                continue  # a lease held ahead of a view: its owner replicates it
+            replica = self._replica_of(user)
+            if replica is None or replica == self.node_id:
+                continue
+            copy = self._copy_of(session, self.leases.get(session), now)
+            if copy.gone:
+                copy = LeaseCopy(self.node_id, session, user, gone=True)
+            out.append((replica, copy))
+
+    def copied(self, copy: LeaseCopy, now: float) -> list[Outbound]:
+        """A copy of a session from its user's owner (or, ``handoff``, its old owner)."""
+        out: list[Outbound] = []
+        if copy.handoff or (self.owns(copy.user) and self._owner_of is not None):
+            if not copy.gone:
+                self._adopt(copy, now, now, out)
+            return out
+        if copy.gone:
+            self._copies.pop(copy.session, None)
+        else:
+            self._copies[copy.session] = (copy, now)
+        return out
+
+    def _adopt(self, copy: LeaseCopy, received: float, now: float, out: list[Outbound]) -> None:
+        """Take a copied session as a lease of this node's own (it owns the user now)."""
+        lease = self.leases.get(copy.session)
+        if lease is not None and conn_supersedes(lease.conn, copy.conn):
+            return  # what an edge re-synced here is as new or newer
+        deadline = None
+        if copy.suspended_for >= 0:
+            deadline = received + copy.suspended_for
+            if deadline <= now:
+                return  # its resume window lapsed while it was a copy
+        out.extend(self.session_up(SessionUp(copy.session, copy.user, copy.edge, copy.conn)))
+        if deadline is not None:
+            self._suspend(copy.session, self.leases[copy.session], deadline)
+        else:
+            self._unconfirmed[copy.session] = copy.edge
+            self._settled_at = max(self._settled_at, now + SYNC_GRACE)
+        if copy.watches:
+            self._add_watches(copy.session, copy.watches)
+            self._told.setdefault(copy.session, {}).update(copy.told)
+            self._subscribe_remote(copy.watches, out)
+
+    def _settle(self, out: list[Outbound], now: float) -> None:
+        """The edges re-synced the users taken over: suspend the adopted connections no
+        edge named, then tell watchers what differs."""
+        unconfirmed, self._unconfirmed = self._unconfirmed, {}
+        for session, edge in unconfirmed.items():
+            lease = self.leases.get(session)
+            if lease is not None and lease.suspended_until is None and lease.edge == edge:
+                self._suspend(session, lease, now + self.resume_window)
+        settling, self._settling = self._settling, {}
+        for user, was in settling.items():
+            if user in self._watchers_of and self.owns(user):
+                self._notify(user, was, out)
+
+    def _forget(self, session: str, lease: SessionLease, out: list[Outbound]) -> None:
+        """Drop ``session``'s lease and watches without telling anyone: another node owns
+        its user now, and the edges re-sync the session there."""
+        del self.leases[session]
+        self._unlink(session, lease)
+        sessions = self._sessions_of.get(lease.user)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._sessions_of[lease.user]
+        self._forget_watches(session, out)
+
+    def subscribe(self, command: StatusSubscribe, now: float) -> list[Outbound]:
+        """Another node wants the status of users this node owns (now and on change)."""
+        for user in command.drop:
+            subscribers = self._subscribers.get(user)
+            if subscribers is not None:
+                subscribers.discard(command.node)
+                if not subscribers:
+                    del self._subscribers[user]
+        if now < self._settled_at:
+            return []  # edges are still re-syncing: the subscriber asks again
+        statuses: dict[str, Status] = {}
+        for user in command.users:
+            if not self.owns(user):
+                self.counters.misrouted += 1
+                continue
+            self._subscribers.setdefault(user, set()).add(command.node)
+            statuses[user] = self.status(user)
+        if not statuses:
+            return []
+        return [(command.node, StatusNote(self.node_id, statuses))]
+
+    def noted(self, note: StatusNote) -> list[Outbound]:
+        """An owner told this node the status of users watched here."""
+        out: list[Outbound] = []
+        for user, status in note.statuses.items():
+            if self._subscribed.get(user) != note.owner or self.owns(user):
+                self.counters.notes_ignored += 1
+                continue
+            self._unanswered.discard(user)
+            was = self._remote.get(user)
+            self._remote[user] = status
+            if was is None:
+                self._status_known(user, out)
+            elif was != status:
+                self._notify(user, was, out)
+        return out
+
+    def _status_known(self, user: str, out: list[Outbound]) -> None:
+        """``user`` has a status here now: answer the watches that waited only for it
+        (cost: the watches waiting for this user, not every waiting watch)."""
+        for key in self._awaiting.pop(user, ()):
+            pending = self._pending.get(key)
+            if pending is None:
+                continue
+            pending.missing.discard(user)
+            if not pending.missing:
+                del self._pending[key]
+                out.append(self._watch_reply(pending.command))
+
+    def _subscribe_remote(self, users: list[str], out: list[Outbound]) -> None:
+        """Subscribe at their owners to the watched ``users`` this node does not own."""
+        if self._owner_of is None:
+            return
+        by_owner: dict[str, list[str]] = {}
+        for user in users:
+            if self.owns(user) or user in self._subscribed:
+                continue
+            owner = self._owner_of(user)
+            if owner is None:
+                continue
+            self._subscribed[user] = owner
+            self._unanswered.add(user)
+            by_owner.setdefault(owner, []).append(user)
+        for owner, owned in by_owner.items():
+            out.append((owner, StatusSubscribe(self.node_id, owned)))
+
+    def _unsubscribe_unwatched(self, users: Iterable[str], out: list[Outbound]) -> None:
+        """Stop the subscriptions of ``users`` nobody here watches any more."""
+        if not self._subscribed:
+            return
+        by_owner: dict[str, list[str]] = {}
+        for user in users:
+            if user in self._watchers_of:
+                continue
+            owner = self._subscribed.pop(user, None)
+            self._remote.pop(user, None)
+            self._unanswered.discard(user)
+            if owner is not None:
+                by_owner.setdefault(owner, []).append(user)
+        for owner, dropped in by_owner.items():
+            out.append((owner, StatusSubscribe(self.node_id, [], dropped)))
+
+    def _resubscribe(self, out: list[Outbound], *, only_unanswered: bool) -> None:
+        """Subscribe again: where no note came yet, or (view change) where owners moved."""
+        assert self._owner_of is not None
+        by_owner: dict[str, list[str]] = {}
+        candidates = self._unanswered if only_unanswered else self._watchers_of
+        for user in list(candidates):
+            owner = None if self.owns(user) else self._owner_of(user)
+            if owner is None:  # owned here now, or no view
+                self._subscribed.pop(user, None)
+                self._unanswered.discard(user)
+                continue
+            if self._subscribed.get(user) == owner and user not in self._unanswered:
+                continue  # answered by its owner: changes come by themselves
+            self._subscribed[user] = owner
+            self._unanswered.add(user)
+            by_owner.setdefault(owner, []).append(user)
+        for owner, users in by_owner.items():
+            out.append((owner, StatusSubscribe(self.node_id, users)))
+
+    def peer_restarted(self, node: str, now: float) -> list[Outbound]:
+        """``node`` restarted and forgot everything: subscribe there again, and copy it
+        every lease it is the runner-up of."""
+        out: list[Outbound] = []
+        users = [u for u, owner in self._subscribed.items() if owner == node]
+        if users:
+            out.append((node, StatusSubscribe(self.node_id, users)))
+        if self._replica_of is not None:
+            self._dirty = {
+                session: lease.user
+                for session, lease in self.leases.items()
+                if self._replica_of(lease.user) == node
+            }
+            self._copy_dirty(out, now)
+        return out
+
+    def _unsubscribe_node(self, node: str) -> None:
+        for user in [u for u, nodes in self._subscribers.items() if node in nodes]:
+            nodes = self._subscribers[user]
+            nodes.discard(node)
+            if not nodes:
+                del self._subscribers[user]

@@ -118,6 +118,7 @@ def cmd_cluster(args: argparse.Namespace) -> None:
             settings,
             edges=args.edges,
             brokers=args.brokers,
+            presence=args.presence,
             state_file=args.state,
             restart=args.restart,
             consul=args.consul,
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = commands.add_parser("cluster", help="a local multi-process cluster on loopback")
     cluster.add_argument("--edges", type=int, default=2)
     cluster.add_argument("--brokers", type=int, default=1)
+    cluster.add_argument("--presence", type=int, default=1, help="presence nodes")
     cluster.add_argument("--state", required=True, help="JSON file describing the processes")
     cluster.add_argument("--restart", action="store_true", help="restart children that die")
     cluster.add_argument(

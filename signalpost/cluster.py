@@ -1,8 +1,8 @@
 """``signalpost cluster``: a local multi-process cluster on loopback, for development and tests.
 
-Starts a Consul dev agent (when wanted and installed), one presence node, ``--brokers``
-brokers and ``--edges`` edges as child processes, waits until each is ready, then writes
-the state file: ``{"processes": [{"kind", "id", "pid", "url"}, ...]}`` (``url`` is the
+Starts a Consul dev agent (when wanted and installed), ``--presence`` presence nodes,
+``--brokers`` brokers and ``--edges`` edges as child processes, waits until each is ready,
+then writes the state file: ``{"processes": [{"kind", "id", "pid", "url"}, ...]}`` (``url`` is the
 ws URL of an edge, the ZeroMQ endpoint of a broker or presence node, the HTTP address of
 Consul). Children that die are left dead unless ``--restart``; SIGTERM/SIGINT stops all.
 Each child's output goes to ``<state file>.logs/<id>.log``.
@@ -33,7 +33,7 @@ from typing import Any, TextIO
 
 from signalpost.config import Settings
 from signalpost.node_keys import SECRET_SUFFIX, create_node_keys
-from signalpost.ownership import VIEW_KEY, decode_view
+from signalpost.ownership import BROKERS, PRESENCE, Tier, decode_view
 
 log = logging.getLogger("signalpost.cluster")
 
@@ -100,6 +100,7 @@ def plan(
     brokers: int,
     log_dir: Path,
     consul: bool,
+    presence: int = 1,
     keys_dir: Path | None = None,
 ) -> list[Child]:
     """The children of a cluster, with ports picked and settings passed by environment.
@@ -152,27 +153,28 @@ def plan(
             )
         )
         env = {**env, "SIGNALPOST_CONSUL_ADDR": f"127.0.0.1:{consul_port}"}
-    presence_port = free_port()
-    presence_endpoint = f"tcp://127.0.0.1:{presence_port}"
+    presence_endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in range(presence)]
     broker_endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in range(brokers)]
     if not env.get("SIGNALPOST_CONSUL_ADDR"):
         # Without Consul the nodes learn each other from static endpoints.
         env = {
             **env,
-            "SIGNALPOST_PRESENCE_ENDPOINT": presence_endpoint,
+            "SIGNALPOST_PRESENCE_ENDPOINT": ",".join(presence_endpoints),
             "SIGNALPOST_BROKER_ENDPOINTS": ",".join(broker_endpoints),
         }
-    children.append(
-        Child(
-            "presence",
-            "presence-1",
-            _python_child("presence", "presence-1", "--bind", presence_endpoint),
-            presence_endpoint,
-            env,
-            log_dir / "presence-1.log",
-            f"tcp:{presence_port}",
+    for index, endpoint in enumerate(presence_endpoints, 1):
+        presence_id = f"presence-{index}"
+        children.append(
+            Child(
+                "presence",
+                presence_id,
+                _python_child("presence", presence_id, "--bind", endpoint),
+                endpoint,
+                env,
+                log_dir / f"{presence_id}.log",
+                f"tcp:{endpoint.rsplit(':', 1)[1]}",
+            )
         )
-    )
     for index, endpoint in enumerate(broker_endpoints, 1):
         broker_id = f"broker-{index}"
         children.append(
@@ -232,19 +234,21 @@ def _wait_ready(child: Child, deadline: float) -> bool:
     return False
 
 
-def _wait_for_view(consul_url: str, brokers: set[str], deadline: float) -> bool:
-    """Wait until the ownership view in Consul holds every broker, then long enough for
-    every node to have read it (one query interval): until then a room's owner may have no
-    runner-up in its view, and what it acks is not replicated."""
+def _wait_for_view(
+    consul_url: str, members: set[str], deadline: float, tier: Tier = BROKERS
+) -> bool:
+    """Wait until the ownership view of ``tier`` in Consul holds every member, then long
+    enough for every node to have read it (one query interval): until then a room's owner
+    may have no runner-up in its view, and what it acks is not replicated."""
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(
-                f"{consul_url}/v1/kv/{VIEW_KEY}?raw&consistent", timeout=2
+                f"{consul_url}/v1/kv/{tier.view_key}?raw&consistent", timeout=2
             ) as response:
                 view = decode_view(response.read())
         except OSError:
             view = None
-        if view is not None and set(view.brokers) == brokers:
+        if view is not None and set(view.members) == members:
             time.sleep(0.5)
             return True
         time.sleep(0.1)
@@ -276,6 +280,7 @@ def run_cluster(
     state_file: str,
     restart: bool,
     consul: str,
+    presence: int = 1,
 ) -> int:
     """Run the cluster until SIGTERM/SIGINT; return the exit status."""
     state_path = Path(state_file)
@@ -294,6 +299,7 @@ def run_cluster(
         settings,
         edges=edges,
         brokers=brokers,
+        presence=presence,
         log_dir=log_dir,
         consul=want_consul,
         keys_dir=keys_dir,
@@ -321,6 +327,12 @@ def run_cluster(
         broker_urls = {c.url for c in children if c.kind == "broker"}
         if consul_url is not None and not _wait_for_view(consul_url, broker_urls, deadline):
             print("signalpost cluster: the brokers did not form a view in Consul", file=sys.stderr)
+            return 1
+        presence_urls = {c.url for c in children if c.kind == "presence"}
+        if consul_url is not None and not _wait_for_view(
+            consul_url, presence_urls, deadline, PRESENCE
+        ):
+            print("signalpost cluster: presence did not form a view in Consul", file=sys.stderr)
             return 1
         _write_state(state_path, children, keys_dir)
         print(f"signalpost cluster ready: {state_path}", flush=True)

@@ -116,6 +116,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return f"tcp://{advertised}:{port}"
 
     @property
+    def presence_endpoints(self) -> list[str]:
+        """The presence nodes of ``presence_endpoint`` (comma separated: several nodes)."""
+        return [e.strip() for e in (self.presence_endpoint or "").split(",") if e.strip()]
+
+    @property
     def peer_expiry(self) -> float:
         """Seconds without a heartbeat after which a node is taken for dead."""
         return self.heartbeat_interval * self.heartbeat_liveness
@@ -204,10 +209,11 @@ MEANINGS: Final = {
     "broker_endpoints": "brokers to use without Consul (comma separated)",
     "presence_bind": "the presence service's ZeroMQ endpoint (a wildcard host is advertised "
     "as `advertise_host`)",
-    "presence_endpoint": "presence endpoint to use without Consul",
+    "presence_endpoint": "presence endpoints to use without Consul (comma separated)",
     "heartbeat_interval": "seconds between heartbeats on every ZeroMQ link",
     "heartbeat_liveness": "heartbeats missed before a node is taken for dead",
-    "request_timeout": "seconds an edge waits for presence to answer a resume claim",
+    "request_timeout": "an edge claims a resume from presence (every 0.5 s) for twice this "
+    "many seconds, then resumes on the signed token",
     "consul_addr": "`host:port` of a Consul agent: register there and discover the others",
     "advertise_host": "address Consul and other nodes reach this node at (default: host)",
     "health_port": "port of a broker's/presence's `/healthz` and `/metrics` (0: pick free)",

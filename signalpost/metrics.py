@@ -84,6 +84,12 @@ NODE_LINKS_REFUSED = Counter(
     "(server_unverified)",
     ["reason"],
 )
+PRESENCE_DROPPED = Counter(
+    "signalpost_presence_dropped",
+    "Commands a presence node dropped: for a user it does not own (misrouted), a watch "
+    "reply that waited too long for another node, a status note from a node that does not "
+    "own the user",
+)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -106,6 +106,9 @@ class OwnerNode:
     async def stopping(self) -> None:
         """Hook: the node is about to close its router."""
 
+    def expired(self) -> None:
+        """Hook: called after every expiry tick (export a core's counters here)."""
+
     async def _register(self) -> None:
         address = self.settings.consul_addr
         if not address:
@@ -147,3 +150,4 @@ class OwnerNode:
         while True:
             await asyncio.sleep(EXPIRY_TICK)
             self._send(self.core.expire(self._clock()))
+            self.expired()

@@ -1,31 +1,38 @@
-"""Who may own which room: a numbered view of the brokers, agreed in Consul's consistent KV.
+"""Who may own what: a numbered view of a tier's nodes, agreed in Consul's consistent KV.
 
-Heartbeats say which brokers look alive; only Consul says who may act. With Consul
-configured, the brokers keep one key, ``signalpost/brokers/view``: ``{"number": n,
-"brokers": [...]}``. Every edge and broker places rooms by rendezvous hashing over the
-brokers of the newest view it has read, so within one view a room has exactly one owner,
-and the view's number is the term of every ownership that starts in it (a deposed
-owner's term is always lower: its replica and the edges refuse it, broker/rooms.py).
+Two tiers own things by rendezvous hashing over their nodes: brokers own rooms, presence
+nodes own users. Each tier keeps its own view, under its own prefix (``Tier``):
+``signalpost/<tier>/view`` and ``signalpost/<tier>/members/``; the rules below are the
+same for both, and live once, here.
+
+Heartbeats say which nodes look alive; only Consul says who may act. With Consul
+configured, the nodes of a tier keep one key, ``signalpost/<tier>/view``: ``{"number": n,
+"brokers": [...]}`` (the members' placement ids; the JSON name is the one the key had when
+only brokers kept a view, so a rolling upgrade reads the view already stored). Every node
+places what its tier owns by rendezvous hashing over the members of the newest view it has
+read, so within one view a room (a user) has exactly one owner, and the view's number is
+the term of every ownership that starts in it (a deposed owner's term is always lower: its
+replica and the edges refuse it, broker/rooms.py).
 
 How the view changes:
 
-* each broker holds a Consul session tied to its service's health check (its
+* each node holds a Consul session tied to its service's health check (its
   ``/healthz``, polled every second) and, with it, the key
-  ``signalpost/brokers/members/<placement id, base64url>`` (ids hold ``//``, which a
-  Consul key path would not keep). A broker that dies, hangs or is paused
+  ``signalpost/<tier>/members/<placement id, base64url>`` (ids hold ``//``, which a
+  Consul key path would not keep). A node that dies, hangs or is paused
   fails the check; Consul invalidates its session and deletes its key;
-* every broker follows the prefix with blocking queries. When the members differ from the
-  view, it writes the next view (number + 1) with check-and-set on the key's
-  ``ModifyIndex``: of brokers racing, exactly one write succeeds, and they all read it.
+* every node of the tier follows the prefix with blocking queries. When the members differ
+  from the view, it writes the next view (number + 1) with check-and-set on the key's
+  ``ModifyIndex``: of nodes racing, exactly one write succeeds, and they all read it.
 
 Consul down: the last view stands (no failover until it is back). A ``-dev`` agent that
-restarts forgets the view and the sessions: the brokers write back the view they knew
+restarts forgets the view and the sessions: the nodes write back the view they knew
 (number + 1, or the wall clock in milliseconds if higher: numbers never go backwards) and
-re-acquire their keys; a broker that does not re-appear within ``RESET_GRACE`` leaves the
+re-acquire their keys; a node that does not re-appear within ``RESET_GRACE`` leaves the
 view then.
 
 ``ViewKeeper`` is the sans-I/O core (Consul's answers and time in, the write to try out);
-``BrokerMembership`` and ``follow_view`` are the shells.
+``TierMembership`` (a node's part) and ``follow_view`` (an edge's part) are the shells.
 """
 
 from __future__ import annotations
@@ -52,24 +59,59 @@ from signalpost.lifecycle import cancel_all
 
 log = logging.getLogger("signalpost.ownership")
 
-PREFIX: Final = "signalpost/brokers/"
-VIEW_KEY: Final = PREFIX + "view"
-MEMBERS: Final = PREFIX + "members/"
-#: After Consul lost its state, how long a broker of the last view has to re-acquire its
+#: After Consul lost its state, how long a node of the last view has to re-acquire its
 #: key before a new view leaves it out.
 RESET_GRACE: Final = 10.0
-#: How often a broker without a session (or key) tries again.
+#: How often a node without a session (or key) tries again.
 RETRY_INTERVAL: Final = 0.25
 
 
+@dataclass(frozen=True)
+class Tier:
+    """Where one tier keeps its view and member keys in Consul's KV."""
+
+    name: str  # "brokers", "presence"
+
+    @property
+    def prefix(self) -> str:
+        return f"signalpost/{self.name}/"
+
+    @property
+    def view_key(self) -> str:
+        return self.prefix + "view"
+
+    @property
+    def members(self) -> str:
+        return self.prefix + "members/"
+
+    def member_key(self, placement_id: str) -> str:
+        encoded = base64.urlsafe_b64encode(placement_id.encode()).decode().rstrip("=")
+        return self.members + encoded
+
+    def member_of(self, key: str) -> str | None:
+        """The placement id a member key names (None: not one)."""
+        if not key.startswith(self.members):
+            return None
+        name = key[len(self.members) :]
+        try:
+            return base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+
+BROKERS: Final = Tier("brokers")
+PRESENCE: Final = Tier("presence")
+
+
 class View(msgspec.Struct, frozen=True):
-    """The brokers that own rooms, and the number (term) of this arrangement."""
+    """The nodes of a tier that own its keys, and the number (term) of this arrangement."""
 
     number: int
-    brokers: tuple[str, ...]
+    #: Placement ids, sorted. Stored as ``brokers``: see the module docstring.
+    members: tuple[str, ...] = msgspec.field(name="brokers")
 
-    def __contains__(self, broker: object) -> bool:
-        return broker in self.brokers
+    def __contains__(self, member: object) -> bool:
+        return member in self.members
 
 
 _view_decoder = msgspec.json.Decoder(View)
@@ -88,20 +130,7 @@ def decode_view(raw: bytes | None) -> View | None:
     except msgspec.DecodeError:
         log.warning("ignoring a malformed view in Consul: %r", raw[:200])
         return None
-    return view if view.number > 0 and view.brokers else None
-
-
-def member_key(placement_id: str) -> str:
-    return MEMBERS + base64.urlsafe_b64encode(placement_id.encode()).decode().rstrip("=")
-
-
-def member_of(key: str) -> str | None:
-    """The placement id a member key names (None: not one)."""
-    name = key[len(MEMBERS) :]
-    try:
-        return base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        return None
+    return view if view.number > 0 and view.members else None
 
 
 def _wall_ms() -> int:
@@ -120,11 +149,11 @@ class Proposal:
 
 
 class ViewKeeper:
-    """What one broker reads from Consul and what it proposes to write there.
+    """What one node reads from Consul and what it proposes to write there (any tier).
 
     ``answered`` takes one answer of the prefix: the stored view (None if absent), its
-    ``ModifyIndex``, and the brokers whose member keys are held. ``current`` is the newest
-    view this broker has read (never older than one it read before).
+    ``ModifyIndex``, and the nodes whose member keys are held. ``current`` is the newest
+    view this node has read (never older than one it read before).
     """
 
     def __init__(
@@ -145,8 +174,8 @@ class ViewKeeper:
         reset: bool = False,
     ) -> Proposal | None:
         """``reset``: the answer comes from a Consul that lost its state (its index went
-        backwards). Another broker may have written the view back already, so this one
-        would not see the key missing; the brokers of the view get their grace all the
+        backwards). Another node may have written the view back already, so this one
+        would not see the key missing; the nodes of the view get their grace all the
         same."""
         present = set(members)
         known = self.current
@@ -156,14 +185,14 @@ class ViewKeeper:
         if stored is not None and (known is None or stored.number >= known.number):
             if known is None or stored.number > known.number:
                 self.current = known = stored  # else the same view, read again
-            base, number, cas = stored.brokers, stored.number + 1, index
+            base, number, cas = stored.members, stored.number + 1, index
         elif known is not None:
-            # The key is gone, or holds a lower number written by a broker that knew
+            # The key is gone, or holds a lower number written by a node that knew
             # less: Consul lost its state. Write back what was known, numbered above it.
             if self._reset_at is None:
                 self._reset_at = now
                 self._back_since_reset = set()
-            base, number = known.brokers, known.number + 1
+            base, number = known.members, known.number + 1
             cas = 0 if stored is None else index
             if stored is None:
                 number = max(number, self._wall_ms())
@@ -176,26 +205,28 @@ class ViewKeeper:
             if now - self._reset_at >= self._reset_grace:
                 self._reset_at = None
         wanted = set(base) | present
-        for broker in base:
-            if broker not in present and self._may_remove(broker):
-                wanted.discard(broker)
-        brokers = tuple(sorted(wanted))
-        if not brokers:
-            brokers = tuple(base)  # a view is never empty
-        if known == stored and brokers == known.brokers:
+        for member in base:
+            if member not in present and self._may_remove(member):
+                wanted.discard(member)
+        members = tuple(sorted(wanted))
+        if not members:
+            members = tuple(base)  # a view is never empty
+        if known == stored and members == known.members:
             return None
-        return Proposal(View(number, brokers), cas)
+        return Proposal(View(number, members), cas)
 
-    def _may_remove(self, broker: str) -> bool:
-        """A broker whose key is missing leaves the view at once, except just after Consul
+    def _may_remove(self, member: str) -> bool:
+        """A node whose key is missing leaves the view at once, except just after Consul
         lost its state: then only once it came back and went again, or the grace ran out."""
-        return self._reset_at is None or broker in self._back_since_reset
+        return self._reset_at is None or member in self._back_since_reset
 
 
 # --------------------------------------------------------------------------- I/O shells
 
 
-def _split(items: list[dict[str, Any]] | None) -> tuple[View | None, int, list[str], int]:
+def _split(
+    tier: Tier, items: list[dict[str, Any]] | None
+) -> tuple[View | None, int, list[str], int]:
     """The stored view, its ModifyIndex, the held member keys of a prefix answer, and the
     view key's CreateIndex (it changes only when the key is created anew: a Consul that
     lost its state)."""
@@ -204,12 +235,12 @@ def _split(items: list[dict[str, Any]] | None) -> tuple[View | None, int, list[s
     members: list[str] = []
     for item in items or []:
         key = item.get("Key", "")
-        if key == VIEW_KEY:
+        if key == tier.view_key:
             view = decode_view(item.get("Value"))
             index = int(item.get("ModifyIndex") or 0)
             created = int(item.get("CreateIndex") or 0)
-        elif key.startswith(MEMBERS) and item.get("Session"):
-            member = member_of(key)
+        elif key.startswith(tier.members) and item.get("Session"):
+            member = tier.member_of(key)
             if member is not None:
                 members.append(member)
     return view, index, members, created
@@ -217,9 +248,10 @@ def _split(items: list[dict[str, Any]] | None) -> tuple[View | None, int, list[s
 
 async def _follow(
     address: str,
+    tier: Tier,
     on_answer: Callable[[list[dict[str, Any]] | None, float, bool], None],
 ) -> None:
-    """Blocking queries on the prefix until cancelled; ``on_answer(items, now, reset)``
+    """Blocking queries on the tier's prefix until cancelled; ``on_answer(items, now, reset)``
     each time (``reset``: Consul's index went backwards, it lost its state)."""
     client = consul_client(address)
     loop = asyncio.get_running_loop()
@@ -231,13 +263,13 @@ async def _follow(
         def query(index: int = index) -> Any:
             if index:
                 return client.kv.get(
-                    PREFIX,
+                    tier.prefix,
                     recurse=True,
                     index=index,
                     wait=f"{QUERY_WAIT:.1f}s",
                     consistency="consistent",
                 )
-            return client.kv.get(PREFIX, recurse=True, consistency="consistent")
+            return client.kv.get(tier.prefix, recurse=True, consistency="consistent")
 
         try:
             new_index, items = await _in_thread(query)
@@ -256,38 +288,41 @@ async def _follow(
         await asyncio.sleep(max(0.0, started + MIN_QUERY_INTERVAL - loop.time()))
 
 
-async def follow_view(address: str, on_view: Callable[[View], None]) -> None:
-    """Call ``on_view`` with every newer view (an edge's part: it only reads)."""
+async def follow_view(address: str, tier: Tier, on_view: Callable[[View], None]) -> None:
+    """Call ``on_view`` with every newer view of ``tier`` (an edge's part: it only reads)."""
     newest: list[View] = []
 
     def answer(items: list[dict[str, Any]] | None, now: float, reset: bool) -> None:
-        view, _index, _members, _created = _split(items)
+        view, _index, _members, _created = _split(tier, items)
         if view is not None and (not newest or view.number > newest[0].number):
             newest[:] = [view]
             on_view(view)
 
-    await _follow(address, answer)
+    await _follow(address, tier, answer)
 
 
-class BrokerMembership:
-    """A broker's part: hold its member key, keep the view, report every newer view."""
+class TierMembership:
+    """A node's part: hold its member key in ``tier``, keep the tier's view, report every
+    newer view."""
 
     def __init__(
         self,
         address: str,
+        tier: Tier,
         placement_id: str,
         service_id: str,
         on_view: Callable[[View], None],
         keeper: ViewKeeper | None = None,
     ) -> None:
         self.address = address
+        self.tier = tier
         self.placement_id = placement_id
         self.service_id = service_id  # its health check invalidates the session
         self.on_view = on_view
         self.keeper = keeper or ViewKeeper()
         self._client = consul_client(address)
         self._session: str | None = None
-        self._member = asyncio.Event()  # this broker's key is missing: (re)acquire it
+        self._member = asyncio.Event()  # this node's key is missing: (re)acquire it
         self._writing = False
         self._view_created = 0  # the view key's CreateIndex last seen
         self._tasks: list[asyncio.Task[None]] = []
@@ -296,11 +331,13 @@ class BrokerMembership:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._hold_key(), name="ownership-member"),
-            loop.create_task(_follow(self.address, self._answered), name="ownership-view"),
+            loop.create_task(
+                _follow(self.address, self.tier, self._answered), name="ownership-view"
+            ),
         ]
 
     async def leave(self) -> None:
-        """Give up the member key (SIGTERM): the next view leaves this broker out."""
+        """Give up the member key (SIGTERM): the next view leaves this node out."""
         session = self._session
         for task in self._tasks[:1]:
             task.cancel()
@@ -315,18 +352,17 @@ class BrokerMembership:
         await cancel_all(self._tasks)
 
     def _answered(self, items: list[dict[str, Any]] | None, now: float, reset: bool) -> None:
-        stored, index, members, created = _split(items)
+        stored, index, members, created = _split(self.tier, items)
         if created:
-            # The view key created anew (not by this broker's first write): Consul lost
-            # its state, whichever broker wrote the view back.
+            # The view key created anew (not by this node's first write): Consul lost
+            # its state, whichever node wrote the view back.
             reset = reset or (self._view_created not in (0, created))
             self._view_created = created
         before = self.keeper.current
         proposal = self.keeper.answered(stored, index, members, now, reset)
         if self.keeper.current is not before and self.keeper.current is not None:
-            log.info(
-                "view %d: %s", self.keeper.current.number, ", ".join(self.keeper.current.brokers)
-            )
+            current = self.keeper.current
+            log.info("%s view %d: %s", self.tier.name, current.number, ", ".join(current.members))
             self.on_view(self.keeper.current)
         if self.placement_id not in members:
             self._member.set()
@@ -338,11 +374,12 @@ class BrokerMembership:
         body = encode_view(proposal.view)
         try:
             written = await _in_thread(
-                lambda: self._client.kv.put(VIEW_KEY, body, cas=proposal.cas)
+                lambda: self._client.kv.put(self.tier.view_key, body, cas=proposal.cas)
             )
             if written:
+                view = proposal.view
                 log.info(
-                    "wrote view %d: %s", proposal.view.number, ", ".join(proposal.view.brokers)
+                    "wrote %s view %d: %s", self.tier.name, view.number, ", ".join(view.members)
                 )
         except Exception as exc:
             log.warning("could not write view %d: %s", proposal.view.number, exc)
@@ -350,7 +387,7 @@ class BrokerMembership:
             self._writing = False
 
     async def _hold_key(self) -> None:
-        """Keep a session tied to this broker's health check and the member key with it."""
+        """Keep a session tied to this node's health check and the member key with it."""
         await self._destroy_stale_sessions()
         self._member.set()
         while True:
@@ -391,12 +428,14 @@ class BrokerMembership:
             session = self._session
             held: bool = await _in_thread(
                 lambda: client.kv.put(
-                    member_key(self.placement_id), self.service_id.encode(), acquire=session
+                    self.tier.member_key(self.placement_id),
+                    self.service_id.encode(),
+                    acquire=session,
                 )
             )
         except Exception as exc:
             log.debug("member key not held yet: %s", exc)
             return False
         if held:
-            log.info("holding %s (%s)", member_key(self.placement_id), self.placement_id)
+            log.info("holding %s (%s)", self.tier.member_key(self.placement_id), self.placement_id)
         return held

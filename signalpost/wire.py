@@ -556,10 +556,23 @@ class Confirm(_Envelope, tag=15, frozen=True):
 
 
 class Evict(_Envelope, tag=12, frozen=True):
-    """Presence -> edge: ``session`` resumed elsewhere; close this stale connection."""
+    """Presence -> edge: ``session`` resumed elsewhere; close this stale connection.
+
+    The edge answers ``Evicted`` once it is closed (or was not there): the resume that
+    caused it is welcomed only then (``presence.table``).
+    """
 
     session: str
     conn: str
+    user: str = ""  # whose session: the edge sends ``Evicted`` to the user's presence owner
+
+
+class Evicted(_Envelope, tag=29, frozen=True):
+    """Edge -> presence: the connection an ``Evict`` named is closed (or was gone)."""
+
+    session: str
+    conn: str
+    edge: str
 
 
 class ClaimReply(_Envelope, tag=13, frozen=True):
@@ -570,6 +583,9 @@ class ClaimReply(_Envelope, tag=13, frozen=True):
     #: status changed since the session was last told (it was away).
     watching: dict[str, Literal["online", "offline"]] = {}
     changed: list[str] = []
+    #: The answering node's term (the presence view's number; 0 without Consul): an edge
+    #: that read a newer view ignores a grant from a deposed owner.
+    term: int = 0
 
 
 class SessionUp(_Envelope, tag=20, frozen=True):
@@ -621,6 +637,48 @@ class EdgeSync(_Envelope, tag=25, frozen=True):
     watches: dict[str, list[str]]
 
 
+class StatusSubscribe(_Envelope, tag=26, frozen=True):
+    """Presence node -> the presence node that owns ``users``: send ``node`` their status
+    now and on every change (``StatusNote``); ``drop``: stop for these users.
+
+    A presence node serves the watches of the sessions it owns; a watched user owned by
+    another node reaches it this way (``presence.table``).
+    """
+
+    node: str  # the subscriber's placement id: its identity on the owner's ROUTER
+    users: list[str]
+    drop: list[str] = []
+
+
+class StatusNote(_Envelope, tag=27, frozen=True):
+    """Owner presence node -> subscriber: the status of users ``owner`` owns."""
+
+    owner: str
+    statuses: dict[str, Literal["online", "offline"]]
+
+
+class LeaseCopy(_Envelope, tag=28, frozen=True):
+    """Owner presence node -> the runner-up of the session's user (its replica), after
+    every change of the session's lease or watches; or -> the user's new owner when a view
+    moves the user (``handoff``: take it as a lease now).
+
+    The whole state of the session, not the change: copies are idempotent, and the last
+    one received is the state. ``suspended_for`` is the time left of the resume window
+    when sent (nodes' clocks are not comparable), -1 while connected.
+    """
+
+    owner: str
+    session: str
+    user: str
+    edge: str = ""
+    conn: str = ""
+    suspended_for: float = -1.0
+    watches: list[str] = []
+    told: dict[str, Literal["online", "offline"]] = {}
+    gone: bool = False  # the lease ended: drop the copy
+    handoff: bool = False
+
+
 class Heartbeat(_Envelope, tag=30, frozen=True):
     """Both ways on every link; ``incarnation`` changes when a node restarts."""
 
@@ -653,6 +711,10 @@ Envelope = (
     | WatchCmd
     | UnwatchCmd
     | EdgeSync
+    | StatusSubscribe
+    | StatusNote
+    | LeaseCopy
+    | Evicted
     | Heartbeat
 )
 

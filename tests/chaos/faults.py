@@ -56,6 +56,7 @@ FAULT_WEIGHTS: dict[str, int] = {
     "broker_stop": 2,
     "edge_kill": 2,
     "presence_kill": 1,
+    "presence_stop": 1,
     "link_reset": 3,
     "consul_restart": 1,
     "client_drop": 3,
@@ -103,10 +104,19 @@ def _http_ok(url: str) -> bool:
 class ChaosCluster:
     """``signalpost cluster --restart --consul on`` as processes, and everything it started."""
 
-    def __init__(self, workdir: Path, *, edges: int, brokers: int, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        edges: int,
+        brokers: int,
+        env: dict[str, str],
+        presence: int = 2,
+    ) -> None:
         self.workdir = workdir
         self.edges = edges
         self.brokers = brokers
+        self.presence = presence
         self.env = {**os.environ, **FAST_ENV, **env}
         self.state_path = workdir / "cluster.json"
         self.cluster: Cluster | None = None
@@ -133,6 +143,8 @@ class ChaosCluster:
                 str(self.edges),
                 "--brokers",
                 str(self.brokers),
+                "--presence",
+                str(self.presence),
                 "--state",
                 str(self.state_path),
                 "--consul",
@@ -386,9 +398,16 @@ class FaultInjector:
         return await self._kill("presence")
 
     async def _broker_stop(self) -> FaultLog:
-        target = self._pick("broker")
+        return await self._stop("broker")
+
+    async def _presence_stop(self) -> FaultLog:
+        return await self._stop("presence")
+
+    async def _stop(self, kind: str) -> FaultLog:
+        """Pause a node (SIGSTOP) past its heartbeat expiry, then let it go on (SIGCONT)."""
+        target = self._pick(kind)
         hold = self.rng.uniform(1.5, 3.0) * HEARTBEAT_EXPIRY
-        fault = FaultLog("broker_stop", target, self.clock(), detail=f"{hold:.1f} s")
+        fault = FaultLog(f"{kind}_stop", target, self.clock(), detail=f"{hold:.1f} s")
         self.cluster.signal(target, signal.SIGSTOP)
         try:
             await asyncio.sleep(hold)

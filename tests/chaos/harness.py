@@ -3,7 +3,7 @@
     python -m tests.chaos.harness --seed 7 --seconds 60
     python -m tests.chaos.harness --minutes 30          # a random seed, printed first
 
-1. Start ``signalpost cluster`` (2 edges, 3 brokers, presence, Consul; fast heartbeats;
+1. Start ``signalpost cluster`` (2 edges, 3 brokers, 2 presence nodes, Consul; fast heartbeats;
    ``--restart``) in a work directory (node logs under ``cluster.json.logs/``).
 2. Connect the clients, half on each edge; each joins 2-3 of the rooms (membership stays
    fixed from then on), so rooms are spread over the brokers and clients share rooms.
@@ -57,6 +57,7 @@ class ChaosConfig:
     rooms: int = 8
     edges: int = 2
     brokers: int = 3
+    presence: int = 2
     interval: tuple[float, float] = (0.2, 0.8)  # seconds between a client's signals per room
     depth: int = 2  # unanswered signals per (client, room)
     recovery: tuple[float, float] = (2.0, 4.0)  # seconds between faults
@@ -171,6 +172,7 @@ async def run(config: ChaosConfig, *, out: Callable[[str], None] = print) -> Rep
         workdir,
         edges=config.edges,
         brokers=config.brokers,
+        presence=config.presence,
         env={"SIGNALPOST_ROOM_CAPACITY": str(config.clients)},
     )
     clients: list[ChaosClient] = []

@@ -66,6 +66,12 @@ class Cluster:
         """Broker placement id (the endpoint edges hash) -> process id."""
         return {p["url"]: p["id"] for p in self.of_kind("broker")}
 
+    def presence_owner_of(self, user: str) -> str:
+        """The process id of the presence node that owns ``user`` while all are up."""
+        nodes = {p["url"]: p["id"] for p in self.of_kind("presence")}
+        node: str = nodes[owner(user, sorted(nodes))]
+        return node
+
     def owner_of(self, room: str) -> str:
         """The process id of the broker that owns ``room`` while all brokers are up."""
         brokers = self.brokers()
@@ -93,7 +99,12 @@ def cluster_factory(tmp_path: Path) -> Iterator[ClusterFactory]:
     started: list[Cluster] = []
 
     def start(
-        edges: int = 2, brokers: int = 1, consul: str = "off", restart: bool = False, **env: str
+        edges: int = 2,
+        brokers: int = 1,
+        consul: str = "off",
+        restart: bool = False,
+        presence: int = 1,
+        **env: str,
     ) -> Cluster:
         state_path = tmp_path / f"cluster-{len(started)}.json"
         launcher = subprocess.Popen(
@@ -106,6 +117,8 @@ def cluster_factory(tmp_path: Path) -> Iterator[ClusterFactory]:
                 str(edges),
                 "--brokers",
                 str(brokers),
+                "--presence",
+                str(presence),
                 "--state",
                 str(state_path),
                 "--consul",

@@ -93,10 +93,10 @@ async def test_a_change_presence_sends_during_the_resume_claim_is_not_lost(
         await asyncio.sleep(0.02)
     to_presence = dev.backplane.to_presence
 
-    def carol_comes_online_right_after_the_claim(command: Envelope) -> None:
-        to_presence(command)  # dev mode: the claim is answered within this call
+    def carol_comes_online_right_after_the_claim(user: str, command: Envelope) -> None:
+        to_presence(user, command)  # dev mode: the claim is answered within this call
         if isinstance(command, ClaimCmd):
-            to_presence(SessionUp("carol-session", "carol", dev.edge_id, "carol-conn"))
+            to_presence("carol", SessionUp("carol-session", "carol", dev.edge_id, "carol-conn"))
 
     monkeypatch.setattr(dev.backplane, "to_presence", carol_comes_online_right_after_the_claim)
     again = await raw_client(url, "watcher", resume=watcher.welcome["resume"])
@@ -104,7 +104,9 @@ async def test_a_change_presence_sends_during_the_resume_claim_is_not_lost(
     assert await again.recv() == {"type": "presence", "user": "carol", "status": "online"}
     # The marker: carol goes offline, told by presence after everything above, so a
     # second "online" (held for the claim and also sent straight) would come before it.
-    dev.backplane.to_presence(SessionDown("carol-session", dev.edge_id, "carol-conn", True))
+    dev.backplane.to_presence(
+        "carol", SessionDown("carol-session", dev.edge_id, "carol-conn", True)
+    )
     await again.until_markers({"type": "presence", "user": "carol", "status": "offline"})
     assert not dev._held_for_claim
 
@@ -128,13 +130,13 @@ async def test_a_resume_dropped_while_its_claim_is_out_starts_the_resume_window(
     to_presence = dev.backplane.to_presence
     claimed = asyncio.Event()
 
-    def claim_answered_late(command: Envelope) -> None:
+    def claim_answered_late(user: str, command: Envelope) -> None:
         if isinstance(command, ClaimCmd):
             # The answer comes 0.3 s later, after the client has gone.
-            asyncio.get_running_loop().call_later(0.3, to_presence, command)
+            asyncio.get_running_loop().call_later(0.3, to_presence, user, command)
             asyncio.get_running_loop().call_later(0.3, claimed.set)
         else:
-            to_presence(command)
+            to_presence(user, command)
 
     monkeypatch.setattr(dev.backplane, "to_presence", claim_answered_late)
     ws = await websockets.connect(url)

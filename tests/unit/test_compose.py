@@ -70,7 +70,7 @@ def _turn_conf() -> dict[str, list[str]]:
 
 def test_the_topology_is_complete() -> None:
     kinds = [service["command"][0] for service in _signalpost_services().values()]
-    assert sorted(kinds) == ["broker", "broker", "edge", "edge", "presence"]
+    assert sorted(kinds) == ["broker", "broker", "edge", "edge", "presence", "presence"]
     assert {"consul", "coturn"} <= _services().keys()
 
 
@@ -115,7 +115,7 @@ def test_edges_dial_what_brokers_and_presence_bind() -> None:
     for name, service in services.items():
         settings = load_settings(environ={k: str(v) for k, v in service["environment"].items()})
         assert sorted(settings.broker_endpoints) == sorted(binds["broker"]), name
-        assert [settings.presence_endpoint] == binds["presence"], name
+        assert sorted(settings.presence_endpoints) == sorted(binds["presence"]), name
 
 
 def _make_keys(keys_dir: Path) -> subprocess.CompletedProcess[str]:
@@ -161,7 +161,7 @@ def test_every_node_gets_keys_that_admit_and_name_each_other(tmp_path: Path) -> 
         command = services[name]["command"]
         if command[0] != "edge":  # dialled at what it binds, with its own key
             assert trusted.servers[_option(command, "--bind")] == keys.public, name
-        for endpoint in [*settings.broker_endpoints, settings.presence_endpoint]:
+        for endpoint in [*settings.broker_endpoints, *settings.presence_endpoints]:
             assert endpoint in trusted.servers, f"{name} dials {endpoint}: no server key"
     assert (keys_dir / "edge-1.env").stat().st_mode & 0o077 == 0  # secrets: owner only
     again = _make_keys(keys_dir)

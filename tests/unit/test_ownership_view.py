@@ -8,7 +8,18 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from signalpost.ownership import Proposal, View, ViewKeeper, decode_view, encode_view
+from signalpost.ownership import (
+    BROKERS as BROKER_TIER,
+)
+from signalpost.ownership import (
+    PRESENCE,
+    Proposal,
+    View,
+    ViewKeeper,
+    _split,
+    decode_view,
+    encode_view,
+)
 
 
 class Clock:
@@ -67,7 +78,7 @@ def test_after_consul_lost_its_state_the_known_view_is_written_back_above_it() -
     # Consul restarted: no view, only "a" has its key again.
     proposal = k.answered(None, 0, ["a"], 1.0)
     assert proposal is not None and proposal.cas == 0
-    assert proposal.view.brokers == ("a", "b", "c")  # the others get time to come back
+    assert proposal.view.members == ("a", "b", "c")  # the others get time to come back
     assert proposal.view.number > 5
     written = proposal.view
     # "b" comes back and goes again: it leaves at once; "c" only after the grace.
@@ -183,5 +194,30 @@ def test_keepers_sharing_a_store_agree_and_numbers_only_grow(steps: list[tuple[s
         for broker in BROKERS:
             read(broker)
     assert store.view is not None
-    assert set(store.view.brokers) == store.members
+    assert set(store.view.members) == store.members
     assert {k.current for k in keepers.values()} == {store.view}
+
+
+def test_each_tier_keeps_its_own_keys_and_reads_only_them() -> None:
+    assert BROKER_TIER.view_key == "signalpost/brokers/view"
+    assert PRESENCE.view_key == "signalpost/presence/view"
+    node = "tcp://10.0.0.1:5555"
+    key = PRESENCE.member_key(node)
+    assert key.startswith("signalpost/presence/members/") and "//" not in key
+    assert PRESENCE.member_of(key) == node
+    assert BROKER_TIER.member_of(key) is None  # another tier's member is not one of these
+    items = [
+        {"Key": BROKER_TIER.view_key, "Value": encode_view(View(3, ("b",))), "ModifyIndex": 7},
+        {"Key": BROKER_TIER.member_key("b"), "Session": "s1"},
+        {"Key": PRESENCE.view_key, "Value": encode_view(View(9, ("p",))), "ModifyIndex": 8},
+        {"Key": PRESENCE.member_key("p"), "Session": "s2"},
+        {"Key": PRESENCE.member_key("q")},  # no session: not held
+    ]
+    assert _split(PRESENCE, items)[:3] == (View(9, ("p",)), 8, ["p"])
+    assert _split(BROKER_TIER, items)[:3] == (View(3, ("b",)), 7, ["b"])
+
+
+def test_a_view_is_stored_under_the_json_name_brokers_kept_before_tiers() -> None:
+    # A rolling upgrade reads the view an older broker wrote, and the other way round.
+    assert encode_view(View(4, ("a", "b"))) == b'{"number":4,"brokers":["a","b"]}'
+    assert decode_view(b'{"number":4,"brokers":["a"]}') == View(4, ("a",))

@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 
-from presence.table import Outbound, PresenceTable
+from presence.table import EVICT_WAIT, Outbound, PresenceTable
 from signalpost.wire import (
     ClaimCmd,
     ClaimReply,
     Deliver,
     EdgeSync,
     Evict,
+    Evicted,
     Heartbeat,
     Reply,
     RequestId,
@@ -64,6 +65,16 @@ def presence_to(out: list[Outbound], session: str, edge: str = "edge-1") -> list
             assert target == edge, f"{session} is on {edge}, not {target}"
             frames.append(json.loads(envelope.payload))
     return frames
+
+
+def acked(table: PresenceTable, out: list[Outbound], now: float) -> list[Outbound]:
+    """``out`` and what the table sends once each evicted connection's edge confirmed
+    that connection closed (``Evicted``), as edges do at once."""
+    answered = list(out)
+    for edge, envelope in out:
+        if isinstance(envelope, Evict):
+            answered += table.handle(Evicted(envelope.session, envelope.conn, edge), now)
+    return answered
 
 
 def delivers(out: list[Outbound]) -> list[tuple[str, Deliver]]:
@@ -206,7 +217,7 @@ def test_a_stale_session_down_from_another_connection_is_ignored(ended: bool) ->
     table = make_table()
     watching(table, "w", ["eve"])
     table.handle(up("e1", "eve", edge="edge-1", conn="old"), 0.0)
-    table.handle(claim("e1", "eve", "edge-2", "new"), 1.0)
+    acked(table, table.handle(claim("e1", "eve", "edge-2", "new"), 1.0), 1.0)
     assert table.handle(down("e1", ended, edge="edge-1", conn="old"), 2.0) == []
     assert table.expire(1e9) == []
     assert table.status("eve") == "online"
@@ -227,7 +238,7 @@ def test_a_second_connection_for_an_attached_session_evicts_the_first() -> None:
     table = make_table()
     table.handle(up("e1", "eve", edge="edge-1", conn="old"), 0.0)
     out = table.handle(up("e1", "eve", edge="edge-2", conn="new"), 1.0)
-    assert out == [("edge-1", Evict("e1", "old"))]
+    assert out == [("edge-1", Evict("e1", "old", "eve"))]
 
 
 def test_the_same_announcement_twice_evicts_nobody() -> None:
@@ -244,9 +255,14 @@ def test_claim_of_an_attached_session_is_live_and_evicts_the_old_connection() ->
     watching(table, "w", ["eve"])
     table.handle(up("e1", "eve", edge="edge-1", conn="old"), 0.0)
     out = table.handle(claim("e1", "eve", "edge-2", "new"), 1.0)
-    assert ("edge-1", Evict("e1", "old")) in out
-    assert out[-1] == ("edge-2", ClaimReply("e1", "new", True))
-    assert out.index(("edge-1", Evict("e1", "old"))) < len(out) - 1
+    assert ("edge-1", Evict("e1", "old", "eve")) in out
+    # Welcomed only once the old connection is closed: never two live connections.
+    assert not any(isinstance(e, ClaimReply) for _, e in out)
+    assert table.handle(claim("e1", "eve", "edge-2", "new"), 1.5) == []  # asked again: waits
+    assert table.handle(Evicted("e1", "other", "edge-1"), 1.6) == []  # not the one replaced
+    assert table.handle(Evicted("e1", "old", "edge-1"), 1.7) == [
+        ("edge-2", ClaimReply("e1", "new", True))
+    ]
     assert presence_to(out, "w") == []  # eve never went offline
 
 
@@ -367,7 +383,7 @@ def test_a_watcher_that_resumes_learns_what_changed_while_it_was_away() -> None:
     # Told once: from now on, changes reach the watcher on its new edge as usual.
     out = table.handle(up("e2", "eve", edge="edge-2"), 4.0)
     assert presence_to(out, "w", "edge-3") == [online("eve")]
-    out = table.handle(claim("w", "watcher", "edge-4", "newer"), 5.0)
+    out = acked(table, table.handle(claim("w", "watcher", "edge-4", "newer"), 5.0), 5.0)
     assert out[-1][1] == ClaimReply(
         "w", "newer", True, {"bob": "online", "eve": "online", "zoe": "offline"}, []
     )
@@ -580,9 +596,9 @@ def test_an_older_session_up_is_ignored() -> None:
 def test_a_newer_claim_evicts_the_older_live_connection_exactly_once() -> None:
     table = make_table()
     table.handle(up("e1", "eve", edge="edge-1", conn="old.1"), 0.0)
-    out = table.handle(claim("e1", "eve", "edge-2", "new.2"), 1.0)
+    out = acked(table, table.handle(claim("e1", "eve", "edge-2", "new.2"), 1.0), 1.0)
     assert out == [
-        ("edge-1", Evict("e1", "old.1")),
+        ("edge-1", Evict("e1", "old.1", "eve")),
         ("edge-2", ClaimReply("e1", "new.2", True)),
     ]
     # Repeats and late words of either connection evict nobody again.
@@ -617,9 +633,9 @@ def test_a_claim_of_the_same_generation_takes_the_lease() -> None:
     (the first may never have been welcomed, yet holds the lease here)."""
     table = make_table()
     table.handle(up("e1", "eve", edge="edge-1", conn="first.2"), 0.0)
-    out = table.handle(claim("e1", "eve", "edge-2", "retry.2"), 1.0)
+    out = acked(table, table.handle(claim("e1", "eve", "edge-2", "retry.2"), 1.0), 1.0)
     assert out == [
-        ("edge-1", Evict("e1", "first.2")),
+        ("edge-1", Evict("e1", "first.2", "eve")),
         ("edge-2", ClaimReply("e1", "retry.2", True)),
     ]
 
@@ -635,3 +651,20 @@ def test_a_session_announced_for_another_user_leaves_no_user_online_for_good() -
     assert (table.status("eve"), table.status("mallory")) == ("offline", "online")
     table.handle(down("s1", ended=True), 2.0)
     assert table.status("mallory") == "offline"
+
+
+def test_a_resume_whose_old_edge_does_not_confirm_is_answered_after_the_wait() -> None:
+    table = make_table()
+    table.handle(up("e1", "eve", edge="edge-1", conn="old.1"), 0.0)
+    table.handle(claim("e1", "eve", "edge-2", "new.2"), 1.0)
+    assert table.expire(1.0 + EVICT_WAIT - 0.1) == []
+    assert table.expire(1.0 + EVICT_WAIT) == [("edge-2", ClaimReply("e1", "new.2", True))]
+    assert table.counters.evict_unconfirmed == 1
+
+
+def test_a_resume_whose_old_edge_is_lost_is_answered_at_once() -> None:
+    table = make_table()
+    table.handle(up("e1", "eve", edge="edge-1", conn="old.1"), 0.0)
+    table.handle(claim("e1", "eve", "edge-2", "new.2"), 1.0)
+    # A lost edge's connections are gone with it (its clients are cut off).
+    assert table.edge_lost("edge-1", 1.2) == [("edge-2", ClaimReply("e1", "new.2", True))]

@@ -31,6 +31,7 @@ from signalpost.wire import (
     EdgeSync,
     Envelope,
     Evict,
+    Evicted,
     Reply,
     SessionDown,
     SessionUp,
@@ -265,6 +266,10 @@ def play(steps: list[Step], model: Model | None = None) -> None:
                 command = EdgeSync(edge, [SessionUp(session, user, edge, conn)], {})
                 model.edge_sync(session, user, edge, conn, sent)
             out = table.handle(command, now)
+        # Edges confirm each eviction at once (``Evicted``): a resume is answered then.
+        for target, envelope in list(out):
+            if isinstance(envelope, Evict):
+                out += table.handle(Evicted(envelope.session, envelope.conn, target), now)
         where = f"step {number} {step} at {now}"
         assert Counter(what_was_sent(out)) == Counter(sent), where
         for user in USERS:

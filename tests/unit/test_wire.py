@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 from typing import Any
 
 import msgspec
@@ -23,6 +24,7 @@ from signalpost.wire import (
     Envelope,
     ErrorFrame,
     Evict,
+    Evicted,
     ForgetCmd,
     HandedMember,
     HandedRecord,
@@ -35,6 +37,7 @@ from signalpost.wire import (
     Join,
     JoinCmd,
     JoinedFrame,
+    LeaseCopy,
     Leave,
     LeaveCmd,
     LeftFrame,
@@ -55,6 +58,8 @@ from signalpost.wire import (
     Signal,
     SignalCmd,
     SignalFrame,
+    StatusNote,
+    StatusSubscribe,
     Synced,
     Unwatch,
     UnwatchCmd,
@@ -452,13 +457,19 @@ ENVELOPES: list[Envelope] = [
     Synced("s1", "c1", "r1", "e", 9, True, False, _PEER),
     Confirm("edge-1", [("r1", "s1", "e", 9, False), ("r2", "s1", "f", 3, True)]),
     Evict("s1", "c1"),
+    Evict("s1", "c1", "alice"),
+    Evicted("s1", "c1", "edge-1"),
     ClaimReply("s1", "c2", True),
+    ClaimReply("s1", "c2", True, {"eve": "online"}, ["eve"], 7),
     SessionUp("s1", "alice", "edge-1", "c1"),
     SessionDown("s1", "edge-1", "c1", False),
     ClaimCmd("s1", "alice", "edge-2", "c2"),
     WatchCmd("s1", "c1", "edge-1", 7, 7, ["eve", "bob"]),
     UnwatchCmd("s1", "c1", "edge-1", 8, "u", ["eve"]),
     EdgeSync("edge-1", [SessionUp("s1", "alice", "edge-1", "c1")], {"s1": ["eve"]}),
+    StatusSubscribe("tcp://p1:5565", ["bob"], ["eve"]),
+    StatusNote("tcp://p2:5565", {"bob": "online"}),
+    LeaseCopy("tcp://p2:5565", "s1", "bob", "edge-1", "c1.2", 12.5, ["eve"], {"eve": "online"}),
     Heartbeat("broker-a", "inc-1"),
 ]
 
@@ -474,7 +485,7 @@ def test_envelopes_round_trip(envelope: Envelope) -> None:
 
 def test_every_envelope_kind_is_covered_and_tags_are_distinct() -> None:
     kinds = {type(e) for e in ENVELOPES}
-    assert len(kinds) == 25  # every member of the Envelope union
+    assert kinds == set(typing.get_args(Envelope))  # every member of the Envelope union
     tags = {msgspec.msgpack.decode(encode_envelope(e))[0] for e in ENVELOPES}
     assert len(tags) == len(kinds)
 
