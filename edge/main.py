@@ -7,6 +7,7 @@ from edge.zmq_backplane import ZmqBackplane
 from signalpost.config import Settings
 from signalpost.discovery import Discovery, Registration
 from signalpost.lifecycle import until_stopped
+from signalpost.node_keys import edge_id_for
 
 
 async def run_edge(settings: Settings) -> None:
@@ -15,7 +16,9 @@ async def run_edge(settings: Settings) -> None:
     With Consul, the edge registers once it serves (its ``/healthz`` is the check) and
     deregisters before draining, so nothing new is sent its way while clients leave.
     """
-    edge = EdgeServer(settings, ZmqBackplane(settings))
+    backplane = ZmqBackplane(settings)
+    # Its links speak under its key's name: that is its id (a different node_id is refused).
+    edge = EdgeServer(settings, backplane, edge_id=edge_id_for(settings, backplane.keys))
     async with edge:
         base = f"{settings.advertised_host}:{edge.port}"
         url = f"ws://{base}/v1/signal"

@@ -56,7 +56,7 @@ class ZmqBackplane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.incarnation = new_incarnation()
-        self._keys = node_keys(settings)  # raises ConfigError before any socket exists
+        self.keys = node_keys(settings)  # raises ConfigError before any socket exists
         self._context = zmq.Context()
         self.brokers: dict[str, DealerLink] = {}  # broker id -> link
         self.presence: dict[str, DealerLink] = {}  # presence placement id -> link
@@ -101,7 +101,7 @@ class ZmqBackplane:
             on_down=self._on_down,
             heartbeat_interval=s.heartbeat_interval,
             peer_expiry=s.peer_expiry,
-            keys=self._keys,
+            keys=self.keys,
             max_message=s.max_node_message,
         )
         if self._started:

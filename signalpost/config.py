@@ -203,7 +203,7 @@ MEANINGS: Final = {
     "room_capacity": "members per room (the seed app's rule is 2)",
     "history_max_events": "events kept per room for resume",
     "history_max_age": "seconds events are kept per room for resume",
-    "node_id": "this node's id (default: generated)",
+    "node_id": "this node's id (default: an edge's is its key's name; else generated)",
     "broker_bind": "a broker's ZeroMQ endpoint; as dialled (a wildcard host advertised as "
     "`advertise_host`) it is also the broker's placement id",
     "broker_endpoints": "brokers to use without Consul (comma separated)",

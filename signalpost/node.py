@@ -21,8 +21,8 @@ from signalpost.config import Settings
 from signalpost.discovery import Discovery, Registration
 from signalpost.health import HealthServer
 from signalpost.node_keys import node_keys
-from signalpost.transport import RouterEndpoint
-from signalpost.wire import Envelope, encode_envelope
+from signalpost.transport import RouterEndpoint, refused_sender
+from signalpost.wire import Envelope, encode_envelope, sender_of
 
 log = logging.getLogger("signalpost.node")
 
@@ -88,6 +88,12 @@ class OwnerNode:
 
     def _on_envelope(self, peer: str, envelope: Envelope) -> None:
         metrics.HOT.envelopes[self._kind] += 1
+        sender = sender_of(envelope)
+        if sender is not None and sender != peer:
+            # Another node's name: with CurveZMQ the link's routing id is the sender's
+            # own (its key says so), so this is a forgery or a bug, never served.
+            refused_sender(peer, f"{type(envelope).__name__} names {sender!r}")
+            return
         self._send(self.core.handle(envelope, self._clock()))
 
     def _on_edge_lost(self, edge: str) -> None:

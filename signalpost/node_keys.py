@@ -42,7 +42,7 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -77,10 +77,24 @@ class NodeKeys:
 
 @dataclass(frozen=True, slots=True)
 class TrustedKeys:
-    """What the cluster keys directory says now: every node's key, and servers by endpoint."""
+    """What the cluster keys directory says now: every node's key, servers by endpoint,
+    and who each key is (``node_user_id``: the names its node may send under)."""
 
     keys: frozenset[bytes]
     servers: dict[str, bytes]
+    user_ids: dict[bytes, str] = field(default_factory=dict)
+
+
+def node_user_id(name: str, endpoint: str | None) -> str:
+    """The ZAP User-Id of a node's key: its name (the certificate's file name), then the
+    endpoint it binds, if any (brokers and presence send under their endpoint)."""
+    return name if not endpoint else f"{name} {endpoint}"
+
+
+def speaks_as(user_id: str, identity: str) -> bool:
+    """Whether the node authenticated as ``user_id`` may use ``identity`` (its ZeroMQ
+    routing id, and the sender its envelopes name)."""
+    return identity in user_id.split(" ")
 
 
 def _parse_certificate(path: Path) -> tuple[bytes | None, bytes | None, dict[str, str]]:
@@ -123,6 +137,7 @@ def read_trusted(directory: Path) -> TrustedKeys:
     """Read every ``*.key`` file of the cluster keys directory (unreadable ones are logged)."""
     keys: set[bytes] = set()
     servers: dict[str, tuple[float, bytes]] = {}
+    user_ids: dict[bytes, str] = {}
     try:
         paths = sorted(directory.glob("*" + PUBLIC_SUFFIX))
     except OSError as exc:
@@ -140,9 +155,11 @@ def read_trusted(directory: Path) -> TrustedKeys:
             continue
         keys.add(public)
         endpoint = metadata.get("endpoint")
+        user_ids[public] = node_user_id(path.name.removesuffix(PUBLIC_SUFFIX), endpoint)
         if endpoint and (endpoint not in servers or servers[endpoint][0] <= modified):
             servers[endpoint] = (modified, public)
-    return TrustedKeys(frozenset(keys), {e: key for e, (_, key) in servers.items()})
+    servers_now = {e: key for e, (_, key) in servers.items()}
+    return TrustedKeys(frozenset(keys), servers_now, user_ids)
 
 
 def create_node_keys(directory: Path, name: str, endpoint: str | None = None) -> tuple[Path, Path]:
@@ -235,6 +252,26 @@ def node_keys(settings: Settings) -> NodeKeys | None:
     return NodeKeys(public, secret, directory)
 
 
+def key_name(keys: NodeKeys) -> str | None:
+    """The name this node's public key has in the cluster keys directory (the file's),
+    which is the routing id its links must use (``speaks_as``); None if it has no file."""
+    user_id = read_trusted(keys.cluster_dir).user_ids.get(keys.public)
+    return None if user_id is None else user_id.split(" ")[0]
+
+
+def edge_id_for(settings: Settings, keys: NodeKeys | None) -> str | None:
+    """An edge's id: ``node_id``, else its key's name. Raises ``ConfigError`` when they
+    differ: the brokers would refuse every frame of the edge (its key speaks for another)."""
+    name = None if keys is None else key_name(keys)
+    if settings.node_id and name and settings.node_id != name:
+        raise ConfigError(
+            f"node_id {settings.node_id!r} is not the name of this node's key in "
+            f"cluster_keys_dir ({name!r}): other nodes take its frames only under that name; "
+            "leave node_id unset or rename the key file"
+        )
+    return settings.node_id or name
+
+
 def serve_curve(socket: zmq.Socket[Any], keys: NodeKeys) -> None:
     """Make a socket that binds a CurveZMQ server checked by ZAP (set before ``bind``)."""
     socket.setsockopt(zmq.CURVE_SERVER, 1)
@@ -291,6 +328,12 @@ class NodeAuthenticator(ThreadAuthenticator):
         # The address is in the request, not passed on to the key check: kept for the log.
         self._address = msg[3].decode(errors="replace") if len(msg) > 3 else "?"
         await super().handle_zap_message(msg)
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        """Who the admitted key is: a ROUTER takes a node's messages only under the names
+        this allows (``speaks_as``), so a node cannot send as another."""
+        key = z85.encode(client_public_key)
+        return read_trusted(self._directory).user_ids.get(key, "")
 
     def callback(self, domain: str, key: bytes) -> bool:
         """The ZAP credentials check (pyzmq's provider protocol): is ``key`` trusted?"""

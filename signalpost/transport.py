@@ -49,6 +49,7 @@ from signalpost.node_keys import (
     NodeKeys,
     dial_curve,
     serve_curve,
+    speaks_as,
 )
 from signalpost.wire import (
     WIRE_VERSION,
@@ -154,9 +155,13 @@ class FastSocket:
     ``DRAIN_BATCH`` counts those.
     """
 
-    def __init__(self, socket: zmq.Socket[bytes]) -> None:
+    def __init__(self, socket: zmq.Socket[bytes], *, authenticated: bool = False) -> None:
         self._socket = socket
         self._routed = socket.type == zmq.ROUTER  # its messages have an identity part first
+        #: A CurveZMQ ROUTER behind ZAP: a message is taken only if its routing id is a name
+        #: the sender's key may use (``speaks_as``); identity -> the User-Id that may.
+        self._authenticated = authenticated and self._routed
+        self._speakers: dict[bytes, str] = {}
         self._backlog: deque[tuple[bytes, ...]] = deque()
         self._on_message: Callable[[list[bytes]], int | None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -238,6 +243,23 @@ class FastSocket:
         if events & _POLLIN or (self._backlog and events & _POLLOUT):
             self._schedule()
 
+    def _speaks_as(self, identity: bytes, body: zmq.Frame) -> bool:
+        """Whether the node that sent ``body`` (its key's ZAP User-Id) may use the routing
+        id ``identity``: a node admitted to the cluster still cannot send as another."""
+        try:
+            user_id = body.get("User-Id")
+        except zmq.ZMQError:
+            user_id = ""
+        if self._speakers.get(identity) == user_id:
+            return True
+        if isinstance(user_id, str) and speaks_as(user_id, identity.decode(errors="replace")):
+            if len(self._speakers) >= MAX_SPEAKERS:
+                self._speakers.clear()
+            self._speakers[identity] = user_id
+            return True
+        _dropped_from(identity, "identity", f"its key is {user_id or 'unnamed'}")
+        return False
+
     def _schedule(self) -> None:
         assert self._loop is not None
         self._scheduled = True
@@ -265,7 +287,15 @@ class FastSocket:
                 except zmq.Again:
                     break
                 # The rest of a message is there once its first part is.
-                frames = [first, recv(_NOBLOCK)] if routed else [first]
+                if self._authenticated:
+                    body = recv(_NOBLOCK, copy=False)
+                    frames = [first, body.bytes]
+                    if not self._speaks_as(first, body):
+                        while get(_RCVMORE):
+                            recv(_NOBLOCK)
+                        continue
+                else:
+                    frames = [first, recv(_NOBLOCK)] if routed else [first]
                 while get(_RCVMORE):
                     frames.append(recv(_NOBLOCK))
                 budget -= on_message(frames) or 1
@@ -275,6 +305,36 @@ class FastSocket:
         finally:
             self._servicing = False
         self._look()
+
+
+#: Routing ids a ROUTER remembers as checked against their sender's key (then cleared).
+MAX_SPEAKERS: Final = 10_000
+
+#: (peer, what) -> when a refused frame was last logged: one line per peer per interval.
+_refusals_logged: dict[tuple[bytes, str], float] = {}
+
+
+def refused_sender(peer: str, why: str) -> None:
+    """An envelope from ``peer`` names another node as its sender: refused (counted in
+    ``signalpost_node_frames_dropped_total{what="sender"}``, logged once per 5 s)."""
+    _dropped_from(peer.encode(), "sender", why)
+
+
+def _dropped_from(peer: bytes, what: str, why: str) -> None:
+    """A frame from ``peer`` refused for its sender (counted; logged once per 5 s)."""
+    metrics.NODE_FRAMES_DROPPED.labels(what).inc()
+    key, now = (peer, what), time.monotonic()
+    if now - _refusals_logged.get(key, -_DROP_LOG_INTERVAL) >= _DROP_LOG_INTERVAL:
+        if len(_refusals_logged) >= 10_000:
+            _refusals_logged.clear()
+        _refusals_logged[key] = now
+        log.warning(
+            "refused frames from node %s (%s): %s (counted in "
+            "signalpost_node_frames_dropped_total)",
+            peer.decode(errors="replace"),
+            what,
+            why,
+        )
 
 
 #: (peer, reason) -> when a drop was last logged: one line per peer per interval.
@@ -413,7 +473,7 @@ class RouterEndpoint:
         socket.bind(bind)
         self.endpoint: str = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._watch = None if keys is None else HandshakeWatch(socket, self.endpoint, server=True)
-        self._socket = FastSocket(socket)
+        self._socket = FastSocket(socket, authenticated=keys is not None)
         self._outbox = Outbox(self._socket, routed=True)
         #: Queue an already-encoded envelope for a peer (sent at the end of this iteration).
         self.send_body: Callable[[str, bytes], None] = self._outbox.put

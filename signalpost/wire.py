@@ -812,3 +812,36 @@ def decode_batch_each(
         except (msgspec.DecodeError, RecursionError) as exc:
             decoded.append(exc)
     return decoded
+
+
+#: Envelope type -> its field naming the node that sent it (a routing id on the receiving
+#: ROUTER): a node acts only on envelopes whose sender is the node the link authenticated
+#: (``signalpost.node.OwnerNode``). ``ForgetCmd`` and ``DemoteCmd`` name no sender.
+_SENDER_FIELDS: Final[dict[type, str]] = {
+    JoinCmd: "edge",
+    LeaveCmd: "edge",
+    SignalCmd: "edge",
+    AttachCmd: "edge",
+    DetachCmd: "edge",
+    RestoreCmd: "edge",
+    Confirm: "edge",
+    Evicted: "edge",
+    SessionUp: "edge",
+    SessionDown: "edge",
+    ClaimCmd: "edge",
+    WatchCmd: "edge",
+    UnwatchCmd: "edge",
+    EdgeSync: "edge",
+    ReplicateCmd: "owner",
+    HandoffRequest: "requester",
+    Handoff: "sender",
+    StatusSubscribe: "node",
+    StatusNote: "owner",
+    LeaseCopy: "owner",
+}
+
+
+def sender_of(envelope: Envelope) -> str | None:
+    """The node ``envelope`` says sent it, or None if it names none."""
+    name = _SENDER_FIELDS.get(type(envelope))
+    return None if name is None else str(getattr(envelope, name))

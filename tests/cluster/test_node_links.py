@@ -81,8 +81,7 @@ async def test_a_dealer_without_the_clusters_keys_cannot_forge_a_signal(
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.IDENTITY, identity)
                 sock.connect(broker["url"])
-                # The probe only heartbeats: an admitted node CAN forge (authority checks
-                # between tiers are not done yet, docs/security.md).
+                # The probe only heartbeats here (an admitted node's forgeries: below).
                 sock.send(
                     frame([encode_envelope(Heartbeat("probe", "p"))]) if sock is probe else forged
                 )
@@ -100,6 +99,80 @@ async def test_a_dealer_without_the_clusters_keys_cannot_forge_a_signal(
             event = await bob.next_event(SignalEvent, timeout=10)
             assert event.data == {"kind": "marker"}
             for sock in (plain, keyed, probe):
+                sock.close()
+    finally:
+        context.destroy(linger=0)
+
+
+async def test_an_admitted_node_cannot_send_as_another(
+    cluster_factory: ClusterFactory, tmp_path: Path
+) -> None:
+    # A node whose key IS in the cluster keys directory (say, a compromised edge) tries the
+    # same forgery two ways: under another node's routing id, and under its own with the
+    # member's real edge named in the envelope. The broker refuses both (its key's name is
+    # not that node's; the envelope names another node than the link), logs them, and
+    # still serves the admitted node's honest heartbeat. (A routing id in use by a
+    # connected node is refused by ZeroMQ itself: ROUTER without handover.)
+    cluster = cluster_factory(edges=2, brokers=1)
+    edge1, edge2 = cluster.edge_urls
+    (broker,) = cluster.of_kind("broker")
+    server_key = read_trusted(cluster.keys_dir).servers[broker["url"]]
+    _, secret_file = create_node_keys(cluster.keys_dir, "admitted")
+    public, secret = zmq.auth.load_certificate(secret_file)
+    assert secret is not None
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        async with (
+            SignalpostClient(edge1, token("alice")) as alice,
+            SignalpostClient(edge2, token("bob")) as bob,
+        ):
+            await alice.join("call")
+            await bob.join("call")
+            real_edge = "edge-1"  # alice's edge (cluster_factory names them in order)
+
+            def forged(edge: str) -> bytes:
+                command = SignalCmd(
+                    alice.session,
+                    "c.9",
+                    edge,
+                    1,
+                    None,
+                    "call",
+                    bob.session,
+                    sender_object(alice.session, "alice"),
+                    b'{"kind":"offer","forged":true}',
+                )
+                return frame([encode_envelope(command)])
+
+            heartbeat = frame([encode_envelope(Heartbeat("admitted", "a"))])
+            sockets = []
+            for identity, bodies in (
+                (b"presence-1", [forged(real_edge)]),  # another node's routing id
+                (b"admitted", [forged(real_edge), heartbeat]),  # its own, naming another
+            ):
+                sock = context.socket(zmq.DEALER)
+                sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.IDENTITY, identity)
+                sock.connect(broker["url"])
+                for body in bodies:
+                    sock.send(body)
+                sockets.append(sock)
+            async with asyncio.timeout(10):  # the honest heartbeat is answered
+                while not sockets[1].poll(0):  # noqa: ASYNC110 - a plain zmq socket
+                    await asyncio.sleep(0.02)
+            async with asyncio.timeout(10):  # both forgeries refused and logged
+                while not all(  # noqa: ASYNC110 - a log file
+                    f"refused frames from node {who}" in cluster.log(broker["id"])
+                    for who in ("presence-1 (identity)", "admitted (sender)")
+                ):
+                    await asyncio.sleep(0.05)
+            await alice.signal("call", {"kind": "marker"}, to=bob.session)
+            event = await bob.next_event(SignalEvent, timeout=10)
+            assert event.data == {"kind": "marker"}  # nothing forged came before it
+            for sock in sockets:
                 sock.close()
     finally:
         context.destroy(linger=0)

@@ -225,12 +225,12 @@ async def test_a_dealer_verifies_the_server_key(context: zmq.Context[Any], tmp_p
         # Marker: a client that knows the impostor's real key (and is on its list) gets
         # through, so the impostor serves; the one holding the owner's key never does.
         right = curve_dealer(
-            context, impostor.endpoint, b"edge-2", impostor_keys, impostor_keys.public
+            context, impostor.endpoint, b"impostor", impostor_keys, impostor_keys.public
         )
         right.send(frame([encode_envelope(deliver(2))]))
         await asyncio.wait_for(got.reach(1), 10)
         await asyncio.sleep(0.3)  # the wrong one had every chance to connect meanwhile
-        assert got == [("edge-2", deliver(2))]
+        assert got == [("impostor", deliver(2))]
         await until(lambda: all(refused(r) > before[r] for r in before))  # both sides count
         assert not edge_link.alive
         wrong.close()

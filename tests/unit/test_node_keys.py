@@ -19,8 +19,12 @@ from signalpost.node_keys import (
     PUBLIC_SUFFIX,
     SECRET_SUFFIX,
     create_node_keys,
+    edge_id_for,
+    key_name,
     node_keys,
+    node_user_id,
     read_trusted,
+    speaks_as,
 )
 
 CLI = [sys.executable, "-m", "signalpost.cli"]
@@ -146,3 +150,35 @@ def test_signalpost_keys_writes_a_pair(tmp_path: Path) -> None:
     public = (tmp_path / "presence-1.key").read_text()
     assert "secret-key" not in public and 'endpoint = "tcp://p:5565"' in public
     assert (tmp_path / ("presence-1" + SECRET_SUFFIX)).stat().st_mode & 0o777 == 0o600
+
+
+def test_a_key_speaks_only_under_its_files_name_and_its_endpoint(tmp_path: Path) -> None:
+    create_node_keys(tmp_path, "broker-1", "tcp://10.0.0.21:5555")
+    create_node_keys(tmp_path, "edge-1")
+    trusted = read_trusted(tmp_path)
+    by_name = {user_id.split(" ")[0]: user_id for user_id in trusted.user_ids.values()}
+    assert by_name == {
+        "broker-1": node_user_id("broker-1", "tcp://10.0.0.21:5555"),
+        "edge-1": node_user_id("edge-1", None),
+    }
+    broker, edge = by_name["broker-1"], by_name["edge-1"]
+    assert speaks_as(broker, "broker-1") and speaks_as(broker, "tcp://10.0.0.21:5555")
+    assert speaks_as(edge, "edge-1")
+    assert not speaks_as(edge, "broker-1") and not speaks_as(edge, "edge-2")
+    assert not speaks_as(edge, "") and not speaks_as("", "edge-1")
+
+
+def test_an_edges_id_is_its_keys_name_and_another_is_refused(tmp_path: Path) -> None:
+    cluster = tmp_path / "cluster"
+    cluster.mkdir()
+    _, secret = create_node_keys(cluster, "edge-7")
+    environ = {"SIGNALPOST_NODE_KEY_FILE": str(secret), "SIGNALPOST_CLUSTER_KEYS_DIR": str(cluster)}
+    keys = node_keys(load_settings(environ=environ))
+    assert keys is not None and key_name(keys) == "edge-7"
+    assert edge_id_for(load_settings(environ=environ), keys) == "edge-7"
+    same = load_settings(environ={**environ, "SIGNALPOST_NODE_ID": "edge-7"})
+    assert edge_id_for(same, keys) == "edge-7"
+    other = load_settings(environ={**environ, "SIGNALPOST_NODE_ID": "edge-8"})
+    with pytest.raises(ConfigError, match="node_id 'edge-8' is not the name of this node's key"):
+        edge_id_for(other, keys)
+    assert edge_id_for(other, None) == "edge-8"  # plaintext: nothing to bind to

@@ -586,3 +586,15 @@ def test_a_node_frame_nested_too_deeply_is_dropped_and_counted() -> None:
     before = metrics.NODE_FRAMES_DROPPED.labels("frame")._value.get()
     assert decode_frame(batch, "peer") == []
     assert metrics.NODE_FRAMES_DROPPED.labels("frame")._value.get() == before + 1
+
+
+def test_every_envelope_an_edge_sends_names_it_as_its_sender() -> None:
+    # A node acts only on envelopes whose sender is the link's (``OwnerNode``): a new
+    # envelope type carrying an ``edge`` must be in the sender map, or it goes unchecked.
+    from typing import get_args
+
+    from signalpost.wire import _SENDER_FIELDS, Envelope, LeaseCopy
+
+    with_edge = {t for t in get_args(Envelope) if "edge" in t.__struct_fields__}
+    assert with_edge - {LeaseCopy} == {t for t, f in _SENDER_FIELDS.items() if f == "edge"}
+    assert _SENDER_FIELDS[LeaseCopy] == "owner"  # a copy names the session's edge, not its sender
