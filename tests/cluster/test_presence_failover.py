@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from signalpost.cluster import free_port
+from signalpost.node_keys import create_node_keys
 from signalpost.ownership import PRESENCE, decode_view
 from signalpost.placement import owner
 from tests.cluster.conftest import FAST_ENV, Cluster, ClusterFactory
@@ -232,9 +233,15 @@ async def test_without_consul_heartbeats_place_users_and_a_kill_moves_them(
     print(f"presence without Consul: bob offline told {elapsed:.2f} s after the kill")
 
 
-def _start_presence(bind: str, consul_address: str, log_dir: Path) -> subprocess.Popen[bytes]:
-    """One more presence node, outside the cluster, that only Consul tells the others of."""
+def _start_presence(
+    bind: str, consul_address: str, log_dir: Path, keys_dir: Path
+) -> subprocess.Popen[bytes]:
+    """One more presence node, outside the cluster, that only Consul tells the others of
+    (its key added to the cluster keys directory, as an operator adds one)."""
+    _, secret_path = create_node_keys(keys_dir, "presence-new", bind)
     env = {**os.environ, **FAST_ENV, **ENV}
+    env["SIGNALPOST_NODE_KEY_FILE"] = str(secret_path)
+    env["SIGNALPOST_CLUSTER_KEYS_DIR"] = str(keys_dir)
     env["SIGNALPOST_CONSUL_ADDR"] = consul_address
     env["SIGNALPOST_HEALTH_PORT"] = str(free_port())
     with (log_dir / "presence-new.log").open("wb") as log:
@@ -274,7 +281,9 @@ async def test_a_presence_node_added_takes_its_users_over_warm(
     away.ws.transport.abort()
     await asyncio.sleep(0.3)
 
-    process = _start_presence(newcomer, consul["url"].removeprefix("http://"), tmp_path)
+    process = _start_presence(
+        newcomer, consul["url"].removeprefix("http://"), tmp_path, cluster.keys_dir
+    )
     try:
         for _ in range(150):  # bounded: 15 s for its check to pass and the view to change
             if set(await asyncio.to_thread(_presence_view, consul["url"])) == set(nodes):
