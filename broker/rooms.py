@@ -223,8 +223,8 @@ class _Record(msgspec.Struct, gc=False, frozen=True):
     Not tracked by the cyclic GC (only bytes, strings and numbers): a broker keeps up to
     1024 per session, and full collections would walk them all. It keeps a fingerprint
     of what the request said, not the request's data: records that held every signal's
-    data (4 KB offers) grew a dev server under call load from 54 to 126 MB, and the cache
-    misses of that working set cost more than the CRC (docs/performance.md).
+    data (a 4 KB offer, each candidate) grew a dev server under the calls load from 54 to
+    126 MB; with the CRC it holds 53 MB (docs/performance.md).
     """
 
     #: The answer's frame; empty for an acked signal: its ack is made again from the
