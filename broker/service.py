@@ -247,7 +247,12 @@ class BrokerNode(OwnerNode):
         discovery.watch("broker", discovered)
         assert self.settings.consul_addr is not None
         self._membership = TierMembership(
-            self.settings.consul_addr, BROKERS, self.placement_id, self.node_id, self._view_changed
+            self.settings.consul_addr,
+            BROKERS,
+            self.placement_id,
+            self.node_id,
+            self._view_changed,
+            registered=lambda: self._discovered,
         )
         self._membership.start()
 

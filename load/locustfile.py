@@ -76,6 +76,13 @@ def _options(parser: Any) -> None:
         default=10.0,
         help="seconds into the run before the storm kills an edge",
     )
+    parser.add_argument(
+        "--kill-presence-after",
+        type=float,
+        default=0.0,
+        help="with --cluster-state: SIGKILL one presence node this many seconds into the "
+        "run (0: never)",
+    )
     parser.add_argument("--fanout-size", type=int, default=5, help="members per fan-out room")
     parser.add_argument("--request-timeout", type=float, default=10.0)
 
@@ -116,6 +123,30 @@ def _storm(environment: Environment, **_kwargs: Any) -> None:
             os.kill(int(victim["pid"]), signal.SIGKILL)
         except OSError as exc:
             log.warning("reconnect storm: could not kill: %s", exc)
+
+    gevent.spawn(kill_later)
+
+
+@events.test_start.add_listener
+def _presence_kill(environment: Environment, **_kwargs: Any) -> None:
+    """With a cluster state file and ``--kill-presence-after``: kill one presence node."""
+    options = environment.parsed_options
+    if options is None or not options.cluster_state or options.kill_presence_after <= 0:
+        return
+
+    def kill_later() -> None:
+        gevent.sleep(options.kill_presence_after)
+        document = json.loads(Path(options.cluster_state).read_text())
+        nodes = [p for p in document.get("processes", []) if p.get("kind") == "presence"]
+        if len(nodes) < 2:
+            log.warning("presence kill: fewer than two presence nodes; not killing any")
+            return
+        victim = nodes[0]
+        log.warning("presence kill: SIGKILL %s (pid %s)", victim["id"], victim["pid"])
+        try:
+            os.kill(int(victim["pid"]), signal.SIGKILL)
+        except OSError as exc:
+            log.warning("presence kill: could not kill: %s", exc)
 
     gevent.spawn(kill_later)
 

@@ -188,6 +188,7 @@ class PresenceNode(OwnerNode):
             self.placement_id,
             self.node_id,
             self._view_changed,
+            registered=lambda: self._discovered,
         )
         self._membership.start()
 

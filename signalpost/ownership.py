@@ -49,7 +49,6 @@ from typing import Any, Final
 import msgspec
 
 from signalpost.discovery import (
-    MAX_BACKOFF,
     MIN_QUERY_INTERVAL,
     QUERY_WAIT,
     _in_thread,
@@ -62,6 +61,8 @@ log = logging.getLogger("signalpost.ownership")
 #: After Consul lost its state, how long a node of the last view has to re-acquire its
 #: key before a new view leaves it out.
 RESET_GRACE: Final = 10.0
+#: Longest wait between two reads of the view while Consul does not answer.
+VIEW_MAX_BACKOFF: Final = 1.0
 #: How often a node without a session (or key) tries again.
 RETRY_INTERVAL: Final = 0.25
 
@@ -164,6 +165,9 @@ class ViewKeeper:
         self._wall_ms = wall_ms
         self._reset_at: float | None = None  # when Consul was seen to have lost its state
         self._back_since_reset: set[str] = set()
+        self._first_wait_since: float | None = None  # waiting to write a first view
+        self._started_at: float | None = None  # this keeper's first answer
+        self._seen_since_start: set[str] = set()
 
     def answered(
         self,
@@ -172,16 +176,22 @@ class ViewKeeper:
         members: Iterable[str],
         now: float,
         reset: bool = False,
+        registered: Iterable[str] = (),
     ) -> Proposal | None:
         """``reset``: the answer comes from a Consul that lost its state (its index went
         backwards). Another node may have written the view back already, so this one
         would not see the key missing; the nodes of the view get their grace all the
-        same."""
+        same. ``registered``: the tier's nodes registered (and passing) in Consul's catalog."""
         present = set(members)
         known = self.current
         if reset and self._reset_at is None and known is not None:
             self._reset_at = now
             self._back_since_reset = set()
+        if known is None and self._started_at is None:
+            # This node's first read (it just started): it cannot tell a Consul that lost
+            # its state (the others' keys not taken back yet) from nodes that are gone.
+            # Missing keys get the grace; a node that is gone leaves by the others' word.
+            self._started_at = now
         if stored is not None and (known is None or stored.number >= known.number):
             if known is None or stored.number > known.number:
                 self.current = known = stored  # else the same view, read again
@@ -196,14 +206,27 @@ class ViewKeeper:
             cas = 0 if stored is None else index
             if stored is None:
                 number = max(number, self._wall_ms())
-        else:  # nothing stored and nothing known: the first view of a new cluster
+        else:  # nothing stored and nothing known: the first view of a new cluster...
             if not present:
                 return None
+            # ... or of a Consul that lost its state, seen by a node that just (re)started:
+            # the running nodes have not taken their keys back yet (they know the old view
+            # and write it back). A view of this node alone would move every room to it,
+            # empty. So while registered nodes hold no key, wait (at most the grace).
+            if set(registered) - present:
+                if self._first_wait_since is None:
+                    self._first_wait_since = now
+                if now - self._first_wait_since < self._reset_grace:
+                    return None
             return Proposal(View(self._wall_ms(), tuple(sorted(present))), 0)
         if self._reset_at is not None:
             self._back_since_reset |= present
             if now - self._reset_at >= self._reset_grace:
                 self._reset_at = None
+        if self._started_at is not None:
+            self._seen_since_start |= present
+            if now - self._started_at >= self._reset_grace:
+                self._started_at = None
         wanted = set(base) | present
         for member in base:
             if member not in present and self._may_remove(member):
@@ -217,8 +240,11 @@ class ViewKeeper:
 
     def _may_remove(self, member: str) -> bool:
         """A node whose key is missing leaves the view at once, except just after Consul
-        lost its state: then only once it came back and went again, or the grace ran out."""
-        return self._reset_at is None or member in self._back_since_reset
+        lost its state or this node started: then only once it came back and went again,
+        or the grace ran out."""
+        if self._reset_at is not None and member not in self._back_since_reset:
+            return False
+        return self._started_at is None or member in self._seen_since_start
 
 
 # --------------------------------------------------------------------------- I/O shells
@@ -277,7 +303,9 @@ async def _follow(
             if not errors:
                 log.warning("Consul KV at %s: %s; keeping the last view", address, exc)
             errors += 1
-            await asyncio.sleep(min(MAX_BACKOFF, MIN_QUERY_INTERVAL * 2**errors))
+            # Capped low: a view written back after Consul lost its state must be read
+            # (and a missing one written back) soon after it returns.
+            await asyncio.sleep(min(VIEW_MAX_BACKOFF, MIN_QUERY_INTERVAL * 2**errors))
             continue
         errors = 0
         new = int(new_index or 0)
@@ -313,8 +341,11 @@ class TierMembership:
         service_id: str,
         on_view: Callable[[View], None],
         keeper: ViewKeeper | None = None,
+        registered: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         self.address = address
+        #: The tier's nodes registered in Consul now (the node's discovery watch).
+        self.registered = registered
         self.tier = tier
         self.placement_id = placement_id
         self.service_id = service_id  # its health check invalidates the session
@@ -359,7 +390,9 @@ class TierMembership:
             reset = reset or (self._view_created not in (0, created))
             self._view_created = created
         before = self.keeper.current
-        proposal = self.keeper.answered(stored, index, members, now, reset)
+        proposal = self.keeper.answered(
+            stored, index, members, now, reset, registered=self.registered()
+        )
         if self.keeper.current is not before and self.keeper.current is not None:
             current = self.keeper.current
             log.info("%s view %d: %s", self.tier.name, current.number, ", ".join(current.members))

@@ -54,10 +54,17 @@ def test_a_stored_view_is_adopted_and_kept_while_members_match() -> None:
 
 def test_a_missing_member_leaves_and_a_new_one_joins_with_the_next_number() -> None:
     k = keeper()
-    assert k.answered(View(7, ("a", "b")), 40, ["a"], 0.0) == Proposal(View(8, ("a",)), 40)
-    assert k.answered(View(7, ("a", "b")), 40, ["a", "b", "c"], 0.0) == Proposal(
+    assert k.answered(View(7, ("a", "b")), 40, ["a", "b"], 0.0) is None
+    assert k.answered(View(7, ("a", "b")), 40, ["a"], 1.0) == Proposal(View(8, ("a",)), 40)
+    assert k.answered(View(7, ("a", "b")), 40, ["a", "b", "c"], 1.0) == Proposal(
         View(8, ("a", "b", "c")), 40
     )
+
+
+def test_a_node_that_just_started_drops_a_keyless_member_only_after_the_grace() -> None:
+    k = keeper(grace=10.0)  # never read before: a keyless "b" may be coming back
+    assert k.answered(View(7, ("a", "b")), 40, ["a"], 0.0) is None
+    assert k.answered(View(7, ("a", "b")), 40, ["a"], 10.5) == Proposal(View(8, ("a",)), 40)
 
 
 def test_a_view_is_never_empty() -> None:
@@ -96,6 +103,41 @@ def test_a_broker_told_of_a_reset_gives_the_view_its_grace_though_another_wrote_
     back = View(9_000, ("a", "b", "c"))
     assert k.answered(back, 3, ["a"], 1.0, reset=True) is None
     assert k.answered(back, 3, ["a"], 12.0) == Proposal(View(9_001, ("a",)), 3)
+
+
+def test_a_restarted_node_does_not_write_a_view_of_itself_while_running_nodes_lack_keys() -> None:
+    # Chaos seed 1234: Consul restarted (store empty), then broker "c" was killed and came
+    # back before "a" and "b" had their keys again; knowing no view, it wrote one of itself
+    # alone and every room moved to it, empty (member_refused, and an acked signal lost).
+    k = keeper(grace=10.0)
+    assert k.answered(None, 0, ["c"], 0.0, registered=["a", "b", "c"]) is None
+    assert k.answered(None, 0, ["a", "c"], 1.0, registered=["a", "b", "c"]) is None
+    # The running nodes write the view they know back: followed as usual.
+    back = View(9_000, ("a", "b", "c"))
+    assert k.answered(back, 3, ["a", "b", "c"], 2.0, registered=["a", "b", "c"]) is None
+    assert k.current == back
+
+
+def test_a_restarted_node_reading_a_written_back_view_gives_its_members_the_grace() -> None:
+    # The same run, after the fix above: the running nodes wrote the view back, the
+    # restarted "c" read it first and, knowing nothing of the reset, dropped "a" and "b"
+    # (no keys yet) and wrote a view of itself alone.
+    k = keeper(grace=10.0)
+    back = View(9_000, ("a", "b", "c"))
+    assert k.answered(back, 3, ["c"], 0.0, registered=["a", "b", "c"]) is None
+    assert k.answered(back, 3, ["b", "c"], 1.0) is None  # "b" came back
+    assert k.answered(back, 3, ["c"], 2.0) == Proposal(View(9_001, ("a", "c")), 3)  # and went
+    assert k.answered(back, 3, ["c"], 10.5) == Proposal(View(9_001, ("c",)), 3)
+
+
+def test_a_first_view_waits_for_registered_nodes_at_most_the_grace() -> None:
+    k = keeper(grace=10.0)
+    assert k.answered(None, 0, ["c"], 0.0, registered=["b", "c"]) is None
+    assert k.answered(None, 0, ["c"], 9.0, registered=["b", "c"]) is None
+    proposal = k.answered(None, 0, ["c"], 10.5, registered=["b", "c"])
+    assert proposal is not None and proposal.view.members == ("c",)  # "b" never came
+    fresh = keeper()  # nothing else registered (a new cluster's first node): at once
+    assert fresh.answered(None, 0, ["c"], 0.0, registered=["c"]) is not None
 
 
 def test_a_lower_number_written_by_a_broker_that_knew_less_is_overwritten() -> None:
@@ -187,8 +229,12 @@ def test_keepers_sharing_a_store_agree_and_numbers_only_grow(steps: list[tuple[s
     # Each keeper only ever moves forward.
     for numbers in seen.values():
         assert numbers == sorted(numbers)
-    # Quiet again: members hold their keys, the grace passes, everyone reads twice.
+    # Quiet again: members hold their keys, everyone has read (a keeper's first read
+    # starts its grace), the grace passes, everyone reads again.
     store.members |= {"a"}
+    now += 10.0
+    for broker in BROKERS:
+        read(broker)
     now += 10.0
     for _ in range(3):
         for broker in BROKERS:
