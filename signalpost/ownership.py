@@ -29,7 +29,10 @@ Consul down: the last view stands (no failover until it is back). A ``-dev`` age
 restarts forgets the view and the sessions: the nodes write back the view they knew
 (number + 1, or the wall clock in milliseconds if higher: numbers never go backwards) and
 re-acquire their keys; a node that does not re-appear within ``RESET_GRACE`` leaves the
-view then.
+view then. A node that has just started cannot tell such a reset from nodes that are gone:
+it gives the keyless members of the first view it reads the same grace, and, finding no
+view at all, it writes none of its own while nodes registered in Consul hold no key (at
+most ``RESET_GRACE``): otherwise a node restarted into a reset writes a view of itself.
 
 ``ViewKeeper`` is the sans-I/O core (Consul's answers and time in, the write to try out);
 ``TierMembership`` (a node's part) and ``follow_view`` (an edge's part) are the shells.
