@@ -94,12 +94,36 @@ def _check_secret(environment: Environment, **_kwargs: Any) -> None:
         raise SystemExit("load: set --jwt-secret or SIGNALPOST_JWT_SECRET (the server's secret)")
 
 
-def _edges(environment: Environment) -> list[dict[str, Any]]:
+def _processes(environment: Environment, kind: str) -> list[dict[str, Any]]:
+    """The cluster state file's processes of ``kind`` (none without a state file)."""
     path = environment.parsed_options.cluster_state if environment.parsed_options else ""
     if not path:
         return []
     document = json.loads(Path(path).read_text())
-    return [p for p in document.get("processes", []) if p.get("kind") == "edge"]
+    return [p for p in document.get("processes", []) if p.get("kind") == kind]
+
+
+def _edges(environment: Environment) -> list[dict[str, Any]]:
+    return _processes(environment, "edge")
+
+
+def _kill_one_later(environment: Environment, kind: str, after: float, what: str) -> None:
+    """SIGKILL the first process of ``kind`` ``after`` seconds from now (if two or more)."""
+
+    def kill_later() -> None:
+        gevent.sleep(after)
+        nodes = _processes(environment, kind)
+        if len(nodes) < 2:
+            log.warning("%s: fewer than two %s nodes; not killing any", what, kind)
+            return
+        victim = nodes[0]
+        log.warning("%s: SIGKILL %s %s (pid %s)", what, kind, victim["id"], victim["pid"])
+        try:
+            os.kill(int(victim["pid"]), signal.SIGKILL)
+        except OSError as exc:
+            log.warning("%s: could not kill: %s", what, exc)
+
+    gevent.spawn(kill_later)
 
 
 @events.test_start.add_listener
@@ -108,23 +132,8 @@ def _storm(environment: Environment, **_kwargs: Any) -> None:
     options = environment.parsed_options
     if options is None or not options.cluster_state:
         return
-    if not any(u.__name__ == "ReconnectStormUser" for u in environment.user_classes):
-        return
-
-    def kill_later() -> None:
-        gevent.sleep(options.storm_after)
-        edges = _edges(environment)
-        if len(edges) < 2:
-            log.warning("reconnect storm: fewer than two edges; not killing any")
-            return
-        victim = edges[0]
-        log.warning("reconnect storm: SIGKILL edge %s (pid %s)", victim["id"], victim["pid"])
-        try:
-            os.kill(int(victim["pid"]), signal.SIGKILL)
-        except OSError as exc:
-            log.warning("reconnect storm: could not kill: %s", exc)
-
-    gevent.spawn(kill_later)
+    if any(u.__name__ == "ReconnectStormUser" for u in environment.user_classes):
+        _kill_one_later(environment, "edge", options.storm_after, "reconnect storm")
 
 
 @events.test_start.add_listener
@@ -133,22 +142,7 @@ def _presence_kill(environment: Environment, **_kwargs: Any) -> None:
     options = environment.parsed_options
     if options is None or not options.cluster_state or options.kill_presence_after <= 0:
         return
-
-    def kill_later() -> None:
-        gevent.sleep(options.kill_presence_after)
-        document = json.loads(Path(options.cluster_state).read_text())
-        nodes = [p for p in document.get("processes", []) if p.get("kind") == "presence"]
-        if len(nodes) < 2:
-            log.warning("presence kill: fewer than two presence nodes; not killing any")
-            return
-        victim = nodes[0]
-        log.warning("presence kill: SIGKILL %s (pid %s)", victim["id"], victim["pid"])
-        try:
-            os.kill(int(victim["pid"]), signal.SIGKILL)
-        except OSError as exc:
-            log.warning("presence kill: could not kill: %s", exc)
-
-    gevent.spawn(kill_later)
+    _kill_one_later(environment, "presence", options.kill_presence_after, "presence kill")
 
 
 class SignalpostUser(User):
