@@ -40,7 +40,9 @@ def _cpu(pid: int) -> float:
     return float(times.user + times.system)
 
 
-def _start(tree: str, state: Path, dev: bool) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+def _start(
+    tree: str, state: Path, dev: bool, extra: list[str]
+) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     # ``tree`` is a PYTHONPATH (its first entry the source tree, also the working dir)
     env = server_env(
         capacity=2,
@@ -62,6 +64,7 @@ def _start(tree: str, state: Path, dev: bool) -> tuple[subprocess.Popen[str], di
         raise SystemExit(f"dev from {tree} did not start")
     argv = [SIGNALPOST, "--log-level", "WARNING", "cluster"]
     argv += ["--edges", "2", "--brokers", "1", "--state", str(state), "--consul", "off"]
+    argv += extra
     proc = subprocess.Popen(
         argv, cwd=tree.split(":")[0], env=env, text=True, stdout=subprocess.DEVNULL
     )
@@ -121,10 +124,11 @@ def _spy(kinds: dict[int, str], args: argparse.Namespace) -> list[subprocess.Pop
     ]
 
 
-def measure(tree: str, args: argparse.Namespace) -> dict[str, float]:
+def measure(name: str, tree: str, args: argparse.Namespace) -> dict[str, float]:
     state = Path(f"/tmp/cluster-cost-{os.getpid()}.json")
     state.unlink(missing_ok=True)
-    proc, document = _start(tree, state, args.dev)
+    extra = ["--insecure-node-links"] if name in args.insecure else []
+    proc, document = _start(tree, state, args.dev, extra)
     try:
         urls = [
             p["url"].rstrip("/") + ("" if p["url"].endswith("/v1/signal") else "/v1/signal")
@@ -182,13 +186,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dev", action="store_true", help="signalpost dev, not a cluster")
     parser.add_argument("--slots", type=int, default=32, help="calls: client pairs")
+    parser.add_argument(
+        "--insecure",
+        action="append",
+        default=[],
+        help="run this tree's cluster with --insecure-node-links (plaintext links)",
+    )
     parser.add_argument("--profile", help="directory for py-spy stacks of the window")
     args = parser.parse_args()
     trees = [(t.split("=", 1)[0], t.split("=", 1)[1]) for t in args.tree]
     unit = "us/msg" if args.workload == "relay" else "us/call"
     for round_ in range(args.rounds):
         for name, tree in trees:
-            m = measure(tree, args)
+            m = measure(name, tree, args)
             parts = "  ".join(f"{k} {m.get(k, 0):.1f}" for k in ("broker", "edge", "presence"))
             print(
                 f"round {round_} {name:6} n={m['count']:.0f}  total {m['total']:.1f} {unit}"
