@@ -196,6 +196,9 @@ class Room:
     trimmed_through: int = 0  # highest offset no longer in history
     released: int = 0  # highest offset whose event is visible (delivered, replayable)
     active: bool = True  # False: a passive replica of membership; emits nothing
+    # Active here, but this broker's view has another broker own it: it serves nothing
+    # (no ack, no event) and keeps its whole state for the new owner's handoff request.
+    deposed: bool = False
     replicated: bool = False  # a passive room whose history the owner replicates here
     pending: deque[_Batch] = field(default_factory=deque)
     next_batch: int = 0
@@ -333,7 +336,7 @@ class RoomTable:
         self._now = now
         if type(command) is SignalCmd:  # most of the traffic: an active room needs no gate
             room = self.rooms.get(command.room)
-            if room is None or not room.active:
+            if room is None or not room.active or room.deposed:
                 gated = self._gate(command.room, command, now)
                 if gated is not None:
                     return gated
@@ -376,7 +379,7 @@ class RoomTable:
         owns the room in this broker's view; the edge resends), or the handoff request of
         a room this broker takes over from a broker still alive (the command waits)."""
         room = self.rooms.get(name)
-        if room is not None and room.active:
+        if room is not None and room.active and not room.deposed:
             return None
         if not self.owns(name):
             return []
@@ -400,6 +403,11 @@ class RoomTable:
 
     def handoff_requested(self, command: HandoffRequest, now: float) -> list[Outbound]:
         """Another broker owns ``command.room`` now: hand over what this one has of it."""
+        if command.room in self._awaiting:
+            # This broker waits for the room's newest state itself (a view changed again
+            # before the previous owner answered): what it has now may be older. Asked
+            # again, it hands over what it got (or serves, if it owns the room by then).
+            return [(command.requester, Handoff(command.room, self.node_id, False, retry=True))]
         room = self.rooms.get(command.room)
         if room is None:
             return [(command.requester, Handoff(command.room, self.node_id, False))]
@@ -501,6 +509,9 @@ class RoomTable:
         if room is None:
             room = self.rooms[name] = Room(name, self._new_epoch(), term=self._new_term())
         self._activate(room)
+        # The view may have moved the room on while its state came: then it is kept for
+        # the next owner (and what waited here is dropped by the gate; the edges resend).
+        room.deposed = not self.owns(name)
         for command in awaiting.parked:
             if isinstance(command, tuple):
                 self._attach_room(command[0], command[1], out)
@@ -538,6 +549,7 @@ class RoomTable:
                 term=max(term, self._new_term()),
             )
         self.rooms[command.room] = room
+        room.deposed = not self.owns(command.room)  # pushed to a broker the view moved on from
         streaming: list[Member] = []
         for handed in command.members:
             suspended = None if handed.suspended_for < 0 else now + handed.suspended_for
@@ -568,7 +580,7 @@ class RoomTable:
         for r in command.records:
             record = _Record(r.payload, r.fingerprint, now - r.age, r.ok, r.epoch, r.offset)
             self._remember(r.session, r.key, record)
-        for member in streaming:
+        for member in streaming if not room.deposed else ():
             if member.sent > member.confirmed:
                 self._resend(room, member, now, out)
                 if self.confirming:
@@ -1087,7 +1099,7 @@ class RoomTable:
         names = self._rooms_of.get(command.session, set()) | command.positions.keys()
         for name in sorted(names):
             room = self.rooms.get(name)
-            if room is None or not room.active:
+            if room is None or not room.active or room.deposed:
                 waiting = self._gate(name, (command, name), self._now)
                 if waiting is not None:
                     room = self.rooms.get(name)
@@ -1156,6 +1168,8 @@ class RoomTable:
         self._now = now
         out: list[Outbound] = []
         for room in list(self.rooms.values()):
+            if room.deposed:
+                continue  # its new owner expires its members (handed with what is left)
             lapsed = [
                 session
                 for session, member in room.members.items()
@@ -1220,7 +1234,7 @@ class RoomTable:
             while room.pending:  # nobody is left to need the events; replies still go
                 out.extend(room.pending.popleft().after)
             return
-        if not room.active:
+        if not room.active or room.deposed:
             return
         frame = PeerLeftFrame(
             room=room.name, peer=Raw(member.peer), reason=reason, offset=room.offset + 1
@@ -1423,11 +1437,16 @@ class RoomTable:
         return out
 
     def replicas_changed(self, now: float = 0.0) -> list[Outbound]:
-        """The runner-ups may have changed (or restarted empty): the next batch of every
-        room carries its whole history; resend unconfirmed batches (or stop waiting)."""
+        """The placement may have changed: rooms owned elsewhere now are deposed here; the
+        runner-ups may have changed (or restarted empty): the next batch of every room
+        carries its whole history; resend unconfirmed batches (or stop waiting)."""
         out: list[Outbound] = []
         for room in list(self.rooms.values()):
             room.replica_target = None
+            if room.active:
+                # The placement may have moved: a room this broker no longer owns serves
+                # nothing more here (a view that moves it back lets it go on).
+                room.deposed = not self.owns(room.name)
             if not room.pending:
                 continue
             replica = self.replica_for(room.name)
@@ -1535,6 +1554,7 @@ class RoomTable:
             by_room.pop(name, None)
         room.pending.clear()
         room.active = False
+        room.deposed = False
         room.replicated = False
         room.replica_target = None
         room.history.clear()

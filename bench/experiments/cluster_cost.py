@@ -124,6 +124,22 @@ def _spy(kinds: dict[int, str], args: argparse.Namespace) -> list[subprocess.Pop
     ]
 
 
+def _strace(kinds: dict[int, str], args: argparse.Namespace) -> list[subprocess.Popen[bytes]]:
+    """strace -c on each server process (all threads) for the window: syscalls per kind."""
+    out = Path(args.syscalls)
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            ["timeout", "-s", "INT", str(args.seconds), "strace", "-c", "-f", "-p", str(pid)]
+            + ["-o", str(out / f"{kind}-{pid}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for pid, kind in kinds.items()
+        if kind in ("edge", "broker")
+    ]
+
+
 def measure(name: str, tree: str, args: argparse.Namespace) -> dict[str, float]:
     state = Path(f"/tmp/cluster-cost-{os.getpid()}.json")
     state.unlink(missing_ok=True)
@@ -157,6 +173,7 @@ def measure(name: str, tree: str, args: argparse.Namespace) -> dict[str, float]:
                 if "measure" in line or "window" in line or not before:
                     before = {pid: _cpu(pid) for pid in kinds}
                     spies = _spy(kinds, args) if args.profile else []
+                    spies += _strace(kinds, args) if args.syscalls else []
                 loadgen.stdin.write("GO\n")
                 loadgen.stdin.flush()
             elif line.startswith("DONE"):
@@ -192,6 +209,7 @@ def main() -> None:
         default=[],
         help="run this tree's cluster with --insecure-node-links (plaintext links)",
     )
+    parser.add_argument("--syscalls", help="directory for strace -c counts of the window")
     parser.add_argument("--profile", help="directory for py-spy stacks of the window")
     args = parser.parse_args()
     trees = [(t.split("=", 1)[0], t.split("=", 1)[1]) for t in args.tree]

@@ -333,3 +333,67 @@ def test_a_membership_copy_does_not_replace_a_replicated_history() -> None:
     assert (room.epoch, room.active) == (epoch, True)  # the history was kept
     assert set(room.members) == {"a", "b"}
     assert [f["type"] for f in frames(served)] == ["ack"] and room.offset == offset + 1
+
+
+def test_an_owner_a_newer_view_deposes_acks_nothing_and_hands_its_room_over() -> None:
+    # Chaos seed 9001 (5 min): a view moved a room on while the old owner stayed a member;
+    # it kept acking signals (its room was still active) that its successor never had.
+    previous, new = owning("A", None), owning("B", "A")
+    previous.handle(join("a", 1), 0.0)
+    previous.handle(join("b", 1), 0.0)
+    previous.handle(signal(2, 0), 0.0)
+    offset = previous.rooms["room"].offset
+    previous.owns = lambda room: False  # the new view: B owns the room
+    previous.replicas_changed(1.0)
+    assert previous.handle(signal(3, 1), 1.0) == []  # no ack, no event: the edge resends
+    assert previous.rooms["room"].offset == offset
+    asked = new.handle(signal(3, 1), 1.0)
+    assert [type(e) for _, e in asked] == [HandoffRequest]
+    (handoff,) = previous.handle(asked[0][1], 1.0)
+    assert isinstance(handoff[1], Handoff) and handoff[1].history
+    served = new.handle(handoff[1], 1.0)
+    assert [r.ok for r in replies(served)] == [True]  # acked once, by the new owner
+    assert new.rooms["room"].offset == offset + 1
+    # A view that gives the room back before anyone took it lets the old owner go on.
+    again = owning("C", None)
+    again.handle(join("a", 1), 0.0)
+    again.owns = lambda room: False
+    again.replicas_changed(1.0)
+    again.owns = lambda room: True
+    again.replicas_changed(2.0)
+    assert sorted(f["type"] for f in frames(again.handle(join("b", 1), 2.0))) == [
+        "joined",
+        "peer-joined",
+    ]
+
+
+def test_a_broker_still_waiting_for_a_rooms_state_tells_the_next_owner_to_ask_again() -> None:
+    # Views moved a room A -> B -> C quickly: B asked A for the room, then C asked B before
+    # A's answer came. B must not answer "nothing here" (C would start the room anew and
+    # lose what A acked); it says ask again, and hands over A's state once it has it.
+    a, b = owning("A", None), owning("B", "A")
+    a.handle(join("a", 1), 0.0)
+    a.handle(join("b", 1), 0.0)
+    a.handle(signal(2, 0), 0.0)
+    epoch, offset = a.rooms["room"].epoch, a.rooms["room"].offset
+    a.owns = lambda room: False
+    a.replicas_changed(1.0)
+    ask_a = b.handle(signal(3, 1), 1.0)
+    b.owns = lambda room: False  # the next view: C owns the room
+    b.replicas_changed(1.1)
+    c = owning("C", "B")
+    ask_b = c.handle(signal(3, 1), 1.2)
+    (answer,) = b.handle(ask_b[0][1], 1.2)
+    assert isinstance(answer[1], Handoff) and answer[1].retry and not answer[1].present
+    assert c.handle(answer[1], 1.2) == []  # C keeps waiting
+    (handoff,) = a.handle(ask_a[0][1], 1.3)
+    assert b.handle(handoff[1], 1.3) == []  # B keeps A's state; it serves nothing
+    assert b.rooms["room"].deposed
+    asked_again = c.expire(1.5)
+    assert [type(e) for _, e in asked_again] == [HandoffRequest]
+    (final,) = b.handle(asked_again[0][1], 1.5)
+    assert isinstance(final[1], Handoff) and final[1].present and final[1].history
+    served = c.handle(final[1], 1.5)
+    room = c.rooms["room"]
+    assert (room.epoch, room.offset) == (epoch, offset + 1)  # A's room goes on at C
+    assert [r.ok for r in replies(served)] == [True]
