@@ -187,7 +187,9 @@ class ViewKeeper:
         same. ``registered``: the tier's nodes registered (and passing) in Consul's catalog."""
         present = set(members)
         known = self.current
-        if reset and self._reset_at is None and known is not None:
+        if reset and known is not None:
+            # Each reset starts the grace anew: a second one within the first's grace
+            # finds every key gone again (the members that came back count no more).
             self._reset_at = now
             self._back_since_reset = set()
         if known is None and self._started_at is None:
@@ -201,10 +203,10 @@ class ViewKeeper:
             base, number, cas = stored.members, stored.number + 1, index
         elif known is not None:
             # The key is gone, or holds a lower number written by a node that knew
-            # less: Consul lost its state. Write back what was known, numbered above it.
-            if self._reset_at is None:
-                self._reset_at = now
-                self._back_since_reset = set()
+            # less: Consul lost its state (again, perhaps). Write back what was known,
+            # numbered above it; the grace counts from now.
+            self._reset_at = now
+            self._back_since_reset = set()
             base, number = known.members, known.number + 1
             cas = 0 if stored is None else index
             if stored is None:

@@ -267,3 +267,21 @@ def test_a_view_is_stored_under_the_json_name_brokers_kept_before_tiers() -> Non
     # A rolling upgrade reads the view an older broker wrote, and the other way round.
     assert encode_view(View(4, ("a", "b"))) == b'{"number":4,"brokers":["a","b"]}'
     assert decode_view(b'{"number":4,"brokers":["a"]}') == View(4, ("a",))
+
+
+def test_a_second_reset_within_the_grace_of_the_first_gives_a_new_grace() -> None:
+    # Chaos seed 9001 (5 min): Consul restarted twice, 7 s apart. The grace still ran from
+    # the first reset, and the members that had come back after it counted as back: 0.2 s
+    # after writing the view back, a broker dropped the two whose keys were not yet
+    # taken again and wrote a view of itself alone (every room moved to it, then back).
+    k = keeper(grace=10.0)
+    k.answered(View(5, ("a", "b", "c")), 40, ["a", "b", "c"], 0.0)
+    first = k.answered(None, 0, ["c"], 1.0)
+    assert first is not None
+    assert k.answered(first.view, 3, ["a", "b", "c"], 2.0) is None  # all came back
+    second = k.answered(None, 0, ["c"], 8.0)  # Consul lost its state again
+    assert second is not None and second.view.members == ("a", "b", "c")
+    assert k.answered(second.view, 3, ["c"], 11.2) is None  # first grace over: kept still
+    assert k.answered(second.view, 3, ["c"], 18.5) == Proposal(
+        View(second.view.number + 1, ("c",)), 3
+    )
