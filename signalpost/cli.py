@@ -23,17 +23,20 @@ async def run_dev(settings: Settings, ready: Callable[[int], None] | None = None
     """The whole system in one process until SIGTERM/SIGINT."""
     from edge.backplane import LocalBackplane
     from edge.server import EdgeServer
+    from edge.tls import reload_on_sighup
 
     edge = EdgeServer(settings, LocalBackplane(settings), edge_id="dev")
     async with edge:
+        secure = "s" if edge.tls is not None else ""
         print(
-            f"signalpost dev: http://{settings.host}:{edge.port}/  "
-            f"ws://{settings.host}:{edge.port}/v1/signal",
+            f"signalpost dev: http{secure}://{settings.host}:{edge.port}/  "
+            f"ws{secure}://{settings.host}:{edge.port}/v1/signal",
             flush=True,
         )
         if ready is not None:
             ready(edge.port)
-        await until_stopped()
+        with reload_on_sighup(edge.tls):
+            await until_stopped()
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
