@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -17,7 +18,7 @@ from signalpost.errors import ConfigError
 from tests.tls_certs import make_cert
 
 
-def _tls(**overrides: object) -> EdgeTls | None:
+def _tls(**overrides: Any) -> EdgeTls | None:
     return EdgeTls.from_settings(load_settings(environ={}, **overrides))
 
 
