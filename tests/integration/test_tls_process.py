@@ -176,7 +176,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("kind", ["dev", "edge"])
+@pytest.mark.parametrize("kind", ["dev", "edge", "cluster"])
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
@@ -187,7 +187,11 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     ],
 )
 def test_bad_tls_settings_stop_the_process_with_a_clear_error(
-    files: tuple[Path, Path, CertFiles, CertFiles], kind: str, setting: str, message: str
+    tmp_path: Path,
+    files: tuple[Path, Path, CertFiles, CertFiles],
+    kind: str,
+    setting: str,
+    message: str,
 ) -> None:
     cert, key, _, second = files
     env = {
@@ -202,8 +206,22 @@ def test_bad_tls_settings_stop_the_process_with_a_clear_error(
             "SIGNALPOST_TLS_KEY_FILE": str(second.key),
         },
     }[setting]
-    args = ["dev", "--port", "0"] if kind == "dev" else ["edge", "--insecure-node-links"]
+    args = {
+        "dev": ["dev", "--port", "0"],
+        "edge": ["edge", "--insecure-node-links"],
+        "cluster": ["cluster", "--insecure-node-links", "--state", str(tmp_path / "c.json")],
+    }[kind]
     done = _cli(*args, env=_env(**env))
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_files_can_be_given_as_flags(files: tuple[Path, Path, CertFiles, CertFiles]) -> None:
+    cert, _, _, second = files
+    done = _cli("dev", "--port", "0", "--tls-cert", str(cert), env=_env())
+    assert done.returncode == 2 and "tls_key_file is not" in done.stderr, done.stderr
+    done = _cli(
+        "dev", "--port", "0", "--tls-cert", str(cert), "--tls-key", str(second.key), env=_env()
+    )
+    assert done.returncode == 2 and "does not belong" in done.stderr, done.stderr
