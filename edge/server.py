@@ -8,7 +8,8 @@ presence service. Everything the owners send back arrives at ``receive`` and is 
 per client, then written once per client per loop iteration.
 
 The same HTTP port serves ``/healthz``, ``/metrics``, the demo app and the JS SDK
-(``signalpost/static``) and, in dev mode only, ``/v1/dev-token``.
+(``signalpost/static``) and, in dev mode only, ``/v1/dev-token``; all of it over TLS only
+when a certificate is configured (``edge.tls``).
 """
 
 from __future__ import annotations
