@@ -105,13 +105,19 @@ async def test_nothing_is_served_in_plaintext_on_a_tls_port(
     assert status == 200 and b"<html" in body.lower()
 
 
-async def test_a_plain_edge_still_serves_ws_and_http(dev: EdgeServer) -> None:
+async def test_a_plain_edge_still_serves_ws_and_http(
+    dev: EdgeServer, certs: tuple[CertFiles, CertFiles]
+) -> None:
     # Behind a TLS load balancer: no certificate configured, nothing changes.
     assert dev.tls is None
     assert await asyncio.to_thread(_get, f"http://127.0.0.1:{dev.port}/healthz") == (200, b"ok\n")
     async with websockets.connect(f"ws://127.0.0.1:{dev.port}/v1/signal") as ws:
         await ws.send(f'{{"type":"hello","token":"{token("alice")}"}}')
         assert '"welcome"' in str(await ws.recv())
+    # An SDK given a TLS context still reaches a ws:// URL (a list may mix both).
+    url = f"ws://127.0.0.1:{dev.port}/v1/signal"
+    async with SignalpostClient(url, token("bob"), ssl=certs[0].client_context()) as bob:
+        assert bob.session
 
 
 async def test_a_connection_that_never_completes_the_tls_handshake_is_dropped(
