@@ -1,8 +1,10 @@
-"""The edge process: an ``EdgeServer`` on a ``ZmqBackplane``; SIGTERM drains clients."""
+"""The edge process: an ``EdgeServer`` on a ``ZmqBackplane``; SIGTERM drains clients,
+SIGHUP reloads the TLS certificate (``edge.tls``)."""
 
 from __future__ import annotations
 
 from edge.server import EdgeServer
+from edge.tls import reload_on_sighup
 from edge.zmq_backplane import ZmqBackplane
 from signalpost.config import Settings
 from signalpost.discovery import Discovery, Registration
@@ -21,15 +23,18 @@ async def run_edge(settings: Settings) -> None:
     edge = EdgeServer(settings, backplane, edge_id=edge_id_for(settings, backplane.keys))
     async with edge:
         base = f"{settings.advertised_host}:{edge.port}"
-        url = f"ws://{base}/v1/signal"
+        secure = "s" if edge.tls is not None else ""
+        url = f"ws{secure}://{base}/v1/signal"
         discovery = None
         if settings.consul_addr:
-            registration = Registration("edge", edge.edge_id, url, f"http://{base}/healthz")
+            check_url = f"http{secure}://{base}/healthz"
+            registration = Registration("edge", edge.edge_id, url, check_url)
             discovery = Discovery(settings.consul_addr, registration)
             discovery.start()
         print(f"signalpost edge {edge.edge_id} ready on {url}", flush=True)
         try:
-            await until_stopped()
+            with reload_on_sighup(edge.tls):
+                await until_stopped()
         finally:
             if discovery is not None:
                 await discovery.close()

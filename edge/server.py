@@ -8,7 +8,8 @@ presence service. Everything the owners send back arrives at ``receive`` and is 
 per client, then written once per client per loop iteration.
 
 The same HTTP port serves ``/healthz``, ``/metrics``, the demo app and the JS SDK
-(``signalpost/static``) and, in dev mode only, ``/v1/dev-token``.
+(``signalpost/static``) and, in dev mode only, ``/v1/dev-token``; all of it over TLS only
+when a certificate is configured (``edge.tls``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from edge.core import (
 )
 from edge.delivery import ACCEPT, DUPLICATE, GAP, OTHER_EPOCH
 from edge.guard import CLOSE, SERVE, ClientGuard, origin_admitted
+from edge.tls import EdgeTls
 from edge.websocket_link import WebSocketLink
 from signalpost import metrics
 from signalpost.auth import Identity, ResumeTokens, TokenVerifier, ice_servers, mint_token
@@ -154,6 +156,8 @@ class EdgeServer:
         self, settings: Settings, backplane: Backplane, edge_id: str | None = None
     ) -> None:
         self.settings = settings
+        #: TLS on the listener (``tls_cert_file``/``tls_key_file``), or None: plain.
+        self.tls = EdgeTls.from_settings(settings)
         self.edge_id = edge_id or settings.node_id or f"edge-{secrets.token_hex(4)}"
         self.backplane = backplane
         #: The room logic, sans I/O; its actions are carried out by ``_act``.
@@ -191,6 +195,8 @@ class EdgeServer:
             lambda: WebSocketLink(self, max_size, self.settings.hello_timeout),
             self.settings.host,
             self.settings.port,
+            ssl=None if self.tls is None else self.tls.listening,
+            ssl_handshake_timeout=None if self.tls is None else self.settings.hello_timeout,
         )
         self._spawn(self._keepalive())
         if self._lossy:

@@ -23,21 +23,26 @@ async def run_dev(settings: Settings, ready: Callable[[int], None] | None = None
     """The whole system in one process until SIGTERM/SIGINT."""
     from edge.backplane import LocalBackplane
     from edge.server import EdgeServer
+    from edge.tls import reload_on_sighup
 
     edge = EdgeServer(settings, LocalBackplane(settings), edge_id="dev")
     async with edge:
+        secure = "s" if edge.tls is not None else ""
         print(
-            f"signalpost dev: http://{settings.host}:{edge.port}/  "
-            f"ws://{settings.host}:{edge.port}/v1/signal",
+            f"signalpost dev: http{secure}://{settings.host}:{edge.port}/  "
+            f"ws{secure}://{settings.host}:{edge.port}/v1/signal",
             flush=True,
         )
         if ready is not None:
             ready(edge.port)
-        await until_stopped()
+        with reload_on_sighup(edge.tls):
+            await until_stopped()
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}
+    overrides["tls_cert_file"] = getattr(args, "tls_cert", None)
+    overrides["tls_key_file"] = getattr(args, "tls_key", None)
     if getattr(args, "insecure_node_links", False):
         overrides["insecure_node_links"] = True
     overrides.update(extra)
@@ -109,10 +114,12 @@ def cmd_keys(args: argparse.Namespace) -> None:
 
 
 def cmd_cluster(args: argparse.Namespace) -> None:
+    from edge.tls import EdgeTls
     from signalpost.cluster import run_cluster
 
     settings = _settings(args)
     require_own_jwt_secret(settings, "cluster")
+    EdgeTls.from_settings(settings)  # bad TLS files: refused here, not by every edge
     raise SystemExit(
         run_cluster(
             settings,
@@ -126,6 +133,13 @@ def cmd_cluster(args: argparse.Namespace) -> None:
     )
 
 
+def _tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls-cert", help="PEM certificate chain: serve wss/https only (tls_cert_file)"
+    )
+    parser.add_argument("--tls-key", help="PEM key of --tls-cert (tls_key_file)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="signalpost", description=__doc__)
     parser.add_argument("--config", help="TOML settings file (or SIGNALPOST_CONFIG)")
@@ -135,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("dev", help="the whole system in one process")
     dev.add_argument("--host")
     dev.add_argument("--port", type=int)
+    _tls_arguments(dev)
     dev.set_defaults(func=cmd_dev)
 
     token = commands.add_parser("token", help="mint a client JWT with the configured secret")
@@ -166,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         if kind == "edge":
             tier.add_argument("--host")
             tier.add_argument("--port", type=int)
+            _tls_arguments(tier)
         else:
             tier.add_argument("--bind", help="ZeroMQ endpoint to bind")
         tier.set_defaults(func=func)
@@ -183,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start a Consul dev agent for discovery (auto: when consul is on PATH)",
     )
     cluster.add_argument("--insecure-node-links", action="store_true", help=insecure_help)
+    _tls_arguments(cluster)
     cluster.set_defaults(func=cmd_cluster)
     return parser
 

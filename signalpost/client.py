@@ -47,6 +47,7 @@ import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from ssl import SSLContext
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -240,8 +241,12 @@ class SignalpostClient:
         request_timeout: float = 5.0,
         max_reconnect_attempts: int = 20,
         origin: str | None = None,
+        ssl: SSLContext | None = None,
     ) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
+        #: TLS client context for ``wss://`` URLs (None: the system's CAs, hostname checked);
+        #: e.g. ``ssl.create_default_context(cafile=...)`` for an edge with a private CA.
+        self.ssl = ssl
         self._token = token
         self.auto_resume = auto_resume
         self.request_timeout = request_timeout
@@ -307,12 +312,17 @@ class SignalpostClient:
 
     async def _open(self, *, resume: bool) -> dict[str, Any]:
         token = self._token() if callable(self._token) else self._token
+        url = self.url
+        extra: dict[str, Any] = {}
+        if self.ssl is not None and url.startswith("wss:"):
+            extra["ssl"] = self.ssl  # websockets refuses it with a ws:// URL (lists may mix)
         ws = await connect(
-            self.url,
+            url,
             max_size=None,
             compression=None,
             origin=self.origin,  # type: ignore[arg-type]
             open_timeout=self.request_timeout,
+            **extra,
         )
         hello: dict[str, Any] = {"type": "hello", "token": token}
         if resume and self.resume_token:

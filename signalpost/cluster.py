@@ -12,6 +12,10 @@ under the logs directory (``signalpost.node_keys``; brokers and presence with th
 they bind) and gives each child its own secret file and that directory as the cluster keys
 directory; the state file names it (``keys_dir``), so a test can add a node. With
 ``insecure_node_links`` (``--insecure-node-links``) no keys are made and links are plaintext.
+
+With ``tls_cert_file`` and ``tls_key_file`` (``--tls-cert``/``--tls-key`` or the settings),
+every edge serves ``wss`` with them (its state file ``url`` says ``wss://``), and SIGHUP to
+the launcher is passed on to the edges, which reload them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -77,7 +82,9 @@ class Child:
         kind, _, target = self.probe.partition(":")
         try:
             if kind == "http":
-                with urllib.request.urlopen(target, timeout=0.5) as response:
+                # An edge with its own TLS: whether it serves, not who it is (loopback).
+                context = _UNVERIFIED if target.startswith("https:") else None
+                with urllib.request.urlopen(target, timeout=0.5, context=context) as response:
                     return bool(response.status == 200)
             with socket.create_connection(("127.0.0.1", int(target)), timeout=0.5):
                 return True
@@ -87,6 +94,16 @@ class Child:
     def describe(self) -> dict[str, Any]:
         assert self.process is not None
         return {"kind": self.kind, "id": self.id, "pid": self.process.pid, "url": self.url}
+
+
+def _unverified() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+_UNVERIFIED = _unverified()
 
 
 def _python_child(kind: str, node_id: str, *args: str) -> list[str]:
@@ -188,6 +205,15 @@ def plan(
                 f"tcp:{endpoint.rsplit(':', 1)[1]}",
             )
         )
+    edge_env, secure = env, ""
+    if settings.tls_cert_file and settings.tls_key_file:
+        # Every edge serves wss with the same certificate (SIGHUP to the launcher reloads).
+        secure = "s"
+        edge_env = {
+            **env,
+            "SIGNALPOST_TLS_CERT_FILE": str(Path(settings.tls_cert_file).resolve()),
+            "SIGNALPOST_TLS_KEY_FILE": str(Path(settings.tls_key_file).resolve()),
+        }
     for index in range(1, edges + 1):
         edge_id = f"edge-{index}"
         port = free_port()
@@ -196,10 +222,10 @@ def plan(
                 "edge",
                 edge_id,
                 _python_child("edge", edge_id, "--host", "127.0.0.1", "--port", str(port)),
-                f"ws://127.0.0.1:{port}/v1/signal",
-                env,
+                f"ws{secure}://127.0.0.1:{port}/v1/signal",
+                edge_env,
                 log_dir / f"{edge_id}.log",
-                f"http:http://127.0.0.1:{port}/healthz",
+                f"http:http{secure}://127.0.0.1:{port}/healthz",
             )
         )
     if keys_dir is not None:
@@ -311,8 +337,17 @@ def run_cluster(
         nonlocal stopping
         stopping = True
 
+    def hangup(signum: int, frame: object) -> None:
+        # The edges re-read their TLS certificate (nothing else reloads on SIGHUP).
+        for child in children:
+            process = child.process
+            if child.kind == "edge" and process is not None and process.poll() is None:
+                process.send_signal(signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if settings.tls_cert_file:
+        signal.signal(signal.SIGHUP, hangup)
     try:
         deadline = time.monotonic() + READY_TIMEOUT
         for child in children:

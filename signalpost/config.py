@@ -43,6 +43,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # client edge
     host: str = "127.0.0.1"
     port: Port = 8080
+    tls_cert_file: str | None = None  # PEM chain: the edge serves wss/https only (with key)
+    tls_key_file: str | None = None  # PEM key of tls_cert_file; both re-read on SIGHUP
     jwt_secret: Secret = DEV_JWT_SECRET
     jwt_audience: str | None = None
     jwt_leeway: Seconds = 10.0
@@ -174,12 +176,17 @@ def load_settings(
 MEANINGS: Final = {
     "host": "address the edge (and a broker's/presence's health server) listens on",
     "port": "edge WebSocket/HTTP port (0: pick a free one)",
+    "tls_cert_file": "PEM certificate chain (leaf first): with `tls_key_file`, the edge's "
+    "port serves TLS only (`wss://`, `https://`; TLS 1.2+); re-read on SIGHUP. Neither: "
+    "plain ws (behind a TLS load balancer); one alone refuses to start",
+    "tls_key_file": "PEM private key (unencrypted) of `tls_cert_file`; re-read on SIGHUP",
     "jwt_secret": "HS256 secret for client tokens; also keys resume tokens (same on every node)",
     "jwt_audience": "required `aud` claim, when set",
     "jwt_leeway": "seconds of clock skew allowed on `exp`/`nbf`/`iat`",
     "jwt_public_key_file": "PEM public key: accept ES256/RS256 tokens too",
     "hello_timeout": (
-        "seconds a new connection has to complete the WebSocket handshake (else dropped), "
+        "seconds a new connection has to complete the TLS handshake, if any, then the "
+        "WebSocket handshake (each, else dropped), "
         "then again to send `hello` (else close 4408)"
     ),
     "max_frame": "largest client frame in bytes (larger: close 1009)",

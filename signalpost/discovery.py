@@ -182,17 +182,22 @@ class Registration:
     check_url: str  # the HTTP check Consul polls
 
     def payload(self) -> dict[str, Any]:
+        check = consul.Check.http(
+            self.check_url,
+            CHECK_INTERVAL,
+            timeout=CHECK_TIMEOUT,
+            deregister=CHECK_DEREGISTER_AFTER,
+        )
+        if self.check_url.startswith("https:"):
+            # An edge with its own TLS: the check asks whether it serves, not who it is
+            # (its certificate names the public host, not the address Consul dials).
+            check["TLSSkipVerify"] = True
         return {
             "name": service_name(self.kind),
             "service_id": self.node_id,
             "tags": [self.kind],
             "meta": {"endpoint": self.endpoint},
-            "check": consul.Check.http(
-                self.check_url,
-                CHECK_INTERVAL,
-                timeout=CHECK_TIMEOUT,
-                deregister=CHECK_DEREGISTER_AFTER,
-            ),
+            "check": check,
         }
 
 

@@ -108,3 +108,14 @@ def test_a_registration_carries_an_http_check_and_the_endpoint() -> None:
     check = payload["check"]
     assert check["http"] == "http://10.0.0.1:9000/healthz"
     assert check["interval"] and check["DeregisterCriticalServiceAfter"]
+
+
+def test_an_https_check_does_not_verify_the_certificate() -> None:
+    # An edge with its own TLS: its certificate names the public host, not the address
+    # Consul dials, and the check asks only whether it serves.
+    def check(url: str) -> dict[str, object]:
+        payload = Registration("edge", "edge-1", "wss://10.0.0.1:8443/v1/signal", url).payload()
+        return dict(payload["check"])
+
+    assert check("https://10.0.0.1:8443/healthz")["TLSSkipVerify"] is True
+    assert "TLSSkipVerify" not in check("http://10.0.0.1:8080/healthz")
