@@ -64,7 +64,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     dev_tokens: bool = False  # serve /v1/dev-token (dev mode only)
     # admission (edge/admission.py): caps and the accept rate
     max_connections_per_ip: Count = 1000
-    connection_cap_exempt: list[str] = ["127.0.0.1", "::1"]
+    connection_cap_exempt: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1", "::1"])
     max_sessions_per_user: Count = 100
     accept_rate: Rate = 500.0
     accept_burst: Count = 1000
