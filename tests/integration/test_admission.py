@@ -32,9 +32,7 @@ async def refused(url: str, user: str, **hello: Any) -> tuple[int, str]:
 
 
 def refusals(kind: str) -> float:
-    value = metrics.REGISTRY.get_sample_value(
-        "signalpost_admission_refused_total", {"kind": kind}
-    )
+    value = metrics.REGISTRY.get_sample_value("signalpost_admission_refused_total", {"kind": kind})
     return value or 0.0
 
 
@@ -48,9 +46,7 @@ def retry_ms(reason: str) -> int:
 async def test_the_ip_cap_refuses_the_connection_over_it_with_4503(
     dev_factory: DevFactory,
 ) -> None:
-    dev = await dev_factory(
-        max_connections_per_ip=2, connection_cap_exempt=[], cap_retry_after=3.0
-    )
+    dev = await dev_factory(max_connections_per_ip=2, connection_cap_exempt=[], cap_retry_after=3.0)
     url = url_of(dev)
     before = refusals("ip_cap")
     first = await raw_client(url, "u1")
@@ -163,9 +159,7 @@ async def test_the_sdk_waits_out_a_4503_and_its_session_resumes(
 async def test_the_sdk_retries_connect_after_a_4503_and_gives_up_when_told_to(
     dev_factory: DevFactory,
 ) -> None:
-    dev = await dev_factory(
-        max_sessions_per_user=1, cap_retry_after=0.2, accept_rate=1000.0
-    )
+    dev = await dev_factory(max_sessions_per_user=1, cap_retry_after=0.2, accept_rate=1000.0)
     url = url_of(dev)
     holder = await raw_client(url, "carol")
     patient = SignalpostClient(url, token("carol"), max_reconnect_attempts=50)
