@@ -172,7 +172,10 @@ class SignalpostConnection:
         try:
             try:
                 self.ws.send(data)
-            except ConnectionClosed:
+            except ConnectionClosed as exc:
+                # The reader may not have seen the close yet: the connection is lost now.
+                if self.closed_code is None:
+                    self.closed_code = exc.rcvd.code if exc.rcvd else 1006
                 raise RequestFailed(f"{name}: connection closed") from None
             if not waiter.event.wait(self.timeout):
                 raise RequestFailed(f"{name}: no reply in {self.timeout}s")
