@@ -35,6 +35,13 @@ reply after that is ignored, like any reply to an id not waiting), ``SessionLost
 ``ConnectionLost`` (sent, and the session will not be resumed: a final close code,
 ``auto_resume`` off or every reconnect attempt failed), or ``SessionClosed`` (``close()``
 was called, or the session ended for good before the request was sent).
+
+An edge that is busy refuses a connection with close 4503 and a ``retry_after_ms`` in the
+reason (a connection cap, or its accept rate during a reconnect storm): ``connect`` and
+the reconnect loop then wait that long plus up to as much again of jitter instead of the
+backoff delay (``TryAgainLater``, ``retry_delay``); each such try counts against
+``max_reconnect_attempts``. A refused resume leaves the session as it was: the next try
+resumes it.
 """
 
 from __future__ import annotations

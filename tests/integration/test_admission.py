@@ -64,6 +64,28 @@ async def test_the_ip_cap_refuses_the_connection_over_it_with_4503(
     assert third.welcome["resumed"] is False
 
 
+async def test_past_twice_the_ip_cap_a_connection_is_dropped_at_accept(
+    dev_factory: DevFactory,
+) -> None:
+    dev = await dev_factory(max_connections_per_ip=1, connection_cap_exempt=[])
+    url = url_of(dev)
+    before = refusals("ip_dropped")
+    await raw_client(url, "u1")
+    # A second TCP connection that sends nothing: counted (from accept) while it lasts.
+    _reader, idle = await asyncio.open_connection("127.0.0.1", dev.port)
+    for _ in range(100):
+        if dev.admission.per_ip.get("127.0.0.1") == 2:
+            break
+        await asyncio.sleep(0.01)
+    with pytest.raises(Exception) as dropped:
+        async with asyncio.timeout(5):
+            await websockets.connect(url)  # no handshake: the TCP connection is dropped
+    assert not isinstance(dropped.value, TimeoutError)
+    assert refusals("ip_dropped") == before + 1
+    assert dev.admission.per_ip == {"127.0.0.1": 2}  # the dropped one was not counted
+    idle.close()
+
+
 async def test_loopback_is_exempt_by_default(dev: EdgeServer) -> None:
     url = url_of(dev)
     dev.admission.max_per_ip = 1  # (the default cap is 1000) loopback is not counted
