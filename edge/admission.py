@@ -31,9 +31,13 @@ hello of a new user) past that is refused (``ip_table_full`` / ``user_table_full
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
+
+from signalpost.errors import ConfigError
 
 #: Keys each of the per-IP and per-user tables holds at most (see the module docstring).
 MAX_TRACKED: Final = 100_000
@@ -70,6 +74,25 @@ class Refusal:
     def drop(self) -> bool:
         """Drop the TCP connection at once (no handshake, no close code); not counted."""
         return self.kind is RefusalKind.IP_DROPPED or self.kind is RefusalKind.IP_TABLE_FULL
+
+
+def exempt_addresses(addresses: Iterable[str]) -> frozenset[str]:
+    """``connection_cap_exempt`` as the shell compares peers: IP addresses written the way
+    the socket reports them (an IPv4-mapped IPv6 address as IPv4). Anything that is not an
+    IP address is a ``ConfigError`` naming it (a host name or a network would silently
+    never match)."""
+    exempt = set()
+    for text in addresses:
+        try:
+            address = ipaddress.ip_address(text.strip())
+        except ValueError:
+            raise ConfigError(
+                f"invalid setting: connection_cap_exempt: {text!r} is not an IP address"
+            ) from None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        exempt.add(str(address))
+    return frozenset(exempt)
 
 
 def _clamp_ms(seconds: float) -> int:

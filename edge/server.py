@@ -31,7 +31,7 @@ import msgspec
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from edge.admission import Admission, Refusal
+from edge.admission import Admission, Refusal, exempt_addresses
 from edge.backplane import Backplane
 from edge.core import (
     Attach,
@@ -871,7 +871,7 @@ def _admission(settings: Settings) -> Admission:
         burst=settings.accept_burst,
         resume_share=settings.accept_resume_share,
         cap_retry_after=settings.cap_retry_after,
-        exempt=frozenset(a.removeprefix("::ffff:") for a in settings.connection_cap_exempt),
+        exempt=exempt_addresses(settings.connection_cap_exempt),
     )
 
 

@@ -208,8 +208,9 @@ MEANINGS: Final = {
     "max_connections_per_ip": "TCP connections open at once from one address (from accept "
     "to close); more are closed 4503 after the handshake, and past twice this dropped at "
     "accept. Behind a proxy every client has the proxy's address: exempt it",
-    "connection_cap_exempt": "addresses not held to `max_connections_per_ip` (comma "
-    "separated; loopback by default: local load generators, a TLS proxy on the host)",
+    "connection_cap_exempt": "IP addresses not held to `max_connections_per_ip` (comma "
+    "separated; no names or networks; loopback by default: local load generators, a TLS "
+    "proxy on the host)",
     "max_sessions_per_user": "live sessions of one user (token `sub`) on one edge; more "
     "hellos are closed 4503 (a resume of a session held here is never refused for it)",
     "accept_rate": "hellos per second an edge takes on (token bucket refill); past it "

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.admission import MAX_RETRY_MS, MIN_RETRY_MS, Admission, RefusalKind
+from edge.admission import (
+    MAX_RETRY_MS,
+    MIN_RETRY_MS,
+    Admission,
+    RefusalKind,
+    exempt_addresses,
+)
+from signalpost.errors import ConfigError
 
 
 def make(
@@ -209,3 +217,15 @@ def test_property_ip_counts_match_the_open_connections(ops: list[tuple[str, bool
             open_[ip] -= 1
         assert admission.per_ip == {k: v for k, v in open_.items() if v}
         assert all(v <= 4 for v in admission.per_ip.values())
+
+
+def test_exempt_addresses_are_checked_and_written_as_peers_are() -> None:
+    assert exempt_addresses(["127.0.0.1", "::1", "::ffff:10.0.0.7", "0:0::1"]) == {
+        "127.0.0.1",
+        "::1",
+        "10.0.0.7",
+    }
+    with pytest.raises(ConfigError, match="'localhost' is not an IP address"):
+        exempt_addresses(["127.0.0.1", "localhost"])
+    with pytest.raises(ConfigError, match=r"10\.0\.0\.0/8"):
+        exempt_addresses(["10.0.0.0/8"])
