@@ -173,12 +173,18 @@ def _log(name: str) -> IO[str]:
 
 
 def server_env(capacity: int = 2, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for every server: the bench secret, no rate limit, the room capacity."""
+    """Environment for every server: the bench secret, no rate limits or connection caps,
+    the room capacity."""
     env = dict(os.environ)
     env.update(
         SIGNALPOST_JWT_SECRET=JWT_SECRET,
         SIGNALPOST_RATE_PER_SECOND="1000000000",
         SIGNALPOST_RATE_BURST="1000000000",
+        # Admission: the load generators open thousands of connections at once as one
+        # user (the per-IP cap spares loopback already); the bench measures the rest.
+        SIGNALPOST_MAX_SESSIONS_PER_USER="1000000000",
+        SIGNALPOST_ACCEPT_RATE="1000000000",
+        SIGNALPOST_ACCEPT_BURST="1000000000",
         SIGNALPOST_ROOM_CAPACITY=str(capacity),
         PYTHONUNBUFFERED="1",
         JWT_SECRET=JWT_SECRET,

@@ -32,6 +32,7 @@ import msgspec
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from edge.admission import Admission, Refusal, exempt_addresses
 from edge.backplane import Backplane
 from edge.core import (
     Attach,
@@ -175,6 +176,12 @@ class EdgeServer:
         self._draining = False
         self._to_flush: list[ClientConnection] = []
         self._lossy = backplane.lossy
+        #: Per-IP and per-user caps and the accept rate (``edge.admission``); the links it
+        #: counted (-> peer address), those to refuse once open, those holding a user slot.
+        self.admission = _admission(settings)
+        self._peers: dict[WebSocketLink, str] = {}
+        self._ip_refused: dict[WebSocketLink, Refusal] = {}
+        self._user_slots: dict[WebSocketLink, str] = {}
         backplane.connect(self.edge_id, self.receive, self.sync_state, self.owners_changed)
 
     # ----------------------------------------------------------------- lifecycle
@@ -494,8 +501,23 @@ class EdgeServer:
 
     # ----------------------------------------------------------------- connections
 
+    def on_connect(self, link: WebSocketLink) -> bool:
+        """A TCP connection was accepted: count it against its address's cap."""
+        refusal = self.admission.connect(link.peer)
+        if refusal is not None:
+            metrics.ADMISSION_REFUSED.labels(refusal.kind.value).inc()
+            if refusal.drop:
+                return False
+            self._ip_refused[link] = refusal  # closed 4503 once it is a WebSocket
+        self._peers[link] = link.peer
+        return True
+
     def on_open(self, link: WebSocketLink) -> None:
         """A WebSocket opened: check its origin, then wait for ``hello``."""
+        refusal = self._ip_refused.pop(link, None)
+        if refusal is not None:
+            link.close(CloseCode.TRY_AGAIN_LATER, refusal.reason)
+            return
         request = link.request
         origin = request.headers.get("Origin") if request is not None else None
         settings = self.settings
@@ -530,6 +552,13 @@ class EdgeServer:
                 link.close(CloseCode.RATE_LIMITED, "too many frames before the welcome")
 
     def on_closed(self, link: WebSocketLink) -> None:
+        peer = self._peers.pop(link, None)
+        if peer is not None:
+            self.admission.disconnect(peer)
+            self._ip_refused.pop(link, None)
+        user = self._user_slots.pop(link, None)
+        if user is not None:
+            self.admission.close_session(user)
         state = self._links.pop(link, None)
         if isinstance(state, ClientConnection):
             metrics.CONNECTIONS.dec()
@@ -582,6 +611,8 @@ class EdgeServer:
         if hello.resume:
             session = self._resume_tokens.session_of(hello.resume, identity.user)
             generation = self._resume_tokens.generation_of(hello.resume) + 1
+        if not self._admit_hello(link, identity.user, session):
+            return None
         # The connection id says which of the session's connections it is (owners ignore
         # an older one's late word): ``<random>.<generation>``.
         conn = f"{secrets.token_urlsafe(9)}.{generation}"
@@ -657,6 +688,24 @@ class EdgeServer:
             self.core.resumed(client, dict(hello.rooms or {}), time.monotonic())
             self._act()
         return client
+
+    def _admit_hello(self, link: WebSocketLink, user: str, session: str | None) -> bool:
+        """The accept rate and the per-user cap (``edge.admission``); a refused hello is
+        closed 4503 with when to try again. ``session``: the one a valid resume names."""
+        if link not in self._links:
+            return False  # closed meanwhile: nothing to take on
+        admission = self.admission
+        refusal = admission.hello(resume=session is not None, now=time.monotonic())
+        if refusal is None:
+            replacing = session is not None and session in self.sessions
+            refusal = admission.open_session(user, replacing=replacing)
+            if refusal is None:
+                self._user_slots[link] = user  # given back when the link closes
+                metrics.HELLOS_ADMITTED.labels("fresh" if session is None else "resume").inc()
+                return True
+        metrics.ADMISSION_REFUSED.labels(refusal.kind.value).inc()
+        link.close(CloseCode.TRY_AGAIN_LATER, refusal.reason)
+        return False
 
     async def _claim(self, session: str, user: str, conn: str) -> ClaimReply | None:
         """Presence's answer to a resume claim (None: it did not answer in time)."""
@@ -818,6 +867,18 @@ _RATE_LIMITED = RateLimited("too many frames; slow down")
 _UNORDERED: Final = (0, 0)
 _DROPPED = {None: "unknown_room", DUPLICATE: "duplicate", GAP: "gap", OTHER_EPOCH: "other_epoch"}
 _INTERNAL = InternalError("internal error; the request was not served")
+
+
+def _admission(settings: Settings) -> Admission:
+    return Admission(
+        max_per_ip=settings.max_connections_per_ip,
+        max_per_user=settings.max_sessions_per_user,
+        rate=settings.accept_rate,
+        burst=settings.accept_burst,
+        resume_share=settings.accept_resume_share,
+        cap_retry_after=settings.cap_retry_after,
+        exempt=exempt_addresses(settings.connection_cap_exempt),
+    )
 
 
 def _error(exc: ProtocolError, request_id: RequestId | None) -> bytes:

@@ -71,6 +71,9 @@ class LinkHandler(Protocol):
     def on_request(self, link: WebSocketLink, request: Request) -> Response:
         """Answer the HTTP request: a 101 from ``link.protocol.accept`` opens the link."""
 
+    def on_connect(self, link: WebSocketLink) -> bool:
+        """A TCP connection was accepted (``link.peer`` is its address): False drops it."""
+
     def on_open(self, link: WebSocketLink) -> None:
         """The WebSocket handshake completed."""
 
@@ -100,6 +103,7 @@ class WebSocketLink(asyncio.Protocol):
         self.protocol = ServerProtocol(max_size=max_size)
         self.max_size = max_size
         self.transport: asyncio.Transport | None = None
+        self.peer = ""  # the peer's IP address ("" when the transport has none)
         self.request: Request | None = None
         self.awaiting_pong = False
         self._fragments: list[bytes] | None = None  # parts of a fragmented text message
@@ -114,6 +118,12 @@ class WebSocketLink(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple) and peername:
+            self.peer = str(peername[0]).removeprefix("::ffff:")  # IPv4-mapped: as IPv4
+        if not self.handler.on_connect(self):
+            self.abort()  # connection_lost still follows: on_closed is called
+            return
         if self.handshake_timeout is not None:
             self._handshake_timer = asyncio.get_running_loop().call_later(
                 self.handshake_timeout, self.abort

@@ -41,7 +41,7 @@ from websockets.exceptions import WebSocketException
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `load` as a package
 
-from load.wsclient import RequestFailed, SignalpostConnection
+from load.wsclient import Busy, RequestFailed, SignalpostConnection
 from signalpost.auth import mint_token
 
 log = logging.getLogger("signalpost.load")
@@ -55,6 +55,9 @@ CANDIDATE = (
 CANDIDATES_EACH_WAY = 12
 
 _user_numbers = itertools.count()
+
+#: Tries of one edge that answered 4503 (busy) before the user gives up on it.
+BUSY_RETRIES = 30
 
 
 @events.init_command_line_parser.add_listener
@@ -194,7 +197,8 @@ class SignalpostUser(User):
         connection is expected, no edge at all accepting it is a failure.
         """
         last: BaseException | None = None
-        for attempt in range(len(self.urls)):
+        attempt = busy = 0
+        while attempt < len(self.urls):
             url = self.urls[(edge + attempt) % len(self.urls)]
             final = attempt == len(self.urls) - 1
             try:
@@ -206,8 +210,18 @@ class SignalpostUser(User):
                     tolerate_loss=self.storm,
                     **resume,
                 )
+            except Busy as exc:
+                # Shed (4503): come back when told, plus jitter (as the SDKs do).
+                last = exc
+                busy += 1
+                if busy < BUSY_RETRIES:
+                    gevent.sleep(exc.retry_after * (1.0 + random.random()))
+                else:
+                    attempt += 1
+                continue
             except (OSError, RequestFailed, TimeoutError, WebSocketException) as exc:
                 last = exc
+                attempt += 1
                 continue
             connection.reporter = self.report  # everything after the hello is reported
             self.connections.append(connection)
@@ -357,21 +371,99 @@ class RoomFanoutUser(SignalpostUser):
                 )
 
 
+class _Ledger:
+    """What the storm users' signals did: acked by the sender, received by the others.
+
+    A signal acked is recorded with its send time; each member of the room records the
+    ``(sender, n)`` of every signal it reads. At the end an acked signal sent after a
+    member joined, and at least ``GRACE`` seconds before that member last read its inbox,
+    must have reached it exactly once; rooms where a member's resume failed (a new
+    session, whose earlier events are gone by design) are left out and counted.
+    """
+
+    GRACE = 2.0
+
+    def __init__(self) -> None:
+        self.acked: dict[str, list[tuple[str, int, float]]] = {}  # room -> (user, n, sent)
+        self.received: dict[tuple[str, str], dict[tuple[str, int], int]] = {}
+        self.joined_at: dict[tuple[str, str], float] = {}  # (room, user) -> time
+        self.read_at: dict[tuple[str, str], float] = {}
+        self.broken: set[str] = set()
+
+    def read(self, room: str, user: str, connection: SignalpostConnection) -> None:
+        received = self.received.setdefault((room, user), {})
+        while connection.inbox:
+            frame = connection.inbox.popleft()
+            data = frame.get("data")
+            if frame.get("type") == "signal" and isinstance(data, dict) and "u" in data:
+                key = (data["u"], data["n"])
+                received[key] = received.get(key, 0) + 1
+        self.read_at[(room, user)] = time.time()
+
+    def summary(self) -> dict[str, int]:
+        checked = lost = duplicated = 0
+        for room, acked in self.acked.items():
+            if room in self.broken:
+                continue
+            members = [u for r, u in self.joined_at if r == room]
+            for sender, n, sent in acked:
+                for member in members:
+                    if member == sender:
+                        continue
+                    joined = self.joined_at[(room, member)]
+                    if not joined < sent < self.read_at.get((room, member), 0.0) - self.GRACE:
+                        continue
+                    checked += 1
+                    copies = self.received.get((room, member), {}).get((sender, n), 0)
+                    lost += copies == 0
+                    duplicated += copies > 1
+        return {
+            "checked": checked,
+            "lost": lost,
+            "duplicated": duplicated,
+            "rooms_left_out": len(self.broken),
+        }
+
+
+LEDGER = _Ledger()
+
+
+@events.test_stop.add_listener
+def _acked_report(environment: Environment, **_kwargs: Any) -> None:
+    if not LEDGER.acked:
+        return
+    summary = LEDGER.summary()
+    log.warning("reconnect storm, acked signals: %s", json.dumps(summary))
+    name = "acked-signals-delivered"
+    failed = summary["lost"] or summary["duplicated"]
+    environment.events.request.fire(
+        request_type="CHECK",
+        name=name,
+        response_time=0,
+        response_length=summary["checked"],
+        exception=RequestFailed(f"{summary}") if failed else None,
+        context={},
+    )
+
+
 class ReconnectStormUser(SignalpostUser):
     weight = 2
     SELF_DROP_EVERY = 15  # tasks between self-inflicted drops when no edge gets killed
 
     def on_start(self) -> None:
         self.room = f"storm-{self.number // 2}"
+        self.user = f"storm-{self.number}"
         self.edge = self.number % len(self.urls)
-        self.connection = self.open(f"storm-{self.number}", edge=self.edge)
+        self.connection = self.open(self.user, edge=self.edge)
         self.connection.join(self.room)
+        LEDGER.joined_at[(self.room, self.user)] = time.time()
         self.rounds = 0  # not `tasks`: that is Locust's task list
         options = self.environment.parsed_options
         self.self_drop = not (options and options.cluster_state)
 
     def _resume(self) -> None:
         old = self.connection
+        LEDGER.read(self.room, self.user, old)
         self.edge += 1
         started = time.perf_counter()
         error: BaseException | None = None
@@ -392,6 +484,7 @@ class ReconnectStormUser(SignalpostUser):
             self.connections.remove(old)
         if error is not None:
             # Start afresh so the user keeps producing load.
+            LEDGER.broken.add(self.room)
             self.connection = self.open(f"storm-{self.number}", edge=self.edge)
             self.connection.join(self.room)
 
@@ -403,17 +496,20 @@ class ReconnectStormUser(SignalpostUser):
             gevent.sleep(0.05)
         if self.connection.closed_code is not None:
             self._resume()
+        LEDGER.read(self.room, self.user, self.connection)
         started = time.perf_counter()
+        sent = time.time()
         try:
             self.connection.request(
                 "signal",
                 {
                     "type": "signal",
                     "room": self.room,
-                    "data": {"kind": "keepalive", "n": self.rounds},
+                    "data": {"kind": "keepalive", "n": self.rounds, "u": self.user},
                 },
                 report=False,
             )
+            LEDGER.acked.setdefault(self.room, []).append((self.user, self.rounds, sent))
         except RequestFailed as exc:
             if self.connection.closed_code is None:
                 self.report("signal", started, 0, exc)

@@ -29,6 +29,21 @@ class RequestFailed(Exception):
     """An ``error`` frame, a timeout, or a connection lost while waiting."""
 
 
+class Busy(RequestFailed):
+    """The edge answered the hello with close 4503 (try again later) and said when:
+    ``retry_after`` seconds (docs/protocol.md "Close codes")."""
+
+    def __init__(self, retry_after: float, reason: str) -> None:
+        super().__init__(f"edge busy, retry after {retry_after} s ({reason})")
+        self.retry_after = retry_after
+
+
+def _retry_after(reason: str) -> float:
+    head = reason.partition(" ")[0]
+    name, _, value = head.partition("=")
+    return int(value) / 1000.0 if name == "retry_after_ms" and value.isdigit() else 1.0
+
+
 class _Reply:
     __slots__ = ("event", "frame")
 
@@ -80,10 +95,18 @@ class SignalpostConnection:
             if resume:
                 hello["resume"] = resume
                 hello["rooms"] = self.positions
-            self.ws.send(json.dumps(hello))
-            welcome = json.loads(self.ws.recv(timeout))
+            try:
+                self.ws.send(json.dumps(hello))
+                welcome = json.loads(self.ws.recv(timeout))
+            except ConnectionClosed as exc:
+                if exc.rcvd is not None and exc.rcvd.code == 4503:
+                    raise Busy(_retry_after(exc.rcvd.reason), exc.rcvd.reason) from None
+                raise
             if welcome.get("type") != "welcome":
                 raise RequestFailed(f"hello refused: {welcome.get('code')}")
+        except Busy:  # shed by the edge, told when to come back: counted apart, no failure
+            report(("resume" if resume else "hello") + "-shed", started, 0, None)
+            raise
         except Exception as exc:  # not GreenletExit: a user stopped mid-hello is no failure
             report("resume" if resume else "hello", started, 0, exc)
             raise
@@ -149,7 +172,10 @@ class SignalpostConnection:
         try:
             try:
                 self.ws.send(data)
-            except ConnectionClosed:
+            except ConnectionClosed as exc:
+                # The reader may not have seen the close yet: the connection is lost now.
+                if self.closed_code is None:
+                    self.closed_code = exc.rcvd.code if exc.rcvd else 1006
                 raise RequestFailed(f"{name}: connection closed") from None
             if not waiter.event.wait(self.timeout):
                 raise RequestFailed(f"{name}: no reply in {self.timeout}s")

@@ -35,6 +35,13 @@ reply after that is ignored, like any reply to an id not waiting), ``SessionLost
 ``ConnectionLost`` (sent, and the session will not be resumed: a final close code,
 ``auto_resume`` off or every reconnect attempt failed), or ``SessionClosed`` (``close()``
 was called, or the session ended for good before the request was sent).
+
+An edge that is busy refuses a connection with close 4503 and a ``retry_after_ms`` in the
+reason (a connection cap, or its accept rate during a reconnect storm): ``connect`` and
+the reconnect loop then wait that long plus up to as much again of jitter instead of the
+backoff delay (``TryAgainLater``, ``retry_delay``); each such try counts against
+``max_reconnect_attempts``. A refused resume leaves the session as it was: the next try
+resumes it.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import contextlib
 import itertools
 import logging
 import random
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -69,6 +77,11 @@ FINAL_CLOSE_CODES = frozenset(
         CloseCode.REPLACED,
     }
 )
+#: The close reason of a 4503 (try again later): ``retry_after_ms=<int> <kind>``.
+_RETRY_AFTER = re.compile(r"^retry_after_ms=(\d+)")
+#: How long to wait after a 4503 whose reason names no delay (seconds).
+DEFAULT_RETRY_AFTER = 1.0
+
 #: (room, epoch) pairs whose highest offset seen is kept past a leave (the oldest go first).
 MAX_SEEN_POSITIONS = 256
 
@@ -114,6 +127,31 @@ class SessionLost(ClientError):
     may or may not have been applied."""
 
     code = "session_lost"
+
+
+class TryAgainLater(ClientError):
+    """The edge refused the connection for now (close 4503: a connection cap or the accept
+    rate during a reconnect storm) and said when to come back: ``retry_after`` seconds.
+    The client waits that long plus up to as much again of random jitter, then retries
+    (``connect`` and every reconnect, within ``max_reconnect_attempts``)."""
+
+    code = "try_again_later"
+
+    def __init__(self, retry_after: float, reason: str) -> None:
+        super().__init__(f"edge busy, retry after {retry_after:.3f} s ({reason})")
+        self.retry_after = retry_after
+        self.reason = reason
+
+
+def retry_after_of(reason: str) -> float:
+    """Seconds to wait from a 4503 close reason (docs/protocol.md "Close codes")."""
+    match = _RETRY_AFTER.match(reason)
+    return int(match.group(1)) / 1000.0 if match else DEFAULT_RETRY_AFTER
+
+
+def retry_delay(retry_after: float, rng: random.Random | None = None) -> float:
+    """The wait after a 4503: ``retry_after`` plus full jitter of as much again."""
+    return retry_after + (rng or random).uniform(0, retry_after)
 
 
 class SessionClosed(ClientError):
@@ -283,8 +321,19 @@ class SignalpostClient:
         return self.urls[self._url_index % len(self.urls)]
 
     async def connect(self) -> dict[str, Any]:
-        """Open the connection and authenticate; return the ``welcome`` frame."""
-        welcome = await self._open(resume=False)
+        """Open the connection and authenticate; return the ``welcome`` frame.
+
+        An edge that answers 4503 (busy: try again later) is tried again after the delay
+        it asked for plus jitter, up to ``max_reconnect_attempts`` times."""
+        for attempt in itertools.count(1):
+            try:
+                welcome = await self._open(resume=False)
+                break
+            except TryAgainLater as exc:
+                if attempt >= self.max_reconnect_attempts:
+                    raise
+                log.info("connecting: %s", exc)
+                await asyncio.sleep(retry_delay(exc.retry_after))
         await self._flush()  # requests made while connecting
         self._connected.set()
         self._reader = asyncio.create_task(self._read_forever(), name="signalpost-client")
@@ -330,10 +379,12 @@ class SignalpostClient:
             hello["rooms"] = {
                 room: {"epoch": p.epoch, "offset": p.offset} for room, p in self.positions.items()
             }
-        await ws.send(msgspec.json.encode(hello).decode())
         try:
+            await ws.send(msgspec.json.encode(hello).decode())
             raw = await asyncio.wait_for(ws.recv(), self.request_timeout)
         except ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code == CloseCode.TRY_AGAIN_LATER:
+                raise TryAgainLater(retry_after_of(exc.rcvd.reason), exc.rcvd.reason) from None
             raise SessionClosed(exc.rcvd.code if exc.rcvd else None, "during hello") from None
         frame: dict[str, Any] = msgspec.json.decode(raw)
         if frame.get("type") != "welcome":
@@ -373,11 +424,17 @@ class SignalpostClient:
 
     async def _reconnect(self) -> bool:
         delays = backoff()
+        delay = next(delays)
         for _attempt in range(self.max_reconnect_attempts):
-            await asyncio.sleep(next(delays))
+            await asyncio.sleep(delay)
+            delay = next(delays)
             self._url_index += 1  # try the next edge: this one may be the one that died
             try:
                 welcome = await self._open(resume=True)
+            except TryAgainLater as exc:  # busy (4503): wait as long as it asked, and jitter
+                log.info("reconnect to %s refused for now: %s", self.url, exc)
+                delay = retry_delay(exc.retry_after)
+                continue
             except (OSError, InvalidHandshake, TimeoutError, ClientError) as exc:
                 log.info("reconnect to %s failed: %s", self.url, exc)
                 continue

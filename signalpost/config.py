@@ -31,6 +31,7 @@ Seconds = Annotated[float, Meta(ge=0, le=_YEAR)]
 PositiveSeconds = Annotated[float, Meta(gt=0, le=_YEAR)]
 Rate = Annotated[float, Meta(gt=0)]
 Secret = Annotated[str, Meta(min_length=1)]
+Share = Annotated[float, Meta(ge=0, le=1)]
 
 
 #: Hosts a ZeroMQ endpoint may bind that nobody can dial.
@@ -63,6 +64,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     send_buffer_limit: Count = 4 * 1024 * 1024  # bytes queued to a slow client before dropping it
     drain_timeout: Seconds = 10.0
     dev_tokens: bool = False  # serve /v1/dev-token (dev mode only)
+    # admission (edge/admission.py): caps and the accept rate
+    max_connections_per_ip: Count = 1000
+    connection_cap_exempt: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1", "::1"])
+    max_sessions_per_user: Count = 100
+    accept_rate: Rate = 500.0
+    accept_burst: Count = 1000
+    accept_resume_share: Share = 0.5
+    cap_retry_after: PositiveSeconds = 5.0
 
     # TURN / STUN
     turn_secret: str | None = None
@@ -203,6 +212,21 @@ MEANINGS: Final = {
     "send_buffer_limit": "bytes queued to a client that does not read before it is dropped",
     "drain_timeout": "seconds an edge waits for clients to leave on SIGTERM",
     "dev_tokens": "serve `/v1/dev-token` (set by `signalpost dev` only)",
+    "max_connections_per_ip": "TCP connections open at once from one address (from accept "
+    "to close); more are closed 4503 after the handshake, and past twice this dropped at "
+    "accept. Behind a proxy every client has the proxy's address: exempt it",
+    "connection_cap_exempt": "IP addresses not held to `max_connections_per_ip` (comma "
+    "separated; no names or networks; loopback by default: local load generators, a TLS "
+    "proxy on the host)",
+    "max_sessions_per_user": "live sessions of one user (token `sub`) on one edge; more "
+    "hellos are closed 4503 (a resume of a session held here is never refused for it)",
+    "accept_rate": "hellos per second an edge takes on (token bucket refill); past it "
+    "fresh sessions are closed 4503 first, resumes only once the reserve is used up too",
+    "accept_burst": "the accept-rate bucket's size",
+    "accept_resume_share": "part of `accept_burst` only resumes may take (0 to 1): in a "
+    "reconnect storm resumes are admitted before fresh sessions",
+    "cap_retry_after": "seconds a client refused by a cap (per IP, per user) is told to "
+    "wait before trying again (`retry_after_ms` in the 4503 close reason)",
     "turn_secret": "TURN REST shared secret (one of coturn's `static-auth-secret`)",
     "turn_urls": "TURN URLs handed out with credentials (comma separated)",
     "stun_urls": "STUN URLs handed out (comma separated)",

@@ -53,6 +53,7 @@ class CloseCode(IntEnum):
     HELLO_TIMEOUT = 4408
     REPLACED = 4409  # the session was resumed on another connection
     RATE_LIMITED = 4429
+    TRY_AGAIN_LATER = 4503  # admission refused (caps, accept rate): retry after retry_after_ms
 
 
 class SignalpostError(Exception):

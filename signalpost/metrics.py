@@ -69,6 +69,21 @@ NODE_FRAMES_DROPPED = Counter(
     ["what"],
 )
 
+ADMISSION_REFUSED = Counter(
+    "signalpost_admission_refused",
+    "Client connections or hellos an edge refused (close 4503, or dropped at accept): over "
+    "max_connections_per_ip (ip_cap; ip_dropped past twice it), over "
+    "max_sessions_per_user (user_cap), over the accept rate (shed: a fresh session; "
+    "shed_resume: a resume, the reserve used up too), or a full per-IP or per-user table "
+    "(ip_table_full, user_table_full)",
+    ["kind"],
+)
+HELLOS_ADMITTED = Counter(
+    "signalpost_hellos_admitted",
+    "Hellos an edge took on past the accept rate, by kind (fresh, resume)",
+    ["kind"],
+)
+
 CLIENT_BAD_FRAMES = Counter(
     "signalpost_client_bad_frames",
     "Client frames answered bad_request: not JSON, invalid, or nested too deeply (a frame "

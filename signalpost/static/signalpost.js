@@ -52,6 +52,7 @@ export const CloseCode = Object.freeze({
   HELLO_TIMEOUT: 4408,
   REPLACED: 4409, // the session resumed on another connection
   RATE_LIMITED: 4429,
+  TRY_AGAIN_LATER: 4503, // the edge is busy (a cap, a reconnect storm): retry after the reason's delay
 });
 
 /** Close codes after which reconnecting cannot help: the client goes to `closed`. */
@@ -86,13 +87,14 @@ export class SignalpostError extends Error {
    *   client code (`timeout`, `session_lost`, `connection_lost`, `not_connected`, `closed`,
    *   `connect_failed`)
    * @param {string} message
-   * @param {{closeCode?: number, frame?: object}} [extra]
+   * @param {{closeCode?: number, closeReason?: string, frame?: object}} [extra]
    */
   constructor(code, message, extra = {}) {
     super(message ? `${code}: ${message}` : code);
     this.name = "SignalpostError";
     this.code = code;
     this.closeCode = extra.closeCode;
+    this.closeReason = extra.closeReason;
     this.frame = extra.frame;
   }
 }
@@ -107,6 +109,23 @@ export function* backoffDelays({ initial = 250, maximum = 10000, factor = 2, ran
   for (let attempt = 0; ; attempt++) {
     yield random() * Math.min(maximum, initial * factor ** attempt);
   }
+}
+
+/**
+ * The delay a 4503 close asks for, in ms: its reason is `retry_after_ms=<int> <kind>`
+ * (docs/protocol.md, "Close codes"); a reason without it means 1000 ms.
+ */
+export function retryAfterMs(reason) {
+  const match = /^retry_after_ms=(\d+)/.exec(reason || "");
+  return match ? Number(match[1]) : 1000;
+}
+
+/**
+ * How long to wait after a 4503: the delay asked for plus a random part of up to as much
+ * again, so that clients refused together do not come back together.
+ */
+export function retryDelay(retryAfter, random = Math.random) {
+  return retryAfter + random() * retryAfter;
 }
 
 const DEFAULTS = {
@@ -155,7 +174,7 @@ export class SignalpostClient extends EventTarget {
   #lastFrameAt = 0;
   #wake = null; // cuts a reconnect delay short (browser back online)
   #attemptSocket = null; // the socket of a connection attempt not yet welcomed
-  #onOnline = () => this.#wake?.();
+  #onOnline = () => { if (this.#wake?.wakeable) this.#wake(); };
   #listeners = new Map(); // fn -> Map(type -> listener), for off()
 
   /** @param {object} options see the class comment */
@@ -294,13 +313,25 @@ export class SignalpostClient extends EventTarget {
     return this.#connecting;
   }
 
-  /** The first connection: each URL of a list gets one try before giving up. */
+  /**
+   * The first connection: each URL of a list gets one try before giving up; an edge that
+   * answers 4503 (busy) is tried again after the delay it asked for plus jitter, up to
+   * `maxReconnectAttempts` times.
+   */
   async #firstOpen() {
     const tries = Array.isArray(this.#options.url) ? this.#options.url.length : 1;
+    let busy = 0;
     for (let attempt = 1; ; attempt++) {
       try {
         return await this.#open(false);
       } catch (err) {
+        if (err.closeCode === CloseCode.TRY_AGAIN_LATER && !this.#closing &&
+            ++busy < this.#options.maxReconnectAttempts) {
+          attempt--; // not counted against the URLs: the edge asked to come back
+          await this.#sleep(retryDelay(retryAfterMs(err.closeReason)), false);
+          if (this.#closing) throw err;
+          continue;
+        }
         const refused = err.closeCode !== undefined && FINAL_CLOSE_CODES.has(err.closeCode);
         if (refused || this.#closing || attempt >= tries) throw err;
         this.#attempt++;
@@ -396,7 +427,8 @@ export class SignalpostClient extends EventTarget {
       ws.onclose = (event) => {
         const code = refusal ? refusal.code : "connect_failed";
         const message = refusal ? refusal.message : `connection to ${url} closed (${event.code})`;
-        fail(new SignalpostError(code, message, { closeCode: event.code, frame: refusal }));
+        fail(new SignalpostError(code, message,
+          { closeCode: event.code, closeReason: event.reason, frame: refusal }));
       };
       ws.onmessage = (event) => {
         let frame;
@@ -510,8 +542,11 @@ export class SignalpostClient extends EventTarget {
   async #reconnect(code) {
     this.#setState(State.RECONNECTING, { code });
     const delays = backoffDelays(this.#options.backoff);
+    let busyFor = null; // the last attempt was refused with 4503: wait what it asked
     for (let attempt = 1; attempt <= this.#options.maxReconnectAttempts; attempt++) {
-      await this.#sleep(delays.next().value);
+      if (busyFor === null) await this.#sleep(delays.next().value);
+      else await this.#sleep(retryDelay(busyFor), false);
+      busyFor = null;
       if (this.#closing) return;
       this.#attempt++; // the next URL: the edge we lost may be the one that died
       this.#emit("reconnect-attempt", { attempt, url: this.url });
@@ -524,12 +559,15 @@ export class SignalpostClient extends EventTarget {
           this.#finish(err.closeCode, err.message, err);
           return;
         }
+        if (err.closeCode === CloseCode.TRY_AGAIN_LATER) busyFor = retryAfterMs(err.closeReason);
       }
     }
     this.#finish(code, "gave up reconnecting");
   }
 
-  #sleep(ms) {
+  /** Wait `ms`; a `wakeable` wait ends early when the browser comes back online (a 4503's
+   * wait does not: the edge asked for it). `close()` ends either. */
+  #sleep(ms, wakeable = true) {
     return new Promise((resolve) => {
       const timer = setTimeout(done, ms);
       const self = this;
@@ -538,6 +576,7 @@ export class SignalpostClient extends EventTarget {
         if (self.#wake === done) self.#wake = null;
         resolve();
       }
+      done.wakeable = wakeable;
       this.#wake = done;
     });
   }

@@ -546,3 +546,53 @@ def test_sdk_never_starts_a_room_below_what_it_saw_in_that_epoch(sdk_page: Any) 
     result = sdk_page.evaluate(LATE_ANSWERS_JS)
     assert result["afterLeft"] == {}
     assert result["afterJoined"] == {"r": {"epoch": "e1", "offset": 6}}
+
+
+TRY_AGAIN_LATER_JS = """
+async () => {
+  const { sdk, FakeSocket, until } = window.fake;
+  const hellos = [];  // [ms since the first hello, resume token or null]
+  let start = null;
+  FakeSocket.onsend = (ws, f) => {
+    if (f.type !== 'hello') return;
+    start = start ?? Date.now();
+    hellos.push([Date.now() - start, f.resume ?? null]);
+    // The first hello (fresh) and the first resume are refused: busy, come back in 300 ms.
+    if (hellos.length === 1 || hellos.length === 3) {
+      ws.close(4503, 'retry_after_ms=300 shed');
+      return;
+    }
+    ws.push({ type: 'welcome', session: 's1', user: 'u1', resume: 'R1',
+              resumed: f.resume === 'R1', ice_servers: [], heartbeat: 25 });
+  };
+  const client = new sdk.SignalpostClient({ url: 'ws://a/v1/signal', getToken: async () => 'jwt',
+    WebSocket: FakeSocket, backoff: { initial: 5, maximum: 20 } });
+  const welcome = await client.connect();
+  const resumed = client.once('resumed');
+  FakeSocket.all[FakeSocket.all.length - 1].drop(1006);
+  const detail = await resumed;
+  await until(() => client.state === 'open');
+  const pure = {
+    parsed: sdk.retryAfterMs('retry_after_ms=1500 ip_cap'),
+    missing: sdk.retryAfterMs('busy'),
+    low: sdk.retryDelay(300, () => 0),
+    high: sdk.retryDelay(300, () => 1),
+  };
+  client.close();
+  return { welcome: welcome.resumed, hellos, resumed: detail.resumed, session: detail.session,
+           state: client.state, pure };
+}
+"""
+
+
+def test_sdk_waits_out_a_4503_with_jitter_on_connect_and_on_resume(sdk_page: Any) -> None:
+    result = sdk_page.evaluate(TRY_AGAIN_LATER_JS)
+    hellos = result["hellos"]
+    assert [resume for _, resume in hellos] == [None, None, "R1", "R1"]
+    assert result["welcome"] is False
+    assert result["resumed"] is True and result["session"] == "s1"
+    # Each retry after a 4503 came no sooner than the 300 ms asked for (and not much later
+    # than twice it: the jitter), not after the 5-20 ms backoff.
+    assert 290 <= hellos[1][0] - hellos[0][0] <= 1000
+    assert 290 <= hellos[3][0] - hellos[2][0] <= 1000
+    assert result["pure"] == {"parsed": 1500, "missing": 1000, "low": 300, "high": 600}
