@@ -98,6 +98,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from signalpost.replication import Unacked, resend_late, retarget
 from signalpost.wire import (
     ClaimCmd,
     ClaimReply,
@@ -108,6 +109,7 @@ from signalpost.wire import (
     Evicted,
     LeaseCopy,
     PresenceFrame,
+    ReplicaAck,
     Reply,
     SessionDown,
     SessionUp,
@@ -138,6 +140,13 @@ MAX_PENDING: Final = 10_000
 #: that connection closed (``Evicted``); then it is answered all the same (counted). Less
 #: than the two request timeouts an edge keeps claiming for, so it does not give up first.
 EVICT_WAIT: Final = 1.5
+#: Seconds after which a lease copy the runner-up has not acknowledged is sent again (it
+#: or its ack was lost on a reset link).
+COPY_RESEND_AFTER: Final = 1.0
+#: Changes whose effects (replies, notes, evictions) wait for their copies' acks at once;
+#: past that the oldest is let out unacknowledged (counted: ``copies_unconfirmed``), as
+#: if it had no runner-up.
+MAX_HELD_CHANGES: Final = 10_000
 
 
 @dataclass(slots=True)
@@ -160,6 +169,28 @@ class HeldReply:
     deadline: float
 
 
+@dataclass(slots=True, kw_only=True)
+class _Copying(Unacked):
+    """The newest copy of a session sent (to its runner-up, or to a new owner: a handoff)
+    and not acknowledged yet."""
+
+    user: str
+    seq: int
+
+
+@dataclass(slots=True)
+class _HeldChange:
+    """What one change caused, held until its copies are acknowledged."""
+
+    waits: dict[str, int]  # session -> the copy (seq) its runner-up must acknowledge
+    out: list[Outbound]
+
+
+#: What a change causes that is not held for its copies' acks: the copies themselves,
+#: acks of copies received, subscriptions (they change nothing at their owner).
+_NEVER_HELD: Final[frozenset[type]] = frozenset({LeaseCopy, ReplicaAck, StatusSubscribe})
+
+
 @dataclass(slots=True)
 class Counters:
     """Frames a node dropped, by cause (exported as metrics by the shell)."""
@@ -168,6 +199,8 @@ class Counters:
     pending_dropped: int = 0  # a watch reply that waited too long or found no room
     notes_ignored: int = 0  # a status note from a node that does not own the user here
     evict_unconfirmed: int = 0  # a resume answered without the old connection's close
+    copies_unconfirmed: int = 0  # a change let out before its copies were acknowledged
+    copies_refused: int = 0  # a copy a runner-up refused (it knows a newer owner)
 
 
 @dataclass(slots=True)
@@ -203,6 +236,8 @@ class PresenceTable:
         node_id: str = "",
         owner_of: Callable[[str], str | None] | None = None,
         replica_of: Callable[[str], str | None] | None = None,
+        first_seq: int = 0,
+        copy_resend_after: float = COPY_RESEND_AFTER,
     ) -> None:
         self.resume_window = resume_window
         #: This node's placement id, and the owner of a user in this node's view (None:
@@ -253,6 +288,19 @@ class PresenceTable:
         # the old owner, and are suspended once settled. Cleared at every settling.
         self._unconfirmed: dict[str, str] = {}
         self._resubscribe_at = float("-inf")
+        # Confirmed copies. ``_seq``: the number of the last copy sent (the shell starts it
+        # from the wall clock, so a restarted node's copies are newer). ``_copying``: per
+        # session, the newest copy not acknowledged yet (one at most: a newer copy of the
+        # whole state supersedes it). ``_changes``: what changes caused, held until the
+        # copies they wait for are acknowledged (numbered, oldest first; at most
+        # MAX_HELD_CHANGES); ``_waiting``: session -> the numbers of the changes waiting
+        # for one of its copies.
+        self._seq = first_seq
+        self.copy_resend_after = copy_resend_after
+        self._copying: dict[str, _Copying] = {}
+        self._changes: dict[int, _HeldChange] = {}
+        self._next_change = 0
+        self._waiting: dict[str, set[int]] = {}
 
     def owns(self, user: str) -> bool:
         """Whether this node owns ``user`` in its view (always, without a view function)."""
@@ -267,10 +315,7 @@ class PresenceTable:
 
     def handle(self, command: Envelope, now: float) -> list[Outbound]:
         """Apply one command from an edge or another presence node; return what to send."""
-        out = self._apply(command, now)
-        if self._dirty:
-            self._copy_dirty(out, now)
-        return out
+        return self._finish(self._apply(command, now), now)
 
     def _apply(self, command: Envelope, now: float) -> list[Outbound]:
         if isinstance(command, SessionUp):
@@ -294,6 +339,8 @@ class PresenceTable:
             return self.noted(command)
         if isinstance(command, LeaseCopy):
             return self.copied(command, now)
+        if isinstance(command, ReplicaAck):
+            return self.copy_acked(command)
         if isinstance(command, Evicted):
             return self.evicted(command)
         return []
@@ -356,6 +403,7 @@ class PresenceTable:
             reply = ClaimReply(command.session, command.conn, False, term=self.term)
             out.append((command.edge, reply))
             return out
+        self._unconfirmed.pop(command.session, None)  # its edge named it: it is live
         granted = self.session_up(
             SessionUp(command.session, command.user, command.edge, command.conn)
         )
@@ -406,9 +454,7 @@ class PresenceTable:
         out: list[Outbound] = []
         if self._held:
             self._release_held(out, now, lost_edge=edge)
-        if self._dirty:
-            self._copy_dirty(out, now)
-        return out
+        return self._finish(out, now)
 
     def edge_sync(self, command: EdgeSync) -> list[Outbound]:
         """Rebuild from an edge's announcement of all it holds."""
@@ -439,10 +485,10 @@ class PresenceTable:
             lease.deadline_token = 0  # popped: _end must not count it stale
             out.extend(self._end(session))
         self._compact_deadlines()
-        if self._dirty:
-            self._copy_dirty(out, now)
         if self._held:
             self._release_held(out, now)
+        if self._copying:
+            resend_late(self._copying.values(), now, self.copy_resend_after, out)
         if (self._settling or self._unconfirmed) and now >= self._settled_at:
             self._settle(out, now)
         if self._owner_of is not None and now >= self._resubscribe_at:
@@ -452,7 +498,7 @@ class PresenceTable:
                 if pending.deadline <= now:
                     self._drop_pending(key)
                     self.counters.pending_dropped += 1
-        return out
+        return self._finish(out, now)
 
     def _suspend(self, session: str, lease: SessionLease, deadline: float) -> None:
         """Start (or restart) ``session``'s resume window: it is offline after ``deadline``."""
@@ -636,8 +682,8 @@ class PresenceTable:
             if not self.owns(lease.user):
                 new_owner = self._owner_of(lease.user) if self._owner_of is not None else None
                 if new_owner is not None and new_owner != self.node_id:
-                    copy = self._copy_of(session, lease, now, handoff=True)
-                    out.append((new_owner, copy))
+                    # Acknowledged as copies are: what waits for this session waits for it.
+                    self._send_copy(session, lease.user, lease, new_owner, now, out, handoff=True)
                 self._forget(session, lease, out)
         for session in [s for s in self._watched_by if s not in self.leases]:
             self._forget_watches(session, out)
@@ -659,16 +705,32 @@ class PresenceTable:
         # Every lease to its (maybe new) runner-up: a view change is rare, leases many,
         # so this costs one copy per lease per view change.
         self._dirty = {session: lease.user for session, lease in self.leases.items()}
-        self._copy_dirty(out, now)
-        return out
+        # Copies still unacknowledged that no new copy replaces (ended sessions): to the
+        # new runner-up, or confirmed where there is none any more.
+        for session, copying in list(self._copying.items()):
+            if session in self._dirty and self.owns(copying.user):
+                continue  # copied anew below
+            replica = None
+            if self.owns(copying.user) and self._replica_of is not None:
+                replica = self._replica_of(copying.user)
+                if replica == self.node_id:
+                    replica = None
+            elif copying.message is not None and getattr(copying.message, "handoff", False):
+                continue  # a handoff waits for the new owner's ack
+            retarget(copying, replica, now, out)
+            if copying.confirmed:
+                del self._copying[session]
+                out.extend(self._acked_through(session, copying.seq))
+        return self._finish(out, now)
 
     # ----------------------------------------------------------------- replication
 
     def _copy_of(
-        self, session: str, lease: SessionLease | None, now: float, handoff: bool = False
+        self, session: str, user: str, lease: SessionLease | None, now: float, handoff: bool
     ) -> LeaseCopy:
+        self._seq += 1
         if lease is None:
-            return LeaseCopy(self.node_id, session, "", gone=True)
+            return LeaseCopy(self.node_id, session, user, gone=True, seq=self._seq, term=self.term)
         left = -1.0
         if lease.suspended_until is not None:
             left = max(0.0, lease.suspended_until - now)
@@ -682,31 +744,131 @@ class PresenceTable:
             sorted(self._watched_by.get(session, ())),
             dict(self._told.get(session, {})),
             handoff=handoff,
+            seq=self._seq,
+            term=self.term,
         )
 
-    def _copy_dirty(self, out: list[Outbound], now: float) -> None:
-        """Copy each session changed by this call to its user's runner-up."""
+    def _send_copy(
+        self,
+        session: str,
+        user: str,
+        lease: SessionLease | None,
+        target: str,
+        now: float,
+        out: list[Outbound],
+        handoff: bool = False,
+    ) -> int:
+        """Send ``target`` the state of ``session``, to be acknowledged; its number."""
+        copy = self._copy_of(session, user, lease, now, handoff)
+        self._copying[session] = _Copying(copy, target, sent_at=now, user=user, seq=copy.seq)
+        out.append((target, copy))
+        return copy.seq
+
+    def _copy_dirty(self, out: list[Outbound], now: float) -> dict[str, int]:
+        """Copy each session changed by this call to its user's runner-up; what the call
+        caused waits for these copies (session -> copy number)."""
         dirty, self._dirty = self._dirty, {}
+        waits: dict[str, int] = {}
         if self._replica_of is None:
-            return
+            return waits
         for session, user in dirty.items():
             if not self.owns(user):
                 continue  # a lease held ahead of a view: its owner replicates it
             replica = self._replica_of(user)
             if replica is None or replica == self.node_id:
                 continue
-            copy = self._copy_of(session, self.leases.get(session), now)
-            if copy.gone:
-                copy = LeaseCopy(self.node_id, session, user, gone=True)
-            out.append((replica, copy))
+            lease = self.leases.get(session)
+            waits[session] = self._send_copy(session, user, lease, replica, now, out)
+        return waits
+
+    def _finish(self, out: list[Outbound], now: float) -> list[Outbound]:
+        """End a call: copy what it changed, and hold what it caused (answers, status
+        notes, evictions) until the runner-ups acknowledged those copies. Answers to a
+        session whose earlier copy is still unacknowledged wait for it too."""
+        waits = self._copy_dirty(out, now) if self._dirty else {}
+        if self._copying:
+            for _, envelope in out:
+                if isinstance(envelope, ClaimReply | Reply):
+                    session = envelope.session
+                    copying = self._copying.get(session)
+                    if copying is not None and session not in waits:
+                        waits[session] = copying.seq
+        if not waits:
+            return out
+        held = [item for item in out if type(item[1]) not in _NEVER_HELD]
+        if not held:
+            return out
+        sent = [item for item in out if type(item[1]) in _NEVER_HELD]
+        if len(self._changes) >= MAX_HELD_CHANGES:
+            # Full: the oldest goes out unacknowledged (as if its user had no runner-up).
+            oldest = next(iter(self._changes))
+            self.counters.copies_unconfirmed += 1
+            sent.extend(self._let_out(oldest))
+        number = self._next_change
+        self._next_change += 1
+        self._changes[number] = _HeldChange(waits, held)
+        for session in waits:
+            self._waiting.setdefault(session, set()).add(number)
+        return sent
+
+    def _let_out(self, number: int) -> list[Outbound]:
+        change = self._changes.pop(number)
+        for session in change.waits:
+            numbers = self._waiting.get(session)
+            if numbers is not None:
+                numbers.discard(number)
+                if not numbers:
+                    del self._waiting[session]
+        return change.out
+
+    def copy_acked(self, ack: ReplicaAck) -> list[Outbound]:
+        """A runner-up (or new owner) has copy ``ack.batch`` of session ``ack.room``: let
+        out what waited for it (and for the copies before it)."""
+        session, seq = ack.room, ack.batch
+        if ack.refused:
+            # It knows a newer owner: this node was deposed and reads so in a view soon;
+            # nothing is let out on the strength of this copy.
+            self.counters.copies_refused += 1
+            return []
+        copying = self._copying.get(session)
+        if copying is not None and copying.seq <= seq:
+            del self._copying[session]
+        return self._acked_through(session, seq)
+
+    def _acked_through(self, session: str, seq: int) -> list[Outbound]:
+        """The copies of ``session`` through ``seq`` are acknowledged (or need not be)."""
+        out: list[Outbound] = []
+        numbers = self._waiting.get(session)
+        if not numbers:
+            return out
+        for number in sorted(numbers):
+            change = self._changes.get(number)
+            if change is None or change.waits.get(session, seq + 1) > seq:
+                continue
+            del change.waits[session]
+            numbers.discard(number)
+            if not change.waits:
+                out.extend(self._let_out(number))
+        if not numbers:
+            self._waiting.pop(session, None)
+        return out
 
     def copied(self, copy: LeaseCopy, now: float) -> list[Outbound]:
         """A copy of a session from its user's owner (or, ``handoff``, its old owner)."""
-        out: list[Outbound] = []
+        out: list[Outbound] = [(copy.owner, ReplicaAck(copy.session, copy.seq))]
         if copy.handoff or (self.owns(copy.user) and self._owner_of is not None):
             if not copy.gone:
                 self._adopt(copy, now, now, out)
             return out
+        held = self._copies.get(copy.session)
+        if held is not None:
+            known = held[0]
+            if known.owner == copy.owner and copy.seq <= known.seq:
+                return out  # sent again (its ack was lost): what is held is as new
+            if copy.term < known.term:
+                # A node deposed since the held copy's owner took the user: refused, so
+                # it lets nothing out on the strength of it.
+                return [(copy.owner, ReplicaAck(copy.session, copy.seq, True, known.term))]
         if copy.gone:
             self._copies.pop(copy.session, None)
         else:
@@ -873,8 +1035,13 @@ class PresenceTable:
                 for session, lease in self.leases.items()
                 if self._replica_of(lease.user) == node
             }
-            self._copy_dirty(out, now)
-        return out
+            # Copies of ended sessions it has not acknowledged: sent again, at once.
+            for session, copying in self._copying.items():
+                if copying.target == node and session not in self._dirty:
+                    copying.sent_at = now
+                    if copying.message is not None:
+                        out.append((node, copying.message))
+        return self._finish(out, now)
 
     def _unsubscribe_node(self, node: str) -> None:
         for user in [u for u, nodes in self._subscribers.items() if node in nodes]:

@@ -415,7 +415,9 @@ class ReplicateCmd(_Envelope, tag=40, frozen=True):
 
 
 class ReplicaAck(_Envelope, tag=41, frozen=True):
-    """Runner-up -> owner: it has batch ``batch`` of the room's events.
+    """Runner-up -> owner: it has batch ``batch`` of the room's events. (Presence nodes
+    answer a ``LeaseCopy`` with it too: ``room`` is the session, ``batch`` the copy's
+    ``seq``.)
 
     ``refused``: it does not, because it serves the room itself or knows a newer owner
     (``term``): the sender was deposed and drops what it holds of the room.
@@ -665,6 +667,12 @@ class LeaseCopy(_Envelope, tag=28, frozen=True):
     The whole state of the session, not the change: copies are idempotent, and the last
     one received is the state. ``suspended_for`` is the time left of the resume window
     when sent (nodes' clocks are not comparable), -1 while connected.
+
+    The receiver answers ``ReplicaAck(session, seq)``: the owner holds what the change
+    caused (a claim's grant, status notes) until then. ``seq`` numbers the owner's copies
+    (increasing, across its restarts too): a runner-up ignores a copy of a session older
+    than the one it holds from the same owner (a resend), and refuses one whose ``term``
+    (the owner's presence view number) is below the held copy's (a deposed owner).
     """
 
     owner: str
@@ -677,6 +685,8 @@ class LeaseCopy(_Envelope, tag=28, frozen=True):
     told: dict[str, Literal["online", "offline"]] = {}
     gone: bool = False  # the lease ended: drop the copy
     handoff: bool = False
+    seq: int = 0
+    term: int = 0
 
 
 class Heartbeat(_Envelope, tag=30, frozen=True):
