@@ -39,6 +39,14 @@ log = logging.getLogger("signalpost.presence")
 #: notes go back through the ROUTER, to the subscriber's identity).
 _TO_PEER_TYPES: frozenset[type] = frozenset({StatusSubscribe, LeaseCopy})
 
+
+def wall_clock_ms() -> int:
+    """The status version floor (``PresenceTable(version_floor=...)``): a node that does
+    not know a user's status version starts above any an earlier owner gave (clocks agree
+    within the time a takeover takes), as brokers start terms from the wall clock."""
+    return time.time_ns() // 1_000_000
+
+
 #: How long a draining node waits for the view that leaves it out, at most (seconds).
 DRAIN_VIEW_TIMEOUT = 5.0
 
@@ -58,6 +66,7 @@ class PresenceNode(OwnerNode):
             # Copy numbers go on from the wall clock (µs): a restarted node's copies are
             # newer than its previous incarnation's, which a runner-up may still hold.
             first_seq=time.time_ns() // 1000,
+            version_floor=wall_clock_ms,
         )
         super().__init__(settings, "presence", self.table, settings.presence_bind)
         self._placing: list[str] = [] if self._by_view else [self.placement_id]

@@ -94,6 +94,7 @@ Without ``owner_of`` (one presence node, dev mode) the node owns every user.
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -147,6 +148,23 @@ COPY_RESEND_AFTER: Final = 1.0
 #: past that the oldest is let out unacknowledged (counted: ``copies_unconfirmed``), as
 #: if it had no runner-up.
 MAX_HELD_CHANGES: Final = 10_000
+#: Status versions kept for offline users owned here; past that the least recently changed
+#: is forgotten (its next version starts from the version floor: a watcher may be told
+#: once more a status it knew, never miss a change).
+MAX_OFFLINE_VERSIONS: Final = 100_000
+
+
+def _next_version(after: int, online: bool, floor: int) -> int:
+    """The first status version above ``after`` and not below ``floor`` that says
+    ``online`` (odd) or offline (even)."""
+    version = max(after + 1, floor)
+    if (version % 2 == 1) != online:
+        version += 1
+    return version
+
+
+def _no_floor() -> int:
+    return 0
 
 
 @dataclass(slots=True)
@@ -238,6 +256,7 @@ class PresenceTable:
         replica_of: Callable[[str], str | None] | None = None,
         first_seq: int = 0,
         copy_resend_after: float = COPY_RESEND_AFTER,
+        version_floor: Callable[[], int] = _no_floor,
     ) -> None:
         self.resume_window = resume_window
         #: This node's placement id, and the owner of a user in this node's view (None:
@@ -301,6 +320,14 @@ class PresenceTable:
         self._changes: dict[int, _HeldChange] = {}
         self._next_change = 0
         self._waiting: dict[str, set[int]] = {}
+        # Status versions (``PresenceFrame.version``): of users owned here (oldest change
+        # first; offline ones bounded by MAX_OFFLINE_VERSIONS), and of remote watched users
+        # as their owners noted them. A user whose version is not known here gets one from
+        # ``version_floor`` (the shell passes the wall clock in ms: above what a previous
+        # owner gave it).
+        self._version_floor = version_floor
+        self._versions: OrderedDict[str, int] = OrderedDict()
+        self._remote_versions: dict[str, int] = {}
 
     def owns(self, user: str) -> bool:
         """Whether this node owns ``user`` in its view (always, without a view function)."""
@@ -312,6 +339,39 @@ class PresenceTable:
         if self._owner_of is not None and not self.owns(user):
             return self._remote.get(user, "offline")
         return "online" if self._sessions_of.get(user) else "offline"
+
+    def version(self, user: str) -> int:
+        """The version of ``user``'s status (``PresenceFrame.version``): odd while online,
+        even while offline, higher at every change, carried with the user's leases to the
+        node that takes it over. 0: a remote user no note has versioned yet."""
+        if self._owner_of is not None and not self.owns(user):
+            return self._remote_versions.get(user, 0)
+        return self._note_status(user)
+
+    def _note_status(self, user: str) -> int:
+        """``user`` (owned here) may have changed status: its version, moved past the one
+        it had if the status is not what that one says."""
+        online = bool(self._sessions_of.get(user))
+        version = self._versions.get(user)
+        if version is not None and (version % 2 == 1) == online:
+            return version
+        version = _next_version(version or 0, online, self._version_floor())
+        self._versions[user] = version
+        self._versions.move_to_end(user)
+        if len(self._versions) > MAX_OFFLINE_VERSIONS + len(self._sessions_of):
+            for _ in range(len(self._versions)):  # bounded: the oldest offline one goes
+                oldest = next(iter(self._versions))
+                if not self._sessions_of.get(oldest):
+                    del self._versions[oldest]
+                    break
+                self._versions.move_to_end(oldest)
+        return version
+
+    def _merge_version(self, user: str, version: int) -> None:
+        """A previous owner of ``user`` gave its status ``version``: never go below it."""
+        if version > self._versions.get(user, 0):
+            self._versions[user] = version
+            self._versions.move_to_end(user)
 
     def handle(self, command: Envelope, now: float) -> list[Outbound]:
         """Apply one command from an edge or another presence node; return what to send."""
@@ -414,7 +474,10 @@ class PresenceTable:
         told = self._told.setdefault(command.session, {})
         changed = [user for user, status in watching.items() if told.get(user) != status]
         told.update(watching)
-        reply = ClaimReply(command.session, command.conn, True, watching, changed, self.term)
+        versions = {user: self.version(user) for user in watching}
+        reply = ClaimReply(
+            command.session, command.conn, True, watching, changed, self.term, versions
+        )
         for edge, envelope in granted:
             if isinstance(envelope, Evict) and envelope.session == command.session:
                 # The connection it replaces is live: answered once that one is closed.
@@ -602,7 +665,10 @@ class PresenceTable:
     def _watch_reply(self, command: WatchCmd) -> Outbound:
         snapshot: dict[str, Status] = {user: self.status(user) for user in command.users}
         self._told.setdefault(command.session, {}).update(snapshot)
-        payload = encode_frame(WatchingFrame(presence=dict(snapshot), id=command.req))
+        versions = {user: self.version(user) for user in command.users}
+        payload = encode_frame(
+            WatchingFrame(presence=dict(snapshot), versions=versions, id=command.req)
+        )
         return (command.edge, Reply(command.session, command.conn, command.seq, payload, True))
 
     def _drop_pending(self, key: tuple[str, str, int]) -> None:
@@ -655,8 +721,11 @@ class PresenceTable:
     def _notify(self, user: str, was: Status, out: list[Outbound]) -> None:
         now_status = self.status(user)
         if now_status == was or user in self._settling:
+            if self.owns(user):
+                self._note_status(user)
             return
-        payload = encode_frame(PresenceFrame(user=user, status=now_status))
+        version = self.version(user)
+        payload = encode_frame(PresenceFrame(user=user, status=now_status, version=version))
         by_edge: dict[str, list[str]] = {}
         for watcher in self._watchers_of.get(user, ()):
             lease = self.leases.get(watcher)
@@ -667,7 +736,7 @@ class PresenceTable:
             out.append((edge, Deliver(sessions, payload)))
         subscribers = self._subscribers.get(user)
         if subscribers:
-            note = StatusNote(self.node_id, {user: now_status})
+            note = StatusNote(self.node_id, {user: now_status}, {user: version})
             for node in subscribers:
                 out.append((node, note))
 
@@ -689,9 +758,12 @@ class PresenceTable:
             self._forget_watches(session, out)
         for user in [u for u in self._subscribers if not self.owns(u)]:
             del self._subscribers[user]  # its subscribers subscribe at its new owner
+        for user in [u for u in self._versions if not self.owns(u)]:
+            del self._versions[user]  # its new owner versions it (from the copies)
         for user in [u for u in self._remote if self.owns(u)]:
             # Known from leases now, once the edges re-synced them.
             self._settling.setdefault(user, self._remote.pop(user))
+            self._merge_version(user, self._remote_versions.pop(user, 0))
             self._unanswered.discard(user)
         for user in [u for u in self._awaiting if self.owns(u)]:
             self._status_known(user, out)
@@ -729,8 +801,17 @@ class PresenceTable:
         self, session: str, user: str, lease: SessionLease | None, now: float, handoff: bool
     ) -> LeaseCopy:
         self._seq += 1
+        version = self._versions.get(user) or self.version(user)
         if lease is None:
-            return LeaseCopy(self.node_id, session, user, gone=True, seq=self._seq, term=self.term)
+            return LeaseCopy(
+                self.node_id,
+                session,
+                user,
+                gone=True,
+                seq=self._seq,
+                term=self.term,
+                version=version,
+            )
         left = -1.0
         if lease.suspended_until is not None:
             left = max(0.0, lease.suspended_until - now)
@@ -746,6 +827,7 @@ class PresenceTable:
             handoff=handoff,
             seq=self._seq,
             term=self.term,
+            version=version,
         )
 
     def _send_copy(
@@ -877,13 +959,16 @@ class PresenceTable:
 
     def _adopt(self, copy: LeaseCopy, received: float, now: float, out: list[Outbound]) -> None:
         """Take a copied session as a lease of this node's own (it owns the user now)."""
+        self._merge_version(copy.user, copy.version)
         lease = self.leases.get(copy.session)
         if lease is not None and conn_supersedes(lease.conn, copy.conn):
+            self._note_status(copy.user)
             return  # what an edge re-synced here is as new or newer
         deadline = None
         if copy.suspended_for >= 0:
             deadline = received + copy.suspended_for
             if deadline <= now:
+                self._note_status(copy.user)
                 return  # its resume window lapsed while it was a copy
         out.extend(self.session_up(SessionUp(copy.session, copy.user, copy.edge, copy.conn)))
         if deadline is not None:
@@ -932,15 +1017,17 @@ class PresenceTable:
         if now < self._settled_at:
             return []  # edges are still re-syncing: the subscriber asks again
         statuses: dict[str, Status] = {}
+        versions: dict[str, int] = {}
         for user in command.users:
             if not self.owns(user):
                 self.counters.misrouted += 1
                 continue
             self._subscribers.setdefault(user, set()).add(command.node)
             statuses[user] = self.status(user)
+            versions[user] = self.version(user)
         if not statuses:
             return []
-        return [(command.node, StatusNote(self.node_id, statuses))]
+        return [(command.node, StatusNote(self.node_id, statuses, versions))]
 
     def noted(self, note: StatusNote) -> list[Outbound]:
         """An owner told this node the status of users watched here."""
@@ -949,9 +1036,15 @@ class PresenceTable:
             if self._subscribed.get(user) != note.owner or self.owns(user):
                 self.counters.notes_ignored += 1
                 continue
+            version = note.versions.get(user, 0)
+            known = self._remote_versions.get(user, 0)
+            if version and version < known:
+                self.counters.notes_ignored += 1  # older than one noted already
+                continue
             self._unanswered.discard(user)
             was = self._remote.get(user)
             self._remote[user] = status
+            self._remote_versions[user] = version
             if was is None:
                 self._status_known(user, out)
             elif was != status:
@@ -997,6 +1090,7 @@ class PresenceTable:
                 continue
             owner = self._subscribed.pop(user, None)
             self._remote.pop(user, None)
+            self._remote_versions.pop(user, None)
             self._unanswered.discard(user)
             if owner is not None:
                 by_owner.setdefault(owner, []).append(user)

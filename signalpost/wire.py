@@ -218,6 +218,8 @@ class RecoveredFrame(_ServerFrame, tag="recovered"):
 
 class WatchingFrame(_ServerFrame, tag="watching"):
     presence: dict[str, str]
+    #: Each user's status version (see ``PresenceFrame.version``).
+    versions: dict[str, int] = {}
     id: RequestId | None = None
 
 
@@ -228,6 +230,11 @@ class UnwatchedFrame(_ServerFrame, tag="unwatched"):
 class PresenceFrame(_ServerFrame, tag="presence"):
     user: str
     status: Literal["online", "offline"]
+    #: The user's status version: higher at every change of the user's status (odd while
+    #: online, even while offline), carried with its leases to the node that takes it over;
+    #: a frame with the status a client has and a version not above the one it has for
+    #: it repeats what the client knows (docs/protocol.md). 0: unknown.
+    version: int = 0
 
 
 class PongFrame(_ServerFrame, tag="pong"):
@@ -588,6 +595,8 @@ class ClaimReply(_Envelope, tag=13, frozen=True):
     #: The answering node's term (the presence view's number; 0 without Consul): an edge
     #: that read a newer view ignores a grant from a deposed owner.
     term: int = 0
+    #: The status version of each user in ``watching`` (``PresenceFrame.version``).
+    versions: dict[str, int] = {}
 
 
 class SessionUp(_Envelope, tag=20, frozen=True):
@@ -657,6 +666,7 @@ class StatusNote(_Envelope, tag=27, frozen=True):
 
     owner: str
     statuses: dict[str, Literal["online", "offline"]]
+    versions: dict[str, int] = {}  # user -> status version (``PresenceFrame.version``)
 
 
 class LeaseCopy(_Envelope, tag=28, frozen=True):
@@ -687,6 +697,7 @@ class LeaseCopy(_Envelope, tag=28, frozen=True):
     handoff: bool = False
     seq: int = 0
     term: int = 0
+    version: int = 0  # the user's status version (``PresenceFrame.version``)
 
 
 class Heartbeat(_Envelope, tag=30, frozen=True):

@@ -168,9 +168,7 @@ def claim_then_kill(
     doomed = owner(claim.user, cluster.alive)
     table = cluster.tables[doomed]
     expected = {
-        e.conn: e.live
-        for _, e in reference.handle(claim, cluster.now)
-        if isinstance(e, ClaimReply)
+        e.conn: e.live for _, e in reference.handle(claim, cluster.now) if isinstance(e, ClaimReply)
     }
     cluster.claims.clear()
     for dest, envelope in table.handle(claim, cluster.now):
