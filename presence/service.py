@@ -9,8 +9,10 @@ after start.
 
 Each node opens a DEALER to every other presence node: its subscriptions to users owned
 there (``StatusSubscribe``) and the copies of its leases (``LeaseCopy``, to each user's
-runner-up) go out on it, and the owner's ``StatusNote``s come back on it (through the
-owner's ROUTER, addressed to this node's placement id).
+runner-up) go out on it, and the owner's ``StatusNote``s and the runner-up's
+``ReplicaAck``s of copies come back on it (through the other node's ROUTER, addressed to
+this node's placement id). The links and the tier's view are ``OwnerNode``'s, shared with
+the brokers.
 
 SIGTERM: the node leaves the view (Consul) and waits until it has read a view without
 itself (bounded by ``drain_timeout``), so the edges re-sync its users to their new owners

@@ -70,14 +70,31 @@ else with it. When a view makes it the owner (the owner died or left), it adopts
 copies as leases, suspended ones with the time left of their windows: resumes go on
 (``resumed: true``) and watches are kept. When a view moves a user to a node that is not
 its runner-up (a node joined), the old owner hands each session over (``handoff``)
-instead of forgetting it. Copies are not acknowledged: the change in flight when an owner
-dies is lost. The edges' re-sync restores every connected session; an adopted connection
-no edge names again within ``SYNC_GRACE`` had its goodbye lost with the dead owner, and is
-suspended then (``_unconfirmed``): it may resume, or goes offline one window later.
+instead of forgetting it. The edges' re-sync restores every connected session; an adopted
+connection no edge names again within ``SYNC_GRACE`` had its goodbye lost with the dead
+owner, and is suspended then (``_unconfirmed``): it may resume, or goes offline one window
+later.
 
-What each watcher was last told (``_told``) travels with a copy of its session but is not
-copied when only that changes (every status change would copy every watcher): after a
-failover a resumed watcher may be told a status it already knew.
+Copies are confirmed, as a broker's room events are (``signalpost.replication``): each is
+numbered (``seq``, from ``first_seq``, which the shell takes from the wall clock so that a
+restarted node's copies are newer) and the receiver answers ``ReplicaAck(session, seq)``.
+What a call caused (answers, presence frames, status notes, evictions) is held
+(``_changes``) until every copy the call sent is acknowledged, or a later copy of the same
+session is; an answer to a session whose earlier copy is unacknowledged waits for that one
+too. So nothing an edge or a watcher was told is unknown to the runner-up when the owner
+dies. ``_copying`` keeps the newest unacknowledged copy of each session: sent again after
+``copy_resend_after``, at once to a runner-up that restarted, to the new runner-up at a
+view change (or confirmed when there is none). The runner-up ignores a copy not newer than
+the one it holds from the same owner, and refuses one whose ``term`` is below it (a deposed
+owner: nothing is let out on it). At most ``MAX_HELD_CHANGES`` changes wait; past that the
+oldest is let out unacknowledged (``copies_unconfirmed``).
+
+Status versions: every status told carries the user's version (odd online, even offline,
+higher at each change: ``version``), copied with the user's leases (``LeaseCopy.version``)
+and noted to subscribers, so a new owner goes on from it. What each watcher was last told
+(``_told``) travels with a copy of its session but is not copied when only that changes
+(every status change would copy every watcher): after a failover a resumed watcher may be
+told a status it already knew, with the version it knows, and the SDKs drop it.
 
 One live connection per session
 -------------------------------
@@ -375,6 +392,8 @@ class PresenceTable:
 
     def handle(self, command: Envelope, now: float) -> list[Outbound]:
         """Apply one command from an edge or another presence node; return what to send."""
+        if type(command) is ReplicaAck:  # (what it lets out waited already: not again)
+            return self.copy_acked(command)
         return self._finish(self._apply(command, now), now)
 
     def _apply(self, command: Envelope, now: float) -> list[Outbound]:
@@ -399,8 +418,6 @@ class PresenceTable:
             return self.noted(command)
         if isinstance(command, LeaseCopy):
             return self.copied(command, now)
-        if isinstance(command, ReplicaAck):
-            return self.copy_acked(command)
         if isinstance(command, Evicted):
             return self.evicted(command)
         return []
@@ -777,19 +794,21 @@ class PresenceTable:
         # Every lease to its (maybe new) runner-up: a view change is rare, leases many,
         # so this costs one copy per lease per view change.
         self._dirty = {session: lease.user for session, lease in self.leases.items()}
-        # Copies still unacknowledged that no new copy replaces (ended sessions): to the
-        # new runner-up, or confirmed where there is none any more.
+        # Copies still unacknowledged that no new copy replaces: an ended session's to the
+        # new runner-up, a handoff to the user's owner now; confirmed where nobody is left
+        # to have them (the user moved away: its new owner has it from the edges).
         for session, copying in list(self._copying.items()):
-            if session in self._dirty and self.owns(copying.user):
-                continue  # copied anew below
-            replica = None
-            if self.owns(copying.user) and self._replica_of is not None:
-                replica = self._replica_of(copying.user)
-                if replica == self.node_id:
-                    replica = None
-            elif copying.message is not None and getattr(copying.message, "handoff", False):
-                continue  # a handoff waits for the new owner's ack
-            retarget(copying, replica, now, out)
+            user = copying.user
+            target: str | None = None
+            if self.owns(user):
+                target = self._replica_of(user) if self._replica_of is not None else None
+                if target is not None and target != self.node_id and session in self.leases:
+                    continue  # copied anew below
+            elif isinstance(copying.message, LeaseCopy) and copying.message.handoff:
+                target = self._owner_of(user) if self._owner_of is not None else None
+            if target == self.node_id:
+                target = None
+            retarget(copying, target, now, out)
             if copying.confirmed:
                 del self._copying[session]
                 out.extend(self._acked_through(session, copying.seq))
