@@ -53,6 +53,7 @@ import msgspec
 from msgspec import Raw
 
 from signalpost.errors import BadRequest, NotInRoom, ProtocolError, RoomFull, UnknownPeer
+from signalpost.replication import Unacked, resend_late, retarget
 from signalpost.wire import (
     AckFrame,
     AttachCmd,
@@ -170,20 +171,19 @@ class RoomEvent(msgspec.Struct, gc=False, frozen=True):
     payload: bytes
 
 
-@dataclass(slots=True)
-class _Batch:
-    """Events held back until the runner-up confirms them, and what follows them."""
+@dataclass(slots=True, kw_only=True)
+class _Batch(Unacked):
+    """Events held back until the runner-up confirms them, and what follows them.
+
+    Its ``message`` is the ``ReplicateCmd`` of its events (None: it holds no replicated
+    events and waits for the batches before it)."""
 
     number: int | None  # None: holds no replicated events, waits for the batches before
     events: list[RoomEvent]
     after: list[Outbound]  # replies, sent once the events are released
-    replicate: ReplicateCmd | None = None
-    target: str | None = None
-    confirmed: bool = False
     # (session, request key) of the records whose replies wait here: not valid (their
     # events may never be released) until the batch is
     keys: list[tuple[str, str]] = field(default_factory=list)
-    sent_at: float = 0.0  # when the runner-up was last sent it (resent if unanswered)
 
 
 @dataclass(slots=True)
@@ -742,7 +742,9 @@ class RoomTable:
             record = msgspec.structs.replace(record, member=member)
         reply = (command.edge, self._reply(command, record, room, member))
         if room is not None and room.pending:
-            room.pending.append(_Batch(None, [], [reply], confirmed=True))
+            room.pending.append(
+                _Batch(None, None, number=None, events=[], after=[reply], confirmed=True)
+            )
         else:
             out.append(reply)
         return record
@@ -1357,7 +1359,17 @@ class RoomTable:
             if self.rooms.get(name) is not room or replica is None:
                 # Gone (its last member left) or nobody to replicate to: let it out,
                 # behind whatever the room still holds.
-                room.pending.append(_Batch(None, events, after, confirmed=True, keys=keys))
+                room.pending.append(
+                    _Batch(
+                        None,
+                        None,
+                        number=None,
+                        events=events,
+                        after=after,
+                        confirmed=True,
+                        keys=keys,
+                    )
+                )
                 self._release(room, now, out)
                 continue
             number = room.next_batch
@@ -1393,13 +1405,23 @@ class RoomTable:
                     reply_payload=record.payload,
                 )
             room.pending.append(
-                _Batch(number, events, after, replicate, replica, keys=keys, sent_at=now)
+                _Batch(
+                    replicate,
+                    replica,
+                    number=number,
+                    events=events,
+                    after=after,
+                    keys=keys,
+                    sent_at=now,
+                )
             )
             out.append((replica, replicate))
         if reply is not None:
             room_of_reply = self.rooms.get(request.room) if request is not None else None
             if room_of_reply is not None and room_of_reply.pending:
-                room_of_reply.pending.append(_Batch(None, [], [reply], confirmed=True))
+                room_of_reply.pending.append(
+                    _Batch(None, None, number=None, events=[], after=[reply], confirmed=True)
+                )
             else:
                 out.append(reply)
 
@@ -1451,29 +1473,24 @@ class RoomTable:
                 continue
             replica = self.replica_for(room.name)
             for held in room.pending:
-                if held.confirmed or held.replicate is None:
-                    continue
-                if replica is None:
-                    held.confirmed = True
-                elif held.target != replica:
-                    held.target = replica
-                    if room.replica_target != replica:
-                        room.replica_target = replica
-                        out.append((replica, self._snapshot(room, now)))
-                    out.append((replica, held.replicate))
+                if (
+                    replica is not None
+                    and room.replica_target != replica
+                    and not held.confirmed
+                    and held.message is not None
+                    and held.target != replica
+                ):
+                    # A runner-up new to the room gets its whole history first.
+                    room.replica_target = replica
+                    out.append((replica, self._snapshot(room, now)))
+                retarget(held, replica, now, out)
             self._release(room, now, out)
         return out
 
     def _resend_batches(self, room: Room, now: float, out: list[Outbound]) -> None:
         """Send the runner-up again what it has not answered for ``resend_after``: a batch
         or its ack lost on a reset link (the runner-up skips events it has)."""
-        late = now - self.resend_after
-        for held in room.pending:
-            if held.confirmed or held.replicate is None or held.target is None:
-                continue
-            if held.sent_at <= late:
-                held.sent_at = now
-                out.append((held.target, held.replicate))
+        resend_late(room.pending, now, self.resend_after, out)
 
     def _snapshot(self, room: Room, now: float) -> ReplicateCmd:
         """The room's whole history and members for a new runner-up (batch -1: its ack

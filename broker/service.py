@@ -22,12 +22,10 @@ import time
 
 from broker.rooms import Outbound, RoomTable
 from signalpost.config import Settings
-from signalpost.discovery import Discovery
 from signalpost.lifecycle import until_stopped
 from signalpost.node import OwnerNode
-from signalpost.ownership import BROKERS, TierMembership, View
+from signalpost.ownership import BROKERS, View
 from signalpost.placement import owner, ranking
-from signalpost.transport import DealerLink, new_incarnation
 from signalpost.wire import Envelope, Handoff, HandoffRequest, ReplicateCmd, encode_envelope
 
 log = logging.getLogger("signalpost.broker")
@@ -65,6 +63,8 @@ _MAX_CACHED_PLACEMENTS = 100_000
 class BrokerNode(OwnerNode):
     """A broker: rooms it owns, and links to the brokers that replicate them."""
 
+    tier = BROKERS
+
     def __init__(self, settings: Settings) -> None:
         # Edges hash what they dial, so the id is the dialable form of the bind address.
         self.placement_id = settings.dialable(settings.broker_bind)
@@ -78,18 +78,12 @@ class BrokerNode(OwnerNode):
             handoff_fences=settings.consul_addr is not None,
         )
         super().__init__(settings, "broker", self.table, settings.broker_bind)
-        self.peers: dict[str, DealerLink] = {}
         self._replicas: dict[str, str | None] = {}  # room -> runner-up, until peers change
         self._live: list[str] = [self.placement_id]  # the brokers this one sees alive
         self._draining = False
         self._grace_until = float("inf")  # until then, peers not heard from count as alive
-        self._incarnation = new_incarnation()
-        self._running = False
         # With Consul: the newest view read there decides ownership (None: not read yet,
         # this broker owns nothing); without, ``_live`` does.
-        self._by_view = settings.consul_addr is not None
-        self._view: View | None = None
-        self._membership: TierMembership | None = None
         self._discovered = list(settings.broker_endpoints)  # configured, or found in Consul
 
     def _replica_for(self, room: str) -> str | None:
@@ -145,7 +139,7 @@ class BrokerNode(OwnerNode):
             # serve these rooms now, from their replicas; what is here is stale.
             for name in [n for n, room in self.table.rooms.items() if room.active]:
                 self._send(self.table.demote(name))
-        self.update_peers(self._discovered)
+        super()._view_changed(view)
 
     def _send(self, outbound: list[Outbound]) -> None:
         send_body = self.router.send_body
@@ -161,9 +155,6 @@ class BrokerNode(OwnerNode):
         if self._draining and not isinstance(envelope, _TO_PEERS):
             return  # handing over: edges resend to the rooms' next owners
         super()._on_envelope(peer, envelope)
-
-    def _from_peer(self, envelope: Envelope) -> None:
-        self._send(self.table.handle(envelope, self._clock()))
 
     def _peers_changed(self, *_link: object) -> None:
         self._replicas.clear()
@@ -199,68 +190,15 @@ class BrokerNode(OwnerNode):
         if handed:
             await asyncio.sleep(0.2)  # the links send what is queued before they close
 
-    def update_peers(self, endpoints: list[str]) -> None:
-        """Make the peer set ``endpoints`` (other brokers' placement ids; with Consul, also
-        every broker of the view)."""
-        wanted = {e for e in endpoints if e != self.placement_id}
-        if self._view is not None:
-            wanted |= {b for b in self._view.members if b != self.placement_id}
-        for endpoint in list(self.peers):
-            if endpoint not in wanted:
-                link = self.peers.pop(endpoint)
-                asyncio.get_running_loop().create_task(link.close())
-        for endpoint in wanted - self.peers.keys():
-            link = DealerLink(
-                self._context,
-                endpoint,
-                self.placement_id,
-                self._incarnation,
-                on_envelope=self._from_peer,
-                on_up=self._peers_changed,
-                on_down=self._peers_changed,
-                heartbeat_interval=self.settings.heartbeat_interval,
-                peer_expiry=self.settings.peer_expiry,
-                keys=self.keys,
-                max_message=self.settings.max_node_message,
-            )
-            self.peers[endpoint] = link
-            if self._running:
-                link.start()
-        self._peers_changed()
-
     @property
     def endpoint(self) -> str:
         return self.placement_id
 
     async def started(self) -> None:
-        self._running = True
         grace = self.settings.peer_expiry
         self._grace_until = self._clock() + grace
         asyncio.get_running_loop().call_later(grace, self._peers_changed)
-        self.update_peers(list(self.settings.broker_endpoints))
-
-    def discovering(self, discovery: Discovery) -> None:
-        def discovered(members: dict[str, str]) -> None:
-            self._discovered = list(members.values())
-            self.update_peers(self._discovered)
-
-        discovery.watch("broker", discovered)
-        assert self.settings.consul_addr is not None
-        self._membership = TierMembership(
-            self.settings.consul_addr,
-            BROKERS,
-            self.placement_id,
-            self.node_id,
-            self._view_changed,
-            registered=lambda: self._discovered,
-        )
-        self._membership.start()
-
-    async def stopping(self) -> None:
-        if self._membership is not None:
-            await self._membership.close()
-        for link in self.peers.values():
-            await link.close()
+        await super().started()
 
 
 async def run_broker(settings: Settings) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from broker.service import room_table
+from presence.service import wall_clock_ms
 from presence.table import PresenceTable
 from signalpost.config import Settings
 from signalpost.wire import AttachCmd, EdgeSync, Envelope, RestoreCmd, RoomPosition
@@ -87,7 +88,9 @@ class LocalBackplane:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         # One process: nothing between the table and the edge can lose a delivery.
         self.rooms = room_table(settings, confirming=False)
-        self.presence = PresenceTable(resume_window=settings.resume_window)
+        self.presence = PresenceTable(
+            resume_window=settings.resume_window, version_floor=wall_clock_ms
+        )
         self._clock = clock
         self._edge_id = ""
         self._inbox: Inbox | None = None

@@ -680,7 +680,9 @@ class EdgeServer:
         if resumed and claimed is not None:
             for user in claimed.changed:
                 status = claimed.watching[user]
-                self._write([client], encode_frame(PresenceFrame(user=user, status=status)))
+                version = claimed.versions.get(user, 0)
+                frame = PresenceFrame(user=user, status=status, version=version)
+                self._write([client], encode_frame(frame))
             for payload in held_for_claim:  # newer than the claim's snapshot: after it
                 self._write(self._status_changes([client], payload), payload)
         if resumed:

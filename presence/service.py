@@ -9,8 +9,10 @@ after start.
 
 Each node opens a DEALER to every other presence node: its subscriptions to users owned
 there (``StatusSubscribe``) and the copies of its leases (``LeaseCopy``, to each user's
-runner-up) go out on it, and the owner's ``StatusNote``s come back on it (through the
-owner's ROUTER, addressed to this node's placement id).
+runner-up) go out on it, and the owner's ``StatusNote``s and the runner-up's
+``ReplicaAck``s of copies come back on it (through the other node's ROUTER, addressed to
+this node's placement id). The links and the tier's view are ``OwnerNode``'s, shared with
+the brokers.
 
 SIGTERM: the node leaves the view (Consul) and waits until it has read a view without
 itself (bounded by ``drain_timeout``), so the edges re-sync its users to their new owners
@@ -21,23 +23,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from presence.table import Outbound, PresenceTable
 from signalpost import metrics
 from signalpost.config import Settings
-from signalpost.discovery import Discovery
 from signalpost.lifecycle import until_stopped
 from signalpost.node import OwnerNode
-from signalpost.ownership import PRESENCE, TierMembership, View
+from signalpost.ownership import PRESENCE, View
 from signalpost.placement import owner, ranking
-from signalpost.transport import DealerLink, new_incarnation
-from signalpost.wire import Envelope, LeaseCopy, StatusSubscribe, encode_envelope
+from signalpost.transport import DealerLink
+from signalpost.wire import LeaseCopy, StatusSubscribe, encode_envelope
 
 log = logging.getLogger("signalpost.presence")
 
 #: Envelopes that go to another presence node over this node's own link to it (status
 #: notes go back through the ROUTER, to the subscriber's identity).
 _TO_PEER_TYPES: frozenset[type] = frozenset({StatusSubscribe, LeaseCopy})
+
+
+def wall_clock_ms() -> int:
+    """The status version floor (``PresenceTable(version_floor=...)``): a node that does
+    not know a user's status version starts above any an earlier owner gave (clocks agree
+    within the time a takeover takes), as brokers start terms from the wall clock."""
+    return time.time_ns() // 1_000_000
+
 
 #: How long a draining node waits for the view that leaves it out, at most (seconds).
 DRAIN_VIEW_TIMEOUT = 5.0
@@ -46,6 +56,8 @@ DRAIN_VIEW_TIMEOUT = 5.0
 class PresenceNode(OwnerNode):
     """One presence node: the users it owns, and links to the other presence nodes."""
 
+    tier = PRESENCE
+
     def __init__(self, settings: Settings) -> None:
         self.placement_id = settings.dialable(settings.presence_bind)
         self.table = PresenceTable(
@@ -53,14 +65,12 @@ class PresenceNode(OwnerNode):
             node_id=self.placement_id,
             owner_of=self._owner_of,
             replica_of=self._replica_of,
+            # Copy numbers go on from the wall clock (µs): a restarted node's copies are
+            # newer than its previous incarnation's, which a runner-up may still hold.
+            first_seq=time.time_ns() // 1000,
+            version_floor=wall_clock_ms,
         )
         super().__init__(settings, "presence", self.table, settings.presence_bind)
-        self.peers: dict[str, DealerLink] = {}
-        self._incarnation = new_incarnation()
-        self._running = False
-        self._by_view = settings.consul_addr is not None
-        self._view: View | None = None
-        self._membership: TierMembership | None = None
         self._placing: list[str] = [] if self._by_view else [self.placement_id]
         self._grace_until = float("inf")
         self._discovered = [e for e in settings.presence_endpoints if e != self.placement_id]
@@ -92,11 +102,10 @@ class PresenceNode(OwnerNode):
 
     def _view_changed(self, view: View) -> None:
         """A newer presence view was read from Consul: place users on its members."""
-        self._view = view
         self.table.term = view.number
         if self._draining and self.placement_id not in view:
             self._left.set()
-        self.update_peers(self._discovered)
+        super()._view_changed(view)
         self._set_placing(list(view.members))
 
     def _peers_changed(self, *_link: object) -> None:
@@ -117,34 +126,6 @@ class PresenceNode(OwnerNode):
             self._send(self.table.peer_restarted(link.endpoint, self._clock()))
         self._peers_changed()
 
-    def update_peers(self, endpoints: list[str]) -> None:
-        """Make the peer set ``endpoints`` (and, with Consul, every member of the view)."""
-        wanted = {e for e in endpoints if e != self.placement_id}
-        if self._view is not None:
-            wanted |= {m for m in self._view.members if m != self.placement_id}
-        for endpoint in list(self.peers):
-            if endpoint not in wanted:
-                link = self.peers.pop(endpoint)
-                asyncio.get_running_loop().create_task(link.close())
-        for endpoint in sorted(wanted - self.peers.keys()):
-            link = DealerLink(
-                self._context,
-                endpoint,
-                self.placement_id,
-                self._incarnation,
-                on_envelope=self._from_peer,
-                on_up=self._peer_up,
-                on_down=self._peers_changed,
-                heartbeat_interval=self.settings.heartbeat_interval,
-                peer_expiry=self.settings.peer_expiry,
-                keys=self.keys,
-                max_message=self.settings.max_node_message,
-            )
-            self.peers[endpoint] = link
-            if self._running:
-                link.start()
-        self._peers_changed()
-
     # ----------------------------------------------------------------- I/O
 
     def _send(self, outbound: list[Outbound]) -> None:
@@ -157,9 +138,6 @@ class PresenceNode(OwnerNode):
             else:
                 send_body(target, encode_envelope(envelope))
 
-    def _from_peer(self, envelope: Envelope) -> None:
-        self._send(self.core.handle(envelope, self._clock()))
-
     def expired(self) -> None:
         counters = self.table.counters
         dropped = counters.misrouted + counters.pending_dropped + counters.notes_ignored
@@ -170,27 +148,9 @@ class PresenceNode(OwnerNode):
     # ----------------------------------------------------------------- lifecycle
 
     async def started(self) -> None:
-        self._running = True
         self._grace_until = self._clock() + self.settings.peer_expiry
         asyncio.get_running_loop().call_later(self.settings.peer_expiry, self._peers_changed)
-        self.update_peers(self._discovered)
-
-    def discovering(self, discovery: Discovery) -> None:
-        def discovered(members: dict[str, str]) -> None:
-            self._discovered = list(members.values())
-            self.update_peers(self._discovered)
-
-        discovery.watch("presence", discovered)
-        assert self.settings.consul_addr is not None
-        self._membership = TierMembership(
-            self.settings.consul_addr,
-            PRESENCE,
-            self.placement_id,
-            self.node_id,
-            self._view_changed,
-            registered=lambda: self._discovered,
-        )
-        self._membership.start()
+        await super().started()
 
     async def draining(self) -> None:
         """SIGTERM: leave the view and keep answering until the others took over."""
@@ -207,12 +167,6 @@ class PresenceNode(OwnerNode):
         # The edges read the same view about when this node did: give their re-sync and
         # the new owners' subscriptions a moment to land before this node stops answering.
         await asyncio.sleep(0.5)
-
-    async def stopping(self) -> None:
-        if self._membership is not None:
-            await self._membership.close()
-        for link in self.peers.values():
-            await link.close()
 
 
 async def run_presence(settings: Settings) -> None:

@@ -70,14 +70,31 @@ else with it. When a view makes it the owner (the owner died or left), it adopts
 copies as leases, suspended ones with the time left of their windows: resumes go on
 (``resumed: true``) and watches are kept. When a view moves a user to a node that is not
 its runner-up (a node joined), the old owner hands each session over (``handoff``)
-instead of forgetting it. Copies are not acknowledged: the change in flight when an owner
-dies is lost. The edges' re-sync restores every connected session; an adopted connection
-no edge names again within ``SYNC_GRACE`` had its goodbye lost with the dead owner, and is
-suspended then (``_unconfirmed``): it may resume, or goes offline one window later.
+instead of forgetting it. The edges' re-sync restores every connected session; an adopted
+connection no edge names again within ``SYNC_GRACE`` had its goodbye lost with the dead
+owner, and is suspended then (``_unconfirmed``): it may resume, or goes offline one window
+later.
 
-What each watcher was last told (``_told``) travels with a copy of its session but is not
-copied when only that changes (every status change would copy every watcher): after a
-failover a resumed watcher may be told a status it already knew.
+Copies are confirmed, as a broker's room events are (``signalpost.replication``): each is
+numbered (``seq``, from ``first_seq``, which the shell takes from the wall clock so that a
+restarted node's copies are newer) and the receiver answers ``ReplicaAck(session, seq)``.
+What a call caused (answers, presence frames, status notes, evictions) is held
+(``_changes``) until every copy the call sent is acknowledged, or a later copy of the same
+session is; an answer to a session whose earlier copy is unacknowledged waits for that one
+too. So nothing an edge or a watcher was told is unknown to the runner-up when the owner
+dies. ``_copying`` keeps the newest unacknowledged copy of each session: sent again after
+``copy_resend_after``, at once to a runner-up that restarted, to the new runner-up at a
+view change (or confirmed when there is none). The runner-up ignores a copy not newer than
+the one it holds from the same owner, and refuses one whose ``term`` is below it (a deposed
+owner: nothing is let out on it). At most ``MAX_HELD_CHANGES`` changes wait; past that the
+oldest is let out unacknowledged (``copies_unconfirmed``).
+
+Status versions: every status told carries the user's version (odd online, even offline,
+higher at each change: ``version``), copied with the user's leases (``LeaseCopy.version``)
+and noted to subscribers, so a new owner goes on from it. What each watcher was last told
+(``_told``) travels with a copy of its session but is not copied when only that changes
+(every status change would copy every watcher): after a failover a resumed watcher may be
+told a status it already knew, with the version it knows, and the SDKs drop it.
 
 One live connection per session
 -------------------------------
@@ -94,10 +111,12 @@ Without ``owner_of`` (one presence node, dev mode) the node owns every user.
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from signalpost.replication import Unacked, resend_late, retarget
 from signalpost.wire import (
     ClaimCmd,
     ClaimReply,
@@ -108,6 +127,7 @@ from signalpost.wire import (
     Evicted,
     LeaseCopy,
     PresenceFrame,
+    ReplicaAck,
     Reply,
     SessionDown,
     SessionUp,
@@ -138,6 +158,30 @@ MAX_PENDING: Final = 10_000
 #: that connection closed (``Evicted``); then it is answered all the same (counted). Less
 #: than the two request timeouts an edge keeps claiming for, so it does not give up first.
 EVICT_WAIT: Final = 1.5
+#: Seconds after which a lease copy the runner-up has not acknowledged is sent again (it
+#: or its ack was lost on a reset link).
+COPY_RESEND_AFTER: Final = 1.0
+#: Changes whose effects (replies, notes, evictions) wait for their copies' acks at once;
+#: past that the oldest is let out unacknowledged (counted: ``copies_unconfirmed``), as
+#: if it had no runner-up.
+MAX_HELD_CHANGES: Final = 10_000
+#: Status versions kept for offline users owned here; past that the least recently changed
+#: is forgotten (its next version starts from the version floor: a watcher may be told
+#: once more a status it knew, never miss a change).
+MAX_OFFLINE_VERSIONS: Final = 100_000
+
+
+def _next_version(after: int, online: bool, floor: int) -> int:
+    """The first status version above ``after`` and not below ``floor`` that says
+    ``online`` (odd) or offline (even)."""
+    version = max(after + 1, floor)
+    if (version % 2 == 1) != online:
+        version += 1
+    return version
+
+
+def _no_floor() -> int:
+    return 0
 
 
 @dataclass(slots=True)
@@ -160,6 +204,28 @@ class HeldReply:
     deadline: float
 
 
+@dataclass(slots=True, kw_only=True)
+class _Copying(Unacked):
+    """The newest copy of a session sent (to its runner-up, or to a new owner: a handoff)
+    and not acknowledged yet."""
+
+    user: str
+    seq: int
+
+
+@dataclass(slots=True)
+class _HeldChange:
+    """What one change caused, held until its copies are acknowledged."""
+
+    waits: dict[str, int]  # session -> the copy (seq) its runner-up must acknowledge
+    out: list[Outbound]
+
+
+#: What a change causes that is not held for its copies' acks: the copies themselves,
+#: acks of copies received, subscriptions (they change nothing at their owner).
+_NEVER_HELD: Final[frozenset[type]] = frozenset({LeaseCopy, ReplicaAck, StatusSubscribe})
+
+
 @dataclass(slots=True)
 class Counters:
     """Frames a node dropped, by cause (exported as metrics by the shell)."""
@@ -168,6 +234,8 @@ class Counters:
     pending_dropped: int = 0  # a watch reply that waited too long or found no room
     notes_ignored: int = 0  # a status note from a node that does not own the user here
     evict_unconfirmed: int = 0  # a resume answered without the old connection's close
+    copies_unconfirmed: int = 0  # a change let out before its copies were acknowledged
+    copies_refused: int = 0  # a copy a runner-up refused (it knows a newer owner)
 
 
 @dataclass(slots=True)
@@ -203,6 +271,9 @@ class PresenceTable:
         node_id: str = "",
         owner_of: Callable[[str], str | None] | None = None,
         replica_of: Callable[[str], str | None] | None = None,
+        first_seq: int = 0,
+        copy_resend_after: float = COPY_RESEND_AFTER,
+        version_floor: Callable[[], int] = _no_floor,
     ) -> None:
         self.resume_window = resume_window
         #: This node's placement id, and the owner of a user in this node's view (None:
@@ -253,6 +324,27 @@ class PresenceTable:
         # the old owner, and are suspended once settled. Cleared at every settling.
         self._unconfirmed: dict[str, str] = {}
         self._resubscribe_at = float("-inf")
+        # Confirmed copies. ``_seq``: the number of the last copy sent (the shell starts it
+        # from the wall clock, so a restarted node's copies are newer). ``_copying``: per
+        # session, the newest copy not acknowledged yet (one at most: a newer copy of the
+        # whole state supersedes it). ``_changes``: what changes caused, held until the
+        # copies they wait for are acknowledged (numbered, oldest first; at most
+        # MAX_HELD_CHANGES); ``_waiting``: session -> the numbers of the changes waiting
+        # for one of its copies.
+        self._seq = first_seq
+        self.copy_resend_after = copy_resend_after
+        self._copying: dict[str, _Copying] = {}
+        self._changes: dict[int, _HeldChange] = {}
+        self._next_change = 0
+        self._waiting: dict[str, set[int]] = {}
+        # Status versions (``PresenceFrame.version``): of users owned here (oldest change
+        # first; offline ones bounded by MAX_OFFLINE_VERSIONS), and of remote watched users
+        # as their owners noted them. A user whose version is not known here gets one from
+        # ``version_floor`` (the shell passes the wall clock in ms: above what a previous
+        # owner gave it).
+        self._version_floor = version_floor
+        self._versions: OrderedDict[str, int] = OrderedDict()
+        self._remote_versions: dict[str, int] = {}
 
     def owns(self, user: str) -> bool:
         """Whether this node owns ``user`` in its view (always, without a view function)."""
@@ -265,12 +357,44 @@ class PresenceTable:
             return self._remote.get(user, "offline")
         return "online" if self._sessions_of.get(user) else "offline"
 
+    def version(self, user: str) -> int:
+        """The version of ``user``'s status (``PresenceFrame.version``): odd while online,
+        even while offline, higher at every change, carried with the user's leases to the
+        node that takes it over. 0: a remote user no note has versioned yet."""
+        if self._owner_of is not None and not self.owns(user):
+            return self._remote_versions.get(user, 0)
+        return self._note_status(user)
+
+    def _note_status(self, user: str) -> int:
+        """``user`` (owned here) may have changed status: its version, moved past the one
+        it had if the status is not what that one says."""
+        online = bool(self._sessions_of.get(user))
+        version = self._versions.get(user)
+        if version is not None and (version % 2 == 1) == online:
+            return version
+        version = _next_version(version or 0, online, self._version_floor())
+        self._versions[user] = version
+        self._versions.move_to_end(user)
+        if len(self._versions) > MAX_OFFLINE_VERSIONS + len(self._sessions_of):
+            for _ in range(len(self._versions)):  # bounded: the oldest offline one goes
+                oldest = next(iter(self._versions))
+                if not self._sessions_of.get(oldest):
+                    del self._versions[oldest]
+                    break
+                self._versions.move_to_end(oldest)
+        return version
+
+    def _merge_version(self, user: str, version: int) -> None:
+        """A previous owner of ``user`` gave its status ``version``: never go below it."""
+        if version > self._versions.get(user, 0):
+            self._versions[user] = version
+            self._versions.move_to_end(user)
+
     def handle(self, command: Envelope, now: float) -> list[Outbound]:
         """Apply one command from an edge or another presence node; return what to send."""
-        out = self._apply(command, now)
-        if self._dirty:
-            self._copy_dirty(out, now)
-        return out
+        if type(command) is ReplicaAck:  # (what it lets out waited already: not again)
+            return self.copy_acked(command)
+        return self._finish(self._apply(command, now), now)
 
     def _apply(self, command: Envelope, now: float) -> list[Outbound]:
         if isinstance(command, SessionUp):
@@ -356,6 +480,7 @@ class PresenceTable:
             reply = ClaimReply(command.session, command.conn, False, term=self.term)
             out.append((command.edge, reply))
             return out
+        self._unconfirmed.pop(command.session, None)  # its edge named it: it is live
         granted = self.session_up(
             SessionUp(command.session, command.user, command.edge, command.conn)
         )
@@ -366,7 +491,10 @@ class PresenceTable:
         told = self._told.setdefault(command.session, {})
         changed = [user for user, status in watching.items() if told.get(user) != status]
         told.update(watching)
-        reply = ClaimReply(command.session, command.conn, True, watching, changed, self.term)
+        versions = {user: self.version(user) for user in watching}
+        reply = ClaimReply(
+            command.session, command.conn, True, watching, changed, self.term, versions
+        )
         for edge, envelope in granted:
             if isinstance(envelope, Evict) and envelope.session == command.session:
                 # The connection it replaces is live: answered once that one is closed.
@@ -406,9 +534,7 @@ class PresenceTable:
         out: list[Outbound] = []
         if self._held:
             self._release_held(out, now, lost_edge=edge)
-        if self._dirty:
-            self._copy_dirty(out, now)
-        return out
+        return self._finish(out, now)
 
     def edge_sync(self, command: EdgeSync) -> list[Outbound]:
         """Rebuild from an edge's announcement of all it holds."""
@@ -439,10 +565,10 @@ class PresenceTable:
             lease.deadline_token = 0  # popped: _end must not count it stale
             out.extend(self._end(session))
         self._compact_deadlines()
-        if self._dirty:
-            self._copy_dirty(out, now)
         if self._held:
             self._release_held(out, now)
+        if self._copying:
+            resend_late(self._copying.values(), now, self.copy_resend_after, out)
         if (self._settling or self._unconfirmed) and now >= self._settled_at:
             self._settle(out, now)
         if self._owner_of is not None and now >= self._resubscribe_at:
@@ -452,7 +578,7 @@ class PresenceTable:
                 if pending.deadline <= now:
                     self._drop_pending(key)
                     self.counters.pending_dropped += 1
-        return out
+        return self._finish(out, now)
 
     def _suspend(self, session: str, lease: SessionLease, deadline: float) -> None:
         """Start (or restart) ``session``'s resume window: it is offline after ``deadline``."""
@@ -556,7 +682,10 @@ class PresenceTable:
     def _watch_reply(self, command: WatchCmd) -> Outbound:
         snapshot: dict[str, Status] = {user: self.status(user) for user in command.users}
         self._told.setdefault(command.session, {}).update(snapshot)
-        payload = encode_frame(WatchingFrame(presence=dict(snapshot), id=command.req))
+        versions = {user: self.version(user) for user in command.users}
+        payload = encode_frame(
+            WatchingFrame(presence=dict(snapshot), versions=versions, id=command.req)
+        )
         return (command.edge, Reply(command.session, command.conn, command.seq, payload, True))
 
     def _drop_pending(self, key: tuple[str, str, int]) -> None:
@@ -609,8 +738,11 @@ class PresenceTable:
     def _notify(self, user: str, was: Status, out: list[Outbound]) -> None:
         now_status = self.status(user)
         if now_status == was or user in self._settling:
+            if self.owns(user):
+                self._note_status(user)
             return
-        payload = encode_frame(PresenceFrame(user=user, status=now_status))
+        version = self.version(user)
+        payload = encode_frame(PresenceFrame(user=user, status=now_status, version=version))
         by_edge: dict[str, list[str]] = {}
         for watcher in self._watchers_of.get(user, ()):
             lease = self.leases.get(watcher)
@@ -621,7 +753,7 @@ class PresenceTable:
             out.append((edge, Deliver(sessions, payload)))
         subscribers = self._subscribers.get(user)
         if subscribers:
-            note = StatusNote(self.node_id, {user: now_status})
+            note = StatusNote(self.node_id, {user: now_status}, {user: version})
             for node in subscribers:
                 out.append((node, note))
 
@@ -636,16 +768,19 @@ class PresenceTable:
             if not self.owns(lease.user):
                 new_owner = self._owner_of(lease.user) if self._owner_of is not None else None
                 if new_owner is not None and new_owner != self.node_id:
-                    copy = self._copy_of(session, lease, now, handoff=True)
-                    out.append((new_owner, copy))
+                    # Acknowledged as copies are: what waits for this session waits for it.
+                    self._send_copy(session, lease.user, lease, new_owner, now, out, handoff=True)
                 self._forget(session, lease, out)
         for session in [s for s in self._watched_by if s not in self.leases]:
             self._forget_watches(session, out)
         for user in [u for u in self._subscribers if not self.owns(u)]:
             del self._subscribers[user]  # its subscribers subscribe at its new owner
+        for user in [u for u in self._versions if not self.owns(u)]:
+            del self._versions[user]  # its new owner versions it (from the copies)
         for user in [u for u in self._remote if self.owns(u)]:
             # Known from leases now, once the edges re-synced them.
             self._settling.setdefault(user, self._remote.pop(user))
+            self._merge_version(user, self._remote_versions.pop(user, 0))
             self._unanswered.discard(user)
         for user in [u for u in self._awaiting if self.owns(u)]:
             self._status_known(user, out)
@@ -659,16 +794,43 @@ class PresenceTable:
         # Every lease to its (maybe new) runner-up: a view change is rare, leases many,
         # so this costs one copy per lease per view change.
         self._dirty = {session: lease.user for session, lease in self.leases.items()}
-        self._copy_dirty(out, now)
-        return out
+        # Copies still unacknowledged that no new copy replaces: an ended session's to the
+        # new runner-up, a handoff to the user's owner now; confirmed where nobody is left
+        # to have them (the user moved away: its new owner has it from the edges).
+        for session, copying in list(self._copying.items()):
+            user = copying.user
+            target: str | None = None
+            if self.owns(user):
+                target = self._replica_of(user) if self._replica_of is not None else None
+                if target is not None and target != self.node_id and session in self.leases:
+                    continue  # copied anew below
+            elif isinstance(copying.message, LeaseCopy) and copying.message.handoff:
+                target = self._owner_of(user) if self._owner_of is not None else None
+            if target == self.node_id:
+                target = None
+            retarget(copying, target, now, out)
+            if copying.confirmed:
+                del self._copying[session]
+                out.extend(self._acked_through(session, copying.seq))
+        return self._finish(out, now)
 
     # ----------------------------------------------------------------- replication
 
     def _copy_of(
-        self, session: str, lease: SessionLease | None, now: float, handoff: bool = False
+        self, session: str, user: str, lease: SessionLease | None, now: float, handoff: bool
     ) -> LeaseCopy:
+        self._seq += 1
+        version = self._versions.get(user) or self.version(user)
         if lease is None:
-            return LeaseCopy(self.node_id, session, "", gone=True)
+            return LeaseCopy(
+                self.node_id,
+                session,
+                user,
+                gone=True,
+                seq=self._seq,
+                term=self.term,
+                version=version,
+            )
         left = -1.0
         if lease.suspended_until is not None:
             left = max(0.0, lease.suspended_until - now)
@@ -682,31 +844,132 @@ class PresenceTable:
             sorted(self._watched_by.get(session, ())),
             dict(self._told.get(session, {})),
             handoff=handoff,
+            seq=self._seq,
+            term=self.term,
+            version=version,
         )
 
-    def _copy_dirty(self, out: list[Outbound], now: float) -> None:
-        """Copy each session changed by this call to its user's runner-up."""
+    def _send_copy(
+        self,
+        session: str,
+        user: str,
+        lease: SessionLease | None,
+        target: str,
+        now: float,
+        out: list[Outbound],
+        handoff: bool = False,
+    ) -> int:
+        """Send ``target`` the state of ``session``, to be acknowledged; its number."""
+        copy = self._copy_of(session, user, lease, now, handoff)
+        self._copying[session] = _Copying(copy, target, sent_at=now, user=user, seq=copy.seq)
+        out.append((target, copy))
+        return copy.seq
+
+    def _copy_dirty(self, out: list[Outbound], now: float) -> dict[str, int]:
+        """Copy each session changed by this call to its user's runner-up; what the call
+        caused waits for these copies (session -> copy number)."""
         dirty, self._dirty = self._dirty, {}
+        waits: dict[str, int] = {}
         if self._replica_of is None:
-            return
+            return waits
         for session, user in dirty.items():
             if not self.owns(user):
                 continue  # a lease held ahead of a view: its owner replicates it
             replica = self._replica_of(user)
             if replica is None or replica == self.node_id:
                 continue
-            copy = self._copy_of(session, self.leases.get(session), now)
-            if copy.gone:
-                copy = LeaseCopy(self.node_id, session, user, gone=True)
-            out.append((replica, copy))
+            lease = self.leases.get(session)
+            waits[session] = self._send_copy(session, user, lease, replica, now, out)
+        return waits
+
+    def _finish(self, out: list[Outbound], now: float) -> list[Outbound]:
+        """End a call: copy what it changed, and hold what it caused (answers, status
+        notes, evictions) until the runner-ups acknowledged those copies. Answers to a
+        session whose earlier copy is still unacknowledged wait for it too."""
+        waits = self._copy_dirty(out, now) if self._dirty else {}
+        if self._copying:
+            for _, envelope in out:
+                if isinstance(envelope, ClaimReply | Reply):
+                    session = envelope.session
+                    copying = self._copying.get(session)
+                    if copying is not None and session not in waits:
+                        waits[session] = copying.seq
+        if not waits:
+            return out
+        held = [item for item in out if type(item[1]) not in _NEVER_HELD]
+        if not held:
+            return out
+        sent = [item for item in out if type(item[1]) in _NEVER_HELD]
+        if len(self._changes) >= MAX_HELD_CHANGES:
+            # Full: the oldest goes out unacknowledged (as if its user had no runner-up).
+            oldest = next(iter(self._changes))
+            self.counters.copies_unconfirmed += 1
+            sent.extend(self._let_out(oldest))
+        number = self._next_change
+        self._next_change += 1
+        self._changes[number] = _HeldChange(waits, held)
+        for session in waits:
+            self._waiting.setdefault(session, set()).add(number)
+        return sent
+
+    def _let_out(self, number: int) -> list[Outbound]:
+        change = self._changes.pop(number)
+        for session in change.waits:
+            numbers = self._waiting.get(session)
+            if numbers is not None:
+                numbers.discard(number)
+                if not numbers:
+                    del self._waiting[session]
+        return change.out
+
+    def copy_acked(self, ack: ReplicaAck) -> list[Outbound]:
+        """A runner-up (or new owner) has copy ``ack.batch`` of session ``ack.room``: let
+        out what waited for it (and for the copies before it)."""
+        session, seq = ack.room, ack.batch
+        if ack.refused:
+            # It knows a newer owner: this node was deposed and reads so in a view soon;
+            # nothing is let out on the strength of this copy.
+            self.counters.copies_refused += 1
+            return []
+        copying = self._copying.get(session)
+        if copying is not None and copying.seq <= seq:
+            del self._copying[session]
+        return self._acked_through(session, seq)
+
+    def _acked_through(self, session: str, seq: int) -> list[Outbound]:
+        """The copies of ``session`` through ``seq`` are acknowledged (or need not be)."""
+        out: list[Outbound] = []
+        numbers = self._waiting.get(session)
+        if not numbers:
+            return out
+        for number in sorted(numbers):
+            change = self._changes.get(number)
+            if change is None or change.waits.get(session, seq + 1) > seq:
+                continue
+            del change.waits[session]
+            numbers.discard(number)
+            if not change.waits:
+                out.extend(self._let_out(number))
+        if not numbers:
+            self._waiting.pop(session, None)
+        return out
 
     def copied(self, copy: LeaseCopy, now: float) -> list[Outbound]:
         """A copy of a session from its user's owner (or, ``handoff``, its old owner)."""
-        out: list[Outbound] = []
+        out: list[Outbound] = [(copy.owner, ReplicaAck(copy.session, copy.seq))]
         if copy.handoff or (self.owns(copy.user) and self._owner_of is not None):
             if not copy.gone:
                 self._adopt(copy, now, now, out)
             return out
+        held = self._copies.get(copy.session)
+        if held is not None:
+            known = held[0]
+            if known.owner == copy.owner and copy.seq <= known.seq:
+                return out  # sent again (its ack was lost): what is held is as new
+            if copy.term < known.term:
+                # A node deposed since the held copy's owner took the user: refused, so
+                # it lets nothing out on the strength of it.
+                return [(copy.owner, ReplicaAck(copy.session, copy.seq, True, known.term))]
         if copy.gone:
             self._copies.pop(copy.session, None)
         else:
@@ -715,13 +978,16 @@ class PresenceTable:
 
     def _adopt(self, copy: LeaseCopy, received: float, now: float, out: list[Outbound]) -> None:
         """Take a copied session as a lease of this node's own (it owns the user now)."""
+        self._merge_version(copy.user, copy.version)
         lease = self.leases.get(copy.session)
         if lease is not None and conn_supersedes(lease.conn, copy.conn):
+            self._note_status(copy.user)
             return  # what an edge re-synced here is as new or newer
         deadline = None
         if copy.suspended_for >= 0:
             deadline = received + copy.suspended_for
             if deadline <= now:
+                self._note_status(copy.user)
                 return  # its resume window lapsed while it was a copy
         out.extend(self.session_up(SessionUp(copy.session, copy.user, copy.edge, copy.conn)))
         if deadline is not None:
@@ -770,15 +1036,17 @@ class PresenceTable:
         if now < self._settled_at:
             return []  # edges are still re-syncing: the subscriber asks again
         statuses: dict[str, Status] = {}
+        versions: dict[str, int] = {}
         for user in command.users:
             if not self.owns(user):
                 self.counters.misrouted += 1
                 continue
             self._subscribers.setdefault(user, set()).add(command.node)
             statuses[user] = self.status(user)
+            versions[user] = self.version(user)
         if not statuses:
             return []
-        return [(command.node, StatusNote(self.node_id, statuses))]
+        return [(command.node, StatusNote(self.node_id, statuses, versions))]
 
     def noted(self, note: StatusNote) -> list[Outbound]:
         """An owner told this node the status of users watched here."""
@@ -787,9 +1055,15 @@ class PresenceTable:
             if self._subscribed.get(user) != note.owner or self.owns(user):
                 self.counters.notes_ignored += 1
                 continue
+            version = note.versions.get(user, 0)
+            known = self._remote_versions.get(user, 0)
+            if version and version < known:
+                self.counters.notes_ignored += 1  # older than one noted already
+                continue
             self._unanswered.discard(user)
             was = self._remote.get(user)
             self._remote[user] = status
+            self._remote_versions[user] = version
             if was is None:
                 self._status_known(user, out)
             elif was != status:
@@ -835,6 +1109,7 @@ class PresenceTable:
                 continue
             owner = self._subscribed.pop(user, None)
             self._remote.pop(user, None)
+            self._remote_versions.pop(user, None)
             self._unanswered.discard(user)
             if owner is not None:
                 by_owner.setdefault(owner, []).append(user)
@@ -873,8 +1148,13 @@ class PresenceTable:
                 for session, lease in self.leases.items()
                 if self._replica_of(lease.user) == node
             }
-            self._copy_dirty(out, now)
-        return out
+            # Copies of ended sessions it has not acknowledged: sent again, at once.
+            for session, copying in self._copying.items():
+                if copying.target == node and session not in self._dirty:
+                    copying.sent_at = now
+                    if copying.message is not None:
+                        out.append((node, copying.message))
+        return self._finish(out, now)
 
     def _unsubscribe_node(self, node: str) -> None:
         for user in [u for u, nodes in self._subscribers.items() if node in nodes]:

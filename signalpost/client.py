@@ -208,6 +208,9 @@ class SignalEvent(_Event, tag="signal", frozen=True):
 class PresenceChanged(_Event, tag="presence", frozen=True):
     user: str
     status: Literal["online", "offline"]
+    #: The user's status version (docs/protocol.md): a frame with the status known and a
+    #: version not above its own repeats what the client was told, and is dropped.
+    version: int = 0
 
 
 class Recovered(_Event, tag="recovered", frozen=True):
@@ -312,6 +315,7 @@ class SignalpostClient:
         self._closing = False
         self._connected = asyncio.Event()
         self.presence: dict[str, str] = {}  # watched user -> last status known
+        self.presence_versions: dict[str, int] = {}  # watched user -> its status's version
         self._rewatching: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------------- lifecycle
@@ -475,6 +479,7 @@ class SignalpostClient:
             return
         statuses: dict[str, str] = reply["presence"]
         self.presence.update(statuses)
+        self._note_versions(reply)
         for user, status in statuses.items():
             if before.get(user) != status and status in ("online", "offline"):
                 self._events.put_nowait(PresenceChanged(user=user, status=status))  # type: ignore[arg-type]
@@ -539,8 +544,18 @@ class SignalpostClient:
                     self._saw(event.room, position.epoch, position.offset)
                 self.positions[event.room] = RoomPosition(event.epoch, event.offset)
                 self._epoch_of[event.room] = event.epoch
-        elif isinstance(event, PresenceChanged) and event.user in self.presence:
-            self.presence[event.user] = event.status
+        elif isinstance(event, PresenceChanged):
+            known = self.presence_versions.get(event.user, 0)
+            if (
+                event.version
+                and event.version <= known
+                and self.presence.get(event.user) == event.status
+            ):
+                return  # told already (e.g. again by the node that took its watcher over)
+            if event.user in self.presence:
+                self.presence[event.user] = event.status
+                if event.version:
+                    self.presence_versions[event.user] = event.version
         self._events.put_nowait(event)
 
     def _joined(self, frame: dict[str, Any]) -> None:
@@ -672,12 +687,20 @@ class SignalpostClient:
         reply = await self.request({"type": "watch", "users": users})
         presence: dict[str, str] = reply["presence"]
         self.presence.update(presence)
+        self._note_versions(reply)
         return presence
+
+    def _note_versions(self, reply: dict[str, Any]) -> None:
+        """Keep the status versions of a ``watching`` reply."""
+        for user, version in reply.get("versions", {}).items():
+            if version > self.presence_versions.get(user, 0):
+                self.presence_versions[user] = version
 
     async def unwatch(self, users: list[str]) -> None:
         """Stop watching users."""
         for user in users:
             self.presence.pop(user, None)
+            self.presence_versions.pop(user, None)
         await self.request({"type": "unwatch", "users": users})
 
     async def ping(self) -> None:

@@ -1,8 +1,15 @@
-"""The shell shared by owner nodes (broker, presence): a ROUTER, a core, a timer, a lifecycle.
+"""The shell shared by owner nodes (broker, presence): a ROUTER, a core, a timer, a lifecycle,
+and the links to the other nodes of the same tier.
 
 An owner core is sans-I/O: ``handle(command, now)``, ``expire(now)`` and
 ``edge_lost(edge, now)`` each return ``(edge id, envelope)`` pairs; this shell feeds it
 from the ROUTER and writes what it returns back out, in order.
+
+Peers: every owner node opens a DEALER to every other node of its tier (``update_peers``):
+the nodes configured or registered in Consul (``discovering``) and, with Consul, every
+member of the tier's newest view (``TierMembership``). What goes to a peer over that link
+(replication, subscriptions) is the subclass's; so is what a peer's coming, going or
+restart means (``_peer_up``, ``_peers_changed``).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from signalpost.config import Settings
 from signalpost.discovery import Discovery, Registration
 from signalpost.health import HealthServer
 from signalpost.node_keys import node_keys
-from signalpost.transport import RouterEndpoint, refused_sender
+from signalpost.ownership import Tier, TierMembership, View
+from signalpost.transport import DealerLink, RouterEndpoint, new_incarnation, refused_sender
 from signalpost.wire import Envelope, encode_envelope, sender_of
 
 log = logging.getLogger("signalpost.node")
@@ -41,7 +49,12 @@ class OwnerCore(Protocol):
 
 
 class OwnerNode:
-    """Runs one owner core behind a ROUTER socket."""
+    """Runs one owner core behind a ROUTER socket, linked to the other nodes of its tier."""
+
+    #: The tier whose view and members this node keeps in Consul (set by subclasses).
+    tier: Tier
+    #: Its identity among its peers: its endpoint as others dial it.
+    placement_id: str
 
     def __init__(self, settings: Settings, kind: str, core: OwnerCore, bind: str) -> None:
         self.kind = kind
@@ -75,6 +88,15 @@ class OwnerNode:
         metrics.HOT.envelopes.setdefault(kind, 0)
         self.discovery: Discovery | None = None
         self.health: HealthServer | None = None
+        # Peers: placement id -> link; the ones configured or found in Consul; with Consul,
+        # the tier's newest view (None: none read yet) and this node's part in it.
+        self.peers: dict[str, DealerLink] = {}
+        self._discovered: list[str] = []
+        self._by_view = settings.consul_addr is not None
+        self._view: View | None = None
+        self._membership: TierMembership | None = None
+        self._incarnation = new_incarnation()
+        self._running = False  # links are started once the router is up
 
     @property
     def endpoint(self) -> str:
@@ -100,17 +122,87 @@ class OwnerNode:
         metrics.PEERS_LOST.inc()
         self._send(self.core.edge_lost(edge, self._clock()))
 
+    # ----------------------------------------------------------------- peers
+
+    def _from_peer(self, envelope: Envelope) -> None:
+        """An envelope from a peer over this node's own link to it."""
+        self._send(self.core.handle(envelope, self._clock()))
+
+    def _peers_changed(self, *_link: object) -> None:
+        """Hook: a peer came, went, or changed liveness."""
+
+    def _peer_up(self, link: DealerLink, fresh: bool) -> None:
+        """Hook: a peer is heard (``fresh``: first heard, or it restarted)."""
+        self._peers_changed()
+
+    def _view_changed(self, view: View) -> None:
+        """Hook: a newer view of the tier was read from Consul (subclasses act, then call
+        ``update_peers``)."""
+        self._view = view
+        self.update_peers(self._discovered)
+
+    def update_peers(self, endpoints: list[str]) -> None:
+        """Make the peer set ``endpoints`` (other nodes' placement ids; with Consul, also
+        every member of the view): open links to new ones, close those gone."""
+        wanted = {e for e in endpoints if e != self.placement_id}
+        if self._view is not None:
+            wanted |= {m for m in self._view.members if m != self.placement_id}
+        for endpoint in list(self.peers):
+            if endpoint not in wanted:
+                link = self.peers.pop(endpoint)
+                asyncio.get_running_loop().create_task(link.close())
+        for endpoint in sorted(wanted - self.peers.keys()):
+            link = DealerLink(
+                self._context,
+                endpoint,
+                self.placement_id,
+                self._incarnation,
+                on_envelope=self._from_peer,
+                on_up=self._peer_up,
+                on_down=self._peers_changed,
+                heartbeat_interval=self.settings.heartbeat_interval,
+                peer_expiry=self.settings.peer_expiry,
+                keys=self.keys,
+                max_message=self.settings.max_node_message,
+            )
+            self.peers[endpoint] = link
+            if self._running:
+                link.start()
+        self._peers_changed()
+
     async def started(self) -> None:
-        """Hook: the router is up (subclasses open more links here)."""
+        """Hook: the router is up: link to the configured peers (subclasses extend)."""
+        self._running = True
+        self.update_peers(self._discovered)
 
     def discovering(self, discovery: Discovery) -> None:
-        """Hook: Consul is configured; subclasses add the watchers they need."""
+        """Consul is configured: watch the tier's registered nodes, keep its view."""
+
+        def discovered(members: dict[str, str]) -> None:
+            self._discovered = list(members.values())
+            self.update_peers(self._discovered)
+
+        discovery.watch(self.kind, discovered)
+        assert self.settings.consul_addr is not None
+        self._membership = TierMembership(
+            self.settings.consul_addr,
+            self.tier,
+            self.placement_id,
+            self.node_id,
+            self._view_changed,
+            registered=lambda: self._discovered,
+        )
+        self._membership.start()
 
     async def draining(self) -> None:
         """Hook: asked to stop (SIGTERM); hand over what this node serves."""
 
     async def stopping(self) -> None:
-        """Hook: the node is about to close its router."""
+        """The node is about to close its router: leave Consul's view keeping, close links."""
+        if self._membership is not None:
+            await self._membership.close()
+        for link in self.peers.values():
+            await link.close()
 
     def expired(self) -> None:
         """Hook: called after every expiry tick (export a core's counters here)."""

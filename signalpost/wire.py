@@ -218,6 +218,8 @@ class RecoveredFrame(_ServerFrame, tag="recovered"):
 
 class WatchingFrame(_ServerFrame, tag="watching"):
     presence: dict[str, str]
+    #: Each user's status version (see ``PresenceFrame.version``).
+    versions: dict[str, int] = {}
     id: RequestId | None = None
 
 
@@ -228,6 +230,11 @@ class UnwatchedFrame(_ServerFrame, tag="unwatched"):
 class PresenceFrame(_ServerFrame, tag="presence"):
     user: str
     status: Literal["online", "offline"]
+    #: The user's status version: higher at every change of the user's status (odd while
+    #: online, even while offline), carried with its leases to the node that takes it over;
+    #: a frame with the status a client has and a version not above the one it has for
+    #: it repeats what the client knows (docs/protocol.md). 0: unknown.
+    version: int = 0
 
 
 class PongFrame(_ServerFrame, tag="pong"):
@@ -415,7 +422,9 @@ class ReplicateCmd(_Envelope, tag=40, frozen=True):
 
 
 class ReplicaAck(_Envelope, tag=41, frozen=True):
-    """Runner-up -> owner: it has batch ``batch`` of the room's events.
+    """Runner-up -> owner: it has batch ``batch`` of the room's events. (Presence nodes
+    answer a ``LeaseCopy`` with it too: ``room`` is the session, ``batch`` the copy's
+    ``seq``.)
 
     ``refused``: it does not, because it serves the room itself or knows a newer owner
     (``term``): the sender was deposed and drops what it holds of the room.
@@ -586,6 +595,8 @@ class ClaimReply(_Envelope, tag=13, frozen=True):
     #: The answering node's term (the presence view's number; 0 without Consul): an edge
     #: that read a newer view ignores a grant from a deposed owner.
     term: int = 0
+    #: The status version of each user in ``watching`` (``PresenceFrame.version``).
+    versions: dict[str, int] = {}
 
 
 class SessionUp(_Envelope, tag=20, frozen=True):
@@ -655,6 +666,7 @@ class StatusNote(_Envelope, tag=27, frozen=True):
 
     owner: str
     statuses: dict[str, Literal["online", "offline"]]
+    versions: dict[str, int] = {}  # user -> status version (``PresenceFrame.version``)
 
 
 class LeaseCopy(_Envelope, tag=28, frozen=True):
@@ -665,6 +677,12 @@ class LeaseCopy(_Envelope, tag=28, frozen=True):
     The whole state of the session, not the change: copies are idempotent, and the last
     one received is the state. ``suspended_for`` is the time left of the resume window
     when sent (nodes' clocks are not comparable), -1 while connected.
+
+    The receiver answers ``ReplicaAck(session, seq)``: the owner holds what the change
+    caused (a claim's grant, status notes) until then. ``seq`` numbers the owner's copies
+    (increasing, across its restarts too): a runner-up ignores a copy of a session older
+    than the one it holds from the same owner (a resend), and refuses one whose ``term``
+    (the owner's presence view number) is below the held copy's (a deposed owner).
     """
 
     owner: str
@@ -677,6 +695,9 @@ class LeaseCopy(_Envelope, tag=28, frozen=True):
     told: dict[str, Literal["online", "offline"]] = {}
     gone: bool = False  # the lease ended: drop the copy
     handoff: bool = False
+    seq: int = 0
+    term: int = 0
+    version: int = 0  # the user's status version (``PresenceFrame.version``)
 
 
 class Heartbeat(_Envelope, tag=30, frozen=True):

@@ -102,3 +102,14 @@ async def close_raw_clients() -> None:
     """Close every RawClient opened so far."""
     while RawClient.opened:
         await RawClient.opened.pop().ws.close()
+
+
+def unversioned(frame: dict[str, Any]) -> dict[str, Any]:
+    """A server frame without its presence status versions (``version``, ``versions``),
+    for comparing the rest exactly."""
+    return {k: v for k, v in frame.items() if k not in ("version", "versions")}
+
+
+def status_of(event: Any) -> tuple[str, str]:
+    """A ``PresenceChanged`` event's user and status (its version aside)."""
+    return (event.user, event.status)

@@ -167,6 +167,7 @@ export class SignalpostClient extends EventTarget {
   #epochOf = new Map();
   #watched = new Set();
   #presence = new Map(); // user -> last status told to the app
+  #versions = new Map(); // user -> status version of that status (docs/protocol.md)
   #closing = false;
   #connecting = null;
   #attempt = 0;
@@ -646,6 +647,14 @@ export class SignalpostClient extends EventTarget {
         this.#track(frame);
         break;
       case "presence":
+        // The status known, with a version not above its own: a repeat, dropped.
+        if (
+          frame.version &&
+          frame.version <= (this.#versions.get(frame.user) ?? 0) &&
+          frame.status === this.#presence.get(frame.user)
+        )
+          return;
+        if (frame.version) this.#versions.set(frame.user, frame.version);
         this.#presence.set(frame.user, frame.status);
         break;
       case "recovered":
@@ -829,6 +838,7 @@ export class SignalpostClient extends EventTarget {
     const reply = await this.request({ type: "watch", users });
     for (const user of users) this.#watched.add(user);
     for (const [user, status] of Object.entries(reply.presence)) this.#presence.set(user, status);
+    this.#noteVersions(reply.versions);
     return reply.presence;
   }
 
@@ -837,8 +847,16 @@ export class SignalpostClient extends EventTarget {
     for (const user of users) {
       this.#watched.delete(user);
       this.#presence.delete(user);
+      this.#versions.delete(user);
     }
     await this.request({ type: "unwatch", users });
+  }
+
+  /** Keep the status versions of a `watching` reply (a later frame not above is old). */
+  #noteVersions(versions) {
+    for (const [user, version] of Object.entries(versions ?? {})) {
+      if (version > (this.#versions.get(user) ?? 0)) this.#versions.set(user, version);
+    }
   }
 
   /** Watch again after a reconnect; report statuses that changed while away. */
@@ -851,6 +869,7 @@ export class SignalpostClient extends EventTarget {
           this.#presence.set(user, status);
           if (before.get(user) !== status) this.#emit("presence", { type: "presence", user, status, synthetic: true });
         }
+        this.#noteVersions(reply.versions);
       },
       () => {},
     );

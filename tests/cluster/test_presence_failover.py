@@ -28,7 +28,7 @@ from signalpost.node_keys import create_node_keys
 from signalpost.ownership import PRESENCE, decode_view
 from signalpost.placement import owner
 from tests.cluster.conftest import FAST_ENV, Cluster, ClusterFactory
-from tests.helpers import RawClient, raw_client
+from tests.helpers import RawClient, raw_client, unversioned
 
 pytestmark = pytest.mark.cluster
 
@@ -122,7 +122,9 @@ async def test_kill_9_of_a_presence_node_keeps_watches_and_resumes(
     assert rejoined["type"] == "joined", rejoined
     frames, times = await _presence_frames(watcher, killed_at + FAILOVER_BOUND)
     # Each change once: bob offline; carol and dana, resumed, never flap.
-    assert frames == [{"type": "presence", "user": bob, "status": "offline"}], frames
+    assert [unversioned(f) for f in frames] == [
+        {"type": "presence", "user": bob, "status": "offline"}
+    ], frames
     offline_after = times[0] - killed_at
 
     # Bob comes back: told once, through the survivor.
@@ -306,3 +308,55 @@ async def test_a_presence_node_added_takes_its_users_over_warm(
         process.terminate()
         await asyncio.to_thread(process.wait, 20)
     assert process.returncode == 0
+
+
+async def test_a_claim_is_answered_once_the_runner_up_has_it_and_survives_a_kill_9(
+    cluster_factory: ClusterFactory,
+) -> None:
+    # The claim's copy is confirmed: while the runner-up is paused (SIGSTOP, shorter than
+    # a heartbeat expiry and Consul's check) the claim is not answered; once it has the
+    # copy, it is; the owner is then SIGKILLed right after the welcome, and the session,
+    # whose new connection dropped at once (its goodbye lost with the owner), still
+    # resumes through the runner-up.
+    cluster = cluster_factory(edges=2, brokers=1, presence=2, consul="on", **ENV)
+    edge1, edge2 = cluster.edge_urls
+    runner_up, doomed = "presence-1", "presence-2"
+    (bob,) = _placed(cluster, doomed, "bob")
+    (consul,) = cluster.of_kind("consul")
+    first = await raw_client(edge1, bob)
+    assert first.ws.transport is not None
+    first.ws.transport.abort()
+    await asyncio.sleep(0.3)  # its suspension is copied (and acknowledged)
+
+    os.kill(cluster.pid(runner_up), signal.SIGSTOP)
+    try:
+        claiming = asyncio.create_task(raw_client(edge2, bob, resume=first.welcome["resume"]))
+        await asyncio.sleep(0.4)
+        # Unconfirmed copies would have let the owner answer at once.
+        assert not claiming.done(), "the claim was answered before the runner-up had it"
+    finally:
+        os.kill(cluster.pid(runner_up), signal.SIGCONT)
+    async with asyncio.timeout(5):
+        again = await claiming
+    answered_at = time.monotonic()
+    assert again.welcome["resumed"] is True
+    cluster.kill(doomed)
+    assert again.ws.transport is not None
+    again.ws.transport.abort()
+
+    for _ in range(150):  # bounded: Consul's check fails and a view without it is written
+        if await asyncio.to_thread(_presence_view, consul["url"]) == (
+            next(p["url"] for p in cluster.of_kind("presence") if p["id"] == runner_up),
+        ):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("no presence view without the killed node")
+    await asyncio.sleep(1.5)  # the edges' re-sync and the settling grace
+    back = await raw_client(edge1, bob, resume=again.welcome["resume"])
+    assert back.welcome["resumed"] is True
+    assert back.session == first.session
+    print(
+        f"presence claim confirmed: resumed through the runner-up "
+        f"{time.monotonic() - answered_at:.2f} s after the owner died"
+    )

@@ -17,7 +17,7 @@ import websockets
 
 from signalpost.placement import owner
 from tests.cluster.conftest import ClusterFactory
-from tests.helpers import RawClient, raw_client, token
+from tests.helpers import RawClient, raw_client, token, unversioned
 
 pytestmark = pytest.mark.cluster
 
@@ -54,7 +54,7 @@ async def test_every_message_type_across_edges(cluster_factory: ClusterFactory) 
 
     # Presence watch across edges, then join/peer-joined with offsets.
     watching = await alice.request({"type": "watch", "id": 1, "users": ["bob", "carol"]})
-    assert watching == {
+    assert unversioned(watching) == {
         "type": "watching",
         "id": 1,
         "presence": {"bob": "online", "carol": "offline"},
@@ -95,7 +95,11 @@ async def test_every_message_type_across_edges(cluster_factory: ClusterFactory) 
 
     # A third member (carol, edge 2): presence change, broadcast without `to`.
     carol = await raw_client(edge2, "carol")
-    assert await alice.recv() == {"type": "presence", "user": "carol", "status": "online"}
+    assert unversioned(await alice.recv()) == {
+        "type": "presence",
+        "user": "carol",
+        "status": "online",
+    }
     await carol.request({"type": "join", "id": 1, "room": "r1"})
     await alice.recv_type("peer-joined")
     await bob.recv_type("peer-joined")
@@ -207,7 +211,11 @@ async def test_a_dropped_session_times_out_with_peer_left_timeout(
     frames = {frame["type"]: frame for frame in [await alice.recv(10), await alice.recv(10)]}
     left = frames["peer-left"]
     assert left["peer"]["session"] == bob.session and left["reason"] == "timeout"
-    assert frames["presence"] == {"type": "presence", "user": "bob", "status": "offline"}
+    assert unversioned(frames["presence"]) == {
+        "type": "presence",
+        "user": "bob",
+        "status": "offline",
+    }
 
 
 BAD_HELLOS = {

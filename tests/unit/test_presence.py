@@ -57,13 +57,18 @@ def claim(session: str, user: str, edge: str, conn: str) -> ClaimCmd:
     return ClaimCmd(session, user, edge, conn)
 
 
+def unversioned(frame: dict[str, Any]) -> dict[str, Any]:
+    """A frame without its status versions (tested on their own: test_presence_versions)."""
+    return {k: v for k, v in frame.items() if k not in ("version", "versions")}
+
+
 def presence_to(out: list[Outbound], session: str, edge: str = "edge-1") -> list[dict[str, Any]]:
     """Presence frames delivered to ``session``; each must go to ``edge``."""
     frames = []
     for target, envelope in out:
         if isinstance(envelope, Deliver) and session in envelope.sessions:
             assert target == edge, f"{session} is on {edge}, not {target}"
-            frames.append(json.loads(envelope.payload))
+            frames.append(unversioned(json.loads(envelope.payload)))
     return frames
 
 
@@ -90,8 +95,7 @@ def the_reply(out: list[Outbound], command: WatchCmd | UnwatchCmd) -> dict[str, 
         command.conn,
         command.seq,
     )
-    frame: dict[str, Any] = json.loads(envelope.payload)
-    return frame
+    return unversioned(json.loads(envelope.payload))
 
 
 def online(user: str) -> dict[str, str]:
@@ -377,7 +381,12 @@ def test_a_watcher_that_resumes_learns_what_changed_while_it_was_away() -> None:
     assert out[-1] == (
         "edge-3",
         ClaimReply(
-            "w", "new", True, {"bob": "online", "eve": "offline", "zoe": "offline"}, ["eve"]
+            "w",
+            "new",
+            True,
+            {"bob": "online", "eve": "offline", "zoe": "offline"},
+            ["eve"],
+            versions={"bob": 1, "eve": 2, "zoe": 2},  # (a user never online: even, above 0)
         ),
     )
     # Told once: from now on, changes reach the watcher on its new edge as usual.
@@ -385,7 +394,12 @@ def test_a_watcher_that_resumes_learns_what_changed_while_it_was_away() -> None:
     assert presence_to(out, "w", "edge-3") == [online("eve")]
     out = acked(table, table.handle(claim("w", "watcher", "edge-4", "newer"), 5.0), 5.0)
     assert out[-1][1] == ClaimReply(
-        "w", "newer", True, {"bob": "online", "eve": "online", "zoe": "offline"}, []
+        "w",
+        "newer",
+        True,
+        {"bob": "online", "eve": "online", "zoe": "offline"},
+        [],
+        versions={"bob": 1, "eve": 3, "zoe": 2},
     )
 
 
@@ -397,7 +411,7 @@ def test_an_unwatched_user_is_not_in_a_resumed_watchers_claim() -> None:
     table.handle(down("w", ended=False, edge="edge-1", conn="old"), 1.0)
     table.handle(up("e1", "eve", edge="edge-2"), 2.0)
     out = table.handle(claim("w", "watcher", "edge-3", "new"), 3.0)
-    assert out[-1][1] == ClaimReply("w", "new", True, {"bob": "offline"}, [])
+    assert out[-1][1] == ClaimReply("w", "new", True, {"bob": "offline"}, [], versions={"bob": 2})
 
 
 # ------------------------------------------------------------------------------- edge sync

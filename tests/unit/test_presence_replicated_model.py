@@ -15,6 +15,14 @@ step; the edges then re-sync their connected sessions and watches to the new own
 
 So a kill of any node loses no lease, no resume window, no watch.
 
+A further step kills an owner between applying a resume claim and its runner-up's
+acknowledgement of the copy (``claim-kill``): the copy reaches the runner-up or not, the
+ack never comes back, the claiming connection drops at once (its goodbye is lost with the
+owner, and its edge does not name it in the re-sync). An answered claim is never lost: if
+the dead owner answered it, the new owner holds the claiming connection's lease (and the
+window its lost goodbye starts when the new owner settles); if it did not, the edge
+claims again at the new owner and gets the reference's answer.
+
 Runs: a fixed set of examples by default; ``PRESENCE_MODEL_EXAMPLES=N`` runs N examples
 with fresh randomness.
 """
@@ -38,6 +46,7 @@ from signalpost.wire import (
     Envelope,
     Evict,
     Evicted,
+    LeaseCopy,
     SessionDown,
     SessionUp,
     WatchCmd,
@@ -102,13 +111,17 @@ class Cluster:
         for table in list(self.tables.values()):
             self.run(table.expire(self.now))
 
-    def change_view(self, reference: PresenceTable) -> None:
+    def change_view(self, reference: PresenceTable, unknown: str = "") -> None:
+        """Every node reads the new view; the edges re-sync what they hold (all the
+        reference's connected sessions but ``unknown``, which no edge holds)."""
         for table in list(self.tables.values()):
             self.run(table.view_changed(self.now))
         # The edges re-sync their connected sessions, and those sessions' watches.
         for edge in EDGES:
             parts: dict[str, list[SessionUp]] = {}
             for session, lease in reference.leases.items():
+                if session == unknown:
+                    continue
                 if lease.edge == edge and lease.suspended_until is None:
                     up = SessionUp(session, lease.user, edge, lease.conn)
                     parts.setdefault(owner(lease.user, self.alive), []).append(up)
@@ -140,7 +153,44 @@ _step = st.one_of(
     st.tuples(st.just("tick"), st.sampled_from([0.5, 5.0, 20.0, 31.0])),
     st.tuples(st.just("kill"), st.sampled_from(NODES)),
     st.tuples(st.just("restart"), st.sampled_from(NODES)),
+    st.tuples(st.just("claim-kill"), _session, st.sampled_from(EDGES), st.booleans()),
 )
+
+
+def claim_then_kill(
+    cluster: Cluster,
+    reference: PresenceTable,
+    claim: ClaimCmd,
+    copy_arrives: bool,
+    where: str,
+) -> None:
+    """The owner applies ``claim`` and dies before the runner-up's ack reaches it."""
+    doomed = owner(claim.user, cluster.alive)
+    table = cluster.tables[doomed]
+    expected = {
+        e.conn: e.live for _, e in reference.handle(claim, cluster.now) if isinstance(e, ClaimReply)
+    }
+    cluster.claims.clear()
+    for dest, envelope in table.handle(claim, cluster.now):
+        if isinstance(envelope, ClaimReply):
+            cluster.claims[envelope.conn] = envelope.live  # answered before the kill
+        elif isinstance(envelope, LeaseCopy) and copy_arrives and dest in cluster.tables:
+            cluster.tables[dest].handle(envelope, cluster.now)  # (its ack is lost)
+    answered = claim.conn in cluster.claims
+    cluster.kill(doomed)
+    cluster.change_view(reference, unknown=claim.session)
+    if not answered:  # the edge claims again, at the owner of the view it reads now
+        cluster.send(claim.user, claim)
+    assert cluster.claims == expected, where
+    cluster.tick(SYNC_GRACE)
+    reference.expire(cluster.now)
+    if expected.get(claim.conn):
+        # The claiming connection dropped right after its welcome: its goodbye went to
+        # the dead owner (lost), or to the new one that answered it.
+        down = SessionDown(claim.session, claim.edge, claim.conn, False)
+        reference.handle(down, cluster.now)
+        if not answered:
+            cluster.send(claim.user, down)
 
 
 def play(steps: list[Step], *, broken_replication: bool = False) -> None:
@@ -175,6 +225,20 @@ def play(steps: list[Step], *, broken_replication: bool = False) -> None:
             cluster.change_view(reference)
             cluster.tick(SYNC_GRACE)
             reference.expire(cluster.now)
+        elif kind == "claim-kill":
+            session = str(step[1])
+            if len(cluster.alive) == 1:
+                continue
+            lease = reference.leases.get(session)
+            if lease is not None and lease.suspended_until is None:
+                # Its connection drops first (a live one's eviction is the plain claim's).
+                down = SessionDown(session, lease.edge, lease.conn, False)
+                reference.handle(down, cluster.now)
+                cluster.send(lease.user, down)
+            edges[session] = str(step[2])
+            conns[session] = f"c{next(generations)}.{next(generations)}"
+            claim = ClaimCmd(session, user_of(session), edges[session], conns[session])
+            claim_then_kill(cluster, reference, claim, bool(step[3]), where)
         else:
             session = str(step[1])
             user = user_of(session)
@@ -253,3 +317,19 @@ def test_the_model_check_catches_a_node_that_copies_nothing() -> None:
     play(steps)
     with pytest.raises(AssertionError):
         play(steps, broken_replication=True)
+
+
+def test_an_answered_claim_survives_its_owner_dying_before_the_copy_is_acknowledged() -> None:
+    """A session away for most of its window resumes, and its owner dies before the
+    runner-up acknowledged the claim's copy (which never arrived): answered or not, the
+    claim is not lost (unacknowledged copies: the new owner kept the old window, which
+    runs out under the resumed session)."""
+    for session in SESSIONS[:4]:
+        steps: list[Step] = [
+            ("up", session, "e0"),
+            ("down", session, False),
+            ("tick", 20.0),
+            ("claim-kill", session, "e1", False),
+            ("tick", 20.0),
+        ]
+        play(steps)

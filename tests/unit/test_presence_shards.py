@@ -94,9 +94,11 @@ class Shards:
 
 
 def frames(envelopes: list[Envelope], session: str) -> list[dict[str, Any]]:
-    """Presence frames delivered to ``session``."""
+    """Presence frames delivered to ``session`` (without their status versions)."""
     return [
-        json.loads(e.payload) for e in envelopes if isinstance(e, Deliver) and session in e.sessions
+        {k: v for k, v in json.loads(e.payload).items() if k != "version"}
+        for e in envelopes
+        if isinstance(e, Deliver) and session in e.sessions
     ]
 
 
