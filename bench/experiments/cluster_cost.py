@@ -130,8 +130,10 @@ def _strace(kinds: dict[int, str], args: argparse.Namespace) -> list[subprocess.
     out.mkdir(parents=True, exist_ok=True)
     return [
         subprocess.Popen(
-            ["timeout", "-s", "INT", str(args.seconds), "strace", "-c", "-f", "-p", str(pid)]
-            + ["-o", str(out / f"{kind}-{pid}.txt")],
+            [
+                *("timeout", "-s", "INT", str(args.seconds)),
+                *("strace", "-c", "-f", "-p", str(pid), "-o", str(out / f"{kind}-{pid}.txt")),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
