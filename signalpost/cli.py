@@ -1,4 +1,4 @@
-"""``signalpost`` command line: dev, edge, broker, presence, cluster, token, keys."""
+"""``signalpost`` command line: dev, edge, broker, presence, cluster, token, keys, wan-relay."""
 
 from __future__ import annotations
 
@@ -108,6 +108,15 @@ def cmd_keys(args: argparse.Namespace) -> None:
     print(f"secret key: {secret}  (this node only: its node_key_file)")
 
 
+def cmd_wan_relay(args: argparse.Namespace) -> None:
+    from signalpost.wan_relay import parse_delay, parse_pair
+    from signalpost.wan_relay import run as run_relay
+
+    delay = parse_delay(args.delay)
+    pairs = [parse_pair(pair) for pair in args.pair]
+    run(lambda: run_relay(pairs, delay))
+
+
 def cmd_cluster(args: argparse.Namespace) -> None:
     from signalpost.cluster import run_cluster
 
@@ -169,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             tier.add_argument("--bind", help="ZeroMQ endpoint to bind")
         tier.set_defaults(func=func)
+
+    relay = commands.add_parser(
+        "wan-relay", help="an emulated WAN: a TCP relay that delays every byte (tests, demos)"
+    )
+    relay.add_argument("--delay", required=True, help="one-way delay, e.g. 40ms")
+    relay.add_argument(
+        "--pair",
+        action="append",
+        required=True,
+        help="listen_host:port=target_host:port; repeatable",
+    )
+    relay.set_defaults(func=cmd_wan_relay)
 
     cluster = commands.add_parser("cluster", help="a local multi-process cluster on loopback")
     cluster.add_argument("--edges", type=int, default=2)
