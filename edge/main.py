@@ -24,7 +24,9 @@ async def run_edge(settings: Settings) -> None:
         url = f"ws://{base}/v1/signal"
         discovery = None
         if settings.consul_addr:
-            registration = Registration("edge", edge.edge_id, url, f"http://{base}/healthz")
+            registration = Registration(
+                "edge", edge.edge_id, url, f"http://{base}/healthz", region=settings.region
+            )
             discovery = Discovery(settings.consul_addr, registration)
             discovery.start()
         print(f"signalpost edge {edge.edge_id} ready on {url}", flush=True)

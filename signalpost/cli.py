@@ -119,6 +119,7 @@ def cmd_wan_relay(args: argparse.Namespace) -> None:
 
 def cmd_cluster(args: argparse.Namespace) -> None:
     from signalpost.cluster import run_cluster
+    from signalpost.wan_relay import parse_delay
 
     settings = _settings(args)
     require_own_jwt_secret(settings, "cluster")
@@ -131,8 +132,20 @@ def cmd_cluster(args: argparse.Namespace) -> None:
             state_file=args.state,
             restart=args.restart,
             consul=args.consul,
+            regions=_regions(args.regions),
+            wan_delay=parse_delay(args.wan_delay),
         )
     )
+
+
+def _regions(text: str | None) -> list[str]:
+    regions = [r.strip() for r in (text or "").split(",") if r.strip()]
+    if len(set(regions)) != len(regions):
+        raise ConfigError(f"--regions names a region twice: {text!r}")
+    for region in regions:
+        if not region.replace("-", "").isalnum():
+            raise ConfigError(f"region {region!r}: letters, digits and '-' only")
+    return regions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="start a Consul dev agent for discovery (auto: when consul is on PATH)",
     )
     cluster.add_argument("--insecure-node-links", action="store_true", help=insecure_help)
+    cluster.add_argument(
+        "--regions",
+        help="comma-separated regions (e.g. eu,us): each its own Consul datacenter and nodes",
+    )
+    cluster.add_argument(
+        "--wan-delay", default="0ms", help="with --regions: one-way delay between regions"
+    )
     cluster.set_defaults(func=cmd_cluster)
     return parser
 

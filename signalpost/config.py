@@ -85,6 +85,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     consul_addr: str | None = None  # host:port of a Consul agent; None = static endpoints
     advertise_host: str | None = None  # address Consul and peers reach this node at (default: host)
     health_port: Port = 0  # /healthz for Consul HTTP checks (0 = pick free)
+    region: str = ""  # this node's region: its Consul agent's datacenter ("" = one region)
+    wan_advertise: str | None = None  # the endpoint nodes of other regions dial this node at
 
     # node links: CurveZMQ keys (signalpost/node_keys.py, docs/security.md)
     node_key_file: str | None = None  # this node's <name>.key_secret
@@ -174,6 +176,14 @@ def load_settings(
 MEANINGS: Final = {
     "host": "address the edge (and a broker's/presence's health server) listens on",
     "port": "edge WebSocket/HTTP port (0: pick a free one)",
+    "region": (
+        "this node's region, which is the datacenter of the Consul agent it talks to "
+        "(docs/multi-region.md); empty: a single-region deployment"
+    ),
+    "wan_advertise": (
+        "the ZeroMQ endpoint nodes of other regions dial this broker or presence node at "
+        "(its public address, or a relay's); default: its own endpoint"
+    ),
     "jwt_secret": "HS256 secret for client tokens; also keys resume tokens (same on every node)",
     "jwt_audience": "required `aud` claim, when set",
     "jwt_leeway": "seconds of clock skew allowed on `exp`/`nbf`/`iat`",

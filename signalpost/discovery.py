@@ -180,13 +180,20 @@ class Registration:
     node_id: str
     endpoint: str  # what other nodes dial: a ZeroMQ endpoint, or an edge's ws URL
     check_url: str  # the HTTP check Consul polls
+    region: str = ""  # the node's region (its agent's datacenter), for other regions' eyes
+    wan_endpoint: str = ""  # what nodes of other regions dial (empty: ``endpoint``)
 
     def payload(self) -> dict[str, Any]:
+        meta = {"endpoint": self.endpoint}
+        if self.region:
+            meta["region"] = self.region
+        if self.wan_endpoint:
+            meta["wan_endpoint"] = self.wan_endpoint
         return {
             "name": service_name(self.kind),
             "service_id": self.node_id,
             "tags": [self.kind],
-            "meta": {"endpoint": self.endpoint},
+            "meta": meta,
             "check": consul.Check.http(
                 self.check_url,
                 CHECK_INTERVAL,

@@ -1,0 +1,99 @@
+"""Two regions on one machine: ``signalpost cluster --regions eu,us --wan-delay 40ms``.
+
+Each region is its own Consul datacenter (WAN-joined) with its own edges, brokers and
+presence; a region serves its rooms alone, also when the other region is gone; nodes of
+one region find the other's through Consul and reach them only through the emulated WAN.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+
+from signalpost.client import PeerJoined, SignalEvent, SignalpostClient
+from tests.binaries import require_binary
+from tests.cluster.conftest import Cluster, ClusterFactory
+from tests.helpers import token
+
+pytestmark = [pytest.mark.cluster, pytest.mark.consul]
+
+DELAY = 0.04
+
+
+def _in(cluster: Cluster, region: str, kind: str) -> list[dict[str, Any]]:
+    return [p for p in cluster.of_kind(kind) if p.get("region") == region]
+
+
+def _consul_get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+async def _call_in(edges: list[str], room: str) -> None:
+    """Two clients on the region's two edges: a join and a signal each way."""
+    async with (
+        SignalpostClient(edges[0], token("alice")) as alice,
+        SignalpostClient(edges[1], token("bob")) as bob,
+    ):
+        await alice.join(room)
+        await bob.join(room)
+        await alice.next_event(PeerJoined)
+        assert alice.session is not None and bob.session is not None
+        await alice.signal(room, {"sdp": "offer"}, to=bob.session)
+        assert (await bob.next_event(SignalEvent)).data == {"sdp": "offer"}
+        await bob.signal(room, {"sdp": "answer"}, to=alice.session)
+        assert (await alice.next_event(SignalEvent)).data == {"sdp": "answer"}
+
+
+async def test_each_region_serves_its_own_rooms_and_outlives_the_other(
+    cluster_factory: ClusterFactory,
+) -> None:
+    require_binary("consul")
+    cluster = cluster_factory(edges=2, brokers=1, consul="on", regions="eu,us", wan_delay="40ms")
+    (eu_consul,) = _in(cluster, "eu", "consul")
+    (us_consul,) = _in(cluster, "us", "consul")
+    assert set(_consul_get(f"{eu_consul['url']}/v1/catalog/datacenters")) == {"eu", "us"}
+    # Discovery stays region-local: each region's Consul lists only its own brokers.
+    for region, agent in (("eu", eu_consul), ("us", us_consul)):
+        listed = _consul_get(f"{agent['url']}/v1/health/service/signalpost-broker?passing=1")
+        assert [e["Service"]["Meta"]["region"] for e in listed] == [region]
+    for region in ("eu", "us"):
+        await _call_in([p["url"] for p in _in(cluster, region, "edge")], f"room-{region}")
+    # The whole us region dies (kill -9, relay included): eu goes on alone.
+    for process in cluster.processes:
+        if process.get("region") == "us":
+            cluster.kill(process["id"])
+    await _call_in([p["url"] for p in _in(cluster, "eu", "edge")], "room-eu-after")
+
+
+async def test_another_regions_nodes_are_found_in_consul_and_reached_through_the_wan(
+    cluster_factory: ClusterFactory,
+) -> None:
+    require_binary("consul")
+    cluster = cluster_factory(edges=1, brokers=1, consul="on", regions="eu,us", wan_delay="40ms")
+    (us_consul,) = _in(cluster, "us", "consul")
+    (eu_broker,) = _in(cluster, "eu", "broker")
+    # Asked through the us agent, Consul answers for the eu datacenter.
+    (entry,) = _consul_get(
+        f"{us_consul['url']}/v1/health/service/signalpost-broker?dc=eu&passing=1"
+    )
+    meta = entry["Service"]["Meta"]
+    assert meta["endpoint"] == eu_broker["url"] and meta["region"] == "eu"
+    wan = meta["wan_endpoint"]
+    assert wan != eu_broker["url"]
+    # The broker greets a new ZeroMQ peer at once (ZMTP's signature, first byte 0xFF):
+    # through the emulated WAN the greeting takes the one-way delay, directly it does not.
+    timings = {}
+    for name, endpoint in (("wan", wan), ("direct", eu_broker["url"])):
+        host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+        started = time.monotonic()
+        with socket.create_connection((host, int(port)), timeout=5) as probe:
+            probe.settimeout(5)
+            assert probe.recv(1) == b"\xff"
+            timings[name] = time.monotonic() - started
+    assert timings["wan"] >= DELAY > timings["direct"]
