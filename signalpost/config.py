@@ -18,6 +18,7 @@ import msgspec
 from msgspec import Meta
 
 from signalpost.errors import ConfigError
+from signalpost.regions import parse_home_rules
 
 ENV_PREFIX: Final = "SIGNALPOST_"
 DEV_JWT_SECRET: Final = "signalpost-dev-secret-change-me"
@@ -87,6 +88,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     health_port: Port = 0  # /healthz for Consul HTTP checks (0 = pick free)
     region: str = ""  # this node's region: its Consul agent's datacenter ("" = one region)
     wan_advertise: str | None = None  # the endpoint nodes of other regions dial this node at
+    room_homes: list[str] = []  # "pattern=region" rules pinning rooms' home regions
+
+    def __post_init__(self) -> None:
+        parse_home_rules(self.room_homes)  # a bad rule is refused at load, naming it
 
     # node links: CurveZMQ keys (signalpost/node_keys.py, docs/security.md)
     node_key_file: str | None = None  # this node's <name>.key_secret
@@ -183,6 +188,11 @@ MEANINGS: Final = {
     "wan_advertise": (
         "the ZeroMQ endpoint nodes of other regions dial this broker or presence node at "
         "(its public address, or a relay's); default: its own endpoint"
+    ),
+    "room_homes": (
+        "rules pinning rooms to home regions, `pattern=region` (shell-style pattern on the room "
+        "name, first match wins; e.g. `eu-*=eu`); a room no rule names is homed in the region "
+        "of the edge it is used through. The same rules on every node of every region"
     ),
     "jwt_secret": "HS256 secret for client tokens; also keys resume tokens (same on every node)",
     "jwt_audience": "required `aud` claim, when set",

@@ -97,3 +97,66 @@ async def test_another_regions_nodes_are_found_in_consul_and_reached_through_the
             assert probe.recv(1) == b"\xff"
             timings[name] = time.monotonic() - started
     assert timings["wan"] >= DELAY > timings["direct"]
+
+
+def _cross_region(edge_url: str) -> dict[tuple[str, str], float]:
+    """The edge's ``signalpost_cross_region_envelopes`` counters by (region, direction)."""
+    base = edge_url.replace("ws://", "http://").removesuffix("/v1/signal")
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        if line.startswith("signalpost_cross_region_envelopes_total{"):
+            labels, value = line.rsplit(" ", 1)
+            parts = dict(p.split("=", 1) for p in labels[labels.index("{") + 1 : -1].split(","))
+            found[parts["region"].strip('"'), parts["direction"].strip('"')] = float(value)
+    return found
+
+
+async def test_a_room_homed_in_one_region_serves_members_of_both(
+    cluster_factory: ClusterFactory,
+) -> None:
+    require_binary("consul")
+    cluster = cluster_factory(
+        edges=1,
+        brokers=2,
+        consul="on",
+        regions="eu,us",
+        wan_delay="40ms",
+        SIGNALPOST_ROOM_HOMES="eu-*=eu,us-*=us",
+    )
+    (eu_edge,) = [p["url"] for p in _in(cluster, "eu", "edge")]
+    (us_edge,) = [p["url"] for p in _in(cluster, "us", "edge")]
+    async with (
+        SignalpostClient(eu_edge, token("alice")) as alice,
+        SignalpostClient(us_edge, token("bob")) as bob,
+    ):
+        # "eu-call" is homed in eu: bob (in us) reaches it through his own edge.
+        await alice.join("eu-call")
+        joined = await bob.join("eu-call")
+        assert [m["session"] for m in joined["members"]] == [alice.session]
+        await alice.next_event(PeerJoined)
+        assert alice.session is not None and bob.session is not None
+        started = time.monotonic()
+        await bob.signal("eu-call", {"sdp": "offer"}, to=alice.session)  # acked by eu's owner
+        acked_after = time.monotonic() - started
+        assert (await alice.next_event(SignalEvent)).data == {"sdp": "offer"}
+        await alice.signal("eu-call", {"sdp": "answer"}, to=bob.session)
+        assert (await bob.next_event(SignalEvent)).data == {"sdp": "answer"}
+        assert acked_after >= 2 * DELAY  # the ack came from the other region: a round trip
+        crossed = _cross_region(us_edge)
+        assert crossed.get(("eu", "out"), 0) > 0 and crossed.get(("eu", "in"), 0) > 0
+        assert _cross_region(eu_edge) == {}  # alice's edge is home: nothing crossed for her
+    # A room homed in us with both members in us sends nothing across regions.
+    before = _cross_region(us_edge)
+    async with (
+        SignalpostClient(us_edge, token("carol")) as carol,
+        SignalpostClient(us_edge, token("dave")) as dave,
+    ):
+        await carol.join("us-local")
+        await dave.join("us-local")
+        await carol.next_event(PeerJoined)
+        assert dave.session is not None
+        await carol.signal("us-local", {"n": 1}, to=dave.session)
+        assert (await dave.next_event(SignalEvent)).data == {"n": 1}
+    assert _cross_region(us_edge) == before
