@@ -26,11 +26,12 @@ from edge.remote_brokers import RemoteBrokers
 from signalpost import metrics
 from signalpost.config import Settings
 from signalpost.discovery import Discovery
+from signalpost.homes import HomeDirectory
 from signalpost.lifecycle import cancel_all
 from signalpost.node_keys import node_keys
 from signalpost.ownership import BROKERS, PRESENCE, View, follow_view
 from signalpost.placement import owner, ranking
-from signalpost.regions import home_of, parse_home_rules
+from signalpost.regions import parse_home_rules, pinned_home
 from signalpost.transport import DealerLink, new_incarnation
 from signalpost.wire import (
     AttachCmd,
@@ -81,6 +82,12 @@ class ZmqBackplane:
         # Rooms homed in other regions (``room_homes``): those regions' brokers.
         self._home_rules = parse_home_rules(settings.room_homes)
         self._remote: dict[str, RemoteBrokers] = {}
+        # With several regions, homes no rule pins are agreed in Consul (first member's).
+        self._homes = (
+            HomeDirectory(settings.consul_addr, settings.regions, settings.region)
+            if len(settings.regions) > 1 and settings.consul_addr
+            else None
+        )
 
     # ----------------------------------------------------------------- membership
 
@@ -256,12 +263,24 @@ class ZmqBackplane:
             bool(self.brokers) and not self._heard
         )
 
+    def _home_region(self, room: str) -> str | None:
+        """``room``'s home region: pinned by a rule, agreed (None while it is being read),
+        or, in a single region, this one."""
+        if self._home_rules:
+            pinned = pinned_home(room, self._home_rules)
+            if pinned is not None:
+                return pinned
+        if self._homes is None:
+            return self.settings.region
+        return self._homes.home(room)
+
     def _home(self, room: str) -> RemoteBrokers | None:
-        """The brokers of ``room``'s home region when that is another region, else None."""
-        if not self._home_rules:
+        """The brokers of ``room``'s home region when that is another region, else None
+        (this region, or a home not known yet: ``_home_region``)."""
+        if not self._home_rules and self._homes is None:
             return None
-        home = home_of(room, self._home_rules, self.settings.region)
-        if home == self.settings.region:
+        home = self._home_region(room)
+        if home is None or home == self.settings.region:
             return None
         remote = self._remote.get(home)
         if remote is None:
@@ -286,10 +305,12 @@ class ZmqBackplane:
         return remote
 
     def owner_of(self, room: str) -> DealerLink | None:
-        """The link to the broker that owns ``room`` now (None: in another region whose
-        brokers are not known yet)."""
+        """The link to the broker that owns ``room`` now (None: its home is not known yet,
+        or is another region whose brokers are not known yet)."""
         link = self._owners.get(room)
         if link is None:
+            if self._homes is not None and self._home_region(room) is None:
+                return None
             remote = self._home(room)
             if remote is None:
                 link = self.brokers[owner(room, self._live_ids)]
@@ -304,6 +325,8 @@ class ZmqBackplane:
 
     def replica_of(self, room: str) -> DealerLink | None:
         """The runner-up for ``room``: it takes over if the owner dies."""
+        if self._homes is not None and self._home_region(room) is None:
+            return None
         remote = self._home(room)
         if remote is not None:
             return remote.replica_of(room)
@@ -332,6 +355,10 @@ class ZmqBackplane:
         if link is None:
             link = self.owner_of(room)
         if link is None:
+            if self._homes is not None and self._home_region(room) is None:
+                # The home is being agreed: sent on once it is known.
+                self._homes.resolve(room, lambda _home: self.to_room_owner(room, command))
+                return
             remote = self._home(room)
             assert remote is not None  # only another region's owner can be unknown
             remote.send(room, command)  # held until that region's brokers are known
@@ -437,6 +464,8 @@ class ZmqBackplane:
 
     async def close(self) -> None:
         await cancel_all(self._tasks)
+        if self._homes is not None:
+            await self._homes.close()
         for remote in self._remote.values():
             await remote.close()
         if self._discovery is not None:

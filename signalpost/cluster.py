@@ -133,6 +133,8 @@ def plan(
         env.pop("SIGNALPOST_NODE_SECRET_KEY", None)
     for name in ("SIGNALPOST_REGION", "SIGNALPOST_WAN_ADVERTISE"):
         env.pop(name, None)  # set per region and per node below
+    if regions:
+        env["SIGNALPOST_REGIONS"] = ",".join(regions)
     children: list[Child] = []
     first_wan_port: int | None = None
     for region in regions or [""]:

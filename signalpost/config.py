@@ -89,9 +89,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     region: str = ""  # this node's region: its Consul agent's datacenter ("" = one region)
     wan_advertise: str | None = None  # the endpoint nodes of other regions dial this node at
     room_homes: list[str] = []  # "pattern=region" rules pinning rooms' home regions
+    regions: list[str] = []  # every region of the deployment (the same list everywhere)
 
     def __post_init__(self) -> None:
         parse_home_rules(self.room_homes)  # a bad rule is refused at load, naming it
+        if self.regions and self.region not in self.regions:
+            raise ValueError(f"region {self.region!r} is not one of regions {self.regions}")
 
     # node links: CurveZMQ keys (signalpost/node_keys.py, docs/security.md)
     node_key_file: str | None = None  # this node's <name>.key_secret
@@ -189,10 +192,14 @@ MEANINGS: Final = {
         "the ZeroMQ endpoint nodes of other regions dial this broker or presence node at "
         "(its public address, or a relay's); default: its own endpoint"
     ),
+    "regions": (
+        "every region of the deployment, the same list on every node; with two or more, a "
+        "room no `room_homes` rule pins is homed in its first member's region, agreed in "
+        "the Consul of the room's arbiter region (docs/multi-region.md)"
+    ),
     "room_homes": (
         "rules pinning rooms to home regions, `pattern=region` (shell-style pattern on the room "
-        "name, first match wins; e.g. `eu-*=eu`); a room no rule names is homed in the region "
-        "of the edge it is used through. The same rules on every node of every region"
+        "name, first match wins; e.g. `eu-*=eu`); the same rules on every node of every region"
     ),
     "jwt_secret": "HS256 secret for client tokens; also keys resume tokens (same on every node)",
     "jwt_audience": "required `aud` claim, when set",

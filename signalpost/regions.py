@@ -2,9 +2,10 @@
 
 A room's home is the region whose brokers own it. The config's ``room_homes`` rules
 (``pattern=region``, shell-style patterns matched against the room name, first match
-wins) pin homes; a room no rule names is homed in the region of the edge that serves
-the request. Every edge of every region must carry the same rules: they are what makes
-all edges send a room's requests to one region.
+wins) pin homes; a room no rule names is homed in the region of its first member,
+agreed in Consul (``signalpost.homes``), or, with fewer than two ``regions``, in the
+edge's own region. Every node of every region must carry the same rules and region
+list: they are what makes all edges send a room's requests to one region.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ def parse_home_rules(rules: list[str]) -> list[tuple[str, str]]:
     return parsed
 
 
-def home_of(room: str, rules: list[tuple[str, str]], local: str) -> str:
-    """The home region of ``room``: the first rule whose pattern matches, else ``local``."""
+def pinned_home(room: str, rules: list[tuple[str, str]]) -> str | None:
+    """The region the first matching rule pins ``room`` to, or None."""
     for pattern, region in rules:
         if fnmatchcase(room, pattern):
             return region
-    return local
+    return None

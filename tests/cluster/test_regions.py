@@ -54,7 +54,14 @@ async def test_each_region_serves_its_own_rooms_and_outlives_the_other(
     cluster_factory: ClusterFactory,
 ) -> None:
     require_binary("consul")
-    cluster = cluster_factory(edges=2, brokers=1, consul="on", regions="eu,us", wan_delay="40ms")
+    cluster = cluster_factory(
+        edges=2,
+        brokers=1,
+        consul="on",
+        regions="eu,us",
+        wan_delay="40ms",
+        SIGNALPOST_ROOM_HOMES="pinned-eu-*=eu",
+    )
     (eu_consul,) = _in(cluster, "eu", "consul")
     (us_consul,) = _in(cluster, "us", "consul")
     assert set(_consul_get(f"{eu_consul['url']}/v1/catalog/datacenters")) == {"eu", "us"}
@@ -62,13 +69,28 @@ async def test_each_region_serves_its_own_rooms_and_outlives_the_other(
     for region, agent in (("eu", eu_consul), ("us", us_consul)):
         listed = _consul_get(f"{agent['url']}/v1/health/service/signalpost-broker?passing=1")
         assert [e["Service"]["Meta"]["region"] for e in listed] == [region]
-    for region in ("eu", "us"):
-        await _call_in([p["url"] for p in _in(cluster, region, "edge")], f"room-{region}")
-    # The whole us region dies (kill -9, relay included): eu goes on alone.
-    for process in cluster.processes:
-        if process.get("region") == "us":
-            cluster.kill(process["id"])
-    await _call_in([p["url"] for p in _in(cluster, "eu", "edge")], "room-eu-after")
+    await _call_in([p["url"] for p in _in(cluster, "us", "edge")], "room-us")
+    eu_edges = [p["url"] for p in _in(cluster, "eu", "edge")]
+    async with (
+        SignalpostClient(eu_edges[0], token("alice")) as alice,
+        SignalpostClient(eu_edges[1], token("bob")) as bob,
+    ):
+        await alice.join("room-eu")  # its first member is in eu: homed in eu
+        await bob.join("room-eu")
+        await alice.next_event(PeerJoined)
+        assert bob.session is not None
+        await alice.signal("room-eu", {"n": 1}, to=bob.session)
+        assert (await bob.next_event(SignalEvent)).data == {"n": 1}
+        # The whole us region dies (kill -9, Consul and relay included): eu's room goes on,
+        # whichever region arbitrated its home, and so does a new room pinned to eu.
+        for process in cluster.processes:
+            if process.get("region") == "us":
+                cluster.kill(process["id"])
+        for n in range(2, 12):
+            await alice.signal("room-eu", {"n": n}, to=bob.session)
+            assert (await bob.next_event(SignalEvent)).data == {"n": n}
+    assert all(cluster.alive(p["id"]) for p in cluster.processes if p.get("region") == "eu")
+    await _call_in(eu_edges, "pinned-eu-after")
 
 
 async def test_another_regions_nodes_are_found_in_consul_and_reached_through_the_wan(
@@ -160,3 +182,30 @@ async def test_a_room_homed_in_one_region_serves_members_of_both(
         await carol.signal("us-local", {"n": 1}, to=dave.session)
         assert (await dave.next_event(SignalEvent)).data == {"n": 1}
     assert _cross_region(us_edge) == before
+
+
+async def test_an_unpinned_room_is_homed_in_its_first_members_region(
+    cluster_factory: ClusterFactory,
+) -> None:
+    require_binary("consul")
+    cluster = cluster_factory(edges=1, brokers=1, consul="on", regions="eu,us", wan_delay="40ms")
+    (eu_edge,) = [p["url"] for p in _in(cluster, "eu", "edge")]
+    (us_edge,) = [p["url"] for p in _in(cluster, "us", "edge")]
+    for room, first, second, home in (
+        ("call-1", us_edge, eu_edge, "us"),
+        ("call-2", eu_edge, us_edge, "eu"),
+    ):
+        async with (
+            SignalpostClient(first, token("alice")) as alice,
+            SignalpostClient(second, token("bob")) as bob,
+        ):
+            await alice.join(room)
+            joined = await bob.join(room)
+            assert [m["session"] for m in joined["members"]] == [alice.session]
+            await alice.next_event(PeerJoined)
+            assert bob.session is not None
+            await alice.signal(room, {"n": 1}, to=bob.session)
+            assert (await bob.next_event(SignalEvent)).data == {"n": 1}
+        # The first member's edge is home: only the second member's edge crossed, to it.
+        assert _cross_region(first).get((home, "out"), 0) == 0
+        assert _cross_region(second).get((home, "out"), 0) > 0
