@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 from broker.service import room_table
@@ -54,8 +54,9 @@ class Backplane(Protocol):
     def reannounce(self, room: str, restore: RestoreCmd) -> None:
         """Re-announce a member to the owner and the runner-up of ``room``."""
 
-    def to_all_brokers(self, command: Envelope) -> None:
-        """Send a session-wide command (detach) to every broker."""
+    def to_all_brokers(self, command: Envelope, rooms: Collection[str] = ()) -> None:
+        """Send a session-wide command (detach) to every broker of this region, and to
+        another region's brokers when one of the session's ``rooms`` is homed there."""
 
     def confirm(self, positions: list[tuple[str, str, str, int, bool]]) -> None:
         """Confirm ``(room, session, offset, gap)`` positions to the rooms' owners."""
@@ -116,7 +117,7 @@ class LocalBackplane:
         for _edge, envelope in self.rooms.handle(command, self._clock()):
             inbox(envelope)
 
-    def to_all_brokers(self, command: Envelope) -> None:
+    def to_all_brokers(self, command: Envelope, rooms: Collection[str] = ()) -> None:
         self._dispatch(self.rooms.handle(command, self._clock()))
 
     def to_room_replica(self, room: str, command: Envelope) -> None:

@@ -28,7 +28,9 @@ async def run_edge(settings: Settings) -> None:
         discovery = None
         if settings.consul_addr:
             check_url = f"http{secure}://{base}/healthz"
-            registration = Registration("edge", edge.edge_id, url, check_url)
+            registration = Registration(
+                "edge", edge.edge_id, url, check_url, region=settings.region
+            )
             discovery = Discovery(settings.consul_addr, registration)
             discovery.start()
         print(f"signalpost edge {edge.edge_id} ready on {url}", flush=True)

@@ -858,7 +858,8 @@ class EdgeServer:
         if client.guard.close_code is not None:
             ended = True  # closed for abuse: no resume
         detach = DetachCmd(client.session, client.conn, self.edge_id, ended)
-        self.backplane.to_all_brokers(detach)
+        # (another region's brokers only for the rooms it used there)
+        self.backplane.to_all_brokers(detach, client.room_seqs.keys() | client.rooms.keys())
         self.backplane.to_presence(
             client.identity.user, SessionDown(client.session, self.edge_id, client.conn, ended)
         )

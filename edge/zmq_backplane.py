@@ -17,17 +17,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import zmq
 
 from edge.backplane import Inbox
+from edge.remote_brokers import RemoteBrokers
+from signalpost import metrics
 from signalpost.config import Settings
 from signalpost.discovery import Discovery
+from signalpost.homes import HomeDirectory
 from signalpost.lifecycle import cancel_all
 from signalpost.node_keys import node_keys
 from signalpost.ownership import BROKERS, PRESENCE, View, follow_view
 from signalpost.placement import owner, ranking
+from signalpost.regions import parse_home_rules, pinned_home
 from signalpost.transport import DealerLink, new_incarnation
 from signalpost.wire import (
     AttachCmd,
@@ -75,6 +79,15 @@ class ZmqBackplane:
         self._discovered: dict[str, str] = {}
         self._presence_discovered: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
+        # Rooms homed in other regions (``room_homes``): those regions' brokers.
+        self._home_rules = parse_home_rules(settings.room_homes)
+        self._remote: dict[str, RemoteBrokers] = {}
+        # With several regions, homes no rule pins are agreed in Consul (first member's).
+        self._homes = (
+            HomeDirectory(settings.consul_addr, settings.regions, settings.region)
+            if len(settings.regions) > 1 and settings.consul_addr
+            else None
+        )
 
     # ----------------------------------------------------------------- membership
 
@@ -88,21 +101,32 @@ class ZmqBackplane:
         self._edge_id, self._inbox, self._snapshot = edge_id, inbox, snapshot
         self._owners_changed = owners_changed
 
-    def _link(self, endpoint: str) -> DealerLink:
+    def _link(
+        self, endpoint: str, dial: str | None = None, region: str | None = None
+    ) -> DealerLink:
         assert self._inbox is not None, "connect() an edge first"
         s = self.settings
+        inbox = self._inbox
+        if region is not None:  # another region's broker: what comes over the WAN is counted
+            arrived = metrics.CROSS_REGION_ENVELOPES.labels(region, "in")
+
+            def inbox(envelope: Envelope, deliver: Inbox = self._inbox) -> None:
+                arrived.inc()
+                deliver(envelope)
+
         link = DealerLink(
             self._context,
             endpoint,
             self._edge_id,
             self.incarnation,
-            on_envelope=self._inbox,
+            on_envelope=inbox,
             on_up=self._on_up,
             on_down=self._on_down,
             heartbeat_interval=s.heartbeat_interval,
             peer_expiry=s.peer_expiry,
             keys=self.keys,
             max_message=s.max_node_message,
+            dial=dial,
         )
         if self._started:
             link.start()
@@ -209,6 +233,11 @@ class ZmqBackplane:
                 self._sync_presence(link)
             self._presence_changed()
             return
+        remote = self._remote.get(self._region_of(link))
+        if remote is not None:
+            log.info("region %s: broker %s is up", remote.region, link.endpoint)
+            remote.placement_changed()
+            return
         self._heard = True
         log.info("broker %s is up%s", link.endpoint, " (fresh)" if fresh else "")
         # A broker that restarted came back empty: re-announcing rebuilds its rooms.
@@ -218,6 +247,11 @@ class ZmqBackplane:
         if self._is_presence(link):
             log.warning("presence %s is down", link.endpoint)
             self._presence_changed()
+            return
+        remote = self._remote.get(self._region_of(link))
+        if remote is not None:
+            log.warning("region %s: broker %s is down", remote.region, link.endpoint)
+            remote.placement_changed()
             return
         log.warning("broker %s is down", link.endpoint)
         self._membership_changed()
@@ -229,11 +263,61 @@ class ZmqBackplane:
             bool(self.brokers) and not self._heard
         )
 
-    def owner_of(self, room: str) -> DealerLink:
-        """The link to the broker that owns ``room`` now."""
+    def _home_region(self, room: str) -> str | None:
+        """``room``'s home region: pinned by a rule, agreed (None while it is being read),
+        or, in a single region, this one."""
+        if self._home_rules:
+            pinned = pinned_home(room, self._home_rules)
+            if pinned is not None:
+                return pinned
+        if self._homes is None:
+            return self.settings.region
+        return self._homes.home(room)
+
+    def _home(self, room: str) -> RemoteBrokers | None:
+        """The brokers of ``room``'s home region when that is another region, else None
+        (this region, or a home not known yet: ``_home_region``)."""
+        if not self._home_rules and self._homes is None:
+            return None
+        home = self._home_region(room)
+        if home is None or home == self.settings.region:
+            return None
+        remote = self._remote.get(home)
+        if remote is None:
+            remote = self._remote[home] = self._follow_region(home)
+        return remote
+
+    def _follow_region(self, region: str) -> RemoteBrokers:
+        log.info("following region %s's brokers for the rooms homed there", region)
+
+        def link(broker_id: str, address: str) -> DealerLink:
+            return self._link(broker_id, dial=address, region=region)
+
+        def changed() -> None:
+            self._owners.clear()
+            self._owners_changed()
+
+        remote = RemoteBrokers(region, link, changed)
+        if self._discovery is not None and self.settings.consul_addr:
+            remote.follow(self._discovery, self.settings.consul_addr)
+        else:
+            log.error("room homed in region %s, but without Consul no region is found", region)
+        return remote
+
+    def owner_of(self, room: str) -> DealerLink | None:
+        """The link to the broker that owns ``room`` now (None: its home is not known yet,
+        or is another region whose brokers are not known yet)."""
         link = self._owners.get(room)
         if link is None:
-            link = self.brokers[owner(room, self._live_ids)]
+            if self._homes is not None and self._home_region(room) is None:
+                return None
+            remote = self._home(room)
+            if remote is None:
+                link = self.brokers[owner(room, self._live_ids)]
+            else:
+                link = remote.owner_of(room)
+                if link is None:
+                    return None
             if len(self._owners) >= MAX_CACHED_OWNERS:
                 self._owners.clear()
             self._owners[room] = link
@@ -241,48 +325,98 @@ class ZmqBackplane:
 
     def replica_of(self, room: str) -> DealerLink | None:
         """The runner-up for ``room``: it takes over if the owner dies."""
+        if self._homes is not None and self._home_region(room) is None:
+            return None
+        remote = self._home(room)
+        if remote is not None:
+            return remote.replica_of(room)
         order = ranking(room, self._live_ids)
         return self.brokers[order[1]] if len(order) > 1 else None
+
+    def _send(self, link: DealerLink, envelope: Envelope) -> None:
+        region = self._region_of(link)
+        if region:
+            metrics.CROSS_REGION_ENVELOPES.labels(region, "out").inc()
+        link.send(envelope)
+
+    def _region_of(self, link: DealerLink) -> str:
+        """The other region ``link`` leads to ("" for this region's brokers)."""
+        if not self._remote or self.brokers.get(link.endpoint) is link:
+            return ""
+        for region, remote in self._remote.items():
+            if remote.links.get(link.endpoint) is link:
+                return region
+        return ""
 
     # ----------------------------------------------------------------- Backplane
 
     def to_room_owner(self, room: str, command: Envelope) -> None:
-        self.owner_of(room).send(command)
+        link = self._owners.get(room)  # the usual case, one lookup
+        if link is None:
+            link = self.owner_of(room)
+        if link is None:
+            if self._homes is not None and self._home_region(room) is None:
+                # The home is being agreed: sent on once it is known.
+                self._homes.resolve(room, lambda _home: self.to_room_owner(room, command))
+                return
+            remote = self._home(room)
+            assert remote is not None  # only another region's owner can be unknown
+            remote.send(room, command)  # held until that region's brokers are known
+            metrics.CROSS_REGION_ENVELOPES.labels(remote.region, "out").inc()
+            return
+        if self._remote:
+            self._send(link, command)
+        else:
+            link.send(command)
 
     def to_room_replica(self, room: str, command: Envelope) -> None:
         replica = self.replica_of(room)
         if replica is not None:
-            replica.send(command)
+            self._send(replica, command)
 
     def reannounce(self, room: str, restore: RestoreCmd) -> None:
         # The former owner hands the room to the new one when asked (broker/rooms.py).
-        self.owner_of(room).send(restore)
+        self.to_room_owner(room, restore)
         replica = self.replica_of(room)
         if replica is not None:
-            replica.send(
-                RestoreCmd(restore.session, restore.conn, restore.edge, room, restore.peer, True)
+            self._send(
+                replica,
+                RestoreCmd(restore.session, restore.conn, restore.edge, room, restore.peer, True),
             )
 
     def confirm(self, positions: list[tuple[str, str, str, int, bool]]) -> None:
         by_owner: dict[DealerLink, list[tuple[str, str, str, int, bool]]] = {}
         for position in positions:
-            by_owner.setdefault(self.owner_of(position[0]), []).append(position)
+            link = self.owner_of(position[0])
+            if link is not None:  # else unknown yet: confirmed at a later tick
+                by_owner.setdefault(link, []).append(position)
         for link, owned in by_owner.items():
-            link.send(Confirm(self._edge_id, owned))
+            self._send(link, Confirm(self._edge_id, owned))
 
-    def to_all_brokers(self, command: Envelope) -> None:
+    def _all_broker_links(self) -> dict[str, DealerLink]:
+        links = dict(self.brokers)
+        for remote in self._remote.values():
+            links.update(remote.links)
+        return links
+
+    def to_all_brokers(self, command: Envelope, rooms: Collection[str] = ()) -> None:
         for link in self.brokers.values():
             link.send(command)
+        if self._remote:
+            homes = {remote for room in rooms if (remote := self._home(room)) is not None}
+            for remote in homes:
+                for link in remote.links.values():
+                    self._send(link, command)
 
     def attach(self, session: str, conn: str, positions: dict[str, RoomPosition]) -> None:
-        mine: dict[str, dict[str, RoomPosition]] = {b: {} for b in self.brokers}
+        links = self._all_broker_links()
+        mine: dict[str, dict[str, RoomPosition]] = {b: {} for b in links}
         for room, position in positions.items():
             link = self.owner_of(room)
-            for broker_id, candidate in self.brokers.items():
-                if candidate is link:
-                    mine[broker_id][room] = position
-        for broker_id, link in self.brokers.items():
-            link.send(AttachCmd(session, conn, self._edge_id, mine[broker_id]))
+            if link is not None:  # else: the attach is resent until every room answered
+                mine[link.endpoint][room] = position
+        for broker_id, link in links.items():
+            self._send(link, AttachCmd(session, conn, self._edge_id, mine[broker_id]))
 
     def to_presence(self, user: str, command: Envelope) -> None:
         link = self.presence_owner(user)
@@ -330,6 +464,10 @@ class ZmqBackplane:
 
     async def close(self) -> None:
         await cancel_all(self._tasks)
+        if self._homes is not None:
+            await self._homes.close()
+        for remote in self._remote.values():
+            await remote.close()
         if self._discovery is not None:
             await self._discovery.close()
         for link in [*self.brokers.values(), *self.presence.values()]:

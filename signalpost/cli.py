@@ -1,4 +1,4 @@
-"""``signalpost`` command line: dev, edge, broker, presence, cluster, token, keys."""
+"""``signalpost`` command line: dev, edge, broker, presence, cluster, token, keys, wan-relay."""
 
 from __future__ import annotations
 
@@ -113,9 +113,19 @@ def cmd_keys(args: argparse.Namespace) -> None:
     print(f"secret key: {secret}  (this node only: its node_key_file)")
 
 
+def cmd_wan_relay(args: argparse.Namespace) -> None:
+    from signalpost.wan_relay import parse_delay, parse_pair
+    from signalpost.wan_relay import run as run_relay
+
+    delay = parse_delay(args.delay)
+    pairs = [parse_pair(pair) for pair in args.pair]
+    run(lambda: run_relay(pairs, delay))
+
+
 def cmd_cluster(args: argparse.Namespace) -> None:
     from edge.tls import EdgeTls
     from signalpost.cluster import run_cluster
+    from signalpost.wan_relay import parse_delay
 
     settings = _settings(args)
     require_own_jwt_secret(settings, "cluster")
@@ -129,6 +139,8 @@ def cmd_cluster(args: argparse.Namespace) -> None:
             state_file=args.state,
             restart=args.restart,
             consul=args.consul,
+            regions=_regions(args.regions),
+            wan_delay=parse_delay(args.wan_delay),
         )
     )
 
@@ -138,6 +150,16 @@ def _tls_arguments(parser: argparse.ArgumentParser) -> None:
         "--tls-cert", help="PEM certificate chain: serve wss/https only (tls_cert_file)"
     )
     parser.add_argument("--tls-key", help="PEM key of --tls-cert (tls_key_file)")
+
+
+def _regions(text: str | None) -> list[str]:
+    regions = [r.strip() for r in (text or "").split(",") if r.strip()]
+    if len(set(regions)) != len(regions):
+        raise ConfigError(f"--regions names a region twice: {text!r}")
+    for region in regions:
+        if not region.replace("-", "").isalnum():
+            raise ConfigError(f"region {region!r}: letters, digits and '-' only")
+    return regions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
             tier.add_argument("--bind", help="ZeroMQ endpoint to bind")
         tier.set_defaults(func=func)
 
+    relay = commands.add_parser(
+        "wan-relay", help="an emulated WAN: a TCP relay that delays every byte (tests, demos)"
+    )
+    relay.add_argument("--delay", required=True, help="one-way delay, e.g. 40ms")
+    relay.add_argument(
+        "--pair",
+        action="append",
+        required=True,
+        help="listen_host:port=target_host:port; repeatable",
+    )
+    relay.set_defaults(func=cmd_wan_relay)
+
     cluster = commands.add_parser("cluster", help="a local multi-process cluster on loopback")
     cluster.add_argument("--edges", type=int, default=2)
     cluster.add_argument("--brokers", type=int, default=1)
@@ -200,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cluster.add_argument("--insecure-node-links", action="store_true", help=insecure_help)
     _tls_arguments(cluster)
+    cluster.add_argument(
+        "--regions",
+        help="comma-separated regions (e.g. eu,us): each its own Consul datacenter and nodes",
+    )
+    cluster.add_argument(
+        "--wan-delay", default="0ms", help="with --regions: one-way delay between regions"
+    )
     cluster.set_defaults(func=cmd_cluster)
     return parser
 

@@ -64,6 +64,7 @@ class Child:
     env: dict[str, str]
     log_path: Path
     probe: str  # "http:<url>" or "tcp:<port>"
+    region: str = ""  # with --regions: the region it belongs to
     process: subprocess.Popen[bytes] | None = None
     log_file: TextIO | None = field(default=None, repr=False)
 
@@ -93,7 +94,15 @@ class Child:
 
     def describe(self) -> dict[str, Any]:
         assert self.process is not None
-        return {"kind": self.kind, "id": self.id, "pid": self.process.pid, "url": self.url}
+        described: dict[str, Any] = {
+            "kind": self.kind,
+            "id": self.id,
+            "pid": self.process.pid,
+            "url": self.url,
+        }
+        if self.region:
+            described["region"] = self.region
+        return described
 
 
 def _unverified() -> ssl.SSLContext:
@@ -119,11 +128,17 @@ def plan(
     consul: bool,
     presence: int = 1,
     keys_dir: Path | None = None,
+    regions: list[str] | None = None,
+    wan_delay: float = 0.0,
 ) -> list[Child]:
     """The children of a cluster, with ports picked and settings passed by environment.
 
     With ``keys_dir``, each signalpost node gets a key pair written there (plaintext links
-    without: then ``settings.insecure_node_links`` must be set).
+    without: then ``settings.insecure_node_links`` must be set). With ``regions``, each
+    region gets the same set of nodes (ids prefixed with the region), its own Consul
+    datacenter (WAN-joined to the first region's), and a WAN relay in front of its brokers
+    and presence nodes that holds every byte ``wan_delay`` seconds each way: what nodes of
+    other regions dial (``wan_advertise``).
     """
     env = dict(os.environ)
     env.setdefault("SIGNALPOST_JWT_SECRET", settings.jwt_secret)
@@ -133,43 +148,99 @@ def plan(
         env["SIGNALPOST_CLUSTER_KEYS_DIR"] = str(keys_dir)
         env.pop("SIGNALPOST_INSECURE_NODE_LINKS", None)
         env.pop("SIGNALPOST_NODE_SECRET_KEY", None)
+    for name in ("SIGNALPOST_REGION", "SIGNALPOST_WAN_ADVERTISE"):
+        env.pop(name, None)  # set per region and per node below
+    if regions:
+        env["SIGNALPOST_REGIONS"] = ",".join(regions)
     children: list[Child] = []
-    if consul:
-        consul_port = free_port()
-        ports = {
-            "dns": -1,
-            "grpc": -1,
-            "serf_lan": free_port(),
-            "serf_wan": free_port(),
-            "server": free_port(),
-            "http": consul_port,
-        }
-        data_dir = tempfile.mkdtemp(prefix="signalpost-consul-", dir=log_dir)
-        children.append(
-            Child(
-                "consul",
-                "consul",
-                [
-                    "consul",
-                    "agent",
-                    "-dev",
-                    "-bind=127.0.0.1",
-                    "-client=127.0.0.1",
-                    f"-data-dir={data_dir}",
-                    *(
-                        f"-{name.replace('_', '-')}-port={port}"
-                        if "_" in name
-                        else f"-{name}-port={port}"
-                        for name, port in ports.items()
-                    ),
-                ],
-                f"http://127.0.0.1:{consul_port}",
-                env,
-                log_dir / "consul.log",
-                f"http:http://127.0.0.1:{consul_port}/v1/status/leader",
-            )
+    first_wan_port: int | None = None
+    for region in regions or [""]:
+        region_env = {**env, "SIGNALPOST_REGION": region} if region else dict(env)
+        if consul:
+            agent, first_wan_port = _consul_child(region, log_dir, region_env, first_wan_port)
+            children.append(agent)
+            region_env["SIGNALPOST_CONSUL_ADDR"] = agent.url.removeprefix("http://")
+        children += _region_children(
+            region,
+            region_env,
+            log_dir,
+            edges=edges,
+            brokers=brokers,
+            presence=presence,
+            tls_cert_file=settings.tls_cert_file,
+            tls_key_file=settings.tls_key_file,
         )
-        env = {**env, "SIGNALPOST_CONSUL_ADDR": f"127.0.0.1:{consul_port}"}
+        if region:
+            children.append(_relay_child(region, children, region_env, log_dir, wan_delay))
+    if keys_dir is not None:
+        for child in children:
+            if child.kind in ("consul", "wan-relay"):
+                continue
+            create_node_keys(keys_dir, child.id, None if child.kind == "edge" else child.url)
+            child.env = {
+                **child.env,
+                "SIGNALPOST_NODE_KEY_FILE": str(keys_dir / (child.id + SECRET_SUFFIX)),
+            }
+    return children
+
+
+def _consul_child(
+    region: str, log_dir: Path, env: dict[str, str], join_wan: int | None
+) -> tuple[Child, int]:
+    """A Consul dev agent (the region's datacenter, WAN-joined to ``join_wan``'s agent)."""
+    consul_port = free_port()
+    ports = {
+        "dns": -1,
+        "grpc": -1,
+        "serf_lan": free_port(),
+        "serf_wan": free_port(),
+        "server": free_port(),
+        "http": consul_port,
+    }
+    name = f"{region}-consul" if region else "consul"
+    data_dir = tempfile.mkdtemp(prefix=f"signalpost-{name}-", dir=log_dir)
+    argv = [
+        "consul",
+        "agent",
+        "-dev",
+        "-bind=127.0.0.1",
+        "-client=127.0.0.1",
+        f"-data-dir={data_dir}",
+        *(
+            f"-{key.replace('_', '-')}-port={port}" if "_" in key else f"-{key}-port={port}"
+            for key, port in ports.items()
+        ),
+    ]
+    if region:
+        argv += [f"-datacenter={region}", f"-node={name}"]
+    if join_wan is not None:
+        argv.append(f"-retry-join-wan=127.0.0.1:{join_wan}")
+    child = Child(
+        "consul",
+        name,
+        argv,
+        f"http://127.0.0.1:{consul_port}",
+        env,
+        log_dir / f"{name}.log",
+        f"http:http://127.0.0.1:{consul_port}/v1/status/leader",
+        region=region,
+    )
+    return child, join_wan if join_wan is not None else ports["serf_wan"]
+
+
+def _region_children(
+    region: str,
+    env: dict[str, str],
+    log_dir: Path,
+    *,
+    edges: int,
+    brokers: int,
+    presence: int,
+    tls_cert_file: str | None = None,
+    tls_key_file: str | None = None,
+) -> list[Child]:
+    """One region's presence nodes, brokers and edges (the whole cluster without regions)."""
+    prefix = f"{region}-" if region else ""
     presence_endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in range(presence)]
     broker_endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in range(brokers)]
     if not env.get("SIGNALPOST_CONSUL_ADDR"):
@@ -179,43 +250,33 @@ def plan(
             "SIGNALPOST_PRESENCE_ENDPOINT": ",".join(presence_endpoints),
             "SIGNALPOST_BROKER_ENDPOINTS": ",".join(broker_endpoints),
         }
-    for index, endpoint in enumerate(presence_endpoints, 1):
-        presence_id = f"presence-{index}"
-        children.append(
-            Child(
-                "presence",
-                presence_id,
-                _python_child("presence", presence_id, "--bind", endpoint),
-                endpoint,
-                env,
-                log_dir / f"{presence_id}.log",
-                f"tcp:{endpoint.rsplit(':', 1)[1]}",
+    children: list[Child] = []
+    for kind, endpoints in (("presence", presence_endpoints), ("broker", broker_endpoints)):
+        for index, endpoint in enumerate(endpoints, 1):
+            node_id = f"{prefix}{kind}-{index}"
+            children.append(
+                Child(
+                    kind,
+                    node_id,
+                    _python_child(kind, node_id, "--bind", endpoint),
+                    endpoint,
+                    env,
+                    log_dir / f"{node_id}.log",
+                    f"tcp:{endpoint.rsplit(':', 1)[1]}",
+                    region=region,
+                )
             )
-        )
-    for index, endpoint in enumerate(broker_endpoints, 1):
-        broker_id = f"broker-{index}"
-        children.append(
-            Child(
-                "broker",
-                broker_id,
-                _python_child("broker", broker_id, "--bind", endpoint),
-                endpoint,
-                env,
-                log_dir / f"{broker_id}.log",
-                f"tcp:{endpoint.rsplit(':', 1)[1]}",
-            )
-        )
     edge_env, secure = env, ""
-    if settings.tls_cert_file and settings.tls_key_file:
+    if tls_cert_file and tls_key_file:
         # Every edge serves wss with the same certificate (SIGHUP to the launcher reloads).
         secure = "s"
         edge_env = {
             **env,
-            "SIGNALPOST_TLS_CERT_FILE": str(Path(settings.tls_cert_file).resolve()),
-            "SIGNALPOST_TLS_KEY_FILE": str(Path(settings.tls_key_file).resolve()),
+            "SIGNALPOST_TLS_CERT_FILE": str(Path(tls_cert_file).resolve()),
+            "SIGNALPOST_TLS_KEY_FILE": str(Path(tls_key_file).resolve()),
         }
     for index in range(1, edges + 1):
-        edge_id = f"edge-{index}"
+        edge_id = f"{prefix}edge-{index}"
         port = free_port()
         children.append(
             Child(
@@ -226,18 +287,36 @@ def plan(
                 edge_env,
                 log_dir / f"{edge_id}.log",
                 f"http:http{secure}://127.0.0.1:{port}/healthz",
+                region=region,
             )
         )
-    if keys_dir is not None:
-        for child in children:
-            if child.kind == "consul":
-                continue
-            create_node_keys(keys_dir, child.id, None if child.kind == "edge" else child.url)
-            child.env = {
-                **child.env,
-                "SIGNALPOST_NODE_KEY_FILE": str(keys_dir / (child.id + SECRET_SUFFIX)),
-            }
     return children
+
+
+def _relay_child(
+    region: str, children: list[Child], env: dict[str, str], log_dir: Path, delay: float
+) -> Child:
+    """The region's emulated WAN: a relay port per broker and presence node, which the node
+    advertises (``wan_advertise``) to the other regions."""
+    pairs = []
+    for child in children:
+        if child.region == region and child.kind in ("broker", "presence"):
+            listen = free_port()
+            pairs += ["--pair", f"127.0.0.1:{listen}={child.url.removeprefix('tcp://')}"]
+            child.env = {**child.env, "SIGNALPOST_WAN_ADVERTISE": f"tcp://127.0.0.1:{listen}"}
+    name = f"{region}-wan-relay"
+    argv = [sys.executable, "-m", "signalpost.cli", "wan-relay", "--delay", f"{delay}", *pairs]
+    first_port = pairs[1].split("=")[0].rsplit(":", 1)[1]
+    return Child(
+        "wan-relay",
+        name,
+        argv,
+        "",
+        env,
+        log_dir / f"{name}.log",
+        f"tcp:{first_port}",
+        region=region,
+    )
 
 
 def _write_state(path: Path, children: list[Child], keys_dir: Path | None) -> None:
@@ -281,6 +360,34 @@ def _wait_for_view(
     return False
 
 
+def _wait_for_views(children: list[Child], deadline: float) -> str | None:
+    """Wait until each region's brokers and presence nodes formed their views in its
+    Consul, and the regions' datacenters know each other; what did not happen, or None."""
+    agents = [c for c in children if c.kind == "consul"]
+    for agent in agents:
+        where = f" in {agent.region}" if agent.region else ""
+        for kind, tier in (("broker", BROKERS), ("presence", PRESENCE)):
+            urls = {c.url for c in children if c.kind == kind and c.region == agent.region}
+            if not _wait_for_view(agent.url, urls, deadline, tier):
+                return f"the {kind} nodes did not form a view in Consul{where}"
+    regions = {agent.region for agent in agents if agent.region}
+    if len(regions) > 1 and not _wait_for_datacenters(agents[0].url, regions, deadline):
+        return f"the Consul datacenters {sorted(regions)} did not WAN-join"
+    return None
+
+
+def _wait_for_datacenters(consul_url: str, regions: set[str], deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{consul_url}/v1/catalog/datacenters", timeout=2) as r:
+                if regions <= set(json.loads(r.read())):
+                    return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    return False
+
+
 def _stop(children: list[Child], grace: float) -> None:
     for child in reversed(children):  # edges first: they drain clients
         if child.process is not None and child.process.poll() is None:
@@ -307,6 +414,8 @@ def run_cluster(
     restart: bool,
     consul: str,
     presence: int = 1,
+    regions: list[str] | None = None,
+    wan_delay: float = 0.0,
 ) -> int:
     """Run the cluster until SIGTERM/SIGINT; return the exit status."""
     state_path = Path(state_file)
@@ -329,6 +438,8 @@ def run_cluster(
         log_dir=log_dir,
         consul=want_consul,
         keys_dir=keys_dir,
+        regions=regions,
+        wan_delay=wan_delay,
     )
 
     stopping = False
@@ -358,16 +469,9 @@ def run_cluster(
                     file=sys.stderr,
                 )
                 return 1
-        consul_url = next((c.url for c in children if c.kind == "consul"), None)
-        broker_urls = {c.url for c in children if c.kind == "broker"}
-        if consul_url is not None and not _wait_for_view(consul_url, broker_urls, deadline):
-            print("signalpost cluster: the brokers did not form a view in Consul", file=sys.stderr)
-            return 1
-        presence_urls = {c.url for c in children if c.kind == "presence"}
-        if consul_url is not None and not _wait_for_view(
-            consul_url, presence_urls, deadline, PRESENCE
-        ):
-            print("signalpost cluster: presence did not form a view in Consul", file=sys.stderr)
+        problem = _wait_for_views(children, deadline)
+        if problem:
+            print(f"signalpost cluster: {problem}", file=sys.stderr)
             return 1
         _write_state(state_path, children, keys_dir)
         print(f"signalpost cluster ready: {state_path}", flush=True)

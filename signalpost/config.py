@@ -18,6 +18,7 @@ import msgspec
 from msgspec import Meta
 
 from signalpost.errors import ConfigError
+from signalpost.regions import parse_home_rules
 
 ENV_PREFIX: Final = "SIGNALPOST_"
 DEV_JWT_SECRET: Final = "signalpost-dev-secret-change-me"
@@ -96,6 +97,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     consul_addr: str | None = None  # host:port of a Consul agent; None = static endpoints
     advertise_host: str | None = None  # address Consul and peers reach this node at (default: host)
     health_port: Port = 0  # /healthz for Consul HTTP checks (0 = pick free)
+    region: str = ""  # this node's region: its Consul agent's datacenter ("" = one region)
+    wan_advertise: str | None = None  # the endpoint nodes of other regions dial this node at
+    room_homes: list[str] = []  # "pattern=region" rules pinning rooms' home regions
+    regions: list[str] = []  # every region of the deployment (the same list everywhere)
+
+    def __post_init__(self) -> None:
+        parse_home_rules(self.room_homes)  # a bad rule is refused at load, naming it
+        if self.regions and self.region not in self.regions:
+            raise ValueError(f"region {self.region!r} is not one of regions {self.regions}")
 
     # node links: CurveZMQ keys (signalpost/node_keys.py, docs/security.md)
     node_key_file: str | None = None  # this node's <name>.key_secret
@@ -189,6 +199,23 @@ MEANINGS: Final = {
     "port serves TLS only (`wss://`, `https://`; TLS 1.2+); re-read on SIGHUP. Neither: "
     "plain ws (behind a TLS load balancer); one alone refuses to start",
     "tls_key_file": "PEM private key (unencrypted) of `tls_cert_file`; re-read on SIGHUP",
+    "region": (
+        "this node's region, which is the datacenter of the Consul agent it talks to "
+        "(docs/multi-region.md); empty: a single-region deployment"
+    ),
+    "wan_advertise": (
+        "the ZeroMQ endpoint nodes of other regions dial this broker or presence node at "
+        "(its public address, or a relay's); default: its own endpoint"
+    ),
+    "regions": (
+        "every region of the deployment, the same list on every node; with two or more, a "
+        "room no `room_homes` rule pins is homed in its first member's region, agreed in "
+        "the Consul of the room's arbiter region (docs/multi-region.md)"
+    ),
+    "room_homes": (
+        "rules pinning rooms to home regions, `pattern=region` (shell-style pattern on the room "
+        "name, first match wins; e.g. `eu-*=eu`); the same rules on every node of every region"
+    ),
     "jwt_secret": "HS256 secret for client tokens; also keys resume tokens (same on every node)",
     "jwt_audience": "required `aud` claim, when set",
     "jwt_leeway": "seconds of clock skew allowed on `exp`/`nbf`/`iat`",

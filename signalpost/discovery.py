@@ -128,6 +128,18 @@ class Membership:
         return dict(members)
 
 
+def wan_members_of(entries: list[dict[str, Any]]) -> dict[str, str]:
+    """``{endpoint: endpoint to dial from another region}`` from a ``/v1/health/service``
+    answer of another datacenter (``wan_endpoint`` where the node advertises one)."""
+    found: dict[str, str] = {}
+    for entry in entries:
+        meta = (entry.get("Service") or {}).get("Meta") or {}
+        endpoint, wan = meta.get("endpoint"), meta.get("wan_endpoint")
+        if isinstance(endpoint, str) and endpoint:
+            found[endpoint] = wan if isinstance(wan, str) and wan else endpoint
+    return found
+
+
 def members_of(entries: list[dict[str, Any]]) -> dict[str, str]:
     """``{member id: endpoint}`` from a ``/v1/health/service`` answer."""
     found: dict[str, str] = {}
@@ -180,6 +192,8 @@ class Registration:
     node_id: str
     endpoint: str  # what other nodes dial: a ZeroMQ endpoint, or an edge's ws URL
     check_url: str  # the HTTP check Consul polls
+    region: str = ""  # the node's region (its agent's datacenter), for other regions' eyes
+    wan_endpoint: str = ""  # what nodes of other regions dial (empty: ``endpoint``)
 
     def payload(self) -> dict[str, Any]:
         check = consul.Check.http(
@@ -192,11 +206,16 @@ class Registration:
             # An edge with its own TLS: the check asks whether it serves, not who it is
             # (its certificate names the public host, not the address Consul dials).
             check["TLSSkipVerify"] = True
+        meta = {"endpoint": self.endpoint}
+        if self.region:
+            meta["region"] = self.region
+        if self.wan_endpoint:
+            meta["wan_endpoint"] = self.wan_endpoint
         return {
             "name": service_name(self.kind),
             "service_id": self.node_id,
             "tags": [self.kind],
-            "meta": {"endpoint": self.endpoint},
+            "meta": meta,
             "check": check,
         }
 
@@ -213,9 +232,17 @@ class Discovery:
         if self.registration is not None:
             self._spawn(self._keep_registered(self.registration), "consul-register")
 
-    def watch(self, kind: str, on_change: Callable[[dict[str, str]], None]) -> None:
-        """Call ``on_change(members)`` with the healthy ``kind`` nodes, on every change."""
-        self._spawn(self._watch(kind, on_change), f"consul-watch-{kind}")
+    def watch(
+        self,
+        kind: str,
+        on_change: Callable[[dict[str, str]], None],
+        dc: str | None = None,
+        members: Callable[[list[dict[str, Any]]], dict[str, str]] = members_of,
+    ) -> None:
+        """Call ``on_change(members)`` with the healthy ``kind`` nodes, on every change;
+        ``dc``: those of another datacenter (region), ``members`` read from each answer."""
+        name = f"consul-watch-{kind}" + (f"-{dc}" if dc else "")
+        self._spawn(self._watch(kind, on_change, dc, members), name)
 
     async def close(self) -> None:
         """Stop watching and deregister (best effort, bounded)."""
@@ -252,7 +279,13 @@ class Discovery:
                 log.warning("Consul at %s: %s (will retry)", self.address, exc)
             await asyncio.sleep(REREGISTER_INTERVAL)
 
-    async def _watch(self, kind: str, on_change: Callable[[dict[str, str]], None]) -> None:
+    async def _watch(
+        self,
+        kind: str,
+        on_change: Callable[[dict[str, str]], None],
+        dc: str | None,
+        members: Callable[[list[dict[str, Any]]], dict[str, str]],
+    ) -> None:
         client = consul_client(self.address)
         name = service_name(kind)
         membership = Membership()
@@ -267,13 +300,13 @@ class Discovery:
             def query(index: int = index, wait: float = wait) -> Any:
                 if index:
                     return client.health.service(
-                        name, passing=True, index=index, wait=f"{wait:.1f}s"
+                        name, passing=True, index=index, wait=f"{wait:.1f}s", dc=dc
                     )
-                return client.health.service(name, passing=True)
+                return client.health.service(name, passing=True, dc=dc)
 
             try:
                 new_index, entries = await _in_thread(query)
-                changed = membership.answered(int(new_index or 0), members_of(entries), loop.time())
+                changed = membership.answered(int(new_index or 0), members(entries), loop.time())
             except Exception as exc:
                 if not membership.errors:
                     log.warning(

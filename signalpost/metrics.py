@@ -105,6 +105,19 @@ PRESENCE_DROPPED = Counter(
     "reply that waited too long for another node, a status note from a node that does not "
     "own the user",
 )
+CROSS_REGION_ENVELOPES = Counter(
+    "signalpost_cross_region_envelopes",
+    "Envelopes an edge sent to (out) or got from (in) the brokers of another region, by that "
+    "region: the traffic of its clients in rooms homed there; 0 while every room an edge "
+    "serves is homed in its own region",
+    ["region", "direction"],
+)
+CROSS_REGION_DROPPED = Counter(
+    "signalpost_cross_region_dropped",
+    "Envelopes for another region's rooms dropped while no broker of that region was known "
+    "and MAX_PENDING were already waiting (requests are resent until answered)",
+    ["region"],
+)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -214,9 +214,15 @@ class OwnerNode:
         self.health = HealthServer(self.settings.host, self.settings.health_port)
         await self.health.start()
         check_url = f"http://{self.settings.advertised_host}:{self.health.port}/healthz"
-        self.discovery = Discovery(
-            address, Registration(self.kind, self.node_id, self.endpoint, check_url)
+        registration = Registration(
+            self.kind,
+            self.node_id,
+            self.endpoint,
+            check_url,
+            region=self.settings.region,
+            wan_endpoint=self.settings.wan_advertise or "",
         )
+        self.discovery = Discovery(address, registration)
         self.discovering(self.discovery)
         self.discovery.start()
 

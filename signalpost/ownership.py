@@ -281,9 +281,11 @@ async def _follow(
     address: str,
     tier: Tier,
     on_answer: Callable[[list[dict[str, Any]] | None, float, bool], None],
+    dc: str | None = None,
 ) -> None:
     """Blocking queries on the tier's prefix until cancelled; ``on_answer(items, now, reset)``
-    each time (``reset``: Consul's index went backwards, it lost its state)."""
+    each time (``reset``: Consul's index went backwards, it lost its state). ``dc``: the
+    tier of another datacenter (region), read through this agent."""
     client = consul_client(address)
     loop = asyncio.get_running_loop()
     index = 0
@@ -299,8 +301,9 @@ async def _follow(
                     index=index,
                     wait=f"{QUERY_WAIT:.1f}s",
                     consistency="consistent",
+                    dc=dc,
                 )
-            return client.kv.get(tier.prefix, recurse=True, consistency="consistent")
+            return client.kv.get(tier.prefix, recurse=True, consistency="consistent", dc=dc)
 
         try:
             new_index, items = await _in_thread(query)
@@ -321,8 +324,11 @@ async def _follow(
         await asyncio.sleep(max(0.0, started + MIN_QUERY_INTERVAL - loop.time()))
 
 
-async def follow_view(address: str, tier: Tier, on_view: Callable[[View], None]) -> None:
-    """Call ``on_view`` with every newer view of ``tier`` (an edge's part: it only reads)."""
+async def follow_view(
+    address: str, tier: Tier, on_view: Callable[[View], None], dc: str | None = None
+) -> None:
+    """Call ``on_view`` with every newer view of ``tier`` (an edge's part: it only reads);
+    ``dc``: of another datacenter (region)."""
     newest: list[View] = []
 
     def answer(items: list[dict[str, Any]] | None, now: float, reset: bool) -> None:
@@ -331,7 +337,7 @@ async def follow_view(address: str, tier: Tier, on_view: Callable[[View], None])
             newest[:] = [view]
             on_view(view)
 
-    await _follow(address, tier, answer)
+    await _follow(address, tier, answer, dc)
 
 
 class TierMembership:

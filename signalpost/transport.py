@@ -564,7 +564,10 @@ class DealerLink:
         peer_expiry: float,
         keys: NodeKeys | None,
         max_message: int,
+        dial: str | None = None,
     ) -> None:
+        # ``endpoint`` names the node (its placement id, its server key); ``dial`` is where
+        # to connect when that differs (another region's node behind its WAN address).
         self.endpoint = endpoint
         self.remote: PeerState | None = None
         self.alive = False
@@ -584,7 +587,7 @@ class DealerLink:
             else None
         )
         if self.dialled:
-            socket.connect(endpoint)
+            socket.connect(dial or endpoint)
         self._socket = FastSocket(socket)
         self._outbox = Outbox(self._socket, routed=False)
         self._on_envelope = on_envelope

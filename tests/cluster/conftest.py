@@ -104,6 +104,8 @@ def cluster_factory(tmp_path: Path) -> Iterator[ClusterFactory]:
         consul: str = "off",
         restart: bool = False,
         presence: int = 1,
+        regions: str = "",
+        wan_delay: str = "0ms",
         **env: str,
     ) -> Cluster:
         state_path = tmp_path / f"cluster-{len(started)}.json"
@@ -124,6 +126,7 @@ def cluster_factory(tmp_path: Path) -> Iterator[ClusterFactory]:
                 "--consul",
                 consul,
                 *(["--restart"] if restart else []),
+                *(["--regions", regions, "--wan-delay", wan_delay] if regions else []),
             ],
             env={**os.environ, **FAST_ENV, **env},
             stdout=subprocess.DEVNULL,
