@@ -104,6 +104,7 @@ class CallResult:
     candidates: dict[str, list[str]] = field(default_factory=dict)  # types offered per peer
     ice_servers: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     connect_seconds: float = 0.0  # from the offer to both data channels open
+    setup_seconds: float = 0.0  # from the first join to both data channels open
     total_seconds: float = 0.0
 
 
@@ -345,6 +346,7 @@ async def run_call(
             peers.append(b)
             result.ice_servers = {"a": client_a.ice_servers, "b": client_b.ice_servers}
 
+            joining = time.monotonic()
             await client_a.join(room)
             joined = await client_b.join(room)
             assert any(m["session"] == client_a.session for m in joined["members"]), joined
@@ -362,6 +364,7 @@ async def run_call(
                 exc.candidates = {"a": a.offered_types, "b": b.offered_types}
                 raise
             result.connect_seconds = time.monotonic() - negotiated
+            result.setup_seconds = time.monotonic() - joining
             result.candidates = {"a": a.offered_types, "b": b.offered_types}
             for peer in peers:
                 pair = selected_pair(peer.pc)

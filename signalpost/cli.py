@@ -119,7 +119,7 @@ def cmd_wan_relay(args: argparse.Namespace) -> None:
 
     delay = parse_delay(args.delay)
     pairs = [parse_pair(pair) for pair in args.pair]
-    run(lambda: run_relay(pairs, delay))
+    run(lambda: run_relay(pairs, delay, args.stats))
 
 
 def cmd_cluster(args: argparse.Namespace) -> None:
@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="listen_host:port=target_host:port; repeatable",
     )
+    relay.add_argument("--stats", help="JSON file kept with the bytes relayed per pair")
     relay.set_defaults(func=cmd_wan_relay)
 
     cluster = commands.add_parser("cluster", help="a local multi-process cluster on loopback")

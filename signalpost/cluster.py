@@ -306,6 +306,7 @@ def _relay_child(
             child.env = {**child.env, "SIGNALPOST_WAN_ADVERTISE": f"tcp://127.0.0.1:{listen}"}
     name = f"{region}-wan-relay"
     argv = [sys.executable, "-m", "signalpost.cli", "wan-relay", "--delay", f"{delay}", *pairs]
+    argv += ["--stats", str(log_dir / f"{name}.json")]  # bytes that crossed, per node
     first_port = pairs[1].split("=")[0].rsplit(":", 1)[1]
     return Child(
         "wan-relay",

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
@@ -117,12 +119,18 @@ class _Direction:
     """Moves one direction: reads ``reader`` into a line, writes what is due to ``writer``."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        delay: float,
+        counted: list[int],
+        slot: int,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.line = DelayLine(delay)
         self._changed = asyncio.Event()
+        self._counted, self._slot = counted, slot  # bytes relayed, for the stats
 
     async def read(self) -> None:
         loop = asyncio.get_running_loop()
@@ -152,6 +160,7 @@ class _Direction:
                         self.writer.write_eof()
                     return
                 self.writer.write(data)
+                self._counted[self._slot] += len(data)
             self._changed.set()  # room again for the reader
             await self.writer.drain()
 
@@ -161,6 +170,7 @@ async def _relay(
     client_writer: asyncio.StreamWriter,
     target: tuple[str, int],
     delay: float,
+    counted: list[int],
 ) -> None:
     try:
         server_reader, server_writer = await asyncio.open_connection(*target)
@@ -169,8 +179,8 @@ async def _relay(
         client_writer.transport.abort()
         return
     directions = (
-        _Direction(client_reader, server_writer, delay),
-        _Direction(server_reader, client_writer, delay),
+        _Direction(client_reader, server_writer, delay, counted, 0),
+        _Direction(server_reader, client_writer, delay, counted, 1),
     )
     tasks = [asyncio.create_task(coro) for d in directions for coro in (d.read(), d.write())]
     try:
@@ -208,20 +218,23 @@ class WanRelay:
         self.delay = delay
         self._servers: list[asyncio.Server] = []
         self._relays: set[asyncio.Task[None]] = set()
+        #: Bytes relayed per pair: [towards the target, back from it].
+        self.relayed: list[list[int]] = [[0, 0] for _ in pairs]
 
     async def start(self) -> None:
-        for listen, target in self.pairs:
+        for (listen, target), counted in zip(self.pairs, self.relayed, strict=True):
 
             async def handle(
                 reader: asyncio.StreamReader,
                 writer: asyncio.StreamWriter,
                 target: tuple[str, int] = target,
+                counted: list[int] = counted,
             ) -> None:
                 task = asyncio.current_task()
                 assert task is not None
                 self._relays.add(task)
                 try:
-                    await _relay(reader, writer, target, self.delay)
+                    await _relay(reader, writer, target, self.delay, counted)
                 finally:
                     self._relays.discard(task)
 
@@ -243,9 +256,16 @@ class WanRelay:
         await self.close()
 
 
-async def run(pairs: list[tuple[tuple[str, int], tuple[str, int]]], delay: float) -> None:
-    """Relay until SIGTERM/SIGINT."""
-    async with WanRelay(pairs, delay):
+async def run(
+    pairs: list[tuple[tuple[str, int], tuple[str, int]]],
+    delay: float,
+    stats: str | None = None,
+) -> None:
+    """Relay until SIGTERM/SIGINT; with ``stats``, keep the bytes relayed per pair in that
+    JSON file (rewritten every 0.5 s)."""
+    async with WanRelay(pairs, delay) as relay:
+        if stats is not None:
+            task = asyncio.get_running_loop().create_task(_write_stats(relay, stats))
         for (host, port), (to_host, to_port) in pairs:
             log.info(
                 "wan relay %s:%d -> %s:%d, %.0f ms each way",
@@ -256,4 +276,31 @@ async def run(pairs: list[tuple[tuple[str, int], tuple[str, int]]], delay: float
                 delay * 1000,
             )
         print("signalpost wan-relay ready", flush=True)
-        await until_stopped()
+        try:
+            await until_stopped()
+        finally:
+            if stats is not None:
+                await cancel_all([task])
+                _dump_stats(relay, stats)
+
+
+def _dump_stats(relay: WanRelay, path: str) -> None:
+    document = [
+        {
+            "listen": f"{listen[0]}:{listen[1]}",
+            "target": f"{target[0]}:{target[1]}",
+            "to_target": counted[0],
+            "from_target": counted[1],
+        }
+        for (listen, target), counted in zip(relay.pairs, relay.relayed, strict=True)
+    ]
+    partial = f"{path}.partial"
+    with open(partial, "w") as out:
+        json.dump(document, out)
+    os.replace(partial, path)  # readers never see half a file
+
+
+async def _write_stats(relay: WanRelay, path: str) -> None:
+    while True:
+        _dump_stats(relay, path)
+        await asyncio.sleep(0.5)

@@ -44,6 +44,7 @@ async def test_a_round_trip_takes_twice_the_delay_and_keeps_order() -> None:
         assert await reader.readexactly(len(payload)) == payload
         writer.write_eof()  # the end of stream crosses too: the echo server closes
         assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert relay.relayed == [[4 + len(payload), 4 + len(payload)]]  # counted both ways
         writer.close()
     finally:
         await relay.close()
