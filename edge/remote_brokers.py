@@ -51,6 +51,7 @@ class RemoteBrokers:
         self.links: dict[str, DealerLink] = {}
         self.view: View | None = None
         self._found: dict[str, str] = {}  # placement id -> address to dial
+        self._dialled: dict[str, str] = {}  # placement id -> the address its link dials
         self.live_ids: list[str] = []
         self._pending: deque[tuple[str, Envelope]] = deque()
         self._tasks: list[asyncio.Task[None]] = []
@@ -74,17 +75,19 @@ class RemoteBrokers:
         self._relink()
 
     def _relink(self) -> None:
-        wanted = dict(self._found)
-        if self.view is not None:
-            for member in self.view.members:
-                wanted.setdefault(member, member)  # not discovered (yet): dial it as named
+        # Only brokers found in Consul are dialled, at the address they advertise to other
+        # regions: a member of the view not found yet is not dialled by its name (an
+        # address inside its region); its rooms' envelopes wait until it is found.
+        wanted = self._found
         for broker_id in list(self.links):
-            if broker_id not in wanted:
+            if wanted.get(broker_id) != self._dialled.get(broker_id):
                 link = self.links.pop(broker_id)
+                del self._dialled[broker_id]
                 asyncio.get_running_loop().create_task(link.close())
         for broker_id, address in wanted.items():
             if broker_id not in self.links:
                 self.links[broker_id] = self._link(broker_id, address)
+                self._dialled[broker_id] = address
         self.placement_changed()
 
     def placement_changed(self) -> None:
@@ -95,10 +98,10 @@ class RemoteBrokers:
             live = sorted(b for b, link in self.links.items() if link.alive)
             self.live_ids = live or sorted(self.links)
         self._changed()
-        if self.live_ids and self._pending:
+        if self._pending:
             pending, self._pending = self._pending, deque()
             for room, envelope in pending:
-                self.send(room, envelope)
+                self.send(room, envelope)  # held again if its owner is not linked yet
 
     def owner_of(self, room: str) -> DealerLink | None:
         if not self.live_ids:

@@ -329,6 +329,32 @@ def _write_state(path: Path, children: list[Child], keys_dir: Path | None) -> No
     partial.replace(path)  # readers never see half a file
 
 
+#: Times an edge whose free port was taken before it bound it is started on another one.
+PORT_RETRIES = 3
+
+
+def _lost_its_port(child: Child) -> bool:
+    """Whether ``child`` died because its port was taken (an edge only)."""
+    if child.kind != "edge" or child.process is None or child.process.poll() is None:
+        return False
+    try:
+        return "address already in use" in child.log_path.read_text()[-4000:].lower()
+    except OSError:
+        return False
+
+
+def _move_edge(child: Child) -> None:
+    """Give an edge a new free port (its argv, URL and probe)."""
+    old = child.argv[child.argv.index("--port") + 1]
+    new = str(free_port())
+    child.argv[child.argv.index("--port") + 1] = new
+    child.url = child.url.replace(f":{old}/", f":{new}/")
+    child.probe = child.probe.replace(f":{old}/", f":{new}/")
+    if child.log_file is not None:
+        child.log_file.close()
+    log.warning("%s: port %s was taken; starting it on %s", child.id, old, new)
+
+
 def _wait_ready(child: Child, deadline: float) -> bool:
     while time.monotonic() < deadline:
         assert child.process is not None
@@ -464,7 +490,16 @@ def run_cluster(
         deadline = time.monotonic() + READY_TIMEOUT
         for child in children:
             child.start()
-            if not _wait_ready(child, deadline):
+            ready = _wait_ready(child, deadline)
+            for _retry in range(PORT_RETRIES):
+                if ready or not _lost_its_port(child):
+                    break
+                # The free port was taken meanwhile (other programs on the machine): an
+                # edge takes another one (brokers and presence are named by theirs).
+                _move_edge(child)
+                child.start()
+                ready = _wait_ready(child, deadline)
+            if not ready:
                 print(
                     f"signalpost cluster: {child.id} did not become ready; see {child.log_path}",
                     file=sys.stderr,

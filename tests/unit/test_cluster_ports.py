@@ -1,0 +1,40 @@
+"""``signalpost cluster`` moves an edge whose free port was taken before it could bind it."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from signalpost.cluster import Child, _lost_its_port, _move_edge
+
+
+def test_an_edge_that_lost_its_port_is_moved_to_another(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        argv = [sys.executable, "-c", f"import socket; socket.create_server(('127.0.0.1', {port}))"]
+        child = Child(
+            "edge",
+            "edge-1",
+            [*argv, "--port", str(port)],
+            f"ws://127.0.0.1:{port}/v1/signal",
+            {},
+            tmp_path / "edge-1.log",
+            f"http:http://127.0.0.1:{port}/healthz",
+        )
+        child.log_file = open(child.log_path, "a")  # noqa: SIM115 - as Child.start does
+        child.process = subprocess.Popen(
+            child.argv[:3], stdout=child.log_file, stderr=subprocess.STDOUT
+        )
+        child.process.wait(10)
+        assert _lost_its_port(child)  # the log says why it died
+        _move_edge(child)
+    new = child.argv[child.argv.index("--port") + 1]
+    assert new != str(port)
+    assert child.url == f"ws://127.0.0.1:{new}/v1/signal"
+    assert child.probe == f"http:http://127.0.0.1:{new}/healthz"
+    broker = Child("broker", "b", [], "tcp://127.0.0.1:1", {}, child.log_path, "tcp:1")
+    assert not _lost_its_port(broker)  # a broker is named by its endpoint: never moved
