@@ -17,16 +17,15 @@ nodes re-register, which each does within ``REREGISTER_INTERVAL``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import consul
 
 from signalpost.lifecycle import cancel_all
+from signalpost.lifecycle import in_thread as _in_thread
 
 log = logging.getLogger("signalpost.discovery")
 
@@ -47,8 +46,6 @@ CHECK_TIMEOUT: Final = "1s"
 CHECK_DEREGISTER_AFTER: Final = "1m"
 #: Timeout of the non-blocking Consul calls (register, deregister, list).
 CALL_TIMEOUT: Final = 2.0
-
-T = TypeVar("T")
 
 
 def service_name(kind: str) -> str:
@@ -141,35 +138,6 @@ def members_of(entries: list[dict[str, Any]]) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- I/O shell
-
-
-async def _in_thread(call: Callable[[], T]) -> T:
-    """Run a blocking Consul call in a daemon thread (a shutdown never waits for it)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(outcome: Callable[..., None], *args: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(outcome, *args)
-
-    def deliver(result: T | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def run() -> None:
-        try:
-            result = call()
-        except BaseException as exc:  # handed to the awaiting task
-            settle(deliver, None, exc)
-        else:
-            settle(deliver, result, None)
-
-    threading.Thread(target=run, name="consul-call", daemon=True).start()
-    return await future
 
 
 @dataclass(frozen=True)

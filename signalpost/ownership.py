@@ -54,10 +54,10 @@ import msgspec
 from signalpost.discovery import (
     MIN_QUERY_INTERVAL,
     QUERY_WAIT,
-    _in_thread,
     consul_client,
 )
 from signalpost.lifecycle import cancel_all
+from signalpost.lifecycle import in_thread as _in_thread
 
 log = logging.getLogger("signalpost.ownership")
 
