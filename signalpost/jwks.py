@@ -32,6 +32,7 @@ import asyncio
 import json
 import logging
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
@@ -251,8 +252,12 @@ def reader(source: str) -> Callable[[], bytes]:
             request = urllib.request.Request(
                 source, headers={"Accept": "application/json", "User-Agent": "signalpost"}
             )
-            with opener.open(request, timeout=FETCH_TIMEOUT) as response:
-                body: bytes = response.read(MAX_DOCUMENT_BYTES + 1)
+            try:
+                with opener.open(request, timeout=FETCH_TIMEOUT) as response:
+                    body: bytes = response.read(MAX_DOCUMENT_BYTES + 1)
+            except urllib.error.HTTPError as exc:
+                exc.close()  # it holds the connection
+                raise KeySetError(f"HTTP {exc.code} {exc.reason}") from None
             return body
 
         return fetch
