@@ -253,6 +253,7 @@ class BrokerNode(OwnerNode):
             self.node_id,
             self._view_changed,
             registered=lambda: self._discovered,
+            token=self.settings.consul_token,
         )
         self._membership.start()
 

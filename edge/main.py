@@ -25,8 +25,8 @@ async def run_edge(settings: Settings) -> None:
         discovery = None
         if settings.consul_addr:
             registration = Registration("edge", edge.edge_id, url, f"http://{base}/healthz")
-            discovery = Discovery(settings.consul_addr, registration)
-            discovery.start()
+            discovery = Discovery(settings.consul_addr, registration, settings.consul_token)
+            await discovery.start()
         print(f"signalpost edge {edge.edge_id} ready on {url}", flush=True)
         try:
             await until_stopped()

@@ -302,7 +302,7 @@ class ZmqBackplane:
 
     async def _discover(self, address: str) -> None:
         """Follow brokers and presence in Consul; wait (bounded) for the first brokers."""
-        self._discovery = Discovery(address)
+        self._discovery = Discovery(address, token=self.settings.consul_token)
         found = asyncio.Event()
 
         def brokers(members: dict[str, str]) -> None:
@@ -319,9 +319,15 @@ class ZmqBackplane:
             "presence", lambda members: self.update_presence(list(members.values()))
         )
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(follow_view(address, BROKERS, view)))
         self._tasks.append(
-            loop.create_task(follow_view(address, PRESENCE, self.update_presence_view))
+            loop.create_task(follow_view(address, BROKERS, view, self.settings.consul_token))
+        )
+        self._tasks.append(
+            loop.create_task(
+                follow_view(
+                    address, PRESENCE, self.update_presence_view, self.settings.consul_token
+                )
+            )
         )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(found.wait(), FIRST_DISCOVERY_TIMEOUT)

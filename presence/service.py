@@ -189,6 +189,7 @@ class PresenceNode(OwnerNode):
             self.node_id,
             self._view_changed,
             registered=lambda: self._discovered,
+            token=self.settings.consul_token,
         )
         self._membership.start()
 

@@ -123,10 +123,12 @@ class OwnerNode:
         await self.health.start()
         check_url = f"http://{self.settings.advertised_host}:{self.health.port}/healthz"
         self.discovery = Discovery(
-            address, Registration(self.kind, self.node_id, self.endpoint, check_url)
+            address,
+            Registration(self.kind, self.node_id, self.endpoint, check_url),
+            self.settings.consul_token,
         )
+        await self.discovery.start()  # registered first: the session needs its check
         self.discovering(self.discovery)
-        self.discovery.start()
 
     async def _deregister(self) -> None:
         if self.health is not None:
