@@ -53,7 +53,7 @@ class ConsulAgent:
         if self.master_token is not None:
             config = self.workdir / "acl.hcl"
             config.write_text(
-                "acl {\n  enabled = true\n  default_policy = \"deny\"\n"
+                'acl {\n  enabled = true\n  default_policy = "deny"\n'
                 f'  tokens {{\n    master = "{self.master_token}"\n'
                 f'    agent = "{self.master_token}"\n  }}\n}}\n'
             )
