@@ -127,8 +127,8 @@ class OwnerNode:
             Registration(self.kind, self.node_id, self.endpoint, check_url),
             self.settings.consul_token,
         )
-        await self.discovery.start()  # registered first: the session needs its check
         self.discovering(self.discovery)
+        await self.discovery.start()
 
     async def _deregister(self) -> None:
         if self.health is not None:
