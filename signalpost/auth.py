@@ -80,7 +80,7 @@ class TokenVerifier:
         kid = header.get("kid")
         if self.jwks is None or kid is None:
             return self._verify(token, header, now)
-        jwk = self.jwks.keys.key(_kid(kid), time.monotonic())
+        jwk = self.jwks.keys.key(_kid(kid), self.jwks.clock())
         return self._with_jwk(token, header, jwk, now)
 
     def _with_jwk(

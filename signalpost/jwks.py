@@ -290,7 +290,7 @@ class JwksKeys:
             refresh=settings.jwks_refresh,
             min_refresh=settings.jwks_min_refresh,
         )
-        self._clock = clock
+        self.clock = clock
         self._fetching: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -308,7 +308,7 @@ class JwksKeys:
     async def key(self, kid: str) -> jwt.PyJWK | None:
         """The key for ``kid``; an unknown one fetches the set again if the rate limit
         allows (or waits for the fetch under way), else it is None at once."""
-        now = self._clock()
+        now = self.clock()
         jwk = self.keys.key(kid, now)
         if jwk is not None:
             return jwk
@@ -316,7 +316,7 @@ class JwksKeys:
         if self._fetching is None and not self.keys.may_fetch(now):
             return None
         await self.refresh()
-        return self.keys.key(kid, self._clock())
+        return self.keys.key(kid, self.clock())
 
     async def refresh(self) -> None:
         """Fetch now, or wait for the fetch under way."""
@@ -326,7 +326,7 @@ class JwksKeys:
 
     async def _refresher(self) -> None:
         while True:
-            await asyncio.sleep(max(0.0, self.keys.next_fetch() - self._clock()))
+            await asyncio.sleep(max(0.0, self.keys.next_fetch() - self.clock()))
             try:
                 await self.refresh()
             except Exception:  # a bug here must not stop the refreshes for good
@@ -335,7 +335,7 @@ class JwksKeys:
 
     async def _fetch(self) -> None:
         keys = self.keys
-        keys.fetch_started(self._clock())
+        keys.fetch_started(self.clock())
         try:
             try:
                 async with asyncio.timeout(FETCH_TIMEOUT + 1):
@@ -343,7 +343,7 @@ class JwksKeys:
             except (OSError, TimeoutError, KeySetError, ValueError) as exc:
                 keys.failed()
                 raise KeySetError(f"cannot fetch it: {exc}") from None
-            loaded = keys.loaded(document, self._clock())
+            loaded = keys.loaded(document, self.clock())
         except KeySetError as exc:
             FETCHES.labels("failed").inc()
             log.warning(

@@ -135,12 +135,16 @@ async def test_unknown_kids_fetch_at_most_once_per_min_refresh(jwks_server: Jwks
         assert jwks_server.requests == 2
         # Within min_refresh: refused at once, without a fetch.
         clock.now += 9.9
-        started = time.monotonic()
         for token in strangers:
             with pytest.raises(Unauthorized, match="not in the JWK Set"):
                 await verifier.authenticate(token, now)
-        assert time.monotonic() - started < 1.0
         assert jwks_server.requests == 2
+        # Once the interval is over, one more fetch (and only one).
+        clock.now += 0.1
+        for token in strangers[:5]:
+            with pytest.raises(Unauthorized, match="not in the JWK Set"):
+                await verifier.authenticate(token, now)
+        assert jwks_server.requests == 3
         # A known kid is never held up by the limit.
         assert (await verifier.authenticate(signer.token(now=now), now)).user == "alice"
     finally:
@@ -195,7 +199,7 @@ async def test_a_slow_jwks_server_does_not_block_the_event_loop(jwks_server: Jwk
     finally:
         task.cancel()
         await verifier.close()
-    assert ticks > 30  # the loop ran while the fetch waited a second
+    assert ticks > 10  # the loop ran while the fetch waited a second (blocked: 0)
 
 
 def write_jwks(path: Path, *signers: Signer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from signalpost.auth import TokenVerifier
 from signalpost.config import load_settings
 from signalpost.errors import KeySetError, Unauthorized
-from signalpost.jwks import MAX_KEYS, KeySet
+from signalpost.jwks import MAX_KEYS, KeySet, reader
 
 SECRET = "unit-secret-0123456789abcdef0123"
 NOW = 1_700_000_000.0
@@ -198,3 +199,24 @@ def test_jwks_settings_are_checked_at_load() -> None:
     settings = load_settings(environ={"SIGNALPOST_JWKS_SOURCE": "ftp://example.com/jwks"})
     with pytest.raises(Exception, match="https:// or http://"):
         TokenVerifier(settings)
+
+
+def test_an_https_source_is_never_redirected_to_plain_http() -> None:
+    import urllib.request
+
+    from signalpost.jwks import _NoDowngrade
+
+    request = urllib.request.Request("https://idp.example.com/jwks.json")
+    with pytest.raises(KeySetError, match="redirect"):
+        _NoDowngrade().redirect_request(request, None, 302, "Found", {}, "http://evil/jwks")
+    followed = _NoDowngrade().redirect_request(
+        request, None, 302, "Found", {}, "https://idp.example.com/v2/jwks.json"
+    )
+    assert followed is not None and followed.full_url.endswith("/v2/jwks.json")
+
+
+def test_a_file_source_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_bytes(document(Signer("k").jwk))
+    assert reader(str(path))() == path.read_bytes()
+    assert reader(path.as_uri())() == path.read_bytes()
