@@ -31,8 +31,8 @@ async def run_edge(settings: Settings) -> None:
             registration = Registration(
                 "edge", edge.edge_id, url, check_url, region=settings.region
             )
-            discovery = Discovery(settings.consul_addr, registration)
-            discovery.start()
+            discovery = Discovery(settings.consul_addr, registration, settings.consul_token)
+            await discovery.start()
         print(f"signalpost edge {edge.edge_id} ready on {url}", flush=True)
         try:
             with reload_on_sighup(edge.tls):

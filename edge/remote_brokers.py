@@ -56,13 +56,12 @@ class RemoteBrokers:
         self._pending: deque[tuple[str, Envelope]] = deque()
         self._tasks: list[asyncio.Task[None]] = []
 
-    def follow(self, discovery: Discovery, address: str) -> None:
+    def follow(self, discovery: Discovery, address: str, token: str | None = None) -> None:
         """Follow the region's brokers and view in Consul (through this edge's agent)."""
         discovery.watch("broker", self.update_members, dc=self.region, members=wan_members_of)
         loop = asyncio.get_running_loop()
-        self._tasks.append(
-            loop.create_task(follow_view(address, BROKERS, self.update_view, dc=self.region))
-        )
+        view = follow_view(address, BROKERS, self.update_view, dc=self.region, token=token)
+        self._tasks.append(loop.create_task(view))
 
     def update_members(self, found: dict[str, str]) -> None:
         """The region's brokers registered in its Consul: ``{placement id: dial address}``."""

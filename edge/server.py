@@ -194,7 +194,8 @@ class EdgeServer:
         return port
 
     async def start(self) -> None:
-        """Start the backplane and listen."""
+        """Start the backplane (and the JWK Set, if any) and listen."""
+        await self._verifier.start()
         await self.backplane.start()
         loop = asyncio.get_running_loop()
         max_size = self.settings.max_frame
@@ -233,6 +234,7 @@ class EdgeServer:
     async def close(self) -> None:
         """Drain clients, then stop the backplane."""
         await self.drain()
+        await self._verifier.close()
         await self.backplane.close()
 
     async def __aenter__(self) -> EdgeServer:
@@ -596,12 +598,14 @@ class EdgeServer:
             hello = decode_client(first)
             if not isinstance(hello, Hello):
                 raise Unauthorized("the first frame must be hello")
-            identity = self._verifier.verify(hello.token, time.time())
+            identity = await self._verifier.authenticate(hello.token, time.time())
         except ProtocolError as exc:
             # Whatever the first frame got wrong, nobody gets in without a good hello.
             link.send_texts([_error(Unauthorized(exc.message), request_id_of(exc))])
             link.close(CloseCode.UNAUTHORIZED, "unauthorized")
             return None
+        if not link.is_open:
+            return None  # gone while a JWK Set fetch for its token's kid was under way
 
         session = None
         generation = 1

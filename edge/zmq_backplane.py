@@ -84,7 +84,9 @@ class ZmqBackplane:
         self._remote: dict[str, RemoteBrokers] = {}
         # With several regions, homes no rule pins are agreed in Consul (first member's).
         self._homes = (
-            HomeDirectory(settings.consul_addr, settings.regions, settings.region)
+            HomeDirectory(
+                settings.consul_addr, settings.regions, settings.region, settings.consul_token
+            )
             if len(settings.regions) > 1 and settings.consul_addr
             else None
         )
@@ -299,7 +301,7 @@ class ZmqBackplane:
 
         remote = RemoteBrokers(region, link, changed)
         if self._discovery is not None and self.settings.consul_addr:
-            remote.follow(self._discovery, self.settings.consul_addr)
+            remote.follow(self._discovery, self.settings.consul_addr, self.settings.consul_token)
         else:
             log.error("room homed in region %s, but without Consul no region is found", region)
         return remote
@@ -436,7 +438,7 @@ class ZmqBackplane:
 
     async def _discover(self, address: str) -> None:
         """Follow brokers and presence in Consul; wait (bounded) for the first brokers."""
-        self._discovery = Discovery(address)
+        self._discovery = Discovery(address, token=self.settings.consul_token)
         found = asyncio.Event()
 
         def brokers(members: dict[str, str]) -> None:
@@ -453,9 +455,15 @@ class ZmqBackplane:
             "presence", lambda members: self.update_presence(list(members.values()))
         )
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(follow_view(address, BROKERS, view)))
         self._tasks.append(
-            loop.create_task(follow_view(address, PRESENCE, self.update_presence_view))
+            loop.create_task(follow_view(address, BROKERS, view, token=self.settings.consul_token))
+        )
+        self._tasks.append(
+            loop.create_task(
+                follow_view(
+                    address, PRESENCE, self.update_presence_view, token=self.settings.consul_token
+                )
+            )
         )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(found.wait(), FIRST_DISCOVERY_TIMEOUT)

@@ -33,13 +33,20 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     $SUDO apt-get update -q
     $SUDO apt-get install -y -q --no-install-recommends "${need_apt[@]}"
     # The coturn package may start a system turnserver on 3478; tests run their own on
-    # free ports. Stop and disable only the service this install started, through its own
-    # init system: never a turnserver that was running here before (a user's own coturn).
+    # free ports. Stop and disable only the service this install started: never a
+    # turnserver this script did not start (a user's own coturn, another job's test
+    # server). systemd stops exactly the unit's processes. Debian's /etc/init.d/coturn
+    # "stop" would also kill every /usr/bin/turnserver by executable, so it is not used:
+    # only the pid the service wrote to its pidfile is stopped, and only if that pid runs
+    # /usr/bin/turnserver (the init script starts nothing unless TURNSERVER_ENABLED=1).
     if [[ " ${need_apt[*]} " == *" coturn "* ]]; then
         if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
             $SUDO systemctl disable --now coturn 2>/dev/null || true
         elif [ -x /etc/init.d/coturn ]; then
-            $SUDO /etc/init.d/coturn stop >/dev/null 2>&1 || true
+            if [ -f /var/run/turnserver.pid ] && command -v start-stop-daemon >/dev/null; then
+                $SUDO start-stop-daemon --stop --quiet --oknodo --retry=TERM/10/KILL/5 \
+                    --pidfile /var/run/turnserver.pid --exec /usr/bin/turnserver || true
+            fi
             $SUDO update-rc.d coturn disable >/dev/null 2>&1 || true
         fi
     fi

@@ -14,6 +14,7 @@ import jwt
 
 from signalpost.config import Settings
 from signalpost.errors import Unauthorized
+from signalpost.jwks import MAX_KID, JwksKeys
 
 RESUME_TOKEN_LIFETIME: Final = 24 * 3600.0
 
@@ -38,7 +39,11 @@ class Identity:
 
 
 class TokenVerifier:
-    """Checks client JWTs: signature, exp/nbf/iat (with leeway), aud when configured."""
+    """Checks client JWTs: signature, exp/nbf/iat (with leeway), aud when configured.
+
+    With ``jwks_source``, a token with a ``kid`` header is checked with that key of the JWK
+    Set only (``signalpost/jwks.py``); a token without one as without a JWK Set.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self._secret = settings.jwt_secret
@@ -47,13 +52,52 @@ class TokenVerifier:
         self._public_key: str | None = None
         if settings.jwt_public_key_file:
             self._public_key = Path(settings.jwt_public_key_file).read_text()
+        self.jwks = JwksKeys(settings) if settings.jwks_source else None
+
+    async def start(self) -> None:
+        """Load the JWK Set (when configured) and keep it fresh until ``close()``."""
+        if self.jwks is not None:
+            await self.jwks.start()
+
+    async def close(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.close()
+
+    async def authenticate(self, token: str, now: float) -> Identity:
+        """``verify``, fetching the JWK Set again (rate limited) for an unknown ``kid``."""
+        if self.jwks is None:
+            return self.verify(token, now)
+        header = _header(token)
+        kid = header.get("kid")
+        if kid is None:
+            return self._verify(token, header, now)
+        return self._with_jwk(token, header, await self.jwks.key(_kid(kid)), now)
 
     def verify(self, token: str, now: float) -> Identity:
-        """Return the identity in ``token`` or raise ``Unauthorized``."""
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            raise Unauthorized(f"malformed token: {exc}") from None
+        """Return the identity in ``token`` or raise ``Unauthorized`` (no I/O: a ``kid``
+        is looked up in the JWK Set as last fetched)."""
+        header = _header(token)
+        kid = header.get("kid")
+        if self.jwks is None or kid is None:
+            return self._verify(token, header, now)
+        jwk = self.jwks.keys.key(_kid(kid), self.jwks.clock())
+        return self._with_jwk(token, header, jwk, now)
+
+    def _with_jwk(
+        self, token: str, header: dict[str, Any], jwk: jwt.PyJWK | None, now: float
+    ) -> Identity:
+        algorithm = header.get("alg")
+        if jwk is None:
+            raise Unauthorized(f"token key {header.get('kid')!r:.80} is not in the JWK Set")
+        # The key's algorithm (its "alg", else its type's) decides, never the token's
+        # header alone: "none" and algorithm confusion find no key.
+        if algorithm != jwk.algorithm_name:
+            raise Unauthorized(
+                f"token algorithm {algorithm!r:.20} does not match its key's ({jwk.algorithm_name})"
+            )
+        return self._decode(token, jwk.key, jwk.algorithm_name, now)
+
+    def _verify(self, token: str, header: dict[str, Any], now: float) -> Identity:
         algorithm = header.get("alg")
         # The key is picked by our configuration, never by the token: alg "none" and
         # algorithm-confusion tricks (HS256 signed with a public key) find no key here.
@@ -63,6 +107,9 @@ class TokenVerifier:
             key = self._public_key
         else:
             raise Unauthorized(f"token algorithm {algorithm!r} is not accepted")
+        return self._decode(token, key, algorithm, now)
+
+    def _decode(self, token: str, key: Any, algorithm: str, now: float) -> Identity:
         try:
             claims = jwt.decode(
                 token,
@@ -97,6 +144,20 @@ class TokenVerifier:
             raise Unauthorized("token is not yet valid (nbf)")
         if iat is not None and now < iat - self._leeway:
             raise Unauthorized("token was issued in the future (iat)")
+
+
+def _header(token: str) -> dict[str, Any]:
+    try:
+        header: dict[str, Any] = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        raise Unauthorized(f"malformed token: {exc}") from None
+    return header
+
+
+def _kid(kid: object) -> str:
+    if not isinstance(kid, str) or not kid or len(kid) > MAX_KID:
+        raise Unauthorized(f"token kid must be a string of 1 to {MAX_KID} characters")
+    return kid
 
 
 def _identity_from_claims(claims: dict[str, Any]) -> Identity:

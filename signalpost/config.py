@@ -12,7 +12,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import Meta
@@ -33,6 +33,15 @@ PositiveSeconds = Annotated[float, Meta(gt=0, le=_YEAR)]
 Rate = Annotated[float, Meta(gt=0)]
 Secret = Annotated[str, Meta(min_length=1)]
 Share = Annotated[float, Meta(ge=0, le=1)]
+#: Algorithms a JWKS key may sign client tokens with (``none`` is not one of them).
+JwksAlgorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+    "ES256", "ES384", "ES512", "EdDSA", "HS256", "HS384", "HS512",
+]  # fmt: skip
+#: The default: public-key algorithms only (an HS* key from a JWKS only when listed).
+DEFAULT_JWKS_ALGORITHMS: Final = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+)  # fmt: skip
 
 
 #: Hosts a ZeroMQ endpoint may bind that nobody can dial.
@@ -51,6 +60,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     jwt_audience: str | None = None
     jwt_leeway: Seconds = 10.0
     jwt_public_key_file: str | None = None  # PEM; enables ES256/RS256 beside HS256
+    jwks_source: str | None = None  # https:// or http:// URL, or a file: a JWK Set, by `kid`
+    jwks_refresh: PositiveSeconds = 300.0
+    jwks_min_refresh: PositiveSeconds = 10.0  # unknown kid: refetch at most this often
+    jwks_grace: Seconds = 600.0  # a key gone from the JWKS is still accepted this long
+    jwks_algorithms: list[JwksAlgorithm] = msgspec.field(
+        default_factory=lambda: list(DEFAULT_JWKS_ALGORITHMS)
+    )
     hello_timeout: PositiveSeconds = 5.0
     max_frame: Count = 65536
     heartbeat: Count = 25
@@ -95,6 +111,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     heartbeat_liveness: Count = 6
     request_timeout: PositiveSeconds = 2.0
     consul_addr: str | None = None  # host:port of a Consul agent; None = static endpoints
+    consul_token: str | None = None  # Consul ACL token (default: CONSUL_HTTP_TOKEN)
     advertise_host: str | None = None  # address Consul and peers reach this node at (default: host)
     health_port: Port = 0  # /healthz for Consul HTTP checks (0 = pick free)
     region: str = ""  # this node's region: its Consul agent's datacenter ("" = one region)
@@ -220,6 +237,15 @@ MEANINGS: Final = {
     "jwt_audience": "required `aud` claim, when set",
     "jwt_leeway": "seconds of clock skew allowed on `exp`/`nbf`/`iat`",
     "jwt_public_key_file": "PEM public key: accept ES256/RS256 tokens too",
+    "jwks_source": "JWK Set of client-token keys: an `https://` (or `http://`) URL or a file "
+    "path; a token with a `kid` header is checked with that key only (docs/security.md)",
+    "jwks_refresh": "seconds between fetches of `jwks_source`",
+    "jwks_min_refresh": "a token with an unknown `kid` fetches `jwks_source` again at most "
+    "once per this many seconds (else it is refused at once); also the first retry delay "
+    "after a failed fetch",
+    "jwks_grace": "seconds a key that left the JWK Set is still accepted (0: refused at once)",
+    "jwks_algorithms": "algorithms a JWK Set key may have (comma separated; `HS256`/`HS384`/"
+    "`HS512` only when listed; never `none`)",
     "hello_timeout": (
         "seconds a new connection has to complete the TLS handshake, if any, then the "
         "WebSocket handshake (each, else dropped), "
@@ -273,6 +299,8 @@ MEANINGS: Final = {
     "request_timeout": "an edge claims a resume from presence (every 0.5 s) for twice this "
     "many seconds, then resumes on the signed token",
     "consul_addr": "`host:port` of a Consul agent: register there and discover the others",
+    "consul_token": "Consul ACL token for every Consul call (unset: `CONSUL_HTTP_TOKEN`, "
+    "else none); its policy: docs/security.md",
     "advertise_host": "address Consul and other nodes reach this node at (default: host)",
     "health_port": "port of a broker's/presence's `/healthz` and `/metrics` (0: pick free)",
     "node_key_file": "this node's CurveZMQ key pair: the `<name>.key_secret` file "

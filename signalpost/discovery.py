@@ -17,16 +17,18 @@ nodes re-register, which each does within ``REREGISTER_INTERVAL``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import consul
 
+from signalpost.errors import ConfigError
 from signalpost.lifecycle import cancel_all
+from signalpost.lifecycle import in_thread as _in_thread
 
 log = logging.getLogger("signalpost.discovery")
 
@@ -48,17 +50,49 @@ CHECK_DEREGISTER_AFTER: Final = "1m"
 #: Timeout of the non-blocking Consul calls (register, deregister, list).
 CALL_TIMEOUT: Final = 2.0
 
-T = TypeVar("T")
-
 
 def service_name(kind: str) -> str:
     return SERVICE_PREFIX + kind
 
 
-def consul_client(address: str) -> consul.Consul:
-    """A py-consul client for ``host:port``."""
+#: Seconds between two log lines about the same call refused by Consul's ACLs.
+DENIED_LOG_INTERVAL: Final = 30.0
+_denied_logged: dict[str, float] = {}  # one entry per call site: bounded
+
+
+def consul_client(address: str, token: str | None = None) -> consul.Consul:
+    """A py-consul client for ``host:port`` that sends ACL token ``token`` on every call.
+
+    Without one, ``CONSUL_HTTP_TOKEN`` (Consul's own variable); without that, none.
+    """
     host, _, port = address.rpartition(":")
-    return consul.Consul(host=host or "127.0.0.1", port=int(port), connections_timeout=CALL_TIMEOUT)
+    client = consul.Consul(
+        host=host or "127.0.0.1", port=int(port), connections_timeout=CALL_TIMEOUT
+    )
+    # Set here: py-consul would let CONSUL_HTTP_TOKEN override the token it is given.
+    client.token = token or os.environ.get("CONSUL_HTTP_TOKEN") or None
+    return client
+
+
+def denied_message(address: str, what: str, exc: BaseException) -> str:
+    """What to tell an operator whose Consul token does not allow ``what``."""
+    return (
+        f"Consul at {address} refused to {what}: permission denied ({str(exc).strip()}). "
+        "Set consul_token (SIGNALPOST_CONSUL_TOKEN, or CONSUL_HTTP_TOKEN) to an ACL token "
+        'whose policy allows it: see docs/security.md, "Consul ACLs"'
+    )
+
+
+def acl_denied(address: str, what: str, exc: BaseException) -> bool:
+    """True if ``exc`` is Consul refusing ``what`` for lack of ACL permission; logged as
+    an error, once per ``DENIED_LOG_INTERVAL`` per ``what`` (the callers retry)."""
+    if not isinstance(exc, consul.ACLPermissionDenied):
+        return False
+    now = time.monotonic()
+    if now >= _denied_logged.get(what, float("-inf")) + DENIED_LOG_INTERVAL:
+        _denied_logged[what] = now
+        log.error("%s", denied_message(address, what, exc))
+    return True
 
 
 # --------------------------------------------------------------------------- sans-I/O core
@@ -155,35 +189,6 @@ def members_of(entries: list[dict[str, Any]]) -> dict[str, str]:
 # --------------------------------------------------------------------------- I/O shell
 
 
-async def _in_thread(call: Callable[[], T]) -> T:
-    """Run a blocking Consul call in a daemon thread (a shutdown never waits for it)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(outcome: Callable[..., None], *args: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(outcome, *args)
-
-    def deliver(result: T | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def run() -> None:
-        try:
-            result = call()
-        except BaseException as exc:  # handed to the awaiting task
-            settle(deliver, None, exc)
-        else:
-            settle(deliver, result, None)
-
-    threading.Thread(target=run, name="consul-call", daemon=True).start()
-    return await future
-
-
 @dataclass(frozen=True)
 class Registration:
     """This node as Consul should list it."""
@@ -223,14 +228,34 @@ class Registration:
 class Discovery:
     """Registers one node and runs the watchers it asks for, until ``close()``."""
 
-    def __init__(self, address: str, registration: Registration | None = None) -> None:
+    def __init__(
+        self, address: str, registration: Registration | None = None, token: str | None = None
+    ) -> None:
         self.address = address
         self.registration = registration
+        self.token = token  # ACL token (consul_client: else CONSUL_HTTP_TOKEN)
         self._tasks: list[asyncio.Task[None]] = []
 
-    def start(self) -> None:
-        if self.registration is not None:
-            self._spawn(self._keep_registered(self.registration), "consul-register")
+    async def start(self) -> None:
+        """Register (and keep registered). A registration Consul refuses for lack of ACL
+        permission is a ``ConfigError`` (the node stops, saying which setting); Consul
+        unreachable is not: the registration is retried until it is back."""
+        if self.registration is None:
+            return
+        registered = False
+        client = consul_client(self.address, self.token)
+        payload = self.registration.payload()
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT + 1):
+                await _in_thread(lambda: client.agent.service.register(**payload))
+            registered = True
+            log.info("registered %s in Consul as %s", self.registration.node_id, payload["name"])
+        except consul.ACLPermissionDenied as exc:
+            what = f"register {self.registration.node_id} as {payload['name']}"
+            raise ConfigError(denied_message(self.address, what, exc)) from None
+        except Exception as exc:
+            log.warning("Consul at %s: %s (will retry)", self.address, exc)
+        self._spawn(self._keep_registered(self.registration, registered), "consul-register")
 
     def watch(
         self,
@@ -249,7 +274,7 @@ class Discovery:
         await cancel_all(self._tasks)
         if self.registration is not None:
             node_id = self.registration.node_id
-            client = consul_client(self.address)
+            client = consul_client(self.address, self.token)
             try:
                 async with asyncio.timeout(CALL_TIMEOUT + 1):
                     await _in_thread(lambda: client.agent.service.deregister(node_id))
@@ -260,12 +285,12 @@ class Discovery:
     def _spawn(self, coroutine: Any, name: str) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coroutine, name=name))
 
-    async def _keep_registered(self, registration: Registration) -> None:
-        client = consul_client(self.address)
+    async def _keep_registered(self, registration: Registration, registered: bool) -> None:
+        client = consul_client(self.address, self.token)
         payload = registration.payload()
         node_id = registration.node_id
-        registered = False
         while True:
+            await asyncio.sleep(REREGISTER_INTERVAL)
             try:
                 # Registered once by this process whatever the agent holds: a node restarted
                 # under the same id must replace its predecessor's entry (whose health check
@@ -276,8 +301,8 @@ class Discovery:
                     registered = True
                     log.info("registered %s in Consul as %s", node_id, payload["name"])
             except Exception as exc:
-                log.warning("Consul at %s: %s (will retry)", self.address, exc)
-            await asyncio.sleep(REREGISTER_INTERVAL)
+                if not acl_denied(self.address, f"register {node_id}", exc):
+                    log.warning("Consul at %s: %s (will retry)", self.address, exc)
 
     async def _watch(
         self,
@@ -286,7 +311,7 @@ class Discovery:
         dc: str | None,
         members: Callable[[list[dict[str, Any]]], dict[str, str]],
     ) -> None:
-        client = consul_client(self.address)
+        client = consul_client(self.address, self.token)
         name = service_name(kind)
         membership = Membership()
         loop = asyncio.get_running_loop()

@@ -3,6 +3,7 @@
     SignalpostError
     ├── ConfigError                 bad settings file or variable; raised at start-up
     ├── TransportError              a node link (ZeroMQ, Consul) failed
+    ├── KeySetError                 a JWK Set could not be fetched or used (keys held stand)
     └── ProtocolError               a client did something the protocol refuses;
         │                           carries the error ``code`` to send and, when the
         │                           connection must end, the ``close_code``
@@ -66,6 +67,10 @@ class ConfigError(SignalpostError):
 
 class TransportError(SignalpostError):
     """A link between nodes failed."""
+
+
+class KeySetError(SignalpostError):
+    """A JWK Set (``jwks_source``) could not be fetched or holds no usable key."""
 
 
 class ProtocolError(SignalpostError):

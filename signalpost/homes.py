@@ -27,8 +27,8 @@ from collections.abc import Callable
 from typing import Final
 from urllib.parse import quote
 
-from signalpost.discovery import _in_thread, consul_client
-from signalpost.lifecycle import cancel_all
+from signalpost.discovery import consul_client
+from signalpost.lifecycle import cancel_all, in_thread
 from signalpost.placement import owner
 
 log = logging.getLogger("signalpost.homes")
@@ -62,8 +62,11 @@ class HomeDirectory:
     until they answer.
     """
 
-    def __init__(self, consul_addr: str, regions: list[str], local: str) -> None:
+    def __init__(
+        self, consul_addr: str, regions: list[str], local: str, token: str | None = None
+    ) -> None:
         self._address = consul_addr
+        self._token = token
         self._regions = sorted(regions)
         self._local = local
         self.known: dict[str, str] = {}
@@ -96,12 +99,12 @@ class HomeDirectory:
 
     async def _read(self, room: str) -> None:
         arbiter = arbiter_of(room, self._regions)
-        client = consul_client(self._address)
+        client = consul_client(self._address, self._token)
         key = home_key(room)
         delay = RETRY_FIRST
         while True:
             try:
-                home = await _in_thread(lambda: self._read_or_claim(client, key, arbiter))
+                home = await in_thread(lambda: self._read_or_claim(client, key, arbiter))
                 break
             except Exception as exc:
                 log.warning(

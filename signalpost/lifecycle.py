@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import threading
 from collections.abc import Callable, Coroutine, Iterable
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -40,3 +43,33 @@ async def cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def in_thread(call: Callable[[], T], name: str = "blocking-call") -> T:
+    """Run a blocking call (Consul, a JWKS fetch) in a daemon thread: a shutdown never
+    waits for it, and the event loop is never blocked by it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(outcome, *args)
+
+    def deliver(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = call()
+        except BaseException as exc:  # handed to the awaiting task
+            settle(deliver, None, exc)
+        else:
+            settle(deliver, result, None)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await future

@@ -191,6 +191,7 @@ class OwnerNode:
             self.node_id,
             self._view_changed,
             registered=lambda: self._discovered,
+            token=self.settings.consul_token,
         )
         self._membership.start()
 
@@ -222,9 +223,9 @@ class OwnerNode:
             region=self.settings.region,
             wan_endpoint=self.settings.wan_advertise or "",
         )
-        self.discovery = Discovery(address, registration)
+        self.discovery = Discovery(address, registration, self.settings.consul_token)
         self.discovering(self.discovery)
-        self.discovery.start()
+        await self.discovery.start()
 
     async def _deregister(self) -> None:
         if self.health is not None:

@@ -54,10 +54,11 @@ import msgspec
 from signalpost.discovery import (
     MIN_QUERY_INTERVAL,
     QUERY_WAIT,
-    _in_thread,
+    acl_denied,
     consul_client,
 )
 from signalpost.lifecycle import cancel_all
+from signalpost.lifecycle import in_thread as _in_thread
 
 log = logging.getLogger("signalpost.ownership")
 
@@ -282,11 +283,12 @@ async def _follow(
     tier: Tier,
     on_answer: Callable[[list[dict[str, Any]] | None, float, bool], None],
     dc: str | None = None,
+    token: str | None = None,
 ) -> None:
     """Blocking queries on the tier's prefix until cancelled; ``on_answer(items, now, reset)``
     each time (``reset``: Consul's index went backwards, it lost its state). ``dc``: the
     tier of another datacenter (region), read through this agent."""
-    client = consul_client(address)
+    client = consul_client(address, token)
     loop = asyncio.get_running_loop()
     index = 0
     errors = 0
@@ -308,7 +310,7 @@ async def _follow(
         try:
             new_index, items = await _in_thread(query)
         except Exception as exc:
-            if not errors:
+            if not acl_denied(address, f"read {tier.prefix}", exc) and not errors:
                 log.warning("Consul KV at %s: %s; keeping the last view", address, exc)
             errors += 1
             # Capped low: a view written back after Consul lost its state must be read
@@ -325,7 +327,11 @@ async def _follow(
 
 
 async def follow_view(
-    address: str, tier: Tier, on_view: Callable[[View], None], dc: str | None = None
+    address: str,
+    tier: Tier,
+    on_view: Callable[[View], None],
+    dc: str | None = None,
+    token: str | None = None,
 ) -> None:
     """Call ``on_view`` with every newer view of ``tier`` (an edge's part: it only reads);
     ``dc``: of another datacenter (region)."""
@@ -337,7 +343,7 @@ async def follow_view(
             newest[:] = [view]
             on_view(view)
 
-    await _follow(address, tier, answer, dc)
+    await _follow(address, tier, answer, dc, token)
 
 
 class TierMembership:
@@ -353,8 +359,10 @@ class TierMembership:
         on_view: Callable[[View], None],
         keeper: ViewKeeper | None = None,
         registered: Callable[[], Iterable[str]] = tuple,
+        token: str | None = None,
     ) -> None:
         self.address = address
+        self.token = token
         #: The tier's nodes registered in Consul now (the node's discovery watch).
         self.registered = registered
         self.tier = tier
@@ -362,7 +370,7 @@ class TierMembership:
         self.service_id = service_id  # its health check invalidates the session
         self.on_view = on_view
         self.keeper = keeper or ViewKeeper()
-        self._client = consul_client(address)
+        self._client = consul_client(address, token)
         self._session: str | None = None
         self._member = asyncio.Event()  # this node's key is missing: (re)acquire it
         self._writing = False
@@ -374,7 +382,8 @@ class TierMembership:
         self._tasks = [
             loop.create_task(self._hold_key(), name="ownership-member"),
             loop.create_task(
-                _follow(self.address, self.tier, self._answered), name="ownership-view"
+                _follow(self.address, self.tier, self._answered, token=self.token),
+                name="ownership-view",
             ),
         ]
 
@@ -426,7 +435,8 @@ class TierMembership:
                     "wrote %s view %d: %s", self.tier.name, view.number, ", ".join(view.members)
                 )
         except Exception as exc:
-            log.warning("could not write view %d: %s", proposal.view.number, exc)
+            if not acl_denied(self.address, f"write {self.tier.view_key}", exc):
+                log.warning("could not write view %d: %s", proposal.view.number, exc)
         finally:
             self._writing = False
 
@@ -450,7 +460,8 @@ class TierMembership:
                 if session.get("Name") == self.placement_id:
                     await _in_thread(partial(self._client.session.destroy, session["ID"]))
         except Exception as exc:
-            log.warning("could not list Consul sessions: %s", exc)
+            if not acl_denied(self.address, "list and destroy sessions", exc):
+                log.warning("could not list Consul sessions: %s", exc)
 
     async def _acquire(self) -> bool:
         client = self._client
@@ -478,7 +489,8 @@ class TierMembership:
                 )
             )
         except Exception as exc:
-            log.debug("member key not held yet: %s", exc)
+            if not acl_denied(self.address, f"hold {self.tier.members}<id> with a session", exc):
+                log.debug("member key not held yet: %s", exc)
             return False
         if held:
             log.info("holding %s (%s)", self.tier.member_key(self.placement_id), self.placement_id)

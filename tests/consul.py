@@ -17,11 +17,17 @@ from tests.binaries import require_binary
 
 
 class ConsulAgent:
-    """A dev-mode Consul agent; ``kill()`` and ``start()`` again keep the same ports."""
+    """A dev-mode Consul agent; ``kill()`` and ``start()`` again keep the same ports.
 
-    def __init__(self, workdir: Path) -> None:
+    With ``master_token``, ACLs are on with ``default_policy = "deny"`` (Consul 1.8
+    syntax): that token may do anything (the agent uses it for its own node too), no
+    token nothing; this helper's own calls send it.
+    """
+
+    def __init__(self, workdir: Path, master_token: str | None = None) -> None:
         self.binary = require_binary("consul")
         self.workdir = workdir
+        self.master_token = master_token
         self.http_port = free_port()
         self.ports = {
             "http": self.http_port,
@@ -43,6 +49,15 @@ class ConsulAgent:
         self.starts += 1
         log = (self.workdir / f"consul-{self.starts}.log").open("wb")
         data_dir = self.workdir / f"data-{self.starts}"
+        acl: list[str] = []
+        if self.master_token is not None:
+            config = self.workdir / "acl.hcl"
+            config.write_text(
+                'acl {\n  enabled = true\n  default_policy = "deny"\n'
+                f'  tokens {{\n    master = "{self.master_token}"\n'
+                f'    agent = "{self.master_token}"\n  }}\n}}\n'
+            )
+            acl = [f"-config-file={config}"]
         self.process = subprocess.Popen(
             [
                 self.binary,
@@ -52,6 +67,7 @@ class ConsulAgent:
                 "-client=127.0.0.1",
                 f"-data-dir={data_dir}",
                 *(f"-{name}-port={port}" for name, port in self.ports.items()),
+                *acl,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -85,7 +101,18 @@ class ConsulAgent:
                 self.process.wait()
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://{self.address}{path}", timeout=5) as response:
+        return self.call("GET", path)
+
+    def call(self, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
+        """One HTTP API call (with ``token``, else the master token if any); its JSON."""
+        token = token if token is not None else self.master_token
+        request = urllib.request.Request(
+            f"http://{self.address}{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"X-Consul-Token": token} if token else {},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
             return json.loads(response.read() or b"null")
 
     def passing(self, kind: str) -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from signalpost.discovery import Membership, Registration, members_of
+from signalpost.discovery import Membership, Registration, consul_client, members_of
 
 A = {"broker-1": "tcp://10.0.0.1:5555"}
 AB = {**A, "broker-2": "tcp://10.0.0.2:5555"}
@@ -119,3 +119,15 @@ def test_an_https_check_does_not_verify_the_certificate() -> None:
 
     assert check("https://10.0.0.1:8443/healthz")["TLSSkipVerify"] is True
     assert "TLSSkipVerify" not in check("http://10.0.0.1:8080/healthz")
+
+
+def test_the_consul_token_setting_wins_over_consul_http_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CONSUL_HTTP_TOKEN", raising=False)
+    assert consul_client("127.0.0.1:8500").token is None
+    assert consul_client("127.0.0.1:8500", "from-setting").token == "from-setting"
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "from-env")
+    assert consul_client("127.0.0.1:8500").token == "from-env"
+    # (py-consul alone would let the variable override the token it is given.)
+    assert consul_client("127.0.0.1:8500", "from-setting").token == "from-setting"
