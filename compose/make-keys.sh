@@ -1,6 +1,6 @@
 #!/bin/sh
 # Write the CurveZMQ key pairs of the compose topology (docs/security.md):
-#   keys/public/<node>.key   every node's public key (brokers and presence with the endpoint
+#   keys/public/<node>.key   every node's public key and kind (brokers and presence with the endpoint
 #                            they bind): mounted read-only into every node as its
 #                            cluster_keys_dir
 #   keys/<node>.env          SIGNALPOST_NODE_SECRET_KEY=... for that node only (its env_file;
@@ -28,10 +28,10 @@ node() {
     mv "$work/$name.key" "$KEYS_DIR/public/$name.key"
 }
 
-node presence-1 --endpoint tcp://presence-1:5565
-node presence-2 --endpoint tcp://presence-2:5565
-node broker-1 --endpoint tcp://broker-1:5555
-node broker-2 --endpoint tcp://broker-2:5555
-node edge-1
-node edge-2
+node presence-1 --kind presence --endpoint tcp://presence-1:5565
+node presence-2 --kind presence --endpoint tcp://presence-2:5565
+node broker-1 --kind broker --endpoint tcp://broker-1:5555
+node broker-2 --kind broker --endpoint tcp://broker-2:5555
+node edge-1 --kind edge
+node edge-2 --kind edge
 echo "keys written to $KEYS_DIR"

@@ -88,7 +88,7 @@ class ZmqBackplane:
         self._edge_id, self._inbox, self._snapshot = edge_id, inbox, snapshot
         self._owners_changed = owners_changed
 
-    def _link(self, endpoint: str) -> DealerLink:
+    def _link(self, endpoint: str, kind: str) -> DealerLink:
         assert self._inbox is not None, "connect() an edge first"
         s = self.settings
         link = DealerLink(
@@ -103,6 +103,7 @@ class ZmqBackplane:
             peer_expiry=s.peer_expiry,
             keys=self.keys,
             max_message=s.max_node_message,
+            server_kind=kind,
         )
         if self._started:
             link.start()
@@ -121,7 +122,7 @@ class ZmqBackplane:
                 asyncio.get_running_loop().create_task(link.close())
         for broker_id, endpoint in endpoints.items():
             if broker_id not in self.brokers:
-                self.brokers[broker_id] = self._link(endpoint)
+                self.brokers[broker_id] = self._link(endpoint, "broker")
         self._membership_changed()
 
     def update_presence(self, endpoints: list[str]) -> None:
@@ -136,7 +137,7 @@ class ZmqBackplane:
                 link = self.presence.pop(node)
                 asyncio.get_running_loop().create_task(link.close())
         for node in sorted(wanted - self.presence.keys()):
-            self.presence[node] = self._link(node)
+            self.presence[node] = self._link(node, "presence")
         self._presence_changed()
 
     def update_presence_view(self, view: View) -> None:

@@ -108,7 +108,7 @@ def cmd_presence(args: argparse.Namespace) -> None:
 def cmd_keys(args: argparse.Namespace) -> None:
     from signalpost.node_keys import create_node_keys
 
-    public, secret = create_node_keys(Path(args.dir), args.name, args.endpoint)
+    public, secret = create_node_keys(Path(args.dir), args.name, args.endpoint, kind=args.kind)
     print(f"public key: {public}  (copy into every node's cluster_keys_dir)")
     print(f"secret key: {secret}  (this node only: its node_key_file)")
 
@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keys.add_argument("--dir", required=True, help="directory to write the two files to")
     keys.add_argument("--name", required=True, help="file name: the node id is a good one")
+    keys.add_argument(
+        "--kind",
+        required=True,
+        choices=("edge", "broker", "presence"),
+        help="the kind of node that holds the key: decides which envelopes it may send",
+    )
     keys.add_argument(
         "--endpoint",
         help="the ZeroMQ endpoint others dial this node at (brokers and presence)",

@@ -232,7 +232,12 @@ def plan(
         for child in children:
             if child.kind == "consul":
                 continue
-            create_node_keys(keys_dir, child.id, None if child.kind == "edge" else child.url)
+            create_node_keys(
+                keys_dir,
+                child.id,
+                None if child.kind == "edge" else child.url,
+                kind=child.kind,
+            )
             child.env = {
                 **child.env,
                 "SIGNALPOST_NODE_KEY_FILE": str(keys_dir / (child.id + SECRET_SUFFIX)),

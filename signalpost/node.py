@@ -30,7 +30,7 @@ from signalpost.health import HealthServer
 from signalpost.node_keys import node_keys
 from signalpost.ownership import Tier, TierMembership, View
 from signalpost.transport import DealerLink, RouterEndpoint, new_incarnation, refused_sender
-from signalpost.wire import Envelope, encode_envelope, sender_of
+from signalpost.wire import SENDER_KINDS, Envelope, encode_envelope, sender_of
 
 log = logging.getLogger("signalpost.node")
 
@@ -75,6 +75,7 @@ class OwnerNode:
             peer_expiry=settings.peer_expiry,
             keys=self.keys,
             max_message=settings.max_node_message,
+            accepts=SENDER_KINDS[kind],
         )
         self._kind = kind
         dialled = settings.dialable(bind)
@@ -164,6 +165,7 @@ class OwnerNode:
                 peer_expiry=self.settings.peer_expiry,
                 keys=self.keys,
                 max_message=self.settings.max_node_message,
+                server_kind=self.kind,
             )
             self.peers[endpoint] = link
             if self._running:

@@ -48,6 +48,7 @@ from signalpost.node_keys import (
     NodeAuthenticator,
     NodeKeys,
     dial_curve,
+    kind_of,
     serve_curve,
     speaks_as,
 )
@@ -260,6 +261,13 @@ class FastSocket:
         _dropped_from(identity, "identity", f"its key is {user_id or 'unnamed'}")
         return False
 
+    def kind_of(self, identity: bytes) -> str | None:
+        """The kind of node (its key's) that sent the message being handled from
+        ``identity``; None without authentication (plaintext links: not known)."""
+        if not self._authenticated:
+            return None
+        return kind_of(self._speakers.get(identity, ""))
+
     def _schedule(self) -> None:
         assert self._loop is not None
         self._scheduled = True
@@ -314,10 +322,12 @@ MAX_SPEAKERS: Final = 10_000
 _refusals_logged: dict[tuple[bytes, str], float] = {}
 
 
-def refused_sender(peer: str, why: str) -> None:
-    """An envelope from ``peer`` names another node as its sender: refused (counted in
-    ``signalpost_node_frames_dropped_total{what="sender"}``, logged once per 5 s)."""
-    _dropped_from(peer.encode(), "sender", why)
+def refused_sender(peer: str, why: str, what: str = "sender") -> None:
+    """An envelope from ``peer`` names another node as its sender (``what``: or its kind of
+    node may not send it here, or it is about a session another edge holds): refused
+    (counted in ``signalpost_node_frames_dropped_total{what=...}``, logged once per peer
+    and ``what`` per 5 s)."""
+    _dropped_from(peer.encode(), what, why)
 
 
 def _dropped_from(peer: bytes, what: str, why: str) -> None:
@@ -450,9 +460,13 @@ class RouterEndpoint:
         peer_expiry: float,
         keys: NodeKeys | None,
         max_message: int,
+        accepts: dict[type, frozenset[str]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.incarnation = new_incarnation()
+        #: Envelope type -> the kinds of node it is taken from (``wire.SENDER_KINDS``);
+        #: None: any (and with plaintext links kinds are unknown: any).
+        self._accepts = accepts
         self.peers: dict[str, PeerState] = {}
         # The ZAP handler must be up before the bind: without one, libzmq admits any
         # CurveZMQ client that knows the server key.
@@ -512,10 +526,20 @@ class RouterEndpoint:
         envelopes = decode_frame(batch, peer)
         now = time.monotonic()
         on_envelope = self._on_envelope
+        accepts = self._accepts
+        kind = None if accepts is None else self._socket.kind_of(frames[0])
         for envelope in envelopes:
             if isinstance(envelope, Heartbeat):
                 self._heartbeat_from(peer, envelope, now)
                 continue
+            if kind is not None:
+                assert accepts is not None
+                allowed = accepts.get(type(envelope))
+                if allowed is None or kind not in allowed:
+                    refused_sender(
+                        peer, f"a {kind} may not send {type(envelope).__name__} here", "kind"
+                    )
+                    continue
             try:
                 on_envelope(peer, envelope)
             except Exception:  # one bad command must not stop the node
@@ -564,13 +588,15 @@ class DealerLink:
         peer_expiry: float,
         keys: NodeKeys | None,
         max_message: int,
+        server_kind: str | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.remote: PeerState | None = None
         self.alive = False
         socket = context.socket(zmq.DEALER)
-        #: False when no trusted key names ``endpoint``: the link is never opened (logged).
-        self.dialled = keys is None or dial_curve(socket, keys, endpoint)
+        #: False when no trusted key names ``endpoint`` (or, with ``server_kind``, the key
+        #: that does is another kind of node's): the link is never opened (logged).
+        self.dialled = keys is None or dial_curve(socket, keys, endpoint, server_kind)
         socket.setsockopt(zmq.MAXMSGSIZE, max_message)
         socket.setsockopt(zmq.IDENTITY, node_id.encode())
         socket.setsockopt(zmq.LINGER, 0)

@@ -866,3 +866,44 @@ def sender_of(envelope: Envelope) -> str | None:
     """The node ``envelope`` says sent it, or None if it names none."""
     name = _SENDER_FIELDS.get(type(envelope))
     return None if name is None else str(getattr(envelope, name))
+
+
+#: Who may send what where: tier (the kind of node whose ROUTER receives) -> envelope type
+#: -> the kinds of node allowed to send it there. An envelope a tier's table does not list,
+#: or from another kind of node, is dropped unread (``signalpost.node.OwnerNode``, counted
+#: as ``signalpost_node_frames_dropped_total{what="kind"}``). The kind of the sender is its
+#: key's (``signalpost.node_keys``: ZAP's User-Id); ``Heartbeat`` goes both ways on every
+#: link and is not listed. Answers that travel back on the dialler's own link (``Deliver``,
+#: ``Reply``, ``Synced``, ``ClaimReply``, ``Evict``, ``ReplicaAck``, ``StatusNote``) reach a
+#: DEALER, which only ever talks to the node its certificate names for the endpoint, of the
+#: kind it dialled (``dial_curve``).
+_EDGE: Final = frozenset({"edge"})
+_BROKER: Final = frozenset({"broker"})
+_PRESENCE: Final = frozenset({"presence"})
+SENDER_KINDS: Final[dict[str, dict[type, frozenset[str]]]] = {
+    "broker": {
+        JoinCmd: _EDGE,
+        LeaveCmd: _EDGE,
+        SignalCmd: _EDGE,
+        AttachCmd: _EDGE,
+        DetachCmd: _EDGE,
+        RestoreCmd: _EDGE,
+        ForgetCmd: _EDGE,
+        DemoteCmd: _EDGE,
+        Confirm: _EDGE,
+        ReplicateCmd: _BROKER,
+        HandoffRequest: _BROKER,
+        Handoff: _BROKER,
+    },
+    "presence": {
+        SessionUp: _EDGE,
+        SessionDown: _EDGE,
+        ClaimCmd: _EDGE,
+        WatchCmd: _EDGE,
+        UnwatchCmd: _EDGE,
+        EdgeSync: _EDGE,
+        Evicted: _EDGE,
+        StatusSubscribe: _PRESENCE,
+        LeaseCopy: _PRESENCE,
+    },
+}

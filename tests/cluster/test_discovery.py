@@ -154,7 +154,7 @@ def _start_broker(
     """
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     name = f"{broker_id}-{endpoint.rsplit(':', 1)[1]}"  # each attempt: a new pair
-    _, secret_path = create_node_keys(keys_dir, name, endpoint)
+    _, secret_path = create_node_keys(keys_dir, name, endpoint, kind="broker")
     with (log_dir / f"{broker_id}.log").open("wb") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "signalpost.cli", "broker", "--id", broker_id,

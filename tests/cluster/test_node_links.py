@@ -34,7 +34,7 @@ async def test_a_dealer_without_the_clusters_keys_cannot_forge_a_signal(
     (broker,) = cluster.of_kind("broker")
     server_key = read_trusted(cluster.keys_dir).servers[broker["url"]]
     # A pair of the rogue's own, not in the cluster keys directory.
-    _, rogue_secret = create_node_keys(tmp_path, "rogue")
+    _, rogue_secret = create_node_keys(tmp_path, "rogue", kind="edge")
     rogue_public, rogue_secret_key = zmq.auth.load_certificate(rogue_secret)
     assert rogue_secret_key is not None
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -64,7 +64,7 @@ async def test_a_dealer_without_the_clusters_keys_cannot_forge_a_signal(
                 ]
             )
             # The probe: a node added the way an operator adds one (its .key in the directory).
-            _, probe_secret = create_node_keys(cluster.keys_dir, "probe")
+            _, probe_secret = create_node_keys(cluster.keys_dir, "probe", kind="edge")
             probe_public, probe_secret_key = zmq.auth.load_certificate(probe_secret)
             assert probe_secret_key is not None
             plain = context.socket(zmq.DEALER)
@@ -117,7 +117,7 @@ async def test_an_admitted_node_cannot_send_as_another(
     edge1, edge2 = cluster.edge_urls
     (broker,) = cluster.of_kind("broker")
     server_key = read_trusted(cluster.keys_dir).servers[broker["url"]]
-    _, secret_file = create_node_keys(cluster.keys_dir, "admitted")
+    _, secret_file = create_node_keys(cluster.keys_dir, "admitted", kind="edge")
     public, secret = zmq.auth.load_certificate(secret_file)
     assert secret is not None
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()

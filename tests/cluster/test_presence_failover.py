@@ -240,7 +240,7 @@ def _start_presence(
 ) -> subprocess.Popen[bytes]:
     """One more presence node, outside the cluster, that only Consul tells the others of
     (its key added to the cluster keys directory, as an operator adds one)."""
-    _, secret_path = create_node_keys(keys_dir, "presence-new", bind)
+    _, secret_path = create_node_keys(keys_dir, "presence-new", bind, kind="presence")
     env = {**os.environ, **FAST_ENV, **ENV}
     env["SIGNALPOST_NODE_KEY_FILE"] = str(secret_path)
     env["SIGNALPOST_CLUSTER_KEYS_DIR"] = str(keys_dir)

@@ -499,9 +499,9 @@ def free_port() -> int:
 
 async def fuzz_broker(keys_dir: Path, node_frames_: list[bytes]) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    create_node_keys(keys_dir, "broker", endpoint)
-    create_node_keys(keys_dir, "victim-edge")
-    _, fuzz_secret = create_node_keys(keys_dir, "fuzz-edge")
+    create_node_keys(keys_dir, "broker", endpoint, kind="broker")
+    create_node_keys(keys_dir, "victim-edge", kind="edge")
+    _, fuzz_secret = create_node_keys(keys_dir, "fuzz-edge", kind="edge")
     config = load_settings(
         environ={},
         jwt_secret=SECRET,

@@ -36,8 +36,10 @@ def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
 
 
 def keys_of(directory: Path, name: str, endpoint: str | None = None) -> NodeKeys:
-    """Write a key pair for ``name`` into ``directory`` and load it as that node would."""
-    _, secret_path = create_node_keys(directory, name, endpoint)
+    """Write a key pair for ``name`` into ``directory`` and load it as that node would
+    (an ``owner-*`` is a broker, anything else an edge)."""
+    kind = "broker" if name.startswith("owner") else "edge"
+    _, secret_path = create_node_keys(directory, name, endpoint, kind=kind)
     keys = node_keys(
         load_settings(environ={}, node_key_file=str(secret_path), cluster_keys_dir=str(directory))
     )
@@ -49,7 +51,8 @@ def trust(directory: Path, name: str, public: bytes, endpoint: str) -> None:
     """Write a public certificate naming ``public`` as the server key of ``endpoint``."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{name}.key").write_text(
-        f'metadata\n    endpoint = "{endpoint}"\ncurve\n    public-key = "{public.decode()}"\n'
+        f'metadata\n    kind = "broker"\n    endpoint = "{endpoint}"\n'
+        f'curve\n    public-key = "{public.decode()}"\n'
     )
 
 
