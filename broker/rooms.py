@@ -262,6 +262,10 @@ def _no_replica(room: str) -> str | None:
     return None
 
 
+def _ignore_refusal(edge: str, why: str) -> None:
+    return None
+
+
 def _owns_all(room: str) -> bool:
     return True
 
@@ -328,6 +332,9 @@ class RoomTable:
         self._parked: dict[str, tuple[Room, list[RoomEvent]]] = {}
         self._now = 0.0  # time of the command being applied
         self._last_record = _NO_RECORD  # the answer of the request applied last
+        #: Called with (edge, why) for a command refused because it names a session whose
+        #: seat is on another edge (the shell counts and logs it).
+        self.refused: Callable[[str, str], None] = _ignore_refusal
 
     # ----------------------------------------------------------------- dispatch
 
@@ -340,10 +347,23 @@ class RoomTable:
                 gated = self._gate(command.room, command, now)
                 if gated is not None:
                     return gated
+                room = self.rooms.get(command.room)
+            if room is not None:
+                # Only the edge holding the session's seat speaks for it (one dict lookup).
+                member = room.members.get(command.session)
+                if member is not None and member.edge != command.edge:
+                    return self._not_theirs(command, member)
             return self._request(command, now)
         if isinstance(command, JoinCmd | LeaveCmd):
             out = self._gate(command.room, command, now)
-            return self._request(command, now) if out is None else out
+            if out is not None:
+                return out
+            if type(command) is LeaveCmd:
+                room = self.rooms.get(command.room)
+                member = None if room is None else room.members.get(command.session)
+                if member is not None and member.edge != command.edge:
+                    return self._not_theirs(command, member)
+            return self._request(command, now)
         if isinstance(command, Confirm):
             return self.confirm(command, now)
         if isinstance(command, AttachCmd):
@@ -370,6 +390,18 @@ class RoomTable:
             self.forget(command)
         # DemoteCmd (older edges): ignored. A broker stops serving a room when its own view
         # says another broker owns it, and hands the room over when that broker asks.
+        return []
+
+    def _not_theirs(
+        self, command: SignalCmd | LeaveCmd | DetachCmd, member: Member
+    ) -> list[Outbound]:
+        """``command`` names a session whose seat is on another edge than its sender: not
+        applied, not answered (nothing is recorded for the session), reported."""
+        self.refused(
+            command.edge,
+            f"{type(command).__name__} for session {command.session!r}, "
+            f"whose seat is on {member.edge!r}",
+        )
         return []
 
     def _gate(
@@ -1142,6 +1174,8 @@ class RoomTable:
             member = room.members[command.session]
             if member.conn != command.conn:
                 continue  # a stale report: the session already lives on another connection
+            if member.edge != command.edge:
+                return self._not_theirs(command, member)
             if command.ended:
                 self._remove(room, command.session, "disconnected", now, out)
             else:

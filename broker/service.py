@@ -16,6 +16,7 @@ a room (the runner-up's term check still refuses the one with the lower term).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -26,6 +27,7 @@ from signalpost.lifecycle import until_stopped
 from signalpost.node import OwnerNode
 from signalpost.ownership import BROKERS, View
 from signalpost.placement import owner, ranking
+from signalpost.transport import refused_sender
 from signalpost.wire import Envelope, Handoff, HandoffRequest, ReplicateCmd, encode_envelope
 
 log = logging.getLogger("signalpost.broker")
@@ -78,6 +80,7 @@ class BrokerNode(OwnerNode):
             handoff_fences=settings.consul_addr is not None,
         )
         super().__init__(settings, "broker", self.table, settings.broker_bind)
+        self.table.refused = functools.partial(refused_sender, what="session")
         self._replicas: dict[str, str | None] = {}  # room -> runner-up, until peers change
         self._live: list[str] = [self.placement_id]  # the brokers this one sees alive
         self._draining = False

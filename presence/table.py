@@ -248,6 +248,10 @@ class SessionLease:
     deadline_token: int = 0
 
 
+def _ignore_refusal(edge: str, why: str) -> None:
+    return None
+
+
 class PresenceTable:
     """Who is online, and who wants to know.
 
@@ -283,6 +287,9 @@ class PresenceTable:
         #: The runner-up of a user (None: no other node), whom its owner copies leases to.
         self._replica_of = replica_of
         self.counters = Counters()
+        #: Called with (edge, why) for a command refused because it names a session whose
+        #: lease another edge holds (the shell counts and logs it).
+        self.refused: Callable[[str, str], None] = _ignore_refusal
         #: The presence view's number this node acts in (0 without Consul), set by the
         #: shell; every grant names it (``ClaimReply.term``).
         self.term = 0
@@ -396,7 +403,23 @@ class PresenceTable:
             return self.copy_acked(command)
         return self._finish(self._apply(command, now), now)
 
+    def _not_theirs(self, command: SessionDown | WatchCmd | UnwatchCmd) -> bool:
+        """Whether ``command`` names a session whose lease another edge holds: refused
+        (reported). Only a ``SessionUp`` or a ``ClaimCmd`` moves a lease to its sender (a
+        resume; its grant evicts the connection holding the session)."""
+        lease = self.leases.get(command.session)
+        if lease is None or lease.edge == command.edge:
+            return False
+        self.refused(
+            command.edge,
+            f"{type(command).__name__} for session {command.session!r}, "
+            f"whose lease is on {lease.edge!r}",
+        )
+        return True
+
     def _apply(self, command: Envelope, now: float) -> list[Outbound]:
+        if isinstance(command, SessionDown | WatchCmd | UnwatchCmd) and self._not_theirs(command):
+            return []
         if isinstance(command, SessionUp):
             return self.session_up(command)
         if isinstance(command, SessionDown):
@@ -540,6 +563,9 @@ class PresenceTable:
         """Rebuild from an edge's announcement of all it holds."""
         out: list[Outbound] = []
         for up in command.sessions:
+            if up.edge != command.edge:
+                self.refused(command.edge, f"EdgeSync names {up.edge!r} for {up.session!r}")
+                continue
             self._unconfirmed.pop(up.session, None)
             lease = self.leases.get(up.session)
             if lease is None or lease.conn != up.conn or lease.suspended_until is not None:
