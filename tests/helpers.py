@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any, ClassVar
 
 import websockets
+import zmq
+import zmq.auth
 from websockets.asyncio.client import ClientConnection
 
 from signalpost.auth import mint_token
@@ -113,3 +116,25 @@ def unversioned(frame: dict[str, Any]) -> dict[str, Any]:
 def status_of(event: Any) -> tuple[str, str]:
     """A ``PresenceChanged`` event's user and status (its version aside)."""
     return (event.user, event.status)
+
+
+def curve_dealer(
+    context: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    server_key: bytes,
+    secret_file: Path,
+    identity: bytes,
+) -> zmq.Socket[bytes]:
+    """A raw CurveZMQ DEALER with the key pair in ``secret_file``, connected to the node at
+    ``endpoint`` (whose public key is ``server_key``) under the routing id ``identity``:
+    what a node forging envelopes would open (tests of node authentication)."""
+    public, secret = zmq.auth.load_certificate(secret_file)
+    assert secret is not None
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, identity)
+    sock.connect(endpoint)
+    return sock

@@ -21,7 +21,7 @@ from signalpost.node_keys import create_node_keys, read_trusted
 from signalpost.transport import frame
 from signalpost.wire import Heartbeat, SignalCmd, encode_envelope, sender_object
 from tests.cluster.conftest import ClusterFactory
-from tests.helpers import token
+from tests.helpers import curve_dealer, token
 
 pytestmark = pytest.mark.cluster
 
@@ -118,8 +118,6 @@ async def test_an_admitted_node_cannot_send_as_another(
     (broker,) = cluster.of_kind("broker")
     server_key = read_trusted(cluster.keys_dir).servers[broker["url"]]
     _, secret_file = create_node_keys(cluster.keys_dir, "admitted", kind="edge")
-    public, secret = zmq.auth.load_certificate(secret_file)
-    assert secret is not None
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         async with (
@@ -150,13 +148,7 @@ async def test_an_admitted_node_cannot_send_as_another(
                 (b"presence-1", [forged(real_edge)]),  # another node's routing id
                 (b"admitted", [forged(real_edge), heartbeat]),  # its own, naming another
             ):
-                sock = context.socket(zmq.DEALER)
-                sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
-                sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-                sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.IDENTITY, identity)
-                sock.connect(broker["url"])
+                sock = curve_dealer(context, broker["url"], server_key, secret_file, identity)
                 for body in bodies:
                     sock.send(body)
                 sockets.append(sock)
