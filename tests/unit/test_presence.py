@@ -682,3 +682,25 @@ def test_a_resume_whose_old_edge_is_lost_is_answered_at_once() -> None:
     table.handle(claim("e1", "eve", "edge-2", "new.2"), 1.0)
     # A lost edge's connections are gone with it (its clients are cut off).
     assert table.edge_lost("edge-1", 1.2) == [("edge-2", ClaimReply("e1", "new.2", True))]
+
+
+def test_only_the_edge_holding_a_lease_speaks_for_its_session() -> None:
+    # Another edge (admitted, under its own name) names a session whose lease edge-1
+    # holds: its goodbye, watch and unwatch are refused and reported, and an edge's
+    # re-sync naming another edge's session is ignored. The lease and watches stand.
+    table = make_table()
+    refusals: list[str] = []
+    table.refused = lambda edge, why: refusals.append(edge)
+    table.handle(up("s1", "ann", edge="edge-1"), 0.0)
+    watching(table, "s1", ["bob"], edge="edge-1")
+    for command in (
+        down("s1", ended=True, edge="edge-9"),  # even with the session's conn
+        watch("s1", ["carol"], edge="edge-9"),
+        unwatch("s1", ["bob"], edge="edge-9"),
+        EdgeSync("edge-9", [SessionUp("s1", "ann", "edge-1", "c9")], {}),
+    ):
+        assert table.handle(command, 1.0) == []
+    assert refusals == ["edge-9"] * 4
+    lease = table.leases["s1"]
+    assert (lease.edge, lease.conn, lease.suspended_until) == ("edge-1", "conn-s1", None)
+    assert table.watched_by("s1") == {"bob"} and table.status("ann") == "online"
