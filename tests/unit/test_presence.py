@@ -691,16 +691,15 @@ def test_only_the_edge_holding_a_lease_speaks_for_its_session() -> None:
     table = make_table()
     refusals: list[str] = []
     table.refused = lambda edge, why: refusals.append(edge)
-    table.handle(up("s1", "ann", edge="edge-1"), 0.0)
-    watching(table, "s1", ["bob"], edge="edge-1")
+    watching(table, "s1", ["bob"], edge="edge-1")  # s1: user watcher-s1, on edge-1
     for command in (
         down("s1", ended=True, edge="edge-9"),  # even with the session's conn
         watch("s1", ["carol"], edge="edge-9"),
         unwatch("s1", ["bob"], edge="edge-9"),
-        EdgeSync("edge-9", [SessionUp("s1", "ann", "edge-1", "c9")], {}),
+        EdgeSync("edge-9", [SessionUp("s1", "watcher-s1", "edge-1", "c9")], {}),
     ):
         assert table.handle(command, 1.0) == []
     assert refusals == ["edge-9"] * 4
     lease = table.leases["s1"]
     assert (lease.edge, lease.conn, lease.suspended_until) == ("edge-1", "conn-s1", None)
-    assert table.watched_by("s1") == {"bob"} and table.status("ann") == "online"
+    assert table.watched_by("s1") == {"bob"} and table.status("watcher-s1") == "online"
