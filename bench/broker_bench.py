@@ -436,6 +436,7 @@ def start_broker(keys_dir: Path | None = None) -> Any:
         extra = {
             "SIGNALPOST_NODE_KEY_FILE": str(keys_dir / ("broker-bench" + SECRET_SUFFIX)),
             "SIGNALPOST_CLUSTER_KEYS_DIR": str(keys_dir),
+            "SIGNALPOST_TICKET_SECRET": "bench-ticket-secret-0123456789abcdef",
         }
     proc, out = _spawn("broker", argv, server_env(extra=extra))
     try:

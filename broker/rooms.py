@@ -54,6 +54,7 @@ from msgspec import Raw
 
 from signalpost.errors import BadRequest, NotInRoom, ProtocolError, RoomFull, UnknownPeer
 from signalpost.replication import Unacked, resend_late, retarget
+from signalpost.tickets import SeatTickets
 from signalpost.wire import (
     AckFrame,
     AttachCmd,
@@ -335,6 +336,9 @@ class RoomTable:
         #: Called with (edge, why) for a command refused because it names a session whose
         #: seat is on another edge (the shell counts and logs it).
         self.refused: Callable[[str, str], None] = _ignore_refusal
+        #: Presence's seat tickets (``signalpost.tickets``): with them, a seat moves to
+        #: another edge only on a valid ticket; None (dev, plaintext links): unchecked.
+        self.tickets: SeatTickets | None = None
 
     # ----------------------------------------------------------------- dispatch
 
@@ -363,6 +367,8 @@ class RoomTable:
                 member = None if room is None else room.members.get(command.session)
                 if member is not None and member.edge != command.edge:
                     return self._not_theirs(command, member)
+            elif isinstance(command, JoinCmd) and self._moves_unticketed(command):
+                return []
             return self._request(command, now)
         if isinstance(command, Confirm):
             return self.confirm(command, now)
@@ -385,6 +391,8 @@ class RoomTable:
                 out = self._gate(command.room, command, now)
                 if out is not None:
                     return out
+            if self._moves_unticketed(command):
+                return []
             return self.restore(command, now)
         if isinstance(command, ForgetCmd):
             self.forget(command)
@@ -403,6 +411,36 @@ class RoomTable:
             f"whose seat is on {member.edge!r}",
         )
         return []
+
+    def _moves_unticketed(self, command: JoinCmd | RestoreCmd | AttachCmd) -> bool:
+        """Whether ``command`` would bind its session to its edge while this broker knows
+        the session on another edge, without presence's ticket for that: refused
+        (reported). The first edge a broker hears of a session from needs none."""
+        tickets = self.tickets
+        if tickets is None:
+            return False
+        session, edge = command.session, command.edge
+        latest = self._latest.get(session)
+        elsewhere = None
+        if latest is not None:
+            if latest[1] != edge:
+                elsewhere = latest[1]
+        else:  # not heard from (or forgotten): its seats say where it is
+            for name in self._rooms_of.get(session, ()):
+                seat = self.rooms[name].members[session]
+                if seat.edge != edge:
+                    elsewhere = seat.edge
+                    break
+        if elsewhere is None or (
+            command.ticket and tickets.valid(command.ticket, session, edge, command.conn)
+        ):
+            return False
+        self.refused(
+            edge,
+            f"{type(command).__name__} would move session {session!r} from {elsewhere!r} "
+            "without presence's ticket",
+        )
+        return True
 
     def _gate(
         self, name: str, command: Envelope | tuple[AttachCmd, str], now: float
@@ -1128,6 +1166,8 @@ class RoomTable:
     def attach(self, command: AttachCmd) -> list[Outbound]:
         """A resumed session is back on ``command.edge``: re-home it, replay, report."""
         out: list[Outbound] = []
+        if self._moves_unticketed(command):
+            return out
         if self._heard_from(command.session, command.conn, command.edge)[0] != command.conn:
             return out  # a late attach of an older connection of the session
         names = self._rooms_of.get(command.session, set()) | command.positions.keys()

@@ -81,6 +81,7 @@ class BrokerNode(OwnerNode):
         )
         super().__init__(settings, "broker", self.table, settings.broker_bind)
         self.table.refused = functools.partial(refused_sender, what="session")
+        self.table.tickets = self.tickets
         self._replicas: dict[str, str | None] = {}  # room -> runner-up, until peers change
         self._live: list[str] = [self.placement_id]  # the brokers this one sees alive
         self._draining = False

@@ -5,7 +5,9 @@
 #                            cluster_keys_dir
 #   keys/<node>.env          SIGNALPOST_NODE_SECRET_KEY=... for that node only (its env_file;
 #                            compose reads it on the host, so no secret file has to be
-#                            readable by the container's user)
+#                            readable by the container's user); for brokers and presence
+#                            also SIGNALPOST_TICKET_SECRET=... (the seat tickets' secret,
+#                            shared by them, never given to an edge)
 # Run once before `docker compose up`; never commit keys/. Refuses to overwrite a key.
 #   SIGNALPOST="python -m signalpost.cli" compose/make-keys.sh   (without an installed CLI)
 set -eu
@@ -15,15 +17,21 @@ mkdir -p "$KEYS_DIR/public"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 umask 077
+$SIGNALPOST keys --dir "$work" --ticket-secret >/dev/null
+ticket_secret=$(cat "$work/ticket.secret")
 
 node() {
     name=$1
+    kind=$3
     shift
     $SIGNALPOST keys --dir "$work" --name "$name" "$@" >/dev/null
     secret=$(sed -n 's/^ *secret-key = "\(.*\)"$/\1/p' "$work/$name.key_secret")
     [ -n "$secret" ] || { echo "make-keys: no secret key written for $name" >&2; exit 1; }
     [ ! -e "$KEYS_DIR/$name.env" ] || { echo "make-keys: $KEYS_DIR/$name.env exists" >&2; exit 1; }
     printf 'SIGNALPOST_NODE_SECRET_KEY=%s\n' "$secret" >"$KEYS_DIR/$name.env"
+    if [ "$kind" != edge ]; then
+        printf 'SIGNALPOST_TICKET_SECRET=%s\n' "$ticket_secret" >>"$KEYS_DIR/$name.env"
+    fi
     chmod 644 "$work/$name.key"
     mv "$work/$name.key" "$KEYS_DIR/public/$name.key"
 }

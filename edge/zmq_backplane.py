@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
+import msgspec
 import zmq
 
 from edge.backplane import Inbox
@@ -31,11 +33,15 @@ from signalpost.placement import owner, ranking
 from signalpost.transport import DealerLink, new_incarnation
 from signalpost.wire import (
     AttachCmd,
+    ClaimReply,
     Confirm,
+    DetachCmd,
     EdgeSync,
     Envelope,
+    JoinCmd,
     RestoreCmd,
     RoomPosition,
+    SignalCmd,
 )
 
 log = logging.getLogger("signalpost.edge")
@@ -46,6 +52,10 @@ FIRST_DISCOVERY_TIMEOUT = 15.0
 #: Rooms whose owner is remembered at once; past that the memo starts over (room names
 #: come from clients, so an unbounded memo would grow with every name ever tried).
 MAX_CACHED_OWNERS = 100_000
+
+#: Seat tickets held at once (one per session resumed or started here); past that the
+#: oldest is forgotten (that session's seats then move here only on a newer grant).
+MAX_TICKETS = 200_000
 
 
 class ZmqBackplane:
@@ -75,6 +85,33 @@ class ZmqBackplane:
         self._discovered: dict[str, str] = {}
         self._presence_discovered: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
+        #: session -> (conn, presence's seat ticket for it on this edge), from the grants
+        #: presence sends (``ClaimReply``); sent with the commands that move seats here.
+        self._tickets: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+
+    # ----------------------------------------------------------------- seat tickets
+
+    def _from_presence(self, envelope: Envelope) -> None:
+        if type(envelope) is ClaimReply and envelope.live and envelope.ticket:
+            self._tickets[envelope.session] = (envelope.conn, envelope.ticket)
+            self._tickets.move_to_end(envelope.session)
+            if len(self._tickets) > MAX_TICKETS:
+                self._tickets.popitem(last=False)
+        assert self._inbox is not None
+        self._inbox(envelope)
+
+    def _ticketed(self, command: Envelope) -> Envelope:
+        """``command`` with its session's seat ticket if it may move a seat (a join, a
+        re-announcement, an attach) and this edge holds one for its connection."""
+        if type(command) is JoinCmd or type(command) is RestoreCmd or type(command) is AttachCmd:
+            held = self._tickets.get(command.session)
+            if held is not None and held[0] == command.conn and not command.ticket:
+                return msgspec.structs.replace(command, ticket=held[1])
+        elif type(command) is DetachCmd and command.ended:
+            held = self._tickets.get(command.session)
+            if held is not None and held[0] == command.conn:
+                del self._tickets[command.session]
+        return command
 
     # ----------------------------------------------------------------- membership
 
@@ -96,7 +133,7 @@ class ZmqBackplane:
             endpoint,
             self._edge_id,
             self.incarnation,
-            on_envelope=self._inbox,
+            on_envelope=self._inbox if kind == "broker" else self._from_presence,
             on_up=self._on_up,
             on_down=self._on_down,
             heartbeat_interval=s.heartbeat_interval,
@@ -248,21 +285,22 @@ class ZmqBackplane:
     # ----------------------------------------------------------------- Backplane
 
     def to_room_owner(self, room: str, command: Envelope) -> None:
+        if type(command) is not SignalCmd:  # (a signal never moves a seat)
+            command = self._ticketed(command)
         self.owner_of(room).send(command)
 
     def to_room_replica(self, room: str, command: Envelope) -> None:
         replica = self.replica_of(room)
         if replica is not None:
-            replica.send(command)
+            replica.send(self._ticketed(command))
 
     def reannounce(self, room: str, restore: RestoreCmd) -> None:
         # The former owner hands the room to the new one when asked (broker/rooms.py).
-        self.owner_of(room).send(restore)
+        self.owner_of(room).send(self._ticketed(restore))
         replica = self.replica_of(room)
         if replica is not None:
-            replica.send(
-                RestoreCmd(restore.session, restore.conn, restore.edge, room, restore.peer, True)
-            )
+            copy = RestoreCmd(restore.session, restore.conn, restore.edge, room, restore.peer, True)
+            replica.send(self._ticketed(copy))
 
     def confirm(self, positions: list[tuple[str, str, str, int, bool]]) -> None:
         by_owner: dict[DealerLink, list[tuple[str, str, str, int, bool]]] = {}
@@ -272,6 +310,7 @@ class ZmqBackplane:
             link.send(Confirm(self._edge_id, owned))
 
     def to_all_brokers(self, command: Envelope) -> None:
+        command = self._ticketed(command)
         for link in self.brokers.values():
             link.send(command)
 
@@ -282,8 +321,10 @@ class ZmqBackplane:
             for broker_id, candidate in self.brokers.items():
                 if candidate is link:
                     mine[broker_id][room] = position
+        held = self._tickets.get(session)
+        ticket = held[1] if held is not None and held[0] == conn else b""
         for broker_id, link in self.brokers.items():
-            link.send(AttachCmd(session, conn, self._edge_id, mine[broker_id]))
+            link.send(AttachCmd(session, conn, self._edge_id, mine[broker_id], ticket))
 
     def to_presence(self, user: str, command: Envelope) -> None:
         link = self.presence_owner(user)

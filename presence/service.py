@@ -73,6 +73,7 @@ class PresenceNode(OwnerNode):
         )
         super().__init__(settings, "presence", self.table, settings.presence_bind)
         self.table.refused = functools.partial(refused_sender, what="session")
+        self.table.tickets = self.tickets
         self._placing: list[str] = [] if self._by_view else [self.placement_id]
         self._grace_until = float("inf")
         self._discovered = [e for e in settings.presence_endpoints if e != self.placement_id]

@@ -29,6 +29,7 @@ from signalpost.discovery import Discovery, Registration
 from signalpost.health import HealthServer
 from signalpost.node_keys import node_keys
 from signalpost.ownership import Tier, TierMembership, View
+from signalpost.tickets import seat_tickets
 from signalpost.transport import DealerLink, RouterEndpoint, new_incarnation, refused_sender
 from signalpost.wire import SENDER_KINDS, Envelope, encode_envelope, sender_of
 
@@ -61,6 +62,8 @@ class OwnerNode:
         self.node_id = settings.node_id or f"{kind}-{secrets.token_hex(4)}"
         self.core = core
         self.keys = node_keys(settings)  # raises ConfigError before any socket exists
+        #: Seat tickets: presence issues them with a resume's grant, brokers check them.
+        self.tickets = seat_tickets(settings, self.keys is not None)
         self._context = zmq.Context()
         self._clock = time.monotonic
         self.settings = settings

@@ -298,6 +298,9 @@ class JoinCmd(_Envelope, tag=1, frozen=True):
     peer: bytes  # peer object JSON, see ``peer_object``
     rseq: int = 0  # see ``SignalCmd``
     rbase: int = 0
+    #: Presence's seat ticket for ``conn`` on ``edge`` (``signalpost.tickets``), if the
+    #: session resumed onto this edge: what lets a broker move its seat here.
+    ticket: bytes = b""
 
 
 class LeaveCmd(_Envelope, tag=2, frozen=True):
@@ -341,6 +344,7 @@ class AttachCmd(_Envelope, tag=4, frozen=True):
     conn: str
     edge: str
     positions: dict[str, RoomPosition]
+    ticket: bytes = b""  # see ``JoinCmd``
 
 
 class DetachCmd(_Envelope, tag=5, frozen=True):
@@ -370,6 +374,7 @@ class RestoreCmd(_Envelope, tag=6, frozen=True):
     replica: bool
     epoch: str = ""
     offset: int = 0
+    ticket: bytes = b""  # see ``JoinCmd``
 
 
 class ForgetCmd(_Envelope, tag=7, frozen=True):
@@ -597,6 +602,9 @@ class ClaimReply(_Envelope, tag=13, frozen=True):
     term: int = 0
     #: The status version of each user in ``watching`` (``PresenceFrame.version``).
     versions: dict[str, int] = {}
+    #: When live: the seat ticket of ``conn`` on the claiming edge (``signalpost.tickets``),
+    #: which the edge sends with the commands that move the session's seats to it.
+    ticket: bytes = b""
 
 
 class SessionUp(_Envelope, tag=20, frozen=True):

@@ -22,7 +22,7 @@ import pytest
 from signalpost.client import SignalEvent, SignalpostClient
 from signalpost.cluster import free_port
 from signalpost.node_keys import create_node_keys
-from tests.cluster.conftest import FAST_ENV, Cluster, ClusterFactory
+from tests.cluster.conftest import FAST_ENV, Cluster, ClusterFactory, ticket_secret_of
 from tests.consul import ConsulAgent
 from tests.helpers import token
 
@@ -162,7 +162,8 @@ def _start_broker(
             env={**os.environ, **FAST_ENV, "SIGNALPOST_CONSUL_ADDR": agent.address,
                  "SIGNALPOST_HEALTH_PORT": str(health_port),
                  "SIGNALPOST_NODE_KEY_FILE": str(secret_path),
-                 "SIGNALPOST_CLUSTER_KEYS_DIR": str(keys_dir)},
+                 "SIGNALPOST_CLUSTER_KEYS_DIR": str(keys_dir),
+                 "SIGNALPOST_TICKET_SECRET": ticket_secret_of(keys_dir)},
             stdout=log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip

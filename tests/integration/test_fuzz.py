@@ -509,6 +509,7 @@ async def fuzz_broker(keys_dir: Path, node_frames_: list[bytes]) -> None:
         node_key_file=str(keys_dir / ("broker" + SECRET_SUFFIX)),
         cluster_keys_dir=str(keys_dir),
         heartbeat_interval=0.2,
+        ticket_secret="fuzz-ticket-secret-0123456789abcdef",
     )
     broker = BrokerNode(config)
     stop = asyncio.Event()
