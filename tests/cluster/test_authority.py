@@ -21,17 +21,21 @@ from signalpost.client import PeerJoined, SignalEvent, SignalpostClient
 from signalpost.node_keys import create_node_keys, read_trusted
 from signalpost.transport import frame
 from signalpost.wire import (
+    AttachCmd,
     ClaimCmd,
     Envelope,
     Handoff,
     HandoffRequest,
+    JoinCmd,
     LeaseCopy,
     LeaveCmd,
     ReplicateCmd,
+    RestoreCmd,
     SignalCmd,
     StatusSubscribe,
     WatchCmd,
     encode_envelope,
+    peer_object,
     sender_object,
 )
 from tests.cluster.conftest import ClusterFactory
@@ -78,13 +82,21 @@ async def test_forged_envelopes_from_admitted_nodes_of_the_wrong_kind_or_edge_ar
                 )
 
             # The right kind (an edge) naming a session another edge holds: refused by the
-            # broker (signal, leave) and presence (watch). Broker-to-broker envelopes from
-            # an edge's key: refused for its kind (a handoff would replace the room).
+            # broker (signal, leave; moving alice's seats to itself with a newer connection
+            # but no ticket of presence's, or a made-up one) and presence (watch).
+            # Broker-to-broker envelopes from an edge's key: refused for its kind (a
+            # handoff would replace the room).
+            peer = peer_object(alice.session, "alice", None, None)
+            made_up = bytes(16)
             send(
                 broker,
                 edge_secret,
                 "rogue-edge",
                 [
+                    AttachCmd(alice.session, "x.99", "rogue-edge", {}),
+                    AttachCmd(alice.session, "x.99", "rogue-edge", {}, made_up),
+                    RestoreCmd(alice.session, "x.99", "rogue-edge", "call", peer, False),
+                    JoinCmd(alice.session, "x.99", "rogue-edge", 1, None, "call2", peer),
                     signal("rogue-edge"),
                     LeaveCmd(alice.session, "c.9", "rogue-edge", 2, None, "call"),
                     ReplicateCmd("rogue-edge", "call", "e", 1, [], term=2**62),
@@ -134,6 +146,8 @@ async def test_forged_envelopes_from_admitted_nodes_of_the_wrong_kind_or_edge_ar
             await bob.signal("call", {"kind": "marker"}, to=alice.session)
             event = await alice.next_event(timeout=10)
             assert isinstance(event, SignalEvent) and event.data == {"kind": "marker"}
+            joined = await bob.join("call2")  # the forged join did not seat alice there
+            assert joined["members"] == []
     finally:
         for sock in sockets:
             sock.close()

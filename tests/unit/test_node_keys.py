@@ -27,6 +27,7 @@ from signalpost.node_keys import (
     read_trusted,
     speaks_as,
 )
+from signalpost.tickets import TICKET_SECRET_FILE, seat_tickets
 
 CLI = [sys.executable, "-m", "signalpost.cli"]
 
@@ -222,3 +223,33 @@ def test_a_keys_kind_is_in_its_user_id_and_a_key_without_one_admits_nobody(
     }
     with pytest.raises(ConfigError, match=r"old-broker.key.*kind = .edge."):
         node_keys(load_settings(environ=environ))
+
+
+@pytest.mark.parametrize("kind", ["broker", "presence"])
+def test_a_broker_or_presence_with_keys_needs_the_ticket_secret(kind: str, tmp_path: Path) -> None:
+    _, secret = create_node_keys(tmp_path, kind, "tcp://127.0.0.1:1", kind=kind)
+    env = {
+        "SIGNALPOST_JWT_SECRET": "a-test-secret-0123456789abcdef",
+        "SIGNALPOST_NODE_KEY_FILE": str(secret),
+        "SIGNALPOST_CLUSTER_KEYS_DIR": str(tmp_path),
+    }
+    done = _cli(kind, "--id", f"{kind}-x", "--bind", "tcp://127.0.0.1:*", env=env)
+    assert done.returncode == 2, done.stderr
+    assert "ticket_secret" in done.stderr and "--ticket-secret" in done.stderr
+    short = {**env, "SIGNALPOST_TICKET_SECRET": "short"}
+    done = _cli(kind, "--id", f"{kind}-x", "--bind", "tcp://127.0.0.1:*", env=short)
+    assert done.returncode == 2 and "too short" in done.stderr, done.stderr
+
+
+def test_signalpost_keys_writes_a_ticket_secret_once(tmp_path: Path) -> None:
+    done = _cli("keys", "--dir", str(tmp_path), "--ticket-secret", env={})
+    assert done.returncode == 0, done.stderr
+    path = tmp_path / TICKET_SECRET_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    secret = path.read_text().strip()
+    assert len(secret) == 64 and int(secret, 16) >= 0
+    assert seat_tickets(load_settings(environ={}, ticket_secret=secret), True) is not None
+    again = _cli("keys", "--dir", str(tmp_path), "--ticket-secret", env={})
+    assert again.returncode == 2 and "never overwritten" in again.stderr
+    assert path.read_text().strip() == secret
+    assert seat_tickets(load_settings(environ={}), False) is None  # plaintext: unchecked
