@@ -263,7 +263,7 @@ def _no_replica(room: str) -> str | None:
     return None
 
 
-def _ignore_refusal(edge: str, why: str) -> None:
+def _ignore_refusal(sender: str, why: str, what: str) -> None:
     return None
 
 
@@ -291,6 +291,7 @@ class RoomTable:
         new_term: Callable[[], int] | None = None,
         handoff_timeout: float = HANDOFF_TIMEOUT,
         handoff_fences: bool = True,
+        owner_of: Callable[[str], str | None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.replica_for = replica_for
@@ -316,6 +317,10 @@ class RoomTable:
         #: keeps (refusing a deposed owner's late batch). Only where views are consistent
         #: (Consul): with views from heartbeats the asker may be the one that is wrong.
         self.handoff_fences = handoff_fences
+        #: The owner of a room in this broker's view (None: none known), where the views
+        #: are consistent (Consul): a peer replicates a room to this broker, or asks for
+        #: its state, only as its owner. None: not checked (views from heartbeats).
+        self.owner_of = owner_of
         self._awaiting: dict[str, _Awaiting] = {}  # room -> the handoff it waits for
         # session -> (conn, edge) of its newest connection heard from (attach, join, leave,
         # re-announcement): an older one's late word must not bind the session to it
@@ -333,9 +338,10 @@ class RoomTable:
         self._parked: dict[str, tuple[Room, list[RoomEvent]]] = {}
         self._now = 0.0  # time of the command being applied
         self._last_record = _NO_RECORD  # the answer of the request applied last
-        #: Called with (edge, why) for a command refused because it names a session whose
-        #: seat is on another edge (the shell counts and logs it).
-        self.refused: Callable[[str, str], None] = _ignore_refusal
+        #: Called with (sender, why, what) for a command refused because it names a session
+        #: whose seat is on another edge (``what`` "session"), or a room its sender does
+        #: not own ("room"); the shell counts and logs it.
+        self.refused: Callable[[str, str, str], None] = _ignore_refusal
         #: Presence's seat tickets (``signalpost.tickets``): with them, a seat moves to
         #: another edge only on a valid ticket; None (dev, plaintext links): unchecked.
         self.tickets: SeatTickets | None = None
@@ -409,6 +415,7 @@ class RoomTable:
             command.edge,
             f"{type(command).__name__} for session {command.session!r}, "
             f"whose seat is on {member.edge!r}",
+            "session",
         )
         return []
 
@@ -439,6 +446,7 @@ class RoomTable:
             edge,
             f"{type(command).__name__} would move session {session!r} from {elsewhere!r} "
             "without presence's ticket",
+            "session",
         )
         return True
 
@@ -473,6 +481,16 @@ class RoomTable:
 
     def handoff_requested(self, command: HandoffRequest, now: float) -> list[Outbound]:
         """Another broker owns ``command.room`` now: hand over what this one has of it."""
+        if self.owner_of is not None and self.owner_of(command.room) != command.requester:
+            # Not the owner in this broker's view: a view that lags (it asks again), or a
+            # peer after a room it does not own (it gets nothing, and fences nobody).
+            self.refused(
+                command.requester,
+                f"HandoffRequest for {command.room!r}, which it does not own here "
+                f"({self.owner_of(command.room)!r} does): told to ask again",
+                "room",
+            )
+            return [(command.requester, Handoff(command.room, self.node_id, False, retry=True))]
         if command.room in self._awaiting:
             # This broker waits for the room's newest state itself (a view changed again
             # before the previous owner answered): what it has now may be older. Asked
@@ -537,6 +555,18 @@ class RoomTable:
         """The previous server's answer (or push): install the room, serve what waited."""
         out: list[Outbound] = []
         awaiting = self._awaiting.get(command.room)
+        if self.handoff_from is not _no_replica:
+            # Only from the broker asked, or (a push: one stopping) the one that served
+            # the room before this one in its view.
+            source = awaiting.source if awaiting is not None else self.handoff_from(command.room)
+            if command.sender != source:
+                self.refused(
+                    command.sender,
+                    f"Handoff of {command.room!r}, which it did not serve before this broker "
+                    f"({source!r} did)",
+                    "room",
+                )
+                return out
         if command.retry and awaiting is not None:
             return out  # asked again from ``expire``
         if command.present:
@@ -1582,6 +1612,17 @@ class RoomTable:
 
     def replicate(self, command: ReplicateCmd, now: float) -> list[Outbound]:
         """Runner-up side: keep the owner's events (and reply) for a takeover."""
+        if self.owner_of is not None and self.owner_of(command.room) != command.owner:
+            # Not the room's owner in this broker's view: nothing kept, nothing acked (a
+            # view that lags resends; a peer replicating a room it does not own fences
+            # nobody either).
+            self.refused(
+                command.owner,
+                f"ReplicateCmd of {command.room!r}, which it does not own here "
+                f"({self.owner_of(command.room)!r} does)",
+                "room",
+            )
+            return []
         room = self.rooms.get(command.room)
         if room is None:
             room = self.rooms[command.room] = Room(

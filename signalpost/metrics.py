@@ -67,8 +67,8 @@ NODE_FRAMES_DROPPED = Counter(
     "Frames (or single envelopes in a frame) from another node that were dropped: not "
     "decodable (frame, envelope: malformed or nested too deeply), under a routing id its "
     "key does not have (identity), naming another node as sender (sender), an envelope "
-    "its kind of node may not send to this tier (kind), or about a session another edge "
-    "holds (session)",
+    "its kind of node may not send to this tier (kind), about a session another edge "
+    "holds (session), or about a room its broker does not own (room)",
     ["what"],
 )
 

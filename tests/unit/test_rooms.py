@@ -1506,7 +1506,7 @@ def test_only_the_edge_holding_a_seat_speaks_for_its_session() -> None:
     # leave no reply record behind; the session's own edge is served as before.
     table = make_table()
     refusals: list[tuple[str, str]] = []
-    table.refused = lambda edge, why: refusals.append((edge, why))
+    table.refused = lambda edge, why, what: refusals.append((edge, why))
     alice, bob = sess("alice"), sess("bob")
     table.handle(alice.join("call"), 0.0)
     table.handle(bob.join("call"), 0.0)
@@ -1538,7 +1538,7 @@ def test_a_seat_moves_to_another_edge_only_on_presences_ticket() -> None:
     table = make_table()
     table.tickets = tickets
     refusals: list[str] = []
-    table.refused = lambda edge, why: refusals.append(why)
+    table.refused = lambda edge, why, what: refusals.append(why)
     alice, bob = sess("alice"), sess("bob")
     table.handle(alice.join("call"), 0.0)  # the first edge heard of needs no ticket
     table.handle(bob.join("call"), 0.0)
