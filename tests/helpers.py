@@ -14,6 +14,7 @@ import zmq.auth
 from websockets.asyncio.client import ClientConnection
 
 from signalpost.auth import mint_token
+from signalpost.node_keys import NodeKeys
 
 SECRET = "integration-secret-0123456789abcdef"
 
@@ -119,22 +120,25 @@ def status_of(event: Any) -> tuple[str, str]:
 
 
 def curve_dealer(
-    context: zmq.Context[zmq.Socket[bytes]],
+    context: zmq.Context[Any],
     endpoint: str,
-    server_key: bytes,
-    secret_file: Path,
     identity: bytes,
+    client: NodeKeys | Path,
+    server: bytes,
 ) -> zmq.Socket[bytes]:
-    """A raw CurveZMQ DEALER with the key pair in ``secret_file``, connected to the node at
-    ``endpoint`` (whose public key is ``server_key``) under the routing id ``identity``:
-    what a node forging envelopes would open (tests of node authentication)."""
-    public, secret = zmq.auth.load_certificate(secret_file)
-    assert secret is not None
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
-    sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, identity)
-    sock.connect(endpoint)
-    return sock
+    """A bare CurveZMQ DEALER, connected to ``endpoint`` (whose public key is ``server``)
+    under the routing id ``identity`` with ``client``'s key pair (loaded keys, or the
+    ``.key_secret`` file): what a node forging envelopes would open."""
+    if isinstance(client, Path):
+        public, secret = zmq.auth.load_certificate(client)
+        assert secret is not None, f"{client} holds no secret key"
+    else:
+        public, secret = client.public, client.secret
+    dealer: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, identity)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.CURVE_SERVERKEY, server)
+    dealer.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    dealer.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    dealer.connect(endpoint)
+    return dealer

@@ -60,7 +60,7 @@ async def test_forged_envelopes_from_admitted_nodes_of_the_wrong_kind_or_edge_ar
 
     def send(target: dict[str, Any], secret: Path, name: str, envelopes: list[Envelope]) -> None:
         url = target["url"]
-        sock = curve_dealer(context, url, servers[url], secret, name.encode())
+        sock = curve_dealer(context, url, name.encode(), secret, servers[url])
         sock.send(frame([encode_envelope(e) for e in envelopes]))
         sockets.append(sock)
 

@@ -23,6 +23,7 @@ from signalpost.config import load_settings
 from signalpost.node_keys import NodeKeys, create_node_keys, node_keys
 from signalpost.transport import DealerLink, RouterEndpoint, frame
 from signalpost.wire import Deliver, Envelope, Heartbeat, encode_envelope
+from tests.helpers import curve_dealer
 from tests.integration.test_transport import Collected, receive_raw
 
 MAX_MESSAGE = 64 * 1024
@@ -97,20 +98,6 @@ def router(
         keys=keys,
         max_message=MAX_MESSAGE,
     )
-
-
-def curve_dealer(
-    context: zmq.Context[Any], endpoint: str, identity: bytes, client: NodeKeys, server: bytes
-) -> zmq.Socket[bytes]:
-    """A bare DEALER speaking CurveZMQ with ``client``'s pair to the server key ``server``."""
-    dealer: zmq.Socket[bytes] = context.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.IDENTITY, identity)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.setsockopt(zmq.CURVE_SERVERKEY, server)
-    dealer.setsockopt(zmq.CURVE_PUBLICKEY, client.public)
-    dealer.setsockopt(zmq.CURVE_SECRETKEY, client.secret)
-    dealer.connect(endpoint)
-    return dealer
 
 
 async def until(condition: Any, timeout: float = 10.0) -> None:
