@@ -319,21 +319,22 @@ class FastSocket:
 MAX_SPEAKERS: Final = 10_000
 
 #: (peer, what) -> when a refused frame was last logged: one line per peer per interval.
-_refusals_logged: dict[tuple[bytes, str], float] = {}
+_refusals_logged: dict[tuple[bytes, str, str], float] = {}
 
 
 def refused_sender(peer: str, why: str, what: str = "sender") -> None:
     """An envelope from ``peer`` names another node as its sender (``what``: or its kind of
-    node may not send it here, or it is about a session another edge holds): refused
-    (counted in ``signalpost_node_frames_dropped_total{what=...}``, logged once per peer
-    and ``what`` per 5 s)."""
+    node may not send it here, or it is about a session or room its sender does not hold):
+    refused (counted in ``signalpost_node_frames_dropped_total{what=...}``, logged once per
+    peer, ``what`` and envelope type per 5 s). ``why`` starts with the envelope type."""
     _dropped_from(peer.encode(), what, why)
 
 
 def _dropped_from(peer: bytes, what: str, why: str) -> None:
-    """A frame from ``peer`` refused for its sender (counted; logged once per 5 s)."""
+    """A frame from ``peer`` refused for its sender (counted; logged once per 5 s per
+    peer, ``what`` and first word of ``why``: the envelope type, when it names one)."""
     metrics.NODE_FRAMES_DROPPED.labels(what).inc()
-    key, now = (peer, what), time.monotonic()
+    key, now = (peer, what, why.partition(" ")[0]), time.monotonic()
     if now - _refusals_logged.get(key, -_DROP_LOG_INTERVAL) >= _DROP_LOG_INTERVAL:
         if len(_refusals_logged) >= 10_000:
             _refusals_logged.clear()
@@ -537,7 +538,10 @@ class RouterEndpoint:
                 allowed = accepts.get(type(envelope))
                 if allowed is None or kind not in allowed:
                     refused_sender(
-                        peer, f"a {kind} may not send {type(envelope).__name__} here", "kind"
+                        peer,
+                        f"{type(envelope).__name__} from a node of kind {kind!r}: taken "
+                        f"here only from {' or '.join(sorted(allowed or ('nobody',)))}",
+                        "kind",
                     )
                     continue
             try:

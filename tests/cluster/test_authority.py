@@ -122,12 +122,24 @@ async def test_forged_envelopes_from_admitted_nodes_of_the_wrong_kind_or_edge_ar
                     StatusSubscribe("rogue-edge", ["alice"]),
                 ],
             )
+            # Each one logged (once per node, reason and envelope type per 5 s).
             expected = {
-                broker["id"]: ["rogue-edge (session)", "rogue-edge (kind)", "rogue-broker (kind)"],
+                broker["id"]: [
+                    "rogue-edge (session): AttachCmd would move",
+                    "rogue-edge (session): RestoreCmd would move",
+                    "rogue-edge (session): JoinCmd would move",
+                    "rogue-edge (session): SignalCmd for session",
+                    "rogue-edge (session): LeaveCmd for session",
+                    "rogue-edge (kind): ReplicateCmd from a node of kind 'edge'",
+                    "rogue-edge (kind): HandoffRequest from a node of kind 'edge'",
+                    "rogue-edge (kind): Handoff from a node of kind 'edge'",
+                    "rogue-broker (kind): SignalCmd from a node of kind 'broker'",
+                ],
                 presence["id"]: [
-                    "rogue-edge (session)",
-                    "rogue-edge (kind)",
-                    "rogue-broker (kind)",
+                    "rogue-edge (session): WatchCmd for session",
+                    "rogue-edge (kind): LeaseCopy from a node of kind 'edge'",
+                    "rogue-edge (kind): StatusSubscribe from a node of kind 'edge'",
+                    "rogue-broker (kind): ClaimCmd from a node of kind 'broker'",
                 ],
             }
             async with asyncio.timeout(15):  # every forgery refused, and logged
