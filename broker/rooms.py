@@ -407,7 +407,7 @@ class RoomTable:
         return []
 
     def _not_theirs(
-        self, command: SignalCmd | LeaveCmd | DetachCmd, member: Member
+        self, command: SignalCmd | LeaveCmd | DetachCmd | ForgetCmd, member: Member
     ) -> list[Outbound]:
         """``command`` names a session whose seat is on another edge than its sender: not
         applied, not answered (nothing is recorded for the session), reported."""
@@ -1034,6 +1034,10 @@ class RoomTable:
         """A replica's member left (the owner told its peers)."""
         room = self.rooms.get(command.room)
         if room is not None and not room.active and command.session in room.members:
+            member = room.members[command.session]
+            if member.edge != command.edge:
+                self._not_theirs(command, member)
+                return
             self._remove(room, command.session, "left", 0.0, [])
 
     def _activate(self, room: Room) -> None:

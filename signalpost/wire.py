@@ -382,6 +382,7 @@ class ForgetCmd(_Envelope, tag=7, frozen=True):
 
     session: str
     room: str
+    edge: str = ""  # the sending edge (which must hold the session's seat)
 
 
 class DemoteCmd(_Envelope, tag=8, frozen=True):
@@ -845,7 +846,7 @@ def decode_batch_each(
 
 #: Envelope type -> its field naming the node that sent it (a routing id on the receiving
 #: ROUTER): a node acts only on envelopes whose sender is the node the link authenticated
-#: (``signalpost.node.OwnerNode``). ``ForgetCmd`` and ``DemoteCmd`` name no sender.
+#: (``signalpost.node.OwnerNode``). ``DemoteCmd`` names no sender (and is ignored).
 _SENDER_FIELDS: Final[dict[type, str]] = {
     JoinCmd: "edge",
     LeaveCmd: "edge",
@@ -853,6 +854,7 @@ _SENDER_FIELDS: Final[dict[type, str]] = {
     AttachCmd: "edge",
     DetachCmd: "edge",
     RestoreCmd: "edge",
+    ForgetCmd: "edge",
     Confirm: "edge",
     Evicted: "edge",
     SessionUp: "edge",

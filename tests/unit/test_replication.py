@@ -11,6 +11,7 @@ from signalpost.wire import (
     Deliver,
     DetachCmd,
     Envelope,
+    ForgetCmd,
     Handoff,
     HandoffRequest,
     JoinCmd,
@@ -427,3 +428,14 @@ def test_a_broker_takes_a_rooms_state_only_from_the_broker_that_owns_it() -> Non
     # The owner itself replicates as before.
     genuine = ReplicateCmd("A", "room", room.epoch, 0, [], term=room.term)
     assert runner_up.handle(genuine, 1.0) == [("A", ReplicaAck("room", 0))]
+
+
+def test_a_replica_forgets_a_member_only_for_the_edge_holding_its_seat() -> None:
+    replica = table("B", None)
+    refusals: list[str] = []
+    replica.refused = lambda sender, why, what: refusals.append(sender)
+    restore(replica, "a", True)  # a passive seat of "a", on edge-a
+    replica.handle(ForgetCmd("a", "room", "edge-rogue"), 0.0)
+    assert refusals == ["edge-rogue"] and "a" in replica.rooms["room"].members
+    replica.handle(ForgetCmd("a", "room", "edge-a"), 0.0)
+    assert "room" not in replica.rooms or "a" not in replica.rooms["room"].members
