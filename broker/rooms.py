@@ -555,15 +555,17 @@ class RoomTable:
         """The previous server's answer (or push): install the room, serve what waited."""
         out: list[Outbound] = []
         awaiting = self._awaiting.get(command.room)
-        if self.handoff_from is not _no_replica:
-            # Only from the broker asked, or (a push: one stopping) the one that served
-            # the room before this one in its view.
-            source = awaiting.source if awaiting is not None else self.handoff_from(command.room)
-            if command.sender != source:
+        if self.owner_of is not None:
+            # Only from the broker asked, or (a push: one stopping) the room's owner or the
+            # one that served it before this one, in this broker's view.
+            allowed = {self.owner_of(command.room), self.handoff_from(command.room)}
+            if awaiting is not None:
+                allowed.add(awaiting.source)
+            if command.sender not in allowed:
                 self.refused(
                     command.sender,
-                    f"Handoff of {command.room!r}, which it did not serve before this broker "
-                    f"({source!r} did)",
+                    f"Handoff of {command.room!r}, which it neither owns nor served before "
+                    "this broker, unasked",
                     "room",
                 )
                 return out
