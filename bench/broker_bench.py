@@ -430,12 +430,13 @@ def start_broker(keys_dir: Path | None = None) -> Any:
     else:
         from signalpost.node_keys import SECRET_SUFFIX, create_node_keys
 
-        create_node_keys(keys_dir, "broker-bench", endpoint)
+        create_node_keys(keys_dir, "broker-bench", endpoint, kind="broker")
         if not (keys_dir / (EDGE + SECRET_SUFFIX)).exists():
-            create_node_keys(keys_dir, EDGE)
+            create_node_keys(keys_dir, EDGE, kind="edge")
         extra = {
             "SIGNALPOST_NODE_KEY_FILE": str(keys_dir / ("broker-bench" + SECRET_SUFFIX)),
             "SIGNALPOST_CLUSTER_KEYS_DIR": str(keys_dir),
+            "SIGNALPOST_TICKET_SECRET": "bench-ticket-secret-0123456789abcdef",
         }
     proc, out = _spawn("broker", argv, server_env(extra=extra))
     try:

@@ -54,6 +54,7 @@ from msgspec import Raw
 
 from signalpost.errors import BadRequest, NotInRoom, ProtocolError, RoomFull, UnknownPeer
 from signalpost.replication import Unacked, resend_late, retarget
+from signalpost.tickets import SeatTickets
 from signalpost.wire import (
     AckFrame,
     AttachCmd,
@@ -262,6 +263,10 @@ def _no_replica(room: str) -> str | None:
     return None
 
 
+def _ignore_refusal(sender: str, why: str, what: str) -> None:
+    return None
+
+
 def _owns_all(room: str) -> bool:
     return True
 
@@ -286,6 +291,7 @@ class RoomTable:
         new_term: Callable[[], int] | None = None,
         handoff_timeout: float = HANDOFF_TIMEOUT,
         handoff_fences: bool = True,
+        owner_of: Callable[[str], str | None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.replica_for = replica_for
@@ -311,6 +317,10 @@ class RoomTable:
         #: keeps (refusing a deposed owner's late batch). Only where views are consistent
         #: (Consul): with views from heartbeats the asker may be the one that is wrong.
         self.handoff_fences = handoff_fences
+        #: The owner of a room in this broker's view (None: none known), where the views
+        #: are consistent (Consul): a peer replicates a room to this broker, or asks for
+        #: its state, only as its owner. None: not checked (views from heartbeats).
+        self.owner_of = owner_of
         self._awaiting: dict[str, _Awaiting] = {}  # room -> the handoff it waits for
         # session -> (conn, edge) of its newest connection heard from (attach, join, leave,
         # re-announcement): an older one's late word must not bind the session to it
@@ -328,6 +338,13 @@ class RoomTable:
         self._parked: dict[str, tuple[Room, list[RoomEvent]]] = {}
         self._now = 0.0  # time of the command being applied
         self._last_record = _NO_RECORD  # the answer of the request applied last
+        #: Called with (sender, why, what) for a command refused because it names a session
+        #: whose seat is on another edge (``what`` "session"), or a room its sender does
+        #: not own ("room"); the shell counts and logs it.
+        self.refused: Callable[[str, str, str], None] = _ignore_refusal
+        #: Presence's seat tickets (``signalpost.tickets``): with them, a seat moves to
+        #: another edge only on a valid ticket; None (dev, plaintext links): unchecked.
+        self.tickets: SeatTickets | None = None
 
     # ----------------------------------------------------------------- dispatch
 
@@ -340,10 +357,25 @@ class RoomTable:
                 gated = self._gate(command.room, command, now)
                 if gated is not None:
                     return gated
+                room = self.rooms.get(command.room)
+            if room is not None:
+                # Only the edge holding the session's seat speaks for it (one dict lookup).
+                member = room.members.get(command.session)
+                if member is not None and member.edge != command.edge:
+                    return self._not_theirs(command, member)
             return self._request(command, now)
         if isinstance(command, JoinCmd | LeaveCmd):
             out = self._gate(command.room, command, now)
-            return self._request(command, now) if out is None else out
+            if out is not None:
+                return out
+            if type(command) is LeaveCmd:
+                room = self.rooms.get(command.room)
+                member = None if room is None else room.members.get(command.session)
+                if member is not None and member.edge != command.edge:
+                    return self._not_theirs(command, member)
+            elif isinstance(command, JoinCmd) and self._moves_unticketed(command):
+                return []
+            return self._request(command, now)
         if isinstance(command, Confirm):
             return self.confirm(command, now)
         if isinstance(command, AttachCmd):
@@ -365,12 +397,58 @@ class RoomTable:
                 out = self._gate(command.room, command, now)
                 if out is not None:
                     return out
+            if self._moves_unticketed(command):
+                return []
             return self.restore(command, now)
         if isinstance(command, ForgetCmd):
             self.forget(command)
         # DemoteCmd (older edges): ignored. A broker stops serving a room when its own view
         # says another broker owns it, and hands the room over when that broker asks.
         return []
+
+    def _not_theirs(
+        self, command: SignalCmd | LeaveCmd | DetachCmd | ForgetCmd, member: Member
+    ) -> list[Outbound]:
+        """``command`` names a session whose seat is on another edge than its sender: not
+        applied, not answered (nothing is recorded for the session), reported."""
+        self.refused(
+            command.edge,
+            f"{type(command).__name__} for session {command.session!r}, "
+            f"whose seat is on {member.edge!r}",
+            "session",
+        )
+        return []
+
+    def _moves_unticketed(self, command: JoinCmd | RestoreCmd | AttachCmd) -> bool:
+        """Whether ``command`` would bind its session to its edge while this broker knows
+        the session on another edge, without presence's ticket for that: refused
+        (reported). The first edge a broker hears of a session from needs none."""
+        tickets = self.tickets
+        if tickets is None:
+            return False
+        session, edge = command.session, command.edge
+        latest = self._latest.get(session)
+        elsewhere = None
+        if latest is not None:
+            if latest[1] != edge:
+                elsewhere = latest[1]
+        else:  # not heard from (or forgotten): its seats say where it is
+            for name in self._rooms_of.get(session, ()):
+                seat = self.rooms[name].members[session]
+                if seat.edge != edge:
+                    elsewhere = seat.edge
+                    break
+        if elsewhere is None or (
+            command.ticket and tickets.valid(command.ticket, session, edge, command.conn)
+        ):
+            return False
+        self.refused(
+            edge,
+            f"{type(command).__name__} would move session {session!r} from {elsewhere!r} "
+            "without presence's ticket",
+            "session",
+        )
+        return True
 
     def _gate(
         self, name: str, command: Envelope | tuple[AttachCmd, str], now: float
@@ -403,6 +481,16 @@ class RoomTable:
 
     def handoff_requested(self, command: HandoffRequest, now: float) -> list[Outbound]:
         """Another broker owns ``command.room`` now: hand over what this one has of it."""
+        if self.owner_of is not None and self.owner_of(command.room) != command.requester:
+            # Not the owner in this broker's view: a view that lags (it asks again), or a
+            # peer after a room it does not own (it gets nothing, and fences nobody).
+            self.refused(
+                command.requester,
+                f"HandoffRequest for {command.room!r}, which it does not own here "
+                f"({self.owner_of(command.room)!r} does): told to ask again",
+                "room",
+            )
+            return [(command.requester, Handoff(command.room, self.node_id, False, retry=True))]
         if command.room in self._awaiting:
             # This broker waits for the room's newest state itself (a view changed again
             # before the previous owner answered): what it has now may be older. Asked
@@ -467,6 +555,20 @@ class RoomTable:
         """The previous server's answer (or push): install the room, serve what waited."""
         out: list[Outbound] = []
         awaiting = self._awaiting.get(command.room)
+        if self.owner_of is not None:
+            # Only from the broker asked, or (a push: one stopping) the room's owner or the
+            # one that served it before this one, in this broker's view.
+            allowed = {self.owner_of(command.room), self.handoff_from(command.room)}
+            if awaiting is not None:
+                allowed.add(awaiting.source)
+            if command.sender not in allowed:
+                self.refused(
+                    command.sender,
+                    f"Handoff of {command.room!r}, which it neither owns nor served before "
+                    "this broker, unasked",
+                    "room",
+                )
+                return out
         if command.retry and awaiting is not None:
             return out  # asked again from ``expire``
         if command.present:
@@ -934,6 +1036,10 @@ class RoomTable:
         """A replica's member left (the owner told its peers)."""
         room = self.rooms.get(command.room)
         if room is not None and not room.active and command.session in room.members:
+            member = room.members[command.session]
+            if member.edge != command.edge:
+                self._not_theirs(command, member)
+                return
             self._remove(room, command.session, "left", 0.0, [])
 
     def _activate(self, room: Room) -> None:
@@ -1096,6 +1202,8 @@ class RoomTable:
     def attach(self, command: AttachCmd) -> list[Outbound]:
         """A resumed session is back on ``command.edge``: re-home it, replay, report."""
         out: list[Outbound] = []
+        if self._moves_unticketed(command):
+            return out
         if self._heard_from(command.session, command.conn, command.edge)[0] != command.conn:
             return out  # a late attach of an older connection of the session
         names = self._rooms_of.get(command.session, set()) | command.positions.keys()
@@ -1142,6 +1250,8 @@ class RoomTable:
             member = room.members[command.session]
             if member.conn != command.conn:
                 continue  # a stale report: the session already lives on another connection
+            if member.edge != command.edge:
+                return self._not_theirs(command, member)
             if command.ended:
                 self._remove(room, command.session, "disconnected", now, out)
             else:
@@ -1508,6 +1618,17 @@ class RoomTable:
 
     def replicate(self, command: ReplicateCmd, now: float) -> list[Outbound]:
         """Runner-up side: keep the owner's events (and reply) for a takeover."""
+        if self.owner_of is not None and self.owner_of(command.room) != command.owner:
+            # Not the room's owner in this broker's view: nothing kept, nothing acked (a
+            # view that lags resends; a peer replicating a room it does not own fences
+            # nobody either).
+            self.refused(
+                command.owner,
+                f"ReplicateCmd of {command.room!r}, which it does not own here "
+                f"({self.owner_of(command.room)!r} does)",
+                "room",
+            )
+            return []
         room = self.rooms.get(command.room)
         if room is None:
             room = self.rooms[command.room] = Room(

@@ -26,6 +26,7 @@ from signalpost.lifecycle import until_stopped
 from signalpost.node import OwnerNode
 from signalpost.ownership import BROKERS, View
 from signalpost.placement import owner, ranking
+from signalpost.transport import refused_sender
 from signalpost.wire import Envelope, Handoff, HandoffRequest, ReplicateCmd, encode_envelope
 
 log = logging.getLogger("signalpost.broker")
@@ -76,8 +77,11 @@ class BrokerNode(OwnerNode):
             handoff_from=self._handoff_from,
             new_term=self._new_term,
             handoff_fences=settings.consul_addr is not None,
+            owner_of=self._owner_of if settings.consul_addr is not None else None,
         )
         super().__init__(settings, "broker", self.table, settings.broker_bind)
+        self.table.refused = refused_sender
+        self.table.tickets = self.tickets
         self._replicas: dict[str, str | None] = {}  # room -> runner-up, until peers change
         self._live: list[str] = [self.placement_id]  # the brokers this one sees alive
         self._draining = False
@@ -118,6 +122,11 @@ class BrokerNode(OwnerNode):
             and self.placement_id in placing
             and owner(room, placing) == self.placement_id
         )
+
+    def _owner_of(self, room: str) -> str | None:
+        """The owner of ``room`` in this broker's view (None: no view yet)."""
+        placing = self._placing()
+        return owner(room, placing) if placing else None
 
     def _handoff_from(self, room: str) -> str | None:
         """The broker that owned ``room`` before this one (the owner without it)."""

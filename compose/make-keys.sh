@@ -1,11 +1,13 @@
 #!/bin/sh
 # Write the CurveZMQ key pairs of the compose topology (docs/security.md):
-#   keys/public/<node>.key   every node's public key (brokers and presence with the endpoint
+#   keys/public/<node>.key   every node's public key and kind (brokers and presence with the endpoint
 #                            they bind): mounted read-only into every node as its
 #                            cluster_keys_dir
 #   keys/<node>.env          SIGNALPOST_NODE_SECRET_KEY=... for that node only (its env_file;
 #                            compose reads it on the host, so no secret file has to be
-#                            readable by the container's user)
+#                            readable by the container's user); for brokers and presence
+#                            also SIGNALPOST_TICKET_SECRET=... (the seat tickets' secret,
+#                            shared by them, never given to an edge)
 # Run once before `docker compose up`; never commit keys/. Refuses to overwrite a key.
 #   SIGNALPOST="python -m signalpost.cli" compose/make-keys.sh   (without an installed CLI)
 set -eu
@@ -15,23 +17,29 @@ mkdir -p "$KEYS_DIR/public"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 umask 077
+$SIGNALPOST keys --dir "$work" --ticket-secret >/dev/null
+ticket_secret=$(cat "$work/ticket.secret")
 
 node() {
     name=$1
+    kind=$3
     shift
     $SIGNALPOST keys --dir "$work" --name "$name" "$@" >/dev/null
     secret=$(sed -n 's/^ *secret-key = "\(.*\)"$/\1/p' "$work/$name.key_secret")
     [ -n "$secret" ] || { echo "make-keys: no secret key written for $name" >&2; exit 1; }
     [ ! -e "$KEYS_DIR/$name.env" ] || { echo "make-keys: $KEYS_DIR/$name.env exists" >&2; exit 1; }
     printf 'SIGNALPOST_NODE_SECRET_KEY=%s\n' "$secret" >"$KEYS_DIR/$name.env"
+    if [ "$kind" != edge ]; then
+        printf 'SIGNALPOST_TICKET_SECRET=%s\n' "$ticket_secret" >>"$KEYS_DIR/$name.env"
+    fi
     chmod 644 "$work/$name.key"
     mv "$work/$name.key" "$KEYS_DIR/public/$name.key"
 }
 
-node presence-1 --endpoint tcp://presence-1:5565
-node presence-2 --endpoint tcp://presence-2:5565
-node broker-1 --endpoint tcp://broker-1:5555
-node broker-2 --endpoint tcp://broker-2:5555
-node edge-1
-node edge-2
+node presence-1 --kind presence --endpoint tcp://presence-1:5565
+node presence-2 --kind presence --endpoint tcp://presence-2:5565
+node broker-1 --kind broker --endpoint tcp://broker-1:5555
+node broker-2 --kind broker --endpoint tcp://broker-2:5555
+node edge-1 --kind edge
+node edge-2 --kind edge
 echo "keys written to $KEYS_DIR"

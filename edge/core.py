@@ -370,7 +370,7 @@ class EdgeCore(Generic[S]):
             if self.lossy:
                 self.retries.done((state.conn, "restore", room))
             if isinstance(command, LeaveCmd):
-                self._actions.append(ToReplica(room, ForgetCmd(state.session, room)))
+                self._actions.append(ToReplica(room, ForgetCmd(state.session, room, self.edge_id)))
 
     def synced(self, synced: Synced) -> None:
         """An owner (re)opened a session's stream in a room: after a resume or a restore;

@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Collection
 
+import msgspec
 import zmq
 
 from edge.backplane import Inbox
@@ -35,11 +37,15 @@ from signalpost.regions import parse_home_rules, pinned_home
 from signalpost.transport import DealerLink, new_incarnation
 from signalpost.wire import (
     AttachCmd,
+    ClaimReply,
     Confirm,
+    DetachCmd,
     EdgeSync,
     Envelope,
+    JoinCmd,
     RestoreCmd,
     RoomPosition,
+    SignalCmd,
 )
 
 log = logging.getLogger("signalpost.edge")
@@ -50,6 +56,10 @@ FIRST_DISCOVERY_TIMEOUT = 15.0
 #: Rooms whose owner is remembered at once; past that the memo starts over (room names
 #: come from clients, so an unbounded memo would grow with every name ever tried).
 MAX_CACHED_OWNERS = 100_000
+
+#: Seat tickets held at once (one per session resumed or started here); past that the
+#: oldest is forgotten (that session's seats then move here only on a newer grant).
+MAX_TICKETS = 200_000
 
 
 class ZmqBackplane:
@@ -90,6 +100,33 @@ class ZmqBackplane:
             if len(settings.regions) > 1 and settings.consul_addr
             else None
         )
+        #: session -> (conn, presence's seat ticket for it on this edge), from the grants
+        #: presence sends (``ClaimReply``); sent with the commands that move seats here.
+        self._tickets: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+
+    # ----------------------------------------------------------------- seat tickets
+
+    def _from_presence(self, envelope: Envelope) -> None:
+        if type(envelope) is ClaimReply and envelope.live and envelope.ticket:
+            self._tickets[envelope.session] = (envelope.conn, envelope.ticket)
+            self._tickets.move_to_end(envelope.session)
+            if len(self._tickets) > MAX_TICKETS:
+                self._tickets.popitem(last=False)
+        assert self._inbox is not None
+        self._inbox(envelope)
+
+    def _ticketed(self, command: Envelope) -> Envelope:
+        """``command`` with its session's seat ticket if it may move a seat (a join, a
+        re-announcement, an attach) and this edge holds one for its connection."""
+        if type(command) is JoinCmd or type(command) is RestoreCmd or type(command) is AttachCmd:
+            held = self._tickets.get(command.session)
+            if held is not None and held[0] == command.conn and not command.ticket:
+                return msgspec.structs.replace(command, ticket=held[1])
+        elif type(command) is DetachCmd and command.ended:
+            held = self._tickets.get(command.session)
+            if held is not None and held[0] == command.conn:
+                del self._tickets[command.session]
+        return command
 
     # ----------------------------------------------------------------- membership
 
@@ -104,7 +141,7 @@ class ZmqBackplane:
         self._owners_changed = owners_changed
 
     def _link(
-        self, endpoint: str, dial: str | None = None, region: str | None = None
+        self, endpoint: str, kind: str, dial: str | None = None, region: str | None = None
     ) -> DealerLink:
         assert self._inbox is not None, "connect() an edge first"
         s = self.settings
@@ -121,7 +158,7 @@ class ZmqBackplane:
             endpoint,
             self._edge_id,
             self.incarnation,
-            on_envelope=inbox,
+            on_envelope=inbox if kind == "broker" else self._from_presence,
             on_up=self._on_up,
             on_down=self._on_down,
             heartbeat_interval=s.heartbeat_interval,
@@ -129,6 +166,7 @@ class ZmqBackplane:
             keys=self.keys,
             max_message=s.max_node_message,
             dial=dial,
+            server_kind=kind,
         )
         if self._started:
             link.start()
@@ -147,7 +185,7 @@ class ZmqBackplane:
                 asyncio.get_running_loop().create_task(link.close())
         for broker_id, endpoint in endpoints.items():
             if broker_id not in self.brokers:
-                self.brokers[broker_id] = self._link(endpoint)
+                self.brokers[broker_id] = self._link(endpoint, "broker")
         self._membership_changed()
 
     def update_presence(self, endpoints: list[str]) -> None:
@@ -162,7 +200,7 @@ class ZmqBackplane:
                 link = self.presence.pop(node)
                 asyncio.get_running_loop().create_task(link.close())
         for node in sorted(wanted - self.presence.keys()):
-            self.presence[node] = self._link(node)
+            self.presence[node] = self._link(node, "presence")
         self._presence_changed()
 
     def update_presence_view(self, view: View) -> None:
@@ -293,7 +331,7 @@ class ZmqBackplane:
         log.info("following region %s's brokers for the rooms homed there", region)
 
         def link(broker_id: str, address: str) -> DealerLink:
-            return self._link(broker_id, dial=address, region=region)
+            return self._link(broker_id, "broker", dial=address, region=region)
 
         def changed() -> None:
             self._owners.clear()
@@ -353,6 +391,8 @@ class ZmqBackplane:
     # ----------------------------------------------------------------- Backplane
 
     def to_room_owner(self, room: str, command: Envelope) -> None:
+        if type(command) is not SignalCmd:  # (a signal never moves a seat)
+            command = self._ticketed(command)
         link = self._owners.get(room)  # the usual case, one lookup
         if link is None:
             link = self.owner_of(room)
@@ -374,17 +414,15 @@ class ZmqBackplane:
     def to_room_replica(self, room: str, command: Envelope) -> None:
         replica = self.replica_of(room)
         if replica is not None:
-            self._send(replica, command)
+            self._send(replica, self._ticketed(command))
 
     def reannounce(self, room: str, restore: RestoreCmd) -> None:
         # The former owner hands the room to the new one when asked (broker/rooms.py).
-        self.to_room_owner(room, restore)
+        self.to_room_owner(room, restore)  # ticketed there
         replica = self.replica_of(room)
         if replica is not None:
-            self._send(
-                replica,
-                RestoreCmd(restore.session, restore.conn, restore.edge, room, restore.peer, True),
-            )
+            copy = RestoreCmd(restore.session, restore.conn, restore.edge, room, restore.peer, True)
+            self._send(replica, self._ticketed(copy))
 
     def confirm(self, positions: list[tuple[str, str, str, int, bool]]) -> None:
         by_owner: dict[DealerLink, list[tuple[str, str, str, int, bool]]] = {}
@@ -402,6 +440,7 @@ class ZmqBackplane:
         return links
 
     def to_all_brokers(self, command: Envelope, rooms: Collection[str] = ()) -> None:
+        command = self._ticketed(command)
         for link in self.brokers.values():
             link.send(command)
         if self._remote:
@@ -417,8 +456,10 @@ class ZmqBackplane:
             link = self.owner_of(room)
             if link is not None:  # else: the attach is resent until every room answered
                 mine[link.endpoint][room] = position
+        held = self._tickets.get(session)
+        ticket = held[1] if held is not None and held[0] == conn else b""
         for broker_id, link in links.items():
-            self._send(link, AttachCmd(session, conn, self._edge_id, mine[broker_id]))
+            self._send(link, AttachCmd(session, conn, self._edge_id, mine[broker_id], ticket))
 
     def to_presence(self, user: str, command: Envelope) -> None:
         link = self.presence_owner(user)

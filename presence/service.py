@@ -22,6 +22,7 @@ while it still answers; then it deregisters and exits.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -32,7 +33,7 @@ from signalpost.lifecycle import until_stopped
 from signalpost.node import OwnerNode
 from signalpost.ownership import PRESENCE, View
 from signalpost.placement import owner, ranking
-from signalpost.transport import DealerLink
+from signalpost.transport import DealerLink, refused_sender
 from signalpost.wire import LeaseCopy, StatusSubscribe, encode_envelope
 
 log = logging.getLogger("signalpost.presence")
@@ -71,6 +72,8 @@ class PresenceNode(OwnerNode):
             version_floor=wall_clock_ms,
         )
         super().__init__(settings, "presence", self.table, settings.presence_bind)
+        self.table.refused = functools.partial(refused_sender, what="session")
+        self.table.tickets = self.tickets
         self._placing: list[str] = [] if self._by_view else [self.placement_id]
         self._grace_until = float("inf")
         self._discovered = [e for e in settings.presence_endpoints if e != self.placement_id]

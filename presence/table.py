@@ -117,6 +117,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from signalpost.replication import Unacked, resend_late, retarget
+from signalpost.tickets import SeatTickets
 from signalpost.wire import (
     ClaimCmd,
     ClaimReply,
@@ -248,6 +249,10 @@ class SessionLease:
     deadline_token: int = 0
 
 
+def _ignore_refusal(edge: str, why: str) -> None:
+    return None
+
+
 class PresenceTable:
     """Who is online, and who wants to know.
 
@@ -283,6 +288,11 @@ class PresenceTable:
         #: The runner-up of a user (None: no other node), whom its owner copies leases to.
         self._replica_of = replica_of
         self.counters = Counters()
+        #: Called with (edge, why) for a command refused because it names a session whose
+        #: lease another edge holds (the shell counts and logs it).
+        self.refused: Callable[[str, str], None] = _ignore_refusal
+        #: Seat tickets (``signalpost.tickets``) granted with each lease; None: none.
+        self.tickets: SeatTickets | None = None
         #: The presence view's number this node acts in (0 without Consul), set by the
         #: shell; every grant names it (``ClaimReply.term``).
         self.term = 0
@@ -396,9 +406,39 @@ class PresenceTable:
             return self.copy_acked(command)
         return self._finish(self._apply(command, now), now)
 
+    def _ticket(self, session: str, edge: str, conn: str) -> bytes:
+        return b"" if self.tickets is None else self.tickets.issue(session, edge, conn)
+
+    def _not_theirs(self, command: SessionDown | WatchCmd | UnwatchCmd) -> bool:
+        """Whether ``command`` names a session whose lease another edge holds: refused
+        (reported). Only a ``SessionUp`` or a ``ClaimCmd`` moves a lease to its sender (a
+        resume; its grant evicts the connection holding the session)."""
+        lease = self.leases.get(command.session)
+        if lease is None or lease.edge == command.edge:
+            return False
+        self.refused(
+            command.edge,
+            f"{type(command).__name__} for session {command.session!r}, "
+            f"whose lease is on {lease.edge!r}",
+        )
+        return True
+
     def _apply(self, command: Envelope, now: float) -> list[Outbound]:
+        if isinstance(command, SessionDown | WatchCmd | UnwatchCmd) and self._not_theirs(command):
+            return []
         if isinstance(command, SessionUp):
-            return self.session_up(command)
+            out = self.session_up(command)
+            lease = self.leases.get(command.session)
+            if self.tickets is not None and lease is not None and lease.conn == command.conn:
+                # A new session (or one resumed on its token): its edge gets the seat
+                # ticket too, so no other edge can hold its seats against it. (The edge
+                # keeps it; it awaits no answer to a ``SessionUp``.)
+                ticket = self._ticket(command.session, command.edge, command.conn)
+                grant = ClaimReply(
+                    command.session, command.conn, True, term=self.term, ticket=ticket
+                )
+                out.append((command.edge, grant))
+            return out
         if isinstance(command, SessionDown):
             return self.session_down(command, now)
         if isinstance(command, ClaimCmd):
@@ -493,7 +533,14 @@ class PresenceTable:
         told.update(watching)
         versions = {user: self.version(user) for user in watching}
         reply = ClaimReply(
-            command.session, command.conn, True, watching, changed, self.term, versions
+            command.session,
+            command.conn,
+            True,
+            watching,
+            changed,
+            self.term,
+            versions,
+            self._ticket(command.session, command.edge, command.conn),
         )
         for edge, envelope in granted:
             if isinstance(envelope, Evict) and envelope.session == command.session:
@@ -540,6 +587,9 @@ class PresenceTable:
         """Rebuild from an edge's announcement of all it holds."""
         out: list[Outbound] = []
         for up in command.sessions:
+            if up.edge != command.edge:
+                self.refused(command.edge, f"EdgeSync names {up.edge!r} for {up.session!r}")
+                continue
             self._unconfirmed.pop(up.session, None)
             lease = self.leases.get(up.session)
             if lease is None or lease.conn != up.conn or lease.suspended_until is not None:

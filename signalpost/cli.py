@@ -108,7 +108,16 @@ def cmd_presence(args: argparse.Namespace) -> None:
 def cmd_keys(args: argparse.Namespace) -> None:
     from signalpost.node_keys import create_node_keys
 
-    public, secret = create_node_keys(Path(args.dir), args.name, args.endpoint)
+    if args.ticket_secret:
+        from signalpost.tickets import write_ticket_secret
+
+        path = write_ticket_secret(Path(args.dir))
+        print(f"ticket secret: {path}  (brokers and presence only: SIGNALPOST_TICKET_SECRET)")
+        if not args.name:
+            return
+    if not args.name or not args.kind:
+        raise ConfigError("signalpost keys needs --name and --kind (or --ticket-secret)")
+    public, secret = create_node_keys(Path(args.dir), args.name, args.endpoint, kind=args.kind)
     print(f"public key: {public}  (copy into every node's cluster_keys_dir)")
     print(f"secret key: {secret}  (this node only: its node_key_file)")
 
@@ -185,10 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
         "keys", help="write a node's CurveZMQ key pair (<name>.key, <name>.key_secret)"
     )
     keys.add_argument("--dir", required=True, help="directory to write the two files to")
-    keys.add_argument("--name", required=True, help="file name: the node id is a good one")
+    keys.add_argument("--name", help="file name: the node id is a good one")
+    keys.add_argument(
+        "--kind",
+        choices=("edge", "broker", "presence"),
+        help="the kind of node that holds the key: decides which envelopes it may send",
+    )
     keys.add_argument(
         "--endpoint",
         help="the ZeroMQ endpoint others dial this node at (brokers and presence)",
+    )
+    keys.add_argument(
+        "--ticket-secret",
+        action="store_true",
+        help="write ticket.secret: the seat tickets' secret, for brokers and presence only",
     )
     keys.set_defaults(func=cmd_keys)
 

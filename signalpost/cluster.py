@@ -10,7 +10,9 @@ Each child's output goes to ``<state file>.logs/<id>.log``.
 Node links use CurveZMQ: the launcher writes a key pair per node into a fresh directory
 under the logs directory (``signalpost.node_keys``; brokers and presence with the endpoint
 they bind) and gives each child its own secret file and that directory as the cluster keys
-directory; the state file names it (``keys_dir``), so a test can add a node. With
+directory; the state file names it (``keys_dir``), so a test can add a node. The seat
+tickets' secret (``signalpost.tickets``) is written there too (``ticket.secret``) and given
+to brokers and presence (``SIGNALPOST_TICKET_SECRET``), never to edges. With
 ``insecure_node_links`` (``--insecure-node-links``) no keys are made and links are plaintext.
 
 With ``tls_cert_file`` and ``tls_key_file`` (``--tls-cert``/``--tls-key`` or the settings),
@@ -39,6 +41,7 @@ from typing import Any, TextIO
 from signalpost.config import Settings
 from signalpost.node_keys import SECRET_SUFFIX, create_node_keys
 from signalpost.ownership import BROKERS, PRESENCE, Tier, decode_view
+from signalpost.tickets import write_ticket_secret
 
 log = logging.getLogger("signalpost.cluster")
 
@@ -173,10 +176,19 @@ def plan(
         if region:
             children.append(_relay_child(region, children, region_env, log_dir, wan_delay))
     if keys_dir is not None:
+        # Brokers and presence share the seat tickets' secret; edges never see it.
+        ticket_secret = write_ticket_secret(keys_dir).read_text().strip()
         for child in children:
             if child.kind in ("consul", "wan-relay"):
                 continue
-            create_node_keys(keys_dir, child.id, None if child.kind == "edge" else child.url)
+            if child.kind != "edge":
+                child.env = {**child.env, "SIGNALPOST_TICKET_SECRET": ticket_secret}
+            create_node_keys(
+                keys_dir,
+                child.id,
+                None if child.kind == "edge" else child.url,
+                kind=child.kind,
+            )
             child.env = {
                 **child.env,
                 "SIGNALPOST_NODE_KEY_FILE": str(keys_dir / (child.id + SECRET_SUFFIX)),

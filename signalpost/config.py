@@ -130,6 +130,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     cluster_keys_dir: str | None = None  # every node's <name>.key: allow-list, server keys
     insecure_node_links: bool = False  # plaintext, unauthenticated links (closed test nets)
     max_node_message: Count = 128 * 1024 * 1024  # ZeroMQ MAXMSGSIZE on every node socket
+    ticket_secret: str | None = None  # brokers and presence: seat tickets' HMAC secret
 
     @property
     def advertised_host(self) -> str:
@@ -313,6 +314,10 @@ MEANINGS: Final = {
     "(`--insecure-node-links`; logged as a warning; a closed test network only)",
     "max_node_message": "largest ZeroMQ message a node accepts (MAXMSGSIZE); a larger one "
     "drops the connection. Keep above `history_max_events x max_frame` (a room handoff)",
+    "ticket_secret": "brokers and presence only (never edges): the secret of the seat "
+    "tickets presence grants with a resume and brokers check before moving a session's seat "
+    "to another edge (32+ random characters, the same on all of them; `signalpost keys "
+    "--ticket-secret` makes one). Required with node keys",
 }
 
 

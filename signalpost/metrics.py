@@ -64,8 +64,11 @@ NODE_SEND_DROPS = Counter(
 
 NODE_FRAMES_DROPPED = Counter(
     "signalpost_node_frames_dropped",
-    "Frames (or single envelopes in a frame) from another node that could not be decoded "
-    "(malformed, or nested too deeply), dropped",
+    "Frames (or single envelopes in a frame) from another node that were dropped: not "
+    "decodable (frame, envelope: malformed or nested too deeply), under a routing id its "
+    "key does not have (identity), naming another node as sender (sender), an envelope "
+    "its kind of node may not send to this tier (kind), about a session another edge "
+    "holds (session), or about a room its broker does not own (room)",
     ["what"],
 )
 
@@ -96,7 +99,8 @@ NODE_LINKS_REFUSED = Counter(
     "handshake that failed otherwise, e.g. dialled with another server key (bad_handshake). "
     "At a dialling node: an endpoint no trusted certificate names (no_server_key), its own "
     "key refused by the server (refused_by_server), a server not holding the expected key "
-    "(server_unverified)",
+    "(server_unverified), an endpoint whose certificate is another kind of node's "
+    "(wrong_kind)",
     ["reason"],
 )
 PRESENCE_DROPPED = Counter(

@@ -29,8 +29,9 @@ from signalpost.discovery import Discovery, Registration
 from signalpost.health import HealthServer
 from signalpost.node_keys import node_keys
 from signalpost.ownership import Tier, TierMembership, View
+from signalpost.tickets import seat_tickets
 from signalpost.transport import DealerLink, RouterEndpoint, new_incarnation, refused_sender
-from signalpost.wire import Envelope, encode_envelope, sender_of
+from signalpost.wire import SENDER_KINDS, Envelope, encode_envelope, sender_of
 
 log = logging.getLogger("signalpost.node")
 
@@ -61,6 +62,8 @@ class OwnerNode:
         self.node_id = settings.node_id or f"{kind}-{secrets.token_hex(4)}"
         self.core = core
         self.keys = node_keys(settings)  # raises ConfigError before any socket exists
+        #: Seat tickets: presence issues them with a resume's grant, brokers check them.
+        self.tickets = seat_tickets(settings, self.keys is not None)
         self._context = zmq.Context()
         self._clock = time.monotonic
         self.settings = settings
@@ -75,6 +78,7 @@ class OwnerNode:
             peer_expiry=settings.peer_expiry,
             keys=self.keys,
             max_message=settings.max_node_message,
+            accepts=SENDER_KINDS[kind],
         )
         self._kind = kind
         dialled = settings.dialable(bind)
@@ -164,6 +168,7 @@ class OwnerNode:
                 peer_expiry=self.settings.peer_expiry,
                 keys=self.keys,
                 max_message=self.settings.max_node_message,
+                server_kind=self.kind,
             )
             self.peers[endpoint] = link
             if self._running:

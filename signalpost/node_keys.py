@@ -5,8 +5,9 @@ as two ZeroMQ certificate files (the format czmq and ``zmq.auth`` read):
 
 * ``<name>.key_secret``: the pair; stays on that node (``node_key_file``, or the secret
   key itself in ``node_secret_key``, e.g. from a secret store through the environment);
-* ``<name>.key``: the public key, and for a node that binds (broker, presence) the
-  ``endpoint`` other nodes dial it at, in the certificate's metadata.
+* ``<name>.key``: the public key, the node's ``kind`` (``edge``, ``broker`` or
+  ``presence``) and, for a node that binds (broker, presence), the ``endpoint`` other
+  nodes dial it at, in the certificate's metadata.
 
 The **cluster keys directory** (``cluster_keys_dir``) holds every node's ``<name>.key``,
 the same on every node. It is the whole trust model:
@@ -16,7 +17,11 @@ the same on every node. It is the whole trust model:
   is read again at each handshake, so adding or removing a node's file takes effect at
   that node's next connection (connections already up stay until they drop). A refused
   node is logged (once per key per interval) and counted in
-  ``signalpost_node_links_refused_total{reason="unknown_key"}``;
+  ``signalpost_node_links_refused_total{reason="unknown_key"}``. ZAP gives the admitted
+  link the User-Id ``"<kind> <name> [<endpoint>]"`` (``node_user_id``): the names the node
+  may send under (``speaks_as``) and its kind, which decides the envelopes a ROUTER takes
+  from it (``signalpost.wire.SENDER_KINDS``). A file without a valid ``kind`` admits
+  nobody (logged; a node refuses to start while its cluster keys directory holds one);
 * a node that dials (a DEALER: edge, broker towards a peer) uses, as the server key, the
   key of the file whose ``endpoint`` is the endpoint it dials, so it talks only to the node
   holding that key's secret. An endpoint no file names is not dialled (logged, counted as
@@ -65,6 +70,14 @@ SECRET_SUFFIX: Final = ".key_secret"
 
 _Z85_KEY_LENGTH: Final = 40
 
+#: The kinds of node: a key's ``kind`` metadata says which one holds it.
+NODE_KINDS: Final = ("edge", "broker", "presence")
+
+_MIGRATION: Final = (
+    'add a line `    kind = "edge"` (or broker, presence) under its `metadata` section, '
+    "or make a new key with `signalpost keys --kind ...`"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class NodeKeys:
@@ -83,18 +96,26 @@ class TrustedKeys:
     keys: frozenset[bytes]
     servers: dict[str, bytes]
     user_ids: dict[bytes, str] = field(default_factory=dict)
+    #: Certificates without a valid ``kind`` (they admit nobody): file names.
+    kindless: tuple[str, ...] = ()
 
 
-def node_user_id(name: str, endpoint: str | None) -> str:
-    """The ZAP User-Id of a node's key: its name (the certificate's file name), then the
-    endpoint it binds, if any (brokers and presence send under their endpoint)."""
-    return name if not endpoint else f"{name} {endpoint}"
+def node_user_id(name: str, endpoint: str | None, kind: str) -> str:
+    """The ZAP User-Id of a node's key: its kind, its name (the certificate's file name),
+    then the endpoint it binds, if any (brokers and presence send under their endpoint)."""
+    return f"{kind} {name}" if not endpoint else f"{kind} {name} {endpoint}"
 
 
 def speaks_as(user_id: str, identity: str) -> bool:
     """Whether the node authenticated as ``user_id`` may use ``identity`` (its ZeroMQ
     routing id, and the sender its envelopes name)."""
-    return identity in user_id.split(" ")
+    return identity in user_id.split(" ")[1:]
+
+
+def kind_of(user_id: str) -> str:
+    """The kind of node a ZAP User-Id (``node_user_id``) is; "" if none."""
+    kind = user_id.partition(" ")[0]
+    return kind if kind in NODE_KINDS else ""
 
 
 def _parse_certificate(path: Path) -> tuple[bytes | None, bytes | None, dict[str, str]]:
@@ -138,6 +159,7 @@ def read_trusted(directory: Path) -> TrustedKeys:
     keys: set[bytes] = set()
     servers: dict[str, tuple[float, bytes]] = {}
     user_ids: dict[bytes, str] = {}
+    kindless: list[str] = []
     try:
         paths = sorted(directory.glob("*" + PUBLIC_SUFFIX))
     except OSError as exc:
@@ -153,22 +175,48 @@ def read_trusted(directory: Path) -> TrustedKeys:
         if public is None or not _valid_key(public):
             log.error("node certificate %s has no valid public key; ignored", path)
             continue
+        kind = metadata.get("kind", "")
+        if kind not in NODE_KINDS:
+            # Which envelopes it may send depends on its kind: without one, none.
+            kindless.append(path.name)
+            _log_kindless(path, kind)
+            continue
         keys.add(public)
         endpoint = metadata.get("endpoint")
-        user_ids[public] = node_user_id(path.name.removesuffix(PUBLIC_SUFFIX), endpoint)
+        user_ids[public] = node_user_id(path.name.removesuffix(PUBLIC_SUFFIX), endpoint, kind)
         if endpoint and (endpoint not in servers or servers[endpoint][0] <= modified):
             servers[endpoint] = (modified, public)
     servers_now = {e: key for e, (_, key) in servers.items()}
-    return TrustedKeys(frozenset(keys), servers_now, user_ids)
+    return TrustedKeys(frozenset(keys), servers_now, user_ids, tuple(kindless))
 
 
-def create_node_keys(directory: Path, name: str, endpoint: str | None = None) -> tuple[Path, Path]:
-    """Write ``<name>.key`` (public, with ``endpoint``) and ``<name>.key_secret`` (0600).
+#: path -> when a certificate without a kind was last logged (read at every handshake).
+_kindless_logged: dict[Path, float] = {}
+
+
+def _log_kindless(path: Path, kind: str) -> None:
+    now = time.monotonic()
+    if now - _kindless_logged.get(path, -_REFUSAL_LOG_INTERVAL) < _REFUSAL_LOG_INTERVAL:
+        return
+    if len(_kindless_logged) >= 10_000:
+        _kindless_logged.clear()
+    _kindless_logged[path] = now
+    what = f"an unknown kind {kind!r}" if kind else "no kind"
+    log.error("node certificate %s has %s: it admits nobody; %s", path, what, _MIGRATION)
+
+
+def create_node_keys(
+    directory: Path, name: str, endpoint: str | None = None, *, kind: str
+) -> tuple[Path, Path]:
+    """Write ``<name>.key`` (public, with ``kind`` and ``endpoint``) and ``<name>.key_secret``
+    (0600).
 
     Refuses to overwrite: a new key is a new name (see docs/security.md, rotation).
     """
-    if not name or "/" in name or name.startswith("."):
+    if not name or "/" in name or name.startswith(".") or " " in name:
         raise ConfigError(f"invalid key name {name!r}")
+    if kind not in NODE_KINDS:
+        raise ConfigError(f"invalid node kind {kind!r}: one of {', '.join(NODE_KINDS)}")
     directory.mkdir(parents=True, exist_ok=True)
     public_path = directory / (name + PUBLIC_SUFFIX)
     secret_path = directory / (name + SECRET_SUFFIX)
@@ -176,7 +224,7 @@ def create_node_keys(directory: Path, name: str, endpoint: str | None = None) ->
         if path.exists():
             raise ConfigError(f"{path} exists; pick another name (keys are never overwritten)")
     public, secret = zmq.curve_keypair()
-    metadata = f'    endpoint = "{endpoint}"\n' if endpoint else ""
+    metadata = f'    kind = "{kind}"\n' + (f'    endpoint = "{endpoint}"\n' if endpoint else "")
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     def body(banner: str, secret_line: str) -> str:
@@ -242,7 +290,13 @@ def node_keys(settings: Settings) -> NodeKeys | None:
     if not directory.is_dir():
         raise ConfigError(f"cluster_keys_dir {directory} is not a directory")
     public = zmq.curve_public(secret)
-    if public not in read_trusted(directory).keys:
+    trusted = read_trusted(directory)
+    if trusted.kindless:
+        raise ConfigError(
+            f"cluster_keys_dir {directory} holds certificates without a node kind "
+            f"({', '.join(trusted.kindless)}), made before kinds existed: for each, " + _MIGRATION
+        )
+    if public not in trusted.keys:
         log.warning(
             "this node's public key %s has no file in cluster_keys_dir %s: other nodes will "
             "refuse its links",
@@ -256,7 +310,7 @@ def key_name(keys: NodeKeys) -> str | None:
     """The name this node's public key has in the cluster keys directory (the file's),
     which is the routing id its links must use (``speaks_as``); None if it has no file."""
     user_id = read_trusted(keys.cluster_dir).user_ids.get(keys.public)
-    return None if user_id is None else user_id.split(" ")[0]
+    return None if user_id is None else user_id.split(" ")[1]
 
 
 def edge_id_for(settings: Settings, keys: NodeKeys | None) -> str | None:
@@ -280,13 +334,29 @@ def serve_curve(socket: zmq.Socket[Any], keys: NodeKeys) -> None:
     socket.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
 
 
-def dial_curve(socket: zmq.Socket[Any], keys: NodeKeys, endpoint: str) -> bool:
+def dial_curve(
+    socket: zmq.Socket[Any], keys: NodeKeys, endpoint: str, kind: str | None = None
+) -> bool:
     """Make a socket a CurveZMQ client of the node at ``endpoint`` (before ``connect``).
 
-    False (logged, counted) when the cluster keys directory names no key for ``endpoint``:
-    the caller must not connect.
+    False (logged, counted) when the cluster keys directory names no key for ``endpoint``,
+    or (``kind`` given) the key it names is another kind of node's: the caller must not
+    connect.
     """
-    server = read_trusted(keys.cluster_dir).servers.get(endpoint)
+    trusted = read_trusted(keys.cluster_dir)
+    server = trusted.servers.get(endpoint)
+    if server is not None and kind is not None:
+        found = kind_of(trusted.user_ids.get(server, ""))
+        if found != kind:
+            metrics.NODE_LINKS_REFUSED.labels("wrong_kind").inc()
+            log.error(
+                "not dialling %s as a %s: the certificate in %s naming this endpoint is a %s's",
+                endpoint,
+                kind,
+                keys.cluster_dir,
+                found or "node of no kind",
+            )
+            return False
     if server is None:
         metrics.NODE_LINKS_REFUSED.labels("no_server_key").inc()
         log.error(

@@ -48,6 +48,7 @@ from signalpost.node_keys import (
     NodeAuthenticator,
     NodeKeys,
     dial_curve,
+    kind_of,
     serve_curve,
     speaks_as,
 )
@@ -260,6 +261,13 @@ class FastSocket:
         _dropped_from(identity, "identity", f"its key is {user_id or 'unnamed'}")
         return False
 
+    def kind_of(self, identity: bytes) -> str | None:
+        """The kind of node (its key's) that sent the message being handled from
+        ``identity``; None without authentication (plaintext links: not known)."""
+        if not self._authenticated:
+            return None
+        return kind_of(self._speakers.get(identity, ""))
+
     def _schedule(self) -> None:
         assert self._loop is not None
         self._scheduled = True
@@ -311,19 +319,22 @@ class FastSocket:
 MAX_SPEAKERS: Final = 10_000
 
 #: (peer, what) -> when a refused frame was last logged: one line per peer per interval.
-_refusals_logged: dict[tuple[bytes, str], float] = {}
+_refusals_logged: dict[tuple[bytes, str, str], float] = {}
 
 
-def refused_sender(peer: str, why: str) -> None:
-    """An envelope from ``peer`` names another node as its sender: refused (counted in
-    ``signalpost_node_frames_dropped_total{what="sender"}``, logged once per 5 s)."""
-    _dropped_from(peer.encode(), "sender", why)
+def refused_sender(peer: str, why: str, what: str = "sender") -> None:
+    """An envelope from ``peer`` names another node as its sender (``what``: or its kind of
+    node may not send it here, or it is about a session or room its sender does not hold):
+    refused (counted in ``signalpost_node_frames_dropped_total{what=...}``, logged once per
+    peer, ``what`` and envelope type per 5 s). ``why`` starts with the envelope type."""
+    _dropped_from(peer.encode(), what, why)
 
 
 def _dropped_from(peer: bytes, what: str, why: str) -> None:
-    """A frame from ``peer`` refused for its sender (counted; logged once per 5 s)."""
+    """A frame from ``peer`` refused for its sender (counted; logged once per 5 s per
+    peer, ``what`` and first word of ``why``: the envelope type, when it names one)."""
     metrics.NODE_FRAMES_DROPPED.labels(what).inc()
-    key, now = (peer, what), time.monotonic()
+    key, now = (peer, what, why.partition(" ")[0]), time.monotonic()
     if now - _refusals_logged.get(key, -_DROP_LOG_INTERVAL) >= _DROP_LOG_INTERVAL:
         if len(_refusals_logged) >= 10_000:
             _refusals_logged.clear()
@@ -450,9 +461,13 @@ class RouterEndpoint:
         peer_expiry: float,
         keys: NodeKeys | None,
         max_message: int,
+        accepts: dict[type, frozenset[str]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.incarnation = new_incarnation()
+        #: Envelope type -> the kinds of node it is taken from (``wire.SENDER_KINDS``);
+        #: None: any (and with plaintext links kinds are unknown: any).
+        self._accepts = accepts
         self.peers: dict[str, PeerState] = {}
         # The ZAP handler must be up before the bind: without one, libzmq admits any
         # CurveZMQ client that knows the server key.
@@ -512,10 +527,23 @@ class RouterEndpoint:
         envelopes = decode_frame(batch, peer)
         now = time.monotonic()
         on_envelope = self._on_envelope
+        accepts = self._accepts
+        kind = None if accepts is None else self._socket.kind_of(frames[0])
         for envelope in envelopes:
             if isinstance(envelope, Heartbeat):
                 self._heartbeat_from(peer, envelope, now)
                 continue
+            if kind is not None:
+                assert accepts is not None
+                allowed = accepts.get(type(envelope))
+                if allowed is None or kind not in allowed:
+                    refused_sender(
+                        peer,
+                        f"{type(envelope).__name__} from a node of kind {kind!r}: taken "
+                        f"here only from {' or '.join(sorted(allowed or ('nobody',)))}",
+                        "kind",
+                    )
+                    continue
             try:
                 on_envelope(peer, envelope)
             except Exception:  # one bad command must not stop the node
@@ -565,6 +593,7 @@ class DealerLink:
         keys: NodeKeys | None,
         max_message: int,
         dial: str | None = None,
+        server_kind: str | None = None,
     ) -> None:
         # ``endpoint`` names the node (its placement id, its server key); ``dial`` is where
         # to connect when that differs (another region's node behind its WAN address).
@@ -572,8 +601,9 @@ class DealerLink:
         self.remote: PeerState | None = None
         self.alive = False
         socket = context.socket(zmq.DEALER)
-        #: False when no trusted key names ``endpoint``: the link is never opened (logged).
-        self.dialled = keys is None or dial_curve(socket, keys, endpoint)
+        #: False when no trusted key names ``endpoint`` (or, with ``server_kind``, the key
+        #: that does is another kind of node's): the link is never opened (logged).
+        self.dialled = keys is None or dial_curve(socket, keys, endpoint, server_kind)
         socket.setsockopt(zmq.MAXMSGSIZE, max_message)
         socket.setsockopt(zmq.IDENTITY, node_id.encode())
         socket.setsockopt(zmq.LINGER, 0)

@@ -298,6 +298,9 @@ class JoinCmd(_Envelope, tag=1, frozen=True):
     peer: bytes  # peer object JSON, see ``peer_object``
     rseq: int = 0  # see ``SignalCmd``
     rbase: int = 0
+    #: Presence's seat ticket for ``conn`` on ``edge`` (``signalpost.tickets``), if the
+    #: session resumed onto this edge: what lets a broker move its seat here.
+    ticket: bytes = b""
 
 
 class LeaveCmd(_Envelope, tag=2, frozen=True):
@@ -341,6 +344,7 @@ class AttachCmd(_Envelope, tag=4, frozen=True):
     conn: str
     edge: str
     positions: dict[str, RoomPosition]
+    ticket: bytes = b""  # see ``JoinCmd``
 
 
 class DetachCmd(_Envelope, tag=5, frozen=True):
@@ -370,6 +374,7 @@ class RestoreCmd(_Envelope, tag=6, frozen=True):
     replica: bool
     epoch: str = ""
     offset: int = 0
+    ticket: bytes = b""  # see ``JoinCmd``
 
 
 class ForgetCmd(_Envelope, tag=7, frozen=True):
@@ -377,6 +382,7 @@ class ForgetCmd(_Envelope, tag=7, frozen=True):
 
     session: str
     room: str
+    edge: str = ""  # the sending edge (which must hold the session's seat)
 
 
 class DemoteCmd(_Envelope, tag=8, frozen=True):
@@ -597,6 +603,9 @@ class ClaimReply(_Envelope, tag=13, frozen=True):
     term: int = 0
     #: The status version of each user in ``watching`` (``PresenceFrame.version``).
     versions: dict[str, int] = {}
+    #: When live: the seat ticket of ``conn`` on the claiming edge (``signalpost.tickets``),
+    #: which the edge sends with the commands that move the session's seats to it.
+    ticket: bytes = b""
 
 
 class SessionUp(_Envelope, tag=20, frozen=True):
@@ -837,7 +846,7 @@ def decode_batch_each(
 
 #: Envelope type -> its field naming the node that sent it (a routing id on the receiving
 #: ROUTER): a node acts only on envelopes whose sender is the node the link authenticated
-#: (``signalpost.node.OwnerNode``). ``ForgetCmd`` and ``DemoteCmd`` name no sender.
+#: (``signalpost.node.OwnerNode``). ``DemoteCmd`` names no sender (and is ignored).
 _SENDER_FIELDS: Final[dict[type, str]] = {
     JoinCmd: "edge",
     LeaveCmd: "edge",
@@ -845,6 +854,7 @@ _SENDER_FIELDS: Final[dict[type, str]] = {
     AttachCmd: "edge",
     DetachCmd: "edge",
     RestoreCmd: "edge",
+    ForgetCmd: "edge",
     Confirm: "edge",
     Evicted: "edge",
     SessionUp: "edge",
@@ -866,3 +876,44 @@ def sender_of(envelope: Envelope) -> str | None:
     """The node ``envelope`` says sent it, or None if it names none."""
     name = _SENDER_FIELDS.get(type(envelope))
     return None if name is None else str(getattr(envelope, name))
+
+
+#: Who may send what where: tier (the kind of node whose ROUTER receives) -> envelope type
+#: -> the kinds of node allowed to send it there. An envelope a tier's table does not list,
+#: or from another kind of node, is dropped unread (``signalpost.node.OwnerNode``, counted
+#: as ``signalpost_node_frames_dropped_total{what="kind"}``). The kind of the sender is its
+#: key's (``signalpost.node_keys``: ZAP's User-Id); ``Heartbeat`` goes both ways on every
+#: link and is not listed. Answers that travel back on the dialler's own link (``Deliver``,
+#: ``Reply``, ``Synced``, ``ClaimReply``, ``Evict``, ``ReplicaAck``, ``StatusNote``) reach a
+#: DEALER, which only ever talks to the node its certificate names for the endpoint, of the
+#: kind it dialled (``dial_curve``).
+_EDGE: Final = frozenset({"edge"})
+_BROKER: Final = frozenset({"broker"})
+_PRESENCE: Final = frozenset({"presence"})
+SENDER_KINDS: Final[dict[str, dict[type, frozenset[str]]]] = {
+    "broker": {
+        JoinCmd: _EDGE,
+        LeaveCmd: _EDGE,
+        SignalCmd: _EDGE,
+        AttachCmd: _EDGE,
+        DetachCmd: _EDGE,
+        RestoreCmd: _EDGE,
+        ForgetCmd: _EDGE,
+        DemoteCmd: _EDGE,
+        Confirm: _EDGE,
+        ReplicateCmd: _BROKER,
+        HandoffRequest: _BROKER,
+        Handoff: _BROKER,
+    },
+    "presence": {
+        SessionUp: _EDGE,
+        SessionDown: _EDGE,
+        ClaimCmd: _EDGE,
+        WatchCmd: _EDGE,
+        UnwatchCmd: _EDGE,
+        EdgeSync: _EDGE,
+        Evicted: _EDGE,
+        StatusSubscribe: _PRESENCE,
+        LeaseCopy: _PRESENCE,
+    },
+}

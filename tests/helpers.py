@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any, ClassVar
 
 import websockets
+import zmq
+import zmq.auth
 from websockets.asyncio.client import ClientConnection
 
 from signalpost.auth import mint_token
+from signalpost.node_keys import NodeKeys
 
 SECRET = "integration-secret-0123456789abcdef"
 
@@ -113,3 +117,28 @@ def unversioned(frame: dict[str, Any]) -> dict[str, Any]:
 def status_of(event: Any) -> tuple[str, str]:
     """A ``PresenceChanged`` event's user and status (its version aside)."""
     return (event.user, event.status)
+
+
+def curve_dealer(
+    context: zmq.Context[Any],
+    endpoint: str,
+    identity: bytes,
+    client: NodeKeys | Path,
+    server: bytes,
+) -> zmq.Socket[bytes]:
+    """A bare CurveZMQ DEALER, connected to ``endpoint`` (whose public key is ``server``)
+    under the routing id ``identity`` with ``client``'s key pair (loaded keys, or the
+    ``.key_secret`` file): what a node forging envelopes would open."""
+    if isinstance(client, Path):
+        public, secret = zmq.auth.load_certificate(client)
+        assert secret is not None, f"{client} holds no secret key"
+    else:
+        public, secret = client.public, client.secret
+    dealer: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, identity)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.CURVE_SERVERKEY, server)
+    dealer.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    dealer.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    dealer.connect(endpoint)
+    return dealer

@@ -3,7 +3,9 @@ cluster-like (confirmations, ``rseq``). The calls workload's requests: two joins
 (4 KB) and an answer (3 KB), 12 candidates each way, two leaves; 32 slots of reused
 sessions, so each session's reply records reach their bound.
 
-    PYTHONPATH=<tree> .venv/bin/python bench/experiments/calls_core.py [lossy]
+    PYTHONPATH=<tree> .venv/bin/python bench/experiments/calls_core.py [lossy] [tickets]
+
+``tickets``: the table checks seat tickets (a broker with node keys), as a cluster's does.
 """
 
 import itertools
@@ -18,7 +20,7 @@ ANSWER = b'{"type":"answer","sdp":"' + b"y" * 3000 + b'"}'
 CAND = b'{"candidate":"' + b"c" * 180 + b'"}'
 
 
-def run(calls=3000, slots=32, lossy=False):
+def run(calls=3000, slots=32, lossy=False, tickets=False):
     counter = itertools.count()
     kw = dict(confirming=lossy) if "confirming" in RoomTable.__init__.__code__.co_varnames else {}
     t = RoomTable(
@@ -29,6 +31,10 @@ def run(calls=3000, slots=32, lossy=False):
         new_epoch=lambda: f"e{next(counter)}",
         **kw,
     )
+    if tickets:
+        from signalpost.tickets import SeatTickets
+
+        t.tickets = SeatTickets("bench-ticket-secret-0123456789abcdef")
     sess = [
         (
             f"s{i}",
@@ -106,5 +112,5 @@ def run(calls=3000, slots=32, lossy=False):
 
 if __name__ == "__main__":
     lossy = "lossy" in sys.argv
-    rs = [run(lossy=lossy) for _ in range(5)]
+    rs = [run(lossy=lossy, tickets="tickets" in sys.argv) for _ in range(5)]
     print("us/call", " ".join(f"{r:.1f}" for r in rs), "min", f"{min(rs):.1f}")

@@ -17,9 +17,16 @@ from typing import Any
 import pytest
 
 from signalpost.placement import owner
+from signalpost.tickets import TICKET_SECRET_FILE
 from tests.helpers import SECRET, close_raw_clients
 
 START_TIMEOUT = 30.0
+
+
+def ticket_secret_of(keys_dir: Path) -> str:
+    """The seat tickets' secret ``signalpost cluster`` gave its brokers and presence (a
+    broker or presence node a test adds needs it too)."""
+    return (keys_dir / TICKET_SECRET_FILE).read_text().strip()
 
 
 @dataclass

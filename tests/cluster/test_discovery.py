@@ -22,7 +22,7 @@ import pytest
 from signalpost.client import SignalEvent, SignalpostClient
 from signalpost.cluster import free_port
 from signalpost.node_keys import create_node_keys
-from tests.cluster.conftest import FAST_ENV, Cluster, ClusterFactory
+from tests.cluster.conftest import FAST_ENV, Cluster, ClusterFactory, ticket_secret_of
 from tests.consul import ConsulAgent
 from tests.helpers import token
 
@@ -154,7 +154,7 @@ def _start_broker(
     """
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     name = f"{broker_id}-{endpoint.rsplit(':', 1)[1]}"  # each attempt: a new pair
-    _, secret_path = create_node_keys(keys_dir, name, endpoint)
+    _, secret_path = create_node_keys(keys_dir, name, endpoint, kind="broker")
     with (log_dir / f"{broker_id}.log").open("wb") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "signalpost.cli", "broker", "--id", broker_id,
@@ -162,7 +162,8 @@ def _start_broker(
             env={**os.environ, **FAST_ENV, "SIGNALPOST_CONSUL_ADDR": agent.address,
                  "SIGNALPOST_HEALTH_PORT": str(health_port),
                  "SIGNALPOST_NODE_KEY_FILE": str(secret_path),
-                 "SIGNALPOST_CLUSTER_KEYS_DIR": str(keys_dir)},
+                 "SIGNALPOST_CLUSTER_KEYS_DIR": str(keys_dir),
+                 "SIGNALPOST_TICKET_SECRET": ticket_secret_of(keys_dir)},
             stdout=log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip

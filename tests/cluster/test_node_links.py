@@ -21,7 +21,7 @@ from signalpost.node_keys import create_node_keys, read_trusted
 from signalpost.transport import frame
 from signalpost.wire import Heartbeat, SignalCmd, encode_envelope, sender_object
 from tests.cluster.conftest import ClusterFactory
-from tests.helpers import token
+from tests.helpers import curve_dealer, token
 
 pytestmark = pytest.mark.cluster
 
@@ -34,9 +34,8 @@ async def test_a_dealer_without_the_clusters_keys_cannot_forge_a_signal(
     (broker,) = cluster.of_kind("broker")
     server_key = read_trusted(cluster.keys_dir).servers[broker["url"]]
     # A pair of the rogue's own, not in the cluster keys directory.
-    _, rogue_secret = create_node_keys(tmp_path, "rogue")
-    rogue_public, rogue_secret_key = zmq.auth.load_certificate(rogue_secret)
-    assert rogue_secret_key is not None
+    _, rogue_secret = create_node_keys(tmp_path, "rogue", kind="edge")
+    rogue_public, _ = zmq.auth.load_certificate(rogue_secret)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         async with (
@@ -64,23 +63,14 @@ async def test_a_dealer_without_the_clusters_keys_cannot_forge_a_signal(
                 ]
             )
             # The probe: a node added the way an operator adds one (its .key in the directory).
-            _, probe_secret = create_node_keys(cluster.keys_dir, "probe")
-            probe_public, probe_secret_key = zmq.auth.load_certificate(probe_secret)
-            assert probe_secret_key is not None
-            plain = context.socket(zmq.DEALER)
-            keyed = context.socket(zmq.DEALER)
-            probe = context.socket(zmq.DEALER)
-            for sock, (public, secret) in (
-                (keyed, (rogue_public, rogue_secret_key)),
-                (probe, (probe_public, probe_secret_key)),
-            ):
-                sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
-                sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-                sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-            for identity, sock in ((b"rogue-1", plain), (b"rogue-2", keyed), (b"probe", probe)):
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.IDENTITY, identity)
-                sock.connect(broker["url"])
+            _, probe_secret = create_node_keys(cluster.keys_dir, "probe", kind="edge")
+            plain = context.socket(zmq.DEALER)  # no CurveZMQ at all
+            plain.setsockopt(zmq.LINGER, 0)
+            plain.setsockopt(zmq.IDENTITY, b"rogue-1")
+            plain.connect(broker["url"])
+            keyed = curve_dealer(context, broker["url"], b"rogue-2", rogue_secret, server_key)
+            probe = curve_dealer(context, broker["url"], b"probe", probe_secret, server_key)
+            for sock in (plain, keyed, probe):
                 # The probe only heartbeats here (an admitted node's forgeries: below).
                 sock.send(
                     frame([encode_envelope(Heartbeat("probe", "p"))]) if sock is probe else forged
@@ -117,9 +107,7 @@ async def test_an_admitted_node_cannot_send_as_another(
     edge1, edge2 = cluster.edge_urls
     (broker,) = cluster.of_kind("broker")
     server_key = read_trusted(cluster.keys_dir).servers[broker["url"]]
-    _, secret_file = create_node_keys(cluster.keys_dir, "admitted")
-    public, secret = zmq.auth.load_certificate(secret_file)
-    assert secret is not None
+    _, secret_file = create_node_keys(cluster.keys_dir, "admitted", kind="edge")
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         async with (
@@ -150,13 +138,7 @@ async def test_an_admitted_node_cannot_send_as_another(
                 (b"presence-1", [forged(real_edge)]),  # another node's routing id
                 (b"admitted", [forged(real_edge), heartbeat]),  # its own, naming another
             ):
-                sock = context.socket(zmq.DEALER)
-                sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
-                sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-                sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.IDENTITY, identity)
-                sock.connect(broker["url"])
+                sock = curve_dealer(context, broker["url"], identity, secret_file, server_key)
                 for body in bodies:
                     sock.send(body)
                 sockets.append(sock)

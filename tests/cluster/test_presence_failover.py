@@ -27,7 +27,7 @@ from signalpost.cluster import free_port
 from signalpost.node_keys import create_node_keys
 from signalpost.ownership import PRESENCE, decode_view
 from signalpost.placement import owner
-from tests.cluster.conftest import FAST_ENV, Cluster, ClusterFactory
+from tests.cluster.conftest import FAST_ENV, Cluster, ClusterFactory, ticket_secret_of
 from tests.helpers import RawClient, raw_client, unversioned
 
 pytestmark = pytest.mark.cluster
@@ -240,10 +240,11 @@ def _start_presence(
 ) -> subprocess.Popen[bytes]:
     """One more presence node, outside the cluster, that only Consul tells the others of
     (its key added to the cluster keys directory, as an operator adds one)."""
-    _, secret_path = create_node_keys(keys_dir, "presence-new", bind)
+    _, secret_path = create_node_keys(keys_dir, "presence-new", bind, kind="presence")
     env = {**os.environ, **FAST_ENV, **ENV}
     env["SIGNALPOST_NODE_KEY_FILE"] = str(secret_path)
     env["SIGNALPOST_CLUSTER_KEYS_DIR"] = str(keys_dir)
+    env["SIGNALPOST_TICKET_SECRET"] = ticket_secret_of(keys_dir)
     env["SIGNALPOST_CONSUL_ADDR"] = consul_address
     env["SIGNALPOST_HEALTH_PORT"] = str(free_port())
     with (log_dir / "presence-new.log").open("wb") as log:

@@ -67,7 +67,7 @@ from signalpost.wire import (
     peer_object,
     sender_object,
 )
-from tests.helpers import SECRET, RawClient, close_raw_clients, raw_client, token
+from tests.helpers import SECRET, RawClient, close_raw_clients, curve_dealer, raw_client, token
 from tests.integration.test_transport import Collected
 
 EXAMPLES = int(os.environ.get("SIGNALPOST_FUZZ_EXAMPLES", "0"))
@@ -499,9 +499,9 @@ def free_port() -> int:
 
 async def fuzz_broker(keys_dir: Path, node_frames_: list[bytes]) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    create_node_keys(keys_dir, "broker", endpoint)
-    create_node_keys(keys_dir, "victim-edge")
-    _, fuzz_secret = create_node_keys(keys_dir, "fuzz-edge")
+    create_node_keys(keys_dir, "broker", endpoint, kind="broker")
+    create_node_keys(keys_dir, "victim-edge", kind="edge")
+    _, fuzz_secret = create_node_keys(keys_dir, "fuzz-edge", kind="edge")
     config = load_settings(
         environ={},
         jwt_secret=SECRET,
@@ -509,6 +509,7 @@ async def fuzz_broker(keys_dir: Path, node_frames_: list[bytes]) -> None:
         node_key_file=str(keys_dir / ("broker" + SECRET_SUFFIX)),
         cluster_keys_dir=str(keys_dir),
         heartbeat_interval=0.2,
+        ticket_secret="fuzz-ticket-secret-0123456789abcdef",
     )
     broker = BrokerNode(config)
     stop = asyncio.Event()
@@ -536,7 +537,9 @@ async def fuzz_broker(keys_dir: Path, node_frames_: list[bytes]) -> None:
         keys=victim_keys,
         max_message=config.max_node_message,
     )
-    fuzzer = context.socket(zmq.DEALER)
+    fuzzer = curve_dealer(
+        context, endpoint, b"fuzz-edge", fuzz_secret, read_trusted(keys_dir).servers[endpoint]
+    )
     try:
         victim.start()
         await up.wait()
@@ -555,14 +558,6 @@ async def fuzz_broker(keys_dir: Path, node_frames_: list[bytes]) -> None:
         await got.reach(3)  # two replies, one peer-joined
         assert sum(isinstance(e, Reply) for e in got) == 2, got
 
-        public, secret = zmq.auth.load_certificate(fuzz_secret)
-        assert secret is not None
-        fuzzer.setsockopt(zmq.LINGER, 0)
-        fuzzer.setsockopt(zmq.IDENTITY, b"fuzz-edge")
-        fuzzer.setsockopt(zmq.CURVE_SERVERKEY, read_trusted(keys_dir).servers[endpoint])
-        fuzzer.setsockopt(zmq.CURVE_PUBLICKEY, public)
-        fuzzer.setsockopt(zmq.CURVE_SECRETKEY, secret)
-        fuzzer.connect(endpoint)
         for payload in node_frames_:
             fuzzer.send(payload)
         # Marker on the fuzzer's own connection: a heartbeat of a new incarnation is

@@ -23,6 +23,7 @@ from signalpost.config import load_settings
 from signalpost.node_keys import NodeKeys, create_node_keys, node_keys
 from signalpost.transport import DealerLink, RouterEndpoint, frame
 from signalpost.wire import Deliver, Envelope, Heartbeat, encode_envelope
+from tests.helpers import curve_dealer
 from tests.integration.test_transport import Collected, receive_raw
 
 MAX_MESSAGE = 64 * 1024
@@ -36,8 +37,10 @@ def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
 
 
 def keys_of(directory: Path, name: str, endpoint: str | None = None) -> NodeKeys:
-    """Write a key pair for ``name`` into ``directory`` and load it as that node would."""
-    _, secret_path = create_node_keys(directory, name, endpoint)
+    """Write a key pair for ``name`` into ``directory`` and load it as that node would
+    (an ``owner-*`` is a broker, anything else an edge)."""
+    kind = "broker" if name.startswith("owner") else "edge"
+    _, secret_path = create_node_keys(directory, name, endpoint, kind=kind)
     keys = node_keys(
         load_settings(environ={}, node_key_file=str(secret_path), cluster_keys_dir=str(directory))
     )
@@ -49,7 +52,8 @@ def trust(directory: Path, name: str, public: bytes, endpoint: str) -> None:
     """Write a public certificate naming ``public`` as the server key of ``endpoint``."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{name}.key").write_text(
-        f'metadata\n    endpoint = "{endpoint}"\ncurve\n    public-key = "{public.decode()}"\n'
+        f'metadata\n    kind = "broker"\n    endpoint = "{endpoint}"\n'
+        f'curve\n    public-key = "{public.decode()}"\n'
     )
 
 
@@ -94,20 +98,6 @@ def router(
         keys=keys,
         max_message=MAX_MESSAGE,
     )
-
-
-def curve_dealer(
-    context: zmq.Context[Any], endpoint: str, identity: bytes, client: NodeKeys, server: bytes
-) -> zmq.Socket[bytes]:
-    """A bare DEALER speaking CurveZMQ with ``client``'s pair to the server key ``server``."""
-    dealer: zmq.Socket[bytes] = context.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.IDENTITY, identity)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.setsockopt(zmq.CURVE_SERVERKEY, server)
-    dealer.setsockopt(zmq.CURVE_PUBLICKEY, client.public)
-    dealer.setsockopt(zmq.CURVE_SECRETKEY, client.secret)
-    dealer.connect(endpoint)
-    return dealer
 
 
 async def until(condition: Any, timeout: float = 10.0) -> None:

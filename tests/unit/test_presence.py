@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from presence.table import EVICT_WAIT, Outbound, PresenceTable
+from signalpost.tickets import SeatTickets
 from signalpost.wire import (
     ClaimCmd,
     ClaimReply,
@@ -682,3 +683,54 @@ def test_a_resume_whose_old_edge_is_lost_is_answered_at_once() -> None:
     table.handle(claim("e1", "eve", "edge-2", "new.2"), 1.0)
     # A lost edge's connections are gone with it (its clients are cut off).
     assert table.edge_lost("edge-1", 1.2) == [("edge-2", ClaimReply("e1", "new.2", True))]
+
+
+def test_only_the_edge_holding_a_lease_speaks_for_its_session() -> None:
+    # Another edge (admitted, under its own name) names a session whose lease edge-1
+    # holds: its goodbye, watch and unwatch are refused and reported, and an edge's
+    # re-sync naming another edge's session is ignored. The lease and watches stand.
+    table = make_table()
+    refusals: list[str] = []
+    table.refused = lambda edge, why: refusals.append(edge)
+    watching(table, "s1", ["bob"], edge="edge-1")  # s1: user watcher-s1, on edge-1
+    for command in (
+        down("s1", ended=True, edge="edge-9"),  # even with the session's conn
+        watch("s1", ["carol"], edge="edge-9"),
+        unwatch("s1", ["bob"], edge="edge-9"),
+        EdgeSync("edge-9", [SessionUp("s1", "watcher-s1", "edge-1", "c9")], {}),
+    ):
+        assert table.handle(command, 1.0) == []
+    assert refusals == ["edge-9"] * 4
+    lease = table.leases["s1"]
+    assert (lease.edge, lease.conn, lease.suspended_until) == ("edge-1", "conn-s1", None)
+    assert table.watched_by("s1") == {"bob"} and table.status("watcher-s1") == "online"
+
+
+def test_every_lease_comes_with_a_seat_ticket_for_its_edge() -> None:
+    # A new session's edge (SessionUp) and a resume's (the claim's grant) each get the
+    # ticket of that connection on that edge: what lets their brokers move its seats there.
+    tickets = SeatTickets("unit-ticket-secret-0123456789abcdef")
+    table = make_table()
+    table.tickets = tickets
+    out = table.handle(up("s1", "ann", edge="edge-1", conn="c.1"), 0.0)
+    grant = ClaimReply("s1", "c.1", True, ticket=tickets.issue("s1", "edge-1", "c.1"))
+    assert out == [("edge-1", grant)]
+    table.handle(down("s1", ended=False, edge="edge-1", conn="c.1"), 1.0)
+    out = table.handle(claim("s1", "ann", "edge-2", "c.2"), 2.0)
+    replies = [e for target, e in out if isinstance(e, ClaimReply) and target == "edge-2"]
+    assert [(r.live, r.ticket) for r in replies] == [(True, tickets.issue("s1", "edge-2", "c.2"))]
+    # A refused claim (someone else's session) gets none.
+    out = table.handle(claim("s1", "bob", "edge-3", "c.3"), 3.0)
+    assert [(e.live, e.ticket) for _, e in out if isinstance(e, ClaimReply)] == [(False, b"")]
+
+
+def test_a_seat_ticket_names_its_session_edge_and_connection() -> None:
+    tickets = SeatTickets("unit-ticket-secret-0123456789abcdef")
+    ticket = tickets.issue("s1", "edge-1", "c.1")
+    assert len(ticket) == 16 and tickets.valid(ticket, "s1", "edge-1", "c.1")
+    for other in (("s2", "edge-1", "c.1"), ("s1", "edge-2", "c.1"), ("s1", "edge-1", "c.2")):
+        assert not tickets.valid(ticket, *other)
+    assert not tickets.valid(ticket, "s1e", "dge-1", "c.1")  # fields do not run together
+    assert not SeatTickets("another-secret-0123456789abcdef0123").valid(
+        ticket, "s1", "edge-1", "c.1"
+    )

@@ -106,11 +106,11 @@ class Model:
         self._notify(user, was, sent)
 
     def session_down(
-        self, session: str, conn: str, ended: bool, now: float, sent: list[Sent]
+        self, session: str, edge: str, conn: str, ended: bool, now: float, sent: list[Sent]
     ) -> None:
         lease = self.leases.get(session)
-        if lease is None or lease.conn != conn:
-            return
+        if lease is None or lease.conn != conn or lease.edge != edge:
+            return  # stale, or from an edge that does not hold the session: refused
         if ended:
             self._end(session, sent)
         else:
@@ -242,7 +242,9 @@ def play(steps: list[Step], model: Model | None = None) -> None:
             assert isinstance(step[3], frozenset | set)
             session, edge, users = str(step[1]), str(step[2]), sorted(step[3])
             out = table.handle(WatchCmd(session, "w", edge, number, None, users), now)
-            model.watches.setdefault(session, set()).update(users)
+            holder = model.leases.get(session)
+            if holder is None or holder.edge == edge:  # else refused: another edge's session
+                model.watches.setdefault(session, set()).update(users)
         else:
             session, edge = str(step[1]), str(step[2])
             holder = model.leases.get(session)
@@ -256,7 +258,7 @@ def play(steps: list[Step], model: Model | None = None) -> None:
             elif kind == "down":
                 ended = bool(step[4])
                 command = SessionDown(session, edge, conn, ended)
-                model.session_down(session, conn, ended, now, sent)
+                model.session_down(session, edge, conn, ended, now, sent)
             elif kind == "claim":
                 if step[4]:  # someone else's session
                     user = USERS[(USERS.index(user) + 1) % len(USERS)]

@@ -11,6 +11,7 @@ from signalpost.wire import (
     Deliver,
     DetachCmd,
     Envelope,
+    ForgetCmd,
     Handoff,
     HandoffRequest,
     JoinCmd,
@@ -397,3 +398,44 @@ def test_a_broker_still_waiting_for_a_rooms_state_tells_the_next_owner_to_ask_ag
     room = c.rooms["room"]
     assert (room.epoch, room.offset) == (epoch, offset + 1)  # A's room goes on at C
     assert [r.ok for r in replies(served)] == [True]
+
+
+def test_a_broker_takes_a_rooms_state_only_from_the_broker_that_owns_it() -> None:
+    # Views from Consul: "A" owns the room, "B" is its runner-up, "X" is another broker
+    # (admitted, sending under its own name) after a room it does not own.
+    refusals: list[tuple[str, str]] = []
+    owner = owning("A", None)
+    runner_up = owning("B", "A", owns=False)
+    for node in (owner, runner_up):
+        node.owner_of = lambda room: "A"
+        node.refused = lambda sender, why, what: refusals.append((sender, what))
+    owner.handle(join("a", 1), 0.0)
+    owner.handle(join("b", 1), 0.0)
+    room = owner.rooms["room"]
+    state = (room.epoch, room.offset, room.term, set(room.members))
+    events = [ReplicatedEvent(1, ["a"], b'{"forged":true}')]
+    forged = ReplicateCmd("X", "room", "forged", 0, events, term=2**62)
+    assert runner_up.handle(forged, 1.0) == []  # nothing kept, nothing acked
+    assert "room" not in runner_up.rooms
+    # Asking for the room's state: told to ask again, nothing handed, nobody fenced.
+    (answer,) = owner.handle(HandoffRequest("room", "X", term=2**62), 1.0)
+    assert answer == ("X", Handoff("room", "A", False, retry=True))
+    # Pushing a state over it (a higher term would win): refused.
+    push = Handoff("room", "X", True, term=2**62, epoch="forged", members=[])
+    assert owner.handle(push, 1.0) == []
+    assert (room.epoch, room.offset, room.term, set(room.members)) == state
+    assert refusals == [("X", "room")] * 3
+    # The owner itself replicates as before.
+    genuine = ReplicateCmd("A", "room", room.epoch, 0, [], term=room.term)
+    assert runner_up.handle(genuine, 1.0) == [("A", ReplicaAck("room", 0))]
+
+
+def test_a_replica_forgets_a_member_only_for_the_edge_holding_its_seat() -> None:
+    replica = table("B", None)
+    refusals: list[str] = []
+    replica.refused = lambda sender, why, what: refusals.append(sender)
+    restore(replica, "a", True)  # a passive seat of "a", on edge-a
+    replica.handle(ForgetCmd("a", "room", "edge-rogue"), 0.0)
+    assert refusals == ["edge-rogue"] and "a" in replica.rooms["room"].members
+    replica.handle(ForgetCmd("a", "room", "edge-a"), 0.0)
+    assert "room" not in replica.rooms or "a" not in replica.rooms["room"].members

@@ -21,6 +21,7 @@ from broker.rooms import (
     Outbound,
     RoomTable,
 )
+from signalpost.tickets import SeatTickets
 from signalpost.wire import (
     AttachCmd,
     Confirm,
@@ -30,6 +31,7 @@ from signalpost.wire import (
     LeaveCmd,
     Reply,
     RequestId,
+    RestoreCmd,
     RoomPosition,
     SignalCmd,
     Synced,
@@ -1496,3 +1498,78 @@ def test_nobody_receives_anything_from_a_room_it_is_not_in(
     seed: int, history_max_events: int
 ) -> None:
     assert _run_random_scenario(seed, history_max_events) > 30  # the scenario did deliver
+
+
+def test_only_the_edge_holding_a_seat_speaks_for_its_session() -> None:
+    # An edge (admitted, sending under its own name) names a session whose seat is on
+    # another edge: its signal, leave and detach are refused, not answered, reported, and
+    # leave no reply record behind; the session's own edge is served as before.
+    table = make_table()
+    refusals: list[tuple[str, str]] = []
+    table.refused = lambda edge, why, what: refusals.append((edge, why))
+    alice, bob = sess("alice"), sess("bob")
+    table.handle(alice.join("call"), 0.0)
+    table.handle(bob.join("call"), 0.0)
+    rogue = Sess(alice.session, alice.user, "rogue.99", "edge-rogue")
+    for command in (
+        rogue.signal("call", bob.session, {"forged": True}, req=7),
+        rogue.leave("call"),
+        rogue.detach(ended=True),  # (another connection's: ignored, as it always was)
+        DetachCmd(alice.session, alice.conn, "edge-rogue", True),  # even with the conn
+    ):
+        assert table.handle(command, 1.0) == []
+    assert [edge for edge, _ in refusals] == ["edge-rogue"] * 3
+    assert "whose seat is on 'edge-alice'" in refusals[0][1]
+    assert set(table.rooms["call"].members) == {alice.session, bob.session}
+    out = table.handle(alice.signal("call", bob.session, {"real": True}, req=7), 2.0)
+    assert [f["data"] for f in to(bob, out)] == [{"real": True}]  # id 7 is still free
+    # A resume on another edge (attach from its newer connection) moves the seat; from
+    # then on that edge speaks for the session and the old one does not.
+    moved = alice.moved("conn-alice.2", "edge-other")
+    table.handle(moved.attach({}), 3.0)
+    out = table.handle(moved.signal("call", bob.session, {"after": "resume"}), 3.0)
+    assert [f["data"] for f in to(bob, out)] == [{"after": "resume"}]
+    assert table.handle(alice.signal("call", bob.session, {"late": True}), 3.0) == []
+    assert refusals[-1][0] == "edge-alice"
+
+
+def test_a_seat_moves_to_another_edge_only_on_presences_ticket() -> None:
+    tickets = SeatTickets("unit-ticket-secret-0123456789abcdef")
+    table = make_table()
+    table.tickets = tickets
+    refusals: list[str] = []
+    table.refused = lambda edge, why, what: refusals.append(why)
+    alice, bob = sess("alice"), sess("bob")
+    table.handle(alice.join("call"), 0.0)  # the first edge heard of needs no ticket
+    table.handle(bob.join("call"), 0.0)
+    moved = alice.moved("conn-alice.2", "edge-other")
+
+    def attach(ticket: bytes) -> AttachCmd:
+        return AttachCmd(moved.session, moved.conn, moved.edge, {}, ticket)
+
+    wrong = [
+        moved.attach({}),  # no ticket
+        attach(bytes(16)),  # made up
+        attach(tickets.issue(moved.session, "edge-bob", moved.conn)),  # another edge's
+        attach(tickets.issue(moved.session, moved.edge, "conn-alice.3")),  # another conn's
+        moved.join("call2"),
+        RestoreCmd(moved.session, moved.conn, moved.edge, "call", moved.peer, False),
+        RestoreCmd(moved.session, moved.conn, moved.edge, "call", moved.peer, True),
+    ]
+    for command in wrong:
+        assert table.handle(command, 1.0) == []
+    assert len(refusals) == len(wrong)
+    assert all("without presence's ticket" in why for why in refusals)
+    seat = table.rooms["call"].members[alice.session]
+    assert (seat.edge, seat.conn) == ("edge-alice", "conn-alice")
+    assert "call2" not in table.rooms
+    # With the ticket presence granted that connection on that edge: the seat moves.
+    table.handle(attach(tickets.issue(moved.session, moved.edge, moved.conn)), 2.0)
+    assert (seat.edge, seat.conn) == ("edge-other", "conn-alice.2")
+    out = table.handle(moved.signal("call", bob.session, {"after": "resume"}), 2.0)
+    assert [f["data"] for f in to(bob, out)] == [{"after": "resume"}]
+    # From then on that edge needs no ticket for the session; the old edge would.
+    assert table.handle(moved.join("call2"), 3.0) != []
+    back = alice.moved("conn-alice.3", "edge-alice")
+    assert table.handle(back.attach({}), 4.0) == []
+    assert seat.edge == "edge-other"

@@ -598,3 +598,33 @@ def test_every_envelope_an_edge_sends_names_it_as_its_sender() -> None:
     with_edge = {t for t in get_args(Envelope) if "edge" in t.__struct_fields__}
     assert with_edge - {LeaseCopy} == {t for t, f in _SENDER_FIELDS.items() if f == "edge"}
     assert _SENDER_FIELDS[LeaseCopy] == "owner"  # a copy names the session's edge, not its sender
+
+
+def test_every_envelope_has_the_kinds_that_may_send_it_or_travels_back_on_a_dealer() -> None:
+    # A ROUTER drops an envelope type its tier's table does not list: a new type must be
+    # placed, or it is refused from everyone (and an edge's commands only from edges).
+    from typing import get_args
+
+    from signalpost.wire import (
+        _SENDER_FIELDS,
+        SENDER_KINDS,
+        ClaimReply,
+        Deliver,
+        Envelope,
+        Evict,
+        Heartbeat,
+        ReplicaAck,
+        Reply,
+        StatusNote,
+        Synced,
+    )
+
+    answers = {Deliver, Reply, Synced, ClaimReply, Evict, ReplicaAck, StatusNote, Heartbeat}
+    listed = {t for table in SENDER_KINDS.values() for t in table}
+    assert listed | answers == set(get_args(Envelope)) and not listed & answers
+    for table in SENDER_KINDS.values():
+        for envelope_type, kinds in table.items():
+            if _SENDER_FIELDS.get(envelope_type) == "edge":
+                assert kinds == {"edge"}, envelope_type
+            else:
+                assert "edge" not in kinds or envelope_type.__name__ in ("ForgetCmd", "DemoteCmd")
