@@ -131,8 +131,15 @@ async def test_routing_continues_while_consul_restarts(
         print(f"all 5 nodes registered and passing {took:.2f} s after Consul came back")
         await send(20)
 
-        got = [(await bob.next_event(SignalEvent, timeout=10)).data["n"] for _ in range(sent)]
-        assert got == list(range(sent))  # every acked signal, exactly once, in order
+        events = [await bob.next_event(SignalEvent, timeout=10) for _ in range(sent)]
+        got = [e.data["n"] for e in events]
+        # Every acked signal, exactly once, in order per room: the order promise is per
+        # (sender, room). Across rooms (different owners, different links to bob's edge) a
+        # signal sent after another's ack may still overtake that one's delivery.
+        assert sorted(got) == list(range(sent))
+        for room in ROOMS[:4]:
+            in_room = [e.data["n"] for e in events if e.room == room]
+            assert in_room == sorted(in_room), (room, in_room)
         # And no copy came after them. The markers: one more signal in each room, which
         # the room's owner sends bob after everything before it; a copy would come first.
         for room in ROOMS[:4]:
