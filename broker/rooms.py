@@ -483,7 +483,15 @@ class RoomTable:
         """Another broker owns ``command.room`` now: hand over what this one has of it."""
         if self.owner_of is not None and self.owner_of(command.room) != command.requester:
             # Not the owner in this broker's view: a view that lags (it asks again), or a
-            # peer after a room it does not own (it gets nothing, and fences nobody).
+            # peer after a room it does not own (it gets nothing, and fences nobody). Two
+            # answers give nothing away and keep a chain of quick view changes going (the
+            # asker may itself be asked for the room next): nothing here, and the state
+            # of a room this broker was deposed from (served nowhere; it moves on).
+            here = self.rooms.get(command.room)
+            if here is None and command.room not in self._awaiting:
+                return [(command.requester, Handoff(command.room, self.node_id, False))]
+            if here is not None and here.active and here.deposed:
+                return [(command.requester, self.hand_over(command.room, now))]
             self.refused(
                 command.requester,
                 f"HandoffRequest for {command.room!r}, which it does not own here "

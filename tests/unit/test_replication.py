@@ -439,3 +439,75 @@ def test_a_replica_forgets_a_member_only_for_the_edge_holding_its_seat() -> None
     assert refusals == ["edge-rogue"] and "a" in replica.rooms["room"].members
     replica.handle(ForgetCmd("a", "room", "edge-a"), 0.0)
     assert "room" not in replica.rooms or "a" not in replica.rooms["room"].members
+
+
+def test_a_broker_with_nothing_of_a_room_answers_nothing_to_an_asker_its_view_lags_on() -> None:
+    # Chaos seed 31337 (5 min): the owner A was killed and restarted within 0.5 s. In the
+    # view without A, its runner-up B owned the room and asked C (the owner without B), whose
+    # view still had A own it; C said "ask again" though it had nothing. Then the view with
+    # A again: A asked B, still waiting, which said "ask again" too; both waited out the
+    # handoff timeout, and A served the room empty (members refused with not_in_room).
+    a, b = table("A", "B"), owning("B", "C")
+    for session in ("a", "b"):
+        restore(b, session, True)
+        pump(a, b, a.handle(join(session, 1), 0.0))
+    pump(a, b, a.handle(signal(2, 0), 0.0))
+    epoch, offset = b.rooms["room"].epoch, b.rooms["room"].offset
+    c = RoomTable(
+        capacity=4,
+        resume_window=30,
+        history_max_events=100,
+        history_max_age=600,
+        new_epoch=lambda: next(epochs),
+        node_id="C",
+        owns=lambda room: False,
+        handoff_from=lambda room: None,
+        owner_of=lambda room: "A",  # C's view lags: A owns the room there
+    )
+    ask_c = b.handle(signal(3, 1), 1.0)
+    assert [type(e) for _, e in ask_c] == [HandoffRequest]
+    (answer,) = c.handle(ask_c[0][1], 1.0)
+    assert isinstance(answer[1], Handoff) and not answer[1].present and not answer[1].retry
+    served = b.handle(answer[1], 1.0)
+    assert [r.ok for r in replies(served)] == [True]  # B serves on its replica at once
+    assert (b.rooms["room"].epoch, b.rooms["room"].offset) == (epoch, offset + 1)
+    # The view with A again (restarted, empty): A asks B, which hands the room over.
+    b.owns = lambda room: False
+    b.replicas_changed(2.0)
+    fresh = owning("A", "B")
+    ask_b = fresh.handle(signal(4, 2), 2.0)
+    (handoff,) = b.handle(ask_b[0][1], 2.0)
+    assert isinstance(handoff[1], Handoff) and handoff[1].present and handoff[1].history
+    fresh.handle(handoff[1], 2.0)
+    assert (fresh.rooms["room"].epoch, fresh.rooms["room"].offset) == (epoch, offset + 2)
+
+
+def test_a_deposed_room_moves_on_to_an_asker_even_if_another_owns_it_by_now() -> None:
+    # Views A -> B -> C in quick succession, with owners checked (authority): B asked A for
+    # the room while it owned it; A read the next view (C owns it) before B's request came.
+    # A's room is served nowhere: it goes to B (who keeps it, deposed, for C), not "ask
+    # again" until B gives up and C starts from B's older copy.
+    view = {"owner": "B"}
+    a = RoomTable(
+        capacity=4,
+        resume_window=30,
+        history_max_events=100,
+        history_max_age=600,
+        new_epoch=lambda: next(epochs),
+        node_id="A",
+        owns=lambda room: False,
+        handoff_from=lambda room: None,
+        owner_of=lambda room: view["owner"],
+    )
+    a.owns = lambda room: True
+    a.handle(join("a", 1), 0.0)
+    a.handle(join("b", 1), 0.0)
+    a.handle(signal(2, 0), 0.0)
+    epoch, offset = a.rooms["room"].epoch, a.rooms["room"].offset
+    a.owns = lambda room: False
+    view["owner"] = "C"
+    a.replicas_changed(1.0)
+    (answer,) = a.handle(HandoffRequest("room", "B", 5), 1.0)
+    assert isinstance(answer[1], Handoff) and answer[1].present and answer[1].history
+    assert (answer[1].epoch, answer[1].offset) == (epoch, offset)
+    assert not a.rooms["room"].active  # handed over: A serves it no more
