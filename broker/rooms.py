@@ -483,26 +483,13 @@ class RoomTable:
         """Another broker owns ``command.room`` now: hand over what this one has of it."""
         if self.owner_of is not None and self.owner_of(command.room) != command.requester:
             # Not the owner in this broker's view: a view that lags (it asks again), or a
-            # peer after a room it does not own (it gets nothing, and fences nobody). Two
-            # answers give nothing away and keep a chain of quick view changes going (the
-            # asker may itself be asked for the room next): nothing here, and the state
-            # of a room this broker was deposed from (served nowhere; it moves on).
-            here = self.rooms.get(command.room)
-            if here is None and command.room not in self._awaiting:
-                return [(command.requester, Handoff(command.room, self.node_id, False))]
-            if here is not None and here.active and here.deposed:
-                return [(command.requester, self.hand_over(command.room, now))]
+            # peer after a room it does not own (it gets nothing, and fences nobody).
             self.refused(
                 command.requester,
                 f"HandoffRequest for {command.room!r}, which it does not own here "
                 f"({self.owner_of(command.room)!r} does): told to ask again",
                 "room",
             )
-            return [(command.requester, Handoff(command.room, self.node_id, False, retry=True))]
-        if command.room in self._awaiting:
-            # This broker waits for the room's newest state itself (a view changed again
-            # before the previous owner answered): what it has now may be older. Asked
-            # again, it hands over what it got (or serves, if it owns the room by then).
             return [(command.requester, Handoff(command.room, self.node_id, False, retry=True))]
         room = self.rooms.get(command.room)
         if room is None:
