@@ -184,7 +184,9 @@ def test_property_resumes_come_first_and_the_rate_holds(
     admitted = 0
     for resume, gap in arrivals:
         now += gap
-        tokens_before = admission.tokens + (now - (admission.refilled_at or now)) * rate
+        # (refilled_at may be 0.0, a time like any other: not "never")
+        since = now if admission.refilled_at is None else admission.refilled_at
+        tokens_before = admission.tokens + max(0.0, now - since) * rate
         tokens_before = min(tokens_before, float(burst))
         refusal = admission.hello(resume=resume, now=now)
         if refusal is None:
