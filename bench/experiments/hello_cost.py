@@ -34,8 +34,7 @@ from signalpost.auth import mint_token
 async def _hellos(url: str, count: int, concurrency: int, prefix: str) -> list[float]:
     """Open and close ``count`` fresh sessions; each one's hello -> welcome in ms."""
     tokens = [
-        mint_token(JWT_SECRET, f"{prefix}-{i}", now=time.time(), ttl=3600.0)
-        for i in range(count)
+        mint_token(JWT_SECRET, f"{prefix}-{i}", now=time.time(), ttl=3600.0) for i in range(count)
     ]
     latencies: list[float] = []
     queue = iter(range(count))
