@@ -520,20 +520,20 @@ class PresenceTable:
         copy (``_finish`` holds the grant for the ack), so a welcomed session is never
         unknown to the node that takes its user over.
 
-        A resend (the same connection holds the lease) changes nothing: it is answered
-        again, once the copy in flight, if any, is acknowledged. A lease held by another
-        connection (the session id is in use) is refused, ``live: False``, and not moved.
+        A resend (the same connection holds the lease) changes nothing but a suspension
+        (as a resume claim, the claiming connection is connected after a grant): it is
+        answered again, once the copy in flight, if any, is acknowledged. A lease held by
+        another connection or user (the session id is in use) is refused, ``live: False``,
+        and not moved.
         """
         out: list[Outbound] = []
         lease = self.leases.get(command.session)
-        if lease is None:
+        live = lease is None or (lease.conn == command.conn and lease.user == command.user)
+        if lease is None or (live and lease.suspended_until is not None):
             up = SessionUp(command.session, command.user, command.edge, command.conn)
             out.extend(self.session_up(up))
-            live = True
-        else:
-            live = lease.conn == command.conn and lease.user == command.user
-            if live:
-                self._unconfirmed.pop(command.session, None)  # its edge named it: live
+        elif live:
+            self._unconfirmed.pop(command.session, None)  # its edge named it: live
         out.append((command.edge, ClaimReply(command.session, command.conn, live, term=self.term)))
         return out
 

@@ -192,3 +192,14 @@ def test_a_fresh_claim_of_a_session_held_by_another_connection_is_refused() -> N
     assert p0.handle(ClaimCmd("t", "u", "e1", "c3.1"), 1.0) == [
         ("e1", ClaimReply("t", "c3.1", False))
     ]
+
+
+def test_a_fresh_claim_sent_again_after_its_lease_was_suspended_reconnects_it() -> None:
+    # (The edge lost, say, while the claim was out: the connection that claims is live.)
+    p0 = PresenceTable(resume_window=WINDOW)
+    p0.handle(ClaimCmd("s", "u", "e0", "c1.1", fresh=True), 0.0)
+    p0.edge_lost("e0", 1.0)
+    assert p0.leases["s"].suspended_until is not None
+    out = p0.handle(ClaimCmd("s", "u", "e0", "c1.1", fresh=True), 2.0)
+    assert out == [("e0", ClaimReply("s", "c1.1", True))]
+    assert p0.leases["s"].suspended_until is None and p0.status("u") == "online"
