@@ -643,7 +643,16 @@ class EdgeServer:
                     )
                 return None
         resumed = session is not None
-        session = session or secrets.token_urlsafe(16)
+        if session is None:
+            session = secrets.token_urlsafe(16)
+            # Its lease is made and copied to the runner-up before the welcome.
+            granted = await self._claim(session, identity.user, conn, fresh=True)
+            on_token = granted is None or not granted.live  # (not granted: announced below)
+            if not link.is_open:  # never welcomed: nothing to resume
+                self.backplane.to_presence(
+                    identity.user, SessionDown(session, self.edge_id, conn, True)
+                )
+                return None
         s = self.settings
         client = ClientConnection(
             link=link,
@@ -661,8 +670,9 @@ class EdgeServer:
         if previous is not None:
             self._evict(previous)
         self.sessions[session] = client
-        if not resumed or on_token:
-            # (Resumed on the token: presence moved no lease, so the session is announced.)
+        if on_token:
+            # (Welcomed on the edge's authority: presence made or moved no lease, so the
+            # session is announced.)
             self.backplane.to_presence(
                 identity.user, SessionUp(session, identity.user, self.edge_id, conn)
             )
@@ -713,8 +723,11 @@ class EdgeServer:
         link.close(CloseCode.TRY_AGAIN_LATER, refusal.reason)
         return False
 
-    async def _claim(self, session: str, user: str, conn: str) -> ClaimReply | None:
-        """Presence's answer to a resume claim (None: it did not answer in time)."""
+    async def _claim(
+        self, session: str, user: str, conn: str, fresh: bool = False
+    ) -> ClaimReply | None:
+        """Presence's answer to a resume claim, or (``fresh``) to a new session's claim of
+        its lease (None: it did not answer in time)."""
         claim: asyncio.Future[ClaimReply] = asyncio.get_running_loop().create_future()
         self._claims[conn] = claim
         try:
@@ -722,14 +735,18 @@ class EdgeServer:
             attempts = max(1, round(2 * self.settings.request_timeout / CLAIM_RESEND))
             wait = 2 * self.settings.request_timeout / attempts
             for _attempt in range(attempts):
-                self.backplane.to_presence(user, ClaimCmd(session, user, self.edge_id, conn))
+                claim_cmd = ClaimCmd(session, user, self.edge_id, conn, fresh)
+                self.backplane.to_presence(user, claim_cmd)
                 try:
                     return await asyncio.wait_for(asyncio.shield(claim), wait)
                 except TimeoutError:
                     continue
             # Presence unreachable: trust the signed token; brokers still decide per room.
             # (Watches are not known then: the client re-watches if it wants them.)
-            log.warning("presence did not answer a resume claim; resuming on the token")
+            log.warning(
+                "presence did not answer a %s claim; welcoming on the edge's authority",
+                "fresh" if fresh else "resume",
+            )
             return None
         finally:
             del self._claims[conn]

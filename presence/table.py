@@ -14,7 +14,10 @@ they go offline one resume window later, as if each connection had dropped.
 
 The table is also the session directory for resume: ``claim`` says whether a session may
 continue (it still holds a lease) and moves it to the claiming connection, evicting a stale
-one still open elsewhere.
+one still open elsewhere. A new session's lease is made by a claim too (``claim_fresh``,
+``ClaimCmd.fresh``): its edge welcomes it only once the grant came back, which waits for
+the copy (see "Replication and handoff"), or after two request timeouts without one (then
+it announces the session with ``SessionUp``, unconfirmed).
 
 A lease belongs to the newest connection of its session (``conn_generation``: a resume gets
 a higher generation). A ``SessionUp`` or ``ClaimCmd`` naming an older connection than the
@@ -82,7 +85,11 @@ What a call caused (answers, presence frames, status notes, evictions) is held
 (``_changes``) until every copy the call sent is acknowledged, or a later copy of the same
 session is; an answer to a session whose earlier copy is unacknowledged waits for that one
 too. So nothing an edge or a watcher was told is unknown to the runner-up when the owner
-dies. ``_copying`` keeps the newest unacknowledged copy of each session: sent again after
+dies (a new session's grant included: ``claim_fresh``). A goodbye (``SessionDown``) is
+answered to nobody: if it dies with the owner, the settling above suspends the connection
+(its window starts a failover late; an ended session lingers one window).
+
+``_copying`` keeps the newest unacknowledged copy of each session: sent again after
 ``copy_resend_after``, at once to a runner-up that restarted, to the new runner-up at a
 view change (or confirmed when there is none). The runner-up ignores a copy not newer than
 the one it holds from the same owner, and refuses one whose ``term`` is below it (a deposed
@@ -445,6 +452,8 @@ class PresenceTable:
             if not self.owns(command.user) and command.session not in self.leases:
                 self.counters.misrouted += 1  # its owner answers once the edge knows it
                 return []
+            if command.fresh:
+                return self.claim_fresh(command)
             return self.claim(command, now)
         if isinstance(command, WatchCmd):
             return self.watch(command, now)
@@ -550,6 +559,29 @@ class PresenceTable:
                 )
                 return out
         out.append((command.edge, reply))
+        return out
+
+    def claim_fresh(self, command: ClaimCmd) -> list[Outbound]:
+        """A new session asks for its lease (``ClaimCmd.fresh``): it is made here, as by
+        ``SessionUp``, and granted (``ClaimReply`` live) once the user's runner-up has its
+        copy (``_finish`` holds the grant for the ack), so a welcomed session is never
+        unknown to the node that takes its user over.
+
+        A resend (the same connection holds the lease) changes nothing but a suspension
+        (as a resume claim, the claiming connection is connected after a grant): it is
+        answered again, once the copy in flight, if any, is acknowledged. A lease held by
+        another connection or user (the session id is in use) is refused, ``live: False``,
+        and not moved.
+        """
+        out: list[Outbound] = []
+        lease = self.leases.get(command.session)
+        live = lease is None or (lease.conn == command.conn and lease.user == command.user)
+        if lease is None or (live and lease.suspended_until is not None):
+            up = SessionUp(command.session, command.user, command.edge, command.conn)
+            out.extend(self.session_up(up))
+        elif live:
+            self._unconfirmed.pop(command.session, None)  # its edge named it: live
+        out.append((command.edge, ClaimReply(command.session, command.conn, live, term=self.term)))
         return out
 
     def evicted(self, command: Evicted) -> list[Outbound]:

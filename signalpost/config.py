@@ -297,8 +297,9 @@ MEANINGS: Final = {
     "presence_endpoint": "presence endpoints to use without Consul (comma separated)",
     "heartbeat_interval": "seconds between heartbeats on every ZeroMQ link",
     "heartbeat_liveness": "heartbeats missed before a node is taken for dead",
-    "request_timeout": "an edge claims a resume from presence (every 0.5 s) for twice this "
-    "many seconds, then resumes on the signed token",
+    "request_timeout": "an edge claims a resume, or a new session's lease, from presence "
+    "(every 0.5 s) for twice this many seconds before the `welcome`, then welcomes on its "
+    "own authority (a resume on the signed token)",
     "consul_addr": "`host:port` of a Consul agent: register there and discover the others",
     "consul_token": "Consul ACL token for every Consul call (unset: `CONSUL_HTTP_TOKEN`, "
     "else none); its policy: docs/security.md",

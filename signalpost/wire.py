@@ -623,12 +623,18 @@ class SessionDown(_Envelope, tag=21, frozen=True):
 
 
 class ClaimCmd(_Envelope, tag=22, frozen=True):
-    """Edge -> presence: may ``session`` be resumed (is it connected or suspended)?"""
+    """Edge -> presence: may ``session`` be resumed (is it connected or suspended)?
+
+    ``fresh``: a new session asks for its lease instead (made by the claim, granted once
+    the user's runner-up has its copy). A presence node that predates the field reads a
+    resume claim of an unknown session and answers ``live: False``: the edge then
+    announces the session with ``SessionUp``, as it did before fresh claims."""
 
     session: str
     user: str
     edge: str
     conn: str
+    fresh: bool = False
 
 
 class WatchCmd(_Envelope, tag=23, frozen=True):

@@ -361,3 +361,55 @@ async def test_a_claim_is_answered_once_the_runner_up_has_it_and_survives_a_kill
         f"presence claim confirmed: resumed through the runner-up "
         f"{time.monotonic() - answered_at:.2f} s after the owner died"
     )
+
+
+async def test_a_fresh_session_is_welcomed_once_the_runner_up_has_it_and_survives_a_kill_9(
+    cluster_factory: ClusterFactory,
+) -> None:
+    # A new session's lease is confirmed before its welcome (ClaimCmd.fresh): while the
+    # runner-up is paused (SIGSTOP, shorter than a heartbeat expiry and Consul's check)
+    # the hello is not welcomed; once the runner-up has the copy, it is; the owner is then
+    # SIGKILLed right after the welcome, the connection dropped at once (its goodbye lost
+    # with the owner), and the session resumes through the runner-up.
+    cluster = cluster_factory(edges=2, brokers=1, presence=2, consul="on", **ENV)
+    edge1, edge2 = cluster.edge_urls
+    runner_up, doomed = "presence-1", "presence-2"
+    (carol,) = _placed(cluster, doomed, "carol")
+    (consul,) = cluster.of_kind("consul")
+    warm = await raw_client(edge1, carol)  # (links up, the user's owner known)
+    await warm.ws.close()
+    await asyncio.sleep(0.3)
+
+    os.kill(cluster.pid(runner_up), signal.SIGSTOP)
+    try:
+        hello = asyncio.create_task(raw_client(edge1, carol))
+        await asyncio.sleep(0.4)
+        # Welcomed at once and announced with SessionUp (the code before fresh claims),
+        # the session's lease would be copied only if the runner-up ever got it.
+        assert not hello.done(), "a fresh session was welcomed before the runner-up had it"
+    finally:
+        os.kill(cluster.pid(runner_up), signal.SIGCONT)
+    async with asyncio.timeout(5):
+        fresh = await hello
+    welcomed_at = time.monotonic()
+    assert fresh.welcome["resumed"] is False
+    cluster.kill(doomed)
+    assert fresh.ws.transport is not None
+    fresh.ws.transport.abort()
+
+    for _ in range(150):  # bounded: Consul's check fails and a view without it is written
+        if await asyncio.to_thread(_presence_view, consul["url"]) == (
+            next(p["url"] for p in cluster.of_kind("presence") if p["id"] == runner_up),
+        ):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("no presence view without the killed node")
+    await asyncio.sleep(1.5)  # the edges' re-sync and the settling grace
+    back = await raw_client(edge2, carol, resume=fresh.welcome["resume"])
+    assert back.welcome["resumed"] is True
+    assert back.session == fresh.session
+    print(
+        f"fresh session confirmed: resumed through the runner-up "
+        f"{time.monotonic() - welcomed_at:.2f} s after the owner died"
+    )

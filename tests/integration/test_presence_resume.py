@@ -163,3 +163,73 @@ async def test_a_resume_dropped_while_its_claim_is_out_starts_the_resume_window(
     lease = presence.leases[session]
     assert lease.suspended_until is not None  # its resume window runs: offline after it
     assert presence.status("dana") == "online"
+
+
+async def test_a_fresh_session_is_welcomed_on_presences_grant_or_on_its_own_after_the_bound(
+    dev_factory: DevFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A new session's lease is claimed before its welcome (ClaimCmd.fresh). Unanswered
+    # for two request timeouts (or refused, as a presence node before fresh claims does),
+    # the edge welcomes the session on its own and announces it (SessionUp).
+    dev = await dev_factory(request_timeout=0.25)
+    url = url_of(dev)
+    presence = dev.backplane.presence  # type: ignore[attr-defined]
+    to_presence = dev.backplane.to_presence
+    sent: list[Envelope] = []
+    answer = True
+
+    def recorded(user: str, command: Envelope) -> None:
+        sent.append(command)
+        if answer or not isinstance(command, ClaimCmd):
+            to_presence(user, command)
+
+    monkeypatch.setattr(dev.backplane, "to_presence", recorded)
+    granted = await raw_client(url, "erin")
+    assert granted.welcome["resumed"] is False
+    assert [type(c) for c in sent] == [ClaimCmd]  # granted: no SessionUp needed
+    claim = sent[0]
+    assert isinstance(claim, ClaimCmd) and claim.fresh
+    assert presence.leases[granted.session].conn == claim.conn
+
+    sent.clear()
+    answer = False  # presence does not answer
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    unanswered = await raw_client(url, "fay")
+    waited = loop.time() - started
+    assert 0.45 <= waited < 2.0, waited  # two request timeouts, then on its own
+    assert {type(c) for c in sent[:-1]} == {ClaimCmd} and isinstance(sent[-1], SessionUp)
+    assert presence.status("fay") == "online"
+    assert presence.leases[unanswered.session].edge == dev.edge_id
+
+
+async def test_a_fresh_hello_dropped_while_its_claim_is_out_ends_its_lease(
+    dev: EdgeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Never welcomed, the session cannot be resumed: its lease must not stay online.
+    url = url_of(dev)
+    presence = dev.backplane.presence  # type: ignore[attr-defined]
+    to_presence = dev.backplane.to_presence
+    claimed = asyncio.Event()
+
+    def claim_answered_late(user: str, command: Envelope) -> None:
+        if isinstance(command, ClaimCmd):
+            asyncio.get_running_loop().call_later(0.3, to_presence, user, command)
+            asyncio.get_running_loop().call_later(0.3, claimed.set)
+        else:
+            to_presence(user, command)
+
+    monkeypatch.setattr(dev.backplane, "to_presence", claim_answered_late)
+    ws = await websockets.connect(url)
+    await ws.send(json.dumps({"type": "hello", "token": token("gus")}))
+    await asyncio.sleep(0.05)
+    assert ws.transport is not None
+    ws.transport.abort()
+    async with asyncio.timeout(5):
+        await claimed.wait()
+    for _ in range(100):
+        if presence.status("gus") == "offline":
+            break
+        await asyncio.sleep(0.02)
+    assert presence.status("gus") == "offline"
+    assert not presence.leases

@@ -155,3 +155,51 @@ def test_at_the_bound_the_oldest_change_goes_out_unacknowledged(
     assert len(replies) == 1  # the first watch's reply: let out to make room
     assert p0.counters.copies_unconfirmed == 1
     assert len(p0._changes) == 2
+
+
+def test_a_fresh_claim_makes_the_lease_and_is_granted_once_the_runner_up_has_it() -> None:
+    p0, p1 = _table("p0", NODES), _table("p1", NODES)
+    user = _user_owned_by("p0", NODES)
+    claim = ClaimCmd("s", user, "e0", "c1.1", fresh=True)
+    out = p0.handle(claim, 0.0)
+    assert _of(out, ClaimReply) == []  # held for the copy
+    assert p0.status(user) == "online" and p0.leases["s"].conn == "c1.1"
+    ((target, copy),) = _of(out, LeaseCopy)
+    assert target == "p1" and isinstance(copy, LeaseCopy) and copy.conn == "c1.1"
+    # The edge claims again (0.5 s later) before the ack: nothing new is copied, and the
+    # answer to it waits for the same copy.
+    again = p0.handle(claim, 0.5)
+    assert _of(again, LeaseCopy) == [] and _of(again, ClaimReply) == []
+    ((_, ack),) = p1.handle(copy, 0.5)
+    replies = _of(p0.handle(ack, 0.5), ClaimReply)
+    assert replies == [("e0", ClaimReply("s", "c1.1", True))] * 2
+    assert p1.handle(copy, 0.6) == [("p0", ReplicaAck("s", copy.seq))]  # a resend: kept
+    # The session is known to the runner-up: the same claim is granted there at once
+    # once it owns the user (its owner died).
+    lone = _table("p1", ["p1"])
+    lone.handle(copy, 1.0)
+    assert lone.leases["s"].conn == "c1.1"
+
+
+def test_a_fresh_claim_of_a_session_held_by_another_connection_is_refused() -> None:
+    p0 = PresenceTable(resume_window=WINDOW)
+    p0.handle(SessionUp("s", "u", "e0", "c1.1"), 0.0)
+    out = p0.handle(ClaimCmd("s", "u", "e1", "c2.1", fresh=True), 1.0)
+    assert out == [("e1", ClaimReply("s", "c2.1", False))]
+    assert p0.leases["s"].conn == "c1.1"  # not moved, not evicted
+    # A resume claim of an unknown session (what a presence node before fresh claims
+    # makes of a fresh one) is refused too: the edge then announces it (SessionUp).
+    assert p0.handle(ClaimCmd("t", "u", "e1", "c3.1"), 1.0) == [
+        ("e1", ClaimReply("t", "c3.1", False))
+    ]
+
+
+def test_a_fresh_claim_sent_again_after_its_lease_was_suspended_reconnects_it() -> None:
+    # (The edge lost, say, while the claim was out: the connection that claims is live.)
+    p0 = PresenceTable(resume_window=WINDOW)
+    p0.handle(ClaimCmd("s", "u", "e0", "c1.1", fresh=True), 0.0)
+    p0.edge_lost("e0", 1.0)
+    assert p0.leases["s"].suspended_until is not None
+    out = p0.handle(ClaimCmd("s", "u", "e0", "c1.1", fresh=True), 2.0)
+    assert out == [("e0", ClaimReply("s", "c1.1", True))]
+    assert p0.leases["s"].suspended_until is None and p0.status("u") == "online"
