@@ -9,6 +9,7 @@ from edge.zmq_backplane import ZmqBackplane
 from signalpost.config import Settings
 from signalpost.discovery import Discovery, Registration
 from signalpost.lifecycle import until_stopped
+from signalpost.near import RegionDirectory, edge_entries_of, edge_meta
 from signalpost.node_keys import edge_id_for
 
 
@@ -29,10 +30,16 @@ async def run_edge(settings: Settings) -> None:
         if settings.consul_addr:
             check_url = f"http{secure}://{base}/healthz"
             registration = Registration(
-                "edge", edge.edge_id, url, check_url, region=settings.region
+                "edge",
+                edge.edge_id,
+                url,
+                check_url,
+                region=settings.region,
+                extra_meta=edge_meta(settings.stun_urls, settings.turn_urls),
             )
             discovery = Discovery(settings.consul_addr, registration)
             discovery.start()
+            follow_regions(discovery, edge.directory)
         print(f"signalpost edge {edge.edge_id} ready on {url}", flush=True)
         try:
             with reload_on_sighup(edge.tls):
@@ -40,3 +47,16 @@ async def run_edge(settings: Settings) -> None:
         finally:
             if discovery is not None:
                 await discovery.close()
+
+
+def follow_regions(discovery: Discovery, directory: RegionDirectory) -> None:
+    """Follow each region's healthy edges in Consul: this edge's own through its agent, the
+    others' with ``?dc=`` (blocking queries, at most one per 0.2 s each; none to other
+    regions with fewer than two ``regions``)."""
+    for region in directory.regions:
+        dc = None if region == directory.region else region
+
+        def changed(members: dict[str, str], region: str = region) -> None:
+            directory.update(region, members)
+
+        discovery.watch("edge", changed, dc=dc, members=edge_entries_of)

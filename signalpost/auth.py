@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -199,14 +200,31 @@ def turn_credentials(secret: str, user: str, ttl: int, now: float) -> tuple[str,
     return username, base64.b64encode(digest).decode()
 
 
-def ice_servers(settings: Settings, user: str, now: float) -> list[dict[str, Any]]:
-    """RTCIceServer list for ``user``: STUN URLs, then TURN URLs with fresh credentials."""
+def ice_servers(
+    settings: Settings,
+    user: str,
+    now: float,
+    regions: Sequence[tuple[Sequence[str], Sequence[str]]] | None = None,
+) -> list[dict[str, Any]]:
+    """RTCIceServer list for ``user``: STUN URLs, then TURN URLs with fresh credentials.
+
+    ``regions``: ``(stun_urls, turn_urls)`` per region, this edge's own first, the others
+    as fallbacks (``signalpost.near``); None: this edge's settings alone. TURN URLs of
+    every region get the same credentials, minted with this edge's ``turn_secret``: every
+    region's coturn must accept that secret (docs/webrtc.md).
+    """
+    if regions is None:
+        regions = [(settings.stun_urls, settings.turn_urls)]
     servers: list[dict[str, Any]] = []
-    if settings.stun_urls:
-        servers.append({"urls": list(settings.stun_urls)})
-    if settings.turn_urls and settings.turn_secret:
-        username, credential = turn_credentials(settings.turn_secret, user, settings.turn_ttl, now)
-        servers.append(
-            {"urls": list(settings.turn_urls), "username": username, "credential": credential}
-        )
+    credentials = None
+    if settings.turn_secret:
+        credentials = turn_credentials(settings.turn_secret, user, settings.turn_ttl, now)
+    for stun_urls, turn_urls in regions:
+        if stun_urls:
+            servers.append({"urls": list(stun_urls)})
+        if turn_urls and credentials is not None:
+            username, credential = credentials
+            servers.append(
+                {"urls": list(turn_urls), "username": username, "credential": credential}
+            )
     return servers
