@@ -3,7 +3,7 @@ SIGHUP reloads the TLS certificate (``edge.tls``)."""
 
 from __future__ import annotations
 
-from edge.server import EdgeServer
+from edge.server import SIGNAL_PATH, EdgeServer
 from edge.tls import reload_on_sighup
 from edge.zmq_backplane import ZmqBackplane
 from signalpost.config import Settings
@@ -23,30 +23,33 @@ async def run_edge(settings: Settings) -> None:
     # Its links speak under its key's name: that is its id (a different node_id is refused).
     edge = EdgeServer(settings, backplane, edge_id=edge_id_for(settings, backplane.keys))
     async with edge:
-        base = f"{settings.advertised_host}:{edge.port}"
-        secure = "s" if edge.tls is not None else ""
-        url = f"ws{secure}://{base}/v1/signal"
-        discovery = None
-        if settings.consul_addr:
-            check_url = f"http{secure}://{base}/healthz"
-            registration = Registration(
-                "edge",
-                edge.edge_id,
-                url,
-                check_url,
-                region=settings.region,
-                extra_meta=edge_meta(settings.stun_urls, settings.turn_urls),
-            )
-            discovery = Discovery(settings.consul_addr, registration)
-            discovery.start()
-            follow_regions(discovery, edge.directory)
-        print(f"signalpost edge {edge.edge_id} ready on {url}", flush=True)
+        discovery = edge_discovery(settings, edge) if settings.consul_addr else None
+        print(f"signalpost edge {edge.edge_id} ready on {edge.url}", flush=True)
         try:
             with reload_on_sighup(edge.tls):
                 await until_stopped()
         finally:
             if discovery is not None:
                 await discovery.close()
+
+
+def edge_discovery(settings: Settings, edge: EdgeServer) -> Discovery:
+    """Register ``edge`` in Consul (its ws URL, region and its region's STUN/TURN URLs;
+    its ``/healthz`` as the check) and follow every region's edges (``follow_regions``)."""
+    assert settings.consul_addr is not None
+    check_url = edge.url.replace("ws", "http", 1).removesuffix(SIGNAL_PATH) + "/healthz"
+    registration = Registration(
+        "edge",
+        edge.edge_id,
+        edge.url,
+        check_url,
+        region=settings.region,
+        extra_meta=edge_meta(settings.stun_urls, settings.turn_urls),
+    )
+    discovery = Discovery(settings.consul_addr, registration)
+    discovery.start()
+    follow_regions(discovery, edge.directory)
+    return discovery
 
 
 def follow_regions(discovery: Discovery, directory: RegionDirectory) -> None:

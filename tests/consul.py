@@ -19,9 +19,15 @@ from tests.binaries import require_binary
 class ConsulAgent:
     """A dev-mode Consul agent; ``kill()`` and ``start()`` again keep the same ports."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(
+        self, workdir: Path, datacenter: str | None = None, join_wan: int | None = None
+    ) -> None:
+        """``datacenter``: its name (a region); ``join_wan``: the WAN serf port of another
+        datacenter's agent to federate with."""
         self.binary = require_binary("consul")
         self.workdir = workdir
+        self.datacenter = datacenter
+        self.join_wan = join_wan
         self.http_port = free_port()
         self.ports = {
             "http": self.http_port,
@@ -52,6 +58,9 @@ class ConsulAgent:
                 "-client=127.0.0.1",
                 f"-data-dir={data_dir}",
                 *(f"-{name}-port={port}" for name, port in self.ports.items()),
+                *([f"-datacenter={self.datacenter}"] if self.datacenter else []),
+                *([f"-node=consul-{self.datacenter}"] if self.datacenter else []),
+                *([f"-retry-join-wan=127.0.0.1:{self.join_wan}"] if self.join_wan else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -117,7 +117,7 @@ def test_edges_answers_are_rate_limited_and_bounded() -> None:
     assert [directory.answer("", 0.0)[0] for _ in range(4)] == [HTTPStatus.OK] * 3 + [
         HTTPStatus.TOO_MANY_REQUESTS
     ]
-    status, body = directory.answer("", 0.0)
+    _status, body = directory.answer("", 0.0)
     assert json.loads(body)["code"] == "rate_limited"
     assert directory.answer("", 0.1)[0] == HTTPStatus.OK  # refilled: 10 a second
     many = edge_entries_of([_consul_entry(f"e{i}", f"ws://e{i:03}") for i in range(200)])
