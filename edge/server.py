@@ -643,8 +643,10 @@ class EdgeServer:
         if hello.resume and session is not None:
             self._held_for_claim[session] = held_for_claim
             try:
-                claimed = await self._claim(session, identity.user, conn)
-                if claimed is None:  # presence unreachable: trust the signed token
+                claimed = None
+                if not self._from_another_region(hello.resume):
+                    claimed = await self._claim(session, identity.user, conn)
+                if claimed is None:  # presence unreachable or elsewhere: trust the token
                     on_token = True
                     claimed = ClaimReply(session, conn, True)
             finally:
@@ -690,7 +692,7 @@ class EdgeServer:
         welcome = WelcomeFrame(
             session=session,
             user=identity.user,
-            resume=self._resume_tokens.issue(session, identity.user, now, generation),
+            resume=self._resume_tokens.issue(session, identity.user, now, generation, s.region),
             resumed=resumed,
             ice_servers=self._ice_servers(identity.user, now),
             heartbeat=s.heartbeat,
@@ -714,6 +716,13 @@ class EdgeServer:
             self.core.resumed(client, dict(hello.rooms or {}), time.monotonic())
             self._act()
         return client
+
+    def _from_another_region(self, resume: str) -> bool:
+        """A resume token issued in another region: the session's presence lease is there,
+        which this region's presence cannot claim (no global presence yet); the session
+        resumes on the signed token (docs/multi-region.md)."""
+        issued_in = self._resume_tokens.region_of(resume)
+        return len(self.settings.regions) >= 2 and issued_in not in ("", self.settings.region)
 
     def _admit_hello(self, link: WebSocketLink, user: str, session: str | None) -> bool:
         """The accept rate and the per-user cap (``edge.admission``); a refused hello is

@@ -150,13 +150,18 @@ class ResumeTokens:
     def __init__(self, jwt_secret: str) -> None:
         self._key = hmac.new(jwt_secret.encode(), b"signalpost resume v1", hashlib.sha256).digest()
 
-    def issue(self, session: str, user: str, now: float, generation: int = 1) -> str:
+    def issue(
+        self, session: str, user: str, now: float, generation: int = 1, region: str = ""
+    ) -> str:
         """A token that lets ``user`` continue ``session`` on any edge.
 
         ``generation`` numbers the session's connections (the one the token is issued to):
-        the connection that resumes with it is the next one.
+        the connection that resumes with it is the next one. ``region``: the region of the
+        edge that issued it, whose presence service holds the session's lease.
         """
-        claims = {"sid": session, "sub": user, "iat": int(now), "gen": generation}
+        claims: dict[str, Any] = {"sid": session, "sub": user, "iat": int(now), "gen": generation}
+        if region:
+            claims["reg"] = region
         claims["exp"] = int(now + RESUME_TOKEN_LIFETIME)
         return jwt.encode(claims, self._key, algorithm="HS256")
 
@@ -177,6 +182,17 @@ class ResumeTokens:
         if not isinstance(expiry, int) or (time.time() if now is None else now) > expiry:
             return None
         return session
+
+    def region_of(self, token: str) -> str:
+        """The region of the edge that issued a (valid) token; "" when it names none."""
+        try:
+            claims = jwt.decode(
+                token, self._key, algorithms=["HS256"], options={"verify_exp": False}
+            )
+        except jwt.PyJWTError:
+            return ""
+        region = claims.get("reg", "")
+        return region if isinstance(region, str) else ""
 
     def generation_of(self, token: str) -> int:
         """The connection generation a (valid) token was issued to; 1 for older tokens."""

@@ -7,7 +7,7 @@ from http import HTTPStatus
 
 import pytest
 
-from signalpost.auth import ice_servers
+from signalpost.auth import ResumeTokens, ice_servers
 from signalpost.config import Settings
 from signalpost.discovery import Registration
 from signalpost.edge_plan import EdgePlan, probe_url, rank_regions, regions_of, summarize
@@ -187,3 +187,10 @@ def test_regions_rank_by_round_trip_unreachable_last_in_given_order() -> None:
     assert (plan.region, plan.url, plan.urls) == ("eu", "e", ["e", "u"])
     assert probe_url("wss://edge.example:8443/v1/signal") == "https://edge.example:8443/healthz"
     assert probe_url("ws://127.0.0.1:9/v1/signal") == "http://127.0.0.1:9/healthz"
+
+
+def test_resume_tokens_name_the_region_that_issued_them() -> None:
+    tokens = ResumeTokens("secret")
+    assert tokens.region_of(tokens.issue("s-1", "alice", 0.0, region="us")) == "us"
+    assert tokens.region_of(tokens.issue("s-1", "alice", 0.0)) == ""
+    assert tokens.region_of("not a token") == ""
