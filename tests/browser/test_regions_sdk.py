@@ -118,7 +118,8 @@ async ({ nearest }) => {
   const fetch = (url, init) => new Promise((resolve, reject) => {
     const host = new URL(url).hostname;
     probed.push(url);
-    if (delays[host] === null) return init.signal.addEventListener('abort', () => reject(new Error('abort')));
+    const abort = () => reject(new Error('abort'));
+    if (delays[host] === null) return init.signal.addEventListener('abort', abort);
     setTimeout(() => resolve({ status: 0 }), delays[host]);
   });
   const client = new sdk.SignalpostClient({
