@@ -229,6 +229,7 @@ class EdgeServer:
     async def drain(self) -> None:
         """Close every client with 1001 (resume elsewhere), within ``drain_timeout``."""
         self._draining = True
+        self.directory.set_own_url(None)  # /v1/edges stops naming this edge
         if self._server is None:
             return
         self._server.close()  # no new connections; the open ones are closed below

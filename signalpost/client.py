@@ -13,6 +13,14 @@ what it missed. A ``Resumed`` event tells how that went. The users it watches ar
 again after every reconnect (the new edge, or a presence service that restarted meanwhile,
 may not know them); a status that changed while away arrives as a ``PresenceChanged``.
 
+Regions (docs/multi-region.md). ``urls`` may be ``{"eu": [...], "us": [...]}``: the
+regions in the order to fall back in (``signalpost.edge_plan.EdgePlan``). The client moves
+to a region's next URL after each failed try or drop, and to the next region when every
+URL of the region failed in a row; a welcome keeps it in the region it reached; the
+session resumes in another region like on any edge. ``connect`` tries every URL once. With
+``nearest=True`` it first times each region (``measure_regions``) and tries the nearest
+first. A string or a list is one region (``""``), as before.
+
 Requests across a dropped connection (docs/protocol.md "Retrying a request"). An id names
 one request of the session: the counter never restarts, so a resend with the same id is
 the same request, which the cluster applies at most once and answers with the reply it

@@ -181,7 +181,8 @@ class RegionDirectory:
         self._edges[region] = edges
         self._rebuild()
 
-    def set_own_url(self, url: str) -> None:
+    def set_own_url(self, url: str | None) -> None:
+        """This edge's URL, listed in its region (None: not any more, it drains)."""
         self.own_url = url
         self._rebuild()
 
