@@ -14,7 +14,14 @@ from typing import Any
 
 import pytest
 
-from signalpost.client import Disconnected, RequestTimeout, Resumed, SignalpostClient
+from signalpost.client import (
+    Disconnected,
+    PeerLeft,
+    RequestTimeout,
+    Resumed,
+    SignalEvent,
+    SignalpostClient,
+)
 from signalpost.cluster import free_port
 from signalpost.wan_relay import WanRelay
 from tests.binaries import require_binary
@@ -80,12 +87,16 @@ async def test_near_things_first_across_two_regions(cluster_factory: ClusterFact
         far_eu = f"ws://127.0.0.1:{listen}/v1/signal"
         regions = {"eu": [far_eu], "us": [us]}
         alice = SignalpostClient(regions, token("alice"), nearest=True, request_timeout=3)
-        async with alice:
+        bob = SignalpostClient(eu, token("bob"))
+        async with alice, bob:
             assert alice.region == "us"
             assert alice.region_rtts["eu"] is not None and alice.region_rtts["us"] is not None
             assert alice.region_rtts["eu"] >= 0.08 > alice.region_rtts["us"]
             await alice.join("us-room")
+            await alice.join("eu-room")  # homed in eu: reached across the WAN
+            await bob.join("eu-room")
             session = alice.session
+            assert session is not None
             # The whole us region dies (kill -9: edges, brokers, presence, Consul, relay).
             for process in cluster.processes:
                 if process.get("region") == "us":
@@ -97,6 +108,11 @@ async def test_near_things_first_across_two_regions(cluster_factory: ClusterFact
             # under its id (its presence and its us-homed room stayed in us: see
             # docs/multi-region.md), and rooms of the living region serve it.
             assert resumed.session == session
+            # Her room homed in the living region goes on: bob's signal reaches her there.
+            await bob.signal("eu-room", {"after": "failover"}, to=session)
+            got = await alice.next_event(SignalEvent, timeout=10)
+            assert (got.room, got.data) == ("eu-room", {"after": "failover"})
+            assert not [e for e in bob.pending_events() if isinstance(e, PeerLeft)]
             joined = await alice.join("eu-after")
             assert joined["room"] == "eu-after"
             # A room homed in the dead region is not served (no re-homing yet): its

@@ -8,6 +8,7 @@ from http import HTTPStatus
 import pytest
 
 from signalpost.auth import ResumeTokens, ice_servers
+from signalpost.cluster import region_settings
 from signalpost.config import Settings
 from signalpost.discovery import Registration
 from signalpost.edge_plan import EdgePlan, probe_url, rank_regions, regions_of, summarize
@@ -194,3 +195,15 @@ def test_resume_tokens_name_the_region_that_issued_them() -> None:
     assert tokens.region_of(tokens.issue("s-1", "alice", 0.0, region="us")) == "us"
     assert tokens.region_of(tokens.issue("s-1", "alice", 0.0)) == ""
     assert tokens.region_of("not a token") == ""
+
+
+def test_a_local_cluster_gives_each_region_its_own_settings() -> None:
+    env = {
+        "SIGNALPOST_TURN_URLS__EU": "turn:eu",
+        "SIGNALPOST_TURN_URLS__US_EAST": "turn:us",
+        "SIGNALPOST_TURN_SECRET": "shared",
+        "OTHER__EU": "x",
+    }
+    assert region_settings(env, "eu") == {"SIGNALPOST_TURN_URLS": "turn:eu"}
+    assert region_settings(env, "us-east") == {"SIGNALPOST_TURN_URLS": "turn:us"}
+    assert region_settings(env, "") == {}
