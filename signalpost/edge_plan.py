@@ -13,7 +13,7 @@ I/O and lives in ``signalpost.client``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from statistics import median
 from urllib.parse import urlsplit, urlunsplit
 
@@ -39,13 +39,14 @@ def regions_of(urls: Urls) -> list[tuple[str, list[str]]]:
 
 
 def _url_list(region: object, urls: object) -> list[str]:
-    if (
-        isinstance(urls, str | bytes | Mapping)
-        or not isinstance(urls, Sequence)
-        or not all(isinstance(u, str) and u for u in urls)
-    ):
+    listed = (
+        list(urls)
+        if isinstance(urls, Iterable) and not isinstance(urls, str | bytes | Mapping)
+        else None
+    )
+    if listed is None or not all(isinstance(u, str) and u for u in listed):
         raise ValueError(f"edge URLs of region {region!r} must be a list of URL strings")
-    return [str(u) for u in urls]
+    return [str(u) for u in listed]
 
 
 class EdgePlan:

@@ -136,6 +136,7 @@ export function retryDelay(retryAfter, random = Math.random) {
 export function regionsOf(url) {
   let regions;
   if (typeof url === "string") regions = [["", [url]]];
+  else if (typeof URL !== "undefined" && url instanceof URL) regions = [["", [url.href]]];
   else if (Array.isArray(url)) regions = [["", [...url]]];
   else if (url && typeof url === "object") {
     regions = Object.entries(url).map(([name, urls]) => [name, Array.isArray(urls) ? [...urls] : urls]);

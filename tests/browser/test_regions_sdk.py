@@ -32,13 +32,14 @@ PURE_JS = """
   const round = [list.url];
   for (let i = 0; i < 4; i++) { list.failed(); round.push(list.url); }
   const refused = [];
-  for (const bad of [[], {}, { eu: [] }, { eu: 'ws://x' }]) {
+  for (const bad of [[], {}, { eu: [] }, { eu: "ws://x" }]) {
     try { regionsOf(bad); } catch (err) { refused.push(err.name); }
   }
   plan.prefer(rankRegions(['eu', 'us'], { eu: 90, us: 10 }));
   return { walk, round, refused, preferred: [plan.region, plan.urls],
            ranked: rankRegions(['us', 'eu', 'ap', 'sa'], { us: 90, eu: 10, ap: null }),
-           probe: probeUrl('wss://edge.example:8443/v1/signal') };
+           probe: probeUrl('wss://edge.example:8443/v1/signal'),
+           fromUrl: regionsOf(new URL('ws://edge.example/v1/signal')) };
 }
 """
 
@@ -57,6 +58,7 @@ def test_sdk_edge_plan_walks_regions_and_ranks_them(sdk_page: Any) -> None:  # n
     assert result["preferred"] == ["us", ["us-1", "eu-1", "eu-2"]]
     assert result["ranked"] == ["eu", "us", "ap", "sa"]
     assert result["probe"] == "https://edge.example:8443/healthz"
+    assert result["fromUrl"] == [["", ["ws://edge.example/v1/signal"]]]  # a URL object: as before
 
 
 FALLBACK_JS = """
