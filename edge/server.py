@@ -502,6 +502,7 @@ class EdgeServer:
             return link.protocol.reject(HTTPStatus.OK, "ok\n")
         if url.path == EDGES_PATH:
             status, body = self.directory.answer(url.query, time.monotonic())
+            metrics.EDGES_ANSWERS.labels(str(status.value)).inc()
             return _edges_response(status, body)
         if url.path == "/metrics":
             body, content_type = metrics.exposition()

@@ -37,6 +37,12 @@ def _get(url: str) -> tuple[int, dict[str, str], Any]:
         return exc.code, dict(exc.headers), json.loads(exc.read())
 
 
+def _text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text: str = response.read().decode()
+    return text
+
+
 def _edges_url(server: EdgeServer, query: str = "") -> str:
     return f"http://127.0.0.1:{server.port}/v1/edges" + (f"?{query}" if query else "")
 
@@ -63,6 +69,8 @@ async def test_edges_endpoint_answers_from_its_cache_and_refuses_what_it_cannot_
     assert statuses == [200, 200, 429]
     status, headers, body = await _fetch(_edges_url(dev))
     assert (status, headers["Retry-After"], body["code"]) == (429, "1", "rate_limited")
+    exposition = await asyncio.to_thread(_text, f"http://127.0.0.1:{dev.port}/metrics")
+    assert 'signalpost_edges_answers_total{status="429"}' in exposition
 
 
 @pytest.fixture
