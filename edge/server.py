@@ -61,6 +61,7 @@ from signalpost.errors import (
     TooLarge,
     Unauthorized,
 )
+from signalpost.near import EDGES_MAX_AGE, RegionDirectory
 from signalpost.wire import (
     ClaimCmd,
     ClaimReply,
@@ -105,6 +106,7 @@ from signalpost.wire import (
 log = logging.getLogger("signalpost.edge")
 
 SIGNAL_PATH = "/v1/signal"
+EDGES_PATH = "/v1/edges"
 #: How often an unanswered resume claim is sent again (seconds): its user's presence
 #: owner may have died, and the claim then reaches the node that took its users over as
 #: soon as the edge has read the new view (0.2-0.3 s after a kill, with Consul). A claim is
@@ -182,6 +184,13 @@ class EdgeServer:
         self._peers: dict[WebSocketLink, str] = {}
         self._ip_refused: dict[WebSocketLink, Refusal] = {}
         self._user_slots: dict[WebSocketLink, str] = {}
+        #: Every region's edges and ICE URLs (``signalpost.near``): ``/v1/edges``, ICE order.
+        self.directory = RegionDirectory(
+            settings.region,
+            settings.regions,
+            stun_urls=settings.stun_urls,
+            turn_urls=settings.turn_urls,
+        )
         backplane.connect(self.edge_id, self.receive, self.sync_state, self.owners_changed)
 
     # ----------------------------------------------------------------- lifecycle
@@ -192,6 +201,12 @@ class EdgeServer:
         assert self._server is not None
         port: int = self._server.sockets[0].getsockname()[1]
         return port
+
+    @property
+    def url(self) -> str:
+        """The ws URL clients reach this edge at (``advertise_host``, the bound port)."""
+        secure = "s" if self.tls is not None else ""
+        return f"ws{secure}://{self.settings.advertised_host}:{self.port}{SIGNAL_PATH}"
 
     async def start(self) -> None:
         """Start the backplane (and the JWK Set, if any) and listen."""
@@ -206,6 +221,7 @@ class EdgeServer:
             ssl=None if self.tls is None else self.tls.listening,
             ssl_handshake_timeout=None if self.tls is None else self.settings.hello_timeout,
         )
+        self.directory.set_own_url(self.url)
         self._spawn(self._keepalive())
         if self._lossy:
             self._spawn(self._delivery_loop())
@@ -214,6 +230,7 @@ class EdgeServer:
     async def drain(self) -> None:
         """Close every client with 1001 (resume elsewhere), within ``drain_timeout``."""
         self._draining = True
+        self.directory.set_own_url(None)  # /v1/edges stops naming this edge
         if self._server is None:
             return
         self._server.close()  # no new connections; the open ones are closed below
@@ -485,12 +502,21 @@ class EdgeServer:
             if not self.backplane.ready:
                 return link.protocol.reject(HTTPStatus.SERVICE_UNAVAILABLE, "no broker\n")
             return link.protocol.reject(HTTPStatus.OK, "ok\n")
+        if url.path == EDGES_PATH:
+            status, body = self.directory.answer(url.query, time.monotonic())
+            metrics.EDGES_ANSWERS.labels(str(status.value)).inc()
+            return _edges_response(status, body)
         if url.path == "/metrics":
             body, content_type = metrics.exposition()
             return _response(HTTPStatus.OK, body, content_type)
         if url.path == "/v1/dev-token" and self.settings.dev_tokens:
             return self._dev_token(url.query)
         return _static(url.path)
+
+    def _ice_servers(self, user: str, now: float) -> list[dict[str, Any]]:
+        """This region's STUN/TURN first, the other regions' after (``signalpost.near``)."""
+        regions = [(r.stun, r.turn) for r in self.directory.ice_regions()]
+        return ice_servers(self.settings, user, now, regions)
 
     def _dev_token(self, query: str) -> Response:
         params = parse_qs(query)
@@ -623,8 +649,10 @@ class EdgeServer:
         if hello.resume and session is not None:
             self._held_for_claim[session] = held_for_claim
             try:
-                claimed = await self._claim(session, identity.user, conn)
-                if claimed is None:  # presence unreachable: trust the signed token
+                claimed = None
+                if not self._from_another_region(hello.resume):
+                    claimed = await self._claim(session, identity.user, conn)
+                if claimed is None:  # presence unreachable or elsewhere: trust the token
                     on_token = True
                     claimed = ClaimReply(session, conn, True)
             finally:
@@ -680,9 +708,9 @@ class EdgeServer:
         welcome = WelcomeFrame(
             session=session,
             user=identity.user,
-            resume=self._resume_tokens.issue(session, identity.user, now, generation),
+            resume=self._resume_tokens.issue(session, identity.user, now, generation, s.region),
             resumed=resumed,
-            ice_servers=ice_servers(s, identity.user, now),
+            ice_servers=self._ice_servers(identity.user, now),
             heartbeat=s.heartbeat,
             id=hello.id,
         )
@@ -704,6 +732,13 @@ class EdgeServer:
             self.core.resumed(client, dict(hello.rooms or {}), time.monotonic())
             self._act()
         return client
+
+    def _from_another_region(self, resume: str) -> bool:
+        """A resume token issued in another region: the session's presence lease is there,
+        which this region's presence cannot claim (no global presence yet); the session
+        resumes on the signed token (docs/multi-region.md)."""
+        issued_in = self._resume_tokens.region_of(resume)
+        return len(self.settings.regions) >= 2 and issued_in not in ("", self.settings.region)
 
     def _admit_hello(self, link: WebSocketLink, user: str, session: str | None) -> bool:
         """The accept rate and the per-user cap (``edge.admission``); a refused hello is
@@ -862,7 +897,7 @@ class EdgeServer:
             self.core.await_answer(client, seq, unwatch, time.monotonic())
             self.backplane.to_presence(client.identity.user, unwatch)
         elif isinstance(message, IceServersRequest):
-            servers = ice_servers(self.settings, client.identity.user, time.time())
+            servers = self._ice_servers(client.identity.user, time.time())
             self._write([client], encode_frame(IceServersFrame(ice_servers=servers, id=message.id)))
         else:
             raise BadRequest("already authenticated: hello is only valid as the first frame")
@@ -925,6 +960,22 @@ def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
             ("Cache-Control", "no-store"),
         ]
     )
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _edges_response(status: HTTPStatus, body: bytes) -> Response:
+    """A ``/v1/edges`` answer: public, cacheable briefly, readable from any origin."""
+    cache = f"max-age={EDGES_MAX_AGE}" if status == HTTPStatus.OK else "no-store"
+    headers = Headers(
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", cache),
+            ("Access-Control-Allow-Origin", "*"),
+        ]
+    )
+    if status == HTTPStatus.TOO_MANY_REQUESTS:
+        headers["Retry-After"] = "1"
     return Response(status.value, status.phrase, headers, body)
 
 

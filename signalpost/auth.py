@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -210,13 +211,18 @@ class ResumeTokens:
     def __init__(self, jwt_secret: str) -> None:
         self._key = hmac.new(jwt_secret.encode(), b"signalpost resume v1", hashlib.sha256).digest()
 
-    def issue(self, session: str, user: str, now: float, generation: int = 1) -> str:
+    def issue(
+        self, session: str, user: str, now: float, generation: int = 1, region: str = ""
+    ) -> str:
         """A token that lets ``user`` continue ``session`` on any edge.
 
         ``generation`` numbers the session's connections (the one the token is issued to):
-        the connection that resumes with it is the next one.
+        the connection that resumes with it is the next one. ``region``: the region of the
+        edge that issued it, whose presence service holds the session's lease.
         """
-        claims = {"sid": session, "sub": user, "iat": int(now), "gen": generation}
+        claims: dict[str, Any] = {"sid": session, "sub": user, "iat": int(now), "gen": generation}
+        if region:
+            claims["reg"] = region
         claims["exp"] = int(now + RESUME_TOKEN_LIFETIME)
         return jwt.encode(claims, self._key, algorithm="HS256")
 
@@ -237,6 +243,17 @@ class ResumeTokens:
         if not isinstance(expiry, int) or (time.time() if now is None else now) > expiry:
             return None
         return session
+
+    def region_of(self, token: str) -> str:
+        """The region of the edge that issued a (valid) token; "" when it names none."""
+        try:
+            claims = jwt.decode(
+                token, self._key, algorithms=["HS256"], options={"verify_exp": False}
+            )
+        except jwt.PyJWTError:
+            return ""
+        region = claims.get("reg", "")
+        return region if isinstance(region, str) else ""
 
     def generation_of(self, token: str) -> int:
         """The connection generation a (valid) token was issued to; 1 for older tokens."""
@@ -260,14 +277,31 @@ def turn_credentials(secret: str, user: str, ttl: int, now: float) -> tuple[str,
     return username, base64.b64encode(digest).decode()
 
 
-def ice_servers(settings: Settings, user: str, now: float) -> list[dict[str, Any]]:
-    """RTCIceServer list for ``user``: STUN URLs, then TURN URLs with fresh credentials."""
+def ice_servers(
+    settings: Settings,
+    user: str,
+    now: float,
+    regions: Sequence[tuple[Sequence[str], Sequence[str]]] | None = None,
+) -> list[dict[str, Any]]:
+    """RTCIceServer list for ``user``: STUN URLs, then TURN URLs with fresh credentials.
+
+    ``regions``: ``(stun_urls, turn_urls)`` per region, this edge's own first, the others
+    as fallbacks (``signalpost.near``); None: this edge's settings alone. TURN URLs of
+    every region get the same credentials, minted with this edge's ``turn_secret``: every
+    region's coturn must accept that secret (docs/webrtc.md).
+    """
+    if regions is None:
+        regions = [(settings.stun_urls, settings.turn_urls)]
     servers: list[dict[str, Any]] = []
-    if settings.stun_urls:
-        servers.append({"urls": list(settings.stun_urls)})
-    if settings.turn_urls and settings.turn_secret:
-        username, credential = turn_credentials(settings.turn_secret, user, settings.turn_ttl, now)
-        servers.append(
-            {"urls": list(settings.turn_urls), "username": username, "credential": credential}
-        )
+    credentials = None
+    if settings.turn_secret:
+        credentials = turn_credentials(settings.turn_secret, user, settings.turn_ttl, now)
+    for stun_urls, turn_urls in regions:
+        if stun_urls:
+            servers.append({"urls": list(stun_urls)})
+        if turn_urls and credentials is not None:
+            username, credential = credentials
+            servers.append(
+                {"urls": list(turn_urls), "username": username, "credential": credential}
+            )
     return servers

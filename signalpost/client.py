@@ -13,6 +13,14 @@ what it missed. A ``Resumed`` event tells how that went. The users it watches ar
 again after every reconnect (the new edge, or a presence service that restarted meanwhile,
 may not know them); a status that changed while away arrives as a ``PresenceChanged``.
 
+Regions (docs/multi-region.md). ``urls`` may be ``{"eu": [...], "us": [...]}``: the
+regions in the order to fall back in (``signalpost.edge_plan.EdgePlan``). The client moves
+to a region's next URL after each failed try or drop, and to the next region when every
+URL of the region failed in a row; a welcome keeps it in the region it reached; the
+session resumes in another region like on any edge. ``connect`` tries every URL once. With
+``nearest=True`` it first times each region (``measure_regions``) and tries the nearest
+first. A string or a list is one region (``""``), as before.
+
 Requests across a dropped connection (docs/protocol.md "Retrying a request"). An id names
 one request of the session: the counter never restarts, so a resend with the same id is
 the same request, which the cluster applies at most once and answers with the reply it
@@ -53,15 +61,17 @@ import logging
 import random
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ssl import SSLContext
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from signalpost.edge_plan import EdgePlan, Urls, probe_url, rank_regions, regions_of, summarize
 from signalpost.errors import CloseCode, SignalpostError
 
 log = logging.getLogger("signalpost.client")
@@ -258,6 +268,35 @@ class _Request:
     sent: bool = False  # written to some connection: in doubt until answered
 
 
+async def time_get(url: str, timeout: float, ssl: SSLContext | None = None) -> float | None:
+    """Seconds a ``GET url`` took to be answered 200 (connect included); None: it failed,
+    answered otherwise or took longer than ``timeout``."""
+    parts = urlsplit(url)
+    secure = parts.scheme == "https"
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if secure else 80)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=(ssl or True) if secure else None
+            )
+            writer.write(
+                f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            status = await reader.readline()
+        elapsed = loop.time() - started
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+    return elapsed if status.split(b" ")[1:2] == [b"200"] else None
+
+
 def backoff(
     initial: float = 0.1,
     maximum: float = 5.0,
@@ -275,7 +314,7 @@ class SignalpostClient:
 
     def __init__(
         self,
-        urls: str | Sequence[str],
+        urls: Urls,
         token: str | Callable[[], str],
         *,
         auto_resume: bool = True,
@@ -283,8 +322,21 @@ class SignalpostClient:
         max_reconnect_attempts: int = 20,
         origin: str | None = None,
         ssl: SSLContext | None = None,
+        nearest: bool = False,
+        probe_samples: int = 3,
+        probe_timeout: float = 1.0,
     ) -> None:
-        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        #: Where to connect: a URL, a list tried in turn, or ``{region: [urls]}`` with the
+        #: regions in the order to fall back in (``signalpost.edge_plan``).
+        self.plan = EdgePlan(regions_of(urls))
+        self.urls = self.plan.urls
+        #: With ``nearest`` and two or more regions, ``connect`` first times a GET of each
+        #: region's first edge's ``/healthz`` (``probe_samples`` each, ``probe_timeout``
+        #: seconds at most each) and tries the nearest region first.
+        self.nearest = nearest
+        self.probe_samples = probe_samples
+        self.probe_timeout = probe_timeout
+        self.region_rtts: dict[str, float | None] = {}
         #: TLS client context for ``wss://`` URLs (None: the system's CAs, hostname checked);
         #: e.g. ``ssl.create_default_context(cafile=...)`` for an edge with a private CA.
         self.ssl = ssl
@@ -304,7 +356,6 @@ class SignalpostClient:
         self._epoch_of: OrderedDict[str, str] = OrderedDict()
         self.welcome: dict[str, Any] = {}
         self.close_code: int | None = None
-        self._url_index = 0
         self._ws: ClientConnection | None = None
         # One counter per client, never restarted: ids stay unique within the session
         # across reconnects, so a resend with the same id is the same request.
@@ -322,13 +373,25 @@ class SignalpostClient:
 
     @property
     def url(self) -> str:
-        return self.urls[self._url_index % len(self.urls)]
+        """The edge URL in use (or to be tried next)."""
+        return self.plan.url
+
+    @property
+    def region(self) -> str:
+        """The region of ``url`` (``""`` when the URLs were given without regions)."""
+        return self.plan.region
 
     async def connect(self) -> dict[str, Any]:
         """Open the connection and authenticate; return the ``welcome`` frame.
 
-        An edge that answers 4503 (busy: try again later) is tried again after the delay
-        it asked for plus jitter, up to ``max_reconnect_attempts`` times."""
+        With ``nearest``, the regions are tried nearest first (``measure_regions``). An
+        edge that cannot be reached gives way to the next (every URL is tried once, by
+        region, before the last error is raised). An edge that answers 4503 (busy: try
+        again later) is tried again after the delay it asked for plus jitter, up to
+        ``max_reconnect_attempts`` times."""
+        if self.nearest and len(self.plan.regions) > 1:
+            await self.measure_regions()
+        unreachable = 0
         for attempt in itertools.count(1):
             try:
                 welcome = await self._open(resume=False)
@@ -338,10 +401,38 @@ class SignalpostClient:
                     raise
                 log.info("connecting: %s", exc)
                 await asyncio.sleep(retry_delay(exc.retry_after))
+            except (OSError, InvalidHandshake, TimeoutError) as exc:
+                unreachable += 1
+                if unreachable >= len(self.urls):
+                    raise
+                log.info("connecting to %s failed: %s", self.url, exc)
+                self.plan.failed()
+        self.plan.succeeded()
         await self._flush()  # requests made while connecting
         self._connected.set()
         self._reader = asyncio.create_task(self._read_forever(), name="signalpost-client")
         return welcome
+
+    async def measure_regions(self) -> dict[str, float | None]:
+        """Time each region's first edge (a GET of its ``/healthz``, ``probe_samples``
+        times, each within ``probe_timeout``; all regions at once), then try the regions
+        nearest first. Returns (and keeps in ``region_rtts``) the median round trip per
+        region in seconds; None: no sample answered 200."""
+        names = [name for name, _ in self.plan.regions]
+
+        async def region_rtt(urls: list[str]) -> float | None:
+            target = probe_url(urls[0])
+            samples = [
+                await time_get(target, self.probe_timeout, self.ssl)
+                for _ in range(max(1, self.probe_samples))
+            ]
+            return summarize(samples)
+
+        rtts = await asyncio.gather(*(region_rtt(urls) for _, urls in self.plan.regions))
+        self.region_rtts = dict(zip(names, rtts, strict=True))
+        self.plan.prefer(rank_regions(names, self.region_rtts))
+        log.info("regions by round trip: %s", self.region_rtts)
+        return dict(self.region_rtts)
 
     async def close(self) -> None:
         """End the session cleanly (close 1000: the cluster drops it at once); requests
@@ -432,7 +523,9 @@ class SignalpostClient:
         for _attempt in range(self.max_reconnect_attempts):
             await asyncio.sleep(delay)
             delay = next(delays)
-            self._url_index += 1  # try the next edge: this one may be the one that died
+            # The next edge (this one may be the one that died, or busy); when every edge
+            # of the region failed in a row, the next region's: the session resumes there.
+            self.plan.failed()
             try:
                 welcome = await self._open(resume=True)
             except TryAgainLater as exc:  # busy (4503): wait as long as it asked, and jitter
@@ -442,6 +535,7 @@ class SignalpostClient:
             except (OSError, InvalidHandshake, TimeoutError, ClientError) as exc:
                 log.info("reconnect to %s failed: %s", self.url, exc)
                 continue
+            self.plan.succeeded()
             resumed: bool = welcome["resumed"]
             if resumed:
                 for entry in self._pending.values():

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -141,7 +142,8 @@ def plan(
     region gets the same set of nodes (ids prefixed with the region), its own Consul
     datacenter (WAN-joined to the first region's), and a WAN relay in front of its brokers
     and presence nodes that holds every byte ``wan_delay`` seconds each way: what nodes of
-    other regions dial (``wan_advertise``).
+    other regions dial (``wan_advertise``). A variable ``SIGNALPOST_<SETTING>__<REGION>``
+    sets ``<setting>`` for that region's nodes only (e.g. ``SIGNALPOST_TURN_URLS__EU``).
     """
     env = dict(os.environ)
     env.setdefault("SIGNALPOST_JWT_SECRET", settings.jwt_secret)
@@ -159,6 +161,7 @@ def plan(
     first_wan_port: int | None = None
     for region in regions or [""]:
         region_env = {**env, "SIGNALPOST_REGION": region} if region else dict(env)
+        region_env.update(region_settings(env, region))
         if consul:
             agent, first_wan_port = _consul_child(region, log_dir, region_env, first_wan_port)
             children.append(agent)
@@ -194,6 +197,17 @@ def plan(
                 "SIGNALPOST_NODE_KEY_FILE": str(keys_dir / (child.id + SECRET_SUFFIX)),
             }
     return children
+
+
+def region_settings(env: Mapping[str, str], region: str) -> dict[str, str]:
+    """``SIGNALPOST_<SETTING>__<REGION>`` variables as ``SIGNALPOST_<SETTING>``, for the
+    nodes of ``region`` (each region of a local cluster its own TURN URLs, say)."""
+    suffix = f"__{region.upper().replace('-', '_')}"
+    return {
+        name.removesuffix(suffix): value
+        for name, value in env.items()
+        if region and name.startswith("SIGNALPOST_") and name.endswith(suffix)
+    }
 
 
 def _consul_child(

@@ -281,9 +281,12 @@ MEANINGS: Final = {
     "reconnect storm resumes are admitted before fresh sessions",
     "cap_retry_after": "seconds a client refused by a cap (per IP, per user) is told to "
     "wait before trying again (`retry_after_ms` in the 4503 close reason)",
-    "turn_secret": "TURN REST shared secret (one of coturn's `static-auth-secret`)",
-    "turn_urls": "TURN URLs handed out with credentials (comma separated)",
-    "stun_urls": "STUN URLs handed out (comma separated)",
+    "turn_secret": "TURN REST shared secret (one of coturn's `static-auth-secret`); the same "
+    "in every region: an edge mints the credentials for the other regions' TURN URLs too",
+    "turn_urls": "TURN URLs handed out with credentials (comma separated): this edge's "
+    "region's; with two or more `regions` the other regions' follow, learnt from their "
+    "edges' Consul registrations (docs/webrtc.md)",
+    "stun_urls": "STUN URLs handed out (comma separated): this edge's region's, first",
     "turn_ttl": "seconds TURN credentials stay valid",
     "room_capacity": "members per room (the seed app's rule is 2)",
     "history_max_events": "events kept per room for resume",

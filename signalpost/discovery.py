@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import consul
@@ -199,6 +199,7 @@ class Registration:
     check_url: str  # the HTTP check Consul polls
     region: str = ""  # the node's region (its agent's datacenter), for other regions' eyes
     wan_endpoint: str = ""  # what nodes of other regions dial (empty: ``endpoint``)
+    extra_meta: dict[str, str] = field(default_factory=dict)  # e.g. an edge's ICE URLs
 
     def payload(self) -> dict[str, Any]:
         check = consul.Check.http(
@@ -216,6 +217,7 @@ class Registration:
             meta["region"] = self.region
         if self.wan_endpoint:
             meta["wan_endpoint"] = self.wan_endpoint
+        meta = {**self.extra_meta, **meta}
         return {
             "name": service_name(self.kind),
             "service_id": self.node_id,

@@ -123,6 +123,13 @@ CROSS_REGION_DROPPED = Counter(
     ["region"],
 )
 
+EDGES_ANSWERS = Counter(
+    "signalpost_edges_answers",
+    "GET /v1/edges answers of this edge, by HTTP status (200; 404 unknown region; 400 bad "
+    "query; 429 past the per-edge rate)",
+    ["status"],
+)
+
 
 def exposition() -> tuple[bytes, str]:
     """The text exposition format and its content type."""

@@ -24,10 +24,20 @@ class ConsulAgent:
     token nothing; this helper's own calls send it.
     """
 
-    def __init__(self, workdir: Path, master_token: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        master_token: str | None = None,
+        datacenter: str | None = None,
+        join_wan: int | None = None,
+    ) -> None:
+        """``datacenter``: its name (a region); ``join_wan``: the WAN serf port of another
+        datacenter's agent to federate with."""
         self.binary = require_binary("consul")
         self.workdir = workdir
         self.master_token = master_token
+        self.datacenter = datacenter
+        self.join_wan = join_wan
         self.http_port = free_port()
         self.ports = {
             "http": self.http_port,
@@ -68,6 +78,9 @@ class ConsulAgent:
                 f"-data-dir={data_dir}",
                 *(f"-{name}-port={port}" for name, port in self.ports.items()),
                 *acl,
+                *([f"-datacenter={self.datacenter}"] if self.datacenter else []),
+                *([f"-node=consul-{self.datacenter}"] if self.datacenter else []),
+                *([f"-retry-join-wan=127.0.0.1:{self.join_wan}"] if self.join_wan else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

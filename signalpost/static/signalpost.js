@@ -128,6 +128,96 @@ export function retryDelay(retryAfter, random = Math.random) {
   return retryAfter + random() * retryAfter;
 }
 
+/**
+ * Per-region edge URLs, `[[region, [url...]], ...]`, from a `url` option: a string or a
+ * list is one region named ""; an object `{eu: [...], us: [...]}` lists regions in the
+ * order to fall back in. Throws a TypeError when a region has no URLs.
+ */
+export function regionsOf(url) {
+  let regions;
+  if (typeof url === "string") regions = [["", [url]]];
+  else if (typeof URL !== "undefined" && url instanceof URL) regions = [["", [url.href]]];
+  else if (Array.isArray(url)) regions = [["", [...url]]];
+  else if (url && typeof url === "object") {
+    regions = Object.entries(url).map(([name, urls]) => [name, Array.isArray(urls) ? [...urls] : urls]);
+  } else regions = [];
+  if (!regions.length) throw new TypeError("SignalpostClient needs a url");
+  for (const [name, urls] of regions) {
+    if (!Array.isArray(urls) || !urls.length || !urls.every((u) => typeof u === "string" && u)) {
+      throw new TypeError(`region ${JSON.stringify(name)} needs a list of edge URLs`);
+    }
+  }
+  return regions;
+}
+
+/**
+ * Which edge to try next (pure): the current region's URLs in turn; when every URL of the
+ * region failed in a row (the one that dropped counts), the next region's first, wrapping
+ * around. A welcome resets the count: the client stays in the region it reached.
+ */
+export class EdgePlan {
+  #index = 0;
+  #region = 0;
+  #failures = 0;
+
+  constructor(regions) {
+    this.regions = regions.map(([name, urls]) => [name, [...urls]]);
+  }
+
+  get region() { return this.regions[this.#region][0]; }
+
+  get url() { return this.regions[this.#region][1][this.#index]; }
+
+  /** Every URL, regions in order. */
+  get urls() { return this.regions.flatMap(([, urls]) => urls); }
+
+  /** The current edge failed or dropped: move on. */
+  failed() {
+    const urls = this.regions[this.#region][1];
+    if (++this.#failures >= urls.length) {
+      this.#region = (this.#region + 1) % this.regions.length;
+      this.#index = 0;
+      this.#failures = 0;
+    } else {
+      this.#index = (this.#index + 1) % urls.length;
+    }
+  }
+
+  /** Welcomed: the region is good again. */
+  succeeded() { this.#failures = 0; }
+
+  /** Try the regions in `order` (names it omits keep their place after it), from the first. */
+  prefer(order) {
+    const rank = (name) => (order.includes(name) ? order.indexOf(name) : order.length);
+    this.regions.sort((a, b) => rank(a[0]) - rank(b[0]));
+    this.#region = this.#index = this.#failures = 0;
+  }
+}
+
+/** `order` sorted by round trip (ms), nearest first; regions without one last, in order. */
+export function rankRegions(order, rtts) {
+  const key = (name) => [rtts[name] == null ? 1 : 0, rtts[name] ?? 0, order.indexOf(name)];
+  return [...order].sort((a, b) => {
+    const [x, y] = [key(a), key(b)];
+    return x[0] - y[0] || x[1] - y[1] || x[2] - y[2];
+  });
+}
+
+/** The `/healthz` URL of the edge behind a `ws(s)://host/v1/signal` URL. */
+export function probeUrl(edgeUrl) {
+  const url = new URL(edgeUrl);
+  url.protocol = url.protocol === "wss:" ? "https:" : url.protocol === "ws:" ? "http:" : url.protocol;
+  url.pathname = "/healthz";
+  url.search = "";
+  return url.toString();
+}
+
+function median(values) {
+  const sorted = [...values].sort((a, b) => a - b);
+  const middle = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
+}
+
 const DEFAULTS = {
   requestTimeout: 10000,
   connectTimeout: 10000,
@@ -136,16 +226,22 @@ const DEFAULTS = {
   backoff: {},
   heartbeat: null, // ms; null: the welcome's `heartbeat`
   rejoinUnrecovered: true,
+  nearest: false,
+  probeSamples: 3,
+  probeTimeout: 1000, // ms, per sample
 };
 
 /**
  * One signalpost session, kept alive across reconnects.
  *
- * Options: `url` (string, list of edge URLs tried in turn, or function of the attempt
- * number), `token` or `getToken` (async, called before every connection attempt),
- * `requestTimeout`, `connectTimeout` (ms), `reconnect`, `maxReconnectAttempts`,
+ * Options: `url` (string, list of edge URLs tried in turn, object of per-region lists
+ * `{eu: [...], us: [...]}` tried region by region in that order (`EdgePlan`), or function
+ * of the attempt number), `token` or `getToken` (async, called before every connection
+ * attempt), `requestTimeout`, `connectTimeout` (ms), `reconnect`, `maxReconnectAttempts`,
  * `backoff` ({initial, maximum, factor} for `backoffDelays`), `heartbeat` (ms),
- * `rejoinUnrecovered`, `WebSocket` (constructor, for other runtimes).
+ * `rejoinUnrecovered`, `nearest` (time each region's first edge before connecting and try
+ * the nearest region first: `probeSamples` GETs of its `/healthz`, each within
+ * `probeTimeout` ms), `WebSocket` and `fetch` (for other runtimes).
  */
 export class SignalpostClient extends EventTarget {
   #options;
@@ -177,6 +273,7 @@ export class SignalpostClient extends EventTarget {
   #attemptSocket = null; // the socket of a connection attempt not yet welcomed
   #onOnline = () => { if (this.#wake?.wakeable) this.#wake(); };
   #listeners = new Map(); // fn -> Map(type -> listener), for off()
+  #plan = null; // EdgePlan, unless `url` is a function
 
   /** @param {object} options see the class comment */
   constructor(options = {}) {
@@ -185,6 +282,9 @@ export class SignalpostClient extends EventTarget {
     if (!options.token && !options.getToken) throw new TypeError("SignalpostClient needs token or getToken");
     this.#options = { ...DEFAULTS, ...options };
     this.#WebSocket = options.WebSocket || globalThis.WebSocket;
+    if (typeof options.url !== "function") this.#plan = new EdgePlan(regionsOf(options.url));
+    /** Median round trip (ms) per region measured by `measureRegions` (null: no answer). */
+    this.regionRtts = {};
     /** The current session id (stable across resumes). */
     this.session = null;
     /** The user id the token names. */
@@ -206,8 +306,47 @@ export class SignalpostClient extends EventTarget {
   get url() {
     const { url } = this.#options;
     if (typeof url === "function") return url(this.#attempt);
-    if (Array.isArray(url)) return url[this.#attempt % url.length];
-    return url;
+    return this.#plan.url;
+  }
+
+  /** The region of `url` ("" when the URLs were given without regions). */
+  get region() {
+    return this.#plan ? this.#plan.region : "";
+  }
+
+  /**
+   * Time each region's first edge (`probeSamples` GETs of its `/healthz`, each within
+   * `probeTimeout` ms; all regions at once), then try the regions nearest first. Any
+   * answer counts as a round trip (a cross-origin answer's status cannot be read);
+   * a failure or timeout does not. Resolves to `{region: ms | null}` (`regionRtts`).
+   */
+  async measureRegions() {
+    if (!this.#plan) return {};
+    const fetcher = this.#options.fetch || globalThis.fetch.bind(globalThis);
+    const { probeSamples, probeTimeout } = this.#options;
+    const timeOne = async (url) => {
+      const controller = new AbortController();
+      const timer = setTimeout(() => controller.abort(), probeTimeout);
+      const started = performance.now();
+      try {
+        await fetcher(url, { mode: "no-cors", cache: "no-store", signal: controller.signal });
+        return performance.now() - started;
+      } catch {
+        return null;
+      } finally {
+        clearTimeout(timer);
+      }
+    };
+    const names = this.#plan.regions.map(([name]) => name);
+    const rtts = await Promise.all(this.#plan.regions.map(async ([, urls]) => {
+      const samples = [];
+      for (let i = 0; i < Math.max(1, probeSamples); i++) samples.push(await timeOne(probeUrl(urls[0])));
+      const answered = samples.filter((x) => x !== null);
+      return answered.length ? median(answered) : null;
+    }));
+    this.regionRtts = Object.fromEntries(names.map((name, i) => [name, rtts[i]]));
+    this.#plan.prefer(rankRegions(names, this.regionRtts));
+    return { ...this.regionRtts };
   }
 
   /** Rooms this session is a member of. */
@@ -320,7 +459,8 @@ export class SignalpostClient extends EventTarget {
    * `maxReconnectAttempts` times.
    */
   async #firstOpen() {
-    const tries = Array.isArray(this.#options.url) ? this.#options.url.length : 1;
+    if (this.#options.nearest && this.#plan && this.#plan.regions.length > 1) await this.measureRegions();
+    const tries = this.#plan ? this.#plan.urls.length : 1;
     let busy = 0;
     for (let attempt = 1; ; attempt++) {
       try {
@@ -336,6 +476,7 @@ export class SignalpostClient extends EventTarget {
         const refused = err.closeCode !== undefined && FINAL_CLOSE_CODES.has(err.closeCode);
         if (refused || this.#closing || attempt >= tries) throw err;
         this.#attempt++;
+        this.#plan?.failed();
       }
     }
   }
@@ -459,6 +600,7 @@ export class SignalpostClient extends EventTarget {
   /** The welcome arrived: make `ws` the session's socket (synchronously, before more frames). */
   #adopt(ws, generation, welcome, resume) {
     const previousSession = this.session;
+    this.#plan?.succeeded();
     this.#ws = ws;
     ws.onmessage = (event) => this.#onMessage(generation, event.data);
     ws.onclose = (event) => this.#dropped(generation, event.code, event.reason);
@@ -549,7 +691,10 @@ export class SignalpostClient extends EventTarget {
       else await this.#sleep(retryDelay(busyFor), false);
       busyFor = null;
       if (this.#closing) return;
-      this.#attempt++; // the next URL: the edge we lost may be the one that died
+      // The next URL (the edge we lost may be the one that died); when every edge of the
+      // region failed in a row, the next region's: the session resumes there.
+      this.#attempt++;
+      this.#plan?.failed();
       this.#emit("reconnect-attempt", { attempt, url: this.url });
       try {
         await this.#open(true);
