@@ -114,7 +114,7 @@ async def test_each_regions_edge_hands_out_its_own_ice_first_and_lists_the_other
     eu_agent, us_agent = two_datacenters
     eu = await dev_factory(**_region_settings("eu", eu_agent))
     us = await dev_factory(**_region_settings("us", us_agent))
-    discoveries = [edge_discovery(edge.settings, edge) for edge in (eu, us)]
+    discoveries = [await edge_discovery(edge.settings, edge) for edge in (eu, us)]
     try:
         # Each learns the other region's edge through its own agent (?dc=).
         await _until(lambda: eu.directory.edges("us") == [url_of(us)])
