@@ -480,7 +480,11 @@ class PresenceTable:
         if lease is not None:
             if not conn_supersedes(command.conn, lease.conn):
                 return out  # an older connection's late word: the newer one keeps the lease
-            if lease.conn != command.conn and lease.suspended_until is None:
+            if lease.conn != command.conn:
+                # A suspended lease's connection should be gone, but its edge may still hold
+                # it (a copy or sync that suspended a connection still open there, a
+                # half-open socket): it is closed all the same. Only a live lease's
+                # eviction holds a claim's answer (``claim``).
                 out.append((lease.edge, Evict(command.session, lease.conn, lease.user)))
             self._unlink(command.session, lease)
             if lease.user != command.user:
@@ -551,8 +555,13 @@ class PresenceTable:
             versions,
             self._ticket(command.session, command.edge, command.conn),
         )
+        replaced_live = lease.suspended_until is None
         for edge, envelope in granted:
-            if isinstance(envelope, Evict) and envelope.session == command.session:
+            if (
+                replaced_live
+                and isinstance(envelope, Evict)
+                and envelope.session == command.session
+            ):
                 # The connection it replaces is live: answered once that one is closed.
                 self._held[command.session] = HeldReply(
                     command.edge, reply, edge, envelope.conn, now + EVICT_WAIT

@@ -67,8 +67,11 @@ def test_a_claim_is_answered_once_the_runner_up_acknowledged_its_copy() -> None:
     assert target == "p1" and isinstance(copy, LeaseCopy) and copy.conn == "c2.2"
     ((_, ack),) = p1.handle(copy, 1.0)
     assert ack == ReplicaAck("s", copy.seq)
-    ((edge, reply),) = p0.handle(ack, 1.0)
+    released = p0.handle(ack, 1.0)
+    ((edge, reply),) = _of(released, ClaimReply)
     assert edge == "e1" and isinstance(reply, ClaimReply) and reply.live
+    # (with it, the suspended connection's edge is told to close it, should it be open)
+    assert [type(e).__name__ for _, e in released] == ["Evict", "ClaimReply"]
 
 
 def test_an_unacknowledged_copy_is_sent_again_and_the_runner_up_acks_it_once() -> None:

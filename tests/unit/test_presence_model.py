@@ -99,7 +99,7 @@ class Model:
         if lease is not None:
             if not self.may_take(conn, lease.conn):
                 return
-            if lease.conn != conn and lease.suspended_until is None:
+            if lease.conn != conn:  # (a suspended one too: its edge may still hold it)
                 sent.append(("evict", lease.edge, session, lease.conn))
         was = self.status(user)
         self.leases[session] = ModelLease(user, edge, conn)
