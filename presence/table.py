@@ -123,6 +123,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from presence.regional import STALE_AFTER, RegionalStatuses
 from signalpost.replication import Unacked, resend_late, retarget
 from signalpost.tickets import SeatTickets
 from signalpost.wire import (
@@ -190,6 +191,15 @@ def _next_version(after: int, online: bool, floor: int) -> int:
 
 def _no_floor() -> int:
     return 0
+
+
+#: How often subscriptions to other regions held for users no longer watched here are
+#: swept (seconds; those are dropped at once where the table sees it, this catches the rest).
+CROSS_SWEEP_INTERVAL: Final = 10.0
+#: Users whose regional status other regions subscribed to here at once; past that new
+#: subscriptions are not answered (counted ``misrouted``): that region sees those users
+#: as offline here.
+MAX_REGION_SUBSCRIBED: Final = 200_000
 
 
 @dataclass(slots=True)
@@ -286,6 +296,10 @@ class PresenceTable:
         first_seq: int = 0,
         copy_resend_after: float = COPY_RESEND_AFTER,
         version_floor: Callable[[], int] = _no_floor,
+        region: str = "",
+        owner_in: Callable[[str, str], str | None] | None = None,
+        regions: Iterable[str] = (),
+        stale_after: float = STALE_AFTER,
     ) -> None:
         self.resume_window = resume_window
         #: This node's placement id, and the owner of a user in this node's view (None:
@@ -362,6 +376,28 @@ class PresenceTable:
         self._version_floor = version_floor
         self._versions: OrderedDict[str, int] = OrderedDict()
         self._remote_versions: dict[str, int] = {}
+        # Global presence (``presence.regional``; idle with fewer than two regions). This
+        # node's region and the others; ``owner_in(region, user)``: the user's owner there.
+        self.region = region
+        self._other_regions = sorted({r for r in regions if r and r != region})
+        self._owner_in = owner_in
+        self._global = bool(self._other_regions) and owner_in is not None
+        self.stale_after = stale_after
+        #: Owned users watched here -> region -> the node there subscribed at; what those
+        #: nodes noted; (user, region) subscriptions not answered yet.
+        self._cross: dict[str, dict[str, str]] = {}
+        self.regional = RegionalStatuses()
+        self._cross_unanswered: set[tuple[str, str]] = set()
+        self._cross_swept_at = float("-inf")
+        self._cross_resend_at = float("-inf")
+        #: Other regions' nodes subscribed to owned users' regional status -> and what
+        #: each user's regional status and version last told were.
+        self._region_subscribers: dict[str, set[str]] = {}
+        self._regional_told: dict[str, tuple[bool, int]] = {}
+        #: Other regions' nodes whose link is down -> since when (stale after
+        #: ``stale_after``: ``_stale_marked``).
+        self._down_since: dict[str, float] = {}
+        self._stale_marked: set[str] = set()
 
     def owns(self, user: str) -> bool:
         """Whether this node owns ``user`` in its view (always, without a view function)."""
@@ -372,7 +408,12 @@ class PresenceTable:
         it); for a user owned elsewhere, what its owner noted last."""
         if self._owner_of is not None and not self.owns(user):
             return self._remote.get(user, "offline")
-        return "online" if self._sessions_of.get(user) else "offline"
+        return "online" if self._online(user) else "offline"
+
+    def _online(self, user: str) -> bool:
+        """Owned ``user`` is online: a lease here, or (global presence) any other region
+        says so."""
+        return bool(self._sessions_of.get(user)) or (self._global and self.regional.online(user))
 
     def version(self, user: str) -> int:
         """The version of ``user``'s status (``PresenceFrame.version``): odd while online,
@@ -385,7 +426,7 @@ class PresenceTable:
     def _note_status(self, user: str) -> int:
         """``user`` (owned here) may have changed status: its version, moved past the one
         it had if the status is not what that one says."""
-        online = bool(self._sessions_of.get(user))
+        online = self._online(user)
         version = self._versions.get(user)
         if version is not None and (version % 2 == 1) == online:
             return version
@@ -462,8 +503,12 @@ class PresenceTable:
         if isinstance(command, EdgeSync):
             return self.edge_sync(command)
         if isinstance(command, StatusSubscribe):
+            if command.region:
+                return self.region_subscribe(command, now)
             return self.subscribe(command, now)
         if isinstance(command, StatusNote):
+            if command.region:
+                return self.region_noted(command)
             return self.noted(command)
         if isinstance(command, LeaseCopy):
             return self.copied(command, now)
@@ -653,6 +698,8 @@ class PresenceTable:
             resend_late(self._copying.values(), now, self.copy_resend_after, out)
         if (self._settling or self._unconfirmed) and now >= self._settled_at:
             self._settle(out, now)
+        if self._global:
+            self._cross_tick(out, now)
         if self._owner_of is not None and now >= self._resubscribe_at:
             self._resubscribe_at = now + RESUBSCRIBE_INTERVAL
             self._resubscribe(out, only_unanswered=True)
@@ -818,6 +865,8 @@ class PresenceTable:
             self._watchers_of.setdefault(user, set()).add(session)
 
     def _notify(self, user: str, was: Status, out: list[Outbound]) -> None:
+        if user in self._region_subscribers:
+            self._tell_regions(user, out)
         now_status = self.status(user)
         if now_status == was or user in self._settling:
             if self.owns(user):
@@ -859,6 +908,8 @@ class PresenceTable:
             del self._subscribers[user]  # its subscribers subscribe at its new owner
         for user in [u for u in self._versions if not self.owns(u)]:
             del self._versions[user]  # its new owner versions it (from the copies)
+        if self._global:
+            self._cross_view_changed(out)
         for user in [u for u in self._remote if self.owns(u)]:
             # Known from leases now, once the edges re-synced them.
             self._settling.setdefault(user, self._remote.pop(user))
@@ -1092,6 +1143,15 @@ class PresenceTable:
                 self._suspend(session, lease, now + self.resume_window)
         settling, self._settling = self._settling, {}
         for user, was in settling.items():
+            if (
+                self._cross_unanswered
+                and now < self._settled_at + PENDING_TIMEOUT
+                and any((user, r) in self._cross_unanswered for r in self._other_regions)
+            ):
+                # Its status in another region is not known yet (its new owner here
+                # subscribed there): settled once noted, or PENDING_TIMEOUT at most.
+                self._settling[user] = was
+                continue
             if user in self._watchers_of and self.owns(user):
                 self._notify(user, was, out)
 
@@ -1128,7 +1188,10 @@ class PresenceTable:
             versions[user] = self.version(user)
         if not statuses:
             return []
-        return [(command.node, StatusNote(self.node_id, statuses, versions))]
+        out: list[Outbound] = [(command.node, StatusNote(self.node_id, statuses, versions))]
+        if self._global:
+            self._cross_subscribe(statuses, out)
+        return out
 
     def noted(self, note: StatusNote) -> list[Outbound]:
         """An owner told this node the status of users watched here."""
@@ -1165,7 +1228,10 @@ class PresenceTable:
                 out.append(self._watch_reply(pending.command))
 
     def _subscribe_remote(self, users: list[str], out: list[Outbound]) -> None:
-        """Subscribe at their owners to the watched ``users`` this node does not own."""
+        """Subscribe at their owners to the watched ``users`` this node does not own (and,
+        global presence, at their owners in the other regions to those it owns)."""
+        if self._global:
+            self._cross_subscribe(users, out)
         if self._owner_of is None:
             return
         by_owner: dict[str, list[str]] = {}
@@ -1183,6 +1249,8 @@ class PresenceTable:
 
     def _unsubscribe_unwatched(self, users: Iterable[str], out: list[Outbound]) -> None:
         """Stop the subscriptions of ``users`` nobody here watches any more."""
+        if self._cross:
+            self._cross_drop(users, out)
         if not self._subscribed:
             return
         by_owner: dict[str, list[str]] = {}
@@ -1239,8 +1307,198 @@ class PresenceTable:
         return self._finish(out, now)
 
     def _unsubscribe_node(self, node: str) -> None:
+        if self._region_subscribers:
+            for user in [u for u, nodes in self._region_subscribers.items() if node in nodes]:
+                nodes = self._region_subscribers[user]
+                nodes.discard(node)
+                if not nodes:
+                    del self._region_subscribers[user]
+                    self._regional_told.pop(user, None)
         for user in [u for u, nodes in self._subscribers.items() if node in nodes]:
             nodes = self._subscribers[user]
             nodes.discard(node)
             if not nodes:
                 del self._subscribers[user]
+
+    # ----------------------------------------------------------------- global presence
+
+    def _wants_cross(self, user: str) -> bool:
+        """Whether this node needs ``user``'s status in the other regions: it owns the
+        user, and a session here or a subscribed node of this region watches it."""
+        return self.owns(user) and (user in self._watchers_of or user in self._subscribers)
+
+    def _cross_subscribe(self, users: Iterable[str], out: list[Outbound]) -> None:
+        """Subscribe at their owners in the other regions to the regional status of the
+        ``users`` this node newly needs it for."""
+        assert self._owner_in is not None
+        by_node: dict[str, list[str]] = {}
+        for user in users:
+            if user in self._cross or not self._wants_cross(user):
+                continue
+            at = self._cross[user] = {}
+            for region in self._other_regions:
+                node = self._owner_in(region, user)
+                if node is None:
+                    continue  # that region's view is not known (yet): subscribed with it
+                at[region] = node
+                self._cross_unanswered.add((user, region))
+                by_node.setdefault(node, []).append(user)
+        for node, subscribed in by_node.items():
+            out.append((node, StatusSubscribe(self.node_id, subscribed, region=self.region)))
+
+    def _cross_drop(self, users: Iterable[str], out: list[Outbound]) -> None:
+        """Stop the other regions' notes of ``users`` this node no longer needs."""
+        by_node: dict[str, list[str]] = {}
+        for user in users:
+            if user not in self._cross or self._wants_cross(user):
+                continue
+            for region, node in self._cross.pop(user).items():
+                self._cross_unanswered.discard((user, region))
+                by_node.setdefault(node, []).append(user)
+            self.regional.forget(user)
+        for node, dropped in by_node.items():
+            out.append((node, StatusSubscribe(self.node_id, [], dropped, region=self.region)))
+
+    def _cross_resubscribe(self, out: list[Outbound], pairs: Iterable[tuple[str, str]]) -> None:
+        """Subscribe again for each (user, region) at the user's owner there now."""
+        assert self._owner_in is not None
+        by_node: dict[str, list[str]] = {}
+        for user, region in pairs:
+            at = self._cross.get(user)
+            if at is None:
+                continue
+            node = self._owner_in(region, user)
+            if node is None:
+                continue
+            at[region] = node
+            self._cross_unanswered.add((user, region))
+            by_node.setdefault(node, []).append(user)
+        for node, users in by_node.items():
+            out.append((node, StatusSubscribe(self.node_id, users, region=self.region)))
+
+    def region_placement_changed(self, region: str, now: float) -> list[Outbound]:
+        """Another region's presence view (or its nodes) changed: subscribe where its owners
+        of the users watched here moved. The last status noted stays until the new owner
+        notes one (it answers once its own edges re-synced)."""
+        if not self._global:
+            return []
+        assert self._owner_in is not None
+        moved = [
+            (user, region)
+            for user, at in self._cross.items()
+            if at.get(region) != self._owner_in(region, user)
+        ]
+        out: list[Outbound] = []
+        self._cross_resubscribe(out, moved)
+        return self._finish(out, now)
+
+    def remote_down(self, node: str, now: float) -> None:
+        """The link to ``node`` (another region's presence node) stopped heartbeating: what
+        it noted is stale ``stale_after`` from now unless the link comes back."""
+        self._down_since.setdefault(node, now)
+
+    def remote_up(self, node: str, now: float) -> list[Outbound]:
+        """The link to ``node`` (another region's presence node) is up: subscribe there
+        again to everything subscribed at it (it answers with the status now)."""
+        self._down_since.pop(node, None)
+        self._stale_marked.discard(node)
+        if not self._global:
+            return []
+        out: list[Outbound] = []
+        pairs = [(u, r) for u, at in self._cross.items() for r, n in at.items() if n == node]
+        self._cross_resubscribe(out, pairs)
+        return self._finish(out, now)
+
+    def _cross_tick(self, out: list[Outbound], now: float) -> None:
+        """Resend unanswered subscriptions (with the resubscription interval), mark what
+        nodes down for ``stale_after`` noted as offline, sweep unneeded subscriptions."""
+        if self._cross_unanswered and now >= self._cross_resend_at:
+            self._cross_resend_at = now + RESUBSCRIBE_INTERVAL
+            self._cross_resubscribe(out, list(self._cross_unanswered))
+        for node, since in self._down_since.items():
+            if node in self._stale_marked or now - since < self.stale_after:
+                continue
+            self._stale_marked.add(node)
+            for user in self.regional.node_stale(node):
+                self._notify(user, "online", out)
+        if now >= self._cross_swept_at:
+            self._cross_swept_at = now + CROSS_SWEEP_INTERVAL
+            self._cross_drop(list(self._cross), out)
+
+    def _cross_view_changed(self, out: list[Outbound]) -> None:
+        """This region's view changed: drop the other regions' notes of users owned
+        elsewhere now, subscribe for the watched users owned here now."""
+        self._cross_drop([u for u in self._cross if not self.owns(u)], out)
+        for user in [u for u in self._region_subscribers if not self.owns(u)]:
+            del self._region_subscribers[user]  # its subscribers move to its new owner
+            self._regional_told.pop(user, None)
+        self._cross_subscribe([*self._watchers_of, *self._subscribers], out)
+
+    def region_subscribe(self, command: StatusSubscribe, now: float) -> list[Outbound]:
+        """A node of another region (the users' owner there) wants their regional status
+        here, now and on every change."""
+        for user in command.drop:
+            nodes = self._region_subscribers.get(user)
+            if nodes is not None:
+                nodes.discard(command.node)
+                if not nodes:
+                    del self._region_subscribers[user]
+                    self._regional_told.pop(user, None)
+        if now < self._settled_at:
+            return []  # edges are still re-syncing: the subscriber asks again
+        statuses: dict[str, Status] = {}
+        versions: dict[str, int] = {}
+        for user in command.users:
+            if not self.owns(user) or (
+                user not in self._region_subscribers
+                and len(self._region_subscribers) >= MAX_REGION_SUBSCRIBED
+            ):
+                self.counters.misrouted += 1
+                continue
+            self._region_subscribers.setdefault(user, set()).add(command.node)
+            online, version = self._regional_state(user)
+            statuses[user] = "online" if online else "offline"
+            versions[user] = version
+        if not statuses:
+            return []
+        return [(command.node, StatusNote(self.node_id, statuses, versions, self.region))]
+
+    def _regional_state(self, user: str) -> tuple[bool, int]:
+        """Owned ``user``'s status in this region (leases here only) and its regional
+        version, moved on if the status changed since last told."""
+        online = bool(self._sessions_of.get(user))
+        told = self._regional_told.get(user)
+        if told is not None and told[0] == online:
+            return told
+        state = (online, _next_version(told[1] if told else 0, online, self._version_floor()))
+        self._regional_told[user] = state
+        return state
+
+    def _tell_regions(self, user: str, out: list[Outbound]) -> None:
+        """Note ``user``'s regional status to the other regions' subscribers if it changed."""
+        told = self._regional_told.get(user)
+        if told is not None and told[0] == bool(self._sessions_of.get(user)):
+            return
+        online, version = self._regional_state(user)
+        note = StatusNote(
+            self.node_id, {user: "online" if online else "offline"}, {user: version}, self.region
+        )
+        for node in self._region_subscribers.get(user, ()):
+            out.append((node, note))
+
+    def region_noted(self, note: StatusNote) -> list[Outbound]:
+        """A user's owner in another region noted its regional status there."""
+        out: list[Outbound] = []
+        for user, status in note.statuses.items():
+            at = self._cross.get(user)
+            if at is None or at.get(note.region) != note.owner or not self.owns(user):
+                self.counters.notes_ignored += 1
+                continue
+            self._cross_unanswered.discard((user, note.region))
+            was = self.status(user)
+            version = note.versions.get(user, 0)
+            if self.regional.note(user, note.region, note.owner, status, version):
+                self._notify(user, was, out)
+            else:
+                self.counters.notes_ignored += 1
+        return out
