@@ -10,6 +10,7 @@ the 40 ms one-way WAN delay (printed: ``pytest -s``).
 from __future__ import annotations
 
 import asyncio
+import signal
 import statistics
 import time
 
@@ -129,3 +130,37 @@ async def test_a_lost_region_shows_its_last_status_then_offline_and_presence_goe
         assert waited >= STALE_AFTER
         await _no_presence(watcher)
         await abroad.close()  # (its edge is gone: nothing to tell)
+
+
+async def test_after_a_wan_cut_heals_the_status_is_synced_again(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """The us WAN relay is paused (SIGSTOP: nothing crosses into us) past ``STALE_AFTER``:
+    eu's watcher sees the us user offline; resumed (SIGCONT), the links come back, eu's
+    owner subscribes again and the watcher sees the user online again."""
+    require_binary("consul")
+    cluster = cluster_factory(edges=1, brokers=1, consul="on", regions="eu,us", wan_delay="40ms")
+    (eu_edge,) = [p["url"] for p in _in(cluster, "eu", "edge")]
+    (us_edge,) = [p["url"] for p in _in(cluster, "us", "edge")]
+    (relay,) = _in(cluster, "us", "wan-relay")
+    async with (
+        SignalpostClient(eu_edge, token("watcher")) as watcher,
+        SignalpostClient(us_edge, token("abroad")),
+    ):
+        await watcher.watch(["abroad"])
+        if watcher.presence["abroad"] != "online":
+            event = await watcher.next_event(PresenceChanged, timeout=5)
+            assert (event.user, event.status) == ("abroad", "online")
+        cluster.kill(relay["id"], signal.SIGSTOP)
+        cut = time.monotonic()
+        try:
+            event = await watcher.next_event(PresenceChanged, timeout=STALE_AFTER + 10)
+            assert (event.user, event.status) == ("abroad", "offline")
+            print(f"\nWAN cut -> offline after {time.monotonic() - cut:.1f} s")
+            await _no_presence(watcher, 1.0)
+        finally:
+            cluster.kill(relay["id"], signal.SIGCONT)
+        healed = time.monotonic()
+        event = await watcher.next_event(PresenceChanged, timeout=15)
+        assert (event.user, event.status) == ("abroad", "online")
+        print(f"\nWAN healed -> status synced again in {time.monotonic() - healed:.1f} s")
