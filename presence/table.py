@@ -103,6 +103,27 @@ and noted to subscribers, so a new owner goes on from it. What each watcher was 
 (every status change would copy every watcher): after a failover a resumed watcher may be
 told a status it already knew, with the version it knows, and the SDKs drop it.
 
+Several regions (global presence)
+---------------------------------
+With ``regions`` naming other regions and ``owner_in(region, user)`` (the user's owner
+there, by that region's view), a user is online while a session holds a lease in *any*
+region. The owner of a user watched here (by a session of its own, or a node of this
+region subscribed to it) subscribes to the user's owner in every other region
+(``StatusSubscribe.region``) to its *regional* status there, and is noted it at every
+change (``StatusNote.region``, with a regional version: ``region_subscribe``,
+``_tell_regions``); ``presence.regional.RegionalStatuses`` merges those (newest version
+per user and region). ``status`` and the version of an owned user are the global ones,
+and ``_notify`` tells watchers and subscribers only a change of the global status. A
+watch reply (or a subscription answer) naming a user newly subscribed elsewhere waits for
+the regions whose link is up (``remote_up``) to answer, ``CROSS_WAIT`` at most
+(``_cross_deferred``). Subscriptions unanswered are sent again every
+``RESUBSCRIBE_INTERVAL``; all of them again at a node whose link came back
+(``remote_up``), where the other region's view moved the user
+(``region_placement_changed``), and for the users this node takes over
+(``view_changed``). What a node noted counts as offline once its link has been down
+``stale_after`` (``remote_down``, ``_cross_tick``). Without other regions none of this
+runs.
+
 One live connection per session
 -------------------------------
 A claim that moves a lease away from a connection still open elsewhere sends that edge
@@ -196,6 +217,10 @@ def _no_floor() -> int:
 #: How often subscriptions to other regions held for users no longer watched here are
 #: swept (seconds; those are dropped at once where the table sees it, this catches the rest).
 CROSS_SWEEP_INTERVAL: Final = 10.0
+#: How long a watch of a user newly watched in this region (or a subscription of another
+#: node of the region to it) waits for the user's status in the other regions whose link
+#: is up; then it is answered with what is known (seconds).
+CROSS_WAIT: Final = 1.0
 #: Users whose regional status other regions subscribed to here at once; past that new
 #: subscriptions are not answered (counted ``misrouted``): that region sees those users
 #: as offline here.
@@ -398,6 +423,12 @@ class PresenceTable:
         #: ``stale_after``: ``_stale_marked``).
         self._down_since: dict[str, float] = {}
         self._stale_marked: set[str] = set()
+        #: Other regions' nodes whose link is up (the shell says so).
+        self._up: set[str] = set()
+        #: Users newly subscribed in other regions -> until when the watch replies and
+        #: subscription answers naming them wait for those regions' notes.
+        self._cross_deferred: dict[str, float] = {}
+        self._now = 0.0  # the time of the call under way
 
     def owns(self, user: str) -> bool:
         """Whether this node owns ``user`` in its view (always, without a view function)."""
@@ -452,6 +483,7 @@ class PresenceTable:
         """Apply one command from an edge or another presence node; return what to send."""
         if type(command) is ReplicaAck:  # (what it lets out waited already: not again)
             return self.copy_acked(command)
+        self._now = now
         return self._finish(self._apply(command, now), now)
 
     def _ticket(self, session: str, edge: str, conn: str) -> bytes:
@@ -682,6 +714,7 @@ class PresenceTable:
 
     def expire(self, now: float) -> list[Outbound]:
         """End the sessions whose resume window lapsed, earliest deadline first."""
+        self._now = now
         out: list[Outbound] = []
         while self._deadlines and self._deadlines[0][0] <= now:
             _, session, token = heapq.heappop(self._deadlines)
@@ -795,6 +828,8 @@ class PresenceTable:
         if self._owner_of is not None:
             self._subscribe_remote(command.users, out)
             missing = {u for u in command.users if not self.owns(u) and u not in self._remote}
+            if self._cross_deferred:
+                missing.update(u for u in command.users if u in self._cross_deferred)
             if missing:
                 key = (command.session, command.conn, command.seq)
                 self._drop_pending(key)  # a resend replaces the first
@@ -893,6 +928,7 @@ class PresenceTable:
     def view_changed(self, now: float) -> list[Outbound]:
         """``owner_of`` answers from a new view: forget what moved away, subscribe where
         owners changed, and answer no subscription for ``SYNC_GRACE``."""
+        self._now = now
         out: list[Outbound] = []
         self._settled_at = now + SYNC_GRACE
         for session, lease in list(self.leases.items()):
@@ -1146,10 +1182,10 @@ class PresenceTable:
             if (
                 self._cross_unanswered
                 and now < self._settled_at + PENDING_TIMEOUT
-                and any((user, r) in self._cross_unanswered for r in self._other_regions)
+                and self._cross_waits(user)
             ):
-                # Its status in another region is not known yet (its new owner here
-                # subscribed there): settled once noted, or PENDING_TIMEOUT at most.
+                # Its status in another region (link up) is not known yet (its new owner
+                # here subscribed there): settled once noted, or PENDING_TIMEOUT at most.
                 self._settling[user] = was
                 continue
             if user in self._watchers_of and self.owns(user):
@@ -1177,20 +1213,22 @@ class PresenceTable:
                     del self._subscribers[user]
         if now < self._settled_at:
             return []  # edges are still re-syncing: the subscriber asks again
-        statuses: dict[str, Status] = {}
-        versions: dict[str, int] = {}
+        out: list[Outbound] = []
+        owned: list[str] = []
         for user in command.users:
             if not self.owns(user):
                 self.counters.misrouted += 1
                 continue
             self._subscribers.setdefault(user, set()).add(command.node)
-            statuses[user] = self.status(user)
-            versions[user] = self.version(user)
-        if not statuses:
-            return []
-        out: list[Outbound] = [(command.node, StatusNote(self.node_id, statuses, versions))]
+            owned.append(user)
         if self._global:
-            self._cross_subscribe(statuses, out)
+            self._cross_subscribe(owned, out)
+            if self._cross_deferred:  # answered once the other regions noted them
+                owned = [u for u in owned if u not in self._cross_deferred]
+        if owned:
+            statuses = {user: self.status(user) for user in owned}
+            versions = {user: self.version(user) for user in owned}
+            out.append((command.node, StatusNote(self.node_id, statuses, versions)))
         return out
 
     def noted(self, note: StatusNote) -> list[Outbound]:
@@ -1343,6 +1381,8 @@ class PresenceTable:
                 at[region] = node
                 self._cross_unanswered.add((user, region))
                 by_node.setdefault(node, []).append(user)
+                if node in self._up:
+                    self._cross_deferred[user] = self._now + CROSS_WAIT
         for node, subscribed in by_node.items():
             out.append((node, StatusSubscribe(self.node_id, subscribed, region=self.region)))
 
@@ -1356,6 +1396,7 @@ class PresenceTable:
                 self._cross_unanswered.discard((user, region))
                 by_node.setdefault(node, []).append(user)
             self.regional.forget(user)
+            self._cross_deferred.pop(user, None)
         for node, dropped in by_node.items():
             out.append((node, StatusSubscribe(self.node_id, [], dropped, region=self.region)))
 
@@ -1396,12 +1437,14 @@ class PresenceTable:
         """The link to ``node`` (another region's presence node) stopped heartbeating: what
         it noted is stale ``stale_after`` from now unless the link comes back."""
         self._down_since.setdefault(node, now)
+        self._up.discard(node)
 
     def remote_up(self, node: str, now: float) -> list[Outbound]:
         """The link to ``node`` (another region's presence node) is up: subscribe there
         again to everything subscribed at it (it answers with the status now)."""
         self._down_since.pop(node, None)
         self._stale_marked.discard(node)
+        self._up.add(node)
         if not self._global:
             return []
         out: list[Outbound] = []
@@ -1421,6 +1464,9 @@ class PresenceTable:
             self._stale_marked.add(node)
             for user in self.regional.node_stale(node):
                 self._notify(user, "online", out)
+        if self._cross_deferred:
+            for user in [u for u, until in self._cross_deferred.items() if until <= now]:
+                self._cross_resolved(user, out)
         if now >= self._cross_swept_at:
             self._cross_swept_at = now + CROSS_SWEEP_INTERVAL
             self._cross_drop(list(self._cross), out)
@@ -1497,8 +1543,42 @@ class PresenceTable:
             self._cross_unanswered.discard((user, note.region))
             was = self.status(user)
             version = note.versions.get(user, 0)
-            if self.regional.note(user, note.region, note.owner, status, version):
-                self._notify(user, was, out)
-            else:
+            if not self.regional.note(user, note.region, note.owner, status, version):
                 self.counters.notes_ignored += 1
+            elif user not in self._cross_deferred:
+                self._notify(user, was, out)
+            if user in self._cross_deferred and not self._cross_waits(user):
+                self._cross_resolved(user, out)
         return out
+
+    def _cross_waits(self, user: str) -> bool:
+        """Whether a region whose link is up has not answered ``user``'s subscription."""
+        at = self._cross.get(user, {})
+        return any((user, r) in self._cross_unanswered and n in self._up for r, n in at.items())
+
+    def _cross_resolved(self, user: str, out: list[Outbound]) -> None:
+        """The other regions answered for newly watched ``user`` (or ``CROSS_WAIT``
+        passed): answer the watches and subscriptions that waited, and tell any other
+        watcher whose last status differs."""
+        if self._cross_deferred.pop(user, None) is None or not self.owns(user):
+            return
+        self._status_known(user, out)
+        status, version = self.status(user), self.version(user)
+        subscribers = self._subscribers.get(user)
+        if subscribers:
+            note = StatusNote(self.node_id, {user: status}, {user: version})
+            for node in subscribers:
+                out.append((node, note))
+        by_edge: dict[str, list[str]] = {}
+        for watcher in () if user in self._settling else self._watchers_of.get(user, ()):
+            told = self._told.get(watcher)
+            lease = self.leases.get(watcher)
+            if told is None or told.get(user, status) == status:
+                continue
+            if lease is not None and lease.suspended_until is None:
+                by_edge.setdefault(lease.edge, []).append(watcher)
+                told[user] = status
+        if by_edge:
+            payload = encode_frame(PresenceFrame(user=user, status=status, version=version))
+            for edge, sessions in by_edge.items():
+                out.append((edge, Deliver(sessions, payload)))

@@ -42,6 +42,7 @@ class RemoteTier:
         self.links: dict[str, DealerLink] = {}
         self.view: View | None = None
         self._found: dict[str, str] = {}  # placement id -> address to dial
+        self._dialled: dict[str, str] = {}  # placement id -> address its link dials
         self.live_ids: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -75,12 +76,16 @@ class RemoteTier:
             for member in self.view.members:
                 wanted.setdefault(member, member)  # not discovered (yet): dial it as named
         for node_id in list(self.links):
-            if node_id not in wanted:
+            # Gone, or found at another address than it was dialled at (a view member is
+            # dialled as named until Consul lists its ``wan_endpoint``): dialled anew.
+            if wanted.get(node_id) != self._dialled.get(node_id):
                 link = self.links.pop(node_id)
+                del self._dialled[node_id]
                 asyncio.get_running_loop().create_task(link.close())
         for node_id, address in wanted.items():
             if node_id not in self.links:
                 self.links[node_id] = self._link(node_id, address)
+                self._dialled[node_id] = address
         self.placement_changed()
 
     def placement_changed(self) -> None:

@@ -47,6 +47,21 @@ async def test_a_watcher_in_one_region_sees_users_of_the_other(
     (eu_edge,) = [p["url"] for p in _in(cluster, "eu", "edge")]
     (us_edge,) = [p["url"] for p in _in(cluster, "us", "edge")]
     users = [f"roamer-{n}" for n in range(8)]
+    # Users already online in us: a watch in eu answers with it (it waited for us).
+    early = [SignalpostClient(us_edge, token(f"early-{n}")) for n in range(6)]
+    for client in early:
+        await client.connect()
+    async with SignalpostClient(eu_edge, token("early-watcher")) as watcher:
+        started = time.monotonic()
+        answer = await watcher.watch([f"early-{n}" for n in range(6)])
+        print(
+            f"\nwatch in eu of 6 users online in us: answered in "
+            f"{(time.monotonic() - started) * 1000:.0f} ms"
+        )
+        assert answer == {f"early-{n}": "online" for n in range(6)}
+        await _no_presence(watcher)
+    for client in early:
+        await client.close()
     async with SignalpostClient(eu_edge, token("watcher")) as watcher:
         assert await watcher.watch(users) == dict.fromkeys(users, "offline")
         await asyncio.sleep(1.0)  # the watched users' owners subscribed in us

@@ -22,7 +22,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from presence.regional import RegionalStatuses, Status
-from presence.table import Outbound, PresenceTable
+from presence.table import CROSS_WAIT, Outbound, PresenceTable
 from signalpost.wire import Deliver, Envelope, Reply, SessionDown, SessionUp, WatchCmd
 
 EXAMPLES = int(os.environ.get("PRESENCE_MODEL_EXAMPLES", "0"))
@@ -120,6 +120,10 @@ class Regions:
         self.wan: list[tuple[str, Envelope]] = []
         self.cut: set[str] = set()  # regions whose WAN traffic is lost
         self.edges: dict[str, list[Envelope]] = {}
+        for region, table in self.tables.items():  # every link between regions is up
+            for other in regions:
+                if other != region:
+                    self.run(table.remote_up(f"{other}-p", self.now), region)
 
     def run(self, out: list[Outbound], sender: str) -> None:
         queue = deque((sender, dest, env) for dest, env in out)
@@ -167,9 +171,11 @@ class Regions:
         ]
 
     def watch(self, region: str = "eu", users: tuple[str, ...] = ("u",)) -> dict[str, str]:
+        """Watch ``users`` from a session in ``region``; the reply (the WAN delivered)."""
         edge = f"edge-{region}"
         self.send(region, SessionUp("w", "watcher", edge, "w.1"))
         self.send(region, WatchCmd("w", "w.1", edge, 1, 1, list(users)))
+        self.drain()
         (reply,) = [e for e in self.edges.pop(edge) if isinstance(e, Reply)]
         body: dict[str, str] = json.loads(reply.payload)["presence"]
         return body
@@ -214,12 +220,35 @@ def test_a_user_online_in_two_regions_is_online_once() -> None:
     assert _statuses(regions.presence()) == ["offline"]
 
 
-def test_a_watch_of_a_user_online_elsewhere_is_told_once_its_status_there_comes() -> None:
+def test_a_watch_of_a_user_online_elsewhere_waits_for_its_status_there() -> None:
     regions = Regions()
     regions.up("us", "s1")
-    assert regions.watch("eu") == {"u": "offline"}  # this region knows no better yet
+    regions.send("eu", SessionUp("w", "watcher", "edge-eu", "w.1"))
+    regions.send("eu", WatchCmd("w", "w.1", "edge-eu", 1, 1, ["u"]))
+    assert regions.edges.get("edge-eu", []) == []  # waits for us's answer
     regions.drain()
-    assert _statuses(regions.presence()) == ["online"]
+    (reply,) = regions.edges.pop("edge-eu")
+    assert isinstance(reply, Reply) and json.loads(reply.payload)["presence"] == {"u": "online"}
+    regions.drain()
+    regions.tick(CROSS_WAIT + 0.1)
+    assert regions.presence() == []  # told once: in the reply
+
+
+def test_a_watch_waits_at_most_cross_wait_and_not_for_a_region_known_down() -> None:
+    regions = Regions()
+    regions.up("us", "s1")
+    regions.cut.add("us")  # the subscription is lost
+    regions.send("eu", SessionUp("w", "watcher", "edge-eu", "w.1"))
+    regions.send("eu", WatchCmd("w", "w.1", "edge-eu", 1, 1, ["u"]))
+    assert regions.edges.get("edge-eu", []) == []
+    regions.tick(CROSS_WAIT)
+    (reply,) = regions.edges.pop("edge-eu")  # answered with what is known
+    assert json.loads(reply.payload)["presence"] == {"u": "offline"}
+    # The link to us is known to be down: a watch is answered at once.
+    regions.tables["eu"].remote_down("us-p", regions.now)
+    regions.send("eu", WatchCmd("w", "w.1", "edge-eu", 2, 2, ["u", "v"]))
+    (reply,) = regions.edges.pop("edge-eu")
+    assert json.loads(reply.payload)["presence"] == {"u": "offline", "v": "offline"}
 
 
 def test_a_cut_off_region_shows_its_last_status_then_offline_then_the_truth() -> None:
@@ -245,8 +274,11 @@ def test_a_cut_off_region_shows_its_last_status_then_offline_then_the_truth() ->
 def test_a_lost_subscription_is_sent_again() -> None:
     regions = Regions()
     regions.cut.add("us")
-    regions.watch("eu")
+    regions.send("eu", SessionUp("w", "watcher", "edge-eu", "w.1"))
+    regions.send("eu", WatchCmd("w", "w.1", "edge-eu", 1, 1, ["u"]))
     regions.up("us", "s1")
+    regions.tick(CROSS_WAIT)
+    regions.edges.clear()  # answered: offline
     regions.cut.clear()
     regions.tick(1.1)
     regions.drain()
@@ -315,3 +347,102 @@ def test_a_watcher_is_told_each_change_of_the_global_status_once(
         told = frame["status"]
         versions.append(frame["version"])
     assert told == ("online" if sessions else "offline")
+
+
+class Nodes:
+    """Presence nodes of several regions by name (``<region>-<n>``), each region with a
+    view (user -> owner) its nodes and the other regions read; no loss, no delay."""
+
+    def __init__(self, views: dict[str, dict[str, str]]) -> None:
+        self.now = 100.0
+        self.views = views  # region -> user -> owner
+        self.edges: dict[str, list[Envelope]] = {}
+        self.tables: dict[str, PresenceTable] = {}
+        self.hold_wan = False  # messages to another region wait in ``wan`` while set
+        self.wan: list[tuple[str, Envelope]] = []
+        for region, view in views.items():
+            for node in sorted(set(view.values())):
+                self.tables[node] = PresenceTable(
+                    resume_window=WINDOW,
+                    node_id=node,
+                    owner_of=lambda u, r=region: self.views[r].get(u),
+                    replica_of=lambda u: None,
+                    version_floor=lambda: int(self.now * 1000),
+                    region=region,
+                    regions=list(views),
+                    owner_in=lambda r, u: self.views[r].get(u),
+                )
+        for node, table in self.tables.items():
+            for other in self.tables:
+                if other.split("-")[0] != node.split("-")[0]:
+                    self.run(table.remote_up(other, self.now))
+
+    def run(self, out: list[Outbound], sender: str = "") -> None:
+        queue = deque((sender, dest, envelope) for dest, envelope in out)
+        while queue:
+            source, dest, envelope = queue.popleft()
+            if dest in self.tables:
+                if self.hold_wan and source and source[:2] != dest[:2]:
+                    self.wan.append((dest, envelope))
+                    continue
+                queue.extend((dest, d, e) for d, e in self.tables[dest].handle(envelope, self.now))
+            else:
+                self.edges.setdefault(dest, []).append(envelope)
+
+    def to(self, node: str, command: Envelope) -> None:
+        self.run(self.tables[node].handle(command, self.now), node)
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+        for node, table in list(self.tables.items()):
+            self.run(table.expire(self.now), node)
+
+    def release_wan(self) -> None:
+        held, self.wan = self.wan, []
+        self.run(held)
+
+    def presence(self, edge: str) -> list[str]:
+        got, self.edges[edge] = self.edges.get(edge, []), []
+        return [json.loads(e.payload)["status"] for e in got if isinstance(e, Deliver)]
+
+
+def test_a_user_online_only_elsewhere_does_not_flap_when_its_owner_here_dies() -> None:
+    """u is owned by eu-1 and online in us only; the watcher's node eu-2 is told so by
+    eu-1. eu-1 dies: eu-2 takes u over, and tells its watcher nothing (it waited for us's
+    answer before settling u), not offline-then-online."""
+    nodes = Nodes({"eu": {"u": "eu-1", "watcher": "eu-2"}, "us": {"u": "us-1"}})
+    nodes.to("us-1", SessionUp("s", "u", "edge-us", "s.1"))
+    nodes.to("eu-2", SessionUp("w", "watcher", "edge-eu", "w.1"))
+    nodes.to("eu-2", WatchCmd("w", "w.1", "edge-eu", 1, 1, ["u"]))
+    (reply,) = nodes.edges.pop("edge-eu")
+    assert json.loads(reply.payload)["presence"] == {"u": "online"}
+    del nodes.tables["eu-1"]  # kill -9: a new view gives eu-2 everything
+    nodes.views["eu"] = {"u": "eu-2", "watcher": "eu-2"}
+    nodes.hold_wan = True  # us answers eu-2's subscription late: after SYNC_GRACE
+    nodes.run(nodes.tables["eu-2"].view_changed(nodes.now), "eu-2")
+    nodes.run(nodes.tables["us-1"].region_placement_changed("eu", nodes.now), "us-1")
+    for _ in range(3):
+        nodes.tick(0.5)
+    nodes.hold_wan = False
+    nodes.release_wan()
+    for _ in range(12):
+        nodes.tick(0.5)
+    assert nodes.presence("edge-eu") == []
+    nodes.to("us-1", SessionDown("s", "edge-us", "s.1", True))
+    assert nodes.presence("edge-eu") == ["offline"]
+
+
+def test_a_user_of_another_region_watched_through_a_node_that_does_not_own_it() -> None:
+    """The watcher's node eu-2 subscribes at u's owner eu-1, which waits for us before it
+    answers: the watch says online; later changes come once each."""
+    nodes = Nodes({"eu": {"u": "eu-1", "watcher": "eu-2"}, "us": {"u": "us-1"}})
+    nodes.to("us-1", SessionUp("s", "u", "edge-us", "s.1"))
+    nodes.to("eu-2", SessionUp("w", "watcher", "edge-eu", "w.1"))
+    nodes.to("eu-2", WatchCmd("w", "w.1", "edge-eu", 1, 1, ["u"]))
+    (reply,) = nodes.edges.pop("edge-eu")
+    assert json.loads(reply.payload)["presence"] == {"u": "online"}
+    nodes.to("eu-1", SessionUp("s2", "u", "edge-eu2", "s2.1"))  # online in eu too
+    nodes.to("us-1", SessionDown("s", "edge-us", "s.1", True))
+    assert nodes.presence("edge-eu") == []
+    nodes.to("eu-1", SessionDown("s2", "edge-eu2", "s2.1", True))
+    assert nodes.presence("edge-eu") == ["offline"]
