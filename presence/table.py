@@ -221,6 +221,10 @@ CROSS_SWEEP_INTERVAL: Final = 10.0
 #: node of the region to it) waits for the user's status in the other regions whose link
 #: is up; then it is answered with what is known (seconds).
 CROSS_WAIT: Final = 1.0
+#: Users named in one subscription to another region's node at most (a resend after a
+#: WAN cut names every user watched here: it goes in pieces, each well below
+#: ``max_node_message``).
+CROSS_BATCH: Final = 1000
 #: Users whose regional status other regions subscribed to here at once; past that new
 #: subscriptions are not answered (counted ``misrouted``): that region sees those users
 #: as offline here.
@@ -1383,8 +1387,7 @@ class PresenceTable:
                 by_node.setdefault(node, []).append(user)
                 if node in self._up:
                     self._cross_deferred[user] = self._now + CROSS_WAIT
-        for node, subscribed in by_node.items():
-            out.append((node, StatusSubscribe(self.node_id, subscribed, region=self.region)))
+        self._cross_send(by_node, out)
 
     def _cross_drop(self, users: Iterable[str], out: list[Outbound]) -> None:
         """Stop the other regions' notes of ``users`` this node no longer needs."""
@@ -1400,6 +1403,12 @@ class PresenceTable:
         for node, dropped in by_node.items():
             out.append((node, StatusSubscribe(self.node_id, [], dropped, region=self.region)))
 
+    def _cross_send(self, by_node: dict[str, list[str]], out: list[Outbound]) -> None:
+        for node, users in by_node.items():
+            for start in range(0, len(users), CROSS_BATCH):
+                batch = users[start : start + CROSS_BATCH]
+                out.append((node, StatusSubscribe(self.node_id, batch, region=self.region)))
+
     def _cross_resubscribe(self, out: list[Outbound], pairs: Iterable[tuple[str, str]]) -> None:
         """Subscribe again for each (user, region) at the user's owner there now."""
         assert self._owner_in is not None
@@ -1414,8 +1423,7 @@ class PresenceTable:
             at[region] = node
             self._cross_unanswered.add((user, region))
             by_node.setdefault(node, []).append(user)
-        for node, users in by_node.items():
-            out.append((node, StatusSubscribe(self.node_id, users, region=self.region)))
+        self._cross_send(by_node, out)
 
     def region_placement_changed(self, region: str, now: float) -> list[Outbound]:
         """Another region's presence view (or its nodes) changed: subscribe where its owners
@@ -1456,8 +1464,16 @@ class PresenceTable:
         """Resend unanswered subscriptions (with the resubscription interval), mark what
         nodes down for ``stale_after`` noted as offline, sweep unneeded subscriptions."""
         if self._cross_unanswered and now >= self._cross_resend_at:
+            # Not to a node whose link is down: ``remote_up`` subscribes there again.
             self._cross_resend_at = now + RESUBSCRIBE_INTERVAL
-            self._cross_resubscribe(out, list(self._cross_unanswered))
+            self._cross_resubscribe(
+                out,
+                [
+                    (user, region)
+                    for user, region in self._cross_unanswered
+                    if self._cross.get(user, {}).get(region) not in self._down_since
+                ],
+            )
         for node, since in self._down_since.items():
             if node in self._stale_marked or now - since < self.stale_after:
                 continue

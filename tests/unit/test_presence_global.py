@@ -22,8 +22,16 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from presence.regional import RegionalStatuses, Status
-from presence.table import CROSS_WAIT, Outbound, PresenceTable
-from signalpost.wire import Deliver, Envelope, Reply, SessionDown, SessionUp, WatchCmd
+from presence.table import CROSS_BATCH, CROSS_WAIT, Outbound, PresenceTable
+from signalpost.wire import (
+    Deliver,
+    Envelope,
+    Reply,
+    SessionDown,
+    SessionUp,
+    StatusSubscribe,
+    WatchCmd,
+)
 
 EXAMPLES = int(os.environ.get("PRESENCE_MODEL_EXAMPLES", "0"))
 REGIONS = ("eu", "us", "ap")
@@ -446,3 +454,15 @@ def test_a_user_of_another_region_watched_through_a_node_that_does_not_own_it() 
     assert nodes.presence("edge-eu") == []
     nodes.to("eu-1", SessionDown("s2", "edge-eu2", "s2.1", True))
     assert nodes.presence("edge-eu") == ["offline"]
+
+
+def test_subscriptions_to_another_region_go_in_bounded_pieces() -> None:
+    regions = Regions()
+    users = [f"u{n}" for n in range(2 * CROSS_BATCH + 5)]
+    regions.send("eu", SessionUp("w", "watcher", "edge-eu", "w.1"))
+    regions.send("eu", WatchCmd("w", "w.1", "edge-eu", 1, 1, users))
+    sizes = [len(e.users) for _, e in regions.wan if isinstance(e, StatusSubscribe)]
+    assert sorted(sizes) == [5, CROSS_BATCH, CROSS_BATCH]
+    regions.drain()
+    (reply,) = regions.edges.pop("edge-eu")
+    assert json.loads(reply.payload)["presence"] == dict.fromkeys(users, "offline")
