@@ -175,7 +175,7 @@ class PresenceNode(OwnerNode):
         for region in sorted(set(self.settings.regions)):
             if region and region != self.settings.region:
                 remote = self._regions[region] = self._follow_region(region)
-                remote.follow(discovery, self.settings.consul_addr)
+                remote.follow(discovery, self.settings.consul_addr, self.settings.consul_token)
 
     def _follow_region(self, region: str) -> RemoteTier:
         log.info("following region %s's presence nodes (global presence)", region)

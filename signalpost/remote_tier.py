@@ -46,13 +46,12 @@ class RemoteTier:
         self.live_ids: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
 
-    def follow(self, discovery: Discovery, address: str) -> None:
+    def follow(self, discovery: Discovery, address: str, token: str | None = None) -> None:
         """Follow the region's nodes and view in Consul (through this node's agent)."""
         discovery.watch(self.kind, self.update_members, dc=self.region, members=wan_members_of)
         loop = asyncio.get_running_loop()
-        self._tasks.append(
-            loop.create_task(follow_view(address, self.tier, self.update_view, dc=self.region))
-        )
+        view = follow_view(address, self.tier, self.update_view, dc=self.region, token=token)
+        self._tasks.append(loop.create_task(view))
 
     def update_members(self, found: dict[str, str]) -> None:
         """The region's nodes registered in its Consul: ``{placement id: dial address}``."""
@@ -71,13 +70,11 @@ class RemoteTier:
         self._relink()
 
     def _relink(self) -> None:
-        wanted = dict(self._found)
-        if self.view is not None:
-            for member in self.view.members:
-                wanted.setdefault(member, member)  # not discovered (yet): dial it as named
+        # Only nodes found in Consul are dialled, at the address they advertise to other
+        # regions: a member of the view not found yet is not dialled by its name (an
+        # address inside its region); what is for it waits until it is found.
+        wanted = self._found
         for node_id in list(self.links):
-            # Gone, or found at another address than it was dialled at (a view member is
-            # dialled as named until Consul lists its ``wan_endpoint``): dialled anew.
             if wanted.get(node_id) != self._dialled.get(node_id):
                 link = self.links.pop(node_id)
                 del self._dialled[node_id]
