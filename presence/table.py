@@ -117,7 +117,9 @@ and ``_notify`` tells watchers and subscribers only a change of the global statu
 watch reply (or a subscription answer) naming a user newly subscribed elsewhere waits for
 the regions whose link is up (``remote_up``) to answer, ``CROSS_WAIT`` at most
 (``_cross_deferred``). Subscriptions unanswered are sent again every
-``RESUBSCRIBE_INTERVAL``; all of them again at a node whose link came back
+``RESUBSCRIBE_INTERVAL``, and every one every ``CROSS_REFRESH_INTERVAL`` (notes are not
+acknowledged: the answers repair one lost on a link that reset); all of them again at a
+node whose link came back
 (``remote_up``), where the other region's view moved the user
 (``region_placement_changed``), and for the users this node takes over
 (``view_changed``). What a node noted counts as offline once its link has been down
@@ -221,6 +223,9 @@ CROSS_SWEEP_INTERVAL: Final = 10.0
 #: node of the region to it) waits for the user's status in the other regions whose link
 #: is up; then it is answered with what is known (seconds).
 CROSS_WAIT: Final = 1.0
+#: How often every subscription to other regions is sent again, answered or not (seconds):
+#: a note lost on a link that reset without going down is repaired by the answer.
+CROSS_REFRESH_INTERVAL: Final = 30.0
 #: Users named in one subscription to another region's node at most (a resend after a
 #: WAN cut names every user watched here: it goes in pieces, each well below
 #: ``max_node_message``).
@@ -419,6 +424,7 @@ class PresenceTable:
         self._cross_unanswered: set[tuple[str, str]] = set()
         self._cross_swept_at = float("-inf")
         self._cross_resend_at = float("-inf")
+        self._cross_refresh_at = float("-inf")
         #: Other regions' nodes subscribed to owned users' regional status -> and what
         #: each user's regional status and version last told were.
         self._region_subscribers: dict[str, set[str]] = {}
@@ -1463,6 +1469,14 @@ class PresenceTable:
     def _cross_tick(self, out: list[Outbound], now: float) -> None:
         """Resend unanswered subscriptions (with the resubscription interval), mark what
         nodes down for ``stale_after`` noted as offline, sweep unneeded subscriptions."""
+        if now >= self._cross_refresh_at:
+            # Everything, now and then: the answers repair notes lost on the way.
+            if self._cross_refresh_at > float("-inf"):
+                self._cross_unanswered.update(
+                    (user, region) for user, at in self._cross.items() for region in at
+                )
+            self._cross_refresh_at = now + CROSS_REFRESH_INTERVAL
+            self._cross_resend_at = now
         if self._cross_unanswered and now >= self._cross_resend_at:
             # Not to a node whose link is down: ``remote_up`` subscribes there again.
             self._cross_resend_at = now + RESUBSCRIBE_INTERVAL

@@ -22,7 +22,13 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from presence.regional import RegionalStatuses, Status
-from presence.table import CROSS_BATCH, CROSS_WAIT, Outbound, PresenceTable
+from presence.table import (
+    CROSS_BATCH,
+    CROSS_REFRESH_INTERVAL,
+    CROSS_WAIT,
+    Outbound,
+    PresenceTable,
+)
 from signalpost.wire import (
     Deliver,
     Envelope,
@@ -466,3 +472,17 @@ def test_subscriptions_to_another_region_go_in_bounded_pieces() -> None:
     regions.drain()
     (reply,) = regions.edges.pop("edge-eu")
     assert json.loads(reply.payload)["presence"] == dict.fromkeys(users, "offline")
+
+
+def test_a_note_lost_on_the_way_is_repaired_by_the_next_refresh() -> None:
+    regions = Regions()
+    regions.watch("eu")
+    regions.tick(0.5)  # (the refresh timer starts)
+    regions.up("us", "s1")
+    regions.wan.clear()  # the note is lost (a link reset that did not go down)
+    regions.tick(CROSS_REFRESH_INTERVAL / 2)
+    regions.drain()
+    assert regions.presence() == []
+    regions.tick(CROSS_REFRESH_INTERVAL / 2)
+    regions.drain()
+    assert _statuses(regions.presence()) == ["online"]
