@@ -446,15 +446,13 @@ class PresenceTable:
 
     def status(self, user: str) -> Status:
         """``online`` while any session of ``user`` holds a lease (on the node that owns
-        it); for a user owned elsewhere, what its owner noted last."""
+        it), or, with other regions, any of them says so; for a user owned elsewhere, what
+        its owner noted last."""
         if self._owner_of is not None and not self.owns(user):
             return self._remote.get(user, "offline")
-        return "online" if self._online(user) else "offline"
-
-    def _online(self, user: str) -> bool:
-        """Owned ``user`` is online: a lease here, or (global presence) any other region
-        says so."""
-        return bool(self._sessions_of.get(user)) or (self._global and self.regional.online(user))
+        if self._sessions_of.get(user) or (self._global and self.regional.online(user)):
+            return "online"
+        return "offline"
 
     def version(self, user: str) -> int:
         """The version of ``user``'s status (``PresenceFrame.version``): odd while online,
@@ -467,7 +465,7 @@ class PresenceTable:
     def _note_status(self, user: str) -> int:
         """``user`` (owned here) may have changed status: its version, moved past the one
         it had if the status is not what that one says."""
-        online = self._online(user)
+        online = bool(self._sessions_of.get(user)) or (self._global and self.regional.online(user))
         version = self._versions.get(user)
         if version is not None and (version % 2 == 1) == online:
             return version
