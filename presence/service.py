@@ -14,6 +14,13 @@ runner-up) go out on it, and the owner's ``StatusNote``s and the runner-up's
 this node's placement id). The links and the tier's view are ``OwnerNode``'s, shared with
 the brokers.
 
+Global presence (``regions`` lists two or more regions, with Consul): the node follows
+each other region's presence nodes and view (``signalpost.remote_tier.RemoteTier``,
+through its Consul agent, ``?dc=``), dials them at their ``wan_endpoint``, and the table
+subscribes there to the regional status of the users it owns and are watched here
+(``presence.regional``). Those nodes answer through their ROUTER, to this node's placement
+id. With fewer than two regions none of this exists.
+
 SIGTERM: the node leaves the view (Consul) and waits until it has read a view without
 itself (bounded by ``drain_timeout``), so the edges re-sync its users to their new owners
 while it still answers; then it deregisters and exits.
@@ -29,10 +36,12 @@ import time
 from presence.table import Outbound, PresenceTable
 from signalpost import metrics
 from signalpost.config import Settings
+from signalpost.discovery import Discovery
 from signalpost.lifecycle import until_stopped
 from signalpost.node import OwnerNode
 from signalpost.ownership import PRESENCE, View
 from signalpost.placement import owner, ranking
+from signalpost.remote_tier import RemoteTier
 from signalpost.transport import DealerLink, refused_sender
 from signalpost.wire import LeaseCopy, StatusSubscribe, encode_envelope
 
@@ -70,6 +79,9 @@ class PresenceNode(OwnerNode):
             # newer than its previous incarnation's, which a runner-up may still hold.
             first_seq=time.time_ns() // 1000,
             version_floor=wall_clock_ms,
+            region=settings.region,
+            owner_in=self._owner_in,
+            regions=settings.regions if settings.consul_addr else (),
         )
         super().__init__(settings, "presence", self.table, settings.presence_bind)
         self.table.refused = functools.partial(refused_sender, what="session")
@@ -80,6 +92,8 @@ class PresenceNode(OwnerNode):
         self._draining = False
         self._left = asyncio.Event()  # draining: a view without this node was read
         self._reported = 0  # table drop counters already exported
+        # Global presence: the other regions' presence tiers (region -> followed tier).
+        self._regions: dict[str, RemoteTier] = {}
 
     @property
     def endpoint(self) -> str:
@@ -87,6 +101,11 @@ class PresenceNode(OwnerNode):
 
     def _owner_of(self, user: str) -> str | None:
         return owner(user, self._placing) if self._placing else None
+
+    def _owner_in(self, region: str, user: str) -> str | None:
+        """``user``'s presence owner in another region (None: its view is not known)."""
+        remote = self._regions.get(region)
+        return None if remote is None else remote.owner_id(user)
 
     def _replica_of(self, user: str) -> str | None:
         """The runner-up for ``user``: it holds copies of the user's leases."""
@@ -135,11 +154,62 @@ class PresenceNode(OwnerNode):
         send_body = self.router.send_body
         for target, envelope in outbound:
             if type(envelope) in _TO_PEER_TYPES:
-                link = self.peers.get(target)
+                link = self.peers.get(target) or self._remote_link(target)
                 if link is not None:  # else sent again once the peer is known
                     link.send(envelope)
             else:
                 send_body(target, encode_envelope(envelope))
+
+    # ----------------------------------------------------------------- other regions
+
+    def _remote_link(self, target: str) -> DealerLink | None:
+        for remote in self._regions.values():
+            link = remote.links.get(target)
+            if link is not None:
+                return link
+        return None
+
+    def discovering(self, discovery: Discovery) -> None:
+        super().discovering(discovery)
+        assert self.settings.consul_addr is not None
+        for region in sorted(set(self.settings.regions)):
+            if region and region != self.settings.region:
+                remote = self._regions[region] = self._follow_region(region)
+                remote.follow(discovery, self.settings.consul_addr, self.settings.consul_token)
+
+    def _follow_region(self, region: str) -> RemoteTier:
+        log.info("following region %s's presence nodes (global presence)", region)
+
+        def link(node_id: str, address: str) -> DealerLink:
+            created = DealerLink(
+                self._context,
+                node_id,
+                self.placement_id,
+                self._incarnation,
+                on_envelope=self._from_peer,
+                on_up=self._remote_up,
+                on_down=self._remote_down,
+                heartbeat_interval=self.settings.heartbeat_interval,
+                peer_expiry=self.settings.peer_expiry,
+                keys=self.keys,
+                max_message=self.settings.max_node_message,
+                dial=address,
+            )
+            created.start()
+            return created
+
+        def changed() -> None:
+            self._send(self.table.region_placement_changed(region, self._clock()))
+
+        return RemoteTier(region, "presence", PRESENCE, link, changed)
+
+    def _remote_up(self, link: DealerLink, fresh: bool) -> None:
+        log.info("presence %s of another region is up", link.endpoint)
+        self._send(self.table.remote_up(link.endpoint, self._clock()))
+
+    def _remote_down(self, link: DealerLink) -> None:
+        log.warning("presence %s of another region is down", link.endpoint)
+        self.table.remote_down(link.endpoint, self._clock())
 
     def expired(self) -> None:
         counters = self.table.counters
@@ -170,6 +240,11 @@ class PresenceNode(OwnerNode):
         # The edges read the same view about when this node did: give their re-sync and
         # the new owners' subscriptions a moment to land before this node stops answering.
         await asyncio.sleep(0.5)
+
+    async def stopping(self) -> None:
+        await super().stopping()
+        for remote in self._regions.values():
+            await remote.close()
 
 
 async def run_presence(settings: Settings) -> None:

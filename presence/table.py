@@ -103,6 +103,29 @@ and noted to subscribers, so a new owner goes on from it. What each watcher was 
 (every status change would copy every watcher): after a failover a resumed watcher may be
 told a status it already knew, with the version it knows, and the SDKs drop it.
 
+Several regions (global presence)
+---------------------------------
+With ``regions`` naming other regions and ``owner_in(region, user)`` (the user's owner
+there, by that region's view), a user is online while a session holds a lease in *any*
+region. The owner of a user watched here (by a session of its own, or a node of this
+region subscribed to it) subscribes to the user's owner in every other region
+(``StatusSubscribe.region``) to its *regional* status there, and is noted it at every
+change (``StatusNote.region``, with a regional version: ``region_subscribe``,
+``_tell_regions``); ``presence.regional.RegionalStatuses`` merges those (newest version
+per user and region). ``status`` and the version of an owned user are the global ones,
+and ``_notify`` tells watchers and subscribers only a change of the global status. A
+watch reply (or a subscription answer) naming a user newly subscribed elsewhere waits for
+the regions whose link is up (``remote_up``) to answer, ``CROSS_WAIT`` at most
+(``_cross_deferred``). Subscriptions unanswered are sent again every
+``RESUBSCRIBE_INTERVAL``, and every one every ``CROSS_REFRESH_INTERVAL`` (notes are not
+acknowledged: the answers repair one lost on a link that reset); all of them again at a
+node whose link came back
+(``remote_up``), where the other region's view moved the user
+(``region_placement_changed``), and for the users this node takes over
+(``view_changed``). What a node noted counts as offline once its link has been down
+``stale_after`` (``remote_down``, ``_cross_tick``). Without other regions none of this
+runs.
+
 One live connection per session
 -------------------------------
 A claim that moves a lease away from a connection still open elsewhere sends that edge
@@ -123,6 +146,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from presence.regional import STALE_AFTER, RegionalStatuses
 from signalpost.replication import Unacked, resend_late, retarget
 from signalpost.tickets import SeatTickets
 from signalpost.wire import (
@@ -190,6 +214,26 @@ def _next_version(after: int, online: bool, floor: int) -> int:
 
 def _no_floor() -> int:
     return 0
+
+
+#: How often subscriptions to other regions held for users no longer watched here are
+#: swept (seconds; those are dropped at once where the table sees it, this catches the rest).
+CROSS_SWEEP_INTERVAL: Final = 10.0
+#: How long a watch of a user newly watched in this region (or a subscription of another
+#: node of the region to it) waits for the user's status in the other regions whose link
+#: is up; then it is answered with what is known (seconds).
+CROSS_WAIT: Final = 1.0
+#: How often every subscription to other regions is sent again, answered or not (seconds):
+#: a note lost on a link that reset without going down is repaired by the answer.
+CROSS_REFRESH_INTERVAL: Final = 30.0
+#: Users named in one subscription to another region's node at most (a resend after a
+#: WAN cut names every user watched here: it goes in pieces, each well below
+#: ``max_node_message``).
+CROSS_BATCH: Final = 1000
+#: Users whose regional status other regions subscribed to here at once; past that new
+#: subscriptions are not answered (counted ``misrouted``): that region sees those users
+#: as offline here.
+MAX_REGION_SUBSCRIBED: Final = 200_000
 
 
 @dataclass(slots=True)
@@ -286,6 +330,10 @@ class PresenceTable:
         first_seq: int = 0,
         copy_resend_after: float = COPY_RESEND_AFTER,
         version_floor: Callable[[], int] = _no_floor,
+        region: str = "",
+        owner_in: Callable[[str, str], str | None] | None = None,
+        regions: Iterable[str] = (),
+        stale_after: float = STALE_AFTER,
     ) -> None:
         self.resume_window = resume_window
         #: This node's placement id, and the owner of a user in this node's view (None:
@@ -362,6 +410,35 @@ class PresenceTable:
         self._version_floor = version_floor
         self._versions: OrderedDict[str, int] = OrderedDict()
         self._remote_versions: dict[str, int] = {}
+        # Global presence (``presence.regional``; idle with fewer than two regions). This
+        # node's region and the others; ``owner_in(region, user)``: the user's owner there.
+        self.region = region
+        self._other_regions = sorted({r for r in regions if r and r != region})
+        self._owner_in = owner_in
+        self._global = bool(self._other_regions) and owner_in is not None
+        self.stale_after = stale_after
+        #: Owned users watched here -> region -> the node there subscribed at; what those
+        #: nodes noted; (user, region) subscriptions not answered yet.
+        self._cross: dict[str, dict[str, str]] = {}
+        self.regional = RegionalStatuses()
+        self._cross_unanswered: set[tuple[str, str]] = set()
+        self._cross_swept_at = float("-inf")
+        self._cross_resend_at = float("-inf")
+        self._cross_refresh_at = float("-inf")
+        #: Other regions' nodes subscribed to owned users' regional status -> and what
+        #: each user's regional status and version last told were.
+        self._region_subscribers: dict[str, set[str]] = {}
+        self._regional_told: dict[str, tuple[bool, int]] = {}
+        #: Other regions' nodes whose link is down -> since when (stale after
+        #: ``stale_after``: ``_stale_marked``).
+        self._down_since: dict[str, float] = {}
+        self._stale_marked: set[str] = set()
+        #: Other regions' nodes whose link is up (the shell says so).
+        self._up: set[str] = set()
+        #: Users newly subscribed in other regions -> until when the watch replies and
+        #: subscription answers naming them wait for those regions' notes.
+        self._cross_deferred: dict[str, float] = {}
+        self._now = 0.0  # the time of the call under way
 
     def owns(self, user: str) -> bool:
         """Whether this node owns ``user`` in its view (always, without a view function)."""
@@ -369,10 +446,13 @@ class PresenceTable:
 
     def status(self, user: str) -> Status:
         """``online`` while any session of ``user`` holds a lease (on the node that owns
-        it); for a user owned elsewhere, what its owner noted last."""
+        it), or, with other regions, any of them says so; for a user owned elsewhere, what
+        its owner noted last."""
         if self._owner_of is not None and not self.owns(user):
             return self._remote.get(user, "offline")
-        return "online" if self._sessions_of.get(user) else "offline"
+        if self._sessions_of.get(user) or (self._global and self.regional.online(user)):
+            return "online"
+        return "offline"
 
     def version(self, user: str) -> int:
         """The version of ``user``'s status (``PresenceFrame.version``): odd while online,
@@ -385,7 +465,7 @@ class PresenceTable:
     def _note_status(self, user: str) -> int:
         """``user`` (owned here) may have changed status: its version, moved past the one
         it had if the status is not what that one says."""
-        online = bool(self._sessions_of.get(user))
+        online = bool(self._sessions_of.get(user)) or (self._global and self.regional.online(user))
         version = self._versions.get(user)
         if version is not None and (version % 2 == 1) == online:
             return version
@@ -411,6 +491,7 @@ class PresenceTable:
         """Apply one command from an edge or another presence node; return what to send."""
         if type(command) is ReplicaAck:  # (what it lets out waited already: not again)
             return self.copy_acked(command)
+        self._now = now
         return self._finish(self._apply(command, now), now)
 
     def _ticket(self, session: str, edge: str, conn: str) -> bytes:
@@ -462,8 +543,12 @@ class PresenceTable:
         if isinstance(command, EdgeSync):
             return self.edge_sync(command)
         if isinstance(command, StatusSubscribe):
+            if command.region:
+                return self.region_subscribe(command, now)
             return self.subscribe(command, now)
         if isinstance(command, StatusNote):
+            if command.region:
+                return self.region_noted(command)
             return self.noted(command)
         if isinstance(command, LeaseCopy):
             return self.copied(command, now)
@@ -646,6 +731,7 @@ class PresenceTable:
 
     def expire(self, now: float) -> list[Outbound]:
         """End the sessions whose resume window lapsed, earliest deadline first."""
+        self._now = now
         out: list[Outbound] = []
         while self._deadlines and self._deadlines[0][0] <= now:
             _, session, token = heapq.heappop(self._deadlines)
@@ -662,6 +748,8 @@ class PresenceTable:
             resend_late(self._copying.values(), now, self.copy_resend_after, out)
         if (self._settling or self._unconfirmed) and now >= self._settled_at:
             self._settle(out, now)
+        if self._global:
+            self._cross_tick(out, now)
         if self._owner_of is not None and now >= self._resubscribe_at:
             self._resubscribe_at = now + RESUBSCRIBE_INTERVAL
             self._resubscribe(out, only_unanswered=True)
@@ -757,6 +845,8 @@ class PresenceTable:
         if self._owner_of is not None:
             self._subscribe_remote(command.users, out)
             missing = {u for u in command.users if not self.owns(u) and u not in self._remote}
+            if self._cross_deferred:
+                missing.update(u for u in command.users if u in self._cross_deferred)
             if missing:
                 key = (command.session, command.conn, command.seq)
                 self._drop_pending(key)  # a resend replaces the first
@@ -827,6 +917,8 @@ class PresenceTable:
             self._watchers_of.setdefault(user, set()).add(session)
 
     def _notify(self, user: str, was: Status, out: list[Outbound]) -> None:
+        if user in self._region_subscribers:
+            self._tell_regions(user, out)
         now_status = self.status(user)
         if now_status == was or user in self._settling:
             if self.owns(user):
@@ -853,6 +945,7 @@ class PresenceTable:
     def view_changed(self, now: float) -> list[Outbound]:
         """``owner_of`` answers from a new view: forget what moved away, subscribe where
         owners changed, and answer no subscription for ``SYNC_GRACE``."""
+        self._now = now
         out: list[Outbound] = []
         self._settled_at = now + SYNC_GRACE
         for session, lease in list(self.leases.items()):
@@ -868,6 +961,8 @@ class PresenceTable:
             del self._subscribers[user]  # its subscribers subscribe at its new owner
         for user in [u for u in self._versions if not self.owns(u)]:
             del self._versions[user]  # its new owner versions it (from the copies)
+        if self._global:
+            self._cross_view_changed(out)
         for user in [u for u in self._remote if self.owns(u)]:
             # Known from leases now, once the edges re-synced them.
             self._settling.setdefault(user, self._remote.pop(user))
@@ -1101,6 +1196,15 @@ class PresenceTable:
                 self._suspend(session, lease, now + self.resume_window)
         settling, self._settling = self._settling, {}
         for user, was in settling.items():
+            if (
+                self._cross_unanswered
+                and now < self._settled_at + PENDING_TIMEOUT
+                and self._cross_waits(user)
+            ):
+                # Its status in another region (link up) is not known yet (its new owner
+                # here subscribed there): settled once noted, or PENDING_TIMEOUT at most.
+                self._settling[user] = was
+                continue
             if user in self._watchers_of and self.owns(user):
                 self._notify(user, was, out)
 
@@ -1126,18 +1230,23 @@ class PresenceTable:
                     del self._subscribers[user]
         if now < self._settled_at:
             return []  # edges are still re-syncing: the subscriber asks again
-        statuses: dict[str, Status] = {}
-        versions: dict[str, int] = {}
+        out: list[Outbound] = []
+        owned: list[str] = []
         for user in command.users:
             if not self.owns(user):
                 self.counters.misrouted += 1
                 continue
             self._subscribers.setdefault(user, set()).add(command.node)
-            statuses[user] = self.status(user)
-            versions[user] = self.version(user)
-        if not statuses:
-            return []
-        return [(command.node, StatusNote(self.node_id, statuses, versions))]
+            owned.append(user)
+        if self._global:
+            self._cross_subscribe(owned, out)
+            if self._cross_deferred:  # answered once the other regions noted them
+                owned = [u for u in owned if u not in self._cross_deferred]
+        if owned:
+            statuses = {user: self.status(user) for user in owned}
+            versions = {user: self.version(user) for user in owned}
+            out.append((command.node, StatusNote(self.node_id, statuses, versions)))
+        return out
 
     def noted(self, note: StatusNote) -> list[Outbound]:
         """An owner told this node the status of users watched here."""
@@ -1174,7 +1283,10 @@ class PresenceTable:
                 out.append(self._watch_reply(pending.command))
 
     def _subscribe_remote(self, users: list[str], out: list[Outbound]) -> None:
-        """Subscribe at their owners to the watched ``users`` this node does not own."""
+        """Subscribe at their owners to the watched ``users`` this node does not own (and,
+        global presence, at their owners in the other regions to those it owns)."""
+        if self._global:
+            self._cross_subscribe(users, out)
         if self._owner_of is None:
             return
         by_owner: dict[str, list[str]] = {}
@@ -1192,6 +1304,8 @@ class PresenceTable:
 
     def _unsubscribe_unwatched(self, users: Iterable[str], out: list[Outbound]) -> None:
         """Stop the subscriptions of ``users`` nobody here watches any more."""
+        if self._cross:
+            self._cross_drop(users, out)
         if not self._subscribed:
             return
         by_owner: dict[str, list[str]] = {}
@@ -1248,8 +1362,260 @@ class PresenceTable:
         return self._finish(out, now)
 
     def _unsubscribe_node(self, node: str) -> None:
+        if self._region_subscribers:
+            for user in [u for u, nodes in self._region_subscribers.items() if node in nodes]:
+                nodes = self._region_subscribers[user]
+                nodes.discard(node)
+                if not nodes:
+                    del self._region_subscribers[user]
+                    self._regional_told.pop(user, None)
         for user in [u for u, nodes in self._subscribers.items() if node in nodes]:
             nodes = self._subscribers[user]
             nodes.discard(node)
             if not nodes:
                 del self._subscribers[user]
+
+    # ----------------------------------------------------------------- global presence
+
+    def _wants_cross(self, user: str) -> bool:
+        """Whether this node needs ``user``'s status in the other regions: it owns the
+        user, and a session here or a subscribed node of this region watches it."""
+        return self.owns(user) and (user in self._watchers_of or user in self._subscribers)
+
+    def _cross_subscribe(self, users: Iterable[str], out: list[Outbound]) -> None:
+        """Subscribe at their owners in the other regions to the regional status of the
+        ``users`` this node newly needs it for."""
+        assert self._owner_in is not None
+        by_node: dict[str, list[str]] = {}
+        for user in users:
+            if user in self._cross or not self._wants_cross(user):
+                continue
+            at = self._cross[user] = {}
+            for region in self._other_regions:
+                node = self._owner_in(region, user)
+                if node is None:
+                    continue  # that region's view is not known (yet): subscribed with it
+                at[region] = node
+                self._cross_unanswered.add((user, region))
+                by_node.setdefault(node, []).append(user)
+                if node in self._up:
+                    self._cross_deferred[user] = self._now + CROSS_WAIT
+        self._cross_send(by_node, out)
+
+    def _cross_drop(self, users: Iterable[str], out: list[Outbound]) -> None:
+        """Stop the other regions' notes of ``users`` this node no longer needs."""
+        by_node: dict[str, list[str]] = {}
+        for user in users:
+            if user not in self._cross or self._wants_cross(user):
+                continue
+            for region, node in self._cross.pop(user).items():
+                self._cross_unanswered.discard((user, region))
+                by_node.setdefault(node, []).append(user)
+            self.regional.forget(user)
+            self._cross_deferred.pop(user, None)
+        for node, dropped in by_node.items():
+            out.append((node, StatusSubscribe(self.node_id, [], dropped, region=self.region)))
+
+    def _cross_send(self, by_node: dict[str, list[str]], out: list[Outbound]) -> None:
+        for node, users in by_node.items():
+            for start in range(0, len(users), CROSS_BATCH):
+                batch = users[start : start + CROSS_BATCH]
+                out.append((node, StatusSubscribe(self.node_id, batch, region=self.region)))
+
+    def _cross_resubscribe(self, out: list[Outbound], pairs: Iterable[tuple[str, str]]) -> None:
+        """Subscribe again for each (user, region) at the user's owner there now."""
+        assert self._owner_in is not None
+        by_node: dict[str, list[str]] = {}
+        for user, region in pairs:
+            at = self._cross.get(user)
+            if at is None:
+                continue
+            node = self._owner_in(region, user)
+            if node is None:
+                continue
+            at[region] = node
+            self._cross_unanswered.add((user, region))
+            by_node.setdefault(node, []).append(user)
+        self._cross_send(by_node, out)
+
+    def region_placement_changed(self, region: str, now: float) -> list[Outbound]:
+        """Another region's presence view (or its nodes) changed: subscribe where its owners
+        of the users watched here moved. The last status noted stays until the new owner
+        notes one (it answers once its own edges re-synced)."""
+        if not self._global:
+            return []
+        assert self._owner_in is not None
+        moved = [
+            (user, region)
+            for user, at in self._cross.items()
+            if at.get(region) != self._owner_in(region, user)
+        ]
+        out: list[Outbound] = []
+        self._cross_resubscribe(out, moved)
+        return self._finish(out, now)
+
+    def remote_down(self, node: str, now: float) -> None:
+        """The link to ``node`` (another region's presence node) stopped heartbeating: what
+        it noted is stale ``stale_after`` from now unless the link comes back."""
+        self._down_since.setdefault(node, now)
+        self._up.discard(node)
+
+    def remote_up(self, node: str, now: float) -> list[Outbound]:
+        """The link to ``node`` (another region's presence node) is up: subscribe there
+        again to everything subscribed at it (it answers with the status now)."""
+        self._down_since.pop(node, None)
+        self._stale_marked.discard(node)
+        self._up.add(node)
+        if not self._global:
+            return []
+        out: list[Outbound] = []
+        pairs = [(u, r) for u, at in self._cross.items() for r, n in at.items() if n == node]
+        self._cross_resubscribe(out, pairs)
+        return self._finish(out, now)
+
+    def _cross_tick(self, out: list[Outbound], now: float) -> None:
+        """Resend unanswered subscriptions (with the resubscription interval), mark what
+        nodes down for ``stale_after`` noted as offline, sweep unneeded subscriptions."""
+        if now >= self._cross_refresh_at:
+            # Everything, now and then: the answers repair notes lost on the way.
+            if self._cross_refresh_at > float("-inf"):
+                self._cross_unanswered.update(
+                    (user, region) for user, at in self._cross.items() for region in at
+                )
+            self._cross_refresh_at = now + CROSS_REFRESH_INTERVAL
+            self._cross_resend_at = now
+        if self._cross_unanswered and now >= self._cross_resend_at:
+            # Not to a node whose link is down: ``remote_up`` subscribes there again.
+            self._cross_resend_at = now + RESUBSCRIBE_INTERVAL
+            self._cross_resubscribe(
+                out,
+                [
+                    (user, region)
+                    for user, region in self._cross_unanswered
+                    if self._cross.get(user, {}).get(region) not in self._down_since
+                ],
+            )
+        for node, since in self._down_since.items():
+            if node in self._stale_marked or now - since < self.stale_after:
+                continue
+            self._stale_marked.add(node)
+            for user in self.regional.node_stale(node):
+                self._notify(user, "online", out)
+        if self._cross_deferred:
+            for user in [u for u, until in self._cross_deferred.items() if until <= now]:
+                self._cross_resolved(user, out)
+        if now >= self._cross_swept_at:
+            self._cross_swept_at = now + CROSS_SWEEP_INTERVAL
+            self._cross_drop(list(self._cross), out)
+
+    def _cross_view_changed(self, out: list[Outbound]) -> None:
+        """This region's view changed: drop the other regions' notes of users owned
+        elsewhere now, subscribe for the watched users owned here now."""
+        self._cross_drop([u for u in self._cross if not self.owns(u)], out)
+        for user in [u for u in self._region_subscribers if not self.owns(u)]:
+            del self._region_subscribers[user]  # its subscribers move to its new owner
+            self._regional_told.pop(user, None)
+        self._cross_subscribe([*self._watchers_of, *self._subscribers], out)
+
+    def region_subscribe(self, command: StatusSubscribe, now: float) -> list[Outbound]:
+        """A node of another region (the users' owner there) wants their regional status
+        here, now and on every change."""
+        for user in command.drop:
+            nodes = self._region_subscribers.get(user)
+            if nodes is not None:
+                nodes.discard(command.node)
+                if not nodes:
+                    del self._region_subscribers[user]
+                    self._regional_told.pop(user, None)
+        if now < self._settled_at:
+            return []  # edges are still re-syncing: the subscriber asks again
+        statuses: dict[str, Status] = {}
+        versions: dict[str, int] = {}
+        for user in command.users:
+            if not self.owns(user) or (
+                user not in self._region_subscribers
+                and len(self._region_subscribers) >= MAX_REGION_SUBSCRIBED
+            ):
+                self.counters.misrouted += 1
+                continue
+            self._region_subscribers.setdefault(user, set()).add(command.node)
+            online, version = self._regional_state(user)
+            statuses[user] = "online" if online else "offline"
+            versions[user] = version
+        if not statuses:
+            return []
+        return [(command.node, StatusNote(self.node_id, statuses, versions, self.region))]
+
+    def _regional_state(self, user: str) -> tuple[bool, int]:
+        """Owned ``user``'s status in this region (leases here only) and its regional
+        version, moved on if the status changed since last told."""
+        online = bool(self._sessions_of.get(user))
+        told = self._regional_told.get(user)
+        if told is not None and told[0] == online:
+            return told
+        state = (online, _next_version(told[1] if told else 0, online, self._version_floor()))
+        self._regional_told[user] = state
+        return state
+
+    def _tell_regions(self, user: str, out: list[Outbound]) -> None:
+        """Note ``user``'s regional status to the other regions' subscribers if it changed."""
+        told = self._regional_told.get(user)
+        if told is not None and told[0] == bool(self._sessions_of.get(user)):
+            return
+        online, version = self._regional_state(user)
+        note = StatusNote(
+            self.node_id, {user: "online" if online else "offline"}, {user: version}, self.region
+        )
+        for node in self._region_subscribers.get(user, ()):
+            out.append((node, note))
+
+    def region_noted(self, note: StatusNote) -> list[Outbound]:
+        """A user's owner in another region noted its regional status there."""
+        out: list[Outbound] = []
+        for user, status in note.statuses.items():
+            at = self._cross.get(user)
+            if at is None or at.get(note.region) != note.owner or not self.owns(user):
+                self.counters.notes_ignored += 1
+                continue
+            self._cross_unanswered.discard((user, note.region))
+            was = self.status(user)
+            version = note.versions.get(user, 0)
+            if not self.regional.note(user, note.region, note.owner, status, version):
+                self.counters.notes_ignored += 1
+            elif user not in self._cross_deferred:
+                self._notify(user, was, out)
+            if user in self._cross_deferred and not self._cross_waits(user):
+                self._cross_resolved(user, out)
+        return out
+
+    def _cross_waits(self, user: str) -> bool:
+        """Whether a region whose link is up has not answered ``user``'s subscription."""
+        at = self._cross.get(user, {})
+        return any((user, r) in self._cross_unanswered and n in self._up for r, n in at.items())
+
+    def _cross_resolved(self, user: str, out: list[Outbound]) -> None:
+        """The other regions answered for newly watched ``user`` (or ``CROSS_WAIT``
+        passed): answer the watches and subscriptions that waited, and tell any other
+        watcher whose last status differs."""
+        if self._cross_deferred.pop(user, None) is None or not self.owns(user):
+            return
+        self._status_known(user, out)
+        status, version = self.status(user), self.version(user)
+        subscribers = self._subscribers.get(user)
+        if subscribers:
+            note = StatusNote(self.node_id, {user: status}, {user: version})
+            for node in subscribers:
+                out.append((node, note))
+        by_edge: dict[str, list[str]] = {}
+        for watcher in () if user in self._settling else self._watchers_of.get(user, ()):
+            told = self._told.get(watcher)
+            lease = self.leases.get(watcher)
+            if told is None or told.get(user, status) == status:
+                continue
+            if lease is not None and lease.suspended_until is None:
+                by_edge.setdefault(lease.edge, []).append(watcher)
+                told[user] = status
+        if by_edge:
+            payload = encode_frame(PresenceFrame(user=user, status=status, version=version))
+            for edge, sessions in by_edge.items():
+                out.append((edge, Deliver(sessions, payload)))

@@ -669,19 +669,31 @@ class StatusSubscribe(_Envelope, tag=26, frozen=True):
 
     A presence node serves the watches of the sessions it owns; a watched user owned by
     another node reaches it this way (``presence.table``).
+
+    ``region`` (the subscriber's region) set: a subscription from the users' owner in
+    another region, to their *regional* status (online while a session holds a lease in
+    the owner's region), which that node merges into their global status
+    (``presence.regional``).
     """
 
     node: str  # the subscriber's placement id: its identity on the owner's ROUTER
     users: list[str]
     drop: list[str] = []
+    region: str = ""
 
 
 class StatusNote(_Envelope, tag=27, frozen=True):
-    """Owner presence node -> subscriber: the status of users ``owner`` owns."""
+    """Owner presence node -> subscriber: the status of users ``owner`` owns.
+
+    ``region`` (the owner's region) set: their regional status, with regional versions
+    (odd online, even offline, higher at every change of the user's status in that
+    region), to a subscriber in another region (``StatusSubscribe.region``).
+    """
 
     owner: str
     statuses: dict[str, Literal["online", "offline"]]
     versions: dict[str, int] = {}  # user -> status version (``PresenceFrame.version``)
+    region: str = ""
 
 
 class LeaseCopy(_Envelope, tag=28, frozen=True):
