@@ -481,16 +481,20 @@ class RoomTable:
 
     def handoff_requested(self, command: HandoffRequest, now: float) -> list[Outbound]:
         """Another broker owns ``command.room`` now: hand over what this one has of it."""
+        fences = True
         if self.owner_of is not None and self.owner_of(command.room) != command.requester:
-            # Not the owner in this broker's view: a view that lags (it asks again), or a
-            # peer after a room it does not own (it gets nothing, and fences nobody).
+            # Not the owner in this broker's view: a view that lags (here or there), or a
+            # peer after a room it does not own. It is answered as an owner would be (an
+            # admitted broker may read room state), but its term fences nothing here.
+            # ("Ask again" instead left two brokers whose views disagreed waiting on each
+            # other until the handoff timeout, then both serving: chaos seed 21 lost 160.)
             self.refused(
                 command.requester,
                 f"HandoffRequest for {command.room!r}, which it does not own here "
-                f"({self.owner_of(command.room)!r} does): told to ask again",
+                f"({self.owner_of(command.room)!r} does): answered, its term ignored",
                 "room",
             )
-            return [(command.requester, Handoff(command.room, self.node_id, False, retry=True))]
+            fences = False
         room = self.rooms.get(command.room)
         if room is None:
             return [(command.requester, Handoff(command.room, self.node_id, False))]
@@ -500,7 +504,7 @@ class RoomTable:
         # Served here until now, or a passive copy (the runner-up of an owner that died,
         # e.g. the asker itself before it restarted): the most recent state there is.
         handoff = self.hand_over(command.room, now)
-        if not room.active:
+        if not room.active and fences:
             # The asker's ownership is newer than whatever replicates here: a deposed
             # owner's late batch must be refused, not kept behind the asker's back.
             room.term = max(room.term, command.term)

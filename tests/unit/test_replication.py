@@ -407,3 +407,24 @@ def test_a_replica_forgets_a_member_only_for_the_edge_holding_its_seat() -> None
     assert refusals == ["edge-rogue"] and "a" in replica.rooms["room"].members
     replica.handle(ForgetCmd("a", "room", "edge-a"), 0.0)
     assert "room" not in replica.rooms or "a" not in replica.rooms["room"].members
+
+
+def test_a_handoff_request_from_a_broker_this_view_does_not_make_owner_fences_nothing() -> None:
+    # Chaos seed 21 (one region): two brokers whose views disagreed each told the other to
+    # ask again, waited out the handoff timeout and both served the room (160 lost). The
+    # asker is answered as an owner would be, but its term fences nothing here.
+    refusals: list[tuple[str, str]] = []
+    owner, runner_up = table("A", "B"), owning("B", "C", owns=False)
+    runner_up.owner_of = lambda room: "A"  # B's view: A owns the room
+    runner_up.refused = lambda sender, why, what: refusals.append((sender, what))
+    for session in ("a", "b"):
+        restore(runner_up, session, True)
+        pump(owner, runner_up, owner.handle(join(session, 1), 0.0))
+    pump(owner, runner_up, owner.handle(signal(2, 0), 0.0))
+    copy = runner_up.rooms["room"]
+    term, offset = copy.term, copy.offset
+    (answer,) = runner_up.handle(HandoffRequest("room", "C", term=2**62), 1.0)
+    assert isinstance(answer[1], Handoff) and answer[1].present and answer[1].history
+    assert answer[1].offset == offset
+    assert copy.term == term  # not fenced by a broker that does not own the room here
+    assert refusals == [("C", "room")]  # counted and logged all the same
