@@ -16,7 +16,7 @@ User classes (pick them on the command line; all five run by default):
                         region; each task is one call (as ``CallSetupUser``) inside its
                         region or across, in a room homed in its region or in the other.
                         Reports ``call-setup <region>`` and ``call-setup <a>-><b> home
-                        <h>``. Without regions: calls between two edges only.
+                        <h>``. Without regions: ``call-setup (no regions)``.
 ``ReconnectStormUser``  pairs exchange signals; connections drop and sessions resume on
                         the next edge. Against a cluster (``--cluster-state FILE``) one
                         edge is killed after ``--storm-after`` seconds, so every client
@@ -376,7 +376,9 @@ class RegionCallUser(SignalpostUser):
         kind = self.KINDS[number % len(self.KINDS)] if self.region else "local"
         room = f"rcall-{self.number}-{number}"
         if kind == "local":
-            _one_call(self, self.a, self.b, room, name=f"call-setup {self.region}")
+            _one_call(
+                self, self.a, self.b, room, name=f"call-setup {self.region or '(no regions)'}"
+            )
         elif kind == "cross-home-near":
             name = f"call-setup {self.region}->{self.other} home {self.region}"
             _one_call(self, self.a, self.far, room, name=name)
