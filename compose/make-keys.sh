@@ -9,6 +9,9 @@
 #                            also SIGNALPOST_TICKET_SECRET=... (the seat tickets' secret,
 #                            shared by them, never given to an edge)
 # Run once before `docker compose up`; never commit keys/. Refuses to overwrite a key.
+#   compose/make-keys.sh            the nodes of docker-compose.yml
+#   compose/make-keys.sh regions    the nodes of docker-compose.regions.yml (eu-*, us-*: one
+#                                   seat tickets' secret for the brokers and presence of both)
 #   SIGNALPOST="python -m signalpost.cli" compose/make-keys.sh   (without an installed CLI)
 set -eu
 SIGNALPOST=${SIGNALPOST:-signalpost}
@@ -36,10 +39,27 @@ node() {
     mv "$work/$name.key" "$KEYS_DIR/public/$name.key"
 }
 
-node presence-1 --kind presence --endpoint tcp://presence-1:5565
-node presence-2 --kind presence --endpoint tcp://presence-2:5565
-node broker-1 --kind broker --endpoint tcp://broker-1:5555
-node broker-2 --kind broker --endpoint tcp://broker-2:5555
-node edge-1 --kind edge
-node edge-2 --kind edge
+case "${1:-}" in
+"")
+    node presence-1 --kind presence --endpoint tcp://presence-1:5565
+    node presence-2 --kind presence --endpoint tcp://presence-2:5565
+    node broker-1 --kind broker --endpoint tcp://broker-1:5555
+    node broker-2 --kind broker --endpoint tcp://broker-2:5555
+    node edge-1 --kind edge
+    node edge-2 --kind edge
+    ;;
+regions)
+    for region in eu us; do
+        node "$region-presence-1" --kind presence --endpoint "tcp://$region-presence-1:5565"
+        node "$region-broker-1" --kind broker --endpoint "tcp://$region-broker-1:5555"
+        node "$region-broker-2" --kind broker --endpoint "tcp://$region-broker-2:5555"
+        node "$region-edge-1" --kind edge
+        node "$region-edge-2" --kind edge
+    done
+    ;;
+*)
+    echo "make-keys: unknown topology '$1' (none, or regions)" >&2
+    exit 2
+    ;;
+esac
 echo "keys written to $KEYS_DIR"

@@ -1,6 +1,6 @@
 """Locust scenarios for signalpost over the real client protocol (see load/README.md).
 
-User classes (pick them on the command line; all four run by default):
+User classes (pick them on the command line; all five run by default):
 
 ``CallSetupUser``       two connections per user; each task is one call: join, offer
                         (~4 KB SDP), answer, 12 trickled candidates each way, leave.
@@ -10,6 +10,13 @@ User classes (pick them on the command line; all four run by default):
 ``RoomFanoutUser``      groups of ``--fanout-size`` users share a room and broadcast;
                         every received broadcast is reported as ``fanout-delivery`` with
                         its delivery latency (needs SIGNALPOST_ROOM_CAPACITY >= the size).
+``RegionCallUser``      calls across two regions (``--cluster-state`` of ``signalpost cluster
+                        --regions eu,us``): each user belongs to a region and holds a
+                        connection on one of its edges and one on an edge of the other
+                        region; each task is one call (as ``CallSetupUser``) inside its
+                        region or across, in a room homed in its region or in the other.
+                        Reports ``call-setup <region>`` and ``call-setup <a>-><b> home
+                        <h>``. Without regions: ``call-setup (no regions)``.
 ``ReconnectStormUser``  pairs exchange signals; connections drop and sessions resume on
                         the next edge. Against a cluster (``--cluster-state FILE``) one
                         edge is killed after ``--storm-after`` seconds, so every client
@@ -260,52 +267,124 @@ class CallSetupUser(SignalpostUser):
     @task
     def call(self) -> None:
         self._reconnect_lost()
-        caller, callee = self.caller, self.callee
-        room = f"call-{self.number}-{next(self.calls)}"
-        started = time.perf_counter()
-        error: BaseException | None = None
-        try:
+        _one_call(self, self.caller, self.callee, f"call-{self.number}-{next(self.calls)}")
+
+
+def _one_call(
+    user: SignalpostUser,
+    caller: SignalpostConnection,
+    callee: SignalpostConnection,
+    room: str,
+    *,
+    name: str = "call-setup",
+    callee_first: bool = False,
+) -> None:
+    """One call in a fresh ``room``: both join (the callee first if ``callee_first``), offer
+    and candidates, answer and candidates, every signal acked; reported as ``name``."""
+    started = time.perf_counter()
+    error: BaseException | None = None
+    try:
+        caller.drain()
+        callee.drain()
+        if callee_first:
+            callee.join(room)
+            caller.join(room)
             caller.drain()
-            callee.drain()
+        else:
             caller.join(room)
             callee.join(room)
+        if callee_first:
+            callee_session = callee.session
+        else:
             peer = caller.expect(lambda f: f.get("type") == "peer-joined" and f.get("room") == room)
             callee_session = peer["peer"]["session"]
-            caller.signal(room, {"type": "offer", "sdp": SDP_OFFER}, to=callee_session)
-            for i in range(CANDIDATES_EACH_WAY):
-                caller.signal(
-                    room,
-                    {
-                        "candidate": CANDIDATE.format(port=50000 + i),
-                        "sdpMid": "0",
-                        "sdpMLineIndex": 0,
-                    },
-                    to=callee_session,
-                )
-            callee.expect_signals(1, caller.session)
-            callee.signal(room, {"type": "answer", "sdp": SDP_ANSWER}, to=caller.session)
-            for i in range(CANDIDATES_EACH_WAY):
-                callee.signal(
-                    room,
-                    {
-                        "candidate": CANDIDATE.format(port=51000 + i),
-                        "sdpMid": "0",
-                        "sdpMLineIndex": 0,
-                    },
-                    to=caller.session,
-                )
-            callee.expect_signals(CANDIDATES_EACH_WAY, caller.session)
-            caller.expect_signals(1 + CANDIDATES_EACH_WAY, callee_session)
-        except Exception as exc:
-            error = exc
-        if error is not None and self.storm and (caller.lost or callee.lost):
-            # The edge under this call went away (reconnect storm): not a refusal.
-            self.report("call-interrupted-by-edge-loss", started, 0, None)
+        caller.signal(room, {"type": "offer", "sdp": SDP_OFFER}, to=callee_session)
+        for i in range(CANDIDATES_EACH_WAY):
+            caller.signal(
+                room,
+                {
+                    "candidate": CANDIDATE.format(port=50000 + i),
+                    "sdpMid": "0",
+                    "sdpMLineIndex": 0,
+                },
+                to=callee_session,
+            )
+        callee.expect_signals(1, caller.session)
+        callee.signal(room, {"type": "answer", "sdp": SDP_ANSWER}, to=caller.session)
+        for i in range(CANDIDATES_EACH_WAY):
+            callee.signal(
+                room,
+                {
+                    "candidate": CANDIDATE.format(port=51000 + i),
+                    "sdpMid": "0",
+                    "sdpMLineIndex": 0,
+                },
+                to=caller.session,
+            )
+        callee.expect_signals(CANDIDATES_EACH_WAY, caller.session)
+        caller.expect_signals(1 + CANDIDATES_EACH_WAY, callee_session)
+    except Exception as exc:
+        error = exc
+    if error is not None and user.storm and (caller.lost or callee.lost):
+        # The edge under this call went away (reconnect storm): not a refusal.
+        user.report("call-interrupted-by-edge-loss", started, 0, None)
+        return
+    user.report(name, started, 0, error)
+    for connection in (caller, callee):
+        with contextlib.suppress(RequestFailed):  # already reported by request()
+            connection.leave(room)
+
+
+class RegionCallUser(SignalpostUser):
+    """Calls inside a region and across two (a cluster state file with regions).
+
+    User ``n`` belongs to region ``n mod 2`` (of the regions in the state file, in their
+    order). It holds two sessions on an edge of its region (``a`` and ``b``) and one on an
+    edge of the other region (``far``). Its tasks, in turn: a call inside its region (``a``
+    calls ``b``; homed in its region), a call across homed in its region (``a`` calls
+    ``far``, ``a`` joins first), and a call across homed in the other region (``far`` joins
+    first: a room's home is the region of its first member). Rooms are fresh each call.
+    """
+
+    weight = 1
+    KINDS = ("local", "cross-home-near", "cross-home-far")
+
+    def on_start(self) -> None:
+        edges = _edges(self.environment)
+        regions = list(dict.fromkeys(e.get("region", "") for e in edges if e.get("region")))
+        self.calls = itertools.count()
+        if len(regions) < 2:  # no regions (or no state file): local calls between any edges
+            self.region = self.other = ""
+            self.a = self.open(f"rc-{self.number}-a", edge=0)
+            self.b = self.far = self.open(f"rc-{self.number}-b", edge=1)
             return
-        self.report("call-setup", started, 0, error)
-        for connection in (caller, callee):
-            with contextlib.suppress(RequestFailed):  # already reported by request()
-                connection.leave(room)
+        self.region = regions[self.number % len(regions)]
+        self.other = regions[(self.number + 1) % len(regions)]
+        index = {
+            region: [i for i, e in enumerate(edges) if e.get("region") == region]
+            for region in regions
+        }
+        near, far = index[self.region], index[self.other]
+        pick = self.number // len(regions)
+        self.a = self.open(f"rc-{self.number}-a", edge=near[pick % len(near)])
+        self.b = self.open(f"rc-{self.number}-b", edge=near[(pick + 1) % len(near)])
+        self.far = self.open(f"rc-{self.number}-far", edge=far[pick % len(far)])
+
+    @task
+    def call(self) -> None:
+        number = next(self.calls)
+        kind = self.KINDS[number % len(self.KINDS)] if self.region else "local"
+        room = f"rcall-{self.number}-{number}"
+        if kind == "local":
+            _one_call(
+                self, self.a, self.b, room, name=f"call-setup {self.region or '(no regions)'}"
+            )
+        elif kind == "cross-home-near":
+            name = f"call-setup {self.region}->{self.other} home {self.region}"
+            _one_call(self, self.a, self.far, room, name=name)
+        else:
+            name = f"call-setup {self.region}->{self.other} home {self.other}"
+            _one_call(self, self.a, self.far, room, name=name, callee_first=True)
 
 
 class PresenceChurnUser(SignalpostUser):

@@ -21,12 +21,25 @@ until the cluster is whole again (bounded) and returns its ``FaultLog``:
   state) on the same ports; the nodes register again.
 - ``client_drop``: a client aborts its connection (no close frame), or leaves it half open,
   and resumes on the other edge.
+
+With ``regions`` (``signalpost cluster --regions eu,us --wan-delay ...``), two more
+(``REGION_FAULT_WEIGHTS``), and ``consul_restart`` restarts one region's agent:
+
+- ``region_kill``: kill -9 every process of one region (edges, brokers, presence nodes,
+  its Consul agent and its WAN relay) with the launcher paused (SIGSTOP: its ``--restart``
+  would bring the nodes back at once, and it never restarts Consul); 3 to 6 s later a fresh
+  Consul dev agent of that datacenter (no state, WAN-joined again), then the launcher goes
+  on and restarts the rest; the region's clients, which resumed in the other region, then
+  move back to their own edges.
+- ``wan_reset``: ``ss -K`` the TCP connections to, from or both ways of one region's WAN
+  relay ports (one port or all): what the other region's nodes dial.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -61,6 +74,13 @@ FAULT_WEIGHTS: dict[str, int] = {
     "consul_restart": 1,
     "client_drop": 3,
 }
+#: Added to FAULT_WEIGHTS when the cluster has regions.
+REGION_FAULT_WEIGHTS: dict[str, int] = {
+    "region_kill": 1,
+    "wan_reset": 2,
+}
+#: Seconds a killed region stays down (``region_kill``).
+REGION_DOWN = (3.0, 6.0)
 
 
 def _port(url: str) -> int:
@@ -112,16 +132,22 @@ class ChaosCluster:
         brokers: int,
         env: dict[str, str],
         presence: int = 2,
+        regions: Sequence[str] = (),
+        wan_delay: str = "40ms",
     ) -> None:
         self.workdir = workdir
         self.edges = edges
         self.brokers = brokers
         self.presence = presence
+        self.regions = tuple(regions)
+        self.wan_delay = wan_delay
         self.env = {**os.environ, **FAST_ENV, **env}
         self.state_path = workdir / "cluster.json"
         self.cluster: Cluster | None = None
-        self.consul: subprocess.Popen[bytes] | None = None  # a Consul agent we restarted
-        self.consul_argv: list[str] = []
+        # Consul agents we restarted, and every agent's command line, by process id.
+        self.consul: dict[str, subprocess.Popen[bytes]] = {}
+        self.consul_argv: dict[str, list[str]] = {}
+        self.launcher_paused = False
         self.stopped: set[int] = set()  # pids we sent SIGSTOP and no SIGCONT yet
         self.seen: dict[int, str] = {}  # pid -> its start time: a reused pid is not ours
         self._stderr: Any = None
@@ -150,6 +176,11 @@ class ChaosCluster:
                 "--consul",
                 "on",
                 "--restart",
+                *(
+                    ["--regions", ",".join(self.regions), "--wan-delay", self.wan_delay]
+                    if self.regions
+                    else []
+                ),
             ],
             env=self.env,
             stdout=self._stderr,
@@ -170,8 +201,7 @@ class ChaosCluster:
                 raise RuntimeError("signalpost cluster did not become ready")
             await asyncio.sleep(0.1)
         self.reload()
-        (consul,) = self.of_kind("consul")
-        self.consul_argv = _argv(consul["pid"])
+        self.consul_argv = {c["id"]: _argv(c["pid"]) for c in self.of_kind("consul")}
 
     def reload(self) -> None:
         """Re-read the state file (the launcher rewrites it with the pids of restarts)."""
@@ -190,6 +220,15 @@ class ChaosCluster:
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         assert self.cluster is not None
         return self.cluster.of_kind(kind)
+
+    def in_region(self, region: str, kind: str | None = None) -> list[dict[str, Any]]:
+        """The processes of ``region`` (of one kind, or all)."""
+        assert self.cluster is not None
+        return [
+            p
+            for p in self.cluster.processes
+            if p.get("region", "") == region and kind in (None, p["kind"])
+        ]
 
     def process(self, process_id: str) -> dict[str, Any]:
         assert self.cluster is not None
@@ -225,7 +264,7 @@ class ChaosCluster:
             if (
                 process["pid"] != old_pid
                 and self.ours(process["pid"])
-                and await _tcp_ready(_port(process["url"]))
+                and await _tcp_ready(self.listen_port(process))
             ):
                 return True
             await asyncio.sleep(0.1)
@@ -235,14 +274,33 @@ class ChaosCluster:
         """Every node alive, not stopped, and accepting connections; Consul answering."""
         assert self.cluster is not None
         self.reload()
+        if self.launcher_paused:
+            return False
         for process in self.cluster.processes:
             if process["kind"] == "consul":
                 continue
             if not self.ours(process["pid"]) or process["pid"] in self.stopped:
                 return False
-            if not await _tcp_ready(_port(process["url"])):
+            if not await _tcp_ready(self.listen_port(process)):
                 return False
         return await self.consul_ready()
+
+    def listen_port(self, process: dict[str, Any]) -> int:
+        """A port the process accepts connections on (a relay's first listening port)."""
+        if process["kind"] == "wan-relay":
+            return self.relay_ports(process["id"])[0]
+        return _port(process["url"])
+
+    def relay_ports(self, relay_id: str) -> list[int]:
+        """The ports a WAN relay listens on (``--pair 127.0.0.1:PORT=...``), from its argv."""
+        argv = (
+            _argv(self.process(relay_id)["pid"]) if self.ours(self.process(relay_id)["pid"]) else []
+        )
+        return [
+            int(pair.split("=", 1)[0].rsplit(":", 1)[1])
+            for flag, pair in itertools.pairwise(argv)
+            if flag == "--pair"
+        ] or [0]
 
     @property
     def consul_url(self) -> str:
@@ -250,13 +308,17 @@ class ChaosCluster:
         return url
 
     async def consul_ready(self) -> bool:
-        return await asyncio.to_thread(_http_ok, f"{self.consul_url}/v1/status/leader")
+        """Every Consul agent (one per region) has a leader."""
+        urls = [f"{c['url']}/v1/status/leader" for c in self.of_kind("consul")]
+        answers = await asyncio.gather(*(asyncio.to_thread(_http_ok, url) for url in urls))
+        return all(answers)
 
     async def passing(self) -> dict[str, list[str]]:
-        """Per kind, the node ids Consul lists as healthy (empty when Consul does not answer)."""
+        """Per kind, the node ids Consul lists as healthy (each region's nodes in its own
+        datacenter's agent; none of a region whose Consul does not answer)."""
 
-        def ask(kind: str) -> list[str]:
-            url = f"{self.consul_url}/v1/health/service/signalpost-{kind}?passing=1"
+        def ask(consul_url: str, kind: str) -> list[str]:
+            url = f"{consul_url}/v1/health/service/signalpost-{kind}?passing=1"
             try:
                 with urllib.request.urlopen(url, timeout=2.0) as response:
                     return sorted(e["Service"]["ID"] for e in json.loads(response.read()))
@@ -264,29 +326,43 @@ class ChaosCluster:
                 return []
 
         kinds = ("edge", "broker", "presence")
-        found = await asyncio.gather(*(asyncio.to_thread(ask, kind) for kind in kinds))
-        return dict(zip(kinds, found, strict=True))
+        agents = [c["url"] for c in self.of_kind("consul")]
+        found = await asyncio.gather(
+            *(asyncio.to_thread(ask, agent, kind) for kind in kinds for agent in agents)
+        )
+        per_kind: dict[str, list[str]] = {kind: [] for kind in kinds}
+        for index, ids in enumerate(found):
+            per_kind[kinds[index // len(agents)]] += ids
+        return {kind: sorted(ids) for kind, ids in per_kind.items()}
 
-    async def kill_consul(self) -> None:
-        """SIGKILL the Consul agent (the launcher's, or the one we restarted)."""
-        if self.consul is not None:
-            self.consul.kill()
-            await asyncio.to_thread(self.consul.wait)
-            self.consul = None
+    async def kill_consul(self, consul_id: str | None = None) -> None:
+        """SIGKILL a Consul agent (the launcher's, or the one we restarted); default the
+        first (the only one without regions)."""
+        consul_id = consul_id or self.of_kind("consul")[0]["id"]
+        restarted = self.consul.pop(consul_id, None)
+        if restarted is not None:
+            restarted.kill()
+            await asyncio.to_thread(restarted.wait)
         else:
-            pid: int = self.of_kind("consul")[0]["pid"]
+            pid: int = self.process(consul_id)["pid"]
             if self.ours(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
-    def _spawn_consul(self) -> None:
+    def _spawn_consul(self, consul_id: str) -> None:
         data_dir = self.workdir / f"consul-data-{time.monotonic_ns()}"
         argv = [
             f"-data-dir={data_dir}" if arg.startswith("-data-dir=") else arg
-            for arg in self.consul_argv
+            for arg in self.consul_argv[consul_id]
         ]
-        with (self.log_dir / "consul-restarted.log").open("ab") as log_file:
-            self.consul = subprocess.Popen(
+        # WAN-join every other region's agent (the first region's agent joined nobody).
+        for other_id, other in self.consul_argv.items():
+            wan = [a.split("=", 1)[1] for a in other if a.startswith("-serf-wan-port=")]
+            join = f"-retry-join-wan=127.0.0.1:{wan[0]}" if wan else ""
+            if other_id != consul_id and join and join not in argv:
+                argv.append(join)
+        with (self.log_dir / f"{consul_id}-restarted.log").open("ab") as log_file:
+            self.consul[consul_id] = subprocess.Popen(
                 argv,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -294,15 +370,25 @@ class ChaosCluster:
                 start_new_session=True,
             )
 
-    async def start_consul(self) -> bool:
+    async def start_consul(self, consul_id: str | None = None) -> bool:
         """A fresh dev agent on the same ports (a dev agent comes back with no state)."""
-        self._spawn_consul()
+        consul_id = consul_id or self.of_kind("consul")[0]["id"]
+        self._spawn_consul(consul_id)
+        url = f"{self.process(consul_id)['url']}/v1/status/leader"
         deadline = time.monotonic() + RESTART_TIMEOUT
         while time.monotonic() < deadline:
-            if await self.consul_ready():
+            if await asyncio.to_thread(_http_ok, url):
                 return True
             await asyncio.sleep(0.2)
         return False
+
+    def pause_launcher(self, paused: bool) -> None:
+        """SIGSTOP (no restarts while a region is down) or SIGCONT the launcher."""
+        assert self.cluster is not None
+        launcher = self.cluster.launcher
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGSTOP if paused else signal.SIGCONT)
+        self.launcher_paused = paused
 
     async def stop(self) -> None:
         """Stop everything this cluster started; nothing outlives it."""
@@ -313,6 +399,8 @@ class ChaosCluster:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
         self.stopped.clear()
+        if self.launcher_paused:
+            self.pause_launcher(False)
         launcher = self.cluster.launcher
         if launcher.poll() is None:
             launcher.send_signal(signal.SIGTERM)
@@ -321,10 +409,10 @@ class ChaosCluster:
             except subprocess.TimeoutExpired:
                 launcher.kill()
                 await asyncio.to_thread(launcher.wait)
-        if self.consul is not None:
-            self.consul.kill()
-            await asyncio.to_thread(self.consul.wait)
-            self.consul = None
+        for restarted in self.consul.values():
+            restarted.kill()
+            await asyncio.to_thread(restarted.wait)
+        self.consul.clear()
         with contextlib.suppress(OSError, ValueError):
             self.reload()
         for pid in self.seen:  # a child the launcher lost track of, if any
@@ -420,12 +508,73 @@ class FaultInjector:
         target = self._pick(kind)
         port = _port(self.cluster.process(target)["url"])
         side = self.rng.choice(["to", "from", "both"])
+        fault = FaultLog("link_reset", target, self.clock())
+        killed = await self._ss_kill(fault, port, side)
+        fault.detail += f"{side} port {port}: {killed} sockets reset"
+        if kind == "edge":
+            await asyncio.sleep(0.5)  # the resets reach the clients
+            fault.detail += "; " + await self._move_home(target)
+        return fault
+
+    async def _consul_restart(self) -> FaultLog:
+        down = self.rng.uniform(1.0, 4.0)
+        target = self._pick("consul")
+        fault = FaultLog("consul_restart", target, self.clock(), detail=f"down {down:.1f} s")
+        await self.cluster.kill_consul(target)
+        await asyncio.sleep(down)
+        if not await self.cluster.start_consul(target):
+            fault.detail += "; did not come back"
+        return fault
+
+    async def _region_kill(self) -> FaultLog:
+        """kill -9 a whole region (Consul and relay too), then bring it all back."""
+        region = self.rng.choice(self.cluster.regions)
+        down = self.rng.uniform(*REGION_DOWN)
+        fault = FaultLog("region_kill", region, self.clock(), detail=f"down {down:.1f} s")
+        self.cluster.reload()
+        nodes = [p for p in self.cluster.in_region(region) if p["kind"] != "consul"]
+        (consul,) = self.cluster.in_region(region, "consul")
+        self.cluster.pause_launcher(True)
+        try:
+            old = {p["id"]: self.cluster.signal(p["id"], signal.SIGKILL) for p in nodes}
+            await self.cluster.kill_consul(consul["id"])
+            await asyncio.sleep(down)
+            if not await self.cluster.start_consul(consul["id"]):
+                fault.detail += "; Consul did not come back"
+        finally:
+            self.cluster.pause_launcher(False)
+        back = await asyncio.gather(
+            *(self.cluster.wait_restarted(node_id, pid) for node_id, pid in old.items())
+        )
+        missing = [node_id for node_id, ok in zip(old, back, strict=True) if not ok]
+        if missing:
+            fault.detail += f"; not restarted within {RESTART_TIMEOUT:.0f} s: {missing}"
+        moved = [await self._move_home(e["id"]) for e in self.cluster.in_region(region, "edge")]
+        fault.detail += "; " + "; ".join(moved)
+        return fault
+
+    async def _wan_reset(self) -> FaultLog:
+        """``ss -K`` the connections through one region's WAN relay (one port or all)."""
+        region = self.rng.choice(self.cluster.regions)
+        (relay,) = self.cluster.in_region(region, "wan-relay")
+        ports = self.cluster.relay_ports(relay["id"])
+        if self.rng.random() < 0.5:
+            ports = [self.rng.choice(ports)]
+        side = self.rng.choice(["to", "from", "both"])
+        fault = FaultLog("wan_reset", relay["id"], self.clock())
+        killed = 0
+        for port in ports:
+            killed += await self._ss_kill(fault, port, side)
+        fault.detail += f"{side} ports {','.join(map(str, ports))}: {killed} sockets reset"
+        return fault
+
+    async def _ss_kill(self, fault: FaultLog, port: int, side: str) -> int:
+        """Reset the TCP connections to (``to``), from or both ways of ``port``."""
         filters = []
         if side in ("to", "both"):  # the connecting side (DEALERs, clients)
             filters.append(["dst", "127.0.0.1", "dport", "=", f":{port}"])
-        if side in ("from", "both"):  # the accepted side (ROUTER, edge server)
+        if side in ("from", "both"):  # the accepted side (ROUTER, edge server, relay)
             filters.append(["src", "127.0.0.1", "sport", "=", f":{port}"])
-        fault = FaultLog("link_reset", target, self.clock())
         killed = 0
         for condition in filters:
             process = await asyncio.create_subprocess_exec(
@@ -441,20 +590,7 @@ class FaultInjector:
             killed += len(out.splitlines())
             if process.returncode:
                 fault.detail = f"ss failed: {err.decode().strip()} "
-        fault.detail += f"{side} port {port}: {killed} sockets reset"
-        if kind == "edge":
-            await asyncio.sleep(0.5)  # the resets reach the clients
-            fault.detail += "; " + await self._move_home(target)
-        return fault
-
-    async def _consul_restart(self) -> FaultLog:
-        down = self.rng.uniform(1.0, 4.0)
-        fault = FaultLog("consul_restart", "consul", self.clock(), detail=f"down {down:.1f} s")
-        await self.cluster.kill_consul()
-        await asyncio.sleep(down)
-        if not await self.cluster.start_consul():
-            fault.detail += "; did not come back"
-        return fault
+        return killed
 
     async def _client_drop(self) -> FaultLog:
         half_open = self.rng.random() < 0.5

@@ -16,6 +16,16 @@
 5. Judge the journal (``checker.check``) and print the seed, the faults, the counts and
    every violation with its history; the exit status is 1 when there are violations.
 
+With ``--regions eu,us`` (and ``--wan-delay``) the cluster is ``signalpost cluster
+--regions eu,us``: every region gets those edges, brokers and presence nodes, its Consul
+datacenter and its WAN relay. Each client belongs to one region (alternately) and connects
+to that region's edges; a room ``<region>-room-N`` is pinned to its home region
+(``room_homes``: ``eu-*=eu,us-*=us``), the rooms' homes alternate between the regions, and
+every room has members in both regions. The faults add ``region_kill`` and ``wan_reset``
+(``faults.py``); when its region is down, a client resumes on an edge of another region
+(its rooms homed there go on, those homed in the dead region are refused or unanswered
+until it is back: counted, not violations) and moves home when its region is back.
+
 Everything is bounded in time; the cluster and the clients are stopped at the end
 whatever happens. The same seed gives the same rooms, clients and fault sequence (the
 timing of a real cluster still differs from run to run).
@@ -37,7 +47,7 @@ from pathlib import Path
 
 from signalpost.placement import ranking
 from tests.chaos.checker import FaultLog, Journal, SentSignal, Verdict, check, undelivered
-from tests.chaos.faults import FAULT_WEIGHTS, ChaosCluster, FaultInjector
+from tests.chaos.faults import FAULT_WEIGHTS, REGION_FAULT_WEIGHTS, ChaosCluster, FaultInjector
 from tests.chaos.workload import ChaosClient, Endpoint
 
 #: Seconds the run waits for the cluster to be whole and every client connected.
@@ -67,6 +77,13 @@ class ChaosConfig:
     workdir: Path | None = None
     show: int = 10  # violations printed per kind (all go to the report file)
     weights: dict[str, int] = field(default_factory=lambda: dict(FAULT_WEIGHTS))
+    regions: tuple[str, ...] = ()  # with two or more: the two-region cluster (see above)
+    wan_delay: str = "40ms"
+
+    def home_of(self, room: str) -> str:
+        """The region a room is pinned to ("" without regions)."""
+        region = room.split("-", 1)[0]
+        return region if region in self.regions else ""
 
 
 @dataclass(slots=True)
@@ -101,6 +118,23 @@ class Report:
             "violations": len(self.verdict.violations),
         }
 
+    def region_counts(self) -> dict[str, str]:
+        """Per home region: the signals sent to its rooms and what became of them."""
+        out: dict[str, str] = {}
+        for region in self.config.regions:
+            signals = [
+                s
+                for s in self.journal.signals
+                if not s.marker and self.config.home_of(s.room) == region
+            ]
+            acked = sum(s.acked_at is not None for s in signals)
+            refused = sum(s.refused is not None for s in signals)
+            unanswered = sum(s.acked_at is None and s.refused is None for s in signals)
+            out[f"rooms homed in {region}"] = (
+                f"{len(signals)} sent, {acked} acked, {refused} refused, {unanswered} not answered"
+            )
+        return out
+
     def render(self, *, show: int | None = None) -> str:
         """The report; ``show`` limits the violations printed per kind."""
         t0 = self.journal.t0
@@ -115,6 +149,7 @@ class Report:
         ]
         lines.append("counts:")
         lines += [f"  {name}: {value}" for name, value in self.counts().items()]
+        lines += [f"  {name}: {value}" for name, value in self.region_counts().items()]
         if self.errors:
             errors = ", ".join(f"{k} {n}" for k, n in sorted(self.errors.items()))
             lines.append(f"  error replies: {errors}")
@@ -138,10 +173,19 @@ class Report:
         return "\n".join(lines)
 
 
-def plan_rooms(rng: random.Random, clients: int, rooms: int) -> dict[str, tuple[str, ...]]:
-    """Client name -> its rooms: 2-3 each, every room with at least 3 members."""
+def plan_rooms(
+    rng: random.Random, clients: int, rooms: int, regions: tuple[str, ...] = ()
+) -> dict[str, tuple[str, ...]]:
+    """Client name -> its rooms: 2-3 each, every room with at least 3 members.
+
+    With ``regions``: client ``i`` (from 0) is in region ``regions[i % len(regions)]``,
+    room ``i`` is ``<regions[i % len(regions)]>-room-<i+1>``, and every room also has a
+    member in each region."""
     names = [f"c{i:02d}" for i in range(1, clients + 1)]
-    room_names = [f"room-{i}" for i in range(1, rooms + 1)]
+    room_names = [
+        f"{regions[i % len(regions)]}-room-{i + 1}" if regions else f"room-{i + 1}"
+        for i in range(rooms)
+    ]
     chosen: dict[str, set[str]] = {}
     for index, name in enumerate(names):
         first = room_names[index % rooms]
@@ -151,6 +195,11 @@ def plan_rooms(rng: random.Random, clients: int, rooms: int) -> dict[str, tuple[
         while sum(room in r for r in chosen.values()) < min(3, clients):
             name = rng.choice([n for n in names if room not in chosen[n]])
             chosen[name].add(room)
+    for room in room_names if regions else []:
+        for index in range(len(regions)):
+            of_region = names[index :: len(regions)]
+            if of_region and not any(room in chosen[n] for n in of_region):
+                chosen[rng.choice(of_region)].add(room)
     return {name: tuple(sorted(rooms_of)) for name, rooms_of in chosen.items()}
 
 
@@ -168,12 +217,17 @@ async def run(config: ChaosConfig, *, out: Callable[[str], None] = print) -> Rep
     def elapsed() -> str:
         return f"t={clock() - journal.t0:.1f}"
 
+    env = {"SIGNALPOST_ROOM_CAPACITY": str(config.clients)}
+    if config.regions:
+        env["SIGNALPOST_ROOM_HOMES"] = ",".join(f"{r}-*={r}" for r in config.regions)
     cluster = ChaosCluster(
         workdir,
         edges=config.edges,
         brokers=config.brokers,
         presence=config.presence,
-        env={"SIGNALPOST_ROOM_CAPACITY": str(config.clients)},
+        env=env,
+        regions=config.regions,
+        wan_delay=config.wan_delay,
     )
     clients: list[ChaosClient] = []
     senders: list[asyncio.Task[None]] = []
@@ -183,17 +237,22 @@ async def run(config: ChaosConfig, *, out: Callable[[str], None] = print) -> Rep
         cluster.launch()
         await cluster.ready()
         out(f"{elapsed()} cluster up in {workdir}")
-        edges = [Endpoint(p["id"], p["url"]) for p in cluster.of_kind("edge")]
-        brokers = [p["url"] for p in cluster.of_kind("broker")]
+        edges = [Endpoint(p["id"], p["url"], p.get("region", "")) for p in cluster.of_kind("edge")]
         broker_ids = {p["url"]: p["id"] for p in cluster.of_kind("broker")}
-        membership = plan_rooms(rng, config.clients, config.rooms)
+        membership = plan_rooms(rng, config.clients, config.rooms, config.regions)
         for index, (name, rooms) in enumerate(membership.items()):
+            if config.regions:  # the client's region, then one of its edges
+                region = config.regions[index % len(config.regions)]
+                own = [i for i, e in enumerate(edges) if e.region == region]
+                home = own[(index // len(config.regions)) % len(own)]
+            else:
+                home = index % len(edges)
             clients.append(
                 ChaosClient(
                     name,
                     rooms,
                     edges,
-                    index % len(edges),
+                    home,
                     journal,
                     clock,
                     request_timeout=config.request_timeout,
@@ -204,6 +263,11 @@ async def run(config: ChaosConfig, *, out: Callable[[str], None] = print) -> Rep
             for room in client.rooms:
                 members.setdefault(room, []).append(client)
         for room, in_room in sorted(members.items()):
+            brokers = [
+                p["url"]
+                for p in cluster.of_kind("broker")
+                if p.get("region", "") == config.home_of(room)
+            ]
             order = [broker_ids[b] for b in ranking(room, brokers)]
             out(f"  {room}: owner {order[0]}, runner-up {order[1]}; {[c.name for c in in_room]}")
         await asyncio.gather(*(c.connect() for c in clients))
@@ -311,22 +375,32 @@ def main(argv: list[str] | None = None) -> int:
     length.add_argument("--minutes", type=float, default=None, help="fault time in minutes")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rooms", type=int, default=8)
+    parser.add_argument(
+        "--regions", default="", help="e.g. eu,us: a cluster of those regions (see above)"
+    )
+    parser.add_argument("--wan-delay", default="40ms", help="one-way WAN delay (--regions)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temp dir")
     parser.add_argument("--show", type=int, default=10, help="violations printed per kind")
     parser.add_argument(
         "--faults",
-        default=",".join(FAULT_WEIGHTS),
-        help=f"fault kinds, comma separated, or none (default all: {','.join(FAULT_WEIGHTS)})",
+        default=None,
+        help=f"fault kinds, comma separated, or none (default all: {','.join(FAULT_WEIGHTS)}, "
+        f"and with --regions {','.join(REGION_FAULT_WEIGHTS)})",
     )
     args = parser.parse_args(argv)
+    regions = tuple(r.strip() for r in args.regions.split(",") if r.strip())
+    if len(regions) == 1 or len(set(regions)) != len(regions):
+        parser.error("--regions wants two or more distinct regions")
+    available = {**FAULT_WEIGHTS, **(REGION_FAULT_WEIGHTS if regions else {})}
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
     seconds = 60.0
     if args.seconds is not None:
         seconds = args.seconds
     elif args.minutes is not None:
         seconds = args.minutes * 60
-    kinds = [k.strip() for k in args.faults.split(",") if k.strip() and k.strip() != "none"]
-    unknown = set(kinds) - set(FAULT_WEIGHTS)
+    faults = args.faults if args.faults is not None else ",".join(available)
+    kinds = [k.strip() for k in faults.split(",") if k.strip() and k.strip() != "none"]
+    unknown = set(kinds) - set(available)
     if unknown:
         parser.error(f"unknown fault kinds: {sorted(unknown)}")
     config = ChaosConfig(
@@ -336,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         rooms=args.rooms,
         workdir=args.workdir,
         show=args.show,
-        weights={k: FAULT_WEIGHTS[k] for k in kinds},
+        weights={k: available[k] for k in kinds},
+        regions=regions,
+        wan_delay=args.wan_delay,
     )
     try:
         report = asyncio.run(run(config))

@@ -13,6 +13,11 @@ faults can make it drop its connection on purpose:
   path that died only for the client, and resume on the other edge: the cluster must close
   the old one (4409) and never write to it again.
 
+With regions (each ``Endpoint`` names its region), a client belongs to its home edge's
+region. Like the SDKs' per-region URL lists (``signalpost/edge_plan.py``), a resume tries
+the other edges of its own region first (its home edge first), then the edge it lost, and
+only when all of those failed the other regions' edges; a fault moves it home later.
+
 Every signal's ``data`` is ``{"chaos": [sender, room, seq], ...}``, with ``seq`` counting
 the sender's signals in that room from 1, so the checker can tell each one apart.
 """
@@ -87,6 +92,7 @@ class Endpoint:
 
     edge: str
     url: str
+    region: str = ""
 
 
 @dataclass(eq=False)
@@ -239,10 +245,27 @@ class ChaosClient:
         if self._reconnecting is None or self._reconnecting.done():
             self._reconnecting = asyncio.create_task(self._reconnect())
 
+    @property
+    def region(self) -> str:
+        return self.edges[self.home].region
+
+    def resume_order(self) -> list[int]:
+        """Edge indexes to try, in order, after losing the current connection: the other
+        edges of the client's region (home first), then the lost one, then other regions'."""
+        current = self._edge_index % len(self.edges)
+        own = [i for i, e in enumerate(self.edges) if e.region == self.region]
+        others = [i for i in own if i != current]
+        others.sort(key=lambda i: i != self.home)
+        lost = [current] if current in own else []
+        away = [i for i, e in enumerate(self.edges) if e.region != self.region]
+        return others + lost + away
+
     async def _reconnect(self) -> None:
         delay = RECONNECT_FIRST
-        for _attempt in range(RECONNECT_ATTEMPTS):
-            self._edge_index += 1  # the other edge first: this one may be the one that died
+        order = self.resume_order()
+        for attempt in range(RECONNECT_ATTEMPTS):
+            # The other edges first: this one may be the one that died.
+            self._edge_index = order[attempt % len(order)]
             try:
                 link = await self._open(resume=True)
             except Exception as exc:  # whatever failed, the next attempt may work
