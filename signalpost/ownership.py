@@ -376,6 +376,12 @@ class TierMembership:
         self._writing = False
         self._view_created = 0  # the view key's CreateIndex last seen
         self._tasks: list[asyncio.Task[None]] = []
+        # Until a view written after this process took its member key names it, a view
+        # that names it is its predecessor's (a node restarted under the same id): this
+        # node owns nothing by it (``on_view`` gets it without this node), and writes it
+        # again to have one of its own. Once vouched, never again (``_vouched_view``).
+        self._vouched = False
+        self._delivered: View | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -413,15 +419,46 @@ class TierMembership:
         proposal = self.keeper.answered(
             stored, index, members, now, reset, registered=self.registered()
         )
-        if self.keeper.current is not before and self.keeper.current is not None:
-            current = self.keeper.current
+        current = self.keeper.current
+        if current is not before and current is not None:
             log.info("%s view %d: %s", self.tier.name, current.number, ", ".join(current.members))
-            self.on_view(self.keeper.current)
+        if current is not None:
+            effective, rewrite = self._vouched_view(current, stored, index, items)
+            if effective != self._delivered:
+                self._delivered = effective
+                self.on_view(effective)
+            if rewrite and proposal is None and stored is not None:
+                # A view from before this process joined, naming it: written again (the
+                # same members, the next number) it becomes one this process can act on.
+                proposal = Proposal(View(stored.number + 1, stored.members), index)
         if self.placement_id not in members:
             self._member.set()
         if proposal is not None and not self._writing:
             self._writing = True
             asyncio.get_running_loop().create_task(self._write(proposal))
+
+    def _vouched_view(
+        self,
+        current: View,
+        stored: View | None,
+        index: int,
+        items: list[dict[str, Any]] | None,
+    ) -> tuple[View, bool]:
+        """``current``, or ``current`` without this node while only a view from before this
+        process took its member key names it (see ``__init__``); and whether to write the
+        view again (the key is held, the view is older than it)."""
+        if self._vouched or self.placement_id not in current:
+            return current, False
+        mine, session = self.tier.member_key(self.placement_id), self._session
+        held_at = 0
+        for item in items or []:
+            if session and item.get("Key") == mine and item.get("Session") == session:
+                held_at = int(item.get("ModifyIndex") or 0)
+        if held_at and stored is not None and stored == current and index > held_at:
+            self._vouched = True
+            return current, False
+        others = tuple(m for m in current.members if m != self.placement_id)
+        return View(current.number, others), bool(held_at) and stored == current
 
     async def _write(self, proposal: Proposal) -> None:
         body = encode_view(proposal.view)

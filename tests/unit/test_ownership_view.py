@@ -3,6 +3,7 @@ keepers sharing one check-and-set store that loses its state now and then."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from hypothesis import given, settings
@@ -285,3 +286,41 @@ def test_a_second_reset_within_the_grace_of_the_first_gives_a_new_grace() -> Non
     assert k.answered(second.view, 3, ["c"], 18.5) == Proposal(
         View(second.view.number + 1, ("c",)), 3
     )
+
+
+async def test_a_restarted_node_owns_nothing_by_its_predecessors_view() -> None:
+    # Chaos seed 31337 (5 min): a broker killed and restarted under the same id read the
+    # view that still named it (its predecessor's) and served a room by it, while the
+    # others, on the next view without it, moved the room to its runner-up: two owners in
+    # one epoch, an edge took one's event for the other's offset, and a signal was lost
+    # behind `recovered: true`. Now a view names a node for itself only once it was
+    # written after this process took its member key; an older one is written again.
+    from signalpost.ownership import BROKERS, TierMembership
+
+    seen: list[View] = []
+    written: list[Proposal] = []
+    me = "tcp://me:1"
+    membership = TierMembership("127.0.0.1:1", BROKERS, me, "broker-me", seen.append)
+    membership._session = "mine"
+
+    async def write(proposal: Proposal) -> None:
+        written.append(proposal)
+
+    membership._write = write  # type: ignore[method-assign]
+
+    def answer(view: View, view_index: int, key_index: int) -> list[dict[str, object]]:
+        return [
+            {"Key": BROKERS.view_key, "Value": encode_view(view), "ModifyIndex": view_index},
+            {"Key": BROKERS.member_key("tcp://a:1"), "Session": "a", "ModifyIndex": 5},
+            {"Key": BROKERS.member_key(me), "Session": "mine", "ModifyIndex": key_index},
+        ]
+
+    old = View(96, ("tcp://a:1", me))
+    membership._answered(answer(old, 50, 60), 0.0, False)  # the view is older than my key
+    await asyncio.sleep(0)
+    assert seen == [View(96, ("tcp://a:1",))]  # owns nothing by it
+    assert written == [Proposal(View(97, ("tcp://a:1", me)), 50)]  # written again
+    new = View(97, ("tcp://a:1", me))
+    membership._writing = False
+    membership._answered(answer(new, 70, 60), 0.1, False)
+    assert seen[-1] == new  # a view of its own: it owns its rooms now
