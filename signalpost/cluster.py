@@ -166,7 +166,7 @@ def plan(
             agent, first_wan_port = _consul_child(region, log_dir, region_env, first_wan_port)
             children.append(agent)
             region_env["SIGNALPOST_CONSUL_ADDR"] = agent.url.removeprefix("http://")
-        children += _region_children(
+        nodes = _region_children(
             region,
             region_env,
             log_dir,
@@ -177,7 +177,9 @@ def plan(
             tls_key_file=settings.tls_key_file,
         )
         if region:
-            children.append(_relay_child(region, children, region_env, log_dir, wan_delay))
+            # Started before the nodes that advertise its ports (which may still change).
+            children.append(_relay_child(region, nodes, region_env, log_dir, wan_delay))
+        children += nodes
     if keys_dir is not None:
         # Brokers and presence share the seat tickets' secret; edges never see it.
         ticket_secret = write_ticket_secret(keys_dir).read_text().strip()
@@ -320,30 +322,29 @@ def _region_children(
 
 
 def _relay_child(
-    region: str, children: list[Child], env: dict[str, str], log_dir: Path, delay: float
+    region: str, nodes: list[Child], env: dict[str, str], log_dir: Path, delay: float
 ) -> Child:
     """The region's emulated WAN: a relay port per broker and presence node, which the node
     advertises (``wan_advertise``) to the other regions."""
+    name = f"{region}-wan-relay"
+    relay = Child("wan-relay", name, [], "", env, log_dir / f"{name}.log", "", region=region)
+    _relay_ports(relay, nodes, delay)
+    return relay
+
+
+def _relay_ports(relay: Child, nodes: list[Child], delay: float) -> None:
+    """Give ``relay`` a free port per broker and presence node of its region (its argv and
+    probe), and each node the port to advertise."""
     pairs = []
-    for child in children:
-        if child.region == region and child.kind in ("broker", "presence"):
+    for child in nodes:
+        if child.region == relay.region and child.kind in ("broker", "presence"):
             listen = free_port()
             pairs += ["--pair", f"127.0.0.1:{listen}={child.url.removeprefix('tcp://')}"]
             child.env = {**child.env, "SIGNALPOST_WAN_ADVERTISE": f"tcp://127.0.0.1:{listen}"}
-    name = f"{region}-wan-relay"
     argv = [sys.executable, "-m", "signalpost.cli", "wan-relay", "--delay", f"{delay}", *pairs]
-    argv += ["--stats", str(log_dir / f"{name}.json")]  # bytes that crossed, per node
-    first_port = pairs[1].split("=")[0].rsplit(":", 1)[1]
-    return Child(
-        "wan-relay",
-        name,
-        argv,
-        "",
-        env,
-        log_dir / f"{name}.log",
-        f"tcp:{first_port}",
-        region=region,
-    )
+    argv += ["--stats", str(relay.log_path.with_suffix(".json"))]  # bytes that crossed
+    relay.argv = argv
+    relay.probe = "tcp:" + pairs[1].split("=")[0].rsplit(":", 1)[1]
 
 
 def _write_state(path: Path, children: list[Child], keys_dir: Path | None) -> None:
@@ -360,8 +361,10 @@ PORT_RETRIES = 3
 
 
 def _lost_its_port(child: Child) -> bool:
-    """Whether ``child`` died because its port was taken (an edge only)."""
-    if child.kind != "edge" or child.process is None or child.process.poll() is None:
+    """Whether ``child`` died because its port was taken (an edge or a WAN relay)."""
+    if child.kind not in ("edge", "wan-relay") or child.process is None:
+        return False
+    if child.process.poll() is None:
         return False
     try:
         return "address already in use" in child.log_path.read_text()[-4000:].lower()
@@ -521,8 +524,14 @@ def run_cluster(
                 if ready or not _lost_its_port(child):
                     break
                 # The free port was taken meanwhile (other programs on the machine): an
-                # edge takes another one (brokers and presence are named by theirs).
-                _move_edge(child)
+                # edge or a relay takes another one (brokers and presence are named by
+                # theirs; they start after their relay, and advertise its new ports).
+                if child.kind == "edge":
+                    _move_edge(child)
+                else:
+                    if child.log_file is not None:
+                        child.log_file.close()
+                    _relay_ports(child, children, wan_delay)
                 child.start()
                 ready = _wait_ready(child, deadline)
             if not ready:

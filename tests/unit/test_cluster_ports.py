@@ -38,3 +38,19 @@ def test_an_edge_that_lost_its_port_is_moved_to_another(tmp_path: Path) -> None:
     assert child.probe == f"http:http://127.0.0.1:{new}/healthz"
     broker = Child("broker", "b", [], "tcp://127.0.0.1:1", {}, child.log_path, "tcp:1")
     assert not _lost_its_port(broker)  # a broker is named by its endpoint: never moved
+
+
+def test_a_relay_that_lost_a_port_is_given_new_ones_and_its_nodes_advertise_them(
+    tmp_path: Path,
+) -> None:
+    from signalpost.cluster import _relay_child, _relay_ports
+
+    broker = Child("broker", "eu-broker-1", [], "tcp://127.0.0.1:5555", {}, tmp_path / "b", "")
+    broker.region = "eu"
+    relay = _relay_child("eu", [broker], {}, tmp_path, 0.04)
+    first = broker.env["SIGNALPOST_WAN_ADVERTISE"]
+    assert relay.probe == "tcp:" + first.rsplit(":", 1)[1]
+    assert f"{first.removeprefix('tcp://')}=127.0.0.1:5555" in relay.argv
+    _relay_ports(relay, [broker], 0.04)  # as after "address already in use"
+    second = broker.env["SIGNALPOST_WAN_ADVERTISE"]
+    assert second != first and f"{second.removeprefix('tcp://')}=127.0.0.1:5555" in relay.argv
