@@ -39,6 +39,8 @@ class RemoteBrokers(RemoteTier):
     ) -> None:
         super().__init__(region, "broker", BROKERS, link, changed)
         self._pending: deque[tuple[str, Envelope]] = deque()
+        #: What this edge sends that region (looked up once, not per envelope).
+        self.sent = metrics.CROSS_REGION_ENVELOPES.labels(region, "out")
 
     def placement_changed(self) -> None:
         """Links came up or went down, or the view changed: place rooms again."""

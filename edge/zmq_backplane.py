@@ -273,7 +273,7 @@ class ZmqBackplane:
                 self._sync_presence(link)
             self._presence_changed()
             return
-        remote = self._remote.get(self._region_of(link))
+        remote = self._remote_of(link)
         if remote is not None:
             log.info("region %s: broker %s is up", remote.region, link.endpoint)
             remote.placement_changed()
@@ -288,7 +288,7 @@ class ZmqBackplane:
             log.warning("presence %s is down", link.endpoint)
             self._presence_changed()
             return
-        remote = self._remote.get(self._region_of(link))
+        remote = self._remote_of(link)
         if remote is not None:
             log.warning("region %s: broker %s is down", remote.region, link.endpoint)
             remote.placement_changed()
@@ -374,19 +374,19 @@ class ZmqBackplane:
         return self.brokers[order[1]] if len(order) > 1 else None
 
     def _send(self, link: DealerLink, envelope: Envelope) -> None:
-        region = self._region_of(link)
-        if region:
-            metrics.CROSS_REGION_ENVELOPES.labels(region, "out").inc()
+        remote = self._remote_of(link)
+        if remote is not None:
+            remote.sent.inc()
         link.send(envelope)
 
-    def _region_of(self, link: DealerLink) -> str:
-        """The other region ``link`` leads to ("" for this region's brokers)."""
+    def _remote_of(self, link: DealerLink) -> RemoteBrokers | None:
+        """The other region's brokers ``link`` leads to (None: this region's)."""
         if not self._remote or self.brokers.get(link.endpoint) is link:
-            return ""
-        for region, remote in self._remote.items():
+            return None
+        for remote in self._remote.values():
             if remote.links.get(link.endpoint) is link:
-                return region
-        return ""
+                return remote
+        return None
 
     # ----------------------------------------------------------------- Backplane
 
@@ -404,7 +404,7 @@ class ZmqBackplane:
             remote = self._home(room)
             assert remote is not None  # only another region's owner can be unknown
             remote.send(room, command)  # held until that region's brokers are known
-            metrics.CROSS_REGION_ENVELOPES.labels(remote.region, "out").inc()
+            remote.sent.inc()
             return
         if self._remote:
             self._send(link, command)
