@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any, ClassVar
 
 import websockets
@@ -142,3 +145,14 @@ def curve_dealer(
     dealer.setsockopt(zmq.CURVE_SECRETKEY, secret)
     dealer.connect(endpoint)
     return dealer
+
+
+def load_aiortc_example() -> ModuleType:
+    """``examples/aiortc_call.py`` as a module (aiortc must be installed)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "aiortc_call.py"
+    spec = importlib.util.spec_from_file_location("aiortc_call", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["aiortc_call"] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module

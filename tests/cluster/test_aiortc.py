@@ -11,11 +11,8 @@ TURN secret coturn does not know, no relay can be allocated and the call fails q
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -23,26 +20,15 @@ from signalpost.auth import turn_credentials
 from tests.binaries import require_module
 from tests.cluster.conftest import ClusterFactory
 from tests.coturn import Coturn
-from tests.helpers import token
+from tests.helpers import load_aiortc_example, token
 
 require_module("aiortc", "pip install -e '.[webrtc]'")
 
 pytestmark = [pytest.mark.cluster, pytest.mark.coturn]
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "aiortc_call.py"
 MESSAGES = 5
 
-
-def _load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("aiortc_call", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["aiortc_call"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-aiortc_call = _load_example()
+aiortc_call = load_aiortc_example()
 
 
 def _log_mentions(path: Path, text: str, timeout: float = 5.0) -> bool:

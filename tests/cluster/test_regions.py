@@ -8,13 +8,10 @@ one region find the other's through Consul and reach them only through the emula
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import socket
-import sys
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +19,7 @@ import pytest
 from signalpost.client import PeerJoined, SignalEvent, SignalpostClient
 from tests.binaries import require_binary, require_module
 from tests.cluster.conftest import Cluster, ClusterFactory
-from tests.helpers import token
+from tests.helpers import load_aiortc_example, token
 
 pytestmark = [pytest.mark.cluster, pytest.mark.consul]
 
@@ -219,7 +216,8 @@ async def test_a_webrtc_call_across_regions_signals_through_the_rooms_home(
     cluster_factory: ClusterFactory,
 ) -> None:
     require_binary("consul")
-    aiortc_call = _aiortc_example()
+    require_module("aiortc", "pip install -e '.[webrtc]'")
+    aiortc_call = load_aiortc_example()
     cluster = cluster_factory(edges=1, brokers=1, consul="on", regions="eu,us", wan_delay="40ms")
     (eu_edge,) = [p["url"] for p in _in(cluster, "eu", "edge")]
     (us_edge,) = [p["url"] for p in _in(cluster, "us", "edge")]
@@ -232,14 +230,3 @@ async def test_a_webrtc_call_across_regions_signals_through_the_rooms_home(
     # The caller joined first from eu: the room is homed there; only bob's edge crossed.
     assert _cross_region(eu_edge).get(("us", "out"), 0) == 0
     assert _cross_region(us_edge)[("eu", "out")] > 0
-
-
-def _aiortc_example() -> Any:
-    require_module("aiortc", "pip install -e '.[webrtc]'")
-    path = Path(__file__).resolve().parents[2] / "examples" / "aiortc_call.py"
-    spec = importlib.util.spec_from_file_location("aiortc_call", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["aiortc_call"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
