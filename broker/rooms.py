@@ -593,14 +593,27 @@ class RoomTable:
         return handoff.history and (handoff.term, handoff.offset) > (room.term, room.offset)
 
     def _merge_members(self, room: Room, members: list[HandedMember], now: float) -> None:
-        """Keep this broker's (newer) state, with the members only the sender knew."""
+        """Keep this broker's (newer) state, with the members only the sender knew, and
+        in a passive copy the seats the sender knows on a newer connection: a copy that
+        missed a resume (an attach sent while this broker was paused or unreachable) would
+        otherwise keep the seat on the session's old edge, and refuse its signals after a
+        takeover."""
         for handed in members:
-            if handed.session not in room.members:
-                suspended = None if handed.suspended_for < 0 else now + handed.suspended_for
+            suspended = None if handed.suspended_for < 0 else now + handed.suspended_for
+            member = room.members.get(handed.session)
+            if member is None:
                 room.members[handed.session] = Member(
                     handed.session, handed.peer, handed.edge, handed.conn, suspended, synced=False
                 )
                 self._rooms_of.setdefault(handed.session, set()).add(room.name)
+            elif not room.active and conn_supersedes(handed.conn, member.conn, True):
+                # (A served room's seats move only by the session's own edge: attach,
+                # restore or join, which also re-sync its stream.)
+                member.edge, member.conn, member.suspended_until = (
+                    handed.edge,
+                    handed.conn,
+                    suspended,
+                )
 
     def _proceed(self, name: str, awaiting: _Awaiting, now: float) -> list[Outbound]:
         """Serve the room from here on (installed, or on what this broker has) and the
@@ -1023,7 +1036,11 @@ class RoomTable:
                 command.session, command.peer, command.edge, command.conn, synced=False
             )
             self._rooms_of.setdefault(command.session, set()).add(command.room)
-        elif member.suspended_until is None or member.conn == command.conn:
+        else:
+            # From the member's connection or a newer one (checked above; a seat moving to
+            # another edge was ticketed): the session lives there now, suspended or not. A
+            # suspended seat left on a dead edge would refuse every signal of the session
+            # until its window lapsed (chaos seed 21: a runner-up's copy of a moved seat).
             member.edge, member.conn, member.suspended_until = command.edge, command.conn, None
         if command.replica:
             member.synced = False  # a replica has no stream; a takeover syncs anew

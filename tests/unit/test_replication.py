@@ -428,3 +428,48 @@ def test_a_handoff_request_from_a_broker_this_view_does_not_make_owner_fences_no
     assert answer[1].offset == offset
     assert copy.term == term  # not fenced by a broker that does not own the room here
     assert refusals == [("C", "room")]  # counted and logged all the same
+
+
+def test_a_runner_up_that_missed_a_resume_takes_the_seat_from_the_owners_snapshot() -> None:
+    # Chaos seed 21: "a" resumed on another edge while broker C (holding a passive copy
+    # of the room from an earlier view) did not hear the attach. C becomes the runner-up
+    # later and gets the owner's snapshot; then the owner dies. C must serve "a" from its
+    # new edge, not refuse its signals for a seat left on its old, dead edge.
+    owner, replica_name = owner_whose_replica_moves(None)
+    successor = table("C", None)
+    for session in ("a", "b"):
+        restore(successor, session, True)  # C's old passive copy: a on edge-a, c-a
+        owner.handle(join(session, 1), 0.0)
+    successor.edge_lost("edge-a", 1.0)  # edge-a died: C suspends a's copy
+    owner.handle(AttachCmd("a", "c-a.2", "edge-x", {}), 1.0)  # a resumed on edge-x
+    replica_name[0] = "C"
+    pump(owner, successor, owner.replicas_changed(2.0))
+    moved = SignalCmd(
+        "a", "c-a.2", "edge-x", 2, 2, "room", "b", sender_object("a", "a"), b'{"n":1}'
+    )
+    pump(owner, successor, owner.handle(moved, 2.0))
+    seat = successor.rooms["room"].members["a"]
+    assert (seat.edge, seat.conn, seat.suspended_until) == ("edge-x", "c-a.2", None)
+    # The owner dies; C serves the room (b re-announced) and takes a's signals from edge-x.
+    restore(successor, "b", False)
+    again = SignalCmd(
+        "a", "c-a.2", "edge-x", 3, 3, "room", "b", sender_object("a", "a"), b'{"n":2}'
+    )
+    answered = frames(successor.handle(again, 3.0))
+    assert [f["type"] for f in answered if f["type"] in ("ack", "error")] == ["ack"]
+
+
+def test_a_copy_keeps_its_own_seat_over_an_older_connection_in_a_snapshot() -> None:
+    owner, replica_name = owner_whose_replica_moves(None)
+    successor = table("C", None)
+    owner.handle(join("a", 1), 0.0)
+    owner.handle(join("b", 1), 0.0)
+    # C heard of a's newer connection (its attach) before the owner's snapshot came.
+    successor.handle(
+        RestoreCmd("a", "c-a.2", "edge-x", "room", peer_object("a", "a", None, None), True), 0.5
+    )
+    replica_name[0] = "C"
+    pump(owner, successor, owner.replicas_changed(1.0))
+    pump(owner, successor, owner.handle(signal(2, 0), 1.0))
+    seat = successor.rooms["room"].members["a"]
+    assert (seat.edge, seat.conn) == ("edge-x", "c-a.2")

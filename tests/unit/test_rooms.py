@@ -1573,3 +1573,33 @@ def test_a_seat_moves_to_another_edge_only_on_presences_ticket() -> None:
     back = alice.moved("conn-alice.3", "edge-alice")
     assert table.handle(back.attach({}), 4.0) == []
     assert seat.edge == "edge-other"
+
+
+def test_a_ticketed_restore_from_a_newer_connection_moves_a_suspended_seat() -> None:
+    # A new owner whose copy has a session suspended on its old (dead) edge; the session
+    # lives on another edge now, which re-announces it with presence's ticket: the seat
+    # moves there and its signals are served (chaos seed 21 refused them until the seat's
+    # resume window lapsed).
+    tickets = SeatTickets("unit-ticket-secret-0123456789abcdef")
+    table = make_table()
+    table.tickets = tickets
+    refusals: list[str] = []
+    table.refused = lambda edge, why, what: refusals.append(why)
+    alice, bob = sess("alice"), sess("bob")
+    table.handle(alice.join("call"), 0.0)
+    table.handle(bob.join("call"), 0.0)
+    table.edge_lost(alice.edge, 1.0)
+    moved = alice.moved("conn-alice.2", "edge-other")
+    ticket = tickets.issue(moved.session, moved.edge, moved.conn)
+    table.handle(
+        RestoreCmd(moved.session, moved.conn, moved.edge, "call", moved.peer, False, ticket=ticket),
+        2.0,
+    )
+    seat = table.rooms["call"].members[alice.session]
+    assert (seat.edge, seat.conn, seat.suspended_until) == ("edge-other", "conn-alice.2", None)
+    out = table.handle(moved.signal("call", bob.session, {"after": "takeover"}), 3.0)
+    assert [f["data"] for f in to(bob, out)] == [{"after": "takeover"}]
+    assert refusals == []
+    # An older connection's re-announcement moves nothing back.
+    table.handle(RestoreCmd(alice.session, alice.conn, alice.edge, "call", alice.peer, False), 4.0)
+    assert (seat.edge, seat.conn) == ("edge-other", "conn-alice.2")
