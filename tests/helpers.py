@@ -140,6 +140,9 @@ def curve_dealer(
     dealer: zmq.Socket[bytes] = context.socket(zmq.DEALER)
     dealer.setsockopt(zmq.IDENTITY, identity)
     dealer.setsockopt(zmq.LINGER, 0)
+    # A refused handshake leaves the DEALER without a peer between reconnects, where a send
+    # would block for ever: it raises zmq.Again instead.
+    dealer.setsockopt(zmq.SNDTIMEO, 5000)
     dealer.setsockopt(zmq.CURVE_SERVERKEY, server)
     dealer.setsockopt(zmq.CURVE_PUBLICKEY, public)
     dealer.setsockopt(zmq.CURVE_SECRETKEY, secret)
