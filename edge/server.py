@@ -137,6 +137,9 @@ class ClientConnection(SessionState):
     outbox: list[bytes] = field(default_factory=list)  # frames waiting for this iteration's flush
     watching: set[str] = field(default_factory=set)
     told_status: dict[str, str] = field(default_factory=dict)  # watched user -> last status
+    #: Presence frames of users whose ``watch`` is not answered yet (at most ``max_watch``):
+    #: sent after the ``watching`` reply, if they are newer than it.
+    early_notes: list[bytes] = field(default_factory=list)
     evicted: bool = False
 
 
@@ -150,6 +153,9 @@ class Greeting:
 
 #: Frames a client may send after its hello before the welcome; more is abuse.
 MAX_EARLY_FRAMES = 64
+#: Presence frames held per client for users whose watch is not answered; past it they are
+#: dropped (the reply, made after every frame its presence node sent before it, has them).
+MAX_EARLY_NOTES = 1000
 
 
 class EdgeServer:
@@ -400,25 +406,41 @@ class EdgeServer:
         """Drop presence frames that tell a watcher what it already knows.
 
         A restarted presence service rebuilds from the edges one at a time, so it can
-        announce a status its watchers were already told.
+        announce a status its watchers were already told. A frame of a user whose watch is
+        not answered yet waits for the ``watching`` reply (the user's presence node notes a
+        change to its watchers while it waits for the status from another region, before
+        it answers): the client hears of a user first in that reply.
         """
         frame = msgspec.json.decode(payload)
         user, status = frame["user"], frame["status"]
         news = []
         for client in targets:
-            if client.told_status.get(user) != status:
+            told = client.told_status.get(user)
+            if told is None and user in client.watching:
+                if len(client.early_notes) < MAX_EARLY_NOTES:
+                    client.early_notes.append(payload)
+            elif told != status:
                 client.told_status[user] = status
                 news.append(client)
         return news
 
-    @staticmethod
-    def _track_watches(client: ClientConnection, command: Envelope, reply: Reply) -> None:
-        """Remember what a watcher was told (rooms are the core's: ``EdgeCore.reply``)."""
-        if not reply.ok:
-            return
+    def _track_watches(self, client: ClientConnection, command: Envelope, reply: Reply) -> None:
+        """Remember what a watcher was told (rooms are the core's: ``EdgeCore.reply``);
+        after a ``watching`` reply, send the frames that waited for it and are newer."""
         if isinstance(command, WatchCmd):
-            client.told_status.update(msgspec.json.decode(reply.payload)["presence"])
-        elif isinstance(command, UnwatchCmd):
+            early, client.early_notes = client.early_notes, []
+            if not reply.ok:
+                return
+            answer = msgspec.json.decode(reply.payload)
+            client.told_status.update(answer["presence"])
+            versions: dict[str, int] = answer.get("versions", {})
+            for payload in early:
+                frame = msgspec.json.decode(payload)
+                version = frame.get("version", 0)
+                if version and version <= versions.get(frame["user"], 0):
+                    continue  # the reply has it already
+                self._write(self._status_changes([client], payload), payload)
+        elif isinstance(command, UnwatchCmd) and reply.ok:
             for user in command.users:
                 client.told_status.pop(user, None)
 

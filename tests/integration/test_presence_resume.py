@@ -10,7 +10,18 @@ import websockets
 
 from edge.server import ClientConnection, EdgeServer
 from signalpost.client import PresenceChanged, Resumed, SignalpostClient
-from signalpost.wire import ClaimCmd, ClientMessage, Envelope, SessionDown, SessionUp, Watch
+from signalpost.wire import (
+    ClaimCmd,
+    ClientMessage,
+    Deliver,
+    Envelope,
+    PresenceFrame,
+    SessionDown,
+    SessionUp,
+    Watch,
+    WatchCmd,
+    encode_frame,
+)
 from tests.helpers import raw_client, status_of, token, unversioned, url_of
 from tests.integration.conftest import DevFactory
 
@@ -233,3 +244,52 @@ async def test_a_fresh_hello_dropped_while_its_claim_is_out_ends_its_lease(
         await asyncio.sleep(0.02)
     assert presence.status("gus") == "offline"
     assert not presence.leases
+
+
+async def test_a_presence_frame_before_the_watching_reply_waits_for_it(
+    dev: EdgeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A presence node that waits for a user's status from another node or region may
+    # note a change to the new watcher before it answers the watch (seen in the global
+    # presence test). The client must hear of the user first in the `watching` reply: a
+    # frame the reply already covers is dropped, a newer one follows the reply.
+    url = url_of(dev)
+    await raw_client(url, "eve")
+    held: list[tuple[str, Envelope]] = []
+    watch_sent = asyncio.Event()
+    to_presence = dev.backplane.to_presence
+
+    def holding(user: str, command: Envelope) -> None:
+        if isinstance(command, WatchCmd):
+            held.append((user, command))
+            watch_sent.set()
+        else:
+            to_presence(user, command)
+
+    monkeypatch.setattr(dev.backplane, "to_presence", holding)
+    watcher = await raw_client(url, "watcher")
+    await watcher.send({"type": "watch", "id": 1, "users": ["eve", "bob"]})
+    await asyncio.wait_for(watch_sent.wait(), 5)
+    early = [
+        PresenceFrame(user="eve", status="online", version=1),  # older than the reply
+        PresenceFrame(user="bob", status="online", version=2**62),  # newer than the reply
+    ]
+    for frame in early:
+        dev.receive(Deliver([watcher.session], encode_frame(frame)))
+    await asyncio.sleep(0.1)  # the frames would be written now
+    for user, command in held:
+        to_presence(user, command)
+    watching = await watcher.recv()
+    assert unversioned(watching) == {
+        "type": "watching",
+        "id": 1,
+        "presence": {"eve": "online", "bob": "offline"},
+    }
+    # bob's frame is newer than the reply's status: it follows it; eve's is not sent.
+    assert unversioned(await watcher.recv()) == {
+        "type": "presence",
+        "user": "bob",
+        "status": "online",
+    }
+    await watcher.send({"type": "ping", "id": 2})
+    assert await watcher.recv() == {"type": "pong", "id": 2}
