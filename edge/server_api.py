@@ -32,8 +32,6 @@ connection (keep-alive), and closes a connection idle for ``IDLE_TIMEOUT``.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import heapq
 import logging
@@ -48,7 +46,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from signalpost import metrics
 from signalpost.api_keys import ApiKey, ApiKeys
@@ -132,29 +130,36 @@ IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=MAX_IDEMPOTENCY_KE
 Reason = Annotated[str, Meta(max_length=256)]
 
 
+# Optional fields are absent or valid, never null (``UNSET``): what the OpenAPI document says.
+
+
 class PublishBody(Struct, forbid_unknown_fields=True):
     data: dict[str, Any]
-    to: SessionRef | None = None
-    to_user: UserName | None = None
-    idempotency_key: IdempotencyKey | None = None
+    to: SessionRef | UnsetType = UNSET
+    to_user: UserName | UnsetType = UNSET
+    idempotency_key: IdempotencyKey | UnsetType = UNSET
 
 
 class CloseBody(Struct, forbid_unknown_fields=True):
     reason: Reason = ""
-    idempotency_key: IdempotencyKey | None = None
+    idempotency_key: IdempotencyKey | UnsetType = UNSET
 
 
 class KickBody(Struct, forbid_unknown_fields=True):
     user: UserName
-    session: SessionRef | None = None
+    session: SessionRef | UnsetType = UNSET
     reason: Reason = ""
 
 
 class TokenBody(Struct, forbid_unknown_fields=True):
     user: UserName
     ttl: Annotated[int, Meta(ge=1, le=MAX_TOKEN_TTL)] = 3600
-    rooms: Annotated[list[RoomName], Meta(max_length=100)] | None = None
-    name: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    rooms: Annotated[list[RoomName], Meta(max_length=100)] | UnsetType = UNSET
+    name: Annotated[str, Meta(min_length=1, max_length=256)] | UnsetType = UNSET
+
+
+def _given(value: _T | UnsetType) -> _T | None:
+    return None if isinstance(value, UnsetType) else value
 
 
 @dataclass(slots=True)
@@ -197,26 +202,7 @@ def _decode(body: bytes, kind: type[_T]) -> _T:
         raise BadRequest("body is nested too deeply") from None
 
 
-# --------------------------------------------------------------------------- cursors
-
-
-def encode_cursor(name: str) -> str:
-    """The opaque cursor after room ``name`` (base64url of the name)."""
-    return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> str:
-    """The room name a cursor continues after; ``BadRequest`` if it is not a cursor."""
-    if len(cursor) > 200:
-        raise BadRequest("cursor is too long")
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        name = raw.decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise BadRequest("cursor is not one this API gave out") from None
-    if not name or len(name) > 128 or encode_cursor(name) != cursor:
-        raise BadRequest("cursor is not one this API gave out")
-    return name
+# --------------------------------------------------------------------------- pages
 
 
 def merge_pages(pages: list[list[dict[str, Any]]], more: bool, limit: int) -> dict[str, Any]:
@@ -238,7 +224,7 @@ def merge_pages(pages: list[list[dict[str, Any]]], more: bool, limit: int) -> di
         seen.add(name)
         rooms.append(room)
     has_more = (more or left_over) and bool(rooms)
-    return {"rooms": rooms, "next_cursor": encode_cursor(rooms[-1]["name"]) if has_more else None}
+    return {"rooms": rooms, "next_cursor": rooms[-1]["name"] if has_more else None}
 
 
 def idempotency_request_id(key_name: str, idempotency_key: str) -> str:
@@ -367,12 +353,12 @@ class ServerApi:
             _allow(method, "POST")
             key.require("publish")
             body = _decode(request.body, PublishBody)
-            return "publish", await self.publish(key, _room(parts[1]), body, request.headers)
+            return "publish", await self.publish(key, _room(parts[1]), body)
         if len(parts) == 3 and parts[0] == "rooms" and parts[2] == "close":
             _allow(method, "POST")
             key.require("rooms:close")
             close = _decode(request.body, CloseBody)
-            return "close", await self.close_room(key, _room(parts[1]), close, request.headers)
+            return "close", await self.close_room(key, _room(parts[1]), close)
         if parts == ["presence"]:
             _allow(method, "GET")
             key.require("presence:read")
@@ -427,8 +413,9 @@ class ServerApi:
     async def list_rooms(self, query: str) -> ApiResponse:
         params = parse_qs(query, keep_blank_values=True)
         limit = _int_param(params, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
-        cursor = _one(params, "cursor")
-        after = decode_cursor(cursor) if cursor else ""
+        after = _one(params, "cursor") or ""
+        if len(after) > 128:
+            raise BadRequest("cursor is a room name (the last of the previous page)")
         backplane = self.server.backplane
         brokers = backplane.broker_ids()
         if not brokers:
@@ -463,7 +450,7 @@ class ServerApi:
         if not users:
             raise BadRequest("name at least one user: ?user=<user>[&user=...]")
         if len(users) > MAX_PRESENCE_USERS:
-            raise TooLarge(f"at most {MAX_PRESENCE_USERS} users per request")
+            raise BadRequest(f"at most {MAX_PRESENCE_USERS} users per request")
         for user in users:
             if not user or len(user) > 256:
                 raise BadRequest("a user is 1 to 256 characters")
@@ -483,8 +470,10 @@ class ServerApi:
     async def kick(self, body: KickBody) -> ApiResponse:
         server = self.server
 
+        session = _given(body.session)
+
         def send(qid: str) -> None:
-            kick = KickCmd(server.edge_id, qid, body.user, body.session, body.reason)
+            kick = KickCmd(server.edge_id, qid, body.user, session, body.reason)
             server.backplane.to_presence(body.user, kick)
 
         return self._answered(await self._ask(send, f"the presence owner of {body.user!r}"))
@@ -496,9 +485,9 @@ class ServerApi:
             body.user,
             now=now,
             ttl=body.ttl,
-            rooms=body.rooms,
+            rooms=_given(body.rooms),
             audience=self.settings.jwt_audience,
-            name=body.name,
+            name=_given(body.name),
         )
         expires = int(now + body.ttl)
         return ApiResponse(200, encode_json({"token": token, "user": body.user, "exp": expires}))
@@ -515,25 +504,21 @@ class ServerApi:
             )
         return sender
 
-    async def publish(
-        self, key: ApiKey, room: str, body: PublishBody, headers: dict[str, str]
-    ) -> ApiResponse:
-        if body.to is not None and body.to_user is not None:
+    async def publish(self, key: ApiKey, room: str, body: PublishBody) -> ApiResponse:
+        to, to_user = _given(body.to), _given(body.to_user)
+        if to is not None and to_user is not None:
             raise BadRequest("give `to` (a session) or `to_user` (a user), not both")
         data = encode_json(body.data)
         if len(data) > self.settings.max_frame:
             raise TooLarge(f"data is {len(data)} bytes; at most max_frame")
-        idempotency = _idempotency(body.idempotency_key, headers)
+        idempotency = _given(body.idempotency_key)
         return await self._room_event(
-            key, room, data, idempotency, to=body.to, to_user=body.to_user, close=False
+            key, room, data, idempotency, to=to, to_user=to_user, close=False
         )
 
-    async def close_room(
-        self, key: ApiKey, room: str, body: CloseBody, headers: dict[str, str]
-    ) -> ApiResponse:
-        idempotency = _idempotency(body.idempotency_key, headers)
+    async def close_room(self, key: ApiKey, room: str, body: CloseBody) -> ApiResponse:
         data = encode_json({"reason": body.reason})
-        return await self._room_event(key, room, data, idempotency, close=True)
+        return await self._room_event(key, room, data, _given(body.idempotency_key), close=True)
 
     async def _room_event(
         self,
@@ -574,7 +559,12 @@ class ServerApi:
             error = msgspec.json.decode(reply.payload)
             exc = ProtocolError(str(error.get("message", "refused")))
             exc.code = ErrorCode(error.get("code", ErrorCode.INTERNAL))
-            return error_response(exc)
+            response = error_response(exc)
+            if exc.code == ErrorCode.BAD_REQUEST:
+                # The one bad_request an owner gives a server publish (the edge checked the
+                # rest): its idempotency key was used for another request. A conflict.
+                response.status = 409
+            return response
         metrics.API_PUBLISHED.labels("close" if close else "publish").inc()
         answer = {"room": room, "epoch": reply.epoch, "offset": reply.offset}
         return ApiResponse(200, encode_json(answer))
@@ -625,18 +615,6 @@ def _int_param(params: dict[str, list[str]], name: str, default: int, low: int, 
     if not value.isascii() or not value.isdigit() or not low <= int(value) <= high:
         raise BadRequest(f"{name} must be an integer from {low} to {high}")
     return int(value)
-
-
-def _idempotency(in_body: str | None, headers: dict[str, str]) -> str | None:
-    header = headers.get("idempotency-key")
-    if header is not None:
-        header = header.strip()
-        if not header or len(header) > MAX_IDEMPOTENCY_KEY or not header.isprintable():
-            raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-        if in_body is not None and in_body != header:
-            raise BadRequest("the Idempotency-Key header and idempotency_key differ")
-        return header
-    return in_body
 
 
 # --------------------------------------------------------------------------- HTTP shell

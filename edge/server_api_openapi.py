@@ -41,6 +41,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         403: "the key lacks the operation's scope (`forbidden`)",
         404: "no such room, session or user session (`not_found`, `unknown_peer`)",
         405: "method not allowed on this path (`bad_request`)",
+        409: "the idempotency key was used for another request (`bad_request`)",
         413: "body or data too large (`too_large`)",
         429: "too many API requests waiting for owners (`rate_limited`)",
         503: "an owner did not answer within `api_timeout` (`unavailable`): retry",
@@ -55,13 +56,7 @@ _ROOM_PARAM = {
     "in": "path",
     "required": True,
     "schema": {"type": "string", "minLength": 1, "maxLength": 128},
-}
-_IDEMPOTENCY_HEADER = {
-    "name": "Idempotency-Key",
-    "in": "header",
-    "required": False,
-    "description": "the same as `idempotency_key` in the body (give one, or both equal)",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 48, "pattern": "^[!-~]+$"},
+    "example": "lobby",
 }
 
 
@@ -102,8 +97,9 @@ def openapi_document() -> dict[str, Any]:
                         {
                             "name": "cursor",
                             "in": "query",
-                            "description": "`next_cursor` of the previous page",
-                            "schema": {"type": "string", "maxLength": 200},
+                            "description": "`next_cursor` of the previous page (the last "
+                            "room name it listed): rooms named after it",
+                            "schema": {"type": "string", "maxLength": 128},
                         },
                     ],
                     "responses": {
@@ -128,14 +124,14 @@ def openapi_document() -> dict[str, Any]:
                     "operationId": "publish",
                     "summary": "publish to the room, one session or one user's sessions in "
                     "it (scope publish)",
-                    "parameters": [_ROOM_PARAM, _IDEMPOTENCY_HEADER],
+                    "parameters": [_ROOM_PARAM],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _ref("Publish")}},
                     },
                     "responses": {
                         "200": _json(_ref("Published"), "the event's place in the room"),
-                        **_errors(*_COMMON, 404, 413),
+                        **_errors(*_COMMON, 404, 409, 413),
                     },
                 }
             },
@@ -143,14 +139,14 @@ def openapi_document() -> dict[str, Any]:
                 "post": {
                     "operationId": "closeRoom",
                     "summary": "every member gets room-closed and leaves (scope rooms:close)",
-                    "parameters": [_ROOM_PARAM, _IDEMPOTENCY_HEADER],
+                    "parameters": [_ROOM_PARAM],
                     "requestBody": {
                         "required": False,
                         "content": {"application/json": {"schema": _ref("Close")}},
                     },
                     "responses": {
                         "200": _json(_ref("Published"), "the room-closed event's place"),
-                        **_errors(*_COMMON, 404, 413),
+                        **_errors(*_COMMON, 404, 409, 413),
                     },
                 }
             },
@@ -171,11 +167,12 @@ def openapi_document() -> dict[str, Any]:
                                 "maxItems": 100,
                                 "items": {"type": "string", "minLength": 1, "maxLength": 256},
                             },
+                            "example": ["alice"],
                         }
                     ],
                     "responses": {
                         "200": _json(_ref("PresenceList"), "each user named"),
-                        **_errors(*_COMMON, 413),
+                        **_errors(*_COMMON),
                     },
                 }
             },
@@ -282,12 +279,14 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "required": ["data"],
             "additionalProperties": False,
+            "not": {"required": ["to", "to_user"], "description": "`to` or `to_user`, not both"},
             "properties": {
                 "data": {"type": "object", "description": "the signal's data (a JSON object)"},
                 "to": {"type": "string", "minLength": 1, "maxLength": 64},
                 "to_user": {"type": "string", "minLength": 1, "maxLength": 256},
                 "idempotency_key": idempotency,
             },
+            "example": {"data": {"text": "hello"}, "idempotency_key": "greeting-1"},
         },
         "Close": {
             "type": "object",
@@ -341,6 +340,7 @@ def _schemas() -> dict[str, Any]:
                 "session": {"type": "string", "minLength": 1, "maxLength": 64},
                 "reason": {"type": "string", "maxLength": 256},
             },
+            "example": {"user": "alice", "reason": "banned"},
         },
         "Kicked": {
             "type": "object",
@@ -361,6 +361,7 @@ def _schemas() -> dict[str, Any]:
                 },
                 "name": {"type": "string", "minLength": 1, "maxLength": 256},
             },
+            "example": {"user": "alice", "ttl": 600, "rooms": ["lobby"]},
         },
         "Token": {
             "type": "object",

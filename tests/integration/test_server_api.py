@@ -131,7 +131,7 @@ async def test_bad_input_is_refused_with_the_protocol_codes(dev: EdgeServer) -> 
     assert status == 400 and body["code"] == "bad_request"
     status, body = await call(dev, "GET", "/v1/api/rooms?limit=0", headers=auth)
     assert status == 400
-    status, body = await call(dev, "GET", "/v1/api/rooms?cursor=%21%21", headers=auth)
+    status, body = await call(dev, "GET", "/v1/api/rooms?cursor=" + "x" * 129, headers=auth)
     assert status == 400 and "cursor" in body["message"]
     status, body = await call(dev, "DELETE", "/v1/api/rooms", headers=auth)
     assert status == 405
@@ -259,7 +259,7 @@ async def test_a_retried_publish_is_applied_once(dev: EdgeServer) -> None:
         body=json.dumps({"data": {"n": 2}, "idempotency_key": "k-1"}).encode(),
         headers={"Authorization": f"Bearer {api_key()}"},
     )
-    assert status == 400 and "already used" in body["message"]
+    assert status == 409 and body["code"] == "bad_request" and "already used" in body["message"]
     # Keys are per API key name: another key's "k-1" is another publish.
     other = admin(dev, api_key(name="other"))
     moved = await asyncio.to_thread(
