@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import http.client as httpclient
 import json
+import os
+import sys
 import time
 from typing import Any
 
@@ -372,3 +374,54 @@ async def test_minted_tokens_open_sessions(dev: EdgeServer) -> None:
     assert (await client.recv_type("welcome"))["user"] == "dora"
     refused = await client.request({"type": "join", "id": 1, "room": "other"})
     assert refused["code"] == "forbidden"
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+async def cli(server: EdgeServer, *args: str, key: str | None = None) -> tuple[int, str]:
+    """``signalpost api ...`` as a process against ``server``: (exit code, output)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "signalpost.cli",
+        "api",
+        "--url",
+        f"http://127.0.0.1:{server.port}",
+        "--key",
+        key or api_key(),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "SIGNALPOST_JWT_SECRET": SECRET},
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+async def test_signalpost_api_commands_call_every_endpoint(dev: EdgeServer) -> None:
+    alice, bob = await joined_pair(dev)
+    code, output = await cli(dev, "rooms")
+    assert code == 0 and [r["name"] for r in json.loads(output)["rooms"]] == ["r1"]
+    code, output = await cli(dev, "room", "r1")
+    assert code == 0 and len(json.loads(output)["members"]) == 2
+    code, output = await cli(dev, "presence", "alice")
+    assert code == 0 and json.loads(output)[0]["status"] == "online"
+    code, output = await cli(dev, "publish", "r1", '{"via": "cli"}', "--to", alice.session)
+    assert code == 0 and json.loads(output)["offset"] >= 1
+    assert (await alice.recv_type("signal"))["data"] == {"via": "cli"}
+    code, output = await cli(dev, "token", "dora", "--room", "r9")
+    assert code == 0 and output.count(".") == 2
+    code, output = await cli(dev, "kick", "bob", "--session", bob.session)
+    assert code == 0 and json.loads(output) == [bob.session]
+    code, output = await cli(dev, "close", "r1", "--reason", "done")
+    assert code == 0
+    assert (await alice.recv_type("peer-left"))["peer"]["session"] == bob.session
+    assert (await alice.recv_type("room-closed"))["reason"] == "done"
+    # A refused request: its code and message, exit 1.
+    code, output = await cli(dev, "room", "r1", key=api_key("publish"))
+    assert code == 1 and "forbidden" in output
+    code, output = await cli(dev, "key", "--name", "ops", "--scope", "rooms:read")
+    assert code == 0
+    assert (await asyncio.to_thread(admin(dev, output.strip()).list_rooms))["rooms"] == []
