@@ -20,6 +20,7 @@ import websockets
 from edge.server import EdgeServer
 from signalpost.admin import AdminClient
 from signalpost.api_keys import ALL_SCOPES, mint_api_key
+from signalpost.client import Disconnected, RoomClosed, SignalEvent, SignalpostClient
 from signalpost.errors import Forbidden, NotFound, Unauthorized, UnknownPeer
 from tests.helpers import SECRET, RawClient, raw_client, token, url_of
 from tests.integration.conftest import DevFactory
@@ -425,3 +426,28 @@ async def test_signalpost_api_commands_call_every_endpoint(dev: EdgeServer) -> N
     code, output = await cli(dev, "key", "--name", "ops", "--scope", "rooms:read")
     assert code == 0
     assert (await asyncio.to_thread(admin(dev, output.strip()).list_rooms))["rooms"] == []
+
+
+# --------------------------------------------------------------------------- the SDK
+
+
+async def test_the_python_sdk_sees_server_signals_room_closed_and_a_final_kick(
+    dev: EdgeServer,
+) -> None:
+    url = url_of(dev)
+    async with SignalpostClient(url, token("alice")) as alice:
+        await alice.join("r1")
+        await asyncio.to_thread(admin(dev).publish, "r1", {"hi": 1})
+        signal = await alice.next_event(SignalEvent)
+        assert signal.sender.server and signal.sender.key == "backend"
+        await asyncio.to_thread(admin(dev).close_room, "r1", "over")
+        closed = await alice.next_event(RoomClosed)
+        assert closed.reason == "over"
+        for _ in range(50):  # the server's `left` follows
+            if "r1" not in alice.positions:
+                break
+            await asyncio.sleep(0.02)
+        assert "r1" not in alice.positions
+        await asyncio.to_thread(admin(dev).kick, "alice")
+        disconnected = await alice.next_event(Disconnected)
+        assert disconnected.code == 4410 and disconnected.final
