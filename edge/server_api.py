@@ -392,6 +392,8 @@ class ServerApi:
         try:
             while True:
                 send(qid)
+                if future.done():  # answered at once (one process: ``signalpost dev``)
+                    return future.result()
                 wait = min(RESEND, deadline - loop.time())
                 if wait <= 0:
                     break

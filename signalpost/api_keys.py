@@ -10,6 +10,7 @@ passed in.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -87,16 +88,37 @@ def bearer(header: str | None) -> str:
     return token.strip()
 
 
+#: Verified keys remembered (a backend sends the same key with every request: its
+#: signature is checked once, not per request); past that the oldest is forgotten.
+MAX_REMEMBERED_KEYS: Final = 1024
+#: Seconds a verified key is taken as verified without checking it again (its ``exp`` is
+#: checked every time): a key whose signing key left the JWK Set stops working this late.
+REMEMBER_FOR: Final = 60.0
+
+
 class ApiKeys:
     """Checks API keys with a ``TokenVerifier`` (the edge's, sharing its keys)."""
 
     def __init__(self, verifier: TokenVerifier) -> None:
         self._verifier = verifier
+        # token -> (key, its exp, verified until)
+        self._known: OrderedDict[str, tuple[ApiKey, float, float]] = OrderedDict()
 
     async def authenticate(self, authorization: str | None, now: float) -> ApiKey:
         """The key of an ``Authorization`` header, or ``Unauthorized``."""
-        claims = await self._verifier.authenticated_claims(bearer(authorization), now)
-        return key_from_claims(claims)
+        token = bearer(authorization)
+        known = self._known.get(token)
+        if known is not None:
+            key, expires, until = known
+            if now <= until and now <= expires + self._verifier.leeway:
+                return key
+            del self._known[token]
+        claims = await self._verifier.authenticated_claims(token, now)
+        key = key_from_claims(claims)
+        self._known[token] = (key, float(claims["exp"]), now + REMEMBER_FOR)
+        if len(self._known) > MAX_REMEMBERED_KEYS:
+            self._known.popitem(last=False)
+        return key
 
     def verify(self, authorization: str | None, now: float) -> ApiKey:
         """As ``authenticate``, without fetching the JWK Set (an unknown kid is refused)."""

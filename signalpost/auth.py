@@ -53,7 +53,7 @@ class TokenVerifier:
     def __init__(self, settings: Settings) -> None:
         self._secret = settings.jwt_secret
         self._audience = settings.jwt_audience
-        self._leeway = settings.jwt_leeway
+        self.leeway = settings.jwt_leeway
         self._public_key: str | None = None
         if settings.jwt_public_key_file:
             self._public_key = Path(settings.jwt_public_key_file).read_text()
@@ -155,11 +155,11 @@ class TokenVerifier:
             ):
                 raise Unauthorized(f"token {name} claim must be a number")
         exp, nbf, iat = times["exp"], times["nbf"], times["iat"]
-        if exp is not None and now > exp + self._leeway:
+        if exp is not None and now > exp + self.leeway:
             raise Unauthorized("token has expired")
-        if nbf is not None and now < nbf - self._leeway:
+        if nbf is not None and now < nbf - self.leeway:
             raise Unauthorized("token is not yet valid (nbf)")
-        if iat is not None and now < iat - self._leeway:
+        if iat is not None and now < iat - self.leeway:
             raise Unauthorized("token was issued in the future (iat)")
 
 

@@ -21,6 +21,7 @@ from edge.server_api import (
 from presence.table import PresenceTable
 from signalpost.api_keys import (
     ALL_SCOPES,
+    REMEMBER_FOR,
     ApiKeys,
     bearer,
     key_from_claims,
@@ -308,3 +309,34 @@ def test_presence_answers_only_for_users_it_owns_or_holds() -> None:
     presence = PresenceTable(resume_window=30.0, node_id="p1", owner_of=lambda user: "p2")
     assert presence.handle(PresenceQuery("edge-1", "q", "alice"), 0.0) == []
     assert presence.handle(KickCmd("edge-1", "q", "alice", None), 0.0) == []
+
+
+async def test_a_verified_key_is_remembered_but_its_expiry_still_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    api_keys = keys()
+    key = mint_api_key(SECRET, "b", ["publish"], now=NOW, ttl=30)
+    header = f"Bearer {key}"
+    assert (await api_keys.authenticate(header, NOW)).name == "b"
+    verifier = api_keys._verifier
+
+    async def not_again(token: str, now: float) -> dict[str, Any]:
+        raise AssertionError("verified again")
+
+    monkeypatch.setattr(verifier, "authenticated_claims", not_again)
+    assert (await api_keys.authenticate(header, NOW + 5)).name == "b"  # remembered
+    monkeypatch.undo()
+    with pytest.raises(Unauthorized, match="expired"):
+        await api_keys.authenticate(header, NOW + 60)  # past exp (+ leeway): checked anew
+
+
+async def test_a_remembered_key_is_verified_again_after_a_while() -> None:
+    api_keys = keys()
+    key = mint_api_key(SECRET, "b", ["publish"], now=NOW)
+    await api_keys.authenticate(f"Bearer {key}", NOW)
+    # The signing secret changed (rotation): within REMEMBER_FOR the key still works...
+    api_keys._verifier = TokenVerifier(Settings(jwt_secret="rotated-" + SECRET))
+    await api_keys.authenticate(f"Bearer {key}", NOW + 1)
+    # ... after it, it is checked with the new key store, and refused.
+    with pytest.raises(Unauthorized):
+        await api_keys.authenticate(f"Bearer {key}", NOW + REMEMBER_FOR + 1)
