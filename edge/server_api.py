@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
 import logging
 import secrets
 import time
@@ -384,7 +385,7 @@ class ServerApi:
             raise RateLimited(
                 f"{self.settings.api_max_inflight} API requests are waiting for owners; retry"
             )
-        qid = f"{self.server.edge_id}/{secrets.token_hex(8)}"
+        qid = f"{self.server.edge_id}/{_INCARNATION}.{next(_QUERY_NUMBERS)}"
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ApiAnswer | Reply] = loop.create_future()
         self._pending[qid] = future
@@ -582,6 +583,10 @@ class ServerApi:
 
 
 _INTERNAL: Final = ProtocolError("internal error; the request was not served")
+#: Query ids: this process's random incarnation and a counter (unique across restarts: a
+#: publish without idempotency key is recorded under its query id for 120 s).
+_INCARNATION: Final = secrets.token_hex(6)
+_QUERY_NUMBERS: Final = itertools.count(1)
 
 
 def _allow(method: str, allowed: str) -> None:
@@ -639,6 +644,7 @@ class ApiConnection(asyncio.Protocol):
         self._busy = False
         self._closed = False
         self._idle: asyncio.TimerHandle | None = None
+        self._active_at = 0.0
 
     def take_over(self, transport: asyncio.Transport, data: bytes) -> None:
         """Start on ``transport`` with the bytes read so far."""
@@ -647,9 +653,21 @@ class ApiConnection(asyncio.Protocol):
         self.data_received(data)
 
     def _arm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self.abort)
+        """Note activity; the idle timer (one per connection, re-armed only when it fires,
+        not per request) closes the connection ``IDLE_TIMEOUT`` after the last."""
+        loop = asyncio.get_running_loop()
+        self._active_at = loop.time()
+        if self._idle is None:
+            self._idle = loop.call_later(IDLE_TIMEOUT, self._idle_check)
+
+    def _idle_check(self) -> None:
+        loop = asyncio.get_running_loop()
+        left = self._active_at + IDLE_TIMEOUT - loop.time()
+        if left > 0 or self._busy:  # (a request being served is not idleness)
+            self._idle = loop.call_later(max(left, 1.0), self._idle_check)
+        else:
+            self._idle = None
+            self.abort()
 
     def data_received(self, data: bytes) -> None:
         try:

@@ -451,3 +451,29 @@ async def test_the_python_sdk_sees_server_signals_room_closed_and_a_final_kick(
         await asyncio.to_thread(admin(dev).kick, "alice")
         disconnected = await alice.next_event(Disconnected)
         assert disconnected.code == 4410 and disconnected.final
+
+
+async def test_an_idle_or_trickling_api_connection_is_closed(
+    dev: EdgeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edge.server_api
+
+    monkeypatch.setattr(edge.server_api, "IDLE_TIMEOUT", 0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", dev.port)
+    writer.write(b"POST /v1/api/rooms/r1/publish HTTP/1.1\r\nHost: x\r\n")  # never finished
+    started = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the edge
+    assert time.monotonic() - started < 3
+    writer.close()
+
+
+async def test_a_chunked_body_past_the_bound_is_refused(dev_factory: DevFactory) -> None:
+    server = await dev_factory(api_max_body=1000)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        b"POST /v1/api/rooms/r1/publish HTTP/1.1\r\nHost: x\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"400\r\n" + b"x" * 1024 + b"\r\n"
+    )
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b'"too_large"' in answer
+    writer.close()
