@@ -508,7 +508,12 @@ class EdgeServer:
 
     def on_http(self, link: WebSocketLink, head: bytes) -> ApiConnection | None:
         """A request for the server API (or not a GET): its connection is the API's."""
-        return None if self._draining else self.api.connection(link, head)
+        return self.api.connection(link, head)
+
+    @property
+    def draining(self) -> bool:
+        """SIGTERM came: no new sessions, API requests answered 503."""
+        return self._draining
 
     def on_request(self, link: WebSocketLink, request: Request) -> Response:
         """Answer an HTTP request: the WebSocket handshake on ``/v1/signal``, or a page."""

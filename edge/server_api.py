@@ -319,6 +319,8 @@ class ServerApi:
         started = time.perf_counter()
         route = "unknown"
         try:
+            if self.server.draining:
+                raise Unavailable("this edge is draining: use another edge")
             route, response = await self._route(request)
         except _MethodNotAllowed as exc:
             response = error_response(exc)

@@ -477,3 +477,12 @@ async def test_a_chunked_body_past_the_bound_is_refused(dev_factory: DevFactory)
     answer = await asyncio.wait_for(reader.read(), 5)
     assert answer.startswith(b"HTTP/1.1 413 ") and b'"too_large"' in answer
     writer.close()
+
+
+async def test_a_draining_edge_answers_the_api_503(dev: EdgeServer) -> None:
+    dev._draining = True  # what drain() sets first (SIGTERM)
+    status, body = await call(
+        dev, "GET", "/v1/api/rooms", headers={"Authorization": f"Bearer {api_key()}"}
+    )
+    assert status == 503 and body["code"] == "unavailable"
+    dev._draining = False
