@@ -284,7 +284,9 @@ class ServerApi:
         """``client`` was written ``room-closed``: it leaves the room (its edge sends the
         leave, as for a client's own; the client gets a ``left`` frame without id)."""
         server = self.server
-        if room not in client.rooms:
+        if room not in client.rooms and room not in client.positions:
+            # (A resume's replay comes before the owner's ``Synced`` adds the room to
+            # ``rooms``; the position the client named is there already.)
             return
         seq = client.next_seq()
         command = LeaveCmd(

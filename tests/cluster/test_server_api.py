@@ -16,7 +16,7 @@ from signalpost.api_keys import ALL_SCOPES, mint_api_key
 from signalpost.client import PeerJoined, SignalEvent, SignalpostClient
 from signalpost.errors import NotFound
 from tests.cluster.conftest import ClusterFactory
-from tests.helpers import SECRET, raw_client, token
+from tests.helpers import SECRET, RawClient, raw_client, token
 
 pytestmark = pytest.mark.cluster
 
@@ -136,4 +136,48 @@ async def test_close_room_reaches_members_on_every_edge(cluster_factory: Cluster
         except NotFound:
             break
         assert time.monotonic() < deadline, "the members did not leave"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_member_away_at_close_leaves_when_it_resumes_on_another_edge(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = cluster_factory(edges=2, brokers=2)
+    edge1, edge2 = cluster.edge_urls
+    room = "closed-while-away"
+    alice = await raw_client(edge1, "alice")
+    bob = await raw_client(edge2, "bob")
+    for client in (alice, bob):
+        assert (await client.request({"type": "join", "id": 1, "room": room}))["type"]
+    await alice.recv_type("peer-joined")
+    info = await asyncio.to_thread(admin(edge1).room, room)
+    assert bob.ws.transport is not None
+    bob.ws.transport.abort()  # bob is away...
+    deadline = time.monotonic() + 10
+    while True:  # ... as the owner sees it
+        members = (await asyncio.to_thread(admin(edge1).room, room))["members"]
+        if not all(m["connected"] for m in members):
+            break
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    await asyncio.to_thread(lambda: admin(edge1).close_room(room, "gone"))
+    assert (await alice.recv_type("room-closed", timeout=10))["reason"] == "gone"
+    raw = RawClient(await websockets.connect(edge1))
+    await raw.send(
+        {
+            "type": "hello",
+            "token": token("bob"),
+            "resume": bob.welcome["resume"],
+            "rooms": {room: {"epoch": info["epoch"], "offset": info["offset"]}},
+        }
+    )
+    assert (await raw.recv_type("welcome"))["resumed"] is True
+    assert (await raw.recv_type("room-closed", timeout=10))["reason"] == "gone"
+    deadline = time.monotonic() + 10
+    while True:  # bob's new edge left for him: the room is gone
+        try:
+            await asyncio.to_thread(admin(edge2).room, room)
+        except NotFound:
+            break
+        assert time.monotonic() < deadline, "bob did not leave"
         await asyncio.sleep(0.1)

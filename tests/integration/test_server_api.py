@@ -486,3 +486,35 @@ async def test_a_draining_edge_answers_the_api_503(dev: EdgeServer) -> None:
     )
     assert status == 503 and body["code"] == "unavailable"
     dev._draining = False
+
+
+async def test_a_member_away_when_the_room_closed_leaves_when_it_resumes(
+    dev: EdgeServer,
+) -> None:
+    alice, bob = await joined_pair(dev)
+    joined_offset = (await asyncio.to_thread(admin(dev).room, "r1"))["offset"]
+    epoch = (await asyncio.to_thread(admin(dev).room, "r1"))["epoch"]
+    assert bob.ws.transport is not None
+    bob.ws.transport.abort()
+    await asyncio.sleep(0.1)
+    await asyncio.to_thread(admin(dev).close_room, "r1", "gone")
+    assert (await alice.recv_type("room-closed"))["reason"] == "gone"
+    await alice.recv_type("left")
+    room = await asyncio.to_thread(admin(dev).room, "r1")
+    assert [m["connected"] for m in room["members"]] == [False]  # bob, away
+    ws = await websockets.connect(url_of(dev))
+    raw = RawClient(ws)
+    await raw.send(
+        {
+            "type": "hello",
+            "token": token("bob"),
+            "resume": bob.welcome["resume"],
+            "rooms": {"r1": {"epoch": epoch, "offset": joined_offset}},
+        }
+    )
+    assert (await raw.recv_type("welcome"))["resumed"] is True
+    assert (await raw.recv_type("room-closed"))["reason"] == "gone"
+    frames = [await raw.recv(), await raw.recv()]
+    assert {f["type"] for f in frames} == {"recovered", "left"}, frames
+    with pytest.raises(NotFound):
+        await asyncio.to_thread(admin(dev).room, "r1")
