@@ -718,6 +718,12 @@ class ApiConnection(asyncio.Protocol):
                 ):
                     self._fail(413, f"body larger than {self.api.settings.api_max_body} bytes")
                     return
+                if self.http.they_are_waiting_for_100_continue and self.transport is not None:
+                    # (curl asks before sending a body over 1 KiB, and waits a second.)
+                    self.transport.write(
+                        self.http.send(h11.InformationalResponse(status_code=100, headers=[]))
+                        or b""
+                    )
             elif isinstance(event, h11.Data):
                 self._body += event.data
                 if len(self._body) > self.api.settings.api_max_body:

@@ -518,3 +518,18 @@ async def test_a_member_away_when_the_room_closed_leaves_when_it_resumes(
     assert {f["type"] for f in frames} == {"recovered", "left"}, frames
     with pytest.raises(NotFound):
         await asyncio.to_thread(admin(dev).room, "r1")
+
+
+async def test_expect_100_continue_is_answered_at_once(dev: EdgeServer) -> None:
+    _alice, _bob = await joined_pair(dev)
+    body = json.dumps({"data": {"pad": "x" * 2000}}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", dev.port)
+    writer.write(
+        b"POST /v1/api/rooms/r1/publish HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        + f"Authorization: Bearer {api_key()}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    )
+    assert await asyncio.wait_for(reader.readline(), 0.5) == b"HTTP/1.1 100 \r\n"
+    await reader.readline()
+    writer.write(body)
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200 ")
+    writer.close()
