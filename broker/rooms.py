@@ -42,6 +42,7 @@ finds its reply.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import zlib
 from collections import OrderedDict, deque
@@ -52,11 +53,19 @@ from typing import Final, Literal
 import msgspec
 from msgspec import Raw
 
-from signalpost.errors import BadRequest, NotInRoom, ProtocolError, RoomFull, UnknownPeer
+from signalpost.errors import (
+    BadRequest,
+    NotFound,
+    NotInRoom,
+    ProtocolError,
+    RoomFull,
+    UnknownPeer,
+)
 from signalpost.replication import Unacked, resend_late, retarget
 from signalpost.tickets import SeatTickets
 from signalpost.wire import (
     AckFrame,
+    ApiAnswer,
     AttachCmd,
     Confirm,
     Deliver,
@@ -80,11 +89,15 @@ from signalpost.wire import (
     Reply,
     RequestId,
     RestoreCmd,
+    RoomClosedFrame,
+    RoomQuery,
+    RoomsQuery,
     SignalCmd,
     SignalFrame,
     Synced,
     conn_supersedes,
     encode_frame,
+    encode_json,
     request_key,
 )
 
@@ -129,10 +142,20 @@ def fingerprint(command: SignalCmd | JoinCmd | LeaveCmd) -> int:
     """What a resend must repeat to be the same request (CRC-32 of its kind and content):
     an id used again for something else is refused instead of answered as a resend."""
     if isinstance(command, SignalCmd):
-        return zlib.crc32(command.data, zlib.crc32((command.to or "").encode(), 1))
+        crc = zlib.crc32(command.data, zlib.crc32((command.to or "").encode(), 1))
+        return _server_fingerprint(command, crc) if command.server else crc
     if isinstance(command, JoinCmd):
         return zlib.crc32(command.peer, 2)
     return 3
+
+
+def _server_fingerprint(command: SignalCmd, crc: int) -> int:
+    """A server API publish also names its target user and whether it closes the room."""
+    return zlib.crc32(f"{command.to_user}\x00{command.close}".encode(), crc)
+
+
+#: Rooms a broker lists per server API page at most (``RoomsQuery.limit`` is capped).
+MAX_ROOMS_PAGE: Final = 1000
 
 
 @dataclass(slots=True, eq=False)
@@ -402,6 +425,10 @@ class RoomTable:
             return self.restore(command, now)
         if isinstance(command, ForgetCmd):
             self.forget(command)
+        elif isinstance(command, RoomsQuery):
+            return self.rooms_page(command)
+        elif isinstance(command, RoomQuery):
+            return self.room_info(command)
         # DemoteCmd (older edges): ignored. A broker stops serving a room when its own view
         # says another broker owns it, and hands the room over when that broker asks.
         return []
@@ -771,15 +798,21 @@ class RoomTable:
             room = self.rooms.get(command.room)
             to = command.to  # ``fingerprint``, inline (hot path)
             crc = zlib.crc32(command.data, zlib.crc32(to.encode(), 1) if to else 1)
-            record = _Record(b"" if ok else payload, crc, now, ok)
+            epoch, offset = "", 0
+            if command.server:
+                crc = _server_fingerprint(command, crc)
+                if ok and room is not None:
+                    # The API is told where its event stands (a resend: the same place).
+                    epoch, offset = room.epoch, room.offset
+            record = _Record(b"" if ok else payload, crc, now, ok, epoch, offset)
             reply = Reply(
                 session,
                 command.conn,
                 command.seq,
                 payload,
                 ok,
-                "",
-                0,
+                epoch,
+                offset,
                 command.room,
                 0 if room is None else room.term,
             )
@@ -977,6 +1010,9 @@ class RoomTable:
 
     def _signal(self, command: SignalCmd, out: list[Outbound], now: float) -> bytes:
         room = self.rooms.get(command.room)
+        if command.server:
+            self._server_signal(command, room, out, now)
+            return b""
         if room is None or command.session not in room.members:
             raise NotInRoom(f"not a member of room {command.room!r}")
         if not room.active:
@@ -996,6 +1032,82 @@ class RoomTable:
         )
         self._record(room, targets, encode_frame(frame), now, out)
         return b"" if command.req is None else encode_frame(AckFrame(id=command.req))
+
+    def _server_signal(
+        self, command: SignalCmd, room: Room | None, out: list[Outbound], now: float
+    ) -> None:
+        """A server API publish (or close): one event of the room, like a member's signal,
+        from the API's pseudo-session (never a member: no seat to check)."""
+        if room is None or not room.members:
+            raise NotFound(f"room {command.room!r} has no members")
+        if not room.active:
+            self._activate(room)
+        members = room.members
+        if command.close:
+            targets = list(members.values())
+            reason = _reason_of(command.data)
+            frame: RoomClosedFrame | SignalFrame = RoomClosedFrame(
+                room=room.name, offset=room.offset + 1, reason=reason
+            )
+        else:
+            if command.to is not None:
+                target = members.get(command.to)
+                if target is None:
+                    raise UnknownPeer(f"{command.to!r} is not a member of {command.room!r}")
+                targets = [target]
+            elif command.to_user is not None:
+                targets = [m for m in members.values() if _user_of(m.peer) == command.to_user]
+                if not targets:
+                    raise UnknownPeer(
+                        f"user {command.to_user!r} has no session in {command.room!r}"
+                    )
+            else:
+                targets = list(members.values())
+            frame = SignalFrame(
+                room=room.name,
+                data=Raw(command.data),
+                offset=room.offset + 1,
+                from_=Raw(command.sender),
+            )
+        self._record(room, targets, encode_frame(frame), now, out)
+
+    # ----------------------------------------------------------------- server API queries
+
+    def _listed(self, name: str, room: Room) -> bool:
+        """Whether this broker answers for ``room`` in a listing: it owns it in its view
+        (a runner-up's copy, a deposed owner's state are another broker's to list)."""
+        return bool(room.members) and not room.deposed and self.owns(name)
+
+    def rooms_page(self, command: RoomsQuery) -> list[Outbound]:
+        """The rooms this broker serves named after ``command.after``, in name order."""
+        limit = max(1, min(command.limit, MAX_ROOMS_PAGE))
+        after = command.after
+        names = heapq.nsmallest(
+            limit + 1,
+            (n for n, r in self.rooms.items() if n > after and self._listed(n, r)),
+        )
+        rooms = [_summary(self.rooms[n]) for n in names[:limit]]
+        body = encode_json({"rooms": rooms, "more": len(names) > limit})
+        return [(command.edge, ApiAnswer(command.qid, 200, body))]
+
+    def room_info(self, command: RoomQuery) -> list[Outbound]:
+        """The room and its members, if this broker owns it; nothing while it does not
+        (yet) or waits for its state (the edge asks again, then gives up: 503)."""
+        name = command.room
+        if not self.owns(name) or name in self._awaiting:
+            return []
+        room = self.rooms.get(name)
+        if room is None or not self._listed(name, room):
+            error = encode_json({"code": "not_found", "message": f"no room {name!r}"})
+            return [(command.edge, ApiAnswer(command.qid, 404, error))]
+        members = []
+        for member in room.members.values():
+            peer = msgspec.json.decode(member.peer)
+            peer["connected"] = member.suspended_until is None
+            members.append(peer)
+        info = _summary(room)
+        info["members"] = members
+        return [(command.edge, ApiAnswer(command.qid, 200, encode_json(info)))]
 
     # ----------------------------------------------------------------- ownership
 
@@ -1724,6 +1836,31 @@ class RoomTable:
             len(history) > self.history_max_events or history[0].at < oldest_allowed
         ):
             room.trimmed_through = history.popleft().offset
+
+
+def _user_of(peer: bytes) -> str:
+    user = msgspec.json.decode(peer).get("user")
+    return user if isinstance(user, str) else ""
+
+
+def _reason_of(data: bytes) -> str:
+    """The ``reason`` of a close's data (``{"reason": ...}``, set by the edge)."""
+    try:
+        decoded = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return ""
+    reason = decoded.get("reason") if isinstance(decoded, dict) else None
+    return reason if isinstance(reason, str) else ""
+
+
+def _summary(room: Room) -> dict[str, object]:
+    """What the server API shows of a room in a listing."""
+    return {
+        "name": room.name,
+        "members": len(room.members),
+        "epoch": room.epoch,
+        "offset": room.released,
+    }
 
 
 def _handed_members(room: Room, now: float) -> list[HandedMember]:

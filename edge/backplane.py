@@ -68,6 +68,13 @@ class Backplane(Protocol):
         """Send a command about a session of ``user`` to the presence node that owns
         ``user``."""
 
+    def broker_ids(self) -> list[str]:
+        """The brokers rooms are placed on now, in this region (the server API's listing
+        asks each)."""
+
+    def to_broker(self, broker: str, command: Envelope) -> None:
+        """Send ``command`` to one broker of ``broker_ids``."""
+
     @property
     def presence_term(self) -> int:
         """The newest presence view's number this edge read (0: none, or no Consul)."""
@@ -134,6 +141,12 @@ class LocalBackplane:
 
     def to_presence(self, user: str, command: Envelope) -> None:
         self._dispatch(self.presence.handle(command, self._clock()))
+
+    def broker_ids(self) -> list[str]:
+        return ["local"]
+
+    def to_broker(self, broker: str, command: Envelope) -> None:
+        self._dispatch(self.rooms.handle(command, self._clock()))
 
     async def start(self) -> None:
         self._timer = asyncio.create_task(self._expire_loop(), name="dev-expiry")

@@ -46,9 +46,11 @@ from edge.core import (
 )
 from edge.delivery import ACCEPT, DUPLICATE, GAP, OTHER_EPOCH
 from edge.guard import CLOSE, SERVE, ClientGuard, origin_admitted
+from edge.server_api import API_ENVELOPES, ApiConnection, ServerApi
 from edge.tls import EdgeTls
 from edge.websocket_link import WebSocketLink
 from signalpost import metrics
+from signalpost.api_keys import ApiKeys
 from signalpost.auth import Identity, ResumeTokens, TokenVerifier, ice_servers, mint_token
 from signalpost.config import Settings
 from signalpost.errors import (
@@ -197,6 +199,8 @@ class EdgeServer:
             stun_urls=settings.stun_urls,
             turn_urls=settings.turn_urls,
         )
+        #: The server API on this HTTP port (``edge.server_api``, docs/server-api.md).
+        self.api = ServerApi(self, ApiKeys(self._verifier))
         backplane.connect(self.edge_id, self.receive, self.sync_state, self.owners_changed)
 
     # ----------------------------------------------------------------- lifecycle
@@ -257,6 +261,7 @@ class EdgeServer:
     async def close(self) -> None:
         """Drain clients, then stop the backplane."""
         await self.drain()
+        await self.api.close()
         await self._verifier.close()
         await self.backplane.close()
 
@@ -336,6 +341,8 @@ class EdgeServer:
                     verdict = self.core.admit(client, envelope)  # ``_admit``, inline
                     if verdict == ACCEPT:
                         self._write([client], envelope.payload)
+                        if envelope.payload.startswith(_ROOM_CLOSED):
+                            self.api.room_closed(client, envelope.room)
                     else:
                         metrics.DELIVERIES_DROPPED.labels(_DROPPED[verdict]).inc()
                     return
@@ -344,6 +351,11 @@ class EdgeServer:
                     for s in sessions
                     if (c := self.sessions.get(s)) is not None and self._admit(c, envelope)
                 ]
+                if envelope.payload.startswith(_ROOM_CLOSED):
+                    self._write(targets, envelope.payload)
+                    for client in targets:
+                        self.api.room_closed(client, envelope.room)
+                    return
             else:
                 targets = [c for s in sessions if (c := self.sessions.get(s)) is not None]
                 if envelope.payload.startswith(_PRESENCE_PREFIX):
@@ -354,6 +366,7 @@ class EdgeServer:
         elif isinstance(envelope, Reply):
             answered = self.core.reply(envelope)
             if answered is None:
+                self.api.replied(envelope)  # a server API publish's, or stale
                 return
             client, command = answered
             if envelope.payload:
@@ -373,6 +386,8 @@ class EdgeServer:
             claim = self._claims.get(envelope.conn)
             if claim is not None and not claim.done():
                 claim.set_result(envelope)
+        elif isinstance(envelope, API_ENVELOPES):
+            self.api.receive(envelope)
         elif isinstance(envelope, Evict):
             client = self.sessions.get(envelope.session)
             if client is not None and client.conn == envelope.conn:
@@ -503,6 +518,8 @@ class EdgeServer:
         self._flush_client(client)
         client.link.close(code, reason)
 
+    close_client = _close  # (for ``edge.server_api``: a kicked session)
+
     def _evict(self, client: ClientConnection) -> None:
         client.evicted = True
         if self.sessions.get(client.session) is client:
@@ -510,6 +527,15 @@ class EdgeServer:
         self._close(client, CloseCode.REPLACED, "session resumed on another connection")
 
     # ----------------------------------------------------------------- HTTP
+
+    def on_http(self, link: WebSocketLink, head: bytes) -> ApiConnection | None:
+        """A request for the server API (or not a GET): its connection is the API's."""
+        return self.api.connection(link, head)
+
+    @property
+    def draining(self) -> bool:
+        """SIGTERM came: no new sessions, API requests answered 503."""
+        return self._draining
 
     def on_request(self, link: WebSocketLink, request: Request) -> Response:
         """Answer an HTTP request: the WebSocket handshake on ``/v1/signal``, or a page."""
@@ -944,6 +970,7 @@ class EdgeServer:
 
 
 _RATE_LIMITED = RateLimited("too many frames; slow down")
+_ROOM_CLOSED: Final = b'{"type":"room-closed"'  # a server API close (``edge.server_api``)
 #: ``(rseq, rbase)`` of requests in one process: nothing can overtake them (``room_order``).
 _UNORDERED: Final = (0, 0)
 _DROPPED = {None: "unknown_room", DUPLICATE: "duplicate", GAP: "gap", OTHER_EPOCH: "other_epoch"}

@@ -45,6 +45,9 @@ _OPEN = State.OPEN
 _CONNECTING = State.CONNECTING
 #: FIN, no RSV bits, text opcode: the first header byte of a whole text frame.
 _WHOLE_TEXT = 0x81
+#: Bytes of a request looked at to tell a server API request (``edge.server_api``) from a
+#: WebSocket handshake or a page: ``GET /v1/api/`` and any other method than GET go there.
+_SNIFF = len(b"GET /v1/api/")
 #: FIN + text opcode, then the 7-bit payload length: every header of a short text frame.
 _SHORT_TEXT_HEADERS = [bytes((0x81, size)) for size in range(126)]
 
@@ -65,8 +68,19 @@ def text_frames(messages: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
+class HttpHandoff(Protocol):
+    """An ``asyncio.Protocol`` that takes a connection over from its link."""
+
+    def take_over(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Go on with ``transport`` from ``data`` (the bytes read so far)."""
+
+
 class LinkHandler(Protocol):
     """What a link hands its events to."""
+
+    def on_http(self, link: WebSocketLink, head: bytes) -> HttpHandoff | None:
+        """A request that is no handshake nor page (``_SNIFF``): who takes the
+        connection over (its ``connection_lost`` must call ``on_closed``), or None."""
 
     def on_request(self, link: WebSocketLink, request: Request) -> Response:
         """Answer the HTTP request: a 101 from ``link.protocol.accept`` opens the link."""
@@ -113,6 +127,7 @@ class WebSocketLink(asyncio.Protocol):
         self._head_tail = b""  # the last bytes of a request head still coming in
         self._continuing = False  # the protocol is inside a fragmented message
         self._protocol_only = False  # from now on every byte goes to the protocol
+        self._sniff: bytes | None = b""  # the first bytes, until they say what the request is
 
     # ----------------------------------------------------------------- asyncio callbacks
 
@@ -185,6 +200,16 @@ class WebSocketLink(asyncio.Protocol):
 
     def _handshake(self, data: bytes) -> None:
         """Give the protocol the request head alone; frames behind it go to ``_split``."""
+        if self._sniff is not None:
+            data = self._sniff + data
+            if len(data) < _SNIFF and b"\n" not in data:
+                self._sniff = data
+                return
+            self._sniff = None
+            if (not data.startswith(b"GET ") or data.startswith(b"GET /v1/api/")) and (
+                self._hand_to_http(data)
+            ):
+                return
         tail = self._head_tail
         joined = tail + data  # a blank line may straddle two segments
         end = joined.find(b"\r\n\r\n")
@@ -201,6 +226,18 @@ class WebSocketLink(asyncio.Protocol):
                 self._split(rest)
         else:  # refused, or a plain HTTP answer: the protocol discards the rest
             self._hand_over(rest)
+
+    def _hand_to_http(self, data: bytes) -> bool:
+        """Give the connection to the handler's HTTP side, if it takes it."""
+        handoff = self.handler.on_http(self, data)
+        if handoff is None or self.transport is None:
+            return False
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self.transport.set_protocol(cast(asyncio.BaseProtocol, handoff))
+        handoff.take_over(self.transport, data)
+        return True
 
     def _split(self, data: bytes) -> None:
         """Serve the whole frames at the start of ``data``; keep an incomplete one."""

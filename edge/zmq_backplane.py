@@ -466,6 +466,14 @@ class ZmqBackplane:
         if link is not None:
             link.send(command)
 
+    def broker_ids(self) -> list[str]:
+        return list(self._live_ids)
+
+    def to_broker(self, broker: str, command: Envelope) -> None:
+        link = self.brokers.get(broker)
+        if link is not None:  # else gone from the view meanwhile: asked again, or 503
+            link.send(command)
+
     async def start(self) -> None:
         if not self.brokers and self.settings.broker_endpoints:
             self.update_brokers({e: e for e in self.settings.broker_endpoints})

@@ -150,6 +150,7 @@ from presence.regional import STALE_AFTER, RegionalStatuses
 from signalpost.replication import Unacked, resend_late, retarget
 from signalpost.tickets import SeatTickets
 from signalpost.wire import (
+    ApiAnswer,
     ClaimCmd,
     ClaimReply,
     Deliver,
@@ -157,8 +158,11 @@ from signalpost.wire import (
     Envelope,
     Evict,
     Evicted,
+    Kick,
+    KickCmd,
     LeaseCopy,
     PresenceFrame,
+    PresenceQuery,
     ReplicaAck,
     Reply,
     SessionDown,
@@ -171,6 +175,7 @@ from signalpost.wire import (
     WatchingFrame,
     conn_supersedes,
     encode_frame,
+    encode_json,
 )
 
 Outbound = tuple[str, Envelope]
@@ -554,7 +559,73 @@ class PresenceTable:
             return self.copied(command, now)
         if isinstance(command, Evicted):
             return self.evicted(command)
+        if isinstance(command, PresenceQuery):
+            return self.presence_of(command, now)
+        if isinstance(command, KickCmd):
+            return self.kick(command, now)
         return []
+
+    # ----------------------------------------------------------------- server API
+
+    def _answers_for(self, user: str) -> bool:
+        """Whether this node answers the server API about ``user``: it owns the user, or
+        holds leases of it (a view in flux); else the edge asks the owner it learns of."""
+        return self.owns(user) or bool(self._sessions_of.get(user))
+
+    def presence_of(self, command: PresenceQuery, now: float) -> list[Outbound]:
+        """``user``'s status, version and sessions (the server API's presence)."""
+        user = command.user
+        if not self._answers_for(user):
+            self.counters.misrouted += 1
+            return []
+        sessions = []
+        for session in sorted(self._sessions_of.get(user, ())):
+            lease = self.leases[session]
+            connected = lease.suspended_until is None
+            if not connected and lease.suspended_until is not None and lease.suspended_until <= now:
+                continue  # lapsed: ``expire`` ends it at its next tick
+            sessions.append({"session": session, "edge": lease.edge, "connected": connected})
+        body = encode_json(
+            {
+                "user": user,
+                "status": self.status(user),
+                "version": self.version(user),
+                "sessions": sessions,
+            }
+        )
+        return [(command.edge, ApiAnswer(command.qid, 200, body))]
+
+    def kick(self, command: KickCmd, now: float) -> list[Outbound]:
+        """End a session of ``user`` (or all of them): the lease ends here (and at the
+        runner-up: its copy goes), so no edge can resume it; the edge holding it
+        connected is told to close it (``Kick``: close 4410)."""
+        user = command.user
+        if not self._answers_for(user):
+            self.counters.misrouted += 1
+            return []
+        out: list[Outbound] = []
+        held = self._sessions_of.get(user, set())
+        if command.session is not None:
+            lease = self.leases.get(command.session)
+            if lease is None or lease.user != user:
+                message = f"user {user!r} has no session {command.session!r}"
+                body = encode_json({"code": "not_found", "message": message})
+                return [(command.edge, ApiAnswer(command.qid, 404, body))]
+            targets = [command.session]
+        else:
+            targets = sorted(held)
+        for session in targets:
+            lease = self.leases[session]
+            if lease.suspended_until is None:
+                out.append((lease.edge, Kick(session, lease.conn, command.reason)))
+            waiting = self._held.pop(session, None)
+            if waiting is not None:  # a resume of it waits for an eviction: refused now
+                refusal = ClaimReply(session, waiting.reply.conn, False, term=self.term)
+                out.append((waiting.edge, refusal))
+            out.extend(self._end(session))
+        body = encode_json({"user": user, "kicked": targets})
+        out.append((command.edge, ApiAnswer(command.qid, 200, body)))
+        return out
 
     # ----------------------------------------------------------------- leases
 

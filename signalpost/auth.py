@@ -19,6 +19,10 @@ from signalpost.jwks import MAX_KID, JwksKeys
 
 RESUME_TOKEN_LIFETIME: Final = 24 * 3600.0
 
+#: The ``typ`` claim of a server API key (``signalpost.api_keys``): a token with it is
+#: never a client token, and a token without it never an API key.
+API_KEY_TYPE: Final = "signalpost-api"
+
 
 @dataclass(frozen=True, slots=True)
 class Identity:
@@ -49,7 +53,7 @@ class TokenVerifier:
     def __init__(self, settings: Settings) -> None:
         self._secret = settings.jwt_secret
         self._audience = settings.jwt_audience
-        self._leeway = settings.jwt_leeway
+        self.leeway = settings.jwt_leeway
         self._public_key: str | None = None
         if settings.jwt_public_key_file:
             self._public_key = Path(settings.jwt_public_key_file).read_text()
@@ -68,6 +72,13 @@ class TokenVerifier:
         """``verify``, fetching the JWK Set again (rate limited) for an unknown ``kid``."""
         if self.jwks is None:
             return self.verify(token, now)
+        return _identity_from_claims(await self.authenticated_claims(token, now))
+
+    async def authenticated_claims(self, token: str, now: float) -> dict[str, Any]:
+        """``verified_claims``, fetching the JWK Set again (rate limited) for an unknown
+        ``kid``."""
+        if self.jwks is None:
+            return self.verified_claims(token, now)
         header = _header(token)
         kid = header.get("kid")
         if kid is None:
@@ -77,6 +88,11 @@ class TokenVerifier:
     def verify(self, token: str, now: float) -> Identity:
         """Return the identity in ``token`` or raise ``Unauthorized`` (no I/O: a ``kid``
         is looked up in the JWK Set as last fetched)."""
+        return _identity_from_claims(self.verified_claims(token, now))
+
+    def verified_claims(self, token: str, now: float) -> dict[str, Any]:
+        """The claims of ``token`` once its signature, times and audience are checked, of
+        a client token or an API key alike (each caller checks the kind it wants)."""
         header = _header(token)
         kid = header.get("kid")
         if self.jwks is None or kid is None:
@@ -86,7 +102,7 @@ class TokenVerifier:
 
     def _with_jwk(
         self, token: str, header: dict[str, Any], jwk: jwt.PyJWK | None, now: float
-    ) -> Identity:
+    ) -> dict[str, Any]:
         algorithm = header.get("alg")
         if jwk is None:
             raise Unauthorized(f"token key {header.get('kid')!r:.80} is not in the JWK Set")
@@ -98,7 +114,7 @@ class TokenVerifier:
             )
         return self._decode(token, jwk.key, jwk.algorithm_name, now)
 
-    def _verify(self, token: str, header: dict[str, Any], now: float) -> Identity:
+    def _verify(self, token: str, header: dict[str, Any], now: float) -> dict[str, Any]:
         algorithm = header.get("alg")
         # The key is picked by our configuration, never by the token: alg "none" and
         # algorithm-confusion tricks (HS256 signed with a public key) find no key here.
@@ -110,7 +126,7 @@ class TokenVerifier:
             raise Unauthorized(f"token algorithm {algorithm!r} is not accepted")
         return self._decode(token, key, algorithm, now)
 
-    def _decode(self, token: str, key: Any, algorithm: str, now: float) -> Identity:
+    def _decode(self, token: str, key: Any, algorithm: str, now: float) -> dict[str, Any]:
         try:
             claims = jwt.decode(
                 token,
@@ -129,7 +145,7 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"invalid token: {exc}") from None
         self._check_times(claims, now)
-        return _identity_from_claims(claims)
+        return claims
 
     def _check_times(self, claims: dict[str, Any], now: float) -> None:
         times = {name: claims.get(name) for name in ("exp", "nbf", "iat")}
@@ -139,11 +155,11 @@ class TokenVerifier:
             ):
                 raise Unauthorized(f"token {name} claim must be a number")
         exp, nbf, iat = times["exp"], times["nbf"], times["iat"]
-        if exp is not None and now > exp + self._leeway:
+        if exp is not None and now > exp + self.leeway:
             raise Unauthorized("token has expired")
-        if nbf is not None and now < nbf - self._leeway:
+        if nbf is not None and now < nbf - self.leeway:
             raise Unauthorized("token is not yet valid (nbf)")
-        if iat is not None and now < iat - self._leeway:
+        if iat is not None and now < iat - self.leeway:
             raise Unauthorized("token was issued in the future (iat)")
 
 
@@ -162,6 +178,8 @@ def _kid(kid: object) -> str:
 
 
 def _identity_from_claims(claims: dict[str, Any]) -> Identity:
+    if claims.get("typ") == API_KEY_TYPE:
+        raise Unauthorized("a server API key is not a client token")
     user = claims.get("sub")
     if not isinstance(user, str) or not user or len(user) > 256:
         raise Unauthorized("token subject must be a non-empty string")

@@ -1,4 +1,5 @@
-"""``signalpost`` command line: dev, edge, broker, presence, cluster, token, keys, wan-relay."""
+"""``signalpost`` command line: dev, edge, broker, presence, cluster, token, keys, wan-relay,
+api (the server API: ``signalpost.admin_cli``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from signalpost.admin_cli import add_api_parser
 from signalpost.auth import mint_token
 from signalpost.config import DEV_JWT_SECRET, Settings, load_settings
 from signalpost.errors import ConfigError
@@ -210,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write ticket.secret: the seat tickets' secret, for brokers and presence only",
     )
     keys.set_defaults(func=cmd_keys)
+    add_api_parser(commands)
 
     insecure_help = (
         "plaintext, unauthenticated node links without keys: anyone who reaches a ZeroMQ "

@@ -85,6 +85,7 @@ FINAL_CLOSE_CODES = frozenset(
         CloseCode.ORIGIN_REFUSED,
         CloseCode.RATE_LIMITED,
         CloseCode.REPLACED,
+        CloseCode.KICKED,
     }
 )
 #: The close reason of a 4503 (try again later): ``retry_after_ms=<int> <kind>``.
@@ -193,6 +194,10 @@ class Peer(msgspec.Struct, frozen=True):
 class Sender(msgspec.Struct, frozen=True):
     session: str
     user: str
+    #: Published through the server API (session and user ``~server``; ``key``: the API
+    #: key's name), not by a member (docs/server-api.md).
+    server: bool = False
+    key: str | None = None
 
 
 class PeerJoined(_Event, tag="peer-joined", frozen=True):
@@ -213,6 +218,14 @@ class SignalEvent(_Event, tag="signal", frozen=True):
     data: dict[str, Any]
     offset: int
     sender: Sender = msgspec.field(name="from")
+
+
+class RoomClosed(_Event, tag="room-closed", frozen=True):
+    """The server API closed the room: the session has left it (docs/protocol.md)."""
+
+    room: str
+    offset: int
+    reason: str = ""
 
 
 class PresenceChanged(_Event, tag="presence", frozen=True):
@@ -245,7 +258,7 @@ class Disconnected(_Event, tag="disconnected", frozen=True):
     final: bool
 
 
-ServerEvent = PeerJoined | PeerLeft | SignalEvent | PresenceChanged | Recovered
+ServerEvent = PeerJoined | PeerLeft | SignalEvent | PresenceChanged | Recovered | RoomClosed
 Event = ServerEvent | Resumed | Disconnected
 EventT = TypeVar("EventT", bound=_Event)
 
@@ -616,12 +629,15 @@ class SignalpostClient:
                 self._left(msgspec.json.decode(entry.text)["room"])  # not a member after all
             entry.future.set_result(frame)
             return
+        if kind == "left":  # unasked (no id): the server's, after a room-closed
+            self._left(frame["room"])
+            return
         try:
             event = msgspec.convert(frame, ServerEvent)
         except msgspec.ValidationError:
             log.warning("ignoring an unexpected frame: %s", frame)
             return
-        if isinstance(event, PeerJoined | PeerLeft | SignalEvent):
+        if isinstance(event, PeerJoined | PeerLeft | SignalEvent | RoomClosed):
             position = self.positions.get(event.room)
             if position is not None:
                 self.positions[event.room] = RoomPosition(position.epoch, event.offset)

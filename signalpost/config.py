@@ -81,6 +81,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     send_buffer_limit: Count = 4 * 1024 * 1024  # bytes queued to a slow client before dropping it
     drain_timeout: Seconds = 10.0
     dev_tokens: bool = False  # serve /v1/dev-token (dev mode only)
+    # server API (edge/server_api.py, docs/server-api.md)
+    api_max_body: Count = 256 * 1024
+    api_timeout: PositiveSeconds = 5.0
+    api_max_inflight: Count = 1024
     # admission (edge/admission.py): caps and the accept rate
     max_connections_per_ip: Count = 1000
     connection_cap_exempt: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1", "::1"])
@@ -234,6 +238,12 @@ MEANINGS: Final = {
         "rules pinning rooms to home regions, `pattern=region` (shell-style pattern on the room "
         "name, first match wins; e.g. `eu-*=eu`); the same rules on every node of every region"
     ),
+    "api_max_body": "largest server API request body in bytes (larger: 413 `too_large`, "
+    "connection closed)",
+    "api_timeout": "seconds a server API request waits for the owners' answers (resent every "
+    "0.5 s) before 503 `unavailable`",
+    "api_max_inflight": "server API requests an edge lets wait for owners at once; more are "
+    "answered 429 `rate_limited`",
     "jwt_secret": "HS256 secret for client tokens; also keys resume tokens (same on every node)",
     "jwt_audience": "required `aud` claim, when set",
     "jwt_leeway": "seconds of clock skew allowed on `exp`/`nbf`/`iat`",

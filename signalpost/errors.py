@@ -15,6 +15,8 @@
         ├── UnknownPeer             unknown_peer
         ├── RateLimited             rate_limited
         ├── TooLarge                too_large
+        ├── NotFound                not_found     (server API: no such room, session)
+        ├── Unavailable             unavailable   (server API: an owner did not answer)
         └── InternalError           internal      (a bug; the request was not served)
 
 Cores raise these; shells turn them into an ``error`` frame (and a close when
@@ -37,6 +39,8 @@ class ErrorCode(StrEnum):
     UNKNOWN_PEER = "unknown_peer"
     RATE_LIMITED = "rate_limited"
     TOO_LARGE = "too_large"
+    NOT_FOUND = "not_found"
+    UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
 
@@ -53,6 +57,7 @@ class CloseCode(IntEnum):
     ORIGIN_REFUSED = 4403
     HELLO_TIMEOUT = 4408
     REPLACED = 4409  # the session was resumed on another connection
+    KICKED = 4410  # the server API ended the session (its resume is refused)
     RATE_LIMITED = 4429
     TRY_AGAIN_LATER = 4503  # admission refused (caps, accept rate): retry after retry_after_ms
 
@@ -115,6 +120,14 @@ class RateLimited(ProtocolError):
 
 class TooLarge(ProtocolError):
     code = ErrorCode.TOO_LARGE
+
+
+class NotFound(ProtocolError):
+    code = ErrorCode.NOT_FOUND
+
+
+class Unavailable(ProtocolError):
+    code = ErrorCode.UNAVAILABLE
 
 
 class InternalError(ProtocolError):

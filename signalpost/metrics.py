@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -128,6 +135,32 @@ EDGES_ANSWERS = Counter(
     "GET /v1/edges answers of this edge, by HTTP status (200; 404 unknown region; 400 bad "
     "query; 429 past the per-edge rate)",
     ["status"],
+)
+
+# Server API (edge/server_api.py)
+API_REQUESTS = Counter(
+    "signalpost_api_requests",
+    "Server API requests answered by this edge, by route and HTTP status",
+    ["route", "status"],
+)
+API_SECONDS = Histogram(
+    "signalpost_api_seconds",
+    "Seconds a server API request took on this edge (owners' answers included), by route",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+API_RESENT = Counter(
+    "signalpost_api_resent",
+    "Server API queries or publishes sent to an owner again (no answer within 0.5 s)",
+)
+API_PUBLISHED = Counter(
+    "signalpost_api_published",
+    "Server API room events acknowledged by their owner (publish, close), retries included",
+    ["kind"],
+)
+API_KICKED = Counter(
+    "signalpost_api_kicked",
+    "Sessions this edge closed with 4410 because the server API kicked them",
 )
 
 

@@ -204,6 +204,14 @@ class SignalFrame(_ServerFrame, tag="signal"):
     from_: Raw = msgspec.field(name="from")
 
 
+class RoomClosedFrame(_ServerFrame, tag="room-closed"):
+    """The server API closed the room: the session leaves it (a ``left`` frame follows)."""
+
+    room: str
+    offset: int
+    reason: str = ""
+
+
 class AckFrame(_ServerFrame, tag="ack"):
     id: RequestId
 
@@ -335,6 +343,13 @@ class SignalCmd(_Envelope, tag=3, frozen=True):
     data: bytes
     rseq: int = 0
     rbase: int = 0
+    #: A publish of the server API (``edge.server_api``): ``session`` is a pseudo-session
+    #: of the API (never a member), allowed because an edge checked the caller's API key;
+    #: brokers accept it from edges only (``SENDER_KINDS``). ``to_user``: every member
+    #: session of that user; ``close``: the event is ``room-closed`` (docs/server-api.md).
+    server: bool = False
+    to_user: str | None = None
+    close: bool = False
 
 
 class AttachCmd(_Envelope, tag=4, frozen=True):
@@ -727,6 +742,62 @@ class LeaseCopy(_Envelope, tag=28, frozen=True):
     version: int = 0  # the user's status version (``PresenceFrame.version``)
 
 
+# Server API queries (edge.server_api): an edge asks, the owner answers ``ApiAnswer`` with a
+# JSON body, matched by ``qid`` (unique per request of that edge).
+
+
+class RoomsQuery(_Envelope, tag=60, frozen=True):
+    """Edge -> every broker: the rooms it serves named after ``after``, at most ``limit``."""
+
+    edge: str
+    qid: str
+    after: str
+    limit: int
+
+
+class RoomQuery(_Envelope, tag=61, frozen=True):
+    """Edge -> a room's owner: the room and its members."""
+
+    edge: str
+    qid: str
+    room: str
+
+
+class PresenceQuery(_Envelope, tag=62, frozen=True):
+    """Edge -> the presence owner of ``user``: its status and sessions."""
+
+    edge: str
+    qid: str
+    user: str
+
+
+class KickCmd(_Envelope, tag=63, frozen=True):
+    """Edge -> the presence owner of ``user``: end ``session`` (all its sessions when
+    None): its lease ends (a resume is refused) and the edge holding it closes it."""
+
+    edge: str
+    qid: str
+    user: str
+    session: str | None
+    reason: str = ""
+
+
+class Kick(_Envelope, tag=64, frozen=True):
+    """Presence -> edge: close ``session``'s connection ``conn`` with 4410 (kicked)."""
+
+    session: str
+    conn: str
+    reason: str = ""
+
+
+class ApiAnswer(_Envelope, tag=65, frozen=True):
+    """Broker or presence -> edge: the answer to query ``qid``: an HTTP status, a JSON body."""
+
+    qid: str
+    status: int
+    body: bytes
+
+
 class Heartbeat(_Envelope, tag=30, frozen=True):
     """Both ways on every link; ``incarnation`` changes when a node restarts."""
 
@@ -764,6 +835,12 @@ Envelope = (
     | LeaseCopy
     | Evicted
     | Heartbeat
+    | RoomsQuery
+    | RoomQuery
+    | PresenceQuery
+    | KickCmd
+    | Kick
+    | ApiAnswer
 )
 
 
@@ -887,6 +964,10 @@ _SENDER_FIELDS: Final[dict[type, str]] = {
     StatusSubscribe: "node",
     StatusNote: "owner",
     LeaseCopy: "owner",
+    RoomsQuery: "edge",
+    RoomQuery: "edge",
+    PresenceQuery: "edge",
+    KickCmd: "edge",
 }
 
 
@@ -902,7 +983,8 @@ def sender_of(envelope: Envelope) -> str | None:
 #: as ``signalpost_node_frames_dropped_total{what="kind"}``). The kind of the sender is its
 #: key's (``signalpost.node_keys``: ZAP's User-Id); ``Heartbeat`` goes both ways on every
 #: link and is not listed. Answers that travel back on the dialler's own link (``Deliver``,
-#: ``Reply``, ``Synced``, ``ClaimReply``, ``Evict``, ``ReplicaAck``, ``StatusNote``) reach a
+#: ``Reply``, ``Synced``, ``ClaimReply``, ``Evict``, ``ReplicaAck``, ``StatusNote``,
+#: ``ApiAnswer``, ``Kick``) reach a
 #: DEALER, which only ever talks to the node its certificate names for the endpoint, of the
 #: kind it dialled (``dial_curve``).
 _EDGE: Final = frozenset({"edge"})
@@ -922,6 +1004,8 @@ SENDER_KINDS: Final[dict[str, dict[type, frozenset[str]]]] = {
         ReplicateCmd: _BROKER,
         HandoffRequest: _BROKER,
         Handoff: _BROKER,
+        RoomsQuery: _EDGE,
+        RoomQuery: _EDGE,
     },
     "presence": {
         SessionUp: _EDGE,
@@ -933,5 +1017,7 @@ SENDER_KINDS: Final[dict[str, dict[type, frozenset[str]]]] = {
         Evicted: _EDGE,
         StatusSubscribe: _PRESENCE,
         LeaseCopy: _PRESENCE,
+        PresenceQuery: _EDGE,
+        KickCmd: _EDGE,
     },
 }

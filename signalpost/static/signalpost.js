@@ -51,6 +51,7 @@ export const CloseCode = Object.freeze({
   ORIGIN_REFUSED: 4403,
   HELLO_TIMEOUT: 4408,
   REPLACED: 4409, // the session resumed on another connection
+  KICKED: 4410, // the server API ended the session: its resume is refused
   RATE_LIMITED: 4429,
   TRY_AGAIN_LATER: 4503, // the edge is busy (a cap, a reconnect storm): retry after the reason's delay
 });
@@ -62,6 +63,7 @@ export const FINAL_CLOSE_CODES = new Set([
   CloseCode.ORIGIN_REFUSED,
   CloseCode.REPLACED,
   CloseCode.RATE_LIMITED, // the server ends a session closed for abuse: nothing to resume
+  CloseCode.KICKED,
 ]);
 
 /** Connection states, in the order a healthy client goes through them. */
@@ -790,6 +792,12 @@ export class SignalpostClient extends EventTarget {
       }
       case "signal":
         this.#track(frame);
+        break;
+      case "room-closed":
+        this.#track(frame); // the server's `left` (no id) follows: the room is left then
+        break;
+      case "left":
+        this.#left(frame.room); // unasked (no id): after `room-closed`
         break;
       case "presence":
         // The status known, with a version not above its own: a repeat, dropped.

@@ -161,3 +161,25 @@ async def test_a_reload_changes_new_handshakes_and_open_connections_go_on(
     await after.send({"type": "signal", "id": 3, "room": "r1", "data": {"n": 2}})
     await before.recv_type("ack")
     assert (await before.recv_type("signal"))["data"] == {"n": 2}
+
+
+async def test_the_server_api_is_served_over_https(
+    dev_factory: DevFactory, certs: tuple[CertFiles, CertFiles]
+) -> None:
+    import time
+
+    from signalpost.admin import AdminClient
+    from signalpost.api_keys import ALL_SCOPES, mint_api_key
+    from tests.helpers import SECRET
+
+    first, _ = certs
+    server = await tls_edge(dev_factory, first)
+    alice = await wss_client(server, "alice", first.client_context())
+    assert (await alice.request({"type": "join", "id": 1, "room": "r1"}))["type"] == "joined"
+    key = mint_api_key(SECRET, "backend", ALL_SCOPES, now=time.time())
+    api = AdminClient(
+        f"https://localhost:{server.port}", key, ssl_context=first.client_context(), retries=0
+    )
+    await asyncio.to_thread(api.publish, "r1", {"over": "tls"})
+    assert (await alice.recv_type("signal"))["data"] == {"over": "tls"}
+    assert [r["name"] for r in (await asyncio.to_thread(api.list_rooms))["rooms"]] == ["r1"]

@@ -13,6 +13,7 @@ from signalpost.errors import BadRequest, ErrorCode, ProtocolError
 from signalpost.wire import (
     WIRE_VERSION,
     AckFrame,
+    ApiAnswer,
     AttachCmd,
     ClaimCmd,
     ClaimReply,
@@ -37,6 +38,8 @@ from signalpost.wire import (
     Join,
     JoinCmd,
     JoinedFrame,
+    Kick,
+    KickCmd,
     LeaseCopy,
     Leave,
     LeaveCmd,
@@ -46,6 +49,7 @@ from signalpost.wire import (
     Ping,
     PongFrame,
     PresenceFrame,
+    PresenceQuery,
     RecoveredFrame,
     ReplicaAck,
     ReplicateCmd,
@@ -53,6 +57,8 @@ from signalpost.wire import (
     Reply,
     RestoreCmd,
     RoomPosition,
+    RoomQuery,
+    RoomsQuery,
     SessionDown,
     SessionUp,
     Signal,
@@ -471,6 +477,17 @@ ENVELOPES: list[Envelope] = [
     StatusNote("tcp://p2:5565", {"bob": "online"}),
     LeaseCopy("tcp://p2:5565", "s1", "bob", "edge-1", "c1.2", 12.5, ["eve"], {"eve": "online"}),
     Heartbeat("broker-a", "inc-1"),
+    SignalCmd(
+        "~api.7", "q1", "edge-1", 1, "0badc0de:k1", "r1", None, b"{}", b"{}", 0, 0, True, "bob"
+    ),
+    SignalCmd("~api.7", "q2", "edge-1", 1, None, "r1", None, b"{}", b"{}", close=True, server=True),
+    RoomsQuery("edge-1", "q3", "room-9", 100),
+    RoomQuery("edge-1", "q4", "r1"),
+    PresenceQuery("edge-1", "q5", "alice"),
+    KickCmd("edge-1", "q6", "alice", "s1", "bye"),
+    KickCmd("edge-1", "q7", "alice", None),
+    Kick("s1", "c1", "bye"),
+    ApiAnswer("q3", 200, b'{"rooms":[],"more":false}'),
 ]
 
 
@@ -608,11 +625,13 @@ def test_every_envelope_has_the_kinds_that_may_send_it_or_travels_back_on_a_deal
     from signalpost.wire import (
         _SENDER_FIELDS,
         SENDER_KINDS,
+        ApiAnswer,
         ClaimReply,
         Deliver,
         Envelope,
         Evict,
         Heartbeat,
+        Kick,
         ReplicaAck,
         Reply,
         StatusNote,
@@ -620,6 +639,7 @@ def test_every_envelope_has_the_kinds_that_may_send_it_or_travels_back_on_a_deal
     )
 
     answers = {Deliver, Reply, Synced, ClaimReply, Evict, ReplicaAck, StatusNote, Heartbeat}
+    answers |= {ApiAnswer, Kick}  # the server API's (edge/server_api.py)
     listed = {t for table in SENDER_KINDS.values() for t in table}
     assert listed | answers == set(get_args(Envelope)) and not listed & answers
     for table in SENDER_KINDS.values():
