@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from signalpost.placement import ranking
+from tests.chaos.api_publisher import SENDER as API_SENDER
+from tests.chaos.api_publisher import ApiPublisher
 from tests.chaos.checker import FaultLog, Journal, SentSignal, Verdict, check, undelivered
 from tests.chaos.faults import FAULT_WEIGHTS, REGION_FAULT_WEIGHTS, ChaosCluster, FaultInjector
 from tests.chaos.workload import ChaosClient, Endpoint
@@ -79,6 +81,10 @@ class ChaosConfig:
     weights: dict[str, int] = field(default_factory=lambda: dict(FAULT_WEIGHTS))
     regions: tuple[str, ...] = ()  # with two or more: the two-region cluster (see above)
     wan_delay: str = "40ms"
+    #: An app backend publishing into every room through the server API (``api_publisher``),
+    #: one publish at a time per room, every ``api_interval`` seconds.
+    api_publish: bool = True
+    api_interval: tuple[float, float] = (0.3, 1.0)
 
     def home_of(self, room: str) -> str:
         """The region a room is pinned to ("" without regions)."""
@@ -108,6 +114,10 @@ class Report:
             "signals acked": sum(s.acked_at is not None for s in signals),
             "signals refused": sum(s.refused is not None for s in signals),
             "signals not answered": sum(s.acked_at is None and s.refused is None for s in signals),
+            "of them server API publishes": sum(s.sender == API_SENDER for s in signals),
+            "server API publishes acked": sum(
+                s.sender == API_SENDER and s.acked_at is not None for s in signals
+            ),
             "markers acked": sum(s.acked_at is not None for s in self.journal.signals if s.marker),
             "markers missing": self.markers_missing,
             "receptions": len(self.journal.receptions),
@@ -289,6 +299,16 @@ async def run(config: ChaosConfig, *, out: Callable[[str], None] = print) -> Rep
             for client in clients
             for room in client.rooms
         ]
+        publisher = None
+        if config.api_publish:
+            # Its own generator: the seed draws the same rooms, clients and faults as without.
+            publisher = ApiPublisher(edges, journal, clock, random.Random(config.seed ^ 0x5E4))
+            senders += [
+                asyncio.create_task(
+                    publisher.run_room(room, members[room], stop, interval=config.api_interval)
+                )
+                for room in sorted(members)
+            ]
         injector = FaultInjector(cluster, clients, rng, clock, config.weights)
         end = clock() + config.seconds
         await asyncio.sleep(min(2.0, config.seconds))  # traffic before the first fault
@@ -303,6 +323,13 @@ async def run(config: ChaosConfig, *, out: Callable[[str], None] = print) -> Rep
         await _settle(cluster, clients, journal, clock)
         stop.set()
         await asyncio.wait(senders, timeout=config.request_timeout + 5)
+        if publisher is not None:
+            journal.note(
+                clock(),
+                "-",
+                f"server API: {publisher.attempts} attempts, {publisher.retried} publishes "
+                f"answered only on a later attempt, refusals {publisher.errors or 'none'}",
+            )
         out(f"{elapsed()} sending markers")
         await asyncio.gather(*(_send_markers(c, members) for c in clients if not c.lost))
         deadline = clock() + config.marker_timeout
@@ -382,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temp dir")
     parser.add_argument("--show", type=int, default=10, help="violations printed per kind")
     parser.add_argument(
+        "--no-api", action="store_true", help="no server API publishes (clients' signals only)"
+    )
+    parser.add_argument(
         "--faults",
         default=None,
         help=f"fault kinds, comma separated, or none (default all: {','.join(FAULT_WEIGHTS)}, "
@@ -413,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         weights={k: available[k] for k in kinds},
         regions=regions,
         wan_delay=args.wan_delay,
+        api_publish=not args.no_api,
     )
     try:
         report = asyncio.run(run(config))
