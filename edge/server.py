@@ -192,6 +192,7 @@ class EdgeServer:
             turn_urls=settings.turn_urls,
         )
         backplane.connect(self.edge_id, self.receive, self.sync_state, self.owners_changed)
+        backplane.on_home_moved(lambda room: self.core.terms.pop(room, None))
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -95,11 +95,18 @@ class ZmqBackplane:
         # With several regions, homes no rule pins are agreed in Consul (first member's).
         self._homes = (
             HomeDirectory(
-                settings.consul_addr, settings.regions, settings.region, settings.consul_token
+                settings.consul_addr,
+                settings.regions,
+                settings.region,
+                settings.consul_token,
+                settings.region_loss_after,
+                self._region_changed,
+                self._home_moved,
             )
             if len(settings.regions) > 1 and settings.consul_addr
             else None
         )
+        self._forget_term: Callable[[str], object] = lambda _room: None
         #: session -> (conn, presence's seat ticket for it on this edge), from the grants
         #: presence sends (``ClaimReply``); sent with the commands that move seats here.
         self._tickets: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
@@ -140,6 +147,26 @@ class ZmqBackplane:
         self._edge_id, self._inbox, self._snapshot = edge_id, inbox, snapshot
         self._owners_changed = owners_changed
 
+    def on_home_moved(self, forget: Callable[[str], object]) -> None:
+        self._forget_term = forget
+
+    def _home_moved(self, room: str) -> None:
+        self._forget_term(room)
+        self._owners.pop(room, None)
+
+    def _fenced(self, region: str, envelope: Envelope) -> bool:
+        """Whether ``envelope`` is about a room that region's brokers no longer serve for
+        this edge: its home moved (re-homed after a loss) to another region. Dropped (a
+        former home back from the dead must reach nobody)."""
+        room = getattr(envelope, "room", "")
+        if not room or self._homes is None:
+            return False
+        home = self._homes.believed(room)
+        if home is None or home == region:
+            return False
+        metrics.DELIVERIES_DROPPED.labels("former_home").inc()
+        return True
+
     def _link(
         self, endpoint: str, kind: str, dial: str | None = None, region: str | None = None
     ) -> DealerLink:
@@ -151,7 +178,14 @@ class ZmqBackplane:
 
             def inbox(envelope: Envelope, deliver: Inbox = self._inbox) -> None:
                 arrived.inc()
-                deliver(envelope)
+                if not self._fenced(region, envelope):
+                    deliver(envelope)
+        elif self._homes is not None and kind == "broker":
+            here = self.settings.region
+
+            def inbox(envelope: Envelope, deliver: Inbox = self._inbox) -> None:
+                if not self._fenced(here, envelope):
+                    deliver(envelope)
 
         link = DealerLink(
             self._context,
@@ -327,6 +361,17 @@ class ZmqBackplane:
             remote = self._remote[home] = self._follow_region(home)
         return remote
 
+    def _region_changed(self, region: str, change: str) -> None:
+        """Another region was lost (its rooms are re-homed) or is back (homes are read
+        again): what waits for its brokers is dropped (the edge resends every request, to
+        the room's home as it is then), and every session's rooms are re-announced."""
+        remote = self._remote.get(region)
+        if remote is not None and change == "lost":
+            remote.drop_pending()
+            remote.renew_links()  # what is queued for its brokers must never reach them
+        self._owners.clear()
+        self._owners_changed()
+
     def _follow_region(self, region: str) -> RemoteBrokers:
         log.info("following region %s's brokers for the rooms homed there", region)
 
@@ -456,6 +501,8 @@ class ZmqBackplane:
             link = self.owner_of(room)
             if link is not None:  # else: the attach is resent until every room answered
                 mine[link.endpoint][room] = position
+            elif self._homes is not None and self._home_region(room) is None:
+                self._homes.resolve(room, lambda _home: None)  # known by the resend
         held = self._tickets.get(session)
         ticket = held[1] if held is not None and held[0] == conn else b""
         for broker_id, link in links.items():
@@ -476,6 +523,8 @@ class ZmqBackplane:
             link.start()
         if self.settings.consul_addr:
             await self._discover(self.settings.consul_addr)
+        if self._homes is not None:
+            self._homes.start()
 
     async def _discover(self, address: str) -> None:
         """Follow brokers and presence in Consul; wait (bounded) for the first brokers."""

@@ -46,7 +46,8 @@ DELIVERIES_DROPPED = Counter(
     "signalpost_deliveries_dropped",
     "Room events an edge did not write: a copy (duplicate), something missing before it "
     "(gap, resent by the owner), a room the session is not in here (unknown_room), of "
-    "another epoch than the session's (other_epoch), or from a deposed owner (stale_term)",
+    "another epoch than the session's (other_epoch), from a deposed owner (stale_term), or "
+    "about a room from a region that is no longer its home (former_home)",
     ["reason"],
 )
 REQUESTS_RESENT = Counter(
