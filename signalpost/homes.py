@@ -11,7 +11,8 @@ point of failure (each arbitrates its share of the rooms).
 
 **Region loss.** Each edge asks its Consul agent about every other region's brokers once
 a second (``LOOK_INTERVAL``); a region none of whose brokers Consul can name for
-``region_loss_after`` seconds is *lost* for this edge. A room homed there is then re-homed
+``region_loss_after`` seconds (while this edge's own datacenter answers) is *lost* for
+this edge. A room homed there is then re-homed
 in this edge's region, with the next term, by check-and-set at the first of its arbiters
 that is not lost (``signalpost.rehoming.decide``); the edge re-announces its sessions'
 rooms (``changed``), and the new owner, which never had the room, answers them in a new
@@ -261,14 +262,23 @@ class HomeDirectory:
         client = consul_client(self._address, self._token)
         service = service_name("broker")
         while True:
+            serving: bool | None
             try:
                 _index, entries = await in_thread(
                     lambda: client.health.service(service, passing=True, dc=region)
                 )
                 serving = bool(entries)
             except Exception:
-                serving = False  # no path to that datacenter, its servers gone, ...
-            change = self.liveness.observed(region, serving, time.monotonic())
+                # No path to that datacenter, its servers gone, ... or this edge's own
+                # Consul is down: then nothing is known of the other region either.
+                try:
+                    await in_thread(lambda: client.health.service(service, passing=True))
+                    serving = False
+                except Exception:
+                    serving = None
+            change = None
+            if serving is not None:
+                change = self.liveness.observed(region, serving, time.monotonic())
             if change == "lost":
                 log.warning(
                     "region %s is lost: no broker of it named by Consul for %.1f s; rooms "
