@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection
 
 import msgspec
@@ -56,6 +56,10 @@ FIRST_DISCOVERY_TIMEOUT = 15.0
 #: Rooms whose owner is remembered at once; past that the memo starts over (room names
 #: come from clients, so an unbounded memo would grow with every name ever tried).
 MAX_CACHED_OWNERS = 100_000
+
+#: Presence commands held while no presence node is known (an edge just started, its
+#: presence view not read yet); past it the oldest is dropped (counted).
+MAX_PRESENCE_HELD = 10_000
 
 #: Seat tickets held at once (one per session resumed or started here); past that the
 #: oldest is forgotten (that session's seats then move here only on a newer grant).
@@ -107,6 +111,10 @@ class ZmqBackplane:
             else None
         )
         self._forget_term: Callable[[str], object] = lambda _room: None
+        #: (user, command) for presence while no presence node is known: sent once one is
+        #: (a session resumed on its token announces itself so, and its seat ticket comes
+        #: back with the answer: without it its seats could never move here).
+        self._presence_held: deque[tuple[str, Envelope]] = deque()
         #: session -> (conn, presence's seat ticket for it on this edge), from the grants
         #: presence sends (``ClaimReply``); sent with the commands that move seats here.
         self._tickets: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
@@ -256,6 +264,10 @@ class ZmqBackplane:
             link = self.presence.get(node)
             if link is not None:
                 self._sync_presence(link)
+        if placing and self._presence_held:
+            held, self._presence_held = self._presence_held, deque()
+            for user, command in held:
+                self.to_presence(user, command)
 
     @property
     def presence_term(self) -> int:
@@ -512,6 +524,11 @@ class ZmqBackplane:
         link = self.presence_owner(user)
         if link is not None:
             link.send(command)
+            return
+        if len(self._presence_held) >= MAX_PRESENCE_HELD:
+            self._presence_held.popleft()
+            metrics.PRESENCE_HELD_DROPPED.inc()
+        self._presence_held.append((user, command))
 
     async def start(self) -> None:
         if not self.brokers and self.settings.broker_endpoints:

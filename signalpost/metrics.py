@@ -117,6 +117,11 @@ CROSS_REGION_ENVELOPES = Counter(
     "serves is homed in its own region",
     ["region", "direction"],
 )
+PRESENCE_HELD_DROPPED = Counter(
+    "signalpost_presence_held_dropped",
+    "Presence commands an edge dropped while no presence node was known yet and "
+    "MAX_PRESENCE_HELD were already held (the oldest goes; claims are resent)",
+)
 CROSS_REGION_DROPPED = Counter(
     "signalpost_cross_region_dropped",
     "Envelopes for another region's rooms dropped while no broker of that region was known "

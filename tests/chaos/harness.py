@@ -114,6 +114,10 @@ class Report:
             "deliveries checked": self.verdict.deliveries_checked,
             "deliveries exempt": self.verdict.exempt,
             "resumes": sum(c.number > 1 for c in self.journal.connections),
+            "memberships lost with their room (recovered: false, no position)": sum(
+                not r.member and not r.recovered for r in self.journal.recoveries
+            ),
+            "joins again after that": len(self.journal.rejoins),
             "faults injected": len(self.journal.faults),
             "violations": len(self.verdict.violations),
         }
