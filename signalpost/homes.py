@@ -16,8 +16,10 @@ this edge. A room homed there is then re-homed
 in this edge's region, with the next term, by check-and-set at the first of its arbiters
 that is not lost (``signalpost.rehoming.decide``); the edge re-announces its sessions'
 rooms (``changed``), and the new owner, which never had the room, answers them in a new
-epoch (``recovered: false``). When the region is seen again, every home this edge knew is
-read again before its next use (the newest record wins: nothing moves back).
+epoch (``recovered: false``). When the region is seen again, or this edge's own Consul
+answers again after it did not (the other regions may have found this one lost
+meanwhile), every home this edge knew is read again before its next use (the newest
+record wins: nothing moves back).
 
 The trade-off (CP, then availability after a loss): while a room's arbiter region cannot
 be reached and is not yet lost, a room whose home is not known yet cannot be used (its
@@ -111,6 +113,8 @@ class HomeDirectory:
         self._unsure: dict[str, HomeRecord] = {}
         self._waiting: dict[str, list[Callable[[str], None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: This edge's own Consul did not answer a look (it may have missed a re-homing).
+        self._blind = False
 
     def start(self) -> None:
         """Look at every other region's brokers (``LOOK_INTERVAL``) to tell a lost one."""
@@ -277,8 +281,17 @@ class HomeDirectory:
                 except Exception:
                     serving = None
             change = None
-            if serving is not None:
+            if serving is None:
+                self._blind = True
+            else:
                 change = self.liveness.observed(region, serving, time.monotonic())
+                if self._blind:
+                    # This edge's own Consul was down: another region may have found this
+                    # one lost meanwhile and re-homed its rooms. Homes are read again.
+                    self._blind = False
+                    log.warning("Consul answers again: every known room home is read again")
+                    self._read_again()
+                    self._changed(self._local, "back")
             if change == "lost":
                 log.warning(
                     "region %s is lost: no broker of it named by Consul for %.1f s; rooms "
@@ -288,11 +301,16 @@ class HomeDirectory:
                 )
             elif change == "back":
                 log.warning("region %s is back: every known room home is read again", region)
-                self._unsure.update(self.known)
-                self.known.clear()
+                self._read_again()
             if change is not None:
                 self._changed(region, change)
             await asyncio.sleep(LOOK_INTERVAL)
+
+    def _read_again(self) -> None:
+        """Every known home is read again before its next use (what was known stays the
+        fallback: written back to an arbiter that lost it)."""
+        self._unsure.update(self.known)
+        self.known.clear()
 
     async def close(self) -> None:
         await cancel_all(list(self._tasks))

@@ -365,3 +365,58 @@ async def _rehome_and_come_back(cluster: ChaosCluster) -> None:
         assert _home_record(eu_consul["url"], stays) == {"home": "us", "term": 1}
         for client in (alice, bob):
             assert not [e for e in client.pending_events() if isinstance(e, Recovered)]
+
+
+async def test_a_region_cut_off_from_its_consul_converges_on_one_home_when_it_is_back(
+    tmp_path: Any,
+) -> None:
+    """eu's Consul alone dies (its nodes live): us cannot tell it from a lost region and
+    re-homes eu's rooms, while eu's edges, blind, keep them (two homes). When eu's Consul
+    is back (empty), every edge reads the records again and follows the newest: the
+    room has one home, in us, and its eu member is told ``recovered: false``."""
+    require_binary("consul")
+    cluster = ChaosCluster(
+        tmp_path,
+        edges=1,
+        brokers=1,
+        presence=1,
+        env={"SIGNALPOST_REGION_LOSS_AFTER": str(LOSS_AFTER)},
+        regions=("eu", "us"),
+        wan_delay="40ms",
+    )
+    cluster.launch()
+    try:
+        await cluster.ready()
+        (eu_edge,) = [p["url"] for p in cluster.in_region("eu", "edge")]
+        (us_edge,) = [p["url"] for p in cluster.in_region("us", "edge")]
+        (eu_consul,) = cluster.in_region("eu", "consul")
+        room = next(
+            f"room-{n}" for n in range(1000) if arbiters(f"room-{n}", ["eu", "us"])[0] == "eu"
+        )
+        async with (
+            SignalpostClient(eu_edge, token("alice"), request_timeout=2.0) as alice,
+            SignalpostClient(us_edge, token("bob"), request_timeout=2.0) as bob,
+        ):
+            await alice.join(room)  # homed in eu
+            await bob.join(room)
+            await alice.next_event(PeerJoined)
+            assert alice.session is not None and bob.session is not None
+            await cluster.kill_consul(eu_consul["id"])
+            # us re-homes the room: bob is told, and stays a member there.
+            event = await bob.next_event(Recovered, timeout=LOSS_AFTER + 8)
+            assert (event.room, event.recovered) == (room, False) and event.epoch is not None
+            assert not [e for e in alice.pending_events() if isinstance(e, Recovered)]
+            # eu's Consul comes back (empty): alice's edge follows the newest record.
+            assert await cluster.start_consul(eu_consul["id"])
+            event = await alice.next_event(Recovered, timeout=20)
+            assert (event.room, event.recovered) == (room, False) and event.epoch is not None
+            for n in range(3):
+                await alice.signal(room, {"n": n}, to=bob.session)
+                assert (await bob.next_event(SignalEvent)).data == {"n": n}
+                await bob.signal(room, {"n": n}, to=alice.session)
+                assert (await alice.next_event(SignalEvent)).data == {"n": n}
+            await asyncio.sleep(2)  # nothing flaps afterwards
+            for client in (alice, bob):
+                assert not [e for e in client.pending_events() if isinstance(e, Recovered)]
+    finally:
+        await cluster.stop()
