@@ -308,7 +308,10 @@ class HomeDirectory:
 
     def _read_again(self) -> None:
         """Every known home is read again before its next use (what was known stays the
-        fallback: written back to an arbiter that lost it)."""
+        fallback: written back to an arbiter that lost it). Bounded with the known ones
+        (``MAX_KNOWN_HOMES``): past it the older ones are forgotten, and read as new."""
+        if len(self._unsure) + len(self.known) > MAX_KNOWN_HOMES:
+            self._unsure.clear()
         self._unsure.update(self.known)
         self.known.clear()
 
