@@ -475,9 +475,14 @@ class ChaosClient:
         finally:
             self._rejoining.discard(room)
 
-    async def join_rooms(self) -> None:
-        """Join every room of the client; remember each room's position."""
+    async def join_rooms(self, first_of: str | None = None) -> None:
+        """Join every room of the client (not joined yet; ``first_of``: only the rooms
+        named after that region, ``<region>-room-N``); remember each room's position."""
         for room in self.rooms:
+            if room in self.positions:
+                continue
+            if first_of is not None and not room.startswith(f"{first_of}-"):
+                continue
             reply = await self.request({"type": "join", "room": room})
             if reply is None or reply.get("type") != "joined":
                 raise RuntimeError(f"{self.name} could not join {room}: {reply}")
