@@ -45,6 +45,10 @@ class Backplane(Protocol):
         """Register the edge: where replies go, how to read its soft state, and whom to
         tell when rooms may have changed owner."""
 
+    def on_home_moved(self, forget: Callable[[str], object]) -> None:
+        """Whom to tell that a room's home moved to another region (the edge forgets the
+        room's owner term: the new home's terms are its own)."""
+
     def to_room_owner(self, room: str, command: Envelope) -> None:
         """Send a room command to the broker that owns ``room``."""
 
@@ -112,6 +116,9 @@ class LocalBackplane:
         owners_changed: Callable[[], None],
     ) -> None:
         self._edge_id, self._inbox = edge_id, inbox
+
+    def on_home_moved(self, forget: Callable[[str], object]) -> None:
+        """One process, one region: no home moves."""
 
     def _dispatch(self, outbound: list[tuple[str, Envelope]]) -> None:
         assert self._inbox is not None, "connect() an edge first"

@@ -50,6 +50,13 @@ class RemoteBrokers(RemoteTier):
             for room, envelope in pending:
                 self.send(room, envelope)  # held again if its owner is not linked yet
 
+    def drop_pending(self) -> None:
+        """The region is lost: what waits for it is dropped (counted); the edge resends
+        every request, to the room's home as it is then."""
+        if self._pending:
+            metrics.CROSS_REGION_DROPPED.labels(self.region).inc(len(self._pending))
+            self._pending.clear()
+
     def send(self, room: str, envelope: Envelope) -> None:
         """To the room's owner in this region, or held until one is known."""
         link = self.owner_of(room)

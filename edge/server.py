@@ -202,6 +202,7 @@ class EdgeServer:
         #: The server API on this HTTP port (``edge.server_api``, docs/server-api.md).
         self.api = ServerApi(self, ApiKeys(self._verifier))
         backplane.connect(self.edge_id, self.receive, self.sync_state, self.owners_changed)
+        backplane.on_home_moved(lambda room: self.core.terms.pop(room, None))
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection
 
 import msgspec
@@ -57,6 +57,10 @@ FIRST_DISCOVERY_TIMEOUT = 15.0
 #: come from clients, so an unbounded memo would grow with every name ever tried).
 MAX_CACHED_OWNERS = 100_000
 
+#: Presence commands held while no presence node is known (an edge just started, its
+#: presence view not read yet); past it the oldest is dropped (counted).
+MAX_PRESENCE_HELD = 10_000
+
 #: Seat tickets held at once (one per session resumed or started here); past that the
 #: oldest is forgotten (that session's seats then move here only on a newer grant).
 MAX_TICKETS = 200_000
@@ -95,11 +99,22 @@ class ZmqBackplane:
         # With several regions, homes no rule pins are agreed in Consul (first member's).
         self._homes = (
             HomeDirectory(
-                settings.consul_addr, settings.regions, settings.region, settings.consul_token
+                settings.consul_addr,
+                settings.regions,
+                settings.region,
+                settings.consul_token,
+                settings.region_loss_after,
+                self._region_changed,
+                self._home_moved,
             )
             if len(settings.regions) > 1 and settings.consul_addr
             else None
         )
+        self._forget_term: Callable[[str], object] = lambda _room: None
+        #: (user, command) for presence while no presence node is known: sent once one is
+        #: (a session resumed on its token announces itself so, and its seat ticket comes
+        #: back with the answer: without it its seats could never move here).
+        self._presence_held: deque[tuple[str, Envelope]] = deque()
         #: session -> (conn, presence's seat ticket for it on this edge), from the grants
         #: presence sends (``ClaimReply``); sent with the commands that move seats here.
         self._tickets: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
@@ -140,6 +155,26 @@ class ZmqBackplane:
         self._edge_id, self._inbox, self._snapshot = edge_id, inbox, snapshot
         self._owners_changed = owners_changed
 
+    def on_home_moved(self, forget: Callable[[str], object]) -> None:
+        self._forget_term = forget
+
+    def _home_moved(self, room: str) -> None:
+        self._forget_term(room)
+        self._owners.pop(room, None)
+
+    def _fenced(self, region: str, envelope: Envelope) -> bool:
+        """Whether ``envelope`` is about a room that region's brokers no longer serve for
+        this edge: its home moved (re-homed after a loss) to another region. Dropped (a
+        former home back from the dead must reach nobody)."""
+        room = getattr(envelope, "room", "")
+        if not room or self._homes is None:
+            return False
+        home = self._homes.believed(room)
+        if home is None or home == region:
+            return False
+        metrics.DELIVERIES_DROPPED.labels("former_home").inc()
+        return True
+
     def _link(
         self, endpoint: str, kind: str, dial: str | None = None, region: str | None = None
     ) -> DealerLink:
@@ -151,7 +186,14 @@ class ZmqBackplane:
 
             def inbox(envelope: Envelope, deliver: Inbox = self._inbox) -> None:
                 arrived.inc()
-                deliver(envelope)
+                if not self._fenced(region, envelope):
+                    deliver(envelope)
+        elif self._homes is not None and kind == "broker":
+            here = self.settings.region
+
+            def inbox(envelope: Envelope, deliver: Inbox = self._inbox) -> None:
+                if not self._fenced(here, envelope):
+                    deliver(envelope)
 
         link = DealerLink(
             self._context,
@@ -222,6 +264,10 @@ class ZmqBackplane:
             link = self.presence.get(node)
             if link is not None:
                 self._sync_presence(link)
+        if placing and self._presence_held:
+            held, self._presence_held = self._presence_held, deque()
+            for user, command in held:
+                self.to_presence(user, command)
 
     @property
     def presence_term(self) -> int:
@@ -326,6 +372,17 @@ class ZmqBackplane:
         if remote is None:
             remote = self._remote[home] = self._follow_region(home)
         return remote
+
+    def _region_changed(self, region: str, change: str) -> None:
+        """Another region was lost (its rooms are re-homed) or is back (homes are read
+        again): what waits for its brokers is dropped (the edge resends every request, to
+        the room's home as it is then), and every session's rooms are re-announced."""
+        remote = self._remote.get(region)
+        if remote is not None and change == "lost":
+            remote.drop_pending()
+            remote.renew_links()  # what is queued for its brokers must never reach them
+        self._owners.clear()
+        self._owners_changed()
 
     def _follow_region(self, region: str) -> RemoteBrokers:
         log.info("following region %s's brokers for the rooms homed there", region)
@@ -456,6 +513,8 @@ class ZmqBackplane:
             link = self.owner_of(room)
             if link is not None:  # else: the attach is resent until every room answered
                 mine[link.endpoint][room] = position
+            elif self._homes is not None and self._home_region(room) is None:
+                self._homes.resolve(room, lambda _home: None)  # known by the resend
         held = self._tickets.get(session)
         ticket = held[1] if held is not None and held[0] == conn else b""
         for broker_id, link in links.items():
@@ -465,6 +524,11 @@ class ZmqBackplane:
         link = self.presence_owner(user)
         if link is not None:
             link.send(command)
+            return
+        if len(self._presence_held) >= MAX_PRESENCE_HELD:
+            self._presence_held.popleft()
+            metrics.PRESENCE_HELD_DROPPED.inc()
+        self._presence_held.append((user, command))
 
     def broker_ids(self) -> list[str]:
         return list(self._live_ids)
@@ -484,6 +548,8 @@ class ZmqBackplane:
             link.start()
         if self.settings.consul_addr:
             await self._discover(self.settings.consul_addr)
+        if self._homes is not None:
+            self._homes.start()
 
     async def _discover(self, address: str) -> None:
         """Follow brokers and presence in Consul; wait (bounded) for the first brokers."""

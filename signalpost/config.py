@@ -122,6 +122,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     wan_advertise: str | None = None  # the endpoint nodes of other regions dial this node at
     room_homes: list[str] = []  # "pattern=region" rules pinning rooms' home regions
     regions: list[str] = []  # every region of the deployment (the same list everywhere)
+    region_loss_after: PositiveSeconds = 5.0  # no broker of a region in Consul: it is lost
 
     def __post_init__(self) -> None:
         parse_home_rules(self.room_homes)  # a bad rule is refused at load, naming it
@@ -233,6 +234,11 @@ MEANINGS: Final = {
         "every region of the deployment, the same list on every node; with two or more, a "
         "room no `room_homes` rule pins is homed in its first member's region, agreed in "
         "the Consul of the room's arbiter region (docs/multi-region.md)"
+    ),
+    "region_loss_after": (
+        "seconds an edge's Consul agent names no passing broker of another region before "
+        "that region counts as lost and the rooms homed there (not pinned by `room_homes`) "
+        'are re-homed, by check-and-set in Consul (docs/multi-region.md, "Region loss")'
     ),
     "room_homes": (
         "rules pinning rooms to home regions, `pattern=region` (shell-style pattern on the room "

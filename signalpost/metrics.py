@@ -53,7 +53,8 @@ DELIVERIES_DROPPED = Counter(
     "signalpost_deliveries_dropped",
     "Room events an edge did not write: a copy (duplicate), something missing before it "
     "(gap, resent by the owner), a room the session is not in here (unknown_room), of "
-    "another epoch than the session's (other_epoch), or from a deposed owner (stale_term)",
+    "another epoch than the session's (other_epoch), from a deposed owner (stale_term), or "
+    "about a room from a region that is no longer its home (former_home)",
     ["reason"],
 )
 REQUESTS_RESENT = Counter(
@@ -122,6 +123,11 @@ CROSS_REGION_ENVELOPES = Counter(
     "region: the traffic of its clients in rooms homed there; 0 while every room an edge "
     "serves is homed in its own region",
     ["region", "direction"],
+)
+PRESENCE_HELD_DROPPED = Counter(
+    "signalpost_presence_held_dropped",
+    "Presence commands an edge dropped while no presence node was known yet and "
+    "MAX_PRESENCE_HELD were already held (the oldest goes; claims are resent)",
 )
 CROSS_REGION_DROPPED = Counter(
     "signalpost_cross_region_dropped",

@@ -85,6 +85,15 @@ class RemoteTier:
                 self._dialled[node_id] = address
         self.placement_changed()
 
+    def renew_links(self) -> None:
+        """Close every link to the region (what waits in them is dropped: a node that
+        comes back must not get it) and dial again."""
+        for link in self.links.values():
+            asyncio.get_running_loop().create_task(link.close())
+        self.links.clear()
+        self._dialled.clear()
+        self._relink()
+
     def placement_changed(self) -> None:
         """Links came up or went down, or the view changed: place keys again."""
         if self.view is not None:

@@ -45,7 +45,12 @@ one monotonic clock (all clients live in the harness process):
   nothing (guarantee 2).
 
 Exemptions: a target that got ``recovered: false`` for a room is exempt for that room's
-signals sent before that point; a signal that was not acked may be missing.
+signals sent before that point; a signal that was not acked may be missing. A
+``recovered: false`` without a position says the session is no member of the room any
+more (the room was lost with every broker that held it, as when its whole home region is
+killed, and came back without it): the client joins again (``RejoinLog``), and until that
+join is answered its own signals refused ``not_in_room``, the signals naming it refused
+``unknown_peer`` and the room's signals it misses are exempt (it was told).
 """
 
 from __future__ import annotations
@@ -189,6 +194,19 @@ class RecoveryLog:
     at: float
     recovered: bool
     conn: int
+    #: False: no position came with it, the session is not a member of the room any more
+    #: (the room was lost with every broker that held it: a region kill), and rejoins.
+    member: bool = True
+
+
+@dataclass(slots=True, frozen=True)
+class RejoinLog:
+    """A join, answered ``joined``, after ``recovered: false`` said the client was not a
+    member of the room any more."""
+
+    client: str
+    room: str
+    at: float
 
 
 @dataclass(slots=True, frozen=True)
@@ -229,6 +247,7 @@ class Journal:
     connections: list[ConnectionLog] = field(default_factory=list)
     recoveries: list[RecoveryLog] = field(default_factory=list)
     departures: list[DepartureLog] = field(default_factory=list)
+    rejoins: list[RejoinLog] = field(default_factory=list)
     faults: list[FaultLog] = field(default_factory=list)
     notes: list[tuple[float, str, str]] = field(default_factory=list)  # (time, client, text)
 
@@ -295,6 +314,9 @@ class _Index:
         self.connections: dict[str, list[ConnectionLog]] = defaultdict(list)
         for connection in sorted(journal.connections, key=lambda c: c.number):
             self.connections[connection.client].append(connection)
+        self.rejoins: dict[tuple[str, str], list[float]] = defaultdict(list)
+        for rejoin in sorted(journal.rejoins, key=lambda r: r.at):
+            self.rejoins[(rejoin.client, rejoin.room)].append(rejoin.at)
         self.refused_from: dict[str, float] = {}  # client -> when its session was lost
         for client, connections in self.connections.items():
             for before, after in itertools.pairwise(connections):
@@ -306,10 +328,26 @@ class _Index:
         refused = self.refused_from.get(target)
         if refused is not None and (signal.acked_at or signal.sent_at) >= refused:
             return True
-        return any(
+        return self.out_of_room(target, signal.room, signal.sent_at) or any(
             not r.recovered and r.at > signal.sent_at
             for r in self.recoveries[(target, signal.room)]
         )
+
+    def out_of_room(self, client: str, room: str, at: float) -> bool:
+        """Whether ``client`` was told it was no member of ``room`` any more (``recovered:
+        false`` without a position) after ``at``, or before ``at`` and had not joined
+        again by then (the join's answer). Without a join after it, only the time before
+        the telling counts."""
+        rejoins = self.rejoins[(client, room)]
+        for recovery in self.recoveries[(client, room)]:
+            if recovery.member or recovery.recovered:
+                continue
+            if at < recovery.at:
+                return True
+            later = bisect.bisect_left(rejoins, recovery.at)
+            if later < len(rejoins) and at < rejoins[later]:
+                return True
+        return False
 
     def owed_replay(self, signal: SentSignal, target: str, recovery: RecoveryLog) -> bool:
         """Whether the resume that ended in ``recovery`` asked for ``signal`` to be replayed.
@@ -484,8 +522,12 @@ def _losses(index: _Index) -> tuple[int, int, list[Violation]]:
 def _member_refusals(index: _Index) -> Iterable[Violation]:
     for signal in index.journal.signals:
         if signal.refused == "not_in_room":
+            if index.out_of_room(signal.sender, signal.room, signal.sent_at):
+                continue  # it was told its membership was gone (and joined again after)
             what = f"{signal.sender} is a member of {signal.room}"
         elif signal.refused == "unknown_peer" and signal.to not in index.refused_from:
+            if signal.to is not None and index.out_of_room(signal.to, signal.room, signal.sent_at):
+                continue
             what = f"{signal.to} is a member of {signal.room}"
         else:
             continue

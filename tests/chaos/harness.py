@@ -26,6 +26,13 @@ every room has members in both regions. The faults add ``region_kill`` and ``wan
 (its rooms homed there go on, those homed in the dead region are refused or unanswered
 until it is back: counted, not violations) and moves home when its region is back.
 
+With ``--rehome`` too, no rule pins the rooms: the clients of a room's named region join
+first (so it is homed in its first member's region, agreed in Consul, as named), and
+``region_loss_after`` is 2 s: a ``region_kill`` (3-6 s down) re-homes the rooms homed in
+the killed region in the other one, and they stay there when it is back
+(docs/multi-region.md, "Region loss"). The counts per home region are by the rooms' first
+homes.
+
 Everything is bounded in time; the cluster and the clients are stopped at the end
 whatever happens. The same seed gives the same rooms, clients and fault sequence (the
 timing of a real cluster still differs from run to run).
@@ -59,6 +66,10 @@ SETTLE_CALM = 3.0
 MARKER_ATTEMPTS = 3
 
 
+#: ``region_loss_after`` with ``--rehome``: below ``REGION_DOWN``'s shortest outage.
+REHOME_LOSS_AFTER = 2.0
+
+
 @dataclass(frozen=True, slots=True)
 class ChaosConfig:
     """One run's parameters."""
@@ -81,13 +92,15 @@ class ChaosConfig:
     weights: dict[str, int] = field(default_factory=lambda: dict(FAULT_WEIGHTS))
     regions: tuple[str, ...] = ()  # with two or more: the two-region cluster (see above)
     wan_delay: str = "40ms"
+    rehome: bool = False  # rooms not pinned: homed by their first member, re-homed on a loss
     #: An app backend publishing into every room through the server API (``api_publisher``),
     #: one publish at a time per room, every ``api_interval`` seconds.
     api_publish: bool = True
     api_interval: tuple[float, float] = (0.3, 1.0)
 
     def home_of(self, room: str) -> str:
-        """The region a room is pinned to ("" without regions)."""
+        """The region a room is pinned to, or (``rehome``) first homed in ("" without
+        regions)."""
         region = room.split("-", 1)[0]
         return region if region in self.regions else ""
 
@@ -124,6 +137,10 @@ class Report:
             "deliveries checked": self.verdict.deliveries_checked,
             "deliveries exempt": self.verdict.exempt,
             "resumes": sum(c.number > 1 for c in self.journal.connections),
+            "memberships lost with their room (recovered: false, no position)": sum(
+                not r.member and not r.recovered for r in self.journal.recoveries
+            ),
+            "joins again after that": len(self.journal.rejoins),
             "faults injected": len(self.journal.faults),
             "violations": len(self.verdict.violations),
         }
@@ -228,8 +245,10 @@ async def run(config: ChaosConfig, *, out: Callable[[str], None] = print) -> Rep
         return f"t={clock() - journal.t0:.1f}"
 
     env = {"SIGNALPOST_ROOM_CAPACITY": str(config.clients)}
-    if config.regions:
+    if config.regions and not config.rehome:
         env["SIGNALPOST_ROOM_HOMES"] = ",".join(f"{r}-*={r}" for r in config.regions)
+    elif config.rehome:
+        env["SIGNALPOST_REGION_LOSS_AFTER"] = str(REHOME_LOSS_AFTER)
     cluster = ChaosCluster(
         workdir,
         edges=config.edges,
@@ -281,6 +300,8 @@ async def run(config: ChaosConfig, *, out: Callable[[str], None] = print) -> Rep
             order = [broker_ids[b] for b in ranking(room, brokers)]
             out(f"  {room}: owner {order[0]}, runner-up {order[1]}; {[c.name for c in in_room]}")
         await asyncio.gather(*(c.connect() for c in clients))
+        if config.rehome:  # the named region's members first: the room is homed there
+            await asyncio.gather(*(c.join_rooms(first_of=c.edges[c.home].region) for c in clients))
         await asyncio.gather(*(c.join_rooms() for c in clients))
         out(f"{elapsed()} {len(clients)} clients joined {len(members)} rooms")
 
@@ -406,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         "--regions", default="", help="e.g. eu,us: a cluster of those regions (see above)"
     )
     parser.add_argument("--wan-delay", default="40ms", help="one-way WAN delay (--regions)")
+    parser.add_argument(
+        "--rehome",
+        action="store_true",
+        help="with --regions: rooms not pinned, re-homed when their region is killed",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temp dir")
     parser.add_argument("--show", type=int, default=10, help="violations printed per kind")
     parser.add_argument(
@@ -443,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         weights={k: available[k] for k in kinds},
         regions=regions,
         wan_delay=args.wan_delay,
+        rehome=args.rehome and bool(regions),
         api_publish=not args.no_api,
     )
     try:

@@ -15,6 +15,7 @@ from tests.chaos.checker import (
     Kind,
     Reception,
     RecoveryLog,
+    RejoinLog,
     SentSignal,
     check,
     undelivered,
@@ -229,3 +230,40 @@ def test_the_room_plan_shares_every_room(seed: int) -> None:
     for room in (f"room-{i}" for i in range(1, 9)):
         assert sum(room in rooms for rooms in plan.values()) >= 3
     assert plan == plan_rooms(random.Random(seed), 16, 8)  # a seed replays
+
+
+def test_a_member_told_it_lost_its_room_is_excused_until_it_joined_again() -> None:
+    """``recovered: false`` without a position (its room was lost with every broker that
+    held it): refusals and misses are excused until its join again is answered, not
+    after, and not without that join."""
+
+    def story_with(rejoined: bool) -> Story:
+        story = Story()
+        refused = story.send(1, acked=False)  # carol is not in the room that came back
+        refused.refused = "not_in_room"
+        refused.sender = "carol"
+        named = story.send(2, acked=False, to="carol")
+        named.refused = "unknown_peer"
+        story.send(3)  # acked: carol misses it, bob gets it
+        story.receive("bob", 3)
+        story.now += 0.1
+        story.journal.recoveries.append(RecoveryLog("carol", "r", story.now, False, 1, False))
+        story.send(4)  # before her join again is answered: excused
+        story.receive("bob", 4)
+        if rejoined:
+            story.now += 0.1
+            story.journal.rejoins.append(RejoinLog("carol", "r", story.now))
+        story.send(5)  # after it: judged
+        story.receive("bob", 5)
+        return story
+
+    assert story_with(rejoined=True).kinds() == ["lost"]  # #5 only
+    # Without a join again, only what came before the telling is excused.
+    assert sorted(story_with(rejoined=False).kinds()) == ["lost", "lost"]  # #4 and #5
+    # A recovered: false with a position excuses misses before it, not refusals.
+    story = Story()
+    refused = story.send(1, acked=False)
+    refused.refused = "not_in_room"
+    story.now += 0.1
+    story.journal.recoveries.append(RecoveryLog("alice", "r", story.now, False, 1, True))
+    assert story.kinds() == ["member_refused"]

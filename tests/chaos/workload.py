@@ -43,6 +43,7 @@ from tests.chaos.checker import (
     Journal,
     Reception,
     RecoveryLog,
+    RejoinLog,
     SentSignal,
 )
 from tests.helpers import token
@@ -50,6 +51,9 @@ from tests.helpers import token
 log = logging.getLogger("signalpost.chaos")
 
 Clock = Callable[[], float]
+
+#: Joins a client tries when the cluster said it is no member of a room any more.
+REJOIN_TRIES = 10
 
 #: Reconnect delays: the first attempt is at once, then doubling up to the cap.
 RECONNECT_FIRST = 0.05
@@ -121,6 +125,8 @@ class ChaosClient:
     _seqs: dict[str, int] = field(default_factory=dict)
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _reconnecting: asyncio.Task[None] | None = None
+    _rejoining: set[str] = field(default_factory=set)
+    _rejoin_tasks: set[asyncio.Task[None]] = field(default_factory=set)
     stopping: bool = False  # the run is over: no reconnects, no notes
 
     # ----------------------------------------------------------------- lifecycle
@@ -162,6 +168,8 @@ class ChaosClient:
     async def close(self) -> None:
         """End the session (close 1000) and close every connection still open."""
         self.stopping = True
+        for task in list(self._rejoin_tasks):
+            task.cancel()
         if self._reconnecting is not None:
             self._reconnecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -340,11 +348,26 @@ class ChaosClient:
                     )
                 )
         elif kind == "recovered":
+            member = "epoch" in frame
             self.journal.recoveries.append(
                 RecoveryLog(
-                    self.name, frame["room"], now, bool(frame["recovered"]), link.log.number
+                    self.name,
+                    frame["room"],
+                    now,
+                    bool(frame["recovered"]),
+                    link.log.number,
+                    member,
                 )
             )
+            room = frame["room"]
+            if not member and room in self.rooms and not self.stopping:
+                # Its room was lost with every broker that held it: join it again.
+                self.positions.pop(room, None)
+                if room not in self._rejoining:
+                    self._rejoining.add(room)
+                    task = asyncio.create_task(self._rejoin(room), name=f"rejoin-{self.name}")
+                    self._rejoin_tasks.add(task)
+                    task.add_done_callback(self._rejoin_tasks.discard)
         elif kind in _REPLIES and "id" in frame:
             self._on_reply(frame, now)
         elif kind == "error":
@@ -435,9 +458,31 @@ class ChaosClient:
                     except ConnectionClosed:
                         return  # the reader starts the resume, which resends
 
-    async def join_rooms(self) -> None:
-        """Join every room of the client; remember each room's position."""
+    async def _rejoin(self, room: str) -> None:
+        """Join ``room`` again (the cluster said the session is no member of it any more),
+        trying for up to ``REJOIN_TRIES`` request timeouts."""
+        try:
+            for _ in range(REJOIN_TRIES):
+                reply = await self.request({"type": "join", "room": room})
+                if reply is not None and reply.get("type") == "joined":
+                    self.positions[room] = (reply["epoch"], reply["offset"])
+                    self.journal.rejoins.append(RejoinLog(self.name, room, self.clock()))
+                    return
+                if self.lost or self.stopping:
+                    return
+                await asyncio.sleep(0.5)
+            self.journal.note(self.clock(), self.name, f"could not join {room} again")
+        finally:
+            self._rejoining.discard(room)
+
+    async def join_rooms(self, first_of: str | None = None) -> None:
+        """Join every room of the client (not joined yet; ``first_of``: only the rooms
+        named after that region, ``<region>-room-N``); remember each room's position."""
         for room in self.rooms:
+            if room in self.positions:
+                continue
+            if first_of is not None and not room.startswith(f"{first_of}-"):
+                continue
             reply = await self.request({"type": "join", "room": room})
             if reply is None or reply.get("type") != "joined":
                 raise RuntimeError(f"{self.name} could not join {room}: {reply}")

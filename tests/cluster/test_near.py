@@ -115,7 +115,7 @@ async def test_near_things_first_across_two_regions(cluster_factory: ClusterFact
             assert not [e for e in bob.pending_events() if isinstance(e, PeerLeft)]
             joined = await alice.join("eu-after")
             assert joined["room"] == "eu-after"
-            # A room homed in the dead region is not served (no re-homing yet): its
-            # requests wait for that region and time out.
+            # A room pinned to the dead region is not served (pinned rooms are not
+            # re-homed): its requests wait for that region and time out.
             with pytest.raises(RequestTimeout):
                 await alice.signal("us-room", {"n": 1})

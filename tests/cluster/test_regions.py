@@ -8,7 +8,9 @@ one region find the other's through Consul and reach them only through the emula
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import signal
 import socket
 import time
 import urllib.request
@@ -16,8 +18,11 @@ from typing import Any
 
 import pytest
 
-from signalpost.client import PeerJoined, SignalEvent, SignalpostClient
+from signalpost.client import PeerJoined, Recovered, Resumed, SignalEvent, SignalpostClient
+from signalpost.homes import home_key
+from signalpost.rehoming import arbiters
 from tests.binaries import require_binary, require_module
+from tests.chaos.faults import ChaosCluster
 from tests.cluster.conftest import Cluster, ClusterFactory
 from tests.helpers import load_aiortc_example, token
 
@@ -230,3 +235,188 @@ async def test_a_webrtc_call_across_regions_signals_through_the_rooms_home(
     # The caller joined first from eu: the room is homed there; only bob's edge crossed.
     assert _cross_region(eu_edge).get(("us", "out"), 0) == 0
     assert _cross_region(us_edge)[("eu", "out")] > 0
+
+
+#: ``region_loss_after`` in the re-homing test (the default is 5 s).
+LOSS_AFTER = 2.0
+#: What the test allows from the kill to the re-homed room serving: the loss's detection
+#: (``LOSS_AFTER`` plus one look, 1 s), the check-and-set, the re-announcement, slack for
+#: two shared cores.
+REHOME_BOUND = LOSS_AFTER + 6.0
+
+
+def _home_record(consul_url: str, room: str) -> Any:
+    entries = _consul_get(f"{consul_url}/v1/kv/{home_key(room)}")
+    return json.loads(base64.b64decode(entries[0]["Value"]))
+
+
+async def test_rooms_homed_in_a_lost_region_are_rehomed_and_its_return_does_not_flap(
+    tmp_path: Any,
+) -> None:
+    require_binary("consul")
+    cluster = ChaosCluster(
+        tmp_path,
+        edges=1,
+        brokers=1,
+        presence=1,
+        env={"SIGNALPOST_REGION_LOSS_AFTER": str(LOSS_AFTER), "SIGNALPOST_ROOM_CAPACITY": "4"},
+        regions=("eu", "us"),
+        wan_delay="40ms",
+    )
+    cluster.launch()
+    try:
+        await cluster.ready()
+        await _rehome_and_come_back(cluster)
+    finally:
+        await cluster.stop()
+
+
+async def _rehome_and_come_back(cluster: ChaosCluster) -> None:
+    (eu_edge,) = [p["url"] for p in cluster.in_region("eu", "edge")]
+    (us_edge,) = [p["url"] for p in cluster.in_region("us", "edge")]
+    (eu_consul,) = cluster.in_region("eu", "consul")
+    (us_consul,) = cluster.in_region("us", "consul")
+    # Homed in eu (its first member is there) and arbitered by eu: its record dies with
+    # eu's Consul, the hardest case. "stays" is homed in us, arbitered by eu too.
+    rooms = (f"room-{n}" for n in range(1000) if arbiters(f"room-{n}", ["eu", "us"])[0] == "eu")
+    lost_room, stays = next(rooms), next(rooms)
+    both = {"eu": [eu_edge], "us": [us_edge]}
+    async with (
+        SignalpostClient(both, token("alice"), request_timeout=2.0) as alice,
+        SignalpostClient(us_edge, token("bob"), request_timeout=2.0) as bob,
+    ):
+        await alice.join(lost_room)
+        await bob.join(lost_room)
+        await bob.join(stays)
+        await alice.next_event(PeerJoined)
+        assert alice.session is not None and bob.session is not None
+        await alice.signal(lost_room, {"n": 0}, to=bob.session)
+        assert (await bob.next_event(SignalEvent)).data == {"n": 0}
+        assert _home_record(eu_consul["url"], lost_room) == {"home": "eu", "term": 1}
+        # A copy of each record is kept at the next arbiter (us).
+        assert _home_record(us_consul["url"], lost_room) == {"home": "eu", "term": 1}
+        assert _home_record(us_consul["url"], stays) == {"home": "us", "term": 1}
+
+        # Every process of eu dies (Consul and relay included); nothing restarts it yet.
+        cluster.reload()
+        nodes = [p for p in cluster.in_region("eu") if p["kind"] != "consul"]
+        cluster.pause_launcher(True)
+        old = {p["id"]: cluster.signal(p["id"], signal.SIGKILL) for p in nodes}
+        await cluster.kill_consul(eu_consul["id"])
+        killed = time.monotonic()
+
+        # bob's edge lives: re-homed in us, the room answers his re-announcement with
+        # recovered: false, and he is still in it.
+        event = await bob.next_event(Recovered, timeout=REHOME_BOUND + 5)
+        bob_back = time.monotonic() - killed
+        assert (event.room, event.recovered) == (lost_room, False)
+        assert event.epoch is not None  # still a member, in the room's new epoch
+        # alice's edge died: her SDK falls back to us, resumes, and is told the same.
+        resumed = await alice.next_event(Resumed, timeout=REHOME_BOUND + 5)
+        assert resumed.resumed and resumed.session == alice.session
+        event = await alice.next_event(Recovered, timeout=REHOME_BOUND + 5)
+        alice_back = time.monotonic() - killed
+        assert (event.room, event.recovered) == (lost_room, False)
+        await alice.join(lost_room)  # her seat was in the lost room's old epoch: again
+        await bob.next_event(PeerJoined)
+        await alice.signal(lost_room, {"n": 1}, to=bob.session)
+        assert (await bob.next_event(SignalEvent)).data == {"n": 1}
+        served = time.monotonic() - killed
+        print(
+            f"\nre-homing after a region kill (region_loss_after {LOSS_AFTER} s): "
+            f"bob (living edge) recovered:false after {bob_back:.2f} s, alice (resumed "
+            f"in us) after {alice_back:.2f} s, a signal through the re-homed room after "
+            f"{served:.2f} s"
+        )
+        assert bob_back < REHOME_BOUND and alice_back < REHOME_BOUND
+        assert bob_back >= LOSS_AFTER  # decided on the loss, not on a first silence
+        assert _home_record(us_consul["url"], lost_room) == {"home": "us", "term": 2}
+        # "stays" (homed in the living region) never moved.
+        await bob.signal(stays, {"n": 1})
+        assert not [e for e in bob.pending_events() if isinstance(e, Recovered)]
+
+        # eu comes back: a fresh Consul (no data: its records are gone) and fresh nodes.
+        assert await cluster.start_consul(eu_consul["id"])
+        cluster.pause_launcher(False)
+        assert all(
+            await asyncio.gather(*(cluster.wait_restarted(n, pid) for n, pid in old.items()))
+        )
+        cluster.reload()
+        (eu_edge,) = [p["url"] for p in cluster.in_region("eu", "edge")]
+        # A newcomer on eu's edge reaches the rooms where they are now: nothing flapped
+        # back to eu, whatever eu's empty Consul says.
+        async with SignalpostClient(eu_edge, token("carol"), request_timeout=5.0) as carol:
+            joined = await carol.join(lost_room)
+            assert sorted(m["session"] for m in joined["members"]) == sorted(
+                [alice.session, bob.session]
+            )
+            joined = await carol.join(stays)
+            assert [m["session"] for m in joined["members"]] == [bob.session]
+            assert carol.session is not None
+            for n in range(2, 6):
+                await alice.signal(lost_room, {"n": n}, to=bob.session)
+                assert (await bob.next_event(SignalEvent)).data == {"n": n}
+                await bob.signal(lost_room, {"n": n}, to=carol.session)
+                assert (await carol.next_event(SignalEvent)).data == {"n": n}
+                await asyncio.sleep(0.5)
+        # The records are back in eu's store, as the newest terms say (written by the
+        # edges that knew them); nobody was told recovered: false again.
+        assert _home_record(eu_consul["url"], lost_room) == {"home": "us", "term": 2}
+        assert _home_record(eu_consul["url"], stays) == {"home": "us", "term": 1}
+        for client in (alice, bob):
+            assert not [e for e in client.pending_events() if isinstance(e, Recovered)]
+
+
+async def test_a_region_cut_off_from_its_consul_converges_on_one_home_when_it_is_back(
+    tmp_path: Any,
+) -> None:
+    """eu's Consul alone dies (its nodes live): us cannot tell it from a lost region and
+    re-homes eu's rooms, while eu's edges, blind, keep them (two homes). When eu's Consul
+    is back (empty), every edge reads the records again and follows the newest: the
+    room has one home, in us, and its eu member is told ``recovered: false``."""
+    require_binary("consul")
+    cluster = ChaosCluster(
+        tmp_path,
+        edges=1,
+        brokers=1,
+        presence=1,
+        env={"SIGNALPOST_REGION_LOSS_AFTER": str(LOSS_AFTER)},
+        regions=("eu", "us"),
+        wan_delay="40ms",
+    )
+    cluster.launch()
+    try:
+        await cluster.ready()
+        (eu_edge,) = [p["url"] for p in cluster.in_region("eu", "edge")]
+        (us_edge,) = [p["url"] for p in cluster.in_region("us", "edge")]
+        (eu_consul,) = cluster.in_region("eu", "consul")
+        room = next(
+            f"room-{n}" for n in range(1000) if arbiters(f"room-{n}", ["eu", "us"])[0] == "eu"
+        )
+        async with (
+            SignalpostClient(eu_edge, token("alice"), request_timeout=2.0) as alice,
+            SignalpostClient(us_edge, token("bob"), request_timeout=2.0) as bob,
+        ):
+            await alice.join(room)  # homed in eu
+            await bob.join(room)
+            await alice.next_event(PeerJoined)
+            assert alice.session is not None and bob.session is not None
+            await cluster.kill_consul(eu_consul["id"])
+            # us re-homes the room: bob is told, and stays a member there.
+            event = await bob.next_event(Recovered, timeout=LOSS_AFTER + 8)
+            assert (event.room, event.recovered) == (room, False) and event.epoch is not None
+            assert not [e for e in alice.pending_events() if isinstance(e, Recovered)]
+            # eu's Consul comes back (empty): alice's edge follows the newest record.
+            assert await cluster.start_consul(eu_consul["id"])
+            event = await alice.next_event(Recovered, timeout=20)
+            assert (event.room, event.recovered) == (room, False) and event.epoch is not None
+            for n in range(3):
+                await alice.signal(room, {"n": n}, to=bob.session)
+                assert (await bob.next_event(SignalEvent)).data == {"n": n}
+                await bob.signal(room, {"n": n}, to=alice.session)
+                assert (await alice.next_event(SignalEvent)).data == {"n": n}
+            await asyncio.sleep(2)  # nothing flaps afterwards
+            for client in (alice, bob):
+                assert not [e for e in client.pending_events() if isinstance(e, Recovered)]
+    finally:
+        await cluster.stop()
