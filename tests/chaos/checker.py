@@ -82,6 +82,7 @@ class Kind(StrEnum):
     RESUME_REFUSED = "resume_refused"
     MEMBER_REFUSED = "member_refused"
     PEER_LEFT = "peer_left"
+    MEMBERSHIP_LOST = "membership_lost"
 
 
 SignalKey = tuple[str, str, int]  # (sender, room, seq)
@@ -415,10 +416,19 @@ class _Index:
         return lines
 
 
-def check(journal: Journal, *, resume_window: float = 30.0) -> Verdict:
-    """Every violation in ``journal``, and how many deliveries were judged."""
+def check(
+    journal: Journal, *, resume_window: float = 30.0, rooms_may_be_lost: bool = False
+) -> Verdict:
+    """Every violation in ``journal``, and how many deliveries were judged.
+
+    ``rooms_may_be_lost``: the run kills whole regions, so a room can be lost with every
+    broker that held it; otherwise a member told it is no member any more (``recovered:
+    false`` without a position) is a violation (``membership_lost``), though its misses
+    and refusals until it joined again are excused as ever."""
     index = _Index(journal)
     violations: list[Violation] = []
+    if not rooms_may_be_lost:
+        violations += _memberships_lost(index)
     violations += _misdelivered(index)
     violations += _duplicates_and_order(index)
     checked, exempt, missing = _losses(index)
@@ -517,6 +527,24 @@ def _losses(index: _Index) -> tuple[int, int, list[Violation]]:
                 )
             )
     return checked, exempt, violations
+
+
+def _memberships_lost(index: _Index) -> Iterable[Violation]:
+    for recovery in index.journal.recoveries:
+        if recovery.member or recovery.recovered:
+            continue
+        yield Violation(
+            Kind.MEMBERSHIP_LOST,
+            recovery.at,
+            f"{recovery.client} was told it is no member of {recovery.room} any more "
+            f"(recovered: false without a position, conn {recovery.conn}), and no region "
+            "was killed",
+            [
+                f"fault {f.describe(index.journal.t0)}"
+                for f in index.journal.faults
+                if recovery.at - 10 <= f.at <= recovery.at
+            ],
+        )
 
 
 def _member_refusals(index: _Index) -> Iterable[Violation]:

@@ -368,7 +368,8 @@ async def run(config: ChaosConfig, *, out: Callable[[str], None] = print) -> Rep
             client.stopping = True
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         await cluster.stop()
-    report = Report(config, journal, check(journal), workdir, markers_missing, errors)
+    verdict = check(journal, rooms_may_be_lost="region_kill" in config.weights)
+    report = Report(config, journal, verdict, workdir, markers_missing, errors)
     (workdir / "report.txt").write_text(report.render() + "\n")
     out(report.render(show=config.show))
     return report

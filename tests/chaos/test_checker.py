@@ -69,8 +69,9 @@ class Story:
         self.now += 0.05
         self.journal.recoveries.append(RecoveryLog(client, "r", self.now, recovered, 2))
 
-    def kinds(self) -> list[str]:
-        return [str(v.kind) for v in check(self.journal).violations]
+    def kinds(self, *, rooms_may_be_lost: bool = False) -> list[str]:
+        verdict = check(self.journal, rooms_may_be_lost=rooms_may_be_lost)
+        return [str(v.kind) for v in verdict.violations]
 
 
 def test_every_acked_signal_delivered_once_in_order_is_clean() -> None:
@@ -257,9 +258,12 @@ def test_a_member_told_it_lost_its_room_is_excused_until_it_joined_again() -> No
         story.receive("bob", 5)
         return story
 
-    assert story_with(rejoined=True).kinds() == ["lost"]  # #5 only
+    assert story_with(rejoined=True).kinds(rooms_may_be_lost=True) == ["lost"]  # #5 only
     # Without a join again, only what came before the telling is excused.
-    assert sorted(story_with(rejoined=False).kinds()) == ["lost", "lost"]  # #4 and #5
+    lost = sorted(story_with(rejoined=False).kinds(rooms_may_be_lost=True))
+    assert lost == ["lost", "lost"]  # #4 and #5
+    # Where no region is killed, losing the membership at all is a violation.
+    assert story_with(rejoined=True).kinds() == ["membership_lost", "lost"]
     # A recovered: false with a position excuses misses before it, not refusals.
     story = Story()
     refused = story.send(1, acked=False)
