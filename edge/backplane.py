@@ -52,6 +52,10 @@ class Backplane(Protocol):
     def to_room_owner(self, room: str, command: Envelope) -> None:
         """Send a room command to the broker that owns ``room``."""
 
+    def propose_home(self, room: str, region: str) -> None:
+        """If ``room`` has no home yet (and no rule pins it), propose ``region`` when its
+        first member's join makes one (a token's ``home`` claim)."""
+
     def to_room_replica(self, room: str, command: Envelope) -> None:
         """Send a command to the runner-up of ``room`` (its successor if the owner dies)."""
 
@@ -124,6 +128,9 @@ class LocalBackplane:
         assert self._inbox is not None, "connect() an edge first"
         for _edge, envelope in outbound:
             self._inbox(envelope)
+
+    def propose_home(self, room: str, region: str) -> None:
+        pass  # one process: one region
 
     def to_room_owner(self, room: str, command: Envelope) -> None:
         assert self._inbox is not None, "connect() an edge first"

@@ -674,6 +674,12 @@ class EdgeServer:
             if not isinstance(hello, Hello):
                 raise Unauthorized("the first frame must be hello")
             identity = await self._verifier.authenticate(hello.token, time.time())
+            regions = self.settings.regions
+            if identity.home is not None and regions and identity.home not in regions:
+                raise Unauthorized(
+                    f"token home claim {identity.home!r} is no region of this deployment "
+                    f"({', '.join(regions)})"
+                )
         except ProtocolError as exc:
             # Whatever the first frame got wrong, nobody gets in without a good hello.
             link.send_texts([_error(Unauthorized(exc.message), request_id_of(exc))])
@@ -911,6 +917,8 @@ class EdgeServer:
                 *self.core.room_order(client, message.room),
             )
             self.core.await_answer(client, seq, command, time.monotonic())
+            if identity.home is not None:
+                self.backplane.propose_home(message.room, identity.home)
             self.backplane.to_room_owner(message.room, command)
         elif isinstance(message, Leave):
             seq = client.next_seq()

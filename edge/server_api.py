@@ -157,6 +157,7 @@ class TokenBody(Struct, forbid_unknown_fields=True):
     ttl: Annotated[int, Meta(ge=1, le=MAX_TOKEN_TTL)] = 3600
     rooms: Annotated[list[RoomName], Meta(max_length=100)] | UnsetType = UNSET
     name: Annotated[str, Meta(min_length=1, max_length=256)] | UnsetType = UNSET
+    home: Annotated[str, Meta(min_length=1, max_length=64)] | UnsetType = UNSET
 
 
 def _given(value: _T | UnsetType) -> _T | None:
@@ -495,6 +496,7 @@ class ServerApi:
             rooms=_given(body.rooms),
             audience=self.settings.jwt_audience,
             name=_given(body.name),
+            home=_given(body.home),
         )
         expires = int(now + body.ttl)
         return ApiResponse(200, encode_json({"token": token, "user": body.user, "exp": expires}))

@@ -360,6 +360,12 @@ def _schemas() -> dict[str, Any]:
                     "items": {"type": "string", "minLength": 1, "maxLength": 128},
                 },
                 "name": {"type": "string", "minLength": 1, "maxLength": 256},
+                "home": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 64,
+                    "description": "the region of the rooms the client opens (multi-region)",
+                },
             },
             "example": {"user": "alice", "ttl": 600, "rooms": ["lobby"]},
         },

@@ -447,6 +447,13 @@ class ZmqBackplane:
 
     # ----------------------------------------------------------------- Backplane
 
+    def propose_home(self, room: str, region: str) -> None:
+        if self._homes is None or region not in self.settings.regions:
+            return
+        if self._home_rules and pinned_home(room, self._home_rules) is not None:
+            return  # a rule decides
+        self._homes.propose(room, region)
+
     def to_room_owner(self, room: str, command: Envelope) -> None:
         if type(command) is not SignalCmd:  # (a signal never moves a seat)
             command = self._ticketed(command)

@@ -212,13 +212,16 @@ class AdminClient:
         ttl: int = 3600,
         rooms: list[str] | None = None,
         name: str | None = None,
+        home: str | None = None,
     ) -> str:
-        """A client token for ``user``."""
+        """A client token for ``user`` (``home``: the region of the rooms it opens)."""
         body: dict[str, Any] = {"user": user, "ttl": ttl}
         if rooms:
             body["rooms"] = rooms
         if name:
             body["name"] = name
+        if home:
+            body["home"] = home
         answer = self.request("POST", "/v1/api/tokens", body)
         token: str = answer["token"]
         return token

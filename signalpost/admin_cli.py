@@ -97,7 +97,11 @@ def _run(args: argparse.Namespace) -> None:
     elif action == "kick":
         _print(api.kick(args.user, args.session, args.reason))
     elif action == "token":
-        print(api.mint_token(args.user, ttl=args.ttl, rooms=args.room or None, name=args.name))
+        print(
+            api.mint_token(
+                args.user, ttl=args.ttl, rooms=args.room or None, name=args.name, home=args.home
+            )
+        )
 
 
 def add_api_parser(commands: Any) -> None:
@@ -152,3 +156,4 @@ def add_api_parser(commands: Any) -> None:
     token.add_argument("--ttl", type=int, default=3600)
     token.add_argument("--room", action="append", help="grant a room (or prefix*); repeatable")
     token.add_argument("--name")
+    token.add_argument("--home", help="region of the rooms this client opens (regions)")

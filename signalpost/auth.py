@@ -32,6 +32,9 @@ class Identity:
     rooms: tuple[str, ...] | None  # None: any room
     name: str | None
     meta: dict[str, Any] | None
+    #: The region where rooms this client is the first member of are homed (the ``home``
+    #: claim, docs/multi-region.md); None: its edge's region.
+    home: str | None = None
 
     def may_join(self, room: str) -> bool:
         """True when the token grants ``room`` (exact name or a ``prefix*`` pattern)."""
@@ -190,11 +193,15 @@ def _identity_from_claims(claims: dict[str, Any]) -> Identity:
         raise Unauthorized("token rooms claim must be a list of room names")
     name = claims.get("name")
     meta = claims.get("meta")
+    home = claims.get("home")
+    if home is not None and (not isinstance(home, str) or not home or len(home) > 64):
+        raise Unauthorized("token home claim must be a region name")
     return Identity(
         user=user,
         rooms=tuple(rooms) if rooms is not None else None,
         name=name if isinstance(name, str) else None,
         meta=meta if isinstance(meta, dict) else None,
+        home=home,
     )
 
 
@@ -207,8 +214,10 @@ def mint_token(
     rooms: list[str] | None = None,
     audience: str | None = None,
     name: str | None = None,
+    home: str | None = None,
 ) -> str:
-    """Mint an HS256 client token (``signalpost token``, dev page, tests)."""
+    """Mint an HS256 client token (``signalpost token``, dev page, tests); ``home``: the
+    region of the rooms its holder opens (docs/multi-region.md)."""
     claims: dict[str, Any] = {"sub": user, "iat": int(now), "exp": int(now + ttl)}
     if rooms:
         claims["rooms"] = rooms
@@ -216,6 +225,8 @@ def mint_token(
         claims["aud"] = audience
     if name:
         claims["name"] = name
+    if home:
+        claims["home"] = home
     return jwt.encode(claims, secret, algorithm="HS256")
 
 

@@ -81,6 +81,7 @@ def cmd_token(args: argparse.Namespace) -> None:
         rooms=args.room or None,
         audience=settings.jwt_audience,
         name=args.name,
+        home=args.home,
     )
     print(token)
 
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--room", action="append", help="grant a room (or prefix*); repeatable")
     token.add_argument("--ttl", type=float, default=3600.0)
     token.add_argument("--name")
+    token.add_argument("--home", help="region of the rooms this client opens (regions)")
     token.set_defaults(func=cmd_token)
 
     keys = commands.add_parser(

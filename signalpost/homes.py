@@ -112,6 +112,8 @@ class HomeDirectory:
         #: this edge knew, written back to an arbiter that lost it).
         self._unsure: dict[str, HomeRecord] = {}
         self._waiting: dict[str, list[Callable[[str], None]]] = {}
+        #: Regions proposed for rooms whose home is not known yet (``propose``).
+        self._proposed: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         #: This edge's own Consul did not answer a look (it may have missed a re-homing).
         self._blind = False
@@ -138,6 +140,18 @@ class HomeDirectory:
         """The region ``room`` was last known homed in (even if lost or being read again)."""
         record = self.known.get(room) or self._unsure.get(room)
         return None if record is None else record.region
+
+    def propose(self, room: str, region: str) -> None:
+        """Home ``room`` in ``region`` if this edge is the one that writes its first
+        record (a token's ``home`` claim; else the first member's edge's region). Kept
+        until the room's home is read (at most ``MAX_RESOLVING`` proposals: past it the
+        oldest goes, and that room's first record names this edge's region)."""
+        if room in self.known:
+            return
+        self._proposed.pop(room, None)
+        if len(self._proposed) >= MAX_RESOLVING:
+            del self._proposed[next(iter(self._proposed))]
+        self._proposed[room] = region
 
     def resolve(self, room: str, deliver: Callable[[str], None]) -> None:
         home = self.home(room)
@@ -185,6 +199,7 @@ class HomeDirectory:
         if len(self.known) >= MAX_KNOWN_HOMES:
             self.known.clear()
         self._unsure.pop(room, None)
+        self._proposed.pop(room, None)
         self.known[room] = record
         if before is not None and before.region != record.region:
             self._moved(room)
@@ -212,7 +227,8 @@ class HomeDirectory:
             if not fresh:
                 read, indexes, failures = self._read_all(kv, key, order, lost)
                 fresh = True
-            decision = decide(order, read, before, lost, self._local)
+            first = self._proposed.get(room)
+            decision = decide(order, read, before, lost, self._local, first)
             if isinstance(decision, HomeRecord):
                 return decision
             if isinstance(decision, Wait):

@@ -108,12 +108,15 @@ def decide(
     known: HomeRecord | None,
     lost: set[str],
     local: str,
+    first: str | None = None,
 ) -> HomeRecord | Write | Wait:
     """What an edge does about a room's home.
 
     ``order``: the room's arbiters; ``read``: what each arbiter that answered holds (None:
     no record; an arbiter missing from it did not answer); ``known``: what this edge knew
-    before; ``lost``: the regions lost for this edge; ``local``: its own region.
+    before; ``lost``: the regions lost for this edge; ``local``: its own region;
+    ``first``: the region to home a room in that has no record yet (a token's ``home``
+    claim; None, or a lost region: ``local``). A re-homing always names ``local``.
 
     Returns the home to use, a record to write (then decide again, with it written), or
     ``Wait``. The deciding arbiter is the first that is not lost; its record is copied to
@@ -127,10 +130,11 @@ def decide(
     if target is None or target not in read:
         return Wait(f"arbiter {target or order[0]} did not answer")
     if best is None:
+        region = first if first is not None and first not in lost else local
         if target == order[0]:
-            return Write(target, HomeRecord(local, FIRST_TERM))  # the first member's region
+            return Write(target, HomeRecord(region, FIRST_TERM))  # the first member's region
         # The arbiter is lost and may hold a first claim: this one must outrank it.
-        return Write(target, HomeRecord(local, FIRST_TERM + 1))
+        return Write(target, HomeRecord(region, FIRST_TERM + 1))
     if best.region in lost and best.region != local:
         return Write(target, HomeRecord(local, best.term + 1))
     if present.get(target) != best:

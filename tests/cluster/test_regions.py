@@ -217,6 +217,33 @@ async def test_an_unpinned_room_is_homed_in_its_first_members_region(
         assert _cross_region(second).get((home, "out"), 0) > 0
 
 
+async def test_a_tokens_home_claim_homes_the_rooms_its_holder_opens(
+    cluster_factory: ClusterFactory,
+) -> None:
+    # The app pins a room's home in the first member's token (``home``): a client in eu
+    # whose token says us opens the room, so the room lives in us and its eu edge crosses.
+    # A token naming no region of the deployment is refused at hello.
+    require_binary("consul")
+    cluster = cluster_factory(edges=1, brokers=1, consul="on", regions="eu,us", wan_delay="40ms")
+    (eu_edge,) = [p["url"] for p in _in(cluster, "eu", "edge")]
+    (us_edge,) = [p["url"] for p in _in(cluster, "us", "edge")]
+    async with (
+        SignalpostClient(eu_edge, token("alice", home="us")) as alice,
+        SignalpostClient(us_edge, token("bob", home="eu")) as bob,
+    ):
+        await alice.join("claimed-1")
+        await bob.join("claimed-1")  # bob's claim comes too late: the room has a home
+        await alice.next_event(PeerJoined)
+        assert bob.session is not None
+        await alice.signal("claimed-1", {"n": 1}, to=bob.session)
+        assert (await bob.next_event(SignalEvent)).data == {"n": 1}
+    assert _cross_region(eu_edge).get(("us", "out"), 0) > 0  # eu's member crossed to us
+    assert _cross_region(us_edge).get(("eu", "out"), 0) == 0  # us's member stayed home
+    with pytest.raises(Exception, match="no region of this deployment"):
+        async with SignalpostClient(eu_edge, token("carol", home="ap")):
+            pass
+
+
 async def test_a_webrtc_call_across_regions_signals_through_the_rooms_home(
     cluster_factory: ClusterFactory,
 ) -> None:

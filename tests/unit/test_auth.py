@@ -85,11 +85,18 @@ def test_tokens_from_the_future_are_refused(claim: str) -> None:
         ({"sub": "alice", "exp": "tomorrow"}, "exp"),
         ({"sub": "alice", "exp": NOW + 60, "rooms": "r1"}, "rooms"),
         ({"sub": "alice", "exp": NOW + 60, "rooms": ["r1", ""]}, "rooms"),
+        ({"sub": "alice", "exp": NOW + 60, "home": ["us"]}, "home"),
+        ({"sub": "alice", "exp": NOW + 60, "home": ""}, "home"),
     ],
 )
 def test_bad_claims_are_refused(claims: dict[str, Any], reason: str) -> None:
     with pytest.raises(Unauthorized, match=reason):
         verify(encode(claims))
+
+
+def test_the_home_claim_is_the_identitys_home_region() -> None:
+    assert verify(encode({"sub": "alice", "exp": NOW + 60, "home": "us"})).home == "us"
+    assert verify(encode({"sub": "alice", "exp": NOW + 60})).home is None
 
 
 def test_a_token_signed_with_another_secret_is_refused() -> None:

@@ -109,3 +109,19 @@ def test_a_region_is_lost_only_after_lost_after_seconds_of_silence() -> None:
     assert liveness.observed("eu", False, 120.0) is None
     assert liveness.observed("eu", True, 121.0) == "back"
     assert liveness.lost == set()
+
+
+def test_a_tokens_home_claim_names_the_first_record_but_not_a_rehoming() -> None:
+    _room, order = _room_arbitered_by("eu")
+    # The first member's token says us: the first record names us, wherever its edge is.
+    assert decide(order, {"eu": None, "us": None}, None, set(), "eu", "us") == Write(
+        "eu", HomeRecord("us", 1)
+    )
+    # A claim for a lost region is not followed: the edge's own region.
+    assert decide(order, {"us": None}, None, {"eu"}, "us", "eu") == Write("us", HomeRecord("us", 2))
+    # A room that has a record keeps it: a later member's claim changes nothing.
+    claimed = {"eu": HomeRecord("eu", 1), "us": HomeRecord("eu", 1)}
+    assert decide(order, claimed, None, set(), "us", "us") == HomeRecord("eu", 1)
+    # A re-homing names the edge's region, not a claim.
+    lost_home = {"us": HomeRecord("eu", 1)}
+    assert decide(order, lost_home, None, {"eu"}, "us", "eu") == Write("us", HomeRecord("us", 2))
