@@ -361,8 +361,9 @@ PORT_RETRIES = 3
 
 
 def _lost_its_port(child: Child) -> bool:
-    """Whether ``child`` died because its port was taken (an edge or a WAN relay)."""
-    if child.kind not in ("edge", "wan-relay") or child.process is None:
+    """Whether ``child`` died because a port of its was taken (an edge, a WAN relay or a
+    Consul agent)."""
+    if child.kind not in ("edge", "wan-relay", "consul") or child.process is None:
         return False
     if child.process.poll() is None:
         return False
@@ -382,6 +383,36 @@ def _move_edge(child: Child) -> None:
     if child.log_file is not None:
         child.log_file.close()
     log.warning("%s: port %s was taken; starting it on %s", child.id, old, new)
+
+
+def _move_consul(child: Child, children: list[Child]) -> None:
+    """Give a Consul agent new free ports: its HTTP port in its URL, its probe and the
+    ``SIGNALPOST_CONSUL_ADDR`` of the nodes that use it (none started yet: an agent starts
+    before its region's nodes), its WAN port where another agent joins it."""
+    moved: dict[str, str] = {}
+    for index, arg in enumerate(child.argv):
+        flag, eq, port = arg.partition("=")
+        if eq and flag.endswith("-port") and port.isdigit() and port != "-1":
+            moved[port] = str(free_port())
+            child.argv[index] = f"{flag}={moved[port]}"
+    old_http = child.url.rsplit(":", 1)[1]
+    new_http = moved[old_http]
+    old_addr, new_addr = f"127.0.0.1:{old_http}", f"127.0.0.1:{new_http}"
+    child.url = child.url.replace(old_addr, new_addr)
+    child.probe = child.probe.replace(old_addr, new_addr)
+    for other in children:
+        if other.env.get("SIGNALPOST_CONSUL_ADDR") == old_addr:
+            other.env = {**other.env, "SIGNALPOST_CONSUL_ADDR": new_addr}
+        if other.kind == "consul" and other is not child:
+            other.argv = [
+                f"-retry-join-wan=127.0.0.1:{moved[a.rsplit(':', 1)[1]]}"
+                if a.startswith("-retry-join-wan=") and a.rsplit(":", 1)[1] in moved
+                else a
+                for a in other.argv
+            ]
+    if child.log_file is not None:
+        child.log_file.close()
+    log.warning("%s: a port was taken; starting it on new ports (HTTP %s)", child.id, new_http)
 
 
 def _wait_ready(child: Child, deadline: float) -> bool:
@@ -524,10 +555,12 @@ def run_cluster(
                 if ready or not _lost_its_port(child):
                     break
                 # The free port was taken meanwhile (other programs on the machine): an
-                # edge or a relay takes another one (brokers and presence are named by
-                # theirs; they start after their relay, and advertise its new ports).
+                # edge, a relay or a Consul agent takes another one (brokers and presence
+                # are named by theirs; they start after their relay and their agent).
                 if child.kind == "edge":
                     _move_edge(child)
+                elif child.kind == "consul":
+                    _move_consul(child, children)
                 else:
                     if child.log_file is not None:
                         child.log_file.close()

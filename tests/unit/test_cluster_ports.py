@@ -54,3 +54,25 @@ def test_a_relay_that_lost_a_port_is_given_new_ones_and_its_nodes_advertise_them
     _relay_ports(relay, [broker], 0.04)  # as after "address already in use"
     second = broker.env["SIGNALPOST_WAN_ADVERTISE"]
     assert second != first and f"{second.removeprefix('tcp://')}=127.0.0.1:5555" in relay.argv
+
+
+def test_a_consul_agent_that_lost_a_port_gets_new_ones_and_its_region_follows(
+    tmp_path: Path,
+) -> None:
+    # A CI run lost a two-region cluster to "bind: address already in use" on an agent's
+    # server port, taken between choosing it and Consul binding it.
+    from signalpost.cluster import _consul_child, _move_consul
+
+    eu, wan = _consul_child("eu", tmp_path, {}, None)
+    us, _ = _consul_child("us", tmp_path, {}, wan)
+    node = Child("broker", "eu-broker-1", [], "tcp://127.0.0.1:1", {}, tmp_path / "b", "")
+    node.env = {"SIGNALPOST_CONSUL_ADDR": eu.url.removeprefix("http://")}
+    before_argv, before_url = list(eu.argv), eu.url
+    _move_consul(eu, [eu, node, us])
+    assert eu.url != before_url and eu.probe.startswith(f"http:{eu.url}/")
+    changed = [a for a, b in zip(eu.argv, before_argv, strict=True) if a != b]
+    assert len(changed) == 4  # serf LAN, serf WAN, server, HTTP (DNS and gRPC stay off)
+    assert node.env["SIGNALPOST_CONSUL_ADDR"] == eu.url.removeprefix("http://")
+    (join,) = [a for a in us.argv if a.startswith("-retry-join-wan=")]
+    (serf_wan,) = [a for a in eu.argv if a.startswith("-serf-wan-port=")]
+    assert join.rsplit(":", 1)[1] == serf_wan.split("=")[1]
