@@ -1705,8 +1705,19 @@ class RoomTable:
             room.replica_target = None
             if room.active:
                 # The placement may have moved: a room this broker no longer owns serves
-                # nothing more here (a view that moves it back lets it go on).
-                room.deposed = not self.owns(room.name)
+                # nothing more here. A view that moves it back does not let it go on: the
+                # broker that owned it meanwhile may have served it (a higher term, events
+                # this one never had) or hold this one's released events in its copy, so
+                # the room is demoted and its next command asks that broker for it, which
+                # hands over its copy (this one's released events included) (chaos
+                # seed 11: a 1.8 s pause, the view dropped the owner and took it back 1.1 s
+                # later, and the owner went on with its older state: a signal applied twice).
+                owns = self.owns(room.name)
+                source = self.handoff_from(room.name) if room.deposed and owns else None
+                if source is not None and source != self.node_id:
+                    self.demote(room.name)
+                else:
+                    room.deposed = not owns  # (no broker to ask: it goes on)
             if not room.pending:
                 continue
             replica = self.replica_for(room.name)

@@ -473,3 +473,41 @@ def test_a_copy_keeps_its_own_seat_over_an_older_connection_in_a_snapshot() -> N
     pump(owner, successor, owner.handle(signal(2, 0), 1.0))
     seat = successor.rooms["room"].members["a"]
     assert (seat.edge, seat.conn) == ("edge-x", "c-a.2")
+
+
+def test_a_room_the_view_takes_away_and_gives_back_is_asked_back_not_gone_on_with() -> None:
+    # Chaos seed 11 (two regions): the owner paused 1.8 s, the view dropped it and took it
+    # back 1.1 s later; meanwhile its runner-up served the room. The owner went on with its
+    # own, older state: a resent signal was applied a second time. Now it asks the broker
+    # that owned the room meanwhile, and that one's state goes on.
+    view = {"owner": "A"}
+    a, b = table("A", "B"), table("B", None)
+    a.owns = lambda room: view["owner"] == "A"
+    b.owns = lambda room: view["owner"] == "B"
+    b.handoff_from = lambda room: "A"
+    for session in ("a", "b"):
+        restore(b, session, True)
+        pump(a, b, a.handle(join(session, 1), 0.0))
+    pump(a, b, a.handle(signal(2, 0), 0.0))
+    # A pauses; the view gives the room to B, which asks A (no answer) and serves after
+    # its timeout on its copy; it applies a signal A never sees.
+    view["owner"] = "B"
+    b.replicas_changed(1.0)
+    asked = b.handle(signal(3, 1), 1.0)
+    assert [type(e) for _, e in asked] == [HandoffRequest]
+    out = b.expire(1.0 + b.handoff_timeout)
+    assert [f["type"] for f in frames(out) if f["type"] in ("ack", "error")] == ["ack"]
+    served_by_b = b.rooms["room"].offset
+    # A wakes up into the view that drops it, then into one that gives the room back.
+    a.replicas_changed(4.0)
+    view["owner"] = "A"
+    a.handoff_from = lambda room: "B"  # the previous view's owner
+    b.handoff_from = lambda room: None
+    a.replicas_changed(4.1)
+    b.replicas_changed(4.1)
+    asked = a.handle(signal(3, 1), 4.2)  # the edge resends what B applied
+    assert [type(e) for _, e in asked] == [HandoffRequest]
+    (handoff,) = b.handle(asked[0][1], 4.2)
+    served = a.handle(handoff[1], 4.2)
+    assert [r.ok for r in replies(served)] == [True]  # answered from B's record
+    assert a.rooms["room"].offset == served_by_b  # B's state goes on, nothing twice
