@@ -485,7 +485,8 @@ class Generator:
 
 
 def _dump_samples(path: str, sent: list[float], latencies: list[float]) -> None:
-    """Write ``send time latency`` per sample (seconds), one a line (``relay --dump``)."""
+    """Write ``send time latency`` per sample (seconds; the send time on ``perf_counter``,
+    CLOCK_MONOTONIC, which every process of the machine shares), one a line."""
     with open(path, "w") as out:
         out.writelines(f"{t:.6f} {lat:.6f}\n" for t, lat in zip(sent, latencies, strict=True))
 
@@ -559,7 +560,7 @@ async def relay(gen: Generator) -> dict[str, Any]:
     await asyncio.gather(*tasks, return_exceptions=True)
     relayed = received1 - received0
     if args.dump:  # (send time, latency) per sample, for bench/experiments/cluster_latency.py
-        _dump_samples(args.dump, [t - start for t in sent_at], latencies)
+        _dump_samples(args.dump, sent_at, latencies)
     return {
         "relayed": relayed,
         "acked": acked1 - acked0,

@@ -19,6 +19,7 @@ samples sent within 20 ms of each other; how many, how long, how far apart). Wit
 from __future__ import annotations
 
 import argparse
+import bisect
 import itertools
 import json
 import os
@@ -47,6 +48,38 @@ def _bursts(samples: list[tuple[float, float]]) -> list[tuple[float, float, int,
         else:
             out.append((t, t, 1, ms))
     return out
+
+
+def _tick_phases(samples: list[tuple[float, float]], kinds: dict[int, str]) -> None:
+    """Per edge: how the samples over 5 ms fall in the 0.1 s after that edge's confirm
+    ticks (10 ms bins), against all samples: a bin far above 1.0 holds what a tick delays."""
+    for pid, kind in sorted(kinds.items()):
+        if kind != "edge":
+            continue
+        try:
+            with open(f"/tmp/ticks.{pid}") as lines:
+                ticks = sorted(float(x.split()[0]) for x in lines if "delivery_tick" in x)
+        except OSError:
+            continue
+        if not ticks:
+            continue
+        counts_all, counts_slow = [0] * 10, [0] * 10
+        for t, lat in samples:
+            i = bisect.bisect_right(ticks, t) - 1
+            if i < 0 or t - ticks[i] >= 0.1:
+                continue
+            b = int((t - ticks[i]) * 100)
+            counts_all[b] += 1
+            if lat * 1000 > SLOW_MS:
+                counts_slow[b] += 1
+        slow = sum(counts_slow)
+        total = sum(counts_all)
+        if not slow:
+            continue
+        ratios = " ".join(
+            f"{(counts_slow[b] / slow) / max(counts_all[b] / total, 1e-9):.2f}" for b in range(10)
+        )
+        print(f"         edge {pid}: slow share / all share, 10 ms bins after its tick: {ratios}")
 
 
 def run(name: str, tree: str, rate: float, args: argparse.Namespace) -> None:
@@ -111,6 +144,8 @@ def run(name: str, tree: str, rate: float, args: argparse.Namespace) -> None:
             t, lat = line.split()
             samples.append((float(t), float(lat)))
     os.unlink(dump)
+    if args.hops:
+        _tick_phases(samples, kinds)
     lat = result.get("latency_ms", {})
     slow = sum(1 for _t, x in samples if x * 1000 > SLOW_MS)
     bursts = _bursts(samples)

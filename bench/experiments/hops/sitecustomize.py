@@ -10,7 +10,8 @@ PYTHONPATH, this wraps, in whichever of these modules the process imports:
 * ``EdgeServer.receive`` of a ``Deliver``: the receiving edge has it (hop ``edge_out``);
 
 ``EdgeServer._delivery_tick`` (the confirm tick), ``RoomTable.confirm`` and
-``RoomTable.expire`` are timed (``took:`` lines: calls, total and longest ms); a task
+``RoomTable.expire`` are timed (``took:`` lines: calls, total and longest ms; when each
+began, on ``perf_counter``, in ``/tmp/ticks.<pid>``); a task
 started with the edge's keepalive or the broker's expiry loop sleeps 5 ms again and again
 and notes each wake-up more than 2 ms late, with how much CPU the loop's thread used in
 that time (``lag:`` lines: a late loop that was on the CPU ran long callbacks; one that
@@ -43,9 +44,13 @@ _took: dict[str, list[float]] = {}
 _lags: list[tuple[float, float]] = []
 
 
+_ticks = open(f"/tmp/ticks.{os.getpid()}", "a")  # noqa: SIM115
+
+
 def _timed(name: str, fn):  # type: ignore[no-untyped-def]
     def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
         t0 = _clock()
+        _ticks.write(f"{t0:.6f} {name}\n")  # when each timed call began (perf_counter)
         try:
             return fn(*args, **kwargs)
         finally:
@@ -99,6 +104,7 @@ def _dump() -> None:
                 f"p99 {s[min(n - 1, int(n * 0.99))] * 1e3:7.2f} max {s[-1] * 1e3:7.2f}\n"
             )
         out.flush()
+        _ticks.flush()
 
 
 def _install() -> None:
