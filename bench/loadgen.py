@@ -484,6 +484,13 @@ class Generator:
 # --------------------------------------------------------------------------- workloads
 
 
+def _dump_samples(path: str, sent: list[float], latencies: list[float]) -> None:
+    """Write ``send time latency`` per sample (seconds; the send time on ``perf_counter``,
+    CLOCK_MONOTONIC, which every process of the machine shares), one a line."""
+    with open(path, "w") as out:
+        out.writelines(f"{t:.6f} {lat:.6f}\n" for t, lat in zip(sent, latencies, strict=True))
+
+
 async def relay(gen: Generator) -> dict[str, Any]:
     args = gen.args
     urls = gen.urls
@@ -496,10 +503,13 @@ async def relay(gen: Generator) -> dict[str, Any]:
 
     measuring = False
     latencies: list[float] = []
+    sent_at: list[float] = []  # with --dump: when each measured sample was sent
 
     def record(_sender: str, data: Any) -> None:
         if measuring:
             latencies.append(clock() - data["t"])
+            if args.dump:
+                sent_at.append(data["t"])
 
     pad = candidate_json(0)
     template = timed_json(pad)
@@ -549,6 +559,8 @@ async def relay(gen: Generator) -> dict[str, Any]:
         peer.stop()
     await asyncio.gather(*tasks, return_exceptions=True)
     relayed = received1 - received0
+    if args.dump:  # (send time, latency) per sample, for bench/experiments/cluster_latency.py
+        _dump_samples(args.dump, sent_at, latencies)
     return {
         "relayed": relayed,
         "acked": acked1 - acked0,
@@ -827,6 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     relay_p.add_argument("--pairs", type=int, default=50)
     relay_p.add_argument("--window", type=int, default=4, help="unacked signals per client")
     relay_p.add_argument("--rate", type=float, default=0.0, help="signals/s in total (open loop)")
+    relay_p.add_argument("--dump", help="write each sample's send time and latency here")
 
     calls_p = sub.add_parser("calls", parents=[common])
     calls_p.add_argument("--slots", type=int, default=32, help="client pairs")

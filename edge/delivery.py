@@ -50,6 +50,9 @@ def admit(position: Position, offset: int, prev: int, epoch: str = "") -> int:
 
     One of another ``epoch`` than the position's is not comparable: dropped (the owner
     re-syncs the session, ``Synced``, which gives the position the room's epoch).
+
+    ``EdgeCore.admit`` does the same inline (once per delivered event); a unit test holds
+    the two to the same verdicts.
     """
     if epoch and epoch != position.epoch:
         return OTHER_EPOCH

@@ -332,7 +332,11 @@ class EdgeServer:
         if isinstance(envelope, Deliver):
             sessions = envelope.sessions
             if envelope.room:
-                if self._lossy and self.core.stale(envelope.room, envelope.term):
+                if (
+                    self._lossy
+                    and envelope.term != self.core.terms.get(envelope.room)  # (the usual case)
+                    and self.core.stale(envelope.room, envelope.term)
+                ):
                     metrics.DELIVERIES_DROPPED.labels("stale_term").inc()
                     return
                 if len(sessions) == 1:  # a signal to one peer: most of the traffic, inline
@@ -881,7 +885,7 @@ class EdgeServer:
         # Ordered by frequency: signals dominate a call's traffic.
         if isinstance(message, Signal):
             core = self.core
-            seq = client.next_seq()
+            seq = client.seq = client.seq + 1  # ``next_seq``, inline
             lossy = self._lossy
             rseq, rbase = core.room_order(client, message.room) if lossy else _UNORDERED
             command: Envelope = SignalCmd(
@@ -897,7 +901,10 @@ class EdgeServer:
                 rseq,
                 rbase,
             )
-            core.await_answer(client, seq, command, time.monotonic() if lossy else 0.0)
+            if lossy:
+                core.await_answer(client, seq, command, time.monotonic())
+            else:  # one process: nothing to resend (``await_answer``, inline)
+                client.unanswered[seq] = command
             self.backplane.to_room_owner(message.room, command)
         elif isinstance(message, Join):
             if not client.identity.may_join(message.room):

@@ -104,3 +104,24 @@ def test_retries_come_out_in_the_order_they_were_added() -> None:
         retries.add(n, n, now=0.0)
     retries.done(2)
     assert retries.due(RETRY_FIRST) == [0, 1, 3, 4]
+
+
+def test_the_edge_core_admits_exactly_as_admit_does() -> None:
+    """``EdgeCore.admit`` does ``admit`` inline (hot path): the same verdict and the same
+    position for every case, in one process and in a cluster."""
+    import itertools
+
+    from edge.core import EdgeCore, SessionState
+    from signalpost.wire import Deliver
+
+    for lossy, epoch, offset, prev, at in itertools.product(
+        (False, True), ("", "e", "other"), range(0, 9), range(0, 9), (0, 3, 6)
+    ):
+        expected_position = Position("e", at)
+        expected = admit(expected_position, offset, prev, epoch)
+        core: EdgeCore[SessionState] = EdgeCore("edge-1", lossy=lossy)
+        state = SessionState(session="s", conn="c")
+        state.positions["room"] = Position("e", at)
+        deliver = Deliver(["s"], b"{}", "room", offset, prev, 1, epoch)
+        assert core.admit(state, deliver) == expected, (lossy, epoch, offset, prev, at)
+        assert state.positions["room"] == expected_position
