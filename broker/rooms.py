@@ -52,6 +52,7 @@ from typing import Final, Literal
 import msgspec
 from msgspec import Raw
 
+from broker.hooks import RoomHooks
 from signalpost.errors import BadRequest, NotInRoom, ProtocolError, RoomFull, UnknownPeer
 from signalpost.replication import Unacked, resend_late, retarget
 from signalpost.tickets import SeatTickets
@@ -345,6 +346,9 @@ class RoomTable:
         #: Presence's seat tickets (``signalpost.tickets``): with them, a seat moves to
         #: another edge only on a valid ticket; None (dev, plaintext links): unchecked.
         self.tickets: SeatTickets | None = None
+        #: Webhooks (``broker.hooks``): told what is released, what ends, what is taken
+        #: over. None: no webhooks configured.
+        self.hooks: RoomHooks | None = None
 
     # ----------------------------------------------------------------- dispatch
 
@@ -681,6 +685,8 @@ class RoomTable:
         for r in command.records:
             record = _Record(r.payload, r.fingerprint, now - r.age, r.ok, r.epoch, r.offset)
             self._remember(r.session, r.key, record)
+        if self.hooks is not None and command.history and not room.deposed:
+            self.hooks.taken(room, now, derive=False)
         for member in streaming if not room.deposed else ():
             if member.sent > member.confirmed:
                 self._resend(room, member, now, out)
@@ -1049,6 +1055,8 @@ class RoomTable:
             # Everything the previous owner replicated is known here: visible from now on.
             room.released = room.offset
             room.term = max(room.term + 1, self._new_term())
+            if self.hooks is not None:
+                self.hooks.taken(room, self._now)
         else:
             room.term = self._new_term()
             # Whatever history there was died with the previous owner: a new epoch tells
@@ -1341,6 +1349,8 @@ class RoomTable:
             if not rooms:
                 del self._rooms_of[session]
         if not room.members:
+            if self.hooks is not None and room.active and not room.deposed:
+                self.hooks.ended(room, member, reason, now)
             del self.rooms[room.name]  # a new room of that name gets a new epoch
             while room.pending:  # nobody is left to need the events; replies still go
                 out.extend(room.pending.popleft().after)
@@ -1375,6 +1385,8 @@ class RoomTable:
         if not room.pending and (not self._replicating or self.replica_for(room.name) is None):
             room.released = event.offset
             self._deliver(room, event, recipients, now, out)
+            if self.hooks is not None:
+                self.hooks.released(room, event, now)
             return
         parked = self._parked.get(room.name)
         if parked is None:
@@ -1543,6 +1555,8 @@ class RoomTable:
                 room.released = event.offset
                 if room.active and self.rooms.get(room.name) is room:
                     self._deliver(room, event, None, now, out)
+                    if self.hooks is not None and not room.deposed:
+                        self.hooks.released(room, event, now)
             out.extend(batch.after)
 
     # ----------------------------------------------------------------- replication

@@ -727,6 +727,42 @@ class LeaseCopy(_Envelope, tag=28, frozen=True):
     version: int = 0  # the user's status version (``PresenceFrame.version``)
 
 
+class HookRecord(Struct, array_like=True, frozen=True, gc=False):
+    """One webhook event (``signalpost.webhooks``): its stream (``room:<name>``,
+    ``user:<id>``), idempotency key, type and the JSON body receivers get."""
+
+    stream: str
+    key: str
+    kind: str
+    body: bytes
+
+
+class HookStream(Struct, array_like=True, frozen=True):
+    """A stream's part of a ``HookCopy``: new events, and the key of the last event
+    delivered to every URL (``cursor``; "": unchanged)."""
+
+    stream: str
+    events: list[HookRecord]
+    cursor: str = ""
+
+
+class HookCopy(_Envelope, tag=50, frozen=True):
+    """Owner -> runner-up (brokers, presence nodes): webhook events it made and how far
+    each stream is delivered. The owner sends an event to receivers only once the
+    runner-up answered ``HookAck``; the runner-up keeps what is not delivered yet and
+    delivers it if it takes the streams over."""
+
+    owner: str
+    number: int
+    streams: list[HookStream]
+
+
+class HookAck(_Envelope, tag=51, frozen=True):
+    """Runner-up -> owner: it keeps ``HookCopy`` ``number``."""
+
+    number: int
+
+
 class Heartbeat(_Envelope, tag=30, frozen=True):
     """Both ways on every link; ``incarnation`` changes when a node restarts."""
 
@@ -763,6 +799,8 @@ Envelope = (
     | StatusNote
     | LeaseCopy
     | Evicted
+    | HookCopy
+    | HookAck
     | Heartbeat
 )
 
@@ -887,6 +925,7 @@ _SENDER_FIELDS: Final[dict[type, str]] = {
     StatusSubscribe: "node",
     StatusNote: "owner",
     LeaseCopy: "owner",
+    HookCopy: "owner",
 }
 
 
@@ -922,6 +961,7 @@ SENDER_KINDS: Final[dict[str, dict[type, frozenset[str]]]] = {
         ReplicateCmd: _BROKER,
         HandoffRequest: _BROKER,
         Handoff: _BROKER,
+        HookCopy: _BROKER,
     },
     "presence": {
         SessionUp: _EDGE,
@@ -933,5 +973,6 @@ SENDER_KINDS: Final[dict[str, dict[type, frozenset[str]]]] = {
         Evicted: _EDGE,
         StatusSubscribe: _PRESENCE,
         LeaseCopy: _PRESENCE,
+        HookCopy: _PRESENCE,
     },
 }
