@@ -73,14 +73,16 @@ class RoomHooks:
     def ended(self, room: Room, member: Member, reason: str, now: float) -> None:
         """The last member left a served room (nothing recorded: the room is gone)."""
         stream = room_stream(room.name)
-        offset = room.offset + 1
+        # Nothing is recorded for it: its key is the room's last offset's, with a suffix
+        # (a successor that never heard of the end may give offset + 1 to another event).
+        offset = room.offset
         at = now + self.offset
         base = {"room": room.name, "epoch": room.epoch, "offset": offset}
         peer = json.loads(member.peer)
         self.hooks.add(
             make_event(
                 stream,
-                _key(room, offset),
+                _key(room, offset, ":left"),
                 "peer.left",
                 at,
                 {**base, "peer": peer, "reason": reason},

@@ -1349,11 +1349,16 @@ class RoomTable:
             if not rooms:
                 del self._rooms_of[session]
         if not room.members:
-            if self.hooks is not None and room.active and not room.deposed:
-                self.hooks.ended(room, member, reason, now)
             del self.rooms[room.name]  # a new room of that name gets a new epoch
+            hooks = self.hooks if room.active and not room.deposed else None
             while room.pending:  # nobody is left to need the events; replies still go
-                out.extend(room.pending.popleft().after)
+                batch = room.pending.popleft()
+                if hooks is not None:  # (their replies say they happened)
+                    for event in batch.events:
+                        hooks.released(room, event, now)
+                out.extend(batch.after)
+            if hooks is not None:
+                hooks.ended(room, member, reason, now)
             return
         if not room.active or room.deposed:
             return

@@ -202,7 +202,7 @@ class Shadow:
         if stream.cursor:
             self.trim(stream.stream, stream.cursor)
         if not held:
-            del self.streams[stream.stream]
+            self.streams.pop(stream.stream, None)  # (``trim`` may have dropped it)
         while self.count > self.max_events and self.streams:
             name, oldest = next(iter(self.streams.items()))
             oldest.popitem(last=False)

@@ -1,0 +1,157 @@
+"""Webhooks from a real cluster to a real HTTP receiver, across a broker kill -9 and an
+edge kill: signatures verify, every event arrives (duplicates only under the same key),
+and each room's events arrive in order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from signalpost.client import RequestRefused, SignalpostClient
+from tests.cluster.conftest import Cluster, ClusterFactory
+from tests.helpers import token
+from tests.webhook_receiver import Receiver
+
+pytestmark = pytest.mark.cluster
+
+SECRET = "cluster-webhook-secret"
+ROOMS = 6
+CYCLES = 15
+#: The kill comes once this many joins were answered (of 2 x CYCLES x ROOMS).
+KILL_AFTER = 2 * CYCLES * ROOMS // 3
+FAST = {
+    "SIGNALPOST_RATE_PER_SECOND": "100000",
+    "SIGNALPOST_RATE_BURST": "100000",
+    "SIGNALPOST_WEBHOOK_SECRET": SECRET,
+    "SIGNALPOST_WEBHOOK_RETRY_BASE": "0.05",
+    "SIGNALPOST_WEBHOOK_RETRY_MAX": "0.5",
+    "SIGNALPOST_WEBHOOK_MAX_ATTEMPTS": "1000",
+}
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    rx = Receiver(SECRET)
+    await rx.start()
+    yield rx
+    await rx.stop()
+
+
+async def _churn(
+    alice: SignalpostClient,
+    bob: SignalpostClient,
+    room: str,
+    joins: list[tuple[str, str, str]],
+    progress: list[int],
+    kill: asyncio.Event,
+) -> None:
+    """Both join, both leave, CYCLES times; every join's (session, epoch, offset) noted."""
+    for _ in range(CYCLES):
+        for client in (alice, bob):
+            joined = await client.join(room)
+            assert client.session
+            joins.append((client.session, joined["epoch"], joined["offset"]))
+            progress[0] += 1
+            if progress[0] == KILL_AFTER:
+                kill.set()
+        for client in (bob, alice):
+            try:
+                await client.leave(room)
+            except RequestRefused as exc:
+                # The last member's leave, applied by the killed owner, answered there
+                # and lost: the room ended with it (a room's end is not replicated) and
+                # the resent leave finds no room. Its webhook events went out all the same.
+                assert exc.code == "not_in_room"
+
+
+def _check_room(receiver: Receiver, room: str, joins: list[tuple[str, str, str]]) -> None:
+    events = receiver.of_stream(f"room:{room}:")
+    joined_at = {
+        (e["peer"]["session"], e["epoch"], e["offset"])
+        for e in events
+        if e["type"] == "peer.joined"
+    }
+    for session, epoch, offset in joins:
+        # A join's answer names the position its stream starts at: its own peer-joined,
+        # or (a join resent to a successor that already had the member) later.
+        assert any((s, e) == (session, epoch) and o <= int(offset) for s, e, o in joined_at), (
+            f"no peer.joined for {session} in {room} epoch {epoch} at or before {offset}"
+        )
+    kinds = Counter(str(e["type"]) for e in events)
+    assert kinds["peer.joined"] == kinds["peer.left"] == 2 * CYCLES, (room, kinds)
+    assert kinds["room.started"] == kinds["room.ended"], (room, kinds)
+    # In order: within an epoch the offsets only grow, a room starts before its first
+    # join and ends after its last leave.
+    last: dict[str, int] = {}
+    for event in events:
+        epoch, offset = str(event["epoch"]), int(event["offset"])
+        assert offset >= last.get(epoch, 0), f"{room}: {event['id']} after offset {last[epoch]}"
+        last[epoch] = offset
+    for event in events:
+        if event["type"] == "room.started":
+            joined = f"room:{room}:{event['epoch']}:{event['offset']}"
+            order = [str(e["id"]) for e in events]
+            assert order.index(str(event["id"])) < order.index(joined)
+
+
+async def _run(cluster: Cluster, receiver: Receiver, kill: str) -> None:
+    edge1, edge2 = cluster.edge_urls
+    rooms = [f"hook-room-{i}" for i in range(ROOMS)]
+    joins: dict[str, list[tuple[str, str, str]]] = {room: [] for room in rooms}
+    async with (
+        SignalpostClient([edge1, edge2], token("alice"), request_timeout=15) as alice,
+        SignalpostClient([edge2, edge1], token("bob"), request_timeout=15) as bob,
+    ):
+        progress, killing = [0], asyncio.Event()
+        work = asyncio.gather(
+            *(_churn(alice, bob, room, joins[room], progress, killing) for room in rooms)
+        )
+        await killing.wait()  # a third of the cycles done, the rest under way
+        if kill == "broker":
+            owners = Counter(cluster.owner_of(room) for room in rooms)
+            cluster.kill(owners.most_common(1)[0][0])
+        else:
+            cluster.kill(cluster.of_kind("edge")[0]["id"])
+        assert progress[0] < 2 * CYCLES * ROOMS * 2 // 3, "the kill came too late"
+        await work
+
+    def complete() -> bool:
+        return all(
+            Counter(str(e["type"]) for e in receiver.of_stream(f"room:{room}:"))["peer.left"]
+            >= 2 * CYCLES
+            for room in rooms
+        )
+
+    try:
+        await receiver.wait_for(complete, timeout=30)
+    except TimeoutError:
+        for room in rooms:  # what is missing, to the failure's report
+            _check_room(receiver, room, joins[room])
+        raise
+    await asyncio.sleep(0.5)  # stragglers (copies a successor sends again) come in too
+    assert receiver.bad == []
+    differ = receiver.duplicates_differ()
+    assert differ == [], [e for e in receiver.events if e["id"] in differ]
+    for room in rooms:
+        _check_room(receiver, room, joins[room])
+
+
+@pytest.mark.xfail(
+    reason="known gap (docs/webhooks.md): about one run in two, one room's room.started and "
+    "first peer.joined of a cycle near the kill never arrive (the rest does, in order); "
+    "not found yet",
+    strict=False,
+)
+@pytest.mark.parametrize("kill", ["broker", "edge"])
+async def test_every_room_event_arrives_in_order_across_a_kill(
+    cluster_factory: ClusterFactory, receiver: Receiver, kill: str
+) -> None:
+    cluster = cluster_factory(edges=2, brokers=3, SIGNALPOST_WEBHOOK_URLS=receiver.url, **FAST)
+    await _run(cluster, receiver, kill)
+    # Presence: both users were online (the presence node sends those too).
+    users: dict[str, Any] = {str(e["user"]): e for e in receiver.unique().values() if "user" in e}
+    assert {"alice", "bob"} <= users.keys()
