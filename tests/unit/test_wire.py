@@ -32,6 +32,10 @@ from signalpost.wire import (
     HandoffRequest,
     Heartbeat,
     Hello,
+    HookAck,
+    HookCopy,
+    HookRecord,
+    HookStream,
     IceServersFrame,
     IceServersRequest,
     Join,
@@ -470,6 +474,12 @@ ENVELOPES: list[Envelope] = [
     StatusSubscribe("tcp://p1:5565", ["bob"], ["eve"]),
     StatusNote("tcp://p2:5565", {"bob": "online"}),
     LeaseCopy("tcp://p2:5565", "s1", "bob", "edge-1", "c1.2", 12.5, ["eve"], {"eve": "online"}),
+    HookCopy(
+        "tcp://b1:5555",
+        3,
+        [HookStream("room:r1", [HookRecord("room:r1", "room:r1:e:1", "peer.joined", b"{}")], "k")],
+    ),
+    HookAck(3),
     Heartbeat("broker-a", "inc-1"),
 ]
 
@@ -613,13 +623,16 @@ def test_every_envelope_has_the_kinds_that_may_send_it_or_travels_back_on_a_deal
         Envelope,
         Evict,
         Heartbeat,
+        HookAck,
         ReplicaAck,
         Reply,
         StatusNote,
         Synced,
     )
 
-    answers = {Deliver, Reply, Synced, ClaimReply, Evict, ReplicaAck, StatusNote, Heartbeat}
+    answers = {
+        Deliver, Reply, Synced, ClaimReply, Evict, ReplicaAck, StatusNote, HookAck, Heartbeat,
+    }  # fmt: skip
     listed = {t for table in SENDER_KINDS.values() for t in table}
     assert listed | answers == set(get_args(Envelope)) and not listed & answers
     for table in SENDER_KINDS.values():
