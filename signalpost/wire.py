@@ -942,8 +942,8 @@ def sender_of(envelope: Envelope) -> str | None:
 #: key's (``signalpost.node_keys``: ZAP's User-Id); ``Heartbeat`` goes both ways on every
 #: link and is not listed. Answers that travel back on the dialler's own link (``Deliver``,
 #: ``Reply``, ``Synced``, ``ClaimReply``, ``Evict``, ``ReplicaAck``, ``HookAck``,
-#: ``StatusNote``) reach a DEALER, which only ever talks to the node its certificate names for the endpoint, of the
-#: kind it dialled (``dial_curve``).
+#: ``StatusNote``) reach a DEALER, which only ever talks to the node its certificate names
+#: for the endpoint, of the kind it dialled (``dial_curve``).
 _EDGE: Final = frozenset({"edge"})
 _BROKER: Final = frozenset({"broker"})
 _PRESENCE: Final = frozenset({"presence"})
