@@ -314,12 +314,12 @@ MEANINGS: Final = {
     "webhook_concurrency": "webhook requests in flight per URL (one per room or user at a "
     "time: order per stream)",
     "webhook_max_attempts": "failed attempts of one event to one URL before it is "
-    "dead-lettered (`signalpost_webhook_events{outcome=\"dead\"}`) and the stream goes on",
+    'dead-lettered (`signalpost_webhook_events{outcome="dead"}`) and the stream goes on',
     "webhook_retry_base": "seconds before the first retry; doubled each retry up to "
     "`webhook_retry_max`, of which a random half (jitter)",
     "webhook_retry_max": "longest wait between two attempts (seconds)",
     "webhook_queue_max": "webhook events queued per node (and kept per runner-up); past it "
-    "new events are dropped and counted (`outcome=\"dropped\"`): signalling never waits",
+    'new events are dropped and counted (`outcome="dropped"`): signalling never waits',
     "node_id": "this node's id (default: an edge's is its key's name; else generated)",
     "broker_bind": "a broker's ZeroMQ endpoint; as dialled (a wildcard host advertised as "
     "`advertise_host`) it is also the broker's placement id",

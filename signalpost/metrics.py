@@ -135,6 +135,7 @@ def exposition() -> tuple[bytes, str]:
     """The text exposition format and its content type."""
     return generate_latest(), CONTENT_TYPE_LATEST
 
+
 WEBHOOK_EVENTS = Counter(
     "signalpost_webhook_events",
     "Webhook requests and events by outcome: delivered (a 2xx), failed (an attempt that "
