@@ -112,6 +112,9 @@ MAX_LATEST_CONNS: Final = 200_000
 #: Members that left a room remembered per room (see ``Room.departed``).
 DEPARTED_MAX: Final = 1024
 
+#: Epochs of rooms that ended here remembered (``RoomTable._ended``).
+MAX_ENDED_EPOCHS: Final = 100_000
+
 #: Seconds a broker that takes a room over waits for the broker that served it until now
 #: to hand it over; then it serves the room without (a new epoch: ``recovered: false``).
 HANDOFF_TIMEOUT: Final = 2.0
@@ -323,6 +326,10 @@ class RoomTable:
         #: its state, only as its owner. None: not checked (views from heartbeats).
         self.owner_of = owner_of
         self._awaiting: dict[str, _Awaiting] = {}  # room -> the handoff it waits for
+        # Epochs of rooms that ended here (their last member left), newest last: a
+        # runner-up's copy of one (it may not have heard of the end) is stale, and a
+        # handoff of it must not bring its departed members back.
+        self._ended: OrderedDict[str, None] = OrderedDict()
         # session -> (conn, edge) of its newest connection heard from (attach, join, leave,
         # re-announcement): an older one's late word must not bind the session to it
         self._latest: OrderedDict[str, tuple[str, str]] = OrderedDict()
@@ -574,7 +581,9 @@ class RoomTable:
                 return out
         if command.retry and awaiting is not None:
             return out  # asked again from ``expire``
-        if command.present:
+        if command.present and command.epoch in self._ended:
+            pass  # a copy of an incarnation that ended here: its members all left
+        elif command.present:
             room = self.rooms.get(command.room)
             if room is None or self._newer_state(command, room):
                 self._install(command, now, out)
@@ -1014,10 +1023,13 @@ class RoomTable:
             self._activate(room)
         member = room.members.get(command.session)
         departed = room.departed.get(command.session)
+        # A replica's re-announcement comes from the edge that sent the leave's ``ForgetCmd``
+        # on the same link, after it: one from the same connection is a join since (a
+        # session that left and joined again), not a late word.
         if (
             member is None
             and departed is not None
-            and not conn_supersedes(command.conn, departed, True)
+            and not conn_supersedes(command.conn, departed, not command.replica)
         ):
             if not room.members:
                 del self.rooms[command.room]
@@ -1350,6 +1362,10 @@ class RoomTable:
                 del self._rooms_of[session]
         if not room.members:
             del self.rooms[room.name]  # a new room of that name gets a new epoch
+            if room.active and not room.deposed:
+                self._ended[room.epoch] = None
+                if len(self._ended) > MAX_ENDED_EPOCHS:
+                    self._ended.popitem(last=False)
             hooks = self.hooks if room.active and not room.deposed else None
             while room.pending:  # nobody is left to need the events; replies still go
                 batch = room.pending.popleft()

@@ -15,6 +15,7 @@ from signalpost.wire import (
     Handoff,
     HandoffRequest,
     JoinCmd,
+    LeaveCmd,
     ReplicaAck,
     ReplicateCmd,
     ReplicatedEvent,
@@ -428,3 +429,40 @@ def test_a_handoff_request_from_a_broker_this_view_does_not_make_owner_fences_no
     assert answer[1].offset == offset
     assert copy.term == term  # not fenced by a broker that does not own the room here
     assert refusals == [("C", "room")]  # counted and logged all the same
+
+
+def test_a_replica_takes_a_member_that_left_and_joined_again_on_the_same_connection() -> None:
+    # The edge sends the runner-up ForgetCmd after a leave's answer and RestoreCmd after a
+    # join's, on one link, in order: a re-announcement after the forget is a new join.
+    # (Refused as a "late word", the member was unknown to the broker that took the room
+    # over: its resent leave got not_in_room and nobody heard it left.)
+    replica = table("B", None)
+    restore(replica, "a", True)
+    restore(replica, "b", True)
+    replica.handle(ForgetCmd("a", "room", "edge-a"), 0.0)
+    assert set(replica.rooms["room"].members) == {"b"}
+    restore(replica, "a", True)
+    assert set(replica.rooms["room"].members) == {"a", "b"}
+
+
+def test_a_handoff_of_a_room_that_ended_here_brings_no_member_back() -> None:
+    # The owner ended the room (its last member left); its runner-up's copy still has a
+    # member whose ForgetCmd it has not had yet. When the owner asks it for the room (a
+    # new join), that copy must not resurrect the member in the old epoch.
+    owner, runner_up = owning("A", "B"), owning("B", None, owns=False)
+    asked = owner.handle(join("a", 1), 0.0)
+    handoff = runner_up.handle(asked[0][1], 0.0)
+    out = owner.handle(handoff[0][1], 0.0)
+    assert frames(out)[0]["type"] == "joined"
+    epoch = owner.rooms["room"].epoch
+    restore(runner_up, "a", True)
+    restore(runner_up, "b", True)  # b never joined on A: a stale copy
+    runner_up.rooms["room"].epoch = epoch
+    owner.handle(LeaveCmd("a", "c-a", "edge-a", 2, 2, "room"), 0.0)
+    assert "room" not in owner.rooms  # ended
+    asked = owner.handle(join("c", 1), 1.0)
+    (handoff,) = runner_up.handle(asked[0][1], 1.0)
+    assert isinstance(handoff[1], Handoff) and handoff[1].epoch == epoch
+    owner.handle(handoff[1], 1.0)
+    room = owner.rooms["room"]
+    assert set(room.members) == {"c"} and room.epoch != epoch
