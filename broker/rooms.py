@@ -606,8 +606,12 @@ class RoomTable:
         return handoff.history and (handoff.term, handoff.offset) > (room.term, room.offset)
 
     def _merge_members(self, room: Room, members: list[HandedMember], now: float) -> None:
-        """Keep this broker's (newer) state, with the members only the sender knew."""
+        """Keep this broker's (newer) state, with the members only the sender knew (not
+        one that left here since, from that connection: the sender's copy is stale)."""
         for handed in members:
+            departed = room.departed.get(handed.session)
+            if departed is not None and not conn_supersedes(handed.conn, departed, True):
+                continue
             if handed.session not in room.members:
                 suspended = None if handed.suspended_for < 0 else now + handed.suspended_for
                 room.members[handed.session] = Member(

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import urllib.request
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
+from signalpost.cli import run_dev
+from signalpost.config import load_settings
+from tests.helpers import SECRET as HELPER_SECRET
 from tests.helpers import raw_client, url_of
 from tests.integration.conftest import DevFactory
 from tests.webhook_receiver import Receiver
@@ -78,8 +86,6 @@ async def test_receiver_down_then_back_gets_everything_in_order(
         await clients[i].recv_type("peer-joined")
         await clients[i + 1].request({"type": "leave", "id": 2, "room": room})
         await clients[i].request({"type": "leave", "id": 2, "room": room})
-    import asyncio
-
     await asyncio.sleep(2.0)
     assert receiver.events == []
     await receiver.start()  # back on the same port
@@ -92,3 +98,37 @@ async def test_receiver_down_then_back_gets_everything_in_order(
             "room.started", "peer.joined", "peer.joined", "peer.left", "peer.left", "room.ended",
         ]  # fmt: skip
     assert receiver.bad == []
+
+
+async def test_signalpost_dev_shows_its_webhooks_at_dev_webhooks() -> None:
+    # ``signalpost dev`` without webhook_urls sends them to its own receiver (signatures
+    # checked) and serves them for the demo app's panel.
+    settings = load_settings(
+        environ={}, host="127.0.0.1", port=0, dev_tokens=True, jwt_secret=HELPER_SECRET
+    )
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run_dev(settings, ready=port.set_result))
+    try:
+        edge_port = await asyncio.wait_for(port, 10)
+        ada = await raw_client(f"ws://127.0.0.1:{edge_port}/v1/signal", "ada")
+        await ada.request({"type": "join", "id": 1, "room": "demo"})
+
+        def fetch() -> dict[str, Any]:
+            address = f"http://127.0.0.1:{edge_port}/v1/dev-webhooks?after=0"
+            with urllib.request.urlopen(address) as response:
+                body: dict[str, Any] = json.loads(response.read())
+                return body
+
+        types: list[str] = []
+        for _ in range(50):
+            body = await asyncio.to_thread(fetch)
+            types = [e["event"]["type"] for e in body["events"]]
+            if "peer.joined" in types:
+                break
+            await asyncio.sleep(0.1)
+        assert {"user.online", "room.started", "peer.joined"} <= set(types)
+        assert body["refused"] == 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -466,3 +466,18 @@ def test_a_handoff_of_a_room_that_ended_here_brings_no_member_back() -> None:
     owner.handle(handoff[1], 1.0)
     room = owner.rooms["room"]
     assert set(room.members) == {"c"} and room.epoch != epoch
+
+
+def test_a_handed_membership_brings_back_no_member_that_left_here() -> None:
+    # A third broker's stale copy (a runner-up of another view) still lists a member that
+    # left on this owner: merging it must not resurrect the member.
+    owner = owning("A", None)
+    owner.handle(join("a", 1), 0.0)
+    owner.handle(join("b", 1), 0.0)
+    owner.handle(LeaveCmd("b", "c-b", "edge-b", 2, 2, "room"), 0.0)
+    stale = owning("C", None, owns=False)
+    restore(stale, "a", True)
+    restore(stale, "b", True)
+    (handoff,) = stale.handle(HandoffRequest("room", "A", 0), 0.0)
+    owner.handle(handoff[1], 0.0)
+    assert set(owner.rooms["room"].members) == {"a"}
