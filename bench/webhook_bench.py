@@ -96,9 +96,7 @@ def _start(webhook_url: str | None) -> tuple[System, str]:
     return System("broker", "signalpost broker", [endpoint], proc), endpoint
 
 
-def run(
-    seconds: float, rooms: int, window: int, receiver: _Receiver | None
-) -> dict[str, Any]:
+def run(seconds: float, rooms: int, window: int, receiver: _Receiver | None) -> dict[str, Any]:
     import zmq
 
     url = f"http://127.0.0.1:{receiver.port}/hooks" if receiver is not None else None
