@@ -1027,13 +1027,15 @@ class RoomTable:
             self._activate(room)
         member = room.members.get(command.session)
         departed = room.departed.get(command.session)
-        # A replica's re-announcement comes from the edge that sent the leave's ``ForgetCmd``
-        # on the same link, after it: one from the same connection is a join since (a
-        # session that left and joined again), not a late word.
+        # To a passive copy, a re-announcement comes from the edge that sent the leave's
+        # ``ForgetCmd`` on the same link, after it: one from the same connection is a join
+        # since (a session that left and joined again), not a late word. (Where the room is
+        # served, the leave came another way: only a newer connection is news.)
+        again = command.replica and not room.active
         if (
             member is None
             and departed is not None
-            and not conn_supersedes(command.conn, departed, not command.replica)
+            and not conn_supersedes(command.conn, departed, not again)
         ):
             if not room.members:
                 del self.rooms[command.room]

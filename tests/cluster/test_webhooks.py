@@ -147,13 +147,22 @@ async def _run(cluster: Cluster, receiver: Receiver, kill: str) -> None:
         _check_room(receiver, room, joins[room])
 
 
-@pytest.mark.xfail(
-    reason="known gap (docs/webhooks.md): about one run in two, one room's room.started and "
-    "first peer.joined of a cycle near the kill never arrive (the rest does, in order); "
-    "not found yet",
-    strict=False,
+@pytest.mark.parametrize(
+    "kill",
+    [
+        pytest.param(
+            "broker",
+            marks=pytest.mark.xfail(
+                reason="room layer, not webhooks (docs/webhooks.md, known limits): in about "
+                "one run in ten a leave around the kill is lost to the room itself (no "
+                "peer-left for anyone; the room's next event says so), so its peer.left "
+                "is never made",
+                strict=False,
+            ),
+        ),
+        "edge",
+    ],
 )
-@pytest.mark.parametrize("kill", ["broker", "edge"])
 async def test_every_room_event_arrives_in_order_across_a_kill(
     cluster_factory: ClusterFactory, receiver: Receiver, kill: str
 ) -> None:

@@ -481,3 +481,14 @@ def test_a_handed_membership_brings_back_no_member_that_left_here() -> None:
     (handoff,) = stale.handle(HandoffRequest("room", "A", 0), 0.0)
     owner.handle(handoff[1], 0.0)
     assert set(owner.rooms["room"].members) == {"a"}
+
+
+def test_a_late_replica_re_announcement_does_not_bring_back_a_member_that_left_the_owner() -> None:
+    # A broker that serves the room now (it took over) may still get a runner-up's
+    # re-announcement an edge sent before the member left: only a newer connection is news.
+    owner = owning("A", None)
+    owner.handle(join("a", 1), 0.0)
+    owner.handle(join("b", 1), 0.0)
+    owner.handle(LeaveCmd("b", "c-b", "edge-b", 2, 2, "room"), 0.0)
+    restore(owner, "b", True)
+    assert set(owner.rooms["room"].members) == {"a"}
