@@ -212,6 +212,9 @@ class Room:
     # session -> connection of members that left: a late re-announcement from that
     # connection must not bring them back (bounded: DEPARTED_MAX, oldest first)
     departed: dict[str, str] = field(default_factory=dict)
+    # ... of which those a passive copy was told of by their edge (``ForgetCmd``): that
+    # edge's later re-announcement from the same connection is a join since
+    forgotten: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -1027,11 +1030,12 @@ class RoomTable:
             self._activate(room)
         member = room.members.get(command.session)
         departed = room.departed.get(command.session)
-        # To a passive copy, a re-announcement comes from the edge that sent the leave's
-        # ``ForgetCmd`` on the same link, after it: one from the same connection is a join
-        # since (a session that left and joined again), not a late word. (Where the room is
-        # served, the leave came another way: only a newer connection is news.)
-        again = command.replica and not room.active
+        # To a passive copy told of the leave by the edge (``ForgetCmd``), a re-announcement
+        # comes from that edge on the same link, after it: one from the same connection is
+        # a join since (a session that left and joined again), not a late word. (A leave
+        # the owner replicated, or applied where the room is served, came another way:
+        # only a newer connection is news.)
+        again = command.replica and not room.active and command.session in room.forgotten
         if (
             member is None
             and departed is not None
@@ -1064,6 +1068,7 @@ class RoomTable:
                 self._not_theirs(command, member)
                 return
             self._remove(room, command.session, "left", 0.0, [])
+            room.forgotten.add(command.session)
 
     def _activate(self, room: Room) -> None:
         if room.active:
@@ -1359,8 +1364,11 @@ class RoomTable:
         member = room.members.pop(session)
         self._unconfirmed.pop(member, None)
         room.departed[session] = member.conn
+        room.forgotten.discard(session)
         if len(room.departed) > DEPARTED_MAX:
-            del room.departed[next(iter(room.departed))]
+            oldest = next(iter(room.departed))
+            del room.departed[oldest]
+            room.forgotten.discard(oldest)
         rooms = self._rooms_of.get(session)
         if rooms is not None:
             rooms.discard(room.name)
@@ -1695,6 +1703,8 @@ class RoomTable:
                         replicated.offset, now, tuple(replicated.recipients), replicated.payload
                     )
                 )
+                if replicated.payload.startswith(_PEER_LEFT):
+                    self._replicated_departure(room, replicated.payload)
             self._trim(room, now)
             if command.members:
                 self._merge_members(room, command.members, now)
@@ -1712,6 +1722,27 @@ class RoomTable:
                     ),
                 )
         return [(command.owner, ReplicaAck(command.room, command.batch))]
+
+    def _replicated_departure(self, room: Room, payload: bytes) -> None:
+        """A replicated ``peer-left``: the member is gone from the passive copy too. (Its
+        edge's ``ForgetCmd`` comes only after the leave's answer, which a killed owner may
+        never send: the member would stay, and a takeover would serve it again.)"""
+        session = msgspec.json.decode(payload, type=_LeftPeer).peer.session
+        member = room.members.pop(session, None)
+        if member is None:
+            return
+        self._unconfirmed.pop(member, None)
+        room.departed[session] = member.conn
+        room.forgotten.discard(session)
+        if len(room.departed) > DEPARTED_MAX:
+            oldest = next(iter(room.departed))
+            del room.departed[oldest]
+            room.forgotten.discard(oldest)
+        rooms = self._rooms_of.get(session)
+        if rooms is not None:
+            rooms.discard(room.name)
+            if not rooms:
+                del self._rooms_of[session]
 
     def demote(self, name: str) -> list[Outbound]:
         """Another broker owns ``name`` now: keep its membership passively, drop history.
@@ -1748,6 +1779,19 @@ class RoomTable:
             len(history) > self.history_max_events or history[0].at < oldest_allowed
         ):
             room.trimmed_through = history.popleft().offset
+
+
+_PEER_LEFT: Final = b'{"type":"peer-left"'
+
+
+class _Session(msgspec.Struct):
+    session: str
+
+
+class _LeftPeer(msgspec.Struct):
+    """What a runner-up reads of a replicated ``peer-left`` frame."""
+
+    peer: _Session
 
 
 def _handed_members(room: Room, now: float) -> list[HandedMember]:

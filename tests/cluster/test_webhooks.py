@@ -171,3 +171,61 @@ async def test_every_room_event_arrives_in_order_across_a_kill(
     # Presence: both users were online (the presence node sends those too).
     users: dict[str, Any] = {str(e["user"]): e for e in receiver.unique().values() if "user" in e}
     assert {"alice", "bob"} <= users.keys()
+
+
+async def test_user_events_arrive_in_order_across_a_presence_kill(
+    cluster_factory: ClusterFactory, receiver: Receiver
+) -> None:
+    # Two presence nodes: kill -9 the one that owns the first user while every user is
+    # online; then half the users leave. Each user's webhooks: online, then (for those who
+    # left) offline with a higher version, whoever owned them when it happened.
+    # A goodbye sent to the killed node is lost: its user goes offline one resume window
+    # after the successor took the lease over (docs/reliability.md, presence): 3 s here.
+    cluster = cluster_factory(
+        edges=2,
+        brokers=1,
+        presence=2,
+        SIGNALPOST_WEBHOOK_URLS=receiver.url,
+        SIGNALPOST_RESUME_WINDOW="3",
+        **FAST,
+    )
+    edge1, edge2 = cluster.edge_urls
+    users = [f"hook-user-{i}" for i in range(8)]
+    doomed = cluster.presence_owner_of(users[0])
+    clients = [SignalpostClient([edge1, edge2], token(user), request_timeout=15) for user in users]
+    for client in clients:
+        await client.connect()
+
+    def online(user: str) -> bool:
+        return any(e["type"] == "user.online" for e in receiver.of_stream(f"user:{user}:"))
+
+    await receiver.wait_for(lambda: all(online(u) for u in users), timeout=20)
+    cluster.kill(doomed)
+    for client in clients[:4]:
+        await client.close()
+
+    def settled() -> bool:
+        return all(
+            [e["type"] for e in receiver.of_stream(f"user:{u}:")][-1] == "user.offline"
+            for u in users[:4]
+        )
+
+    try:
+        await receiver.wait_for(settled, timeout=30)
+    except TimeoutError:
+        seen = {
+            u: [(e["type"], e["version"]) for e in receiver.of_stream(f"user:{u}:")] for u in users
+        }
+        raise AssertionError(f"not all offline: {seen}") from None
+    for user in users:
+        events = receiver.of_stream(f"user:{user}:")
+        versions = [int(e["version"]) for e in events]
+        assert versions == sorted(versions), (user, events)
+        assert events[0]["type"] == "user.online", (user, events)
+        if user in users[:4]:
+            assert events[-1]["type"] == "user.offline", (user, events)
+        else:
+            assert [e["type"] for e in events] == ["user.online"], (user, events)
+    assert receiver.bad == [] and receiver.duplicates_differ() == []
+    for client in clients[4:]:
+        await client.close()

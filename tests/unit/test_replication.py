@@ -492,3 +492,20 @@ def test_a_late_replica_re_announcement_does_not_bring_back_a_member_that_left_t
     owner.handle(LeaveCmd("b", "c-b", "edge-b", 2, 2, "room"), 0.0)
     restore(owner, "b", True)
     assert set(owner.rooms["room"].members) == {"a"}
+
+
+def test_a_replicated_peer_left_removes_the_member_from_the_runner_ups_copy() -> None:
+    # The owner replicated b's leave and died before answering it: the edge never sends
+    # the ForgetCmd. The runner-up must not serve b as a member when it takes over.
+    owner, replica = table("A", "B"), table("B", None)
+    pump(owner, replica, owner.handle(join("a", 1), 0.0))
+    pump(owner, replica, owner.handle(join("b", 1), 0.0))
+    restore(replica, "a", True)
+    restore(replica, "b", True)
+    out = owner.handle(LeaveCmd("b", "c-b", "edge-b", 2, 2, "room"), 0.0)
+    (replicate,) = [e for _, e in out if isinstance(e, ReplicateCmd)]
+    replica.handle(replicate, 0.0)  # the owner dies before the ack
+    assert set(replica.rooms["room"].members) == {"a"}
+    # b's join's re-announcement by its edge, late (another link than the owner's): stale.
+    restore(replica, "b", True)
+    assert set(replica.rooms["room"].members) == {"a"}
