@@ -8,20 +8,22 @@ flight). Every cycle of a room makes six webhook events (``room.started``, two
 ``peer.joined``, two ``peer.left``, ``room.ended``). The same workload is run once more
 without webhooks: the difference in broker CPU per cycle is what webhooks cost.
 
-    .venv/bin/python -m bench.webhook_bench --seconds 5
+    .venv/bin/python -m bench.webhook_bench --seconds 4 --rates 1000,2000,4000,6000
 
-Reported: ``events_per_s`` (received by the receiver, in the measured window),
-``broker_cpu_us_per_event`` (broker CPU over the window / events received) and, from the
-run without webhooks, ``webhook_cpu_us_per_event`` (the extra broker CPU per event).
+Runs: ``saturated`` (requests as fast as the broker answers: webhooks get what the
+event loop leaves them), ``paced`` (``--rates`` webhook events per second), and the
+saturated workload without webhooks. Reported per run: ``events_per_s`` (received in the
+measured window), ``sustained`` (every event made was received within 1 s after the
+run), ``broker_cpu_us_per_event`` (broker CPU over the window / events received) and,
+for paced runs, ``webhook_cpu_us_per_event`` (the run's broker CPU less what its cycles
+cost without webhooks, per event made).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import socket as sockets
-import threading
 import time
 from typing import Any
 
@@ -41,40 +43,59 @@ from signalpost.wire import (
 SECRET = "webhook-bench-secret"
 
 
+_RECEIVER = """
+import sys
+from aiohttp import web
+
+count = 0
+
+async def hook(request):
+    global count
+    await request.read()
+    count += 1
+    return web.Response(status=204)
+
+async def counted(request):
+    return web.Response(text=str(count))
+
+app = web.Application()
+app.router.add_post("/hooks", hook)
+app.router.add_get("/count", counted)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+
+
 class _Receiver:
-    """An aiohttp receiver in its own thread, counting deliveries."""
+    """An aiohttp receiver in its own process (not competing with the bench's driver for
+    its interpreter), counting deliveries (``GET /count``)."""
 
     def __init__(self) -> None:
-        self.count = 0
-        self.port = 0
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        threading.Thread(target=self._run, daemon=True).start()
-        self._ready.wait(10)
+        import subprocess
+        import urllib.request
 
-    def _run(self) -> None:
-        from aiohttp import web
+        with sockets.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.proc = subprocess.Popen([PYTHON, "-c", _RECEIVER, str(self.port)])
+        self._open = urllib.request.urlopen
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.count  # noqa: B018 (up yet?)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
-        async def hook(request: web.Request) -> web.Response:
-            await request.read()
-            self.count += 1
-            return web.Response(status=204)
+    @property
+    def count(self) -> int:
+        with self._open(f"http://127.0.0.1:{self.port}/count", timeout=5) as response:
+            return int(response.read())
 
-        async def main() -> None:
-            app = web.Application()
-            app.router.add_post("/hooks", hook)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            server = site._server
-            assert server is not None
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            self._ready.set()
-            await asyncio.Event().wait()
-
-        self._loop = asyncio.new_event_loop()
-        self._loop.run_until_complete(main())
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
 
 
 def _start(webhook_url: str | None) -> tuple[System, str]:
@@ -96,7 +117,14 @@ def _start(webhook_url: str | None) -> tuple[System, str]:
     return System("broker", "signalpost broker", [endpoint], proc), endpoint
 
 
-def run(seconds: float, rooms: int, window: int, receiver: _Receiver | None) -> dict[str, Any]:
+def run(
+    seconds: float,
+    rooms: int,
+    window: int,
+    receiver: _Receiver | None,
+    rate: float = 0.0,
+) -> dict[str, Any]:
+    """One run; ``rate``: requests per second to send at most (0: as fast as answered)."""
     import zmq
 
     url = f"http://127.0.0.1:{receiver.port}/hooks" if receiver is not None else None
@@ -131,9 +159,12 @@ def run(seconds: float, rooms: int, window: int, receiver: _Receiver | None) -> 
             return LeaveCmd(session, f"c{session}", EDGE, seq, seq, f"room{r}")
 
         cycles = 0
+        sent = 0
         last_beat = time.monotonic()
+        ready: list[int] = []  # rooms whose next request waits for the rate
         start_rooms = list(range(min(rooms, window)))
         sock.send(frame([encode_envelope(command(r)) for r in start_rooms]))
+        sent += len(start_rooms)
         begin = time.monotonic()
         before = broker.sample()
         received_before = receiver.count if receiver is not None else 0
@@ -141,7 +172,15 @@ def run(seconds: float, rooms: int, window: int, receiver: _Receiver | None) -> 
             if time.monotonic() - last_beat > 0.25:
                 sock.send(frame([heartbeat]))
                 last_beat = time.monotonic()
-            if not sock.poll(1000):
+            if rate:
+                allowed = int(rate * (time.monotonic() - begin)) - sent
+                if ready and allowed > 0:
+                    go, ready = ready[:allowed], ready[allowed:]
+                    sock.send(frame([encode_envelope(command(r)) for r in go]))
+                    sent += len(go)
+            if not sock.poll(5 if rate else 1000):
+                if rate:
+                    continue
                 raise RuntimeError("no answer from the broker")
             batch = unframe(sock.recv())
             assert batch is not None
@@ -155,9 +194,13 @@ def run(seconds: float, rooms: int, window: int, receiver: _Receiver | None) -> 
                 step[r] = (step[r] + 1) % 4
                 if step[r] == 0:
                     cycles += 1
-                nxt.append(encode_envelope(command(r)))
+                if rate:
+                    ready.append(r)
+                else:
+                    nxt.append(encode_envelope(command(r)))
             if nxt:
                 sock.send(frame(nxt))
+                sent += len(nxt)
         elapsed = time.monotonic() - begin
         # What the receiver got in the window (late ones: queued, counted after).
         received = (receiver.count if receiver is not None else 0) - received_before
@@ -166,6 +209,7 @@ def run(seconds: float, rooms: int, window: int, receiver: _Receiver | None) -> 
         time.sleep(1.0)
         result: dict[str, Any] = {
             "webhooks": receiver is not None,
+            "rate_limit": rate or None,
             "seconds": round(elapsed, 2),
             "cycles": cycles,
             "cycles_per_s": round(cycles / elapsed),
@@ -189,22 +233,32 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rooms", type=int, default=500)
     parser.add_argument("--window", type=int, default=256)
+    parser.add_argument(
+        "--rates",
+        default="1000,2000,4000",
+        help="webhook events per second to drive at, each a paced run (comma separated)",
+    )
     args = parser.parse_args()
     receiver = _Receiver()
-    with_hooks = run(args.seconds, args.rooms, args.window, receiver)
+    paced = []
+    try:
+        with_hooks = run(args.seconds, args.rooms, args.window, receiver)
+        for events in [float(r) for r in args.rates.split(",") if r]:
+            # Four requests per cycle, six events: requests/s = events/s x 4 / 6.
+            paced.append(run(args.seconds, args.rooms, args.window, receiver, events * 4 / 6))
+    finally:
+        receiver.stop()
     without = run(args.seconds, args.rooms, args.window, None)
-    extra = None
-    if with_hooks["broker_cpu_us_per_cycle"] and without["broker_cpu_us_per_cycle"]:
-        extra = (with_hooks["broker_cpu_us_per_cycle"] - without["broker_cpu_us_per_cycle"]) / 6
+    base = without["broker_cpu_us_per_cycle"]
+    for result in paced:
+        # What webhooks add: the run's broker CPU less what its cycles cost without them.
+        made = result["events_made"]
+        if base and made:
+            extra = result["broker_cpu_s"] * 1e6 - base * result["cycles"]
+            result["webhook_cpu_us_per_event"] = round(extra / made, 1)
+        result["sustained"] = result["events_received_after_1s"] >= made
     print(
-        json.dumps(
-            {
-                "with_webhooks": with_hooks,
-                "without_webhooks": without,
-                "webhook_cpu_us_per_event": round(extra, 1) if extra is not None else None,
-            },
-            indent=2,
-        )
+        json.dumps({"saturated": with_hooks, "paced": paced, "without_webhooks": without}, indent=2)
     )
 
 

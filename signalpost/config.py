@@ -105,7 +105,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     webhook_urls: list[str] = []
     webhook_secret: str | None = None  # required with webhook_urls
     webhook_timeout: PositiveSeconds = 5.0
-    webhook_concurrency: Count = 8
+    webhook_concurrency: Count = 32
     webhook_max_attempts: Count = 12
     webhook_retry_base: PositiveSeconds = 0.5
     webhook_retry_max: PositiveSeconds = 30.0

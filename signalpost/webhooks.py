@@ -249,7 +249,7 @@ class Webhooks:
         node_id: str = "",
         replica_for: Callable[[str], str | None] = _no_replica,
         max_queue: int = 100_000,
-        concurrency: int = 8,
+        concurrency: int = 32,
         max_attempts: int = 12,
         retry_base: float = 0.5,
         retry_max: float = 30.0,
