@@ -205,3 +205,98 @@ def test_model_every_event_delivered_or_dead_once_per_url_in_stream_order(
 
 def _dead(hooks: Webhooks, key: str) -> bool:
     return hooks.dead > 0  # a dead event lets the stream go on (counted, not tracked)
+
+
+failover_commands = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.sampled_from(["room:a", "room:b", "user:u"])),
+        st.tuples(st.just("copy"), st.booleans()),  # owner -> runner-up; False: lost
+        st.tuples(st.just("send"), st.integers(0, 7)),  # an attempt finishes (ok)
+        st.tuples(st.just("fail"), st.integers(0, 7)),
+        st.tuples(st.just("kill"), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(failover_commands)
+def test_model_kill_9_of_the_owner_loses_nothing_sent_and_keeps_order(
+    script: list[tuple[str, object]],
+) -> None:
+    """An owner and its runner-up against a reference: nothing goes out before the
+    runner-up has it; after the owner's death every event a receiver may have seen, or
+    the runner-up acknowledged, arrives (again, under the same key); first arrivals per
+    stream keep the order events were made in."""
+    owner = Webhooks([URL], node_id="A", replica_for=lambda s: "B", max_attempts=1000)
+    runner_up = Webhooks([URL], node_id="B", max_attempts=1000)
+    live = owner
+    made: dict[str, list[str]] = {}
+    acked: set[str] = set()  # keys the runner-up acknowledged
+    arrived: list[str] = []  # the receiver's log, every arrival
+    flying: list[Attempt] = []
+    owner_attempts: list[Attempt] = []  # (by identity: the same event may go twice)
+    now = 0.0
+    counter = 0
+    dead = False
+    for kind, arg in script:
+        now += 0.3
+        if kind == "add" and not dead:
+            stream = str(arg)
+            key = f"{stream}:{counter}"
+            counter += 1
+            owner.add(make_event(stream, key, "x", now, {}), now)
+            made.setdefault(stream, []).append(key)
+        elif kind == "copy" and not dead:
+            for target, copy in owner.flush(now):
+                assert target == "B" and isinstance(copy, HookCopy)
+                if arg:  # delivered (else lost on the way; resent later)
+                    for _, ack in runner_up.copied(copy):
+                        assert isinstance(ack, HookAck)
+                        acked.update(r.key for s in copy.streams for r in s.events)
+                        owner.acked(ack)
+        elif kind in ("send", "fail") and flying:
+            attempt = flying.pop(int(arg) % len(flying))  # type: ignore[call-overload]
+            node = owner if any(attempt is a for a in owner_attempts) else runner_up
+            if kind == "send":
+                arrived.append(attempt.record.key)
+                if node is owner:
+                    assert attempt.record.key in acked  # never before the runner-up had it
+            node.finished(attempt, kind == "send", now)
+        elif kind == "kill" and not dead:
+            dead = True
+            flying = [a for a in flying if not any(a is o for o in owner_attempts)]
+            for stream in runner_up.shadowed_streams():
+                runner_up.promote(stream, now)
+            live = runner_up
+        new = live.due(now)
+        if live is owner:
+            owner_attempts.extend(new)
+        flying.extend(new)
+    if not dead:  # the owner dies at the end, whatever is pending
+        dead = True
+        flying = [a for a in flying if not any(a is o for o in owner_attempts)]
+        for stream in runner_up.shadowed_streams():
+            runner_up.promote(stream, now)
+    for _ in range(2000):  # drain the runner-up: every attempt succeeds
+        now += 1.0
+        flying.extend(runner_up.due(now))
+        if not flying:
+            break
+        attempt = flying.pop(0)
+        arrived.append(attempt.record.key)
+        runner_up.finished(attempt, True, now)
+    assert not runner_up.queued
+    # Everything the runner-up acknowledged (and so everything sent) arrived.
+    assert acked <= set(arrived)
+    # First arrivals per stream in the order made.
+    first = list(dict.fromkeys(arrived))
+    for stream, keys in made.items():
+        got = [k for k in first if k.startswith(stream + ":")]
+        assert got == [k for k in keys if k in set(got)], (stream, got, keys)
+    # And without gaps: what arrived of a stream is a prefix of what was made, except for
+    # events made after the last acknowledged one (those may die with the owner).
+    for stream, keys in made.items():
+        got = {k for k in first if k.startswith(stream + ":")}
+        last = max((keys.index(k) for k in got), default=-1)
+        assert set(keys[: last + 1]) <= got, (stream, keys, got)
