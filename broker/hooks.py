@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from signalpost.webhooks import Webhooks, make_event, room_stream
+from signalpost.webhooks import Outbound, Webhooks, make_event, room_stream
 
 if TYPE_CHECKING:
     from broker.rooms import Member, Room, RoomEvent
@@ -34,6 +34,9 @@ class RoomHooks:
         self.hooks = hooks
         #: Wall-clock seconds minus the table's clock (``created_at`` in the bodies).
         self.offset = wall_clock
+        #: Keys of the events the room's end made during the request being applied (the
+        #: table holds that request's answer behind their copy: ``hold``).
+        self.ending: list[str] = []
 
     def released(self, room: Room, event: RoomEvent, now: float) -> None:
         payload = event.payload
@@ -79,6 +82,8 @@ class RoomHooks:
         at = now + self.offset
         base = {"room": room.name, "epoch": room.epoch, "offset": offset}
         peer = json.loads(member.peer)
+        if self.hooks.replica_for(stream) is not None:
+            self.ending = [_key(room, offset, ":left"), _key(room, offset, ":ended")]
         self.hooks.add(
             make_event(
                 stream,
@@ -92,6 +97,12 @@ class RoomHooks:
         self.hooks.add(
             make_event(stream, _key(room, offset, ":ended"), "room.ended", at, base), now
         )
+
+    def hold(self, outbound: Outbound) -> list[Outbound]:
+        """``outbound`` (the answer to the leave that ended a room) goes out once the
+        runner-up has the end's events: now if it has (what to send now)."""
+        keys, self.ending = self.ending, []
+        return self.hooks.hold(keys, outbound)
 
     def taken(self, room: Room, now: float, derive: bool = True) -> None:
         """This broker serves ``room`` now, from its replica or a handoff: deliver what the

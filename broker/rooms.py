@@ -758,6 +758,8 @@ class RoomTable:
 
     def _apply(self, command: Request, now: float) -> list[Outbound]:
         out: list[Outbound] = []
+        if self.hooks is not None:
+            self.hooks.ending.clear()
         # The same id in another room is another request: each room's owner decides alone.
         req = command.req
         if type(req) is int:  # ``request_key`` of the usual id, spelled out (hot path)
@@ -811,6 +813,11 @@ class RoomTable:
         # The ack leaves after the deliveries it acknowledges (and after the runner-up has
         # the events): a broker killed before that has not acked, so the edge retries.
         if not self._parked and (room is None or not room.pending):
+            if self.hooks is not None and self.hooks.ending:
+                # This leave ended the room: its answer waits until the runner-up has the
+                # room's last webhook events (nothing else records the end).
+                out.extend(self.hooks.hold((command.edge, reply)))
+                return out
             out.append((command.edge, reply))  # nothing to replicate, nothing held before
             return out
         self._seal(out, now, command, (command.edge, reply), key, record)

@@ -141,7 +141,7 @@ class OwnerNode:
         """An envelope from a peer over this node's own link to it."""
         if type(envelope) is HookAck:
             if self.webhooks is not None and self.webhook_sender is not None:
-                self.webhooks.acked(envelope)
+                self._send(self.webhooks.acked(envelope))  # what waited for the copy
                 self.webhook_sender.poke()
             return
         self._send(self.core.handle(envelope, self._clock()))

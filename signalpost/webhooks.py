@@ -274,6 +274,8 @@ class Webhooks:
         self._next_copy = 0
         self._to_copy: dict[str, list[HookRecord]] = {}  # stream -> events to copy next
         self._cursors: dict[str, str] = {}  # stream -> cursor not told to its runner-up yet
+        # What waits for events to be copied (``hold``): their keys, and what to send then.
+        self._held: list[tuple[list[str], Outbound]] = []
         self.shadow = Shadow(max_queue)
         #: Counters (the shell exports them): delivered, failed attempts, dead-lettered
         #: (max attempts), dropped (queue full).
@@ -439,6 +441,12 @@ class Webhooks:
                     if entry is not None:
                         entry.sendable = True
                 continue
+            # With every event of the stream not acknowledged yet, in the stream's order:
+            # an earlier copy lost and resent later must not put its events behind these
+            # in the runner-up's copy of the stream (it keeps the first place it saw).
+            queue = self.streams.get(stream)
+            if queue is not None:
+                records = [e.record for e in queue if not e.sendable]
             cursor = self._cursors.pop(stream, "")
             by_target.setdefault(replica, {})[stream] = HookStream(stream, records, cursor)
         self._to_copy = {}
@@ -449,6 +457,7 @@ class Webhooks:
                 if stream not in parts:
                     parts[stream] = HookStream(stream, [], cursor)
         self._cursors = {}
+        out.extend(self._let_out())  # (events without a runner-up went out just now)
         for replica, parts in by_target.items():
             chunk: list[HookStream] = []
             size = 0
@@ -480,15 +489,36 @@ class Webhooks:
             self._copies[number] = _Copy(message, target, sent_at=now, number=number, keys=keys)
         out.append((target, message))
 
-    def acked(self, ack: HookAck) -> None:
-        """The runner-up has copy ``ack.number``: its events may go out."""
+    def acked(self, ack: HookAck) -> list[Outbound]:
+        """The runner-up has copy ``ack.number``: its events may go out. What was held
+        for them, to send now."""
         held = self._copies.pop(ack.number, None)
         if held is None:
-            return
+            return []
         for key in held.keys:
             entry = self._keys.get(key)
             if entry is not None:
                 entry.sendable = True
+        return self._let_out()
+
+    def hold(self, keys: list[str], outbound: Outbound) -> list[Outbound]:
+        """Send ``outbound`` only once the events ``keys`` are copied to the runner-up (or
+        gone: delivered, dropped). What to send now."""
+        self._held.append((keys, outbound))
+        return self._let_out()
+
+    def _let_out(self) -> list[Outbound]:
+        if not self._held:
+            return []
+        out: list[Outbound] = []
+        waiting: list[tuple[list[str], Outbound]] = []
+        for keys, outbound in self._held:
+            if all(self._keys[k].sendable for k in keys if k in self._keys):
+                out.append(outbound)
+            else:
+                waiting.append((keys, outbound))
+        self._held = waiting
+        return out
 
     def replicas_changed(self, now: float) -> list[Outbound]:
         """Runner-ups may have changed: what is not acknowledged yet is copied again, each

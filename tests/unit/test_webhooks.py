@@ -282,7 +282,9 @@ def test_model_kill_9_of_the_owner_loses_nothing_sent_and_keeps_order(
         now += 1.0
         flying.extend(runner_up.due(now))
         if not flying:
-            break
+            if not runner_up.queued:
+                break
+            continue  # a retry is due later
         attempt = flying.pop(0)
         arrived.append(attempt.record.key)
         runner_up.finished(attempt, True, now)
@@ -300,3 +302,34 @@ def test_model_kill_9_of_the_owner_loses_nothing_sent_and_keeps_order(
         got = {k for k in first if k.startswith(stream + ":")}
         last = max((keys.index(k) for k in got), default=-1)
         assert set(keys[: last + 1]) <= got, (stream, keys, got)
+
+
+def test_the_leave_that_ends_a_room_is_answered_once_the_runner_up_has_the_end() -> None:
+    # Nothing but the webhook copy records a room's end: a kill -9 before the runner-up has
+    # it must leave the leave unanswered (the edge resends it to the successor).
+    from broker.hooks import RoomHooks
+    from broker.rooms import RoomTable
+    from signalpost.wire import JoinCmd, LeaveCmd, Reply, peer_object
+
+    hooks = Webhooks([URL], node_id="A", replica_for=lambda s: "B")
+    table = RoomTable(
+        capacity=2,
+        resume_window=30,
+        history_max_events=100,
+        history_max_age=600,
+        new_epoch=lambda: "e1",
+        node_id="A",
+    )
+    table.hooks = RoomHooks(hooks)
+    joined = table.handle(
+        JoinCmd("a", "c-a", "edge", 1, 1, "r", peer_object("a", "u", None, None)), 0.0
+    )
+    assert any(isinstance(e, Reply) for _, e in joined)
+    out = table.handle(LeaveCmd("a", "c-a", "edge", 2, 2, "r"), 0.0)
+    assert not any(isinstance(e, Reply) for _, e in out)  # held
+    copies = hooks.flush(0.0)
+    (copy,) = [e for _, e in copies if isinstance(e, HookCopy)]
+    kinds = [r.kind for s in copy.streams for r in s.events]
+    assert kinds[-2:] == ["peer.left", "room.ended"]
+    released = hooks.acked(HookAck(copy.number))
+    assert [type(e) for _, e in released] == [Reply]
