@@ -1076,6 +1076,10 @@ class RoomTable:
                 return
             self._remove(room, command.session, "left", 0.0, [])
             room.forgotten.add(command.session)
+        elif room is not None and not room.active and command.session in room.departed:
+            # Gone already by the owner's replicated peer-left: the edge's word on it came
+            # too (what it re-announces from now on is a join since).
+            room.forgotten.add(command.session)
 
     def _activate(self, room: Room) -> None:
         if room.active:

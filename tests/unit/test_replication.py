@@ -509,3 +509,20 @@ def test_a_replicated_peer_left_removes_the_member_from_the_runner_ups_copy() ->
     # b's join's re-announcement by its edge, late (another link than the owner's): stale.
     restore(replica, "b", True)
     assert set(replica.rooms["room"].members) == {"a"}
+
+
+def test_a_member_gone_by_a_replicated_leave_may_join_again_on_the_same_connection() -> None:
+    # b's leave reached the runner-up twice: the owner's replicated peer-left, then the
+    # edge's ForgetCmd. b then joins again on the same connection: the edge's
+    # re-announcement (after the ForgetCmd on its link) must put b back in the copy.
+    owner, replica = table("A", "B"), table("B", None)
+    pump(owner, replica, owner.handle(join("a", 1), 0.0))
+    pump(owner, replica, owner.handle(join("b", 1), 0.0))
+    restore(replica, "a", True)
+    restore(replica, "b", True)
+    pump(owner, replica, owner.handle(LeaveCmd("b", "c-b", "edge-b", 2, 2, "room"), 0.0))
+    assert set(replica.rooms["room"].members) == {"a"}
+    replica.handle(ForgetCmd("b", "room", "edge-b"), 0.0)
+    pump(owner, replica, owner.handle(join("b", 3), 0.0))
+    restore(replica, "b", True)
+    assert set(replica.rooms["room"].members) == {"a", "b"}
