@@ -608,13 +608,20 @@ class RoomTable:
             return True
         return handoff.history and (handoff.term, handoff.offset) > (room.term, room.offset)
 
-    def _merge_members(self, room: Room, members: list[HandedMember], now: float) -> None:
-        """Keep this broker's (newer) state, with the members only the sender knew (not
-        one that left here since, from that connection: the sender's copy is stale)."""
+    def _merge_members(
+        self, room: Room, members: list[HandedMember], now: float, owner: bool = False
+    ) -> None:
+        """Keep this broker's (newer) state, with the members only the sender knew: not
+        one that left here since, from that connection (the sender's copy is stale), unless
+        the sender is the room's owner (``owner``: its members are the room's)."""
         for handed in members:
             departed = room.departed.get(handed.session)
-            if departed is not None and not conn_supersedes(handed.conn, departed, True):
-                continue
+            if departed is not None:
+                if owner:
+                    del room.departed[handed.session]  # it joined again since
+                    room.forgotten.discard(handed.session)
+                elif not conn_supersedes(handed.conn, departed, True):
+                    continue
             if handed.session not in room.members:
                 suspended = None if handed.suspended_for < 0 else now + handed.suspended_for
                 room.members[handed.session] = Member(
@@ -1718,7 +1725,7 @@ class RoomTable:
                     self._replicated_departure(room, replicated.payload)
             self._trim(room, now)
             if command.members:
-                self._merge_members(room, command.members, now)
+                self._merge_members(room, command.members, now, owner=True)
             if command.reply_key:
                 self._remember(
                     command.reply_session,

@@ -526,3 +526,22 @@ def test_a_member_gone_by_a_replicated_leave_may_join_again_on_the_same_connecti
     pump(owner, replica, owner.handle(join("b", 3), 0.0))
     restore(replica, "b", True)
     assert set(replica.rooms["room"].members) == {"a", "b"}
+
+
+def test_a_new_runner_up_takes_the_owners_members_even_one_that_left_and_came_back() -> None:
+    # The runner-up saw b leave (the owner's replicated peer-left); b joined again on the
+    # same connection and the runner-up changed and changed back: the owner's snapshot
+    # lists b, and it is the room's membership, not a stale copy.
+    owner, replica_name = owner_whose_replica_moves("B")
+    replica = table("B", None)
+    pump(owner, replica, owner.handle(join("a", 1), 0.0))
+    pump(owner, replica, owner.handle(join("b", 1), 0.0))
+    restore(replica, "a", True)
+    restore(replica, "b", True)
+    pump(owner, replica, owner.handle(LeaveCmd("b", "c-b", "edge-b", 2, 2, "room"), 0.0))
+    replica_name[0] = "C"
+    owner.replicas_changed(1.0)
+    owner.handle(join("b", 3), 1.0)  # held for C, which never answers
+    replica_name[0] = "B"
+    pump(owner, replica, owner.replicas_changed(2.0))
+    assert set(replica.rooms["room"].members) == {"a", "b"}
