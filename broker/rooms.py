@@ -848,6 +848,17 @@ class RoomTable:
             out.append((command.edge, _reply(command, refusal, 0)))
             return record
         room = self.rooms.get(command.room)
+        if (
+            type(command) is JoinCmd
+            and record.ok
+            and room is not None
+            and not room.deposed
+            and command.session not in room.members
+            and command.session not in room.departed
+            and record.epoch == room.epoch
+        ):
+            self._activate(room)  # (served here: the command passed the gate)
+            self._seat_recorded_join(room, command, record, out)
         member = (
             record.member
             if same_request
@@ -885,6 +896,24 @@ class RoomTable:
         else:
             out.append(reply)
         return record
+
+    def _seat_recorded_join(
+        self, room: Room, command: JoinCmd, record: _Record, out: list[Outbound]
+    ) -> None:
+        """A resent join this broker has the record of (replicated) but no seat for: the
+        owner that applied it died before answering, so its edge never re-announced the
+        member to the runner-up. Seated now, its stream from the join's answer on."""
+        seat = room.members[command.session] = Member(
+            command.session, command.peer, command.edge, command.conn
+        )
+        self._rooms_of.setdefault(command.session, set()).add(room.name)
+        start = max(record.offset, room.trimmed_through)
+        seat.confirmed = seat.start = seat.joined = start
+        seat.joined_in, seat.joined_by = room.epoch, command.conn
+        seat.sent = self._replay(room, seat, start, room.released, out)
+        if self.confirming and seat.sent > seat.confirmed:
+            seat.sent_at = self._now
+            self._unconfirmed[seat] = room
 
     @staticmethod
     def _reply(command: Request, record: _Record, room: Room | None, member: bool) -> Reply:

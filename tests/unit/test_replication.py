@@ -545,3 +545,23 @@ def test_a_new_runner_up_takes_the_owners_members_even_one_that_left_and_came_ba
     replica_name[0] = "B"
     pump(owner, replica, owner.replicas_changed(2.0))
     assert set(replica.rooms["room"].members) == {"a", "b"}
+
+
+def test_a_join_replicated_but_never_answered_is_seated_by_the_successor() -> None:
+    # The owner replicated b's join and died before answering it: b's edge never
+    # re-announced b to the runner-up. The resent join is answered from the replicated
+    # record, and b must hold a seat there (else its leave is refused, no peer-left made).
+    owner, replica = table("A", "B"), table("B", None)
+    pump(owner, replica, owner.handle(join("a", 1), 0.0))
+    restore(replica, "a", True)
+    out = owner.handle(join("b", 1), 0.0)
+    (replicate,) = [e for _, e in out if isinstance(e, ReplicateCmd)]
+    replica.handle(replicate, 0.0)  # acked, but the owner is dead
+    answered = replica.handle(join("b", 1), 1.0)
+    (reply,) = replies(answered)
+    assert reply.ok and reply.member
+    assert set(replica.rooms["room"].members) == {"a", "b"}
+    left = replica.handle(LeaveCmd("b", "c-b", "edge-b", 2, 2, "room"), 1.0)
+    assert [f["type"] for f in frames(left)] == ["left"]  # (a is told once it syncs)
+    last = json.loads(replica.rooms["room"].history[-1].payload)
+    assert last["type"] == "peer-left" and last["peer"]["session"] == "b"
