@@ -1,10 +1,12 @@
-"""Webhooks from a real cluster to a real HTTP receiver, across a broker kill -9 and an
-edge kill: signatures verify, every event arrives (duplicates only under the same key),
-and each room's events arrive in order."""
+"""Webhooks from a real cluster to a real HTTP receiver, across a broker kill -9, a
+broker's SIGTERM (its rooms handed over), an edge kill and a presence node's kill -9:
+signatures verify, every event arrives (duplicates only under the same key), and each
+room's (each user's) events arrive in order."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -114,9 +116,10 @@ async def _run(cluster: Cluster, receiver: Receiver, kill: str) -> None:
             *(_churn(alice, bob, room, joins[room], progress, killing) for room in rooms)
         )
         await killing.wait()  # a third of the cycles done, the rest under way
-        if kill == "broker":
+        if kill in ("broker", "broker-sigterm"):
             owners = Counter(cluster.owner_of(room) for room in rooms)
-            cluster.kill(owners.most_common(1)[0][0])
+            sig = signal.SIGTERM if kill == "broker-sigterm" else signal.SIGKILL
+            cluster.kill(owners.most_common(1)[0][0], sig)
         else:
             cluster.kill(cluster.of_kind("edge")[0]["id"])
         assert progress[0] < 2 * CYCLES * ROOMS * 2 // 3, "the kill came too late"
@@ -143,7 +146,7 @@ async def _run(cluster: Cluster, receiver: Receiver, kill: str) -> None:
         _check_room(receiver, room, joins[room])
 
 
-@pytest.mark.parametrize("kill", ["broker", "edge"])
+@pytest.mark.parametrize("kill", ["broker", "edge", "broker-sigterm"])
 async def test_every_room_event_arrives_in_order_across_a_kill(
     cluster_factory: ClusterFactory, receiver: Receiver, kill: str
 ) -> None:
