@@ -53,6 +53,7 @@ from typing import Final, Literal
 import msgspec
 from msgspec import Raw
 
+from broker.hooks import RoomHooks
 from signalpost.errors import (
     BadRequest,
     NotFound,
@@ -123,6 +124,9 @@ MAX_LATEST_CONNS: Final = 200_000
 
 #: Members that left a room remembered per room (see ``Room.departed``).
 DEPARTED_MAX: Final = 1024
+
+#: Epochs of rooms that ended here remembered (``RoomTable._ended``).
+MAX_ENDED_EPOCHS: Final = 100_000
 
 #: Seconds a broker that takes a room over waits for the broker that served it until now
 #: to hand it over; then it serves the room without (a new epoch: ``recovered: false``).
@@ -231,6 +235,9 @@ class Room:
     # session -> connection of members that left: a late re-announcement from that
     # connection must not bring them back (bounded: DEPARTED_MAX, oldest first)
     departed: dict[str, str] = field(default_factory=dict)
+    # ... of which those a passive copy was told of by their edge (``ForgetCmd``): that
+    # edge's later re-announcement from the same connection is a join since
+    forgotten: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -345,6 +352,10 @@ class RoomTable:
         #: its state, only as its owner. None: not checked (views from heartbeats).
         self.owner_of = owner_of
         self._awaiting: dict[str, _Awaiting] = {}  # room -> the handoff it waits for
+        # Epochs of rooms that ended here (their last member left), newest last: a
+        # runner-up's copy of one (it may not have heard of the end) is stale, and a
+        # handoff of it must not bring its departed members back.
+        self._ended: OrderedDict[str, None] = OrderedDict()
         # session -> (conn, edge) of its newest connection heard from (attach, join, leave,
         # re-announcement): an older one's late word must not bind the session to it
         self._latest: OrderedDict[str, tuple[str, str]] = OrderedDict()
@@ -368,6 +379,9 @@ class RoomTable:
         #: Presence's seat tickets (``signalpost.tickets``): with them, a seat moves to
         #: another edge only on a valid ticket; None (dev, plaintext links): unchecked.
         self.tickets: SeatTickets | None = None
+        #: Webhooks (``broker.hooks``): told what is released, what ends, what is taken
+        #: over. None: no webhooks configured.
+        self.hooks: RoomHooks | None = None
 
     # ----------------------------------------------------------------- dispatch
 
@@ -598,7 +612,9 @@ class RoomTable:
                 return out
         if command.retry and awaiting is not None:
             return out  # asked again from ``expire``
-        if command.present:
+        if command.present and command.epoch in self._ended:
+            pass  # a copy of an incarnation that ended here: its members all left
+        elif command.present:
             room = self.rooms.get(command.room)
             if room is None or self._newer_state(command, room):
                 self._install(command, now, out)
@@ -620,13 +636,24 @@ class RoomTable:
             return True
         return handoff.history and (handoff.term, handoff.offset) > (room.term, room.offset)
 
-    def _merge_members(self, room: Room, members: list[HandedMember], now: float) -> None:
-        """Keep this broker's (newer) state, with the members only the sender knew, and
-        in a passive copy the seats the sender knows on a newer connection: a copy that
-        missed a resume (an attach sent while this broker was paused or unreachable) would
-        otherwise keep the seat on the session's old edge, and refuse its signals after a
-        takeover."""
+    def _merge_members(
+        self, room: Room, members: list[HandedMember], now: float, owner: bool = False
+    ) -> None:
+        """Keep this broker's (newer) state, with the members only the sender knew: not
+        one that left here since, from that connection (the sender's copy is stale), unless
+        the sender is the room's owner (``owner``: its members are the room's). In a
+        passive copy, a seat the sender knows on a newer connection is taken too: a copy
+        that missed a resume (an attach sent while this broker was paused or unreachable)
+        would otherwise keep the seat on the session's old edge, and refuse its signals
+        after a takeover."""
         for handed in members:
+            departed = room.departed.get(handed.session)
+            if departed is not None:
+                if owner:
+                    del room.departed[handed.session]  # it joined again since
+                    room.forgotten.discard(handed.session)
+                elif not conn_supersedes(handed.conn, departed, True):
+                    continue
             suspended = None if handed.suspended_for < 0 else now + handed.suspended_for
             member = room.members.get(handed.session)
             if member is None:
@@ -722,6 +749,8 @@ class RoomTable:
         for r in command.records:
             record = _Record(r.payload, r.fingerprint, now - r.age, r.ok, r.epoch, r.offset)
             self._remember(r.session, r.key, record)
+        if self.hooks is not None and command.history and not room.deposed:
+            self.hooks.taken(room, now, derive=False)
         for member in streaming if not room.deposed else ():
             if member.sent > member.confirmed:
                 self._resend(room, member, now, out)
@@ -777,6 +806,8 @@ class RoomTable:
 
     def _apply(self, command: Request, now: float) -> list[Outbound]:
         out: list[Outbound] = []
+        if self.hooks is not None:
+            self.hooks.ending.clear()
         # The same id in another room is another request: each room's owner decides alone.
         req = command.req
         if type(req) is int:  # ``request_key`` of the usual id, spelled out (hot path)
@@ -836,6 +867,11 @@ class RoomTable:
         # The ack leaves after the deliveries it acknowledges (and after the runner-up has
         # the events): a broker killed before that has not acked, so the edge retries.
         if not self._parked and (room is None or not room.pending):
+            if self.hooks is not None and self.hooks.ending:
+                # This leave ended the room: its answer waits until the runner-up has the
+                # room's last webhook events (nothing else records the end).
+                out.extend(self.hooks.hold((command.edge, reply)))
+                return out
             out.append((command.edge, reply))  # nothing to replicate, nothing held before
             return out
         self._seal(out, now, command, (command.edge, reply), key, record)
@@ -859,6 +895,17 @@ class RoomTable:
             out.append((command.edge, _reply(command, refusal, 0)))
             return record
         room = self.rooms.get(command.room)
+        if (
+            type(command) is JoinCmd
+            and record.ok
+            and room is not None
+            and not room.deposed
+            and command.session not in room.members
+            and command.session not in room.departed
+            and record.epoch == room.epoch
+        ):
+            self._activate(room)  # (served here: the command passed the gate)
+            self._seat_recorded_join(room, command, record, out)
         member = (
             record.member
             if same_request
@@ -896,6 +943,24 @@ class RoomTable:
         else:
             out.append(reply)
         return record
+
+    def _seat_recorded_join(
+        self, room: Room, command: JoinCmd, record: _Record, out: list[Outbound]
+    ) -> None:
+        """A resent join this broker has the record of (replicated) but no seat for: the
+        owner that applied it died before answering, so its edge never re-announced the
+        member to the runner-up. Seated now, its stream from the join's answer on."""
+        seat = room.members[command.session] = Member(
+            command.session, command.peer, command.edge, command.conn
+        )
+        self._rooms_of.setdefault(command.session, set()).add(room.name)
+        start = max(record.offset, room.trimmed_through)
+        seat.confirmed = seat.start = seat.joined = start
+        seat.joined_in, seat.joined_by = room.epoch, command.conn
+        seat.sent = self._replay(room, seat, start, room.released, out)
+        if self.confirming and seat.sent > seat.confirmed:
+            seat.sent_at = self._now
+            self._unconfirmed[seat] = room
 
     @staticmethod
     def _reply(command: Request, record: _Record, room: Room | None, member: bool) -> Reply:
@@ -1134,10 +1199,16 @@ class RoomTable:
             self._activate(room)
         member = room.members.get(command.session)
         departed = room.departed.get(command.session)
+        # To a passive copy told of the leave by the edge (``ForgetCmd``), a re-announcement
+        # comes from that edge on the same link, after it: one from the same connection is
+        # a join since (a session that left and joined again), not a late word. (A leave
+        # the owner replicated, or applied where the room is served, came another way:
+        # only a newer connection is news.)
+        again = command.replica and not room.active and command.session in room.forgotten
         if (
             member is None
             and departed is not None
-            and not conn_supersedes(command.conn, departed, True)
+            and not conn_supersedes(command.conn, departed, not again)
         ):
             if not room.members:
                 del self.rooms[command.room]
@@ -1170,6 +1241,11 @@ class RoomTable:
                 self._not_theirs(command, member)
                 return
             self._remove(room, command.session, "left", 0.0, [])
+            room.forgotten.add(command.session)
+        elif room is not None and not room.active and command.session in room.departed:
+            # Gone already by the owner's replicated peer-left: the edge's word on it came
+            # too (what it re-announces from now on is a join since).
+            room.forgotten.add(command.session)
 
     def _activate(self, room: Room) -> None:
         if room.active:
@@ -1179,6 +1255,8 @@ class RoomTable:
             # Everything the previous owner replicated is known here: visible from now on.
             room.released = room.offset
             room.term = max(room.term + 1, self._new_term())
+            if self.hooks is not None:
+                self.hooks.taken(room, self._now)
         else:
             room.term = self._new_term()
             # Whatever history there was died with the previous owner: a new epoch tells
@@ -1463,8 +1541,11 @@ class RoomTable:
         member = room.members.pop(session)
         self._unconfirmed.pop(member, None)
         room.departed[session] = member.conn
+        room.forgotten.discard(session)
         if len(room.departed) > DEPARTED_MAX:
-            del room.departed[next(iter(room.departed))]
+            oldest = next(iter(room.departed))
+            del room.departed[oldest]
+            room.forgotten.discard(oldest)
         rooms = self._rooms_of.get(session)
         if rooms is not None:
             rooms.discard(room.name)
@@ -1472,8 +1553,19 @@ class RoomTable:
                 del self._rooms_of[session]
         if not room.members:
             del self.rooms[room.name]  # a new room of that name gets a new epoch
+            if room.active and not room.deposed:
+                self._ended[room.epoch] = None
+                if len(self._ended) > MAX_ENDED_EPOCHS:
+                    self._ended.popitem(last=False)
+            hooks = self.hooks if room.active and not room.deposed else None
             while room.pending:  # nobody is left to need the events; replies still go
-                out.extend(room.pending.popleft().after)
+                batch = room.pending.popleft()
+                if hooks is not None:  # (their replies say they happened)
+                    for event in batch.events:
+                        hooks.released(room, event, now)
+                out.extend(batch.after)
+            if hooks is not None:
+                hooks.ended(room, member, reason, now)
             return
         if not room.active or room.deposed:
             return
@@ -1505,6 +1597,8 @@ class RoomTable:
         if not room.pending and (not self._replicating or self.replica_for(room.name) is None):
             room.released = event.offset
             self._deliver(room, event, recipients, now, out)
+            if self.hooks is not None:
+                self.hooks.released(room, event, now)
             return
         parked = self._parked.get(room.name)
         if parked is None:
@@ -1673,6 +1767,8 @@ class RoomTable:
                 room.released = event.offset
                 if room.active and self.rooms.get(room.name) is room:
                     self._deliver(room, event, None, now, out)
+                    if self.hooks is not None and not room.deposed:
+                        self.hooks.released(room, event, now)
             out.extend(batch.after)
 
     # ----------------------------------------------------------------- replication
@@ -1795,9 +1891,11 @@ class RoomTable:
                         replicated.offset, now, tuple(replicated.recipients), replicated.payload
                     )
                 )
+                if replicated.payload.startswith(_PEER_LEFT):
+                    self._replicated_departure(room, replicated.payload)
             self._trim(room, now)
             if command.members:
-                self._merge_members(room, command.members, now)
+                self._merge_members(room, command.members, now, owner=True)
             if command.reply_key:
                 self._remember(
                     command.reply_session,
@@ -1812,6 +1910,27 @@ class RoomTable:
                     ),
                 )
         return [(command.owner, ReplicaAck(command.room, command.batch))]
+
+    def _replicated_departure(self, room: Room, payload: bytes) -> None:
+        """A replicated ``peer-left``: the member is gone from the passive copy too. (Its
+        edge's ``ForgetCmd`` comes only after the leave's answer, which a killed owner may
+        never send: the member would stay, and a takeover would serve it again.)"""
+        session = msgspec.json.decode(payload, type=_LeftPeer).peer.session
+        member = room.members.pop(session, None)
+        if member is None:
+            return
+        self._unconfirmed.pop(member, None)
+        room.departed[session] = member.conn
+        room.forgotten.discard(session)
+        if len(room.departed) > DEPARTED_MAX:
+            oldest = next(iter(room.departed))
+            del room.departed[oldest]
+            room.forgotten.discard(oldest)
+        rooms = self._rooms_of.get(session)
+        if rooms is not None:
+            rooms.discard(room.name)
+            if not rooms:
+                del self._rooms_of[session]
 
     def demote(self, name: str) -> list[Outbound]:
         """Another broker owns ``name`` now: keep its membership passively, drop history.
@@ -1873,6 +1992,19 @@ def _summary(room: Room) -> dict[str, object]:
         "epoch": room.epoch,
         "offset": room.released,
     }
+
+
+_PEER_LEFT: Final = b'{"type":"peer-left"'
+
+
+class _Session(msgspec.Struct):
+    session: str
+
+
+class _LeftPeer(msgspec.Struct):
+    """What a runner-up reads of a replicated ``peer-left`` frame."""
+
+    peer: _Session
 
 
 def _handed_members(room: Room, now: float) -> list[HandedMember]:

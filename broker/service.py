@@ -20,6 +20,7 @@ import logging
 import secrets
 import time
 
+from broker.hooks import RoomHooks
 from broker.rooms import Outbound, RoomTable
 from signalpost.config import Settings
 from signalpost.lifecycle import until_stopped
@@ -27,12 +28,20 @@ from signalpost.node import OwnerNode
 from signalpost.ownership import BROKERS, View
 from signalpost.placement import owner, ranking
 from signalpost.transport import refused_sender
-from signalpost.wire import Envelope, Handoff, HandoffRequest, ReplicateCmd, encode_envelope
+from signalpost.webhook_sender import WebhookSender, webhooks_from
+from signalpost.wire import (
+    Envelope,
+    Handoff,
+    HandoffRequest,
+    HookCopy,
+    ReplicateCmd,
+    encode_envelope,
+)
 
 log = logging.getLogger("signalpost.broker")
 
 #: Envelopes that go to a peer broker over this broker's own link to it.
-_TO_PEERS = (ReplicateCmd, HandoffRequest, Handoff)
+_TO_PEERS = (ReplicateCmd, HandoffRequest, Handoff, HookCopy)
 #: The same as a set of exact types: a set lookup per outbound envelope costs less than an
 #: isinstance against a tuple (these classes have no subclasses).
 _TO_PEER_TYPES: frozenset[type] = frozenset(_TO_PEERS)
@@ -89,6 +98,19 @@ class BrokerNode(OwnerNode):
         # With Consul: the newest view read there decides ownership (None: not read yet,
         # this broker owns nothing); without, ``_live`` does.
         self._discovered = list(settings.broker_endpoints)  # configured, or found in Consul
+        if settings.webhook_urls:
+            assert settings.webhook_secret is not None  # Settings checks it
+            self.webhooks = webhooks_from(
+                settings, self.placement_id, lambda stream: self._replica_for(stream[5:])
+            )
+            self.table.hooks = RoomHooks(self.webhooks, time.time() - self._clock())
+            self.webhook_sender = WebhookSender(
+                self.webhooks,
+                settings.webhook_secret,
+                timeout=settings.webhook_timeout,
+                send=self._send,
+                clock=self._clock,
+            )
 
     def _replica_for(self, room: str) -> str | None:
         # Asked for every batch of room events: hashing the peer set each time showed in
@@ -151,6 +173,8 @@ class BrokerNode(OwnerNode):
         super()._view_changed(view)
 
     def _send(self, outbound: list[Outbound]) -> None:
+        if self.webhook_sender is not None:
+            self.webhook_sender.poke()  # a command may have queued webhook events
         send_body = self.router.send_body
         for target, envelope in outbound:
             if type(envelope) in _TO_PEER_TYPES:
@@ -169,6 +193,7 @@ class BrokerNode(OwnerNode):
         self._replicas.clear()
         if self._by_view:  # liveness moves no room: only a new view does
             self._send(self.table.replicas_changed(self._clock()))
+            self._hooks_placement_changed()
             return
         # Just started, a broker has not heard its peers yet: until one heartbeat expiry
         # has passed it counts them alive, so it asks them for the rooms they serve
@@ -181,6 +206,19 @@ class BrokerNode(OwnerNode):
             ]
         )
         self._send(self.table.replicas_changed(self._clock()))
+        self._hooks_placement_changed()
+
+    def _hooks_placement_changed(self) -> None:
+        """Take over the webhook streams of rooms this broker owns now that it holds
+        copies of (their owner died, maybe after the rooms ended), and copy what is not
+        acknowledged yet to the runner-ups as they are now."""
+        if self.webhooks is None:
+            return
+        now = self._clock()
+        for stream in self.webhooks.shadowed_streams():
+            if stream.startswith("room:") and self._owns(stream[5:]):
+                self.webhooks.promote(stream, now)
+        self._send(self.webhooks.replicas_changed(now))
 
     async def draining(self) -> None:
         """SIGTERM: hand every room served here to its next owner, then stop serving."""

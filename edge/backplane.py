@@ -14,10 +14,13 @@ import time
 from collections.abc import Callable, Collection
 from typing import Protocol
 
+from broker.hooks import RoomHooks
 from broker.service import room_table
+from presence.hooks import PresenceHooks
 from presence.service import wall_clock_ms
 from presence.table import PresenceTable
 from signalpost.config import Settings
+from signalpost.webhook_sender import WebhookSender, webhooks_from
 from signalpost.wire import AttachCmd, EdgeSync, Envelope, RestoreCmd, RoomPosition
 
 #: Where an edge receives what the owners send back.
@@ -111,6 +114,15 @@ class LocalBackplane:
         self._edge_id = ""
         self._inbox: Inbox | None = None
         self._timer: asyncio.Task[None] | None = None
+        self.webhook_sender: WebhookSender | None = None
+        if settings.webhook_urls:  # one process: no runner-up to copy to
+            assert settings.webhook_secret is not None  # Settings checks it
+            hooks = webhooks_from(settings)
+            self.rooms.hooks = RoomHooks(hooks, time.time() - clock())
+            self.presence.hooks = PresenceHooks(hooks, time.time() - clock())
+            self.webhook_sender = WebhookSender(
+                hooks, settings.webhook_secret, timeout=settings.webhook_timeout, clock=clock
+            )
 
     def connect(
         self,
@@ -126,6 +138,8 @@ class LocalBackplane:
 
     def _dispatch(self, outbound: list[tuple[str, Envelope]]) -> None:
         assert self._inbox is not None, "connect() an edge first"
+        if self.webhook_sender is not None:
+            self.webhook_sender.poke()
         for _edge, envelope in outbound:
             self._inbox(envelope)
 
@@ -137,6 +151,8 @@ class LocalBackplane:
         inbox = self._inbox  # the loop of _dispatch, inline: once per client request
         for _edge, envelope in self.rooms.handle(command, self._clock()):
             inbox(envelope)
+        if self.webhook_sender is not None:
+            self.webhook_sender.poke()
 
     def to_all_brokers(self, command: Envelope, rooms: Collection[str] = ()) -> None:
         self._dispatch(self.rooms.handle(command, self._clock()))
@@ -164,8 +180,12 @@ class LocalBackplane:
 
     async def start(self) -> None:
         self._timer = asyncio.create_task(self._expire_loop(), name="dev-expiry")
+        if self.webhook_sender is not None:
+            await self.webhook_sender.start()
 
     async def close(self) -> None:
+        if self.webhook_sender is not None:
+            await self.webhook_sender.close()
         if self._timer is not None:
             self._timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

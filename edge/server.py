@@ -20,7 +20,7 @@ import logging
 import mimetypes
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib import resources
@@ -171,6 +171,9 @@ class EdgeServer:
         self.tls = EdgeTls.from_settings(settings)
         self.edge_id = edge_id or settings.node_id or f"edge-{secrets.token_hex(4)}"
         self.backplane = backplane
+        #: Dev mode's own webhook receiver (``signalpost.dev_webhooks``): its events since
+        #: a number, for ``/v1/dev-webhooks`` (None: not served).
+        self.dev_webhooks: Callable[[str], bytes] | None = None
         #: The room logic, sans I/O; its actions are carried out by ``_act``.
         self.core: EdgeCore[ClientConnection] = EdgeCore(self.edge_id, lossy=backplane.lossy)
         self.sessions: dict[str, ClientConnection] = self.core.sessions
@@ -564,6 +567,8 @@ class EdgeServer:
             return _response(HTTPStatus.OK, body, content_type)
         if url.path == "/v1/dev-token" and self.settings.dev_tokens:
             return self._dev_token(url.query)
+        if url.path == "/v1/dev-webhooks" and self.dev_webhooks is not None:
+            return _response(HTTPStatus.OK, self.dev_webhooks(url.query), "application/json")
         return _static(url.path)
 
     def _ice_servers(self, user: str, now: float) -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ import functools
 import logging
 import time
 
+from presence.hooks import PresenceHooks
 from presence.table import Outbound, PresenceTable
 from signalpost import metrics
 from signalpost.config import Settings
@@ -43,13 +44,14 @@ from signalpost.ownership import PRESENCE, View
 from signalpost.placement import owner, ranking
 from signalpost.remote_tier import RemoteTier
 from signalpost.transport import DealerLink, refused_sender
-from signalpost.wire import LeaseCopy, StatusSubscribe, encode_envelope
+from signalpost.webhook_sender import WebhookSender, webhooks_from
+from signalpost.wire import HookCopy, LeaseCopy, StatusSubscribe, encode_envelope
 
 log = logging.getLogger("signalpost.presence")
 
 #: Envelopes that go to another presence node over this node's own link to it (status
 #: notes go back through the ROUTER, to the subscriber's identity).
-_TO_PEER_TYPES: frozenset[type] = frozenset({StatusSubscribe, LeaseCopy})
+_TO_PEER_TYPES: frozenset[type] = frozenset({StatusSubscribe, LeaseCopy, HookCopy})
 
 
 def wall_clock_ms() -> int:
@@ -94,6 +96,19 @@ class PresenceNode(OwnerNode):
         self._reported = 0  # table drop counters already exported
         # Global presence: the other regions' presence tiers (region -> followed tier).
         self._regions: dict[str, RemoteTier] = {}
+        if settings.webhook_urls:
+            assert settings.webhook_secret is not None  # Settings checks it
+            self.webhooks = webhooks_from(
+                settings, self.placement_id, lambda stream: self._replica_of(stream[5:])
+            )
+            self.table.hooks = PresenceHooks(self.webhooks, time.time() - self._clock())
+            self.webhook_sender = WebhookSender(
+                self.webhooks,
+                settings.webhook_secret,
+                timeout=settings.webhook_timeout,
+                send=self._send,
+                clock=self._clock,
+            )
 
     @property
     def endpoint(self) -> str:
@@ -121,6 +136,14 @@ class PresenceNode(OwnerNode):
         self._placing = placing
         log.info("presence placed on %s", ", ".join(placing) or "nobody")
         self._send(self.table.view_changed(self._clock()))
+        if self.webhooks is not None:
+            # Users taken over: deliver what their previous owner copied here and may
+            # not have delivered; copy what is unacknowledged to the runner-ups now.
+            now = self._clock()
+            for stream in self.webhooks.shadowed_streams():
+                if stream.startswith("user:") and self.table.owns(stream[5:]):
+                    self.webhooks.promote(stream, now)
+            self._send(self.webhooks.replicas_changed(now))
 
     def _view_changed(self, view: View) -> None:
         """A newer presence view was read from Consul: place users on its members."""
@@ -151,6 +174,8 @@ class PresenceNode(OwnerNode):
     # ----------------------------------------------------------------- I/O
 
     def _send(self, outbound: list[Outbound]) -> None:
+        if self.webhook_sender is not None:
+            self.webhook_sender.poke()  # a command may have queued webhook events
         send_body = self.router.send_body
         for target, envelope in outbound:
             if type(envelope) in _TO_PEER_TYPES:

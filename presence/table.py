@@ -146,6 +146,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from presence.hooks import PresenceHooks
 from presence.regional import STALE_AFTER, RegionalStatuses
 from signalpost.replication import Unacked, resend_late, retarget
 from signalpost.tickets import SeatTickets
@@ -444,6 +445,8 @@ class PresenceTable:
         #: subscription answers naming them wait for those regions' notes.
         self._cross_deferred: dict[str, float] = {}
         self._now = 0.0  # the time of the call under way
+        #: Webhooks (``presence.hooks``): told every status version of users owned here.
+        self.hooks: PresenceHooks | None = None
 
     def owns(self, user: str) -> bool:
         """Whether this node owns ``user`` in its view (always, without a view function)."""
@@ -990,6 +993,8 @@ class PresenceTable:
     def _notify(self, user: str, was: Status, out: list[Outbound]) -> None:
         if user in self._region_subscribers:
             self._tell_regions(user, out)
+        if self.hooks is not None and self.owns(user):
+            self.hooks.status(user, self._note_status(user), self._now)
         now_status = self.status(user)
         if now_status == was or user in self._settling:
             if self.owns(user):

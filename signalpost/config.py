@@ -105,6 +105,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     history_max_events: Annotated[int, Meta(ge=0)] = 1024
     history_max_age: Seconds = 120.0
 
+    # webhooks (signalpost/webhooks.py, docs/webhooks.md)
+    webhook_urls: list[str] = []
+    webhook_secret: str | None = None  # required with webhook_urls
+    webhook_timeout: PositiveSeconds = 5.0
+    webhook_concurrency: Count = 32
+    webhook_max_attempts: Count = 12
+    webhook_retry_base: PositiveSeconds = 0.5
+    webhook_retry_max: PositiveSeconds = 30.0
+    webhook_queue_max: Count = 100_000
+
     # cluster
     node_id: str | None = None
     broker_bind: str = "tcp://127.0.0.1:5555"
@@ -126,6 +136,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     def __post_init__(self) -> None:
         parse_home_rules(self.room_homes)  # a bad rule is refused at load, naming it
+        if self.webhook_urls and not self.webhook_secret:
+            raise ValueError("webhook_urls needs webhook_secret (every request is signed)")
+        for url in self.webhook_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"webhook URL {url!r} is not http:// or https://")
         if self.regions and self.region not in self.regions:
             raise ValueError(f"region {self.region!r} is not one of regions {self.regions}")
 
@@ -307,6 +322,20 @@ MEANINGS: Final = {
     "room_capacity": "members per room (the seed app's rule is 2)",
     "history_max_events": "events kept per room for resume",
     "history_max_age": "seconds events are kept per room for resume",
+    "webhook_urls": "URLs every webhook event is POSTed to (comma separated; empty: no "
+    "webhooks). Brokers, presence nodes and `signalpost dev` send them (docs/webhooks.md)",
+    "webhook_secret": "the HMAC-SHA256 key of the `Signalpost-Signature` header; required "
+    "with `webhook_urls`",
+    "webhook_timeout": "seconds one webhook request may take (then it failed, and is retried)",
+    "webhook_concurrency": "webhook requests in flight per URL (one per room or user at a "
+    "time: order per stream)",
+    "webhook_max_attempts": "failed attempts of one event to one URL before it is "
+    'dead-lettered (`signalpost_webhook_events{outcome="dead"}`) and the stream goes on',
+    "webhook_retry_base": "seconds before the first retry; doubled each retry up to "
+    "`webhook_retry_max`, of which a random half (jitter)",
+    "webhook_retry_max": "longest wait between two attempts (seconds)",
+    "webhook_queue_max": "webhook events queued per node (and kept per runner-up); past it "
+    'new events are dropped and counted (`outcome="dropped"`): signalling never waits',
     "node_id": "this node's id (default: an edge's is its key's name; else generated)",
     "broker_bind": "a broker's ZeroMQ endpoint; as dialled (a wildcard host advertised as "
     "`advertise_host`) it is also the broker's placement id",

@@ -173,3 +173,13 @@ API_KICKED = Counter(
 def exposition() -> tuple[bytes, str]:
     """The text exposition format and its content type."""
     return generate_latest(), CONTENT_TYPE_LATEST
+
+
+WEBHOOK_EVENTS = Counter(
+    "signalpost_webhook_events",
+    "Webhook requests and events by outcome: delivered (a 2xx), failed (an attempt that "
+    "will be retried), dead (dead-lettered after webhook_max_attempts for one URL), "
+    "dropped (the queue was full: webhook_queue_max)",
+    ["outcome"],
+)
+WEBHOOK_QUEUE = Gauge("signalpost_webhook_queue", "Webhook events queued on this node")

@@ -31,7 +31,9 @@ from signalpost.node_keys import node_keys
 from signalpost.ownership import Tier, TierMembership, View
 from signalpost.tickets import seat_tickets
 from signalpost.transport import DealerLink, RouterEndpoint, new_incarnation, refused_sender
-from signalpost.wire import SENDER_KINDS, Envelope, encode_envelope, sender_of
+from signalpost.webhook_sender import WebhookSender
+from signalpost.webhooks import Webhooks
+from signalpost.wire import SENDER_KINDS, Envelope, HookAck, HookCopy, encode_envelope, sender_of
 
 log = logging.getLogger("signalpost.node")
 
@@ -101,6 +103,9 @@ class OwnerNode:
         self._membership: TierMembership | None = None
         self._incarnation = new_incarnation()
         self._running = False  # links are started once the router is up
+        #: Webhooks (``webhook_urls`` set): the subclass makes the core and its sender.
+        self.webhooks: Webhooks | None = None
+        self.webhook_sender: WebhookSender | None = None
 
     @property
     def endpoint(self) -> str:
@@ -120,6 +125,10 @@ class OwnerNode:
             # own (its key says so), so this is a forgery or a bug, never served.
             refused_sender(peer, f"{type(envelope).__name__} names {sender!r}")
             return
+        if type(envelope) is HookCopy:  # a peer's webhook events, kept for a takeover
+            if self.webhooks is not None:
+                self._send(self.webhooks.copied(envelope))
+            return
         self._send(self.core.handle(envelope, self._clock()))
 
     def _on_edge_lost(self, edge: str) -> None:
@@ -130,6 +139,11 @@ class OwnerNode:
 
     def _from_peer(self, envelope: Envelope) -> None:
         """An envelope from a peer over this node's own link to it."""
+        if type(envelope) is HookAck:
+            if self.webhooks is not None and self.webhook_sender is not None:
+                self._send(self.webhooks.acked(envelope))  # what waited for the copy
+                self.webhook_sender.poke()
+            return
         self._send(self.core.handle(envelope, self._clock()))
 
     def _peers_changed(self, *_link: object) -> None:
@@ -178,6 +192,8 @@ class OwnerNode:
     async def started(self) -> None:
         """Hook: the router is up: link to the configured peers (subclasses extend)."""
         self._running = True
+        if self.webhook_sender is not None:
+            await self.webhook_sender.start()
         self.update_peers(self._discovered)
 
     def discovering(self, discovery: Discovery) -> None:
@@ -207,6 +223,8 @@ class OwnerNode:
         """The node is about to close its router: leave Consul's view keeping, close links."""
         if self._membership is not None:
             await self._membership.close()
+        if self.webhook_sender is not None:
+            await self.webhook_sender.close()
         for link in self.peers.values():
             await link.close()
 

@@ -798,6 +798,42 @@ class ApiAnswer(_Envelope, tag=65, frozen=True):
     body: bytes
 
 
+class HookRecord(Struct, array_like=True, frozen=True, gc=False):
+    """One webhook event (``signalpost.webhooks``): its stream (``room:<name>``,
+    ``user:<id>``), idempotency key, type and the JSON body receivers get."""
+
+    stream: str
+    key: str
+    kind: str
+    body: bytes
+
+
+class HookStream(Struct, array_like=True, frozen=True):
+    """A stream's part of a ``HookCopy``: new events, and the key of the last event
+    delivered to every URL (``cursor``; "": unchanged)."""
+
+    stream: str
+    events: list[HookRecord]
+    cursor: str = ""
+
+
+class HookCopy(_Envelope, tag=50, frozen=True):
+    """Owner -> runner-up (brokers, presence nodes): webhook events it made and how far
+    each stream is delivered. The owner sends an event to receivers only once the
+    runner-up answered ``HookAck``; the runner-up keeps what is not delivered yet and
+    delivers it if it takes the streams over."""
+
+    owner: str
+    number: int
+    streams: list[HookStream]
+
+
+class HookAck(_Envelope, tag=51, frozen=True):
+    """Runner-up -> owner: it keeps ``HookCopy`` ``number``."""
+
+    number: int
+
+
 class Heartbeat(_Envelope, tag=30, frozen=True):
     """Both ways on every link; ``incarnation`` changes when a node restarts."""
 
@@ -834,6 +870,8 @@ Envelope = (
     | StatusNote
     | LeaseCopy
     | Evicted
+    | HookCopy
+    | HookAck
     | Heartbeat
     | RoomsQuery
     | RoomQuery
@@ -968,6 +1006,7 @@ _SENDER_FIELDS: Final[dict[type, str]] = {
     RoomQuery: "edge",
     PresenceQuery: "edge",
     KickCmd: "edge",
+    HookCopy: "owner",
 }
 
 
@@ -983,10 +1022,9 @@ def sender_of(envelope: Envelope) -> str | None:
 #: as ``signalpost_node_frames_dropped_total{what="kind"}``). The kind of the sender is its
 #: key's (``signalpost.node_keys``: ZAP's User-Id); ``Heartbeat`` goes both ways on every
 #: link and is not listed. Answers that travel back on the dialler's own link (``Deliver``,
-#: ``Reply``, ``Synced``, ``ClaimReply``, ``Evict``, ``ReplicaAck``, ``StatusNote``,
-#: ``ApiAnswer``, ``Kick``) reach a
-#: DEALER, which only ever talks to the node its certificate names for the endpoint, of the
-#: kind it dialled (``dial_curve``).
+#: ``Reply``, ``Synced``, ``ClaimReply``, ``Evict``, ``ReplicaAck``, ``HookAck``,
+#: ``StatusNote``, ``ApiAnswer``, ``Kick``) reach a DEALER, which only ever talks to the
+#: node its certificate names for the endpoint, of the kind it dialled (``dial_curve``).
 _EDGE: Final = frozenset({"edge"})
 _BROKER: Final = frozenset({"broker"})
 _PRESENCE: Final = frozenset({"presence"})
@@ -1006,6 +1044,7 @@ SENDER_KINDS: Final[dict[str, dict[type, frozenset[str]]]] = {
         Handoff: _BROKER,
         RoomsQuery: _EDGE,
         RoomQuery: _EDGE,
+        HookCopy: _BROKER,
     },
     "presence": {
         SessionUp: _EDGE,
@@ -1019,5 +1058,6 @@ SENDER_KINDS: Final[dict[str, dict[type, frozenset[str]]]] = {
         LeaseCopy: _PRESENCE,
         PresenceQuery: _EDGE,
         KickCmd: _EDGE,
+        HookCopy: _PRESENCE,
     },
 }

@@ -520,3 +520,52 @@ function initControls() {
 
 initLobby();
 initControls();
+
+// ------------------------------------------------------------------ webhooks panel
+
+// In dev mode the server sends its webhooks to a receiver of its own and serves what it
+// received at /v1/dev-webhooks (docs/webhooks.md); elsewhere that is a 404 and the panel
+// stays hidden.
+const hooksPanel = $("hooks-panel");
+const hooksLog = $("hooks-log");
+let hooksAfter = 0;
+
+function hookLine(event) {
+  const li = document.createElement("li");
+  const type = document.createElement("span");
+  type.className = "hook-type";
+  type.textContent = event.type;
+  const what = document.createElement("span");
+  what.className = "hook-what";
+  const parts = [];
+  if (event.room) parts.push(`room ${event.room}`);
+  if (event.user) parts.push(`user ${event.user}`);
+  if (event.peer && event.peer.user) parts.push(`peer ${event.peer.user}`);
+  if (event.reason) parts.push(event.reason);
+  what.textContent = parts.join(" · ");
+  what.title = event.id;
+  li.append(type, what);
+  return li;
+}
+
+async function pollHooks() {
+  try {
+    const response = await fetch(`/v1/dev-webhooks?after=${hooksAfter}`, { cache: "no-store" });
+    if (response.status === 404) return; // not dev mode: no panel
+    if (response.ok) {
+      const { events } = await response.json();
+      hooksPanel.hidden = false;
+      for (const { n, event } of events) {
+        hooksAfter = Math.max(hooksAfter, n);
+        hooksLog.append(hookLine(event));
+        while (hooksLog.children.length > 100) hooksLog.firstElementChild.remove();
+        hooksLog.scrollTop = hooksLog.scrollHeight;
+      }
+    }
+  } catch {
+    // the server is restarting: try again
+  }
+  setTimeout(pollHooks, 1000);
+}
+
+pollHooks();

@@ -112,6 +112,9 @@ def test_two_party_call_with_chat_and_a_full_room(
         demo.page.wait_for_selector("#status[data-state='connected']")
         assert demo.page.is_visible("#local-video")
         assert demo.page.is_hidden("#waiting")
+    # The webhooks panel: dev mode's own receiver shows the call's events live.
+    alice.page.locator("#hooks-log li", has_text="room.started").first.wait_for()
+    alice.page.locator("#hooks-log li", has_text="peer bob-").first.wait_for()
 
     # Chat over the data channel, both directions.
     alice.send_chat("Hello from Alice")

@@ -15,6 +15,7 @@ from signalpost.wire import (
     Handoff,
     HandoffRequest,
     JoinCmd,
+    LeaveCmd,
     ReplicaAck,
     ReplicateCmd,
     ReplicatedEvent,
@@ -511,3 +512,139 @@ def test_a_room_the_view_takes_away_and_gives_back_is_asked_back_not_gone_on_wit
     served = a.handle(handoff[1], 4.2)
     assert [r.ok for r in replies(served)] == [True]  # answered from B's record
     assert a.rooms["room"].offset == served_by_b  # B's state goes on, nothing twice
+
+
+def test_a_replica_takes_a_member_that_left_and_joined_again_on_the_same_connection() -> None:
+    # The edge sends the runner-up ForgetCmd after a leave's answer and RestoreCmd after a
+    # join's, on one link, in order: a re-announcement after the forget is a new join.
+    # (Refused as a "late word", the member was unknown to the broker that took the room
+    # over: its resent leave got not_in_room and nobody heard it left.)
+    replica = table("B", None)
+    restore(replica, "a", True)
+    restore(replica, "b", True)
+    replica.handle(ForgetCmd("a", "room", "edge-a"), 0.0)
+    assert set(replica.rooms["room"].members) == {"b"}
+    restore(replica, "a", True)
+    assert set(replica.rooms["room"].members) == {"a", "b"}
+
+
+def test_a_handoff_of_a_room_that_ended_here_brings_no_member_back() -> None:
+    # The owner ended the room (its last member left); its runner-up's copy still has a
+    # member whose ForgetCmd it has not had yet. When the owner asks it for the room (a
+    # new join), that copy must not resurrect the member in the old epoch.
+    owner, runner_up = owning("A", "B"), owning("B", None, owns=False)
+    asked = owner.handle(join("a", 1), 0.0)
+    handoff = runner_up.handle(asked[0][1], 0.0)
+    out = owner.handle(handoff[0][1], 0.0)
+    assert frames(out)[0]["type"] == "joined"
+    epoch = owner.rooms["room"].epoch
+    restore(runner_up, "a", True)
+    restore(runner_up, "b", True)  # b never joined on A: a stale copy
+    runner_up.rooms["room"].epoch = epoch
+    owner.handle(LeaveCmd("a", "c-a", "edge-a", 2, 2, "room"), 0.0)
+    assert "room" not in owner.rooms  # ended
+    asked = owner.handle(join("c", 1), 1.0)
+    (handoff,) = runner_up.handle(asked[0][1], 1.0)
+    assert isinstance(handoff[1], Handoff) and handoff[1].epoch == epoch
+    owner.handle(handoff[1], 1.0)
+    room = owner.rooms["room"]
+    assert set(room.members) == {"c"} and room.epoch != epoch
+
+
+def test_a_handed_membership_brings_back_no_member_that_left_here() -> None:
+    # A third broker's stale copy (a runner-up of another view) still lists a member that
+    # left on this owner: merging it must not resurrect the member.
+    owner = owning("A", None)
+    owner.handle(join("a", 1), 0.0)
+    owner.handle(join("b", 1), 0.0)
+    owner.handle(LeaveCmd("b", "c-b", "edge-b", 2, 2, "room"), 0.0)
+    stale = owning("C", None, owns=False)
+    restore(stale, "a", True)
+    restore(stale, "b", True)
+    (handoff,) = stale.handle(HandoffRequest("room", "A", 0), 0.0)
+    owner.handle(handoff[1], 0.0)
+    assert set(owner.rooms["room"].members) == {"a"}
+
+
+def test_a_late_replica_re_announcement_does_not_bring_back_a_member_that_left_the_owner() -> None:
+    # A broker that serves the room now (it took over) may still get a runner-up's
+    # re-announcement an edge sent before the member left: only a newer connection is news.
+    owner = owning("A", None)
+    owner.handle(join("a", 1), 0.0)
+    owner.handle(join("b", 1), 0.0)
+    owner.handle(LeaveCmd("b", "c-b", "edge-b", 2, 2, "room"), 0.0)
+    restore(owner, "b", True)
+    assert set(owner.rooms["room"].members) == {"a"}
+
+
+def test_a_replicated_peer_left_removes_the_member_from_the_runner_ups_copy() -> None:
+    # The owner replicated b's leave and died before answering it: the edge never sends
+    # the ForgetCmd. The runner-up must not serve b as a member when it takes over.
+    owner, replica = table("A", "B"), table("B", None)
+    pump(owner, replica, owner.handle(join("a", 1), 0.0))
+    pump(owner, replica, owner.handle(join("b", 1), 0.0))
+    restore(replica, "a", True)
+    restore(replica, "b", True)
+    out = owner.handle(LeaveCmd("b", "c-b", "edge-b", 2, 2, "room"), 0.0)
+    (replicate,) = [e for _, e in out if isinstance(e, ReplicateCmd)]
+    replica.handle(replicate, 0.0)  # the owner dies before the ack
+    assert set(replica.rooms["room"].members) == {"a"}
+    # b's join's re-announcement by its edge, late (another link than the owner's): stale.
+    restore(replica, "b", True)
+    assert set(replica.rooms["room"].members) == {"a"}
+
+
+def test_a_member_gone_by_a_replicated_leave_may_join_again_on_the_same_connection() -> None:
+    # b's leave reached the runner-up twice: the owner's replicated peer-left, then the
+    # edge's ForgetCmd. b then joins again on the same connection: the edge's
+    # re-announcement (after the ForgetCmd on its link) must put b back in the copy.
+    owner, replica = table("A", "B"), table("B", None)
+    pump(owner, replica, owner.handle(join("a", 1), 0.0))
+    pump(owner, replica, owner.handle(join("b", 1), 0.0))
+    restore(replica, "a", True)
+    restore(replica, "b", True)
+    pump(owner, replica, owner.handle(LeaveCmd("b", "c-b", "edge-b", 2, 2, "room"), 0.0))
+    assert set(replica.rooms["room"].members) == {"a"}
+    replica.handle(ForgetCmd("b", "room", "edge-b"), 0.0)
+    pump(owner, replica, owner.handle(join("b", 3), 0.0))
+    restore(replica, "b", True)
+    assert set(replica.rooms["room"].members) == {"a", "b"}
+
+
+def test_a_new_runner_up_takes_the_owners_members_even_one_that_left_and_came_back() -> None:
+    # The runner-up saw b leave (the owner's replicated peer-left); b joined again on the
+    # same connection and the runner-up changed and changed back: the owner's snapshot
+    # lists b, and it is the room's membership, not a stale copy.
+    owner, replica_name = owner_whose_replica_moves("B")
+    replica = table("B", None)
+    pump(owner, replica, owner.handle(join("a", 1), 0.0))
+    pump(owner, replica, owner.handle(join("b", 1), 0.0))
+    restore(replica, "a", True)
+    restore(replica, "b", True)
+    pump(owner, replica, owner.handle(LeaveCmd("b", "c-b", "edge-b", 2, 2, "room"), 0.0))
+    replica_name[0] = "C"
+    owner.replicas_changed(1.0)
+    owner.handle(join("b", 3), 1.0)  # held for C, which never answers
+    replica_name[0] = "B"
+    pump(owner, replica, owner.replicas_changed(2.0))
+    assert set(replica.rooms["room"].members) == {"a", "b"}
+
+
+def test_a_join_replicated_but_never_answered_is_seated_by_the_successor() -> None:
+    # The owner replicated b's join and died before answering it: b's edge never
+    # re-announced b to the runner-up. The resent join is answered from the replicated
+    # record, and b must hold a seat there (else its leave is refused, no peer-left made).
+    owner, replica = table("A", "B"), table("B", None)
+    pump(owner, replica, owner.handle(join("a", 1), 0.0))
+    restore(replica, "a", True)
+    out = owner.handle(join("b", 1), 0.0)
+    (replicate,) = [e for _, e in out if isinstance(e, ReplicateCmd)]
+    replica.handle(replicate, 0.0)  # acked, but the owner is dead
+    answered = replica.handle(join("b", 1), 1.0)
+    (reply,) = replies(answered)
+    assert reply.ok and reply.member
+    assert set(replica.rooms["room"].members) == {"a", "b"}
+    left = replica.handle(LeaveCmd("b", "c-b", "edge-b", 2, 2, "room"), 1.0)
+    assert [f["type"] for f in frames(left)] == ["left"]  # (a is told once it syncs)
+    last = json.loads(replica.rooms["room"].history[-1].payload)
+    assert last["type"] == "peer-left" and last["peer"]["session"] == "b"

@@ -33,6 +33,10 @@ from signalpost.wire import (
     HandoffRequest,
     Heartbeat,
     Hello,
+    HookAck,
+    HookCopy,
+    HookRecord,
+    HookStream,
     IceServersFrame,
     IceServersRequest,
     Join,
@@ -476,6 +480,12 @@ ENVELOPES: list[Envelope] = [
     StatusSubscribe("tcp://p1:5565", ["bob"], ["eve"]),
     StatusNote("tcp://p2:5565", {"bob": "online"}),
     LeaseCopy("tcp://p2:5565", "s1", "bob", "edge-1", "c1.2", 12.5, ["eve"], {"eve": "online"}),
+    HookCopy(
+        "tcp://b1:5555",
+        3,
+        [HookStream("room:r1", [HookRecord("room:r1", "room:r1:e:1", "peer.joined", b"{}")], "k")],
+    ),
+    HookAck(3),
     Heartbeat("broker-a", "inc-1"),
     SignalCmd(
         "~api.7", "q1", "edge-1", 1, "0badc0de:k1", "r1", None, b"{}", b"{}", 0, 0, True, "bob"
@@ -631,6 +641,7 @@ def test_every_envelope_has_the_kinds_that_may_send_it_or_travels_back_on_a_deal
         Envelope,
         Evict,
         Heartbeat,
+        HookAck,
         Kick,
         ReplicaAck,
         Reply,
@@ -638,7 +649,9 @@ def test_every_envelope_has_the_kinds_that_may_send_it_or_travels_back_on_a_deal
         Synced,
     )
 
-    answers = {Deliver, Reply, Synced, ClaimReply, Evict, ReplicaAck, StatusNote, Heartbeat}
+    answers = {
+        Deliver, Reply, Synced, ClaimReply, Evict, ReplicaAck, StatusNote, HookAck, Heartbeat,
+    }  # fmt: skip
     answers |= {ApiAnswer, Kick}  # the server API's (edge/server_api.py)
     listed = {t for table in SENDER_KINDS.values() for t in table}
     assert listed | answers == set(get_args(Envelope)) and not listed & answers
