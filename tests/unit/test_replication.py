@@ -504,14 +504,42 @@ def test_a_room_the_view_takes_away_and_gives_back_is_asked_back_not_gone_on_wit
     view["owner"] = "A"
     a.handoff_from = lambda room: "B"  # the previous view's owner
     b.handoff_from = lambda room: None
-    a.replicas_changed(4.1)
+    asked = [e for _, e in a.replicas_changed(4.1) if isinstance(e, HandoffRequest)]
     b.replicas_changed(4.1)
-    asked = a.handle(signal(3, 1), 4.2)  # the edge resends what B applied
-    assert [type(e) for _, e in asked] == [HandoffRequest]
-    (handoff,) = b.handle(asked[0][1], 4.2)
+    assert len(asked) == 1 and asked[0].term == 0  # asked, fencing nothing
+    assert a.handle(signal(3, 1), 4.2) == []  # the edge's resend waits for the answer
+    (handoff,) = b.handle(asked[0], 4.2)
     served = a.handle(handoff[1], 4.2)
     assert [r.ok for r in replies(served)] == [True]  # answered from B's record
     assert a.rooms["room"].offset == served_by_b  # B's state goes on, nothing twice
+
+
+def test_a_room_given_back_before_anyone_served_it_goes_on_in_its_epoch() -> None:
+    # A rolling restart without Consul: heartbeat views flap, and a room comes back to the
+    # broker that still serves it before the interim owner did anything with it. That
+    # broker asks, is told nothing newer, and goes on: resumes still say recovered: true.
+    view = {"owner": "A"}
+    a, b = table("A", "B"), table("B", None)
+    a.owns = lambda room: view["owner"] == "A"
+    b.owns = lambda room: view["owner"] == "B"
+    for session in ("a", "b"):
+        restore(b, session, True)
+        pump(a, b, a.handle(join(session, 1), 0.0))
+    pump(a, b, a.handle(signal(2, 0), 0.0))
+    room = a.rooms["room"]
+    epoch, offset = room.epoch, room.offset
+    view["owner"] = "B"
+    a.replicas_changed(1.0)
+    view["owner"] = "A"
+    a.handoff_from = lambda room: "B"
+    asked = [e for _, e in a.replicas_changed(1.5) if isinstance(e, HandoffRequest)]
+    b.owns = lambda room: False
+    (answer,) = b.handle(asked[0], 1.5)
+    assert isinstance(answer[1], Handoff)
+    a.handle(answer[1], 1.5)
+    out = a.handle(signal(3, 1), 1.6)
+    assert [f["type"] for f in frames(pump(a, b, out)) if f["type"] == "ack"] == ["ack"]
+    assert (a.rooms["room"].epoch, a.rooms["room"].offset) == (epoch, offset + 1)
 
 
 def test_a_replica_takes_a_member_that_left_and_joined_again_on_the_same_connection() -> None:
