@@ -508,7 +508,15 @@ class EdgeServer:
             frames += len(outbox)
             if outbox:  # _flush_client, inline: once per client per loop iteration
                 client.outbox = []
-                client.link.send_texts(outbox)
+                try:
+                    client.link.send_texts(outbox)
+                except (OSError, RuntimeError) as exc:
+                    # One client's broken transport must not stop the flush of the others
+                    # (their outboxes would never be flushed again: a client is queued for
+                    # a flush only when its outbox was empty).
+                    log.warning("session %s: write failed (%s); closing", client.session, exc)
+                    client.link.abort()
+                    continue
             if client.link.write_buffer_size() > limit:
                 # A client that does not read must not make the edge buffer without end.
                 log.warning("session %s exceeds the send buffer; closing", client.session)

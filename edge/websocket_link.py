@@ -355,10 +355,14 @@ class WebSocketLink(asyncio.Protocol):
         protocol = self.protocol
         if protocol.state is not _OPEN:
             return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            # Aborted, or reset by the peer, before the protocol heard of it (uvloop raises
+            # on a write to a closed transport): nobody reads these any more.
+            return
         if protocol.writes:
             self.flush()  # what the protocol queued itself (a pong) goes first
-        assert self.transport is not None
-        self.transport.write(text_frames(messages))
+        transport.write(text_frames(messages))
 
     def flush(self) -> None:
         """Write whatever the protocol has to send; b"" from it means half-close."""
@@ -366,7 +370,8 @@ class WebSocketLink(asyncio.Protocol):
         if not chunks:
             return
         transport = self.transport
-        assert transport is not None
+        if transport is None or transport.is_closing():
+            return  # (see ``send_texts``)
         if len(chunks) == 1 and chunks[0]:
             transport.write(chunks[0])
             return

@@ -332,3 +332,26 @@ async def test_a_hello_that_fails_inside_the_server_is_closed_1011(
     async with websockets.connect(url_of(dev)) as ws:
         await ws.send(json.dumps({"type": "hello", "token": token("alice")}))
         assert await closed_with(ws) == 1011
+
+
+async def test_a_failed_write_to_one_client_does_not_stop_the_others(
+    dev: EdgeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A CI chaos run: uvloop raised on a write to a transport reset before the protocol
+    # heard of it; the exception left the flush loop, and every client after it in that
+    # loop iteration kept a full outbox that was never flushed again (they are queued only
+    # when their outbox is empty): 1,167 acked signals never delivered.
+    url = url_of(dev)
+    alice, bob = await raw_client(url, "alice"), await raw_client(url, "bob")
+    broken = dev.sessions[alice.session]
+    fine = dev.sessions[bob.session]
+
+    def refuse(messages: list[bytes]) -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+    monkeypatch.setattr(broken.link, "send_texts", refuse)
+    ping = json.dumps({"type": "pong", "id": "x"}).encode()
+    dev._write([broken, fine], ping)  # one loop iteration: alice first, then bob
+    assert await bob.recv() == {"type": "pong", "id": "x"}
+    dev._write([fine], json.dumps({"type": "pong", "id": "y"}).encode())
+    assert await bob.recv() == {"type": "pong", "id": "y"}  # bob is flushed ever after
