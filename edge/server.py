@@ -139,7 +139,7 @@ class ClientConnection(SessionState):
     outbox: list[bytes] = field(default_factory=list)  # frames waiting for this iteration's flush
     watching: set[str] = field(default_factory=set)
     told_status: dict[str, str] = field(default_factory=dict)  # watched user -> last status
-    #: Presence frames of users whose ``watch`` is not answered yet (at most ``max_watch``):
+    #: Presence frames of users whose ``watch`` is not answered yet (``MAX_EARLY_NOTES``):
     #: sent after the ``watching`` reply, if they are newer than it.
     early_notes: list[bytes] = field(default_factory=list)
     evicted: bool = False
