@@ -287,9 +287,6 @@ class _Awaiting:
     since: float
     parked: list[Envelope | tuple[AttachCmd, str]] = field(default_factory=list)
     ask_again_at: float = 0.0
-    #: False: a room this broker still serves, given back by the view (``replicas_changed``):
-    #: the broker asked may have nothing newer, so it is not fenced by the asking.
-    fences: bool = True
 
 
 def _no_replica(room: str) -> str | None:
@@ -1513,12 +1510,7 @@ class RoomTable:
             elif now >= awaiting.ask_again_at:
                 awaiting.ask_again_at = now + 0.25
                 out.append(
-                    (
-                        awaiting.source,
-                        HandoffRequest(
-                            name, self.node_id, self._handoff_term() if awaiting.fences else 0
-                        ),
-                    )
+                    (awaiting.source, HandoffRequest(name, self.node_id, self._handoff_term()))
                 )
         if self._unconfirmed:
             out.extend(self.resend_unconfirmed(now))
@@ -1810,24 +1802,9 @@ class RoomTable:
             room.replica_target = None
             if room.active:
                 # The placement may have moved: a room this broker no longer owns serves
-                # nothing more here. A view that moves it back does not let it go on: the
-                # broker that owned it meanwhile may have served it (a higher term, events
-                # this one never had), so that broker is asked first: its state goes on if
-                # it is newer, this one's otherwise (or after the handoff timeout) (chaos
-                # seed 11: a 1.8 s pause, the view dropped the owner and took it back 1.1 s
-                # later, and the owner went on with its older state: a signal applied twice).
-                owns = self.owns(room.name)
-                source = self.handoff_from(room.name) if room.deposed and owns else None
-                if source is not None and source != self.node_id:
-                    if room.name not in self._awaiting:
-                        # Still deposed (it serves nothing) until that broker answers: its
-                        # state if newer (it served the room), else this one goes on.
-                        self._awaiting[room.name] = _Awaiting(
-                            source, now, ask_again_at=now + 0.25, fences=False
-                        )
-                        out.append((source, HandoffRequest(room.name, self.node_id, 0)))
-                else:
-                    room.deposed = not owns  # (no broker to ask: it goes on)
+                # nothing more here (a view that moves it back lets it go on: see the known
+                # limit "Views that change twice within a handoff", docs/reliability.md).
+                room.deposed = not self.owns(room.name)
             if not room.pending:
                 continue
             replica = self.replica_for(room.name)
