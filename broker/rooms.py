@@ -1539,18 +1539,7 @@ class RoomTable:
         self, room: Room, session: str, reason: LeaveReason, now: float, out: list[Outbound]
     ) -> None:
         member = room.members.pop(session)
-        self._unconfirmed.pop(member, None)
-        room.departed[session] = member.conn
-        room.forgotten.discard(session)
-        if len(room.departed) > DEPARTED_MAX:
-            oldest = next(iter(room.departed))
-            del room.departed[oldest]
-            room.forgotten.discard(oldest)
-        rooms = self._rooms_of.get(session)
-        if rooms is not None:
-            rooms.discard(room.name)
-            if not rooms:
-                del self._rooms_of[session]
+        self._unseat(room, session, member)
         if not room.members:
             del self.rooms[room.name]  # a new room of that name gets a new epoch
             if room.active and not room.deposed:
@@ -1907,8 +1896,12 @@ class RoomTable:
         never send: the member would stay, and a takeover would serve it again.)"""
         session = msgspec.json.decode(payload, type=_LeftPeer).peer.session
         member = room.members.pop(session, None)
-        if member is None:
-            return
+        if member is not None:
+            self._unseat(room, session, member)
+
+    def _unseat(self, room: Room, session: str, member: Member) -> None:
+        """The bookkeeping of a member gone from ``room`` (already out of its members):
+        its stream, its departure (bounded: ``DEPARTED_MAX``), the session's rooms."""
         self._unconfirmed.pop(member, None)
         room.departed[session] = member.conn
         room.forgotten.discard(session)
