@@ -99,17 +99,12 @@ class BrokerNode(OwnerNode):
         # this broker owns nothing); without, ``_live`` does.
         self._discovered = list(settings.broker_endpoints)  # configured, or found in Consul
         if settings.webhook_urls:
-            assert settings.webhook_secret is not None  # Settings checks it
             self.webhooks = webhooks_from(
                 settings, self.placement_id, lambda stream: self._replica_for(stream[5:])
             )
             self.table.hooks = RoomHooks(self.webhooks, time.time() - self._clock())
-            self.webhook_sender = WebhookSender(
-                self.webhooks,
-                settings.webhook_secret,
-                timeout=settings.webhook_timeout,
-                send=self._send,
-                clock=self._clock,
+            self.webhook_sender = WebhookSender.from_settings(
+                self.webhooks, settings, send=self._send, clock=self._clock
             )
 
     def _replica_for(self, room: str) -> str | None:

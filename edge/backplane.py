@@ -116,13 +116,10 @@ class LocalBackplane:
         self._timer: asyncio.Task[None] | None = None
         self.webhook_sender: WebhookSender | None = None
         if settings.webhook_urls:  # one process: no runner-up to copy to
-            assert settings.webhook_secret is not None  # Settings checks it
             hooks = webhooks_from(settings)
             self.rooms.hooks = RoomHooks(hooks, time.time() - clock())
             self.presence.hooks = PresenceHooks(hooks, time.time() - clock())
-            self.webhook_sender = WebhookSender(
-                hooks, settings.webhook_secret, timeout=settings.webhook_timeout, clock=clock
-            )
+            self.webhook_sender = WebhookSender.from_settings(hooks, settings, clock=clock)
 
     def connect(
         self,

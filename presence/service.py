@@ -97,17 +97,12 @@ class PresenceNode(OwnerNode):
         # Global presence: the other regions' presence tiers (region -> followed tier).
         self._regions: dict[str, RemoteTier] = {}
         if settings.webhook_urls:
-            assert settings.webhook_secret is not None  # Settings checks it
             self.webhooks = webhooks_from(
                 settings, self.placement_id, lambda stream: self._replica_of(stream[5:])
             )
             self.table.hooks = PresenceHooks(self.webhooks, time.time() - self._clock())
-            self.webhook_sender = WebhookSender(
-                self.webhooks,
-                settings.webhook_secret,
-                timeout=settings.webhook_timeout,
-                send=self._send,
-                clock=self._clock,
+            self.webhook_sender = WebhookSender.from_settings(
+                self.webhooks, settings, send=self._send, clock=self._clock
             )
 
     @property

@@ -95,6 +95,22 @@ class WebhookSender:
         if self._session is not None:
             await self._session.close()
 
+    @classmethod
+    def from_settings(
+        cls,
+        hooks: Webhooks,
+        settings: Settings,
+        *,
+        send: Callable[[list[Outbound]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> WebhookSender:
+        """A sender for ``hooks`` with the ``webhook_*`` settings (URLs set: ``Settings``
+        then requires the secret)."""
+        assert settings.webhook_secret is not None  # Settings checks it
+        return cls(
+            hooks, settings.webhook_secret, timeout=settings.webhook_timeout, send=send, clock=clock
+        )
+
     def poke(self) -> None:
         """Something was queued or changed: run the sender on the next loop iteration."""
         if not self._poked and self._session is not None:
