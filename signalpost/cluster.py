@@ -1,8 +1,10 @@
 """``signalpost cluster``: a local multi-process cluster on loopback, for development and tests.
 
 Starts a Consul dev agent (when wanted and installed), ``--presence`` presence nodes,
-``--brokers`` brokers and ``--edges`` edges as child processes, waits until each is ready,
-then writes the state file: ``{"processes": [{"kind", "id", "pid", "url"}, ...]}`` (``url`` is the
+``--brokers`` brokers and ``--edges`` edges as child processes, waits until each is ready
+(with Consul: until the views are formed; with regions: the datacenters WAN-joined and
+every presence node linked to the other regions' presence nodes), then writes the state
+file: ``{"processes": [{"kind", "id", "pid", "url"}, ...]}`` (``url`` is the
 ws URL of an edge, the ZeroMQ endpoint of a broker or presence node, the HTTP address of
 Consul). Children that die are left dead unless ``--restart``; SIGTERM/SIGINT stops all.
 Each child's output goes to ``<state file>.logs/<id>.log``.
@@ -463,6 +465,65 @@ def _wait_for_views(children: list[Child], deadline: float) -> str | None:
     return None
 
 
+#: Of a node of each kind, the tier of every other region it links to from the start (an
+#: edge follows another region's brokers once a room homed there is used).
+_FOLLOWS: Mapping[str, str] = {"presence": "presence"}
+
+
+def _metrics_url(child: Child) -> str | None:
+    """Where a broker or presence node serves ``/metrics``: it says so in its ready line
+    (its health port is picked at start)."""
+    marker = ", metrics "
+    for line in child.log_path.read_text(errors="replace").splitlines():
+        if " ready on " in line and marker in line:
+            return line.rsplit(marker, 1)[1].strip()
+    return None
+
+
+def _links_alive(url: str) -> dict[tuple[str, str], float]:
+    """``signalpost_region_links_alive`` from a node's metrics: (region, tier) -> links up."""
+    context = _UNVERIFIED if url.startswith("https:") else None
+    with urllib.request.urlopen(url, timeout=2, context=context) as response:
+        text = response.read().decode()
+    alive: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        if line.startswith("signalpost_region_links_alive{"):
+            labels, _, value = line.rpartition(" ")
+            region = labels.split('region="', 1)[1].split('"', 1)[0]
+            tier = labels.split('tier="', 1)[1].split('"', 1)[0]
+            alive[(region, tier)] = float(value)
+    return alive
+
+
+def _wait_for_region_links(children: list[Child], deadline: float) -> str | None:
+    """With two or more regions, wait until every presence node has a live link to every
+    presence node of each other region: until then a user online elsewhere is not seen
+    online here. What did not happen, or None."""
+    regions = {c.region for c in children if c.region}
+    if len(regions) < 2:
+        return None
+    for child in children:
+        tier = _FOLLOWS.get(child.kind)
+        if tier is None:
+            continue
+        wanted = {
+            (region, tier): sum(1 for c in children if c.kind == tier and c.region == region)
+            for region in regions - {child.region}
+        }
+        while True:
+            url = _metrics_url(child)
+            try:
+                alive = _links_alive(url) if url else {}
+            except (OSError, ValueError, IndexError):
+                alive = {}
+            if all(alive.get(key, 0) >= count for key, count in wanted.items()):
+                break
+            if time.monotonic() > deadline:
+                return f"{child.id} did not link to the other regions' {tier} nodes"
+            time.sleep(0.1)
+    return None
+
+
 def _wait_for_datacenters(consul_url: str, regions: set[str], deadline: float) -> bool:
     while time.monotonic() < deadline:
         try:
@@ -547,8 +608,10 @@ def run_cluster(
     if settings.tls_cert_file:
         signal.signal(signal.SIGHUP, hangup)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT
         for child in children:
+            # Each child has its own time to start: on a loaded machine a two-region cluster
+            # starts a dozen processes one after the other.
+            deadline = time.monotonic() + READY_TIMEOUT
             child.start()
             ready = _wait_ready(child, deadline)
             for _retry in range(PORT_RETRIES):
@@ -573,7 +636,8 @@ def run_cluster(
                     file=sys.stderr,
                 )
                 return 1
-        problem = _wait_for_views(children, deadline)
+        deadline = time.monotonic() + READY_TIMEOUT
+        problem = _wait_for_views(children, deadline) or _wait_for_region_links(children, deadline)
         if problem:
             print(f"signalpost cluster: {problem}", file=sys.stderr)
             return 1

@@ -39,6 +39,10 @@ QUERY_WAIT: Final = 3.0
 MIN_QUERY_INTERVAL: Final = 0.2
 #: Longest back-off between queries while Consul fails.
 MAX_BACKOFF: Final = 5.0
+#: Longest back-off for a query about another datacenter (region): it fails while the
+#: datacenters are not WAN-joined yet (or the WAN is cut), and the first answer after that
+#: is what links the regions, so it is not left waiting for a long back-off.
+REMOTE_MAX_BACKOFF: Final = 1.0
 #: A member missing this long from Consul's answers is dropped.
 REMOVAL_GRACE: Final = 5.0
 #: How often a node checks that Consul still has its registration (and re-registers).
@@ -315,7 +319,7 @@ class Discovery:
     ) -> None:
         client = consul_client(self.address, self.token)
         name = service_name(kind)
-        membership = Membership()
+        membership = Membership(max_backoff=REMOTE_MAX_BACKOFF if dc else MAX_BACKOFF)
         loop = asyncio.get_running_loop()
         while True:
             delay, wait = membership.next_query(loop.time())

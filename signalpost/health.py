@@ -42,6 +42,10 @@ class HealthServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/healthz"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(READ_TIMEOUT):

@@ -48,6 +48,11 @@ HOT = HotCounters()
 REGISTRY.register(HOT)
 
 CONNECTIONS = Gauge("signalpost_connections", "Client WebSocket connections open on this edge")
+REGION_LINKS = Gauge(
+    "signalpost_region_links_alive",
+    "Links up (heartbeats answered) to another region's nodes of a tier",
+    ["region", "tier"],
+)
 PEERS_LOST = Counter("signalpost_peers_lost", "Nodes declared dead after missed heartbeats")
 DELIVERIES_DROPPED = Counter(
     "signalpost_deliveries_dropped",

@@ -264,7 +264,12 @@ class OwnerNode:
             ticker = asyncio.create_task(self._expiry_loop(), name=f"{self.kind}-expiry")
             await self.started()
             await self._register()
-            print(f"signalpost {self.kind} {self.node_id} ready on {self.endpoint}", flush=True)
+            # The launcher reads the metrics address here (the health port may be picked).
+            metrics_at = "" if self.health is None else f", metrics {self.health.metrics_url}"
+            print(
+                f"signalpost {self.kind} {self.node_id} ready on {self.endpoint}{metrics_at}",
+                flush=True,
+            )
             try:
                 await until()
                 await self.draining()

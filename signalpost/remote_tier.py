@@ -14,6 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from signalpost import metrics
 from signalpost.discovery import Discovery, wan_members_of
 from signalpost.lifecycle import cancel_all
 from signalpost.ownership import Tier, View, follow_view
@@ -45,6 +46,11 @@ class RemoteTier:
         self._dialled: dict[str, str] = {}  # placement id -> address its link dials
         self.live_ids: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
+        # Read when /metrics is scraped (the launcher waits for it; an alert on 0 is a WAN cut).
+        metrics.REGION_LINKS.labels(region, kind).set_function(self.links_alive)
+
+    def links_alive(self) -> int:
+        return sum(1 for link in self.links.values() if link.alive)
 
     def follow(self, discovery: Discovery, address: str, token: str | None = None) -> None:
         """Follow the region's nodes and view in Consul (through this node's agent)."""
@@ -116,6 +122,7 @@ class RemoteTier:
         return self.links.get(order[1]) if len(order) > 1 else None
 
     async def close(self) -> None:
+        metrics.REGION_LINKS.labels(self.region, self.kind).set_function(lambda: 0)
         await cancel_all(self._tasks)
         for link in self.links.values():
             await link.close()

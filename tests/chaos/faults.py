@@ -60,7 +60,7 @@ from tests.cluster.conftest import FAST_ENV, Cluster
 HEARTBEAT_EXPIRY = float(FAST_ENV["SIGNALPOST_HEARTBEAT_INTERVAL"]) * float(
     FAST_ENV["SIGNALPOST_HEARTBEAT_LIVENESS"]
 )
-START_TIMEOUT = 40.0
+START_TIMEOUT = 120.0
 #: Seconds a killed process has to come back before the run goes on without waiting.
 RESTART_TIMEOUT = 20.0
 
@@ -196,7 +196,8 @@ class ChaosCluster:
         deadline = time.monotonic() + START_TIMEOUT
         while not self.state_path.exists():
             if launcher.poll() is not None:
-                raise RuntimeError(f"signalpost cluster exited {launcher.returncode}")
+                said = (self.workdir / "launcher.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"signalpost cluster exited {launcher.returncode}: {said}")
             if time.monotonic() > deadline:
                 raise RuntimeError("signalpost cluster did not become ready")
             await asyncio.sleep(0.1)

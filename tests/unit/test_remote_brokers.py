@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from edge.remote_brokers import RemoteBrokers
+from signalpost.cluster import Child, _links_alive, _metrics_url
+from signalpost.health import HealthServer
 from signalpost.ownership import View
 from signalpost.placement import owner
 from signalpost.wire import DetachCmd
@@ -67,3 +70,36 @@ async def test_what_waits_for_an_unknown_region_is_bounded() -> None:
     (link,) = remote.links.values()
     sent = [e.session for e in link.sent]  # type: ignore[attr-defined]
     assert len(sent) == MAX_PENDING and sent[0] == "s5"  # the oldest were dropped
+
+
+async def test_the_links_alive_to_a_region_are_a_metric_the_launcher_reads(tmp_path: Any) -> None:
+    """``signalpost_region_links_alive`` counts live links to the region's nodes (what
+    ``signalpost cluster`` waits for before it says ready), read from the node's
+    ``/metrics`` at the address its ready line names."""
+    made: list[Link] = []
+
+    def link(broker: str, dial: str) -> Link:
+        made.append(Link(broker, dial))
+        return made[-1]
+
+    remote = RemoteBrokers("far", link, lambda: None)  # type: ignore[arg-type]
+    remote.update_members({"b1": "tcp://10.0.0.1:1", "b2": "tcp://10.0.0.2:1"})
+    made[1].alive = False
+    health = HealthServer("127.0.0.1", 0)
+    await health.start()
+    try:
+        log = Path(tmp_path) / "presence-1.log"
+        log.write_text(
+            f"starting\nsignalpost presence p1 ready on tcp://x:1, metrics {health.metrics_url}\n"
+        )
+        child = Child("presence", "p1", [], "tcp://x:1", {}, log, "tcp:1")
+        url = _metrics_url(child)
+        assert url == health.metrics_url
+        alive = await asyncio.to_thread(_links_alive, url)
+        assert alive[("far", "broker")] == 1
+        made[1].alive = True
+        assert (await asyncio.to_thread(_links_alive, url))[("far", "broker")] == 2
+        await remote.close()
+        assert (await asyncio.to_thread(_links_alive, url))[("far", "broker")] == 0
+    finally:
+        await health.close()
