@@ -20,6 +20,7 @@ from presence.hooks import PresenceHooks
 from presence.service import wall_clock_ms
 from presence.table import PresenceTable
 from signalpost.config import Settings
+from signalpost.lifecycle import spawn
 from signalpost.webhook_sender import WebhookSender, webhooks_from
 from signalpost.wire import AttachCmd, EdgeSync, Envelope, RestoreCmd, RoomPosition
 
@@ -176,7 +177,7 @@ class LocalBackplane:
         self._dispatch(self.rooms.handle(command, self._clock()))
 
     async def start(self) -> None:
-        self._timer = asyncio.create_task(self._expire_loop(), name="dev-expiry")
+        self._timer = spawn(self._expire_loop(), "dev-expiry")
         if self.webhook_sender is not None:
             await self.webhook_sender.start()
 

@@ -29,7 +29,7 @@ from signalpost import metrics
 from signalpost.config import Settings
 from signalpost.discovery import Discovery
 from signalpost.homes import HomeDirectory
-from signalpost.lifecycle import cancel_all
+from signalpost.lifecycle import cancel_all, spawn
 from signalpost.node_keys import node_keys
 from signalpost.ownership import BROKERS, PRESENCE, View, follow_view
 from signalpost.placement import owner, ranking
@@ -576,15 +576,12 @@ class ZmqBackplane:
         self._discovery.watch(
             "presence", lambda members: self.update_presence(list(members.values()))
         )
-        loop = asyncio.get_running_loop()
+        token = self.settings.consul_token
+        self._tasks.append(spawn(follow_view(address, BROKERS, view, token=token), "view-broker"))
         self._tasks.append(
-            loop.create_task(follow_view(address, BROKERS, view, token=self.settings.consul_token))
-        )
-        self._tasks.append(
-            loop.create_task(
-                follow_view(
-                    address, PRESENCE, self.update_presence_view, token=self.settings.consul_token
-                )
+            spawn(
+                follow_view(address, PRESENCE, self.update_presence_view, token=token),
+                "view-presence",
             )
         )
         with contextlib.suppress(TimeoutError):

@@ -27,7 +27,7 @@ from typing import Any, Final
 import consul
 
 from signalpost.errors import ConfigError
-from signalpost.lifecycle import cancel_all
+from signalpost.lifecycle import cancel_all, spawn
 from signalpost.lifecycle import in_thread as _in_thread
 
 log = logging.getLogger("signalpost.discovery")
@@ -289,7 +289,7 @@ class Discovery:
                 log.warning("could not deregister %s from Consul: %s", node_id, exc)
 
     def _spawn(self, coroutine: Any, name: str) -> None:
-        self._tasks.append(asyncio.get_running_loop().create_task(coroutine, name=name))
+        self._tasks.append(spawn(coroutine, name))
 
     async def _keep_registered(self, registration: Registration, registered: bool) -> None:
         client = consul_client(self.address, self.token)

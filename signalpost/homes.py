@@ -44,7 +44,7 @@ from typing import Any, Final
 from urllib.parse import quote
 
 from signalpost.discovery import consul_client, service_name
-from signalpost.lifecycle import cancel_all, in_thread
+from signalpost.lifecycle import cancel_all, in_thread, spawn
 from signalpost.rehoming import (
     HomeRecord,
     RegionLiveness,
@@ -120,10 +120,9 @@ class HomeDirectory:
 
     def start(self) -> None:
         """Look at every other region's brokers (``LOOK_INTERVAL``) to tell a lost one."""
-        loop = asyncio.get_running_loop()
         for region in self._regions:
             if region != self._local:
-                task = loop.create_task(self._look(region), name=f"region-look-{region}")
+                task = spawn(self._look(region), f"region-look-{region}")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 

@@ -45,7 +45,7 @@ from prometheus_client import Counter, Gauge
 
 from signalpost.config import Settings
 from signalpost.errors import ConfigError, KeySetError
-from signalpost.lifecycle import cancel_all, in_thread
+from signalpost.lifecycle import cancel_all, in_thread, spawn
 
 log = logging.getLogger("signalpost.jwks")
 
@@ -297,7 +297,7 @@ class JwksKeys:
     async def start(self) -> None:
         """Fetch once (a failure is logged, not fatal), then keep refreshing."""
         await self.refresh()
-        self._tasks.append(asyncio.get_running_loop().create_task(self._refresher()))
+        self._tasks.append(spawn(self._refresher(), "jwks-refresh"))
 
     async def close(self) -> None:
         if self._fetching is not None:

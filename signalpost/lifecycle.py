@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import threading
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger("signalpost.lifecycle")
+
+
+def spawn(coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+    """Start a task meant to run until cancelled (a heartbeat, a watch, a ticker): if it
+    ever ends with an error, that is logged at once, not lost in a task nobody awaits."""
+    task = asyncio.get_running_loop().create_task(coroutine, name=name)
+    task.add_done_callback(_ended)
+    return task
+
+
+def _ended(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        log.error("task %s ended with an error", task.get_name(), exc_info=error)
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -27,6 +27,7 @@ from signalpost import metrics
 from signalpost.config import Settings
 from signalpost.discovery import Discovery, Registration
 from signalpost.health import HealthServer
+from signalpost.lifecycle import spawn
 from signalpost.node_keys import node_keys
 from signalpost.ownership import Tier, TierMembership, View
 from signalpost.tickets import seat_tickets
@@ -261,7 +262,7 @@ class OwnerNode:
     async def run(self, until: Callable[[], Awaitable[None]]) -> None:
         """Serve until ``until()`` returns."""
         async with self.router:
-            ticker = asyncio.create_task(self._expiry_loop(), name=f"{self.kind}-expiry")
+            ticker = spawn(self._expiry_loop(), f"{self.kind}-expiry")
             await self.started()
             await self._register()
             # The launcher reads the metrics address here (the health port may be picked).
@@ -282,5 +283,8 @@ class OwnerNode:
     async def _expiry_loop(self) -> None:
         while True:
             await asyncio.sleep(EXPIRY_TICK)
-            self._send(self.core.expire(self._clock()))
-            self.expired()
+            try:
+                self._send(self.core.expire(self._clock()))
+                self.expired()
+            except Exception:  # the next tick must still come
+                log.exception("%s expiry tick failed", self.kind)

@@ -57,7 +57,7 @@ from signalpost.discovery import (
     acl_denied,
     consul_client,
 )
-from signalpost.lifecycle import cancel_all
+from signalpost.lifecycle import cancel_all, spawn
 from signalpost.lifecycle import in_thread as _in_thread
 
 log = logging.getLogger("signalpost.ownership")
@@ -384,12 +384,11 @@ class TierMembership:
         self._delivered: View | None = None
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._hold_key(), name="ownership-member"),
-            loop.create_task(
+            spawn(self._hold_key(), "ownership-member"),
+            spawn(
                 _follow(self.address, self.tier, self._answered, token=self.token),
-                name="ownership-view",
+                "ownership-view",
             ),
         ]
 

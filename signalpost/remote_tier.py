@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from signalpost import metrics
 from signalpost.discovery import Discovery, wan_members_of
-from signalpost.lifecycle import cancel_all
+from signalpost.lifecycle import cancel_all, spawn
 from signalpost.ownership import Tier, View, follow_view
 from signalpost.placement import owner, ranking
 from signalpost.transport import DealerLink
@@ -55,9 +55,8 @@ class RemoteTier:
     def follow(self, discovery: Discovery, address: str, token: str | None = None) -> None:
         """Follow the region's nodes and view in Consul (through this node's agent)."""
         discovery.watch(self.kind, self.update_members, dc=self.region, members=wan_members_of)
-        loop = asyncio.get_running_loop()
         view = follow_view(address, self.tier, self.update_view, dc=self.region, token=token)
-        self._tasks.append(loop.create_task(view))
+        self._tasks.append(spawn(view, f"view-{self.kind}-{self.region}"))
 
     def update_members(self, found: dict[str, str]) -> None:
         """The region's nodes registered in its Consul: ``{placement id: dial address}``."""

@@ -42,7 +42,7 @@ import msgspec
 import zmq
 
 from signalpost import metrics
-from signalpost.lifecycle import cancel_all
+from signalpost.lifecycle import cancel_all, spawn
 from signalpost.node_keys import (
     HandshakeWatch,
     NodeAuthenticator,
@@ -227,7 +227,7 @@ class FastSocket:
         fd = self._fd = int(self._socket.getsockopt(zmq.FD))
         self._loop.add_reader(fd, self._service)
         self._schedule()  # messages may already be waiting
-        self._tasks = [asyncio.create_task(heartbeat(), name=f"{name} heartbeat")]
+        self._tasks = [spawn(heartbeat(), f"{name} heartbeat")]
 
     async def close(self) -> None:
         """Stop and close the socket."""
@@ -557,7 +557,10 @@ class RouterEndpoint:
         state = self.peers.get(peer)
         if state is not None and state.incarnation != heartbeat.incarnation:
             log.info("peer %s restarted", peer)
-            self._on_peer_restarted(peer)
+            try:
+                self._on_peer_restarted(peer)
+            except Exception:  # the rest of the batch must still be read
+                log.exception("handling %s restarting failed", peer)
         if state is None or state.incarnation != heartbeat.incarnation:
             self.peers[peer] = PeerState(heartbeat.node, heartbeat.incarnation, now)
             self.send_body(peer, self._heartbeat)  # answer at once: faster discovery
@@ -570,7 +573,11 @@ class RouterEndpoint:
                 if now - state.last_seen > self._expiry:
                     del self.peers[peer]
                     log.warning("peer %s missed its heartbeats; declaring it lost", peer)
-                    self._on_peer_lost(peer)
+                    try:
+                        self._on_peer_lost(peer)
+                    except Exception:  # an escaped error would end this loop, silently,
+                        # and every peer would see this node go quiet
+                        log.exception("handling %s lost failed", peer)
                 else:
                     self.send_body(peer, self._heartbeat)
 
@@ -678,7 +685,10 @@ class DealerLink:
         if not self.alive or previous is None or previous.incarnation != heartbeat.incarnation:
             restarted = previous is not None and previous.incarnation != heartbeat.incarnation
             self.alive = True
-            self._on_up(self, restarted or previous is None)
+            try:
+                self._on_up(self, restarted or previous is None)
+            except Exception:  # the link must go on: the rest of the batch, the next beats
+                log.exception("handling %s coming up failed", self.endpoint)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -692,4 +702,8 @@ class DealerLink:
             ):
                 self.alive = False
                 log.warning("%s missed its heartbeats; marking it down", self.endpoint)
-                self._on_down(self)
+                try:
+                    self._on_down(self)
+                except Exception:  # an escaped error would end this loop, silently:
+                    # no more heartbeats, and the link never seen down again
+                    log.exception("handling %s going down failed", self.endpoint)

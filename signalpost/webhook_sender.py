@@ -20,6 +20,7 @@ import aiohttp
 
 from signalpost import metrics
 from signalpost.config import Settings
+from signalpost.lifecycle import spawn
 from signalpost.webhooks import (
     EVENT_ID_HEADER,
     SIGNATURE_HEADER,
@@ -81,7 +82,7 @@ class WebhookSender:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=self.timeout)
-        self._ticker = asyncio.create_task(self._tick(), name="webhooks")
+        self._ticker = spawn(self._tick(), "webhooks")
 
     async def close(self) -> None:
         if self._ticker is not None:

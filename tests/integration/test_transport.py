@@ -8,7 +8,7 @@ version is dropped and the endpoint goes on; close sends what is queued.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import msgspec
@@ -389,3 +389,76 @@ def test_frames_of_splits_at_the_envelope_and_byte_caps() -> None:
     assert lengths(frames_of([big] * 7)) == [2, 2, 2, 1]
     huge = msgspec.msgpack.encode(b"z" * (BATCH_MAX_BYTES + 1))
     assert [len(f) for f in frames_of([huge])] == [len(frame([huge]))]  # alone, not refused
+
+
+async def test_a_link_whose_callbacks_fail_keeps_heartbeating_and_comes_back(
+    context: zmq.Context[zmq.Socket[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error escaping ``on_up`` or ``on_down`` is logged and the link goes on: its
+    heartbeat loop used to end with it, silently, so the link sent no more heartbeats and
+    was never seen down (or up) again."""
+    import socket
+
+    with socket.socket() as probe:  # a port to bind twice, one owner after the other
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ups: list[bool] = []
+    downs: list[str] = []
+
+    def failing_up(link: DealerLink, fresh: bool) -> None:
+        ups.append(fresh)
+        raise RuntimeError("on_up failed")
+
+    def failing_down(link: DealerLink) -> None:
+        downs.append(link.endpoint)
+        raise RuntimeError("on_down failed")
+
+    def owner() -> RouterEndpoint:
+        return RouterEndpoint(
+            context,
+            f"tcp://127.0.0.1:{port}",
+            "owner-1",
+            on_envelope=lambda peer, envelope: None,
+            on_peer_lost=lambda peer: None,
+            on_peer_restarted=lambda peer: None,
+            heartbeat_interval=0.05,
+            peer_expiry=0.5,
+            keys=None,
+            max_message=1 << 30,
+        )
+
+    link = DealerLink(
+        context,
+        f"tcp://127.0.0.1:{port}",
+        "edge-1",
+        "inc-1",
+        on_envelope=lambda envelope: None,
+        on_up=failing_up,
+        on_down=failing_down,
+        heartbeat_interval=0.05,
+        peer_expiry=0.5,
+        keys=None,
+        max_message=1 << 30,
+    )
+
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(200):  # 10 s at most
+            if condition():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("timed out")
+
+    try:
+        async with owner():
+            link.start()
+            await until(lambda: len(ups) == 1 and link.alive)
+        await until(lambda: len(downs) == 1 and not link.alive)  # the owner is gone
+        async with owner():  # a new incarnation at the same address
+            await until(lambda: len(ups) == 2 and link.alive)
+            assert ups == [True, True]
+        await until(lambda: len(downs) == 2)
+    finally:
+        await link.close()
+    failures = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert any("coming up failed" in m for m in failures)
+    assert any("going down failed" in m for m in failures)
