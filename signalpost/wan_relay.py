@@ -235,6 +235,11 @@ class WanRelay:
                 self._relays.add(task)
                 try:
                     await _relay(reader, writer, target, self.delay, counted)
+                except asyncio.CancelledError:
+                    # The relay closes. Ending quietly: asyncio's server calls
+                    # ``exception()`` on a handler task that ends, which raises (and logs
+                    # an error per connection) for a cancelled one.
+                    pass
                 finally:
                     self._relays.discard(task)
 

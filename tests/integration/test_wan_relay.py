@@ -8,6 +8,7 @@ import socket
 import struct
 import time
 
+import pytest
 import zmq
 import zmq.asyncio
 
@@ -106,3 +107,29 @@ async def test_zeromq_dealer_and_router_talk_through_it() -> None:
         router.close(0)
         context.term()
         await relay.close()
+
+
+async def test_closing_with_live_connections_ends_them_without_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A relay stopped while it relays (the launcher stops a region) drops each line and
+    logs nothing at ERROR (asyncio logged a CancelledError per connection before)."""
+    echo, port = await _echo_server()
+    listen = free_port()
+    relay = WanRelay([(("127.0.0.1", listen), ("127.0.0.1", port))], DELAY)
+    await relay.start()
+    lines = [await asyncio.open_connection("127.0.0.1", listen) for _ in range(3)]
+    try:
+        for reader, writer in lines:
+            writer.write(b"ping")
+            assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+        await relay.close()
+        for reader, _writer in lines:  # each line ends (closed or reset)
+            with contextlib.suppress(ConnectionError):
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+        await asyncio.sleep(0.05)  # asyncio's done callbacks have run
+    finally:
+        for _reader, writer in lines:
+            writer.close()
+        echo.close()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
