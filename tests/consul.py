@@ -147,4 +147,22 @@ class ConsulAgent:
             except OSError:
                 pass
             time.sleep(0.1)
-        pytest.fail(f"Consul never showed what was expected within {timeout} s")
+        pytest.fail(
+            f"Consul never showed what was expected within {timeout} s; it shows: "
+            + self.describe()
+        )
+
+    def describe(self) -> str:
+        """Every check the agent runs and its status and output (for a failure message)."""
+        try:
+            checks = self.get("/v1/agent/checks") or {}
+        except OSError as exc:
+            return f"(no answer: {exc})"
+        return (
+            "; ".join(
+                f"{c.get('ServiceID') or c.get('CheckID')}: {c.get('Status')} "
+                f"({(c.get('Output') or '').strip()[:120]})"
+                for c in checks.values()
+            )
+            or "(no checks)"
+        )
