@@ -128,6 +128,15 @@ DEPARTED_MAX: Final = 1024
 #: Epochs of rooms that ended here remembered (``RoomTable._ended``).
 MAX_ENDED_EPOCHS: Final = 100_000
 
+#: Seconds a broker that begins to serve with no state (it started, or came back into the
+#: view), or a room rebuilt from re-announcements (created by one, or taken with no copy),
+#: waits for the edges' re-announcements before it refuses a member it does not know:
+#: until then a signal or leave from a session it does not know in the room (or a room it
+#: does not know), or a signal naming such a member, is not answered (the edge resends it)
+#: instead of refused ``not_in_room`` / ``unknown_peer``. An edge re-announces once it
+#: hears the broker's new run (``room_table`` passes ``peer_expiry``).
+REBUILD_GRACE: Final = 3.0
+
 #: Seconds a broker that takes a room over waits for the broker that served it until now
 #: to hand it over; then it serves the room without (a new epoch: ``recovered: false``).
 HANDOFF_TIMEOUT: Final = 2.0
@@ -231,6 +240,9 @@ class Room:
     pending: deque[_Batch] = field(default_factory=deque)
     next_batch: int = 0
     term: int = 0  # this ownership's term: higher than any earlier owner's
+    # Created by a re-announcement (no state was left of it here): until then its members
+    # may still be re-announced by other edges (``REBUILD_GRACE``).
+    rebuilding_until: float = 0.0
     replica_target: str | None = None  # the runner-up that has the whole history
     # session -> connection of members that left: a late re-announcement from that
     # connection must not bring them back (bounded: DEPARTED_MAX, oldest first)
@@ -322,8 +334,14 @@ class RoomTable:
         handoff_timeout: float = HANDOFF_TIMEOUT,
         handoff_fences: bool = True,
         owner_of: Callable[[str], str | None] | None = None,
+        rebuild_grace: float = REBUILD_GRACE,
     ) -> None:
         self.node_id = node_id
+        self.rebuild_grace = rebuild_grace
+        #: Until then this broker is rebuilding what it serves (``began_serving``).
+        self.rebuilding_until = 0.0
+        #: Requests left unanswered while their room was rebuilt (the edges resend them).
+        self.deferred = 0
         self.replica_for = replica_for
         self._replicating = replica_for is not _no_replica  # else no call per event to ask
         self.capacity = capacity
@@ -675,8 +693,9 @@ class RoomTable:
         commands that waited for it."""
         out: list[Outbound] = []
         room = self.rooms.get(name)
-        if room is None:
+        if room is None:  # nothing came and nothing was here: the edges re-announce it
             room = self.rooms[name] = Room(name, self._new_epoch(), term=self._new_term())
+            room.rebuilding_until = now + self.rebuild_grace
         self._activate(room)
         # The view may have moved the room on while its state came: then it is kept for
         # the next owner (and what waited here is dropped by the gate; the edges resend).
@@ -757,7 +776,15 @@ class RoomTable:
                 if self.confirming:
                     self._unconfirmed[member] = room
 
+    def began_serving(self, now: float) -> None:
+        """This broker begins to serve rooms with nothing of them here (it started, or
+        is back in the view): the edges' re-announcements are on their way."""
+        self.rebuilding_until = now + self.rebuild_grace
+
     def _request(self, command: Request, now: float) -> list[Outbound]:
+        if type(command) is not JoinCmd and self._rebuilding(command, now):
+            self.deferred += 1
+            return []  # not answered: the edge resends it, by then the member is known
         if not command.rseq:
             return self._apply(command, now)
         # In the connection's order: a request that overtook one lost on the way waits.
@@ -803,6 +830,20 @@ class RoomTable:
             answers[following.rseq] = self._last_record
             inflow.applied = following.rseq
         return out
+
+    def _rebuilding(self, command: Request, now: float) -> bool:
+        """Whether ``command``'s room, or this broker, is being rebuilt from the edges'
+        re-announcements and does not know a member the command needs yet (its sender,
+        or the signal's target)."""
+        room = self.rooms.get(command.room)
+        server = type(command) is SignalCmd and command.server
+        if room is None:
+            return now < self.rebuilding_until and not server
+        if room.rebuilding_until <= now or not room.active or server:
+            return False
+        if type(command) is SignalCmd and command.to is not None and command.to not in room.members:
+            return True
+        return command.session not in room.members
 
     def _apply(self, command: Request, now: float) -> list[Outbound]:
         out: list[Outbound] = []
@@ -1017,6 +1058,9 @@ class RoomTable:
             room = self.rooms[command.room] = Room(
                 command.room, self._new_epoch(), term=self._new_term()
             )
+            # While this broker is rebuilding, the room's other members may be known only
+            # once their edges re-announce them.
+            room.rebuilding_until = self.rebuilding_until
         self._activate(room)
         member = room.members.get(command.session)
         if member is None:
@@ -1195,6 +1239,8 @@ class RoomTable:
             room = self.rooms[command.room] = Room(
                 command.room, self._new_epoch(), active=not command.replica, term=term
             )
+            if not command.replica:
+                room.rebuilding_until = now + self.rebuild_grace
         elif not command.replica:
             self._activate(room)
         member = room.members.get(command.session)

@@ -22,6 +22,7 @@ import time
 
 from broker.hooks import RoomHooks
 from broker.rooms import Outbound, RoomTable
+from signalpost import metrics
 from signalpost.config import Settings
 from signalpost.lifecycle import until_stopped
 from signalpost.node import OwnerNode
@@ -56,6 +57,7 @@ def wall_clock_term() -> int:
 def room_table(settings: Settings, **options: object) -> RoomTable:
     """A RoomTable configured from ``settings``."""
     options.setdefault("new_term", wall_clock_term)
+    options.setdefault("rebuild_grace", settings.peer_expiry)
     return RoomTable(
         capacity=settings.room_capacity,
         resume_window=settings.resume_window,
@@ -89,6 +91,9 @@ class BrokerNode(OwnerNode):
             owner_of=self._owner_of if settings.consul_addr is not None else None,
         )
         super().__init__(settings, "broker", self.table, settings.broker_bind)
+        # A broker starts with nothing: what it serves is rebuilt from re-announcements.
+        self.table.began_serving(self._clock())
+        self._deferred_reported = 0  # ``table.deferred`` already exported
         self.table.refused = refused_sender
         self.table.tickets = self.tickets
         self._replicas: dict[str, str | None] = {}  # room -> runner-up, until peers change
@@ -106,6 +111,12 @@ class BrokerNode(OwnerNode):
             self.webhook_sender = WebhookSender.from_settings(
                 self.webhooks, settings, send=self._send, clock=self._clock
             )
+
+    def expired(self) -> None:
+        deferred = self.table.deferred
+        if deferred != self._deferred_reported:
+            metrics.REQUESTS_DEFERRED.inc(deferred - self._deferred_reported)
+            self._deferred_reported = deferred
 
     def _replica_for(self, room: str) -> str | None:
         # Asked for every batch of room events: hashing the peer set each time showed in
@@ -160,6 +171,8 @@ class BrokerNode(OwnerNode):
         """A newer view was read from Consul: place rooms on its brokers from now on."""
         was_member = self._view is not None and self.placement_id in self._view
         self._view = view
+        if not was_member and self.placement_id in view:
+            self.table.began_serving(self._clock())  # rooms with no handoff are rebuilt
         if was_member and self.placement_id not in view:
             # Removed (paused or cut off from Consul past its check): the runner-ups
             # serve these rooms now, from their replicas; what is here is stale.

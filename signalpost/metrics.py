@@ -65,6 +65,11 @@ DELIVERIES_DROPPED = Counter(
 REQUESTS_RESENT = Counter(
     "signalpost_requests_resent", "Requests and re-announcements an edge sent again unanswered"
 )
+REQUESTS_DEFERRED = Counter(
+    "signalpost_requests_deferred",
+    "Requests a broker left unanswered while it rebuilt the room from the edges' "
+    "re-announcements (a member it needed was not re-announced yet; the edge resends them)",
+)
 DELIVERIES_RESENT = Counter(
     "signalpost_deliveries_resent", "Room events an owner sent again, unconfirmed by the edge"
 )

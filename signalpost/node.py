@@ -34,7 +34,15 @@ from signalpost.tickets import seat_tickets
 from signalpost.transport import DealerLink, RouterEndpoint, new_incarnation, refused_sender
 from signalpost.webhook_sender import WebhookSender
 from signalpost.webhooks import Webhooks
-from signalpost.wire import SENDER_KINDS, Envelope, HookAck, HookCopy, encode_envelope, sender_of
+from signalpost.wire import (
+    ADDRESSED,
+    SENDER_KINDS,
+    Envelope,
+    HookAck,
+    HookCopy,
+    encode_envelope,
+    sender_of,
+)
 
 log = logging.getLogger("signalpost.node")
 
@@ -82,6 +90,7 @@ class OwnerNode:
             keys=self.keys,
             max_message=settings.max_node_message,
             accepts=SENDER_KINDS[kind],
+            addressed=ADDRESSED.get(kind, frozenset()),
         )
         self._kind = kind
         dialled = settings.dialable(bind)

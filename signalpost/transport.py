@@ -443,6 +443,8 @@ class PeerState:
     node: str
     incarnation: str
     last_seen: float
+    #: The incarnation of this node its last heartbeat named ("": none it had heard).
+    named: str = ""
 
 
 class RouterEndpoint:
@@ -462,9 +464,13 @@ class RouterEndpoint:
         keys: NodeKeys | None,
         max_message: int,
         accepts: dict[type, frozenset[str]] | None = None,
+        addressed: frozenset[type] = frozenset(),
     ) -> None:
         self.node_id = node_id
         self.incarnation = new_incarnation()
+        #: Envelope types taken only from a peer whose last heartbeat named this
+        #: incarnation or none (``wire.ADDRESSED``).
+        self._addressed = addressed
         #: Envelope type -> the kinds of node it is taken from (``wire.SENDER_KINDS``);
         #: None: any (and with plaintext links kinds are unknown: any).
         self._accepts = accepts
@@ -485,7 +491,13 @@ class RouterEndpoint:
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
         socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
-        socket.bind(bind)
+        try:
+            socket.bind(bind)
+        except zmq.ZMQError:  # (the address is taken): nothing left open behind
+            socket.close(linger=0)
+            if self._authenticator is not None:
+                self._authenticator.stop()
+            raise
         self.endpoint: str = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._watch = None if keys is None else HandshakeWatch(socket, self.endpoint, server=True)
         self._socket = FastSocket(socket, authenticated=keys is not None)
@@ -529,9 +541,18 @@ class RouterEndpoint:
         on_envelope = self._on_envelope
         accepts = self._accepts
         kind = None if accepts is None else self._socket.kind_of(frames[0])
+        addressed = self._addressed
         for envelope in envelopes:
             if isinstance(envelope, Heartbeat):
                 self._heartbeat_from(peer, envelope, now)
+                continue
+            if addressed and type(envelope) in addressed and not self._addressed_by(peer):
+                _dropped_from(
+                    frames[0],
+                    "stale_incarnation",
+                    f"{type(envelope).__name__} sent before the node heard that this one "
+                    "restarted (resent once it has re-announced)",
+                )
                 continue
             if kind is not None:
                 assert accepts is not None
@@ -553,8 +574,16 @@ class RouterEndpoint:
             state.last_seen = now
         return len(envelopes)
 
+    def _addressed_by(self, peer: str) -> bool:
+        """Whether ``peer`` heartbeated since this node started, naming this run of it or
+        none (a peer that never heard of it has nothing queued for an earlier run)."""
+        state = self.peers.get(peer)
+        return state is not None and state.named in ("", self.incarnation)
+
     def _heartbeat_from(self, peer: str, heartbeat: Heartbeat, now: float) -> None:
         state = self.peers.get(peer)
+        if state is not None:
+            state.named = heartbeat.peer
         if state is not None and state.incarnation != heartbeat.incarnation:
             log.info("peer %s restarted", peer)
             try:
@@ -562,7 +591,7 @@ class RouterEndpoint:
             except Exception:  # the rest of the batch must still be read
                 log.exception("handling %s restarting failed", peer)
         if state is None or state.incarnation != heartbeat.incarnation:
-            self.peers[peer] = PeerState(heartbeat.node, heartbeat.incarnation, now)
+            self.peers[peer] = PeerState(heartbeat.node, heartbeat.incarnation, now, heartbeat.peer)
             self.send_body(peer, self._heartbeat)  # answer at once: faster discovery
 
     async def _heartbeat_loop(self) -> None:
@@ -632,6 +661,7 @@ class DealerLink:
         self._on_down = on_down
         self._interval = heartbeat_interval
         self._expiry = peer_expiry
+        self._node_id, self._incarnation = node_id, incarnation
         self._heartbeat = encode_envelope(Heartbeat(node_id, incarnation))
 
     def send(self, envelope: Envelope) -> None:
@@ -682,6 +712,13 @@ class DealerLink:
     def _heartbeat_from(self, heartbeat: Heartbeat, now: float) -> None:
         previous = self.remote
         self.remote = PeerState(heartbeat.node, heartbeat.incarnation, now)
+        if previous is None or previous.incarnation != heartbeat.incarnation:
+            # Name this run of the node at once, ahead of what ``on_up`` sends it (the
+            # re-announcements, then the resends): it takes requests only after that.
+            self._heartbeat = encode_envelope(
+                Heartbeat(self._node_id, self._incarnation, heartbeat.incarnation)
+            )
+            self._outbox.put("", self._heartbeat)
         if not self.alive or previous is None or previous.incarnation != heartbeat.incarnation:
             restarted = previous is not None and previous.incarnation != heartbeat.incarnation
             self.alive = True

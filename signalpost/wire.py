@@ -835,10 +835,18 @@ class HookAck(_Envelope, tag=51, frozen=True):
 
 
 class Heartbeat(_Envelope, tag=30, frozen=True):
-    """Both ways on every link; ``incarnation`` changes when a node restarts."""
+    """Both ways on every link; ``incarnation`` changes when a node restarts.
+
+    ``peer``: from the dialling side, the incarnation of the node it dials as it last heard
+    it ("": none heard yet). A node takes some envelopes (``RouterEndpoint``'s
+    ``addressed``: an owner's requests) only from a peer whose last heartbeat named its own
+    incarnation or none: what an edge queued for a node that restarted meanwhile is not
+    applied before the edge has seen the restart and re-announced what the node forgot.
+    """
 
     node: str
     incarnation: str
+    peer: str = ""
 
 
 Envelope = (
@@ -1060,4 +1068,13 @@ SENDER_KINDS: Final[dict[str, dict[type, frozenset[str]]]] = {
         KickCmd: _EDGE,
         HookCopy: _PRESENCE,
     },
+}
+
+#: Node kind -> the envelopes it applies only from a peer that addressed this run of the
+#: node (``Heartbeat.peer``): an owner's requests. One queued for a broker that restarted
+#: meanwhile would be refused ``not_in_room`` by the empty broker before the edge has seen
+#: the restart and re-announced its members; dropped instead (counted), it is resent by
+#: the edge after the re-announcement.
+ADDRESSED: Final[dict[str, frozenset[type]]] = {
+    "broker": frozenset({JoinCmd, LeaveCmd, SignalCmd}),
 }

@@ -208,3 +208,41 @@ async def test_a_resent_request_is_applied_once_across_failover_and_resume(
         await resumed.send({**marker, "data": {"marker": True}})
         events = await _until_markers(bob, {room})
         assert [e.data for e in events] == [{"n": 1}, {"marker": True}]
+
+
+@pytest.mark.parametrize("consul", ["off", "on"])
+async def test_signals_sent_while_the_only_broker_restarts_are_acked_not_refused(
+    cluster_factory: ClusterFactory, consul: str
+) -> None:
+    """The room's only broker is killed (-9) and restarted at the same address, empty,
+    faster than the heartbeat expiry: the signals sent meanwhile reach it only after the
+    edges re-announced the room's members, so they are acked and delivered, not refused
+    ``not_in_room`` or ``unknown_peer`` (both happened: requests the edge sent before it
+    heard the new run, and a resend that overtook the re-announcement of its target)."""
+    import signal as signals
+    import time
+
+    cluster = cluster_factory(edges=2, brokers=1, restart=True, consul=consul)
+    edge1, edge2 = cluster.edge_urls
+    async with (
+        SignalpostClient(edge1, token("alice"), request_timeout=20) as alice,
+        SignalpostClient(edge2, token("bob"), request_timeout=20) as bob,
+    ):
+        await alice.join("restarted")
+        await bob.join("restarted")
+        await alice.signal("restarted", {"n": 0}, to=bob.session)
+        (broker,) = cluster.of_kind("broker")
+        cluster.kill(broker["id"], signals.SIGKILL)
+        sent = [asyncio.create_task(alice.signal("restarted", {"n": 1}, to=bob.session))]
+        for n in range(2, 6):  # pipelined, while the broker is down and comes back
+            await asyncio.sleep(0.1)
+            sent.append(asyncio.create_task(alice.signal("restarted", {"n": n}, to=bob.session)))
+        outcomes = await asyncio.gather(*sent, return_exceptions=True)
+        assert [repr(o) for o in outcomes if isinstance(o, BaseException)] == []
+        deadline = time.monotonic() + 20
+        while cluster.pid(broker["id"]) == broker["pid"]:
+            assert time.monotonic() < deadline, "the broker was not restarted"
+            await asyncio.sleep(0.2)
+            cluster.reload()
+        got = [(await bob.next_event(SignalEvent, timeout=10)).data["n"] for _ in range(6)]
+        assert sorted(got) == list(range(6)), got

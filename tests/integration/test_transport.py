@@ -462,3 +462,110 @@ async def test_a_link_whose_callbacks_fail_keeps_heartbeating_and_comes_back(
     failures = [r.getMessage() for r in caplog.records if r.exc_info]
     assert any("coming up failed" in m for m in failures)
     assert any("going down failed" in m for m in failures)
+
+
+async def test_a_link_names_the_run_of_the_node_it_hears_before_on_up_sends(
+    context: zmq.Context[zmq.Socket[bytes]],
+) -> None:
+    """A link names the run of the node it dials in its heartbeats as soon as it hears a
+    new one, ahead of what its ``on_up`` sends (an edge's re-announcements to a restarted
+    broker): the node takes that (``addressed``), and nothing sent before naming it."""
+    import socket
+
+    with socket.socket() as probe:  # a port to bind twice, one run after the other
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def owner(got: Collected[tuple[str, Envelope]]) -> RouterEndpoint:
+        return RouterEndpoint(
+            context,
+            f"tcp://127.0.0.1:{port}",
+            "owner-1",
+            on_envelope=lambda peer, envelope: got.append((peer, envelope)),
+            on_peer_lost=lambda peer: None,
+            on_peer_restarted=lambda peer: None,
+            heartbeat_interval=0.05,
+            peer_expiry=5.0,
+            keys=None,
+            max_message=1 << 30,
+            addressed=frozenset({Deliver}),
+        )
+
+    async def owner_again(got: Collected[tuple[str, Envelope]]) -> RouterEndpoint:
+        for _ in range(100):  # ZeroMQ releases the port a moment after a close
+            try:
+                return owner(got)
+            except zmq.ZMQError:
+                await asyncio.sleep(0.02)
+        return owner(got)
+
+    ups: list[bool] = []
+
+    def up(link: DealerLink, fresh: bool) -> None:
+        ups.append(fresh)
+        link.send(deliver(100 + len(ups)))  # as an edge re-announces on a fresh owner
+
+    link = DealerLink(
+        context,
+        f"tcp://127.0.0.1:{port}",
+        "edge-1",
+        "inc-1",
+        on_envelope=lambda envelope: None,
+        on_up=up,
+        on_down=lambda link: None,
+        heartbeat_interval=0.05,
+        peer_expiry=5.0,  # the restart is quicker than this: the link never goes down
+        keys=None,
+        max_message=1 << 30,
+    )
+    first: Collected[tuple[str, Envelope]] = Collected()
+    second: Collected[tuple[str, Envelope]] = Collected()
+    try:
+        async with owner(first) as run:
+            link.start()
+            await asyncio.wait_for(first.reach(1), 10)
+            link.send(deliver(1))
+            await asyncio.wait_for(first.reach(2), 10)
+            assert run.peers["edge-1"].named == run.incarnation
+        async with await owner_again(second) as run:
+            await asyncio.wait_for(second.reach(1), 10)
+            assert run.peers["edge-1"].named == run.incarnation
+        assert ups == [True, True]
+        assert first == [("edge-1", deliver(101)), ("edge-1", deliver(1))]
+        assert second == [("edge-1", deliver(102))]
+    finally:
+        await link.close()
+
+
+async def test_an_addressed_envelope_from_a_peer_not_heard_yet_is_dropped(
+    context: zmq.Context[zmq.Socket[bytes]],
+) -> None:
+    got: Collected[tuple[str, Envelope]] = Collected()
+    router = RouterEndpoint(
+        context,
+        "tcp://127.0.0.1:*",
+        "owner-1",
+        on_envelope=lambda peer, envelope: got.append((peer, envelope)),
+        on_peer_lost=lambda peer: None,
+        on_peer_restarted=lambda peer: None,
+        heartbeat_interval=60.0,
+        peer_expiry=120.0,
+        keys=None,
+        max_message=1 << 30,
+        addressed=frozenset({Deliver}),
+    )
+    async with router:
+        dealer = raw_dealer(context, router.endpoint)
+        try:
+            dealer.send(frame([encode_envelope(deliver(1))]))  # no heartbeat yet
+            old = Heartbeat("edge-1", "inc-1", "an-earlier-run")
+            dealer.send(frame([encode_envelope(old), encode_envelope(deliver(2))]))
+            named = Heartbeat("edge-1", "inc-1", router.incarnation)
+            dealer.send(frame([encode_envelope(named), encode_envelope(deliver(3))]))
+            fresh = Heartbeat("edge-1", "inc-1", "")  # a new link: it heard of no run yet
+            dealer.send(frame([encode_envelope(fresh), encode_envelope(deliver(4))]))
+            await asyncio.wait_for(got.reach(2), 10)
+            await asyncio.sleep(0.1)
+            assert got == [("edge-1", deliver(3)), ("edge-1", deliver(4))]
+        finally:
+            dealer.close(linger=0)

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 
 from broker.rooms import (
@@ -1603,3 +1604,60 @@ def test_a_ticketed_restore_from_a_newer_connection_moves_a_suspended_seat() -> 
     # An older connection's re-announcement moves nothing back.
     table.handle(RestoreCmd(alice.session, alice.conn, alice.edge, "call", alice.peer, False), 4.0)
     assert (seat.edge, seat.conn) == ("edge-other", "conn-alice.2")
+
+
+# ------------------------------------------------------------------ rebuilt from re-announcements
+
+
+def ordered(command: SignalCmd | LeaveCmd, rseq: int) -> SignalCmd | LeaveCmd:
+    """As an edge of the cluster sends it: in its connection's order to the room."""
+    return msgspec.structs.replace(command, rseq=rseq, rbase=rseq)
+
+
+def restore(s: Sess, room: str) -> RestoreCmd:
+    return RestoreCmd(s.session, s.conn, s.edge, room, s.peer, False)
+
+
+def test_a_broker_that_began_serving_leaves_a_member_it_does_not_know_unanswered() -> None:
+    """A broker that restarted knows no room: a member's signal that reaches it before
+    its edge's re-announcement is not refused ``not_in_room`` (the edge resends it after
+    the re-announcement); once the grace is over, a stranger is refused."""
+    table = make_table(confirming=True)
+    table.rebuild_grace = 3.0
+    table.began_serving(0.0)
+    alice, bob = sess("alice"), sess("bob")
+    signal = ordered(alice.signal("call", bob.session), 1)
+    assert table.handle(signal, 0.5) == []  # not answered, nothing recorded
+    assert table.deferred == 1
+    table.handle(restore(alice, "call"), 0.6)
+    assert table.handle(signal, 0.7) == []  # bob is not re-announced yet
+    table.handle(restore(bob, "call"), 0.8)
+    out = table.handle(signal, 1.0)  # the edge's resend
+    assert reply(out, alice)["type"] == "ack"
+    assert [f["data"] for f in to(bob, out) if f["type"] == "signal"] == [{"n": 1}]
+    assert table.deferred == 2
+    # Past the grace (the room was rebuilt at 0.6) a stranger is refused, as always.
+    carol = sess("carol")
+    late = ordered(carol.signal("call", bob.session), 1)
+    assert reply(table.handle(late, 4.0), carol)["code"] == "not_in_room"
+    assert table.deferred == 2
+
+
+def test_a_room_rebuilt_by_a_re_announcement_waits_for_its_other_members() -> None:
+    """A room created here by a re-announcement (its state was lost) knows only the
+    members re-announced so far: a signal naming another one waits (unanswered) for the
+    grace, then is refused ``unknown_peer``; a broker serving as usual refuses at once."""
+    table = make_table(confirming=True)
+    table.rebuild_grace = 3.0
+    alice, bob = sess("alice"), sess("bob")
+    table.handle(restore(alice, "call"), 10.0)
+    signal = ordered(alice.signal("call", bob.session), 1)
+    assert table.handle(signal, 10.5) == []
+    assert reply(table.handle(signal, 13.5), alice)["code"] == "unknown_peer"
+    # A room created by a join outside any rebuild: refused at once.
+    dave, erin = sess("dave"), sess("erin")
+    joined(table, dave, "other", 20.0)
+    assert (
+        reply(table.handle(ordered(dave.signal("other", erin.session), 2), 20.5), dave)["code"]
+        == "unknown_peer"
+    )
