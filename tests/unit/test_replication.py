@@ -610,3 +610,54 @@ def test_a_join_replicated_but_never_answered_is_seated_by_the_successor() -> No
     assert [f["type"] for f in frames(left)] == ["left"]  # (a is told once it syncs)
     last = json.loads(replica.rooms["room"].history[-1].payload)
     assert last["type"] == "peer-left" and last["peer"]["session"] == "b"
+
+
+def restarted_runner_up_sent_a_batch() -> tuple[RoomTable, RoomTable, RoomPosition]:
+    """Owner A, its runner-up B restarted (empty) and sent one batch of A's room before A
+    heard of the restart (a rolling restart: the batch waited in A's link to B). Returns
+    A, the restarted B, and b's position from before the restart."""
+    owner, replica = table("A", "B"), table("B", None)
+    for session in ("a", "b"):
+        restore(replica, session, True)
+        pump(owner, replica, owner.handle(join(session, 1), 0.0))
+    position = RoomPosition(owner.rooms["room"].epoch, owner.rooms["room"].offset)
+    for n in range(4):
+        pump(owner, replica, owner.handle(signal(2 + n, n), 0.0))
+    restarted = table("B", None)
+    for session in ("a", "b"):
+        restore(restarted, session, True)  # the edges re-announce their members
+    out = owner.handle(signal(6, 4), 1.0)
+    (batch,) = [e for _, e in out if isinstance(e, ReplicateCmd)]
+    assert [e.offset for e in batch.events] == [owner.rooms["room"].offset]  # not the history
+    pump(owner, restarted, out)
+    return owner, restarted, position
+
+
+def resumed_at(successor: RoomTable, position: RoomPosition) -> tuple[list[object], Synced]:
+    """b resumes at ``successor`` from ``position``: the signals replayed and the report."""
+    out = successor.handle(AttachCmd("b", "c-b2", "edge-b2", {"room": position}), 2.0)
+    (synced,) = [e for _, e in out if isinstance(e, Synced)]
+    return [f.get("data") for f in frames(out) if f["type"] == "signal"], synced
+
+
+def test_a_restarted_runner_up_begun_by_a_batch_gets_the_history_from_the_next() -> None:
+    # A's next batch (it heard of the restart: its runner-up may be empty) carries the
+    # whole history; the copy must take what lies before the batch it began with, else a
+    # takeover (or A asking for its room back after its own restart) says recovered: false.
+    owner, restarted, position = restarted_runner_up_sent_a_batch()
+    owner.replicas_changed(1.0)
+    pump(owner, restarted, owner.handle(signal(7, 5), 1.0))
+    replayed, synced = resumed_at(restarted, position)
+    assert (synced.recovered, synced.epoch) == (True, position.epoch)
+    assert replayed == [{"n": n} for n in range(6)]
+
+
+def test_a_copy_begun_by_a_batch_takes_the_whole_room_its_owner_hands_over() -> None:
+    # A stops (SIGTERM) before its next batch and hands its room to B, at the offset and
+    # term B's copy has: the handed state holds more history than the copy, and wins.
+    owner, restarted, position = restarted_runner_up_sent_a_batch()
+    handoff = owner.hand_over("room", 1.0)
+    restarted.handle(handoff, 1.0)
+    replayed, synced = resumed_at(restarted, position)
+    assert (synced.recovered, synced.epoch) == (True, position.epoch)
+    assert replayed == [{"n": n} for n in range(5)]
