@@ -301,6 +301,10 @@ def _owns_all(room: str) -> bool:
     return True
 
 
+def _in_every_view(broker: str) -> bool:
+    return True
+
+
 class RoomTable:
     """Rooms owned by one broker: membership, capacity, history, resume, delivery."""
 
@@ -322,6 +326,7 @@ class RoomTable:
         handoff_timeout: float = HANDOFF_TIMEOUT,
         handoff_fences: bool = True,
         owner_of: Callable[[str], str | None] | None = None,
+        in_view: Callable[[str], bool] = _in_every_view,
     ) -> None:
         self.node_id = node_id
         self.replica_for = replica_for
@@ -339,6 +344,9 @@ class RoomTable:
         self.owns = owns
         #: Who served a room before this broker took it, if alive (asked for a handoff).
         self.handoff_from = handoff_from
+        #: Whether a broker is in this broker's view (alive; with Consul, in the view): a
+        #: handoff source that left it is asked no more (``expire``).
+        self.in_view = in_view
         # The term of a room created afresh: above any its earlier incarnations reached
         # (the shell passes the wall clock in ms); by default a counter.
         self._new_term = new_term if new_term is not None else itertools.count(1).__next__
@@ -1515,6 +1523,10 @@ class RoomTable:
                 out.extend(self._proceed(name, awaiting, now))
             elif now >= awaiting.ask_again_at:
                 awaiting.ask_again_at = now + 0.25
+                if not self.in_view(awaiting.source):
+                    # Gone (stopped after handing its rooms on, or dead): the broker that
+                    # comes before this one now has the room, or its copy.
+                    awaiting.source = self.handoff_from(name) or awaiting.source
                 out.append(
                     (awaiting.source, HandoffRequest(name, self.node_id, self._handoff_term()))
                 )

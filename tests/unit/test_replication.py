@@ -661,3 +661,34 @@ def test_a_copy_begun_by_a_batch_takes_the_whole_room_its_owner_hands_over() -> 
     replayed, synced = resumed_at(restarted, position)
     assert (synced.recovered, synced.epoch) == (True, position.epoch)
     assert replayed == [{"n": n} for n in range(5)]
+
+
+def test_a_new_owner_asks_the_next_broker_once_the_one_it_asked_is_gone() -> None:
+    # Rolling restart: B, restarted, owns the room again and asks A (the broker before it
+    # in its view), but A was stopped meanwhile and handed the room on to C. Once A has
+    # left B's view, B asks C (the broker before it now), not A until the handoff timeout
+    # (a new epoch without the room's members).
+    seen = {"A", "B", "C"}
+    carrier = owning("C", None, owns=False)
+    for session in ("a", "b"):
+        restore(carrier, session, True)
+    previous = owning("A", None)
+    for session in ("a", "b"):
+        previous.handle(join(session, 1), 0.0)
+    previous.handle(signal(2, 0), 0.0)
+    carrier.handle(previous.hand_over("room", 0.5), 0.5)  # A stops: its room goes to C
+    epoch, offset = previous.rooms["room"].epoch, previous.rooms["room"].offset
+    new = owning("B", None)
+    new.handoff_from = lambda room: "A" if "A" in seen else "C"
+    new.in_view = lambda broker: broker in seen
+    asked = new.handle(signal(3, 1), 1.0)
+    assert [(t, type(e)) for t, e in asked] == [("A", HandoffRequest)]  # A never answers
+    assert [t for t, _ in new.expire(1.3)] == ["A"]  # still in B's view: asked again
+    seen.discard("A")  # its heartbeats stopped
+    (again,) = new.expire(1.6)
+    assert again[0] == "C" and isinstance(again[1], HandoffRequest)
+    (answer,) = carrier.handle(again[1], 1.6)
+    served = new.handle(answer[1], 1.6)
+    room = new.rooms["room"]
+    assert (room.epoch, room.active, set(room.members)) == (epoch, True, {"a", "b"})
+    assert frames(served, "edge-a")[-1]["type"] == "ack" and room.offset == offset + 1
