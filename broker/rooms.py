@@ -313,6 +313,10 @@ def _owns_all(room: str) -> bool:
     return True
 
 
+def _in_every_view(broker: str) -> bool:
+    return True
+
+
 class RoomTable:
     """Rooms owned by one broker: membership, capacity, history, resume, delivery."""
 
@@ -335,6 +339,7 @@ class RoomTable:
         handoff_fences: bool = True,
         owner_of: Callable[[str], str | None] | None = None,
         rebuild_grace: float = REBUILD_GRACE,
+        in_view: Callable[[str], bool] = _in_every_view,
     ) -> None:
         self.node_id = node_id
         self.rebuild_grace = rebuild_grace
@@ -357,6 +362,9 @@ class RoomTable:
         self.owns = owns
         #: Who served a room before this broker took it, if alive (asked for a handoff).
         self.handoff_from = handoff_from
+        #: Whether a broker is in this broker's view (alive; with Consul, in the view): a
+        #: handoff source that left it is asked no more (``expire``).
+        self.in_view = in_view
         # The term of a room created afresh: above any its earlier incarnations reached
         # (the shell passes the wall clock in ms); by default a counter.
         self._new_term = new_term if new_term is not None else itertools.count(1).__next__
@@ -647,12 +655,18 @@ class RoomTable:
     def _newer_state(handoff: Handoff, room: Room) -> bool:
         """Whether a handed room is newer than what this broker has of it: a served room
         gives way only to a higher term; a replica with history only to a handoff with
-        history and a higher (term, offset); a bare membership copy to anything."""
+        history and a higher (term, offset), or the same with more history (a copy begun
+        by a batch, ``_fill_in``, handed the whole room by its owner stopping); a bare
+        membership copy to anything."""
         if room.active:
             return room.term < handoff.term
         if not room.replicated:
             return True
-        return handoff.history and (handoff.term, handoff.offset) > (room.term, room.offset)
+        return handoff.history and (handoff.term, handoff.offset, -handoff.trimmed_through) > (
+            room.term,
+            room.offset,
+            -room.trimmed_through,
+        )
 
     def _merge_members(
         self, room: Room, members: list[HandedMember], now: float, owner: bool = False
@@ -1555,6 +1569,10 @@ class RoomTable:
                 out.extend(self._proceed(name, awaiting, now))
             elif now >= awaiting.ask_again_at:
                 awaiting.ask_again_at = now + 0.25
+                if not self.in_view(awaiting.source):
+                    # Gone (stopped after handing its rooms on, or dead): the broker that
+                    # comes before this one now has the room, or its copy.
+                    awaiting.source = self.handoff_from(name) or awaiting.source
                 out.append(
                     (awaiting.source, HandoffRequest(name, self.node_id, self._handoff_term()))
                 )
@@ -1907,6 +1925,8 @@ class RoomTable:
                 first = command.events[0].offset if command.events else room.offset + 1
                 room.offset = room.trimmed_through = room.released = first - 1
                 room.replicated = True
+            else:
+                self._fill_in(room, command.events, now)
             for replicated in command.events:
                 if replicated.offset <= room.offset:
                     continue  # a batch resent after a runner-up change
@@ -1935,6 +1955,22 @@ class RoomTable:
                     ),
                 )
         return [(command.owner, ReplicaAck(command.room, command.batch))]
+
+    @staticmethod
+    def _fill_in(room: Room, events: list[ReplicatedEvent], now: float) -> None:
+        """Put in front of a copy's history the events of ``events`` just before it: a copy
+        begun by a batch (this runner-up restarted and was sent a batch before its owner
+        heard of the restart) lacks the room's earlier history, which the owner's next
+        batch carries whole. Without them, a takeover (or the owner's handoff back, asked
+        of this copy) answered the resumes from before that batch ``recovered: false``."""
+        older = [e for e in events if e.offset <= room.trimmed_through]
+        if not older or older[-1].offset != room.trimmed_through:
+            return  # nothing older, or not up to the copy's first event (a hole)
+        at = room.history[0].at if room.history else now  # no younger than what follows
+        room.history.extendleft(
+            RoomEvent(e.offset, at, tuple(e.recipients), e.payload) for e in reversed(older)
+        )
+        room.trimmed_through = older[0].offset - 1
 
     def _replicated_departure(self, room: Room, payload: bytes) -> None:
         """A replicated ``peer-left``: the member is gone from the passive copy too. (Its

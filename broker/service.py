@@ -86,6 +86,7 @@ class BrokerNode(OwnerNode):
             replica_for=self._replica_for,
             owns=self._owns,
             handoff_from=self._handoff_from,
+            in_view=lambda broker: broker in self._placing(),
             new_term=self._new_term,
             handoff_fences=settings.consul_addr is not None,
             owner_of=self._owner_of if settings.consul_addr is not None else None,

@@ -610,3 +610,85 @@ def test_a_join_replicated_but_never_answered_is_seated_by_the_successor() -> No
     assert [f["type"] for f in frames(left)] == ["left"]  # (a is told once it syncs)
     last = json.loads(replica.rooms["room"].history[-1].payload)
     assert last["type"] == "peer-left" and last["peer"]["session"] == "b"
+
+
+def restarted_runner_up_sent_a_batch() -> tuple[RoomTable, RoomTable, RoomPosition]:
+    """Owner A, its runner-up B restarted (empty) and sent one batch of A's room before A
+    heard of the restart (a rolling restart: the batch waited in A's link to B). Returns
+    A, the restarted B, and b's position from before the restart."""
+    owner, replica = table("A", "B"), table("B", None)
+    for session in ("a", "b"):
+        restore(replica, session, True)
+        pump(owner, replica, owner.handle(join(session, 1), 0.0))
+    position = RoomPosition(owner.rooms["room"].epoch, owner.rooms["room"].offset)
+    for n in range(4):
+        pump(owner, replica, owner.handle(signal(2 + n, n), 0.0))
+    restarted = table("B", None)
+    for session in ("a", "b"):
+        restore(restarted, session, True)  # the edges re-announce their members
+    out = owner.handle(signal(6, 4), 1.0)
+    (batch,) = [e for _, e in out if isinstance(e, ReplicateCmd)]
+    assert [e.offset for e in batch.events] == [owner.rooms["room"].offset]  # not the history
+    pump(owner, restarted, out)
+    return owner, restarted, position
+
+
+def resumed_at(successor: RoomTable, position: RoomPosition) -> tuple[list[object], Synced]:
+    """b resumes at ``successor`` from ``position``: the signals replayed and the report."""
+    out = successor.handle(AttachCmd("b", "c-b2", "edge-b2", {"room": position}), 2.0)
+    (synced,) = [e for _, e in out if isinstance(e, Synced)]
+    return [f.get("data") for f in frames(out) if f["type"] == "signal"], synced
+
+
+def test_a_restarted_runner_up_begun_by_a_batch_gets_the_history_from_the_next() -> None:
+    # A's next batch (it heard of the restart: its runner-up may be empty) carries the
+    # whole history; the copy must take what lies before the batch it began with, else a
+    # takeover (or A asking for its room back after its own restart) says recovered: false.
+    owner, restarted, position = restarted_runner_up_sent_a_batch()
+    owner.replicas_changed(1.0)
+    pump(owner, restarted, owner.handle(signal(7, 5), 1.0))
+    replayed, synced = resumed_at(restarted, position)
+    assert (synced.recovered, synced.epoch) == (True, position.epoch)
+    assert replayed == [{"n": n} for n in range(6)]
+
+
+def test_a_copy_begun_by_a_batch_takes_the_whole_room_its_owner_hands_over() -> None:
+    # A stops (SIGTERM) before its next batch and hands its room to B, at the offset and
+    # term B's copy has: the handed state holds more history than the copy, and wins.
+    owner, restarted, position = restarted_runner_up_sent_a_batch()
+    handoff = owner.hand_over("room", 1.0)
+    restarted.handle(handoff, 1.0)
+    replayed, synced = resumed_at(restarted, position)
+    assert (synced.recovered, synced.epoch) == (True, position.epoch)
+    assert replayed == [{"n": n} for n in range(5)]
+
+
+def test_a_new_owner_asks_the_next_broker_once_the_one_it_asked_is_gone() -> None:
+    # Rolling restart: B, restarted, owns the room again and asks A (the broker before it
+    # in its view), but A was stopped meanwhile and handed the room on to C. Once A has
+    # left B's view, B asks C (the broker before it now), not A until the handoff timeout
+    # (a new epoch without the room's members).
+    seen = {"A", "B", "C"}
+    carrier = owning("C", None, owns=False)
+    for session in ("a", "b"):
+        restore(carrier, session, True)
+    previous = owning("A", None)
+    for session in ("a", "b"):
+        previous.handle(join(session, 1), 0.0)
+    previous.handle(signal(2, 0), 0.0)
+    carrier.handle(previous.hand_over("room", 0.5), 0.5)  # A stops: its room goes to C
+    epoch, offset = previous.rooms["room"].epoch, previous.rooms["room"].offset
+    new = owning("B", None)
+    new.handoff_from = lambda room: "A" if "A" in seen else "C"
+    new.in_view = lambda broker: broker in seen
+    asked = new.handle(signal(3, 1), 1.0)
+    assert [(t, type(e)) for t, e in asked] == [("A", HandoffRequest)]  # A never answers
+    assert [t for t, _ in new.expire(1.3)] == ["A"]  # still in B's view: asked again
+    seen.discard("A")  # its heartbeats stopped
+    (again,) = new.expire(1.6)
+    assert again[0] == "C" and isinstance(again[1], HandoffRequest)
+    (answer,) = carrier.handle(again[1], 1.6)
+    served = new.handle(answer[1], 1.6)
+    room = new.rooms["room"]
+    assert (room.epoch, room.active, set(room.members)) == (epoch, True, {"a", "b"})
+    assert frames(served, "edge-a")[-1]["type"] == "ack" and room.offset == offset + 1
