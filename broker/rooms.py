@@ -345,6 +345,9 @@ class RoomTable:
         self.rebuild_grace = rebuild_grace
         #: Until then this broker is rebuilding what it serves (``began_serving``).
         self.rebuilding_until = 0.0
+        #: Until then some room (or this broker) may be rebuilding: one compare per
+        #: request on the hot path otherwise.
+        self._rebuilds_until = 0.0
         #: Requests left unanswered while their room was rebuilt (the edges resend them).
         self.deferred = 0
         self.replica_for = replica_for
@@ -709,7 +712,7 @@ class RoomTable:
         room = self.rooms.get(name)
         if room is None:  # nothing came and nothing was here: the edges re-announce it
             room = self.rooms[name] = Room(name, self._new_epoch(), term=self._new_term())
-            room.rebuilding_until = now + self.rebuild_grace
+            room.rebuilding_until = self._rebuilds_until = now + self.rebuild_grace
         self._activate(room)
         # The view may have moved the room on while its state came: then it is kept for
         # the next owner (and what waited here is dropped by the gate; the edges resend).
@@ -793,10 +796,14 @@ class RoomTable:
     def began_serving(self, now: float) -> None:
         """This broker begins to serve rooms with nothing of them here (it started, or
         is back in the view): the edges' re-announcements are on their way."""
-        self.rebuilding_until = now + self.rebuild_grace
+        self.rebuilding_until = self._rebuilds_until = now + self.rebuild_grace
 
     def _request(self, command: Request, now: float) -> list[Outbound]:
-        if type(command) is not JoinCmd and self._rebuilding(command, now):
+        if (
+            now < self._rebuilds_until
+            and type(command) is not JoinCmd
+            and self._rebuilding(command, now)
+        ):
             self.deferred += 1
             return []  # not answered: the edge resends it, by then the member is known
         if not command.rseq:
@@ -1254,7 +1261,7 @@ class RoomTable:
                 command.room, self._new_epoch(), active=not command.replica, term=term
             )
             if not command.replica:
-                room.rebuilding_until = now + self.rebuild_grace
+                room.rebuilding_until = self._rebuilds_until = now + self.rebuild_grace
         elif not command.replica:
             self._activate(room)
         member = room.members.get(command.session)

@@ -542,18 +542,23 @@ class RouterEndpoint:
         accepts = self._accepts
         kind = None if accepts is None else self._socket.kind_of(frames[0])
         addressed = self._addressed
+        by_peer: bool | None = None  # whether ``peer`` addressed this run (asked once)
         for envelope in envelopes:
             if isinstance(envelope, Heartbeat):
                 self._heartbeat_from(peer, envelope, now)
+                by_peer = None
                 continue
-            if addressed and type(envelope) in addressed and not self._addressed_by(peer):
-                _dropped_from(
-                    frames[0],
-                    "stale_incarnation",
-                    f"{type(envelope).__name__} sent before the node heard that this one "
-                    "restarted (resent once it has re-announced)",
-                )
-                continue
+            if addressed and type(envelope) in addressed:
+                if by_peer is None:
+                    by_peer = self._addressed_by(peer)
+                if not by_peer:
+                    _dropped_from(
+                        frames[0],
+                        "stale_incarnation",
+                        f"{type(envelope).__name__} sent before the node heard that this one "
+                        "restarted (resent once it has re-announced)",
+                    )
+                    continue
             if kind is not None:
                 assert accepts is not None
                 allowed = accepts.get(type(envelope))
