@@ -651,7 +651,7 @@ class RoomTable:
                 self._merge_members(room, command.members, now)
         if awaiting is not None:
             del self._awaiting[command.room]
-            out.extend(self._proceed(command.room, awaiting, now))
+            out.extend(self._proceed(command.room, awaiting, now, timed_out=False))
         return out
 
     @staticmethod
@@ -705,14 +705,17 @@ class RoomTable:
                     suspended,
                 )
 
-    def _proceed(self, name: str, awaiting: _Awaiting, now: float) -> list[Outbound]:
+    def _proceed(
+        self, name: str, awaiting: _Awaiting, now: float, timed_out: bool = True
+    ) -> list[Outbound]:
         """Serve the room from here on (installed, or on what this broker has) and the
         commands that waited for it."""
         out: list[Outbound] = []
         room = self.rooms.get(name)
-        if room is None:  # nothing came and nothing was here: the edges re-announce it
+        if room is None:
             room = self.rooms[name] = Room(name, self._new_epoch(), term=self._new_term())
-            room.rebuilding_until = self._rebuilds_until = now + self.rebuild_grace
+            if timed_out:  # its server is gone with its state: the edges re-announce it
+                room.rebuilding_until = self._rebuilds_until = now + self.rebuild_grace
         self._activate(room)
         # The view may have moved the room on while its state came: then it is kept for
         # the next owner (and what waited here is dropped by the gate; the edges resend).
@@ -860,7 +863,9 @@ class RoomTable:
         server = type(command) is SignalCmd and command.server
         if room is None:
             return now < self.rebuilding_until and not server
-        if room.rebuilding_until <= now or not room.active or server:
+        if room.rebuilding_until <= now or not room.active or server or not room.members:
+            # (A room nobody was re-announced into yet is nothing to wait for: it goes
+            # with the request, and a grace renewed with it would never end.)
             return False
         if type(command) is SignalCmd and command.to is not None and command.to not in room.members:
             return True

@@ -548,17 +548,6 @@ class RouterEndpoint:
                 self._heartbeat_from(peer, envelope, now)
                 by_peer = None
                 continue
-            if addressed and type(envelope) in addressed:
-                if by_peer is None:
-                    by_peer = self._addressed_by(peer)
-                if not by_peer:
-                    _dropped_from(
-                        frames[0],
-                        "stale_incarnation",
-                        f"{type(envelope).__name__} sent before the node heard that this one "
-                        "restarted (resent once it has re-announced)",
-                    )
-                    continue
             if kind is not None:
                 assert accepts is not None
                 allowed = accepts.get(type(envelope))
@@ -568,6 +557,17 @@ class RouterEndpoint:
                         f"{type(envelope).__name__} from a node of kind {kind!r}: taken "
                         f"here only from {' or '.join(sorted(allowed or ('nobody',)))}",
                         "kind",
+                    )
+                    continue
+            if addressed and type(envelope) in addressed:
+                if by_peer is None:
+                    by_peer = self._addressed_by(peer)
+                if not by_peer:
+                    _dropped_from(
+                        frames[0],
+                        "stale_incarnation",
+                        f"{type(envelope).__name__} sent before the node heard that this one "
+                        "restarted (resent once it has re-announced)",
                     )
                     continue
             try:

@@ -26,6 +26,7 @@ from signalpost.wire import (
     Envelope,
     Handoff,
     HandoffRequest,
+    Heartbeat,
     JoinCmd,
     LeaseCopy,
     LeaveCmd,
@@ -93,6 +94,9 @@ async def test_forged_envelopes_from_admitted_nodes_of_the_wrong_kind_or_edge_ar
                 edge_secret,
                 "rogue-edge",
                 [
+                    # Heard first (a broker takes requests only from a node that
+                    # heartbeated, naming its run or none): then each forgery is judged.
+                    Heartbeat("rogue-edge", "r"),
                     AttachCmd(alice.session, "x.99", "rogue-edge", {}),
                     AttachCmd(alice.session, "x.99", "rogue-edge", {}, made_up),
                     RestoreCmd(alice.session, "x.99", "rogue-edge", "call", peer, False),

@@ -136,7 +136,9 @@ async def test_an_admitted_node_cannot_send_as_another(
             sockets = []
             for identity, bodies in (
                 (b"presence-1", [forged(real_edge)]),  # another node's routing id
-                (b"admitted", [forged(real_edge), heartbeat]),  # its own, naming another
+                # Its own, naming another (after a heartbeat: a broker takes requests only
+                # from a node that heartbeated, naming its run or none).
+                (b"admitted", [heartbeat, forged(real_edge)]),
             ):
                 sock = curve_dealer(context, broker["url"], identity, secret_file, server_key)
                 for body in bodies:

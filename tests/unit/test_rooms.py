@@ -28,6 +28,7 @@ from signalpost.wire import (
     Confirm,
     Deliver,
     DetachCmd,
+    Handoff,
     JoinCmd,
     LeaveCmd,
     Reply,
@@ -1661,3 +1662,26 @@ def test_a_room_rebuilt_by_a_re_announcement_waits_for_its_other_members() -> No
         reply(table.handle(ordered(dave.signal("other", erin.session), 2), 20.5), dave)["code"]
         == "unknown_peer"
     )
+
+
+def test_a_leave_for_a_room_nobody_had_is_answered_not_left_waiting() -> None:
+    """A leave for a room this broker takes with nothing handed over (its previous server
+    says it has none) is refused ``not_in_room`` at once: the room made for the leave is
+    not one being rebuilt (a grace renewed with each resend left it unanswered for ever:
+    tests/cluster/test_webhooks.py, an edge kill)."""
+    counter = itertools.count()
+    table = RoomTable(
+        capacity=4,
+        resume_window=WINDOW,
+        history_max_events=1024,
+        history_max_age=120.0,
+        new_epoch=lambda: f"epoch-{next(counter)}",
+        handoff_from=lambda room: "broker-0",
+    )
+    alice = sess("alice")
+    leave = ordered(alice.leave("gone"), 1)
+    asked = table.handle(leave, 1.0)
+    assert [type(e).__name__ for _, e in asked] == ["HandoffRequest"]
+    out = table.handle(Handoff("gone", "broker-0", False), 1.1)
+    assert reply(out, alice)["code"] == "not_in_room"
+    assert table.deferred == 0
