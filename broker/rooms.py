@@ -861,11 +861,11 @@ class RoomTable:
         or the signal's target)."""
         room = self.rooms.get(command.room)
         server = type(command) is SignalCmd and command.server
-        if room is None:
+        if room is None or not room.members:
+            # Only this broker's own grace (it ends when it ends): a room made for the
+            # request goes with it, and a grace renewed with it would never end.
             return now < self.rebuilding_until and not server
-        if room.rebuilding_until <= now or not room.active or server or not room.members:
-            # (A room nobody was re-announced into yet is nothing to wait for: it goes
-            # with the request, and a grace renewed with it would never end.)
+        if room.rebuilding_until <= now or not room.active or server:
             return False
         if type(command) is SignalCmd and command.to is not None and command.to not in room.members:
             return True
