@@ -566,8 +566,9 @@ class RouterEndpoint:
                     _dropped_from(
                         frames[0],
                         "stale_incarnation",
-                        f"{type(envelope).__name__} sent before the node heard that this one "
-                        "restarted (resent once it has re-announced)",
+                        f"{type(envelope).__name__} from a node not heard since this one "
+                        "started (or took it for lost), or that names an earlier run of "
+                        "this one (it resends it)",
                     )
                     continue
             try:
