@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,12 +52,26 @@ log = logging.getLogger("signalpost.cluster")
 READY_TIMEOUT = 20.0
 
 
+#: Ports ``free_port`` handed out in this process (the newest last), never handed twice:
+#: the kernel may give a port just released again, and a cluster's Consul agent and a
+#: presence node were once given the same one (the node could not bind it).
+_HANDED_OUT: OrderedDict[int, None] = OrderedDict()
+_MAX_HANDED_OUT = 4096
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """A TCP port on 127.0.0.1 that was free a moment ago, and not handed out before by
+    this process."""
+    for _ in range(1000):  # (far fewer are ever handed out than the kernel has)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port not in _HANDED_OUT:
+            break
+    _HANDED_OUT[port] = None
+    if len(_HANDED_OUT) > _MAX_HANDED_OUT:
+        _HANDED_OUT.popitem(last=False)
+    return port
 
 
 @dataclass
@@ -69,13 +84,15 @@ class Child:
     url: str
     env: dict[str, str]
     log_path: Path
-    probe: str  # "http:<url>" or "tcp:<port>"
+    probe: str  # "http:<url>", "tcp:<port>" or "log:<its ready line>"
     region: str = ""  # with --regions: the region it belongs to
     process: subprocess.Popen[bytes] | None = None
     log_file: TextIO | None = field(default=None, repr=False)
+    log_start: int = 0  # where this run's output begins in the log (a restart appends)
 
     def start(self) -> None:
         self.log_file = open(self.log_path, "a")  # noqa: SIM115 - lives as long as the child
+        self.log_start = self.log_file.tell()
         self.process = subprocess.Popen(
             self.argv,
             env=self.env,
@@ -87,6 +104,15 @@ class Child:
 
     def ready(self) -> bool:
         kind, _, target = self.probe.partition(":")
+        if kind == "log":
+            # Its own word that it is up (a port that answers may be another program's
+            # that took it first: the node then dies on its bind).
+            try:
+                with self.log_path.open("rb") as log:
+                    log.seek(self.log_start)
+                    return target.encode() in log.read()
+            except OSError:
+                return False
         try:
             if kind == "http":
                 # An edge with its own TLS: whether it serves, not who it is (loopback).
@@ -292,7 +318,7 @@ def _region_children(
                     endpoint,
                     env,
                     log_dir / f"{node_id}.log",
-                    f"tcp:{endpoint.rsplit(':', 1)[1]}",
+                    f"log:signalpost {kind} {node_id} ready on {endpoint}",
                     region=region,
                 )
             )
@@ -346,7 +372,7 @@ def _relay_ports(relay: Child, nodes: list[Child], delay: float) -> None:
     argv = [sys.executable, "-m", "signalpost.cli", "wan-relay", "--delay", f"{delay}", *pairs]
     argv += ["--stats", str(relay.log_path.with_suffix(".json"))]  # bytes that crossed
     relay.argv = argv
-    relay.probe = "tcp:" + pairs[1].split("=")[0].rsplit(":", 1)[1]
+    relay.probe = "log:signalpost wan-relay ready"
 
 
 def _write_state(path: Path, children: list[Child], keys_dir: Path | None) -> None:

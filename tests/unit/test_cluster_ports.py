@@ -49,7 +49,7 @@ def test_a_relay_that_lost_a_port_is_given_new_ones_and_its_nodes_advertise_them
     broker.region = "eu"
     relay = _relay_child("eu", [broker], {}, tmp_path, 0.04)
     first = broker.env["SIGNALPOST_WAN_ADVERTISE"]
-    assert relay.probe == "tcp:" + first.rsplit(":", 1)[1]
+    assert relay.probe == "log:signalpost wan-relay ready"
     assert f"{first.removeprefix('tcp://')}=127.0.0.1:5555" in relay.argv
     _relay_ports(relay, [broker], 0.04)  # as after "address already in use"
     second = broker.env["SIGNALPOST_WAN_ADVERTISE"]
@@ -76,3 +76,37 @@ def test_a_consul_agent_that_lost_a_port_gets_new_ones_and_its_region_follows(
     (join,) = [a for a in us.argv if a.startswith("-retry-join-wan=")]
     (serf_wan,) = [a for a in eu.argv if a.startswith("-serf-wan-port=")]
     assert join.rsplit(":", 1)[1] == serf_wan.split("=")[1]
+
+
+def test_ports_are_never_handed_out_twice_and_a_node_is_ready_by_its_own_word(
+    tmp_path: Path,
+) -> None:
+    """A cluster's Consul agent and a presence node were once given the same port (the
+    kernel gave it again); and the node, dead on its bind, looked ready because the port
+    answered. Ports are handed out once per process, and a broker or presence node is
+    ready when its own ready line appears in this run's part of its log."""
+    from signalpost.cluster import free_port
+
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    log = tmp_path / "presence-1.log"
+    log.write_text("signalpost presence presence-1 ready on tcp://127.0.0.1:1\n")  # before
+    child = Child(
+        "presence",
+        "presence-1",
+        [sys.executable, "-c", "import time; time.sleep(0.2); print('started', flush=True)"],
+        "tcp://127.0.0.1:1",
+        {},
+        log,
+        "log:signalpost presence presence-1 ready on tcp://127.0.0.1:1",
+    )
+    child.start()
+    assert child.process is not None
+    assert not child.ready()  # the line is the previous run's
+    child.process.wait(10)
+    assert not child.ready()
+    with log.open("a") as out:
+        out.write("signalpost presence presence-1 ready on tcp://127.0.0.1:1\n")
+    assert child.ready()
+    assert child.log_file is not None
+    child.log_file.close()
