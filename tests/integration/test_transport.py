@@ -15,6 +15,7 @@ import msgspec
 import pytest
 import zmq
 
+from signalpost.cluster import free_port
 from signalpost.transport import (
     BATCH_MAX_BYTES,
     BATCH_MAX_ENVELOPES,
@@ -119,7 +120,9 @@ async def test_sends_past_the_high_water_mark_arrive_in_order(
 
 
 def router_endpoint(
-    context: zmq.Context[zmq.Socket[bytes]], got: Collected[tuple[str, Envelope]]
+    context: zmq.Context[zmq.Socket[bytes]],
+    got: Collected[tuple[str, Envelope]],
+    addressed: frozenset[type] = frozenset(),
 ) -> RouterEndpoint:
     return RouterEndpoint(
         context,
@@ -132,6 +135,7 @@ def router_endpoint(
         peer_expiry=120.0,
         keys=None,
         max_message=1 << 30,
+        addressed=addressed,
     )
 
 
@@ -391,17 +395,79 @@ def test_frames_of_splits_at_the_envelope_and_byte_caps() -> None:
     assert [len(f) for f in frames_of([huge])] == [len(frame([huge]))]  # alone, not refused
 
 
+# Links to an owner that stops and starts again at the same address (a new run).
+
+
+async def owner_at(
+    context: zmq.Context[zmq.Socket[bytes]],
+    port: int,
+    got: Collected[tuple[str, Envelope]],
+    *,
+    expiry: float,
+    addressed: frozenset[type] = frozenset(),
+) -> RouterEndpoint:
+    """A run of the owner at ``port`` (bound again: ZeroMQ releases a port a moment after
+    a close), collecting what it takes into ``got``."""
+    for attempt in range(100):
+        try:
+            return RouterEndpoint(
+                context,
+                f"tcp://127.0.0.1:{port}",
+                "owner-1",
+                on_envelope=lambda peer, envelope: got.append((peer, envelope)),
+                on_peer_lost=lambda peer: None,
+                on_peer_restarted=lambda peer: None,
+                heartbeat_interval=0.05,
+                peer_expiry=expiry,
+                keys=None,
+                max_message=1 << 30,
+                addressed=addressed,
+            )
+        except zmq.ZMQError:
+            if attempt == 99:
+                raise
+            await asyncio.sleep(0.02)
+    raise AssertionError("unreachable")
+
+
+def link_to(
+    context: zmq.Context[zmq.Socket[bytes]],
+    port: int,
+    on_up: Callable[[DealerLink, bool], None],
+    on_down: Callable[[DealerLink], None],
+    *,
+    expiry: float,
+) -> DealerLink:
+    return DealerLink(
+        context,
+        f"tcp://127.0.0.1:{port}",
+        "edge-1",
+        "inc-1",
+        on_envelope=lambda envelope: None,
+        on_up=on_up,
+        on_down=on_down,
+        heartbeat_interval=0.05,
+        peer_expiry=expiry,
+        keys=None,
+        max_message=1 << 30,
+    )
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(200):  # 10 s at most
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("timed out")
+
+
 async def test_a_link_whose_callbacks_fail_keeps_heartbeating_and_comes_back(
     context: zmq.Context[zmq.Socket[bytes]], caplog: pytest.LogCaptureFixture
 ) -> None:
     """An error escaping ``on_up`` or ``on_down`` is logged and the link goes on: its
     heartbeat loop used to end with it, silently, so the link sent no more heartbeats and
     was never seen down (or up) again."""
-    import socket
-
-    with socket.socket() as probe:  # a port to bind twice, one owner after the other
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # bound twice, one owner after the other
     ups: list[bool] = []
     downs: list[str] = []
 
@@ -413,47 +479,13 @@ async def test_a_link_whose_callbacks_fail_keeps_heartbeating_and_comes_back(
         downs.append(link.endpoint)
         raise RuntimeError("on_down failed")
 
-    def owner() -> RouterEndpoint:
-        return RouterEndpoint(
-            context,
-            f"tcp://127.0.0.1:{port}",
-            "owner-1",
-            on_envelope=lambda peer, envelope: None,
-            on_peer_lost=lambda peer: None,
-            on_peer_restarted=lambda peer: None,
-            heartbeat_interval=0.05,
-            peer_expiry=0.5,
-            keys=None,
-            max_message=1 << 30,
-        )
-
-    link = DealerLink(
-        context,
-        f"tcp://127.0.0.1:{port}",
-        "edge-1",
-        "inc-1",
-        on_envelope=lambda envelope: None,
-        on_up=failing_up,
-        on_down=failing_down,
-        heartbeat_interval=0.05,
-        peer_expiry=0.5,
-        keys=None,
-        max_message=1 << 30,
-    )
-
-    async def until(condition: Callable[[], bool]) -> None:
-        for _ in range(200):  # 10 s at most
-            if condition():
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError("timed out")
-
+    link = link_to(context, port, failing_up, failing_down, expiry=0.5)
     try:
-        async with owner():
+        async with await owner_at(context, port, Collected(), expiry=0.5):
             link.start()
             await until(lambda: len(ups) == 1 and link.alive)
         await until(lambda: len(downs) == 1 and not link.alive)  # the owner is gone
-        async with owner():  # a new incarnation at the same address
+        async with await owner_at(context, port, Collected(), expiry=0.5):  # a new run
             await until(lambda: len(ups) == 2 and link.alive)
             assert ups == [True, True]
         await until(lambda: len(downs) == 2)
@@ -470,64 +502,26 @@ async def test_a_link_names_the_run_of_the_node_it_hears_before_on_up_sends(
     """A link names the run of the node it dials in its heartbeats as soon as it hears a
     new one, ahead of what its ``on_up`` sends (an edge's re-announcements to a restarted
     broker): the node takes that (``addressed``), and nothing sent before naming it."""
-    import socket
-
-    with socket.socket() as probe:  # a port to bind twice, one run after the other
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-
-    def owner(got: Collected[tuple[str, Envelope]]) -> RouterEndpoint:
-        return RouterEndpoint(
-            context,
-            f"tcp://127.0.0.1:{port}",
-            "owner-1",
-            on_envelope=lambda peer, envelope: got.append((peer, envelope)),
-            on_peer_lost=lambda peer: None,
-            on_peer_restarted=lambda peer: None,
-            heartbeat_interval=0.05,
-            peer_expiry=5.0,
-            keys=None,
-            max_message=1 << 30,
-            addressed=frozenset({Deliver}),
-        )
-
-    async def owner_again(got: Collected[tuple[str, Envelope]]) -> RouterEndpoint:
-        for _ in range(100):  # ZeroMQ releases the port a moment after a close
-            try:
-                return owner(got)
-            except zmq.ZMQError:
-                await asyncio.sleep(0.02)
-        return owner(got)
-
+    port = free_port()  # bound twice, one run after the other
     ups: list[bool] = []
 
     def up(link: DealerLink, fresh: bool) -> None:
         ups.append(fresh)
         link.send(deliver(100 + len(ups)))  # as an edge re-announces on a fresh owner
 
-    link = DealerLink(
-        context,
-        f"tcp://127.0.0.1:{port}",
-        "edge-1",
-        "inc-1",
-        on_envelope=lambda envelope: None,
-        on_up=up,
-        on_down=lambda link: None,
-        heartbeat_interval=0.05,
-        peer_expiry=5.0,  # the restart is quicker than this: the link never goes down
-        keys=None,
-        max_message=1 << 30,
-    )
+    # The restart is quicker than the expiry: the link never goes down.
+    link = link_to(context, port, up, lambda link: None, expiry=5.0)
     first: Collected[tuple[str, Envelope]] = Collected()
     second: Collected[tuple[str, Envelope]] = Collected()
+    addressed = frozenset({Deliver})
     try:
-        async with owner(first) as run:
+        async with await owner_at(context, port, first, expiry=5.0, addressed=addressed) as run:
             link.start()
             await asyncio.wait_for(first.reach(1), 10)
             link.send(deliver(1))
             await asyncio.wait_for(first.reach(2), 10)
             assert run.peers["edge-1"].named == run.incarnation
-        async with await owner_again(second) as run:
+        async with await owner_at(context, port, second, expiry=5.0, addressed=addressed) as run:
             await asyncio.wait_for(second.reach(1), 10)
             assert run.peers["edge-1"].named == run.incarnation
         assert ups == [True, True]
@@ -541,20 +535,7 @@ async def test_an_addressed_envelope_from_a_peer_not_heard_yet_is_dropped(
     context: zmq.Context[zmq.Socket[bytes]],
 ) -> None:
     got: Collected[tuple[str, Envelope]] = Collected()
-    router = RouterEndpoint(
-        context,
-        "tcp://127.0.0.1:*",
-        "owner-1",
-        on_envelope=lambda peer, envelope: got.append((peer, envelope)),
-        on_peer_lost=lambda peer: None,
-        on_peer_restarted=lambda peer: None,
-        heartbeat_interval=60.0,
-        peer_expiry=120.0,
-        keys=None,
-        max_message=1 << 30,
-        addressed=frozenset({Deliver}),
-    )
-    async with router:
+    async with router_endpoint(context, got, addressed=frozenset({Deliver})) as router:
         dealer = raw_dealer(context, router.endpoint)
         try:
             dealer.send(frame([encode_envelope(deliver(1))]))  # no heartbeat yet
