@@ -536,8 +536,9 @@ def _wait_for_region_links(children: list[Child], deadline: float) -> str | None
             (region, tier): sum(1 for c in children if c.kind == tier and c.region == region)
             for region in regions - {child.region}
         }
+        url = None
         while True:
-            url = _metrics_url(child)
+            url = url or _metrics_url(child)  # its ready line, read until found
             try:
                 alive = _links_alive(url) if url else {}
             except (OSError, ValueError, IndexError):

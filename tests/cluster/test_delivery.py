@@ -13,7 +13,9 @@ Each test is one defect of the delivery issue, on real processes:
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -219,9 +221,6 @@ async def test_signals_sent_while_the_only_broker_restarts_are_acked_not_refused
     edges re-announced the room's members, so they are acked and delivered, not refused
     ``not_in_room`` or ``unknown_peer`` (both happened: requests the edge sent before it
     heard the new run, and a resend that overtook the re-announcement of its target)."""
-    import signal as signals
-    import time
-
     cluster = cluster_factory(edges=2, brokers=1, restart=True, consul=consul)
     edge1, edge2 = cluster.edge_urls
     async with (
@@ -232,7 +231,7 @@ async def test_signals_sent_while_the_only_broker_restarts_are_acked_not_refused
         await bob.join("restarted")
         await alice.signal("restarted", {"n": 0}, to=bob.session)
         (broker,) = cluster.of_kind("broker")
-        cluster.kill(broker["id"], signals.SIGKILL)
+        cluster.kill(broker["id"], signal.SIGKILL)
         sent = [asyncio.create_task(alice.signal("restarted", {"n": 1}, to=bob.session))]
         for n in range(2, 6):  # pipelined, while the broker is down and comes back
             await asyncio.sleep(0.1)
