@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Collection
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from broker.hooks import RoomHooks
 from broker.service import room_table
@@ -23,6 +23,9 @@ from signalpost.config import Settings
 from signalpost.lifecycle import spawn
 from signalpost.webhook_sender import WebhookSender, webhooks_from
 from signalpost.wire import AttachCmd, EdgeSync, Envelope, RestoreCmd, RoomPosition
+
+if TYPE_CHECKING:
+    from signalpost.dev_webhooks import DevInbox
 
 #: Where an edge receives what the owners send back.
 Inbox = Callable[[Envelope], None]
@@ -98,6 +101,11 @@ class Backplane(Protocol):
         """Stop timers and close links."""
 
 
+#: Seconds after dev mode's panel last asked for webhook events that the cores go on making
+#: them (the demo app asks every second).
+DEV_PANEL_WATCH = 30.0
+
+
 class LocalBackplane:
     """Broker and presence cores in this process: the ``dev`` topology."""
 
@@ -105,7 +113,12 @@ class LocalBackplane:
     ready = True
     presence_term = 0
 
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Callable[[], float] = time.monotonic,
+        dev_inbox: DevInbox | None = None,
+    ) -> None:
         # One process: nothing between the table and the edge can lose a delivery.
         self.rooms = room_table(settings, confirming=False)
         self.presence = PresenceTable(
@@ -118,9 +131,44 @@ class LocalBackplane:
         self.webhook_sender: WebhookSender | None = None
         if settings.webhook_urls:  # one process: no runner-up to copy to
             hooks = webhooks_from(settings)
-            self.rooms.hooks = RoomHooks(hooks, time.time() - clock())
-            self.presence.hooks = PresenceHooks(hooks, time.time() - clock())
             self.webhook_sender = WebhookSender.from_settings(hooks, settings, clock=clock)
+        elif dev_inbox is not None:  # dev mode's own receiver, in this process
+            hooks = webhooks_from(settings, urls=[dev_inbox.url])
+            self.webhook_sender = WebhookSender(
+                hooks,
+                dev_inbox.secret,
+                timeout=settings.webhook_timeout,
+                clock=clock,
+                local=dev_inbox.receive,
+            )
+        self._dev_inbox = dev_inbox
+        self._dev_watched_until = 0.0
+        self._hooks: tuple[RoomHooks, PresenceHooks] | None = None
+        if self.webhook_sender is not None:
+            self._hooks = (
+                RoomHooks(hooks, time.time() - clock()),
+                PresenceHooks(hooks, time.time() - clock()),
+            )
+            if dev_inbox is None:  # real receivers: every event, always
+                self.rooms.hooks, self.presence.hooks = self._hooks
+
+    def dev_webhooks(self, query: str) -> bytes:
+        """Dev mode's panel asks for its events (``/v1/dev-webhooks``): while it asks, at
+        least every ``DEV_PANEL_WATCH`` seconds, the cores make webhook events; otherwise
+        they make none (nobody would see them, and they would cost more than the
+        signalling that makes them: docs/performance.md)."""
+        assert self._dev_inbox is not None, "dev mode's own receiver only"
+        self._dev_watched_until = self._clock() + DEV_PANEL_WATCH
+        self._watch_dev_panel(self._clock())
+        return self._dev_inbox.since(query)
+
+    def _watch_dev_panel(self, now: float) -> None:
+        # Between two commands (never within one): the tables' hooks on or off.
+        if self._dev_inbox is None or self._hooks is None:
+            return
+        watched = now < self._dev_watched_until
+        if watched != (self.rooms.hooks is not None):
+            self.rooms.hooks, self.presence.hooks = self._hooks if watched else (None, None)
 
     def connect(
         self,
@@ -194,5 +242,6 @@ class LocalBackplane:
         while True:
             await asyncio.sleep(0.25)
             now = self._clock()
+            self._watch_dev_panel(now)
             self._dispatch(self.rooms.expire(now))
             self._dispatch(self.presence.expire(now))

@@ -30,33 +30,24 @@ async def run_dev(settings: Settings, ready: Callable[[int], None] | None = None
     inbox = None
     if not settings.webhook_urls:
         # No receiver of its own: the demo app's panel shows the webhooks (docs/webhooks.md).
-        import msgspec
-
         from signalpost.dev_webhooks import DevInbox
 
         inbox = DevInbox()
-        await inbox.start()
-        settings = msgspec.structs.replace(
-            settings, webhook_urls=[inbox.url], webhook_secret=inbox.secret
+    backplane = LocalBackplane(settings, dev_inbox=inbox)
+    edge = EdgeServer(settings, backplane, edge_id="dev")
+    if inbox is not None:
+        edge.dev_webhooks = backplane.dev_webhooks
+    async with edge:
+        secure = "s" if edge.tls is not None else ""
+        print(
+            f"signalpost dev: http{secure}://{settings.host}:{edge.port}/  "
+            f"ws{secure}://{settings.host}:{edge.port}/v1/signal",
+            flush=True,
         )
-    try:
-        edge = EdgeServer(settings, LocalBackplane(settings), edge_id="dev")
-        if inbox is not None:
-            edge.dev_webhooks = inbox.since
-        async with edge:
-            secure = "s" if edge.tls is not None else ""
-            print(
-                f"signalpost dev: http{secure}://{settings.host}:{edge.port}/  "
-                f"ws{secure}://{settings.host}:{edge.port}/v1/signal",
-                flush=True,
-            )
-            if ready is not None:
-                ready(edge.port)
-            with reload_on_sighup(edge.tls):
-                await until_stopped()
-    finally:
-        if inbox is not None:
-            await inbox.close()
+        if ready is not None:
+            ready(edge.port)
+        with reload_on_sighup(edge.tls):
+            await until_stopped()
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:

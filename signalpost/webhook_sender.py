@@ -5,7 +5,9 @@ command only queues events (``Webhooks.add``) and pokes the sender, which runs o
 next loop iteration. Each request is one ``aiohttp`` POST with the signed headers
 (docs/webhooks.md); a 2xx is a delivery, anything else (another status, a timeout, a
 refused connection) a failure the core retries. Copies to the runner-up go out through
-the node's ``send`` (its links to its peers).
+the node's ``send`` (its links to its peers). With ``local`` (dev mode's own receiver,
+``signalpost.dev_webhooks``) every due event is signed the same way and handed to it in
+the sender's turn instead: no HTTP.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import aiohttp
 
@@ -38,11 +40,15 @@ TICK = 0.25
 
 
 def webhooks_from(
-    settings: Settings, node_id: str = "", replica_for: Callable[[str], str | None] | None = None
+    settings: Settings,
+    node_id: str = "",
+    replica_for: Callable[[str], str | None] | None = None,
+    urls: list[str] | None = None,
 ) -> Webhooks:
-    """A ``Webhooks`` core configured from ``settings``."""
+    """A ``Webhooks`` core configured from ``settings`` (to ``urls`` instead of
+    ``webhook_urls`` if given)."""
     return Webhooks(
-        settings.webhook_urls,
+        settings.webhook_urls if urls is None else urls,
         node_id=node_id,
         replica_for=replica_for if replica_for is not None else _no_replica,
         max_queue=settings.webhook_queue_max,
@@ -68,20 +74,26 @@ class WebhookSender:
         timeout: float,
         send: Callable[[list[Outbound]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        local: Callable[[bytes, Mapping[str, str]], bool] | None = None,
     ) -> None:
         self.hooks = hooks
+        #: Takes each delivery in this process (a 2xx: True) instead of an HTTP POST.
+        self.local = local
         self.secret = secret.encode()
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.send = send
         self.clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._poked = False
+        self._started = False
         self._ticker: asyncio.Task[None] | None = None
         self._posts: set[asyncio.Task[None]] = set()
         self._counted = (0, 0, 0, 0)
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=self.timeout)
+        if self.local is None:
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
+        self._started = True
         self._ticker = spawn(self._tick(), "webhooks")
 
     async def close(self) -> None:
@@ -114,7 +126,7 @@ class WebhookSender:
 
     def poke(self) -> None:
         """Something was queued or changed: run the sender on the next loop iteration."""
-        if not self._poked and self._session is not None:
+        if not self._poked and self._started:
             self._poked = True
             asyncio.get_running_loop().call_soon(self._pump)
 
@@ -124,11 +136,34 @@ class WebhookSender:
         out = self.hooks.flush(now)
         if out and self.send is not None:
             self.send(out)
-        for attempt in self.hooks.due(now):
-            task = asyncio.get_running_loop().create_task(self._post(attempt))
-            self._posts.add(task)
-            task.add_done_callback(self._posts.discard)
+        if self.local is not None:
+            self._hand_over(now)
+        else:
+            for attempt in self.hooks.due(now):
+                task = asyncio.get_running_loop().create_task(self._post(attempt))
+                self._posts.add(task)
+                task.add_done_callback(self._posts.discard)
         self._export()
+
+    def _hand_over(self, now: float) -> None:
+        assert self.local is not None
+        # A delivery makes the stream's next event due: go on until none is (each round
+        # finishes at least one attempt, so this ends with the queue).
+        while attempts := self.hooks.due(now):
+            for attempt in attempts:
+                record = attempt.record
+                ok = self.local(record.body, self._headers(record.key, record.body))
+                self.hooks.finished(attempt, ok, now)
+
+    def _headers(self, key: str, body: bytes) -> dict[str, str]:
+        stamp = int(time.time())
+        return {
+            "Content-Type": "application/json",
+            EVENT_ID_HEADER: key,
+            TIMESTAMP_HEADER: str(stamp),
+            SIGNATURE_HEADER: sign(self.secret, stamp, body),
+            "User-Agent": "signalpost-webhooks",
+        }
 
     async def _tick(self) -> None:
         while True:
@@ -138,14 +173,7 @@ class WebhookSender:
     async def _post(self, attempt: Attempt) -> None:
         assert self._session is not None
         body = attempt.record.body
-        stamp = int(time.time())
-        headers = {
-            "Content-Type": "application/json",
-            EVENT_ID_HEADER: attempt.record.key,
-            TIMESTAMP_HEADER: str(stamp),
-            SIGNATURE_HEADER: sign(self.secret, stamp, body),
-            "User-Agent": "signalpost-webhooks",
-        }
+        headers = self._headers(attempt.record.key, body)
         ok = False
         try:
             async with self._session.post(attempt.url, data=body, headers=headers) as response:

@@ -108,8 +108,9 @@ async def test_receiver_down_then_back_gets_everything_in_order(
 
 
 async def test_signalpost_dev_shows_its_webhooks_at_dev_webhooks() -> None:
-    # ``signalpost dev`` without webhook_urls sends them to its own receiver (signatures
-    # checked) and serves them for the demo app's panel.
+    # ``signalpost dev`` without webhook_urls hands them to its own receiver (signatures
+    # checked) and serves them for the demo app's panel, while the panel asks for them:
+    # what happened before it first asked makes no events.
     settings = load_settings(
         environ={}, host="127.0.0.1", port=0, dev_tokens=True, jwt_secret=HELPER_SECRET
     )
@@ -117,8 +118,7 @@ async def test_signalpost_dev_shows_its_webhooks_at_dev_webhooks() -> None:
     task = asyncio.create_task(run_dev(settings, ready=port.set_result))
     try:
         edge_port = await asyncio.wait_for(port, 10)
-        ada = await raw_client(f"ws://127.0.0.1:{edge_port}/v1/signal", "ada")
-        await ada.request({"type": "join", "id": 1, "room": "demo"})
+        url = f"ws://127.0.0.1:{edge_port}/v1/signal"
 
         def fetch() -> dict[str, Any]:
             address = f"http://127.0.0.1:{edge_port}/v1/dev-webhooks?after=0"
@@ -126,14 +126,23 @@ async def test_signalpost_dev_shows_its_webhooks_at_dev_webhooks() -> None:
                 body: dict[str, Any] = json.loads(response.read())
                 return body
 
-        types: list[str] = []
+        ada = await raw_client(url, "ada")
+        await ada.request({"type": "join", "id": 1, "room": "unwatched"})
+        assert (await asyncio.to_thread(fetch))["events"] == []  # the panel opens here
+        bob = await raw_client(url, "bob")
+        await bob.request({"type": "join", "id": 1, "room": "demo"})
+        events: list[dict[str, Any]] = []
         for _ in range(50):
             body = await asyncio.to_thread(fetch)
-            types = [e["event"]["type"] for e in body["events"]]
-            if "peer.joined" in types:
+            events = [e["event"] for e in body["events"]]
+            if any(e["type"] == "peer.joined" for e in events):
                 break
             await asyncio.sleep(0.1)
-        assert {"user.online", "room.started", "peer.joined"} <= set(types)
+        assert {(e["type"], e.get("room"), e.get("user")) for e in events} == {
+            ("user.online", None, "bob"),
+            ("room.started", "demo", None),
+            ("peer.joined", "demo", None),
+        }
         assert body["refused"] == 0
     finally:
         task.cancel()
