@@ -350,6 +350,8 @@ class RoomTable:
         self._rebuilds_until = 0.0
         #: Requests left unanswered while their room was rebuilt (the edges resend them).
         self.deferred = 0
+        #: Replica acks ignored: from a broker the batch was not (last) sent to.
+        self.late_acks = 0
         self.replica_for = replica_for
         self._replicating = replica_for is not _no_replica  # else no call per event to ask
         self.capacity = capacity
@@ -458,7 +460,7 @@ class RoomTable:
         if isinstance(command, ReplicaAck):
             if command.refused:
                 return self.fenced(command.room, command.term)
-            return self.replica_acked(command.room, command.batch, now)
+            return self.replica_acked(command.room, command.batch, now, command.replica)
         if isinstance(command, RestoreCmd):
             if not command.replica:
                 out = self._gate(command.room, command, now)
@@ -1846,14 +1848,19 @@ class RoomTable:
             self.demote(name)
         return []
 
-    def replica_acked(self, name: str, batch: int, now: float) -> list[Outbound]:
-        """The runner-up has batch ``batch`` of ``name``: release what waited for it."""
+    def replica_acked(self, name: str, batch: int, now: float, replica: str = "") -> list[Outbound]:
+        """Broker ``replica`` has batch ``batch`` of ``name``: if that batch was last sent
+        there (the room's runner-up, as far as this owner knows), release what waited for
+        it. An ack from a runner-up replaced since releases nothing."""
         out: list[Outbound] = []
         room = self.rooms.get(name)
         if room is None:
             return out
         for held in room.pending:
             if held.number == batch:
+                if held.target != replica:
+                    self.late_acks += 1
+                    return out
                 held.confirmed = True
         self._release(room, now, out)
         return out
@@ -1928,7 +1935,8 @@ class RoomTable:
         if room.active or command.term < room.term:
             # This broker serves the room itself, or knows a newer owner: the sender was
             # deposed. No ack, so it releases nothing (fencing); it is told why.
-            return [(command.owner, ReplicaAck(command.room, command.batch, True, room.term))]
+            refusal = ReplicaAck(command.room, command.batch, True, room.term, self.node_id)
+            return [(command.owner, refusal)]
         room.term = command.term
         if not room.active:
             if not room.replicated or room.epoch != command.epoch:
@@ -1966,7 +1974,7 @@ class RoomTable:
                         command.reply_offset,
                     ),
                 )
-        return [(command.owner, ReplicaAck(command.room, command.batch))]
+        return [(command.owner, ReplicaAck(command.room, command.batch, replica=self.node_id))]
 
     @staticmethod
     def _fill_in(room: Room, events: list[ReplicatedEvent], now: float) -> None:

@@ -94,7 +94,8 @@ class BrokerNode(OwnerNode):
         super().__init__(settings, "broker", self.table, settings.broker_bind)
         # A broker starts with nothing: what it serves is rebuilt from re-announcements.
         self.table.began_serving(self._clock())
-        self._deferred_reported = 0  # ``table.deferred`` already exported
+        self._deferred = metrics.CountExport(metrics.REQUESTS_DEFERRED)
+        self._late_acks = metrics.CountExport(metrics.REPLICA_ACKS_IGNORED.labels("broker"))
         self.table.refused = refused_sender
         self.table.tickets = self.tickets
         self._replicas: dict[str, str | None] = {}  # room -> runner-up, until peers change
@@ -114,10 +115,8 @@ class BrokerNode(OwnerNode):
             )
 
     def expired(self) -> None:
-        deferred = self.table.deferred
-        if deferred != self._deferred_reported:
-            metrics.REQUESTS_DEFERRED.inc(deferred - self._deferred_reported)
-            self._deferred_reported = deferred
+        self._deferred.update(self.table.deferred)
+        self._late_acks.update(self.table.late_acks)
 
     def _replica_for(self, room: str) -> str | None:
         # Asked for every batch of room events: hashing the peer set each time showed in

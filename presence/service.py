@@ -93,7 +93,8 @@ class PresenceNode(OwnerNode):
         self._discovered = [e for e in settings.presence_endpoints if e != self.placement_id]
         self._draining = False
         self._left = asyncio.Event()  # draining: a view without this node was read
-        self._reported = 0  # table drop counters already exported
+        self._dropped = metrics.CountExport(metrics.PRESENCE_DROPPED)
+        self._late_acks = metrics.CountExport(metrics.REPLICA_ACKS_IGNORED.labels("presence"))
         # Global presence: the other regions' presence tiers (region -> followed tier).
         self._regions: dict[str, RemoteTier] = {}
         if settings.webhook_urls:
@@ -233,10 +234,8 @@ class PresenceNode(OwnerNode):
 
     def expired(self) -> None:
         counters = self.table.counters
-        dropped = counters.misrouted + counters.pending_dropped + counters.notes_ignored
-        if dropped != self._reported:
-            metrics.PRESENCE_DROPPED.inc(dropped - self._reported)
-            self._reported = dropped
+        self._dropped.update(counters.misrouted + counters.pending_dropped + counters.notes_ignored)
+        self._late_acks.update(counters.late_acks)
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -80,7 +80,8 @@ later.
 
 Copies are confirmed, as a broker's room events are (``signalpost.replication``): each is
 numbered (``seq``, from ``first_seq``, which the shell takes from the wall clock so that a
-restarted node's copies are newer) and the receiver answers ``ReplicaAck(session, seq)``.
+restarted node's copies are newer) and the receiver answers ``ReplicaAck(session, seq)``
+(naming itself: the owner takes it only from the node it last sent the copy to).
 What a call caused (answers, presence frames, status notes, evictions) is held
 (``_changes``) until every copy the call sent is acknowledged, or a later copy of the same
 session is; an answer to a session whose earlier copy is unacknowledged waits for that one
@@ -294,6 +295,7 @@ class Counters:
     evict_unconfirmed: int = 0  # a resume answered without the old connection's close
     copies_unconfirmed: int = 0  # a change let out before its copies were acknowledged
     copies_refused: int = 0  # a copy a runner-up refused (it knows a newer owner)
+    late_acks: int = 0  # a copy's ack from a node it was not (last) sent to
 
 
 @dataclass(slots=True)
@@ -1194,6 +1196,11 @@ class PresenceTable:
             self.counters.copies_refused += 1
             return []
         copying = self._copying.get(session)
+        if copying is not None and copying.target != ack.replica:
+            # From a node the copy was not (last) sent to: a runner-up replaced since
+            # vouches for nothing the new one may lack.
+            self.counters.late_acks += 1
+            return []
         if copying is not None and copying.seq <= seq:
             del self._copying[session]
         return self._acked_through(session, seq)
@@ -1218,7 +1225,9 @@ class PresenceTable:
 
     def copied(self, copy: LeaseCopy, now: float) -> list[Outbound]:
         """A copy of a session from its user's owner (or, ``handoff``, its old owner)."""
-        out: list[Outbound] = [(copy.owner, ReplicaAck(copy.session, copy.seq))]
+        out: list[Outbound] = [
+            (copy.owner, ReplicaAck(copy.session, copy.seq, replica=self.node_id))
+        ]
         if copy.handoff or (self.owns(copy.user) and self._owner_of is not None):
             if not copy.gone:
                 self._adopt(copy, now, now, out)
@@ -1231,7 +1240,8 @@ class PresenceTable:
             if copy.term < known.term:
                 # A node deposed since the held copy's owner took the user: refused, so
                 # it lets nothing out on the strength of it.
-                return [(copy.owner, ReplicaAck(copy.session, copy.seq, True, known.term))]
+                refusal = ReplicaAck(copy.session, copy.seq, True, known.term, self.node_id)
+                return [(copy.owner, refusal)]
         if copy.gone:
             self._copies.pop(copy.session, None)
         else:

@@ -121,6 +121,14 @@ NODE_LINKS_REFUSED = Counter(
     "(wrong_kind)",
     ["reason"],
 )
+REPLICA_ACKS_IGNORED = Counter(
+    "signalpost_replica_acks_ignored",
+    "Acknowledgements of a copy (room events, a session's lease) that an owner ignored "
+    "because they came from a node other than the one it last sent that copy to (a "
+    "runner-up replaced meanwhile); the copy's current target acknowledges it",
+    ["kind"],
+)
+
 PRESENCE_DROPPED = Counter(
     "signalpost_presence_dropped",
     "Commands a presence node dropped: for a user it does not own (misrouted), a watch "
@@ -193,3 +201,17 @@ WEBHOOK_EVENTS = Counter(
     ["outcome"],
 )
 WEBHOOK_QUEUE = Gauge("signalpost_webhook_queue", "Webhook events queued on this node")
+
+
+class CountExport:
+    """Exports a count a sans-I/O core only ever increases to a Prometheus counter (the
+    core stays free of prometheus_client): ``update`` adds what grew since the last call."""
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        self.reported = 0
+
+    def update(self, count: int) -> None:
+        if count != self.reported:
+            self.counter.inc(count - self.reported)
+            self.reported = count

@@ -449,12 +449,17 @@ class ReplicaAck(_Envelope, tag=41, frozen=True):
 
     ``refused``: it does not, because it serves the room itself or knows a newer owner
     (``term``): the sender was deposed and drops what it holds of the room.
+
+    ``replica``: the node that has it. The owner takes an ack only from the node it last
+    sent that batch (copy) to: a late ack from a runner-up replaced meanwhile would let
+    out events the new runner-up may not have yet.
     """
 
     room: str
     batch: int
     refused: bool = False
     term: int = 0
+    replica: str = ""
 
 
 class Deliver(_Envelope, tag=10, frozen=True):

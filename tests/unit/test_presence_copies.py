@@ -66,7 +66,7 @@ def test_a_claim_is_answered_once_the_runner_up_acknowledged_its_copy() -> None:
     ((target, copy),) = _of(out, LeaseCopy)
     assert target == "p1" and isinstance(copy, LeaseCopy) and copy.conn == "c2.2"
     ((_, ack),) = p1.handle(copy, 1.0)
-    assert ack == ReplicaAck("s", copy.seq)
+    assert ack == ReplicaAck("s", copy.seq, replica="p1")
     released = p0.handle(ack, 1.0)
     ((edge, reply),) = _of(released, ClaimReply)
     assert edge == "e1" and isinstance(reply, ClaimReply) and reply.live
@@ -92,10 +92,10 @@ def test_a_runner_up_keeps_the_newest_copy_and_refuses_a_deposed_owner() -> None
     newer = LeaseCopy("p0", "s", user, "e0", "c2.2", seq=5, term=3)
     older = LeaseCopy("p0", "s", user, "e0", "c1.1", seq=4, term=3)
     p1.handle(newer, 0.0)
-    assert p1.handle(older, 0.0) == [("p0", ReplicaAck("s", 4))]
+    assert p1.handle(older, 0.0) == [("p0", ReplicaAck("s", 4, replica="p1"))]
     assert p1._copies["s"][0] == newer
     deposed = LeaseCopy("p9", "s", user, "e0", "c3.3", seq=99, term=2)
-    assert p1.handle(deposed, 0.0) == [("p9", ReplicaAck("s", 99, True, 3))]
+    assert p1.handle(deposed, 0.0) == [("p9", ReplicaAck("s", 99, True, 3, "p1"))]
     assert p1._copies["s"][0] == newer
 
 
@@ -176,7 +176,7 @@ def test_a_fresh_claim_makes_the_lease_and_is_granted_once_the_runner_up_has_it(
     ((_, ack),) = p1.handle(copy, 0.5)
     replies = _of(p0.handle(ack, 0.5), ClaimReply)
     assert replies == [("e0", ClaimReply("s", "c1.1", True))] * 2
-    assert p1.handle(copy, 0.6) == [("p0", ReplicaAck("s", copy.seq))]  # a resend: kept
+    assert p1.handle(copy, 0.6) == [("p0", ReplicaAck("s", copy.seq, replica="p1"))]  # kept
     # The session is known to the runner-up: the same claim is granted there at once
     # once it owns the user (its owner died).
     lone = _table("p1", ["p1"])

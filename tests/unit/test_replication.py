@@ -197,7 +197,11 @@ def test_a_new_replica_gets_the_unconfirmed_batches() -> None:
     snapshot, batch = (e for _, e in resent)
     assert isinstance(snapshot, ReplicateCmd) and isinstance(batch, ReplicateCmd)
     assert (snapshot.batch, batch.batch) == (-1, 0)
-    released = owner.handle(ReplicaAck("room", 0), 0.0)
+    # The runner-up replaced meanwhile acks the batch late: it vouches for nothing the new
+    # one may lack, so nothing is released on it.
+    assert owner.handle(ReplicaAck("room", 0, replica="B"), 0.0) == []
+    assert owner.late_acks == 1
+    released = owner.handle(ReplicaAck("room", 0, replica="C"), 0.0)
     assert frames(released)[0]["type"] == "joined"
 
 
@@ -246,9 +250,9 @@ def test_a_replica_refuses_a_lower_term_than_it_knows() -> None:
     replica = table("B", None)
     newer = ReplicateCmd("A2", "room", "e", 0, [ReplicatedEvent(1, ["a"], b"{}")], 10)
     older = ReplicateCmd("A1", "room", "e", 0, [ReplicatedEvent(2, ["a"], b"{}")], 9)
-    assert replica.handle(newer, 0.0) == [("A2", ReplicaAck("room", 0))]
+    assert replica.handle(newer, 0.0) == [("A2", ReplicaAck("room", 0, replica="B"))]
     (refusal,) = replica.handle(older, 0.0)
-    assert refusal == ("A1", ReplicaAck("room", 0, True, 10))
+    assert refusal == ("A1", ReplicaAck("room", 0, True, 10, "B"))
     assert [e.offset for e in replica.rooms["room"].history] == [1]
 
 
@@ -396,7 +400,7 @@ def test_a_broker_takes_a_rooms_state_only_from_the_broker_that_owns_it() -> Non
     assert refusals == [("X", "room")] * 3
     # The owner itself replicates as before.
     genuine = ReplicateCmd("A", "room", room.epoch, 0, [], term=room.term)
-    assert runner_up.handle(genuine, 1.0) == [("A", ReplicaAck("room", 0))]
+    assert runner_up.handle(genuine, 1.0) == [("A", ReplicaAck("room", 0, replica="B"))]
 
 
 def test_a_replica_forgets_a_member_only_for_the_edge_holding_its_seat() -> None:
