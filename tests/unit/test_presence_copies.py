@@ -67,6 +67,10 @@ def test_a_claim_is_answered_once_the_runner_up_acknowledged_its_copy() -> None:
     assert target == "p1" and isinstance(copy, LeaseCopy) and copy.conn == "c2.2"
     ((_, ack),) = p1.handle(copy, 1.0)
     assert ack == ReplicaAck("s", copy.seq, replica="p1")
+    # The same ack from a node the copy was not sent to (a runner-up replaced since)
+    # lets nothing out.
+    assert p0.handle(ReplicaAck("s", copy.seq, replica="p2"), 1.0) == []
+    assert p0.counters.late_acks == 1
     released = p0.handle(ack, 1.0)
     ((edge, reply),) = _of(released, ClaimReply)
     assert edge == "e1" and isinstance(reply, ClaimReply) and reply.live
