@@ -151,6 +151,9 @@ class LocalBackplane:
             )
             if dev_inbox is None:  # real receivers: every event, always
                 self.rooms.hooks, self.presence.hooks = self._hooks
+        #: The sender to poke after a command (None: no command can have made an event;
+        #: what is queued still goes out on the sender's own tick).
+        self._poke = self.webhook_sender if dev_inbox is None else None
 
     def dev_webhooks(self, query: str) -> bytes:
         """Dev mode's panel asks for its events (``/v1/dev-webhooks``): while it asks, at
@@ -169,6 +172,7 @@ class LocalBackplane:
         watched = now < self._dev_watched_until
         if watched != (self.rooms.hooks is not None):
             self.rooms.hooks, self.presence.hooks = self._hooks if watched else (None, None)
+            self._poke = self.webhook_sender if watched else None
 
     def connect(
         self,
@@ -184,8 +188,8 @@ class LocalBackplane:
 
     def _dispatch(self, outbound: list[tuple[str, Envelope]]) -> None:
         assert self._inbox is not None, "connect() an edge first"
-        if self.webhook_sender is not None:
-            self.webhook_sender.poke()
+        if self._poke is not None:
+            self._poke.poke()
         for _edge, envelope in outbound:
             self._inbox(envelope)
 
@@ -197,8 +201,8 @@ class LocalBackplane:
         inbox = self._inbox  # the loop of _dispatch, inline: once per client request
         for _edge, envelope in self.rooms.handle(command, self._clock()):
             inbox(envelope)
-        if self.webhook_sender is not None:
-            self.webhook_sender.poke()
+        if self._poke is not None:
+            self._poke.poke()
 
     def to_all_brokers(self, command: Envelope, rooms: Collection[str] = ()) -> None:
         self._dispatch(self.rooms.handle(command, self._clock()))
