@@ -658,10 +658,33 @@ class RoomTable:
                 self._install(command, now, out)
             else:
                 self._merge_members(room, command.members, now)
+                if (
+                    command.history
+                    and room.replicated
+                    and not room.active
+                    and (command.epoch, command.term) == (room.epoch, room.term)
+                ):
+                    self._fill_in_handed(room, command, now)
         if awaiting is not None:
             del self._awaiting[command.room]
             out.extend(self._proceed(command.room, awaiting, now, timed_out=False))
         return out
+
+    def _fill_in_handed(self, room: Room, handoff: Handoff, now: float) -> None:
+        """A copy keeps its own state over a handoff of the same owner's term that is not
+        newer (the owner handed it over with its last batch, which the copy has, still
+        unacked), but takes what the handoff holds that it lacks: the history before a
+        copy begun by a batch (``_fill_in``) and the reply records of the room (without
+        them a resend of a request applied before that batch was applied again)."""
+        self._fill_in(room, handoff.events, now)
+        records_of = self._records
+        for r in handoff.records:
+            mine = records_of.get(r.session)
+            if mine is None or r.key not in mine:
+                record = _Record(r.payload, r.fingerprint, now - r.age, r.ok, r.epoch, r.offset)
+                self._remember(r.session, r.key, record)
+                if r.session not in room.members and r.session not in room.departed:
+                    _note_recorder(room, r.session)
 
     @staticmethod
     def _newer_state(handoff: Handoff, room: Room) -> bool:

@@ -823,3 +823,25 @@ def test_a_new_runner_up_gets_the_reply_records_with_the_whole_history() -> None
     (again,) = replies(successor.handle(publish, 2.0))
     assert (again.ok, again.epoch, again.offset) == (True, published.epoch, published.offset)
     assert room.offset == offset
+
+
+def test_a_copy_begun_by_a_batch_takes_what_an_older_handoff_has_that_it_lacks() -> None:
+    # A stops (SIGTERM) while its last batch waits for B's ack: its handoff is one event
+    # behind B's copy (begun by a batch: a hole before it), so B keeps its copy. What the
+    # handoff holds before the hole (history, reply records) is the same owner's and goes
+    # into the copy: a resume from before the hole recovers, a resend is not applied again.
+    owner, restarted, position = restarted_runner_up_sent_a_batch()
+    held = owner.handle(signal(7, 5), 1.0)
+    (batch,) = [e for _, e in held if isinstance(e, ReplicateCmd)]
+    restarted.handle(batch, 1.0)  # acked, but A hands over before it reads the ack
+    handoff = owner.hand_over("room", 1.0)
+    assert handoff.offset == restarted.rooms["room"].offset - 1
+    restarted.handle(handoff, 1.0)
+    offset = restarted.rooms["room"].offset
+    # B serves the room: a's signal 2, acked before B restarted, is resent (its ack lost).
+    restore(restarted, "a", False)
+    assert [r.ok for r in replies(restarted.handle(signal(2, 0), 2.0))] == [True]
+    assert restarted.rooms["room"].offset == offset
+    replayed, synced = resumed_at(restarted, position)
+    assert (synced.recovered, synced.epoch) == (True, position.epoch)
+    assert replayed == [{"n": n} for n in range(6)]
