@@ -125,6 +125,11 @@ MAX_LATEST_CONNS: Final = 200_000
 #: Members that left a room remembered per room (see ``Room.departed``).
 DEPARTED_MAX: Final = 1024
 
+#: Sessions other than its members and departed with reply records in a room (the server
+#: API's pseudo-sessions, 256) tracked per room (``Room.recorders``); past that, their
+#: records of the room no longer travel with its whole history to a new runner-up.
+MAX_RECORDERS: Final = 1024
+
 #: Epochs of rooms that ended here remembered (``RoomTable._ended``).
 MAX_ENDED_EPOCHS: Final = 100_000
 
@@ -250,6 +255,10 @@ class Room:
     # ... of which those a passive copy was told of by their edge (``ForgetCmd``): that
     # edge's later re-announcement from the same connection is a join since
     forgotten: set[str] = field(default_factory=set)
+    # Sessions that are neither members nor departed with reply records here (server API
+    # publishes): with those two, whose records go with the whole history (``_records_of``;
+    # bounded: MAX_RECORDERS)
+    recorders: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -651,10 +660,33 @@ class RoomTable:
                 self._install(command, now, out)
             else:
                 self._merge_members(room, command.members, now)
+                if (
+                    command.history
+                    and room.replicated
+                    and not room.active
+                    and (command.epoch, command.term) == (room.epoch, room.term)
+                ):
+                    self._fill_in_handed(room, command, now)
         if awaiting is not None:
             del self._awaiting[command.room]
             out.extend(self._proceed(command.room, awaiting, now, timed_out=False))
         return out
+
+    def _fill_in_handed(self, room: Room, handoff: Handoff, now: float) -> None:
+        """A copy keeps its own state over a handoff of the same owner's term that is not
+        newer (the owner handed it over with its last batch, which the copy has, still
+        unacked), but takes what the handoff holds that it lacks: the history before a
+        copy begun by a batch (``_fill_in``) and the reply records of the room (without
+        them a resend of a request applied before that batch was applied again)."""
+        self._fill_in(room, handoff.events, now)
+        records_of = self._records
+        for r in handoff.records:
+            mine = records_of.get(r.session)
+            if mine is None or r.key not in mine:
+                record = _Record(r.payload, r.fingerprint, now - r.age, r.ok, r.epoch, r.offset)
+                self._remember(r.session, r.key, record)
+                if r.session not in room.members and r.session not in room.departed:
+                    _note_recorder(room, r.session)
 
     @staticmethod
     def _newer_state(handoff: Handoff, room: Room) -> bool:
@@ -790,6 +822,8 @@ class RoomTable:
         for r in command.records:
             record = _Record(r.payload, r.fingerprint, now - r.age, r.ok, r.epoch, r.offset)
             self._remember(r.session, r.key, record)
+            if r.session not in room.members and r.session not in room.departed:
+                _note_recorder(room, r.session)
         if self.hooks is not None and command.history and not room.deposed:
             self.hooks.taken(room, now, derive=False)
         for member in streaming if not room.deposed else ():
@@ -905,6 +939,7 @@ class RoomTable:
                 if ok and room is not None:
                     # The API is told where its event stands (a resend: the same place).
                     epoch, offset = room.epoch, room.offset
+                    _note_recorder(room, session)
             record = _Record(b"" if ok else payload, crc, now, ok, epoch, offset)
             reply = Reply(
                 session,
@@ -1775,12 +1810,15 @@ class RoomTable:
             number = room.next_batch
             room.next_batch += 1
             members: list[HandedMember] = []
+            records: list[HandedRecord] = []
             if room.replica_target != replica:
                 # A runner-up new to the room gets the whole history, not only this batch,
-                # and the members (those away from their edges are known nowhere else).
+                # the members (those away from their edges are known nowhere else) and
+                # the reply records (a resend after its takeover finds its answer).
                 room.replica_target = replica
                 sent = list(room.history)
                 members = _handed_members(room, now)
+                records = self._records_of(room, now)
             else:
                 sent = events
             replicate = ReplicateCmd(
@@ -1791,6 +1829,7 @@ class RoomTable:
                 [ReplicatedEvent(e.offset, sorted(e.recipients), e.payload) for e in sent],
                 room.term,
                 members=members,
+                records=records,
             )
             if carries_reply and request is not None and record is not None:
                 # The runner-up learns the answer too: a resend after takeover gets it.
@@ -1912,7 +1951,34 @@ class RoomTable:
             events,
             room.term,
             members=_handed_members(room, now),
+            records=self._records_of(room, now),
         )
+
+    def _records_of(self, room: Room, now: float) -> list[HandedRecord]:
+        """The reply records of ``room``'s requests, for a runner-up given its whole history.
+
+        All of them, also those of events not released yet: the history sent with them
+        holds those events, and the batches that carried their records went to the runner-up
+        before this one (which the new one never gets: chaos seed 11, an owner killed and
+        back within a second, applied two signals again). Looked up by the sessions that can
+        have records of the room (members, departed, ``recorders``), not by scanning every
+        session's records (a new room's first batch comes here)."""
+        prefix = f"{room.name}\x00"
+        oldest_allowed = now - REPLY_RECORD_TTL
+        found: list[HandedRecord] = []
+        records_of = self._records
+        for session in room.members.keys() | room.departed.keys() | room.recorders:
+            by_key = records_of.get(session)
+            if by_key is None:
+                continue
+            found.extend(
+                HandedRecord(
+                    session, k, r.fingerprint, r.payload, r.ok, r.epoch, r.offset, now - r.at
+                )
+                for k, r in by_key.items()
+                if k.startswith(prefix) and r.at > oldest_allowed
+            )
+        return found
 
     def replicate(self, command: ReplicateCmd, now: float) -> list[Outbound]:
         """Runner-up side: keep the owner's events (and reply) for a takeover."""
@@ -1961,7 +2027,18 @@ class RoomTable:
             self._trim(room, now)
             if command.members:
                 self._merge_members(room, command.members, now, owner=True)
+            for r in command.records:  # with the whole history: the answers of its events
+                self._remember(
+                    r.session,
+                    r.key,
+                    _Record(r.payload, r.fingerprint, now - r.age, r.ok, r.epoch, r.offset),
+                )
+                if r.session not in room.members and r.session not in room.departed:
+                    _note_recorder(room, r.session)
             if command.reply_key:
+                session = command.reply_session
+                if session not in room.members and session not in room.departed:
+                    _note_recorder(room, session)
                 self._remember(
                     command.reply_session,
                     command.reply_key,
@@ -2052,6 +2129,20 @@ class RoomTable:
             len(history) > self.history_max_events or history[0].at < oldest_allowed
         ):
             room.trimmed_through = history.popleft().offset
+
+
+def _note_recorder(room: Room, session: str) -> None:
+    """``session`` has a reply record in ``room`` and is no member (``Room.recorders``):
+    a server API pseudo-session, or (in a copy) a joiner its edge has not re-announced."""
+    recorders = room.recorders
+    if session in recorders:
+        return
+    if len(recorders) >= MAX_RECORDERS:
+        # Those that are members or departed by now are found as such.
+        recorders -= room.members.keys() | room.departed.keys()
+        if len(recorders) >= MAX_RECORDERS:
+            return
+    recorders.add(session)
 
 
 def _user_of(peer: bytes) -> str:

@@ -440,6 +440,9 @@ class ReplicateCmd(_Envelope, tag=40, frozen=True):
     #: With the whole history for a new runner-up: the room's members (a member away from
     #: its edge, in its resume window, is known to no edge that could re-announce it).
     members: list[HandedMember] = []
+    #: ... and the reply records of the room's requests (of the events in that history:
+    #: the batches that carried them may have gone to an earlier runner-up).
+    records: list[HandedRecord] = []
 
 
 class ReplicaAck(_Envelope, tag=41, frozen=True):

@@ -696,3 +696,156 @@ def test_a_new_owner_asks_the_next_broker_once_the_one_it_asked_is_gone() -> Non
     room = new.rooms["room"]
     assert (room.epoch, room.active, set(room.members)) == (epoch, True, {"a", "b"})
     assert frames(served, "edge-a")[-1]["type"] == "ack" and room.offset == offset + 1
+
+
+# ------------------------------------------------------------------ a flap: A, B, then A's new run
+
+#: The room's rendezvous order of the three brokers (its owner is the first in a view).
+RANK = ("A", "B", "C")
+
+
+class Seen:
+    """One broker's view of the brokers (a number and its members), changed by the test."""
+
+    def __init__(self, number: int, members: set[str]) -> None:
+        self.number, self.members = number, set(members)
+
+    def placed(self, without: str = "") -> list[str]:
+        return [b for b in RANK if b in self.members and b != without]
+
+
+def viewing(node: str, seen: Seen) -> RoomTable:
+    """A broker placing rooms by ``seen`` (as with Consul: terms from the view's number)."""
+
+    def first(brokers: list[str]) -> str | None:
+        return brokers[0] if brokers else None
+
+    return RoomTable(
+        capacity=4,
+        resume_window=30,
+        history_max_events=100,
+        history_max_age=600,
+        new_epoch=lambda: next(epochs),
+        node_id=node,
+        replica_for=lambda room: first(seen.placed(node)) if node in seen.members else None,
+        owns=lambda room: first(seen.placed()) == node,
+        handoff_from=lambda room: first(seen.placed(node)),
+        new_term=lambda: seen.number,
+        owner_of=lambda room: first(seen.placed()),
+    )
+
+
+def deliver(tables: dict[str, RoomTable], out: list[Outbound], now: float) -> list[Outbound]:
+    """Carry broker-to-broker envelopes until only client output is left."""
+    client_out: list[Outbound] = []
+    queue = list(out)
+    while queue:
+        target, envelope = queue.pop(0)
+        if target in tables:
+            queue.extend(tables[target].handle(envelope, now))
+        else:
+            client_out.append((target, envelope))
+    return client_out
+
+
+def test_a_flapping_owner_does_not_apply_again_what_its_successor_applied() -> None:
+    # Two-region chaos seed 11 (2026-12-03): eu-broker-1 (A) owned eu-room-3 and was
+    # killed -9; the view without it (B owns, C its runner-up) lasted 0.6 s, then A's new
+    # run was back. B's first batch never reached C (C read the view a moment later and
+    # refused it), the next ones did: held behind the first, nothing released. The view
+    # with A' deposed B's room and made A' its runner-up: B sent A' its whole history (the
+    # events of every batch) and the batch C had not acked, and was acked. A' took the
+    # room with that copy; B's handoff was no newer, so A' kept its copy, which had no
+    # reply record of the requests C had acked: their resends were applied again
+    # (offsets 318 and 322, again 323 and 324: 12 `duplicate`).
+    seen = {n: Seen(1, {"A", "B", "C"}) for n in RANK}
+    brokers = {n: viewing(n, seen[n]) for n in RANK}
+    for session in ("a", "b"):
+        restore(brokers["B"], session, True)  # the edges re-announce to the runner-up
+        deliver(brokers, brokers["A"].handle(join(session, 1), 0.0), 0.0)
+    deliver(brokers, brokers["A"].handle(signal(2, 0), 0.0), 0.0)
+    # A is killed; the view without it: B owns the room, C is its runner-up.
+    del brokers["A"]
+    for n in ("B", "C"):
+        seen[n].number, seen[n].members = 2, {"B", "C"}
+    # B asks C, which has nothing of the room; B serves its replicated copy. Its first
+    # batch (the whole history, C being new to the room) is lost.
+    (asked,) = brokers["B"].handle(signal(3, 1), 1.0)
+    (answer,) = brokers["C"].handle(asked[1], 1.0)
+    out = brokers["B"].handle(answer[1], 1.0)
+    assert [(t, type(e)) for t, e in out] == [("C", ReplicateCmd)]
+    b_room = brokers["B"].rooms["room"]
+    assert b_room.active and len(b_room.pending) == 1
+    out = brokers["B"].handle(signal(4, 2), 1.0)
+    assert [t for t, e in out if isinstance(e, ReplicateCmd)] == ["C"]
+    assert deliver(brokers, out, 1.0) == []  # C acks it; it waits behind the first
+    # A's new run: empty, reading the view without it (B owns the room there).
+    seen["A"] = Seen(2, {"B", "C"})
+    brokers["A"] = viewing("A", seen["A"])
+    # B reads the view with A back first: deposed, its runner-up is A' now.
+    seen["B"].number, seen["B"].members = 3, {"A", "B", "C"}
+    released = deliver(brokers, brokers["B"].replicas_changed(1.5), 1.5)
+    assert [r.ok for r in replies(released)] == [True, True]  # both acked (by B)
+    offset = b_room.offset
+    # A' reads it too and owns the room: the edge resends signal 4 (its view changed
+    # before the ack came). A' asks B for the room, which hands over what A' has.
+    for n in ("A", "C"):
+        seen[n].number, seen[n].members = 3, {"A", "B", "C"}
+    (asked,) = brokers["A"].handle(signal(4, 2), 1.6)
+    assert asked[0] == "B" and isinstance(asked[1], HandoffRequest)
+    resent = deliver(brokers, [asked], 1.6)
+    room = brokers["A"].rooms["room"]
+    assert room.active and room.epoch == b_room.epoch
+    assert [f["type"] for f in frames(resent)] == ["ack"]  # answered, not applied again
+    assert room.offset == offset
+
+
+def test_a_new_runner_up_gets_the_reply_records_with_the_whole_history() -> None:
+    # What a runner-up new to the room is sent (its whole history) comes with the reply
+    # records of its events, a server API publish's too (its pseudo-session is no member):
+    # the batches that carried them went to the runner-up before.
+    owner, replica_name = owner_whose_replica_moves("B")
+    first = table("B", None)
+    for session in ("a", "b"):
+        restore(first, session, True)
+        pump(owner, first, owner.handle(join(session, 1), 0.0))
+    pump(owner, first, owner.handle(signal(2, 0), 0.0))
+    publish = SignalCmd(
+        "~api.7", "api", "edge-api", 1, "k1", "room", None, b'{"api":"k"}', b'{"n":9}', server=True
+    )
+    (published,) = replies(pump(owner, first, owner.handle(publish, 0.0)))
+    successor = table("C", None)
+    replica_name[0] = "C"
+    owner.replicas_changed(1.0)
+    pump(owner, successor, owner.handle(signal(3, 1), 1.0))  # its whole history goes to C
+    # The owner dies: C serves the room; the resends are answered, nothing applied again.
+    for session in ("a", "b"):
+        restore(successor, session, False)
+    room = successor.rooms["room"]
+    offset = room.offset
+    assert [r.ok for r in replies(successor.handle(signal(2, 0), 2.0))] == [True]
+    (again,) = replies(successor.handle(publish, 2.0))
+    assert (again.ok, again.epoch, again.offset) == (True, published.epoch, published.offset)
+    assert room.offset == offset
+
+
+def test_a_copy_begun_by_a_batch_takes_what_an_older_handoff_has_that_it_lacks() -> None:
+    # A stops (SIGTERM) while its last batch waits for B's ack: its handoff is one event
+    # behind B's copy (begun by a batch: a hole before it), so B keeps its copy. What the
+    # handoff holds before the hole (history, reply records) is the same owner's and goes
+    # into the copy: a resume from before the hole recovers, a resend is not applied again.
+    owner, restarted, position = restarted_runner_up_sent_a_batch()
+    held = owner.handle(signal(7, 5), 1.0)
+    (batch,) = [e for _, e in held if isinstance(e, ReplicateCmd)]
+    restarted.handle(batch, 1.0)  # acked, but A hands over before it reads the ack
+    handoff = owner.hand_over("room", 1.0)
+    assert handoff.offset == restarted.rooms["room"].offset - 1
+    restarted.handle(handoff, 1.0)
+    offset = restarted.rooms["room"].offset
+    # B serves the room: a's signal 2, acked before B restarted, is resent (its ack lost).
+    restore(restarted, "a", False)
+    assert [r.ok for r in replies(restarted.handle(signal(2, 0), 2.0))] == [True]
+    assert restarted.rooms["room"].offset == offset
+    replayed, synced = resumed_at(restarted, position)
+    assert (synced.recovered, synced.epoch) == (True, position.epoch)
+    assert replayed == [{"n": n} for n in range(6)]
