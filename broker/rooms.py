@@ -680,13 +680,12 @@ class RoomTable:
         them a resend of a request applied before that batch was applied again)."""
         self._fill_in(room, handoff.events, now)
         records_of = self._records
-        for r in handoff.records:
-            mine = records_of.get(r.session)
-            if mine is None or r.key not in mine:
-                record = _Record(r.payload, r.fingerprint, now - r.age, r.ok, r.epoch, r.offset)
-                self._remember(r.session, r.key, record)
-                if r.session not in room.members and r.session not in room.departed:
-                    _note_recorder(room, r.session)
+        lacking = [
+            r
+            for r in handoff.records
+            if (mine := records_of.get(r.session)) is None or r.key not in mine
+        ]
+        self._take_records(room, lacking, now)
 
     @staticmethod
     def _newer_state(handoff: Handoff, room: Room) -> bool:
@@ -819,11 +818,7 @@ class RoomTable:
                 del by_key[key]
         for by_room in self._inflows.values():
             by_room.pop(command.room, None)
-        for r in command.records:
-            record = _Record(r.payload, r.fingerprint, now - r.age, r.ok, r.epoch, r.offset)
-            self._remember(r.session, r.key, record)
-            if r.session not in room.members and r.session not in room.departed:
-                _note_recorder(room, r.session)
+        self._take_records(room, command.records, now)
         if self.hooks is not None and command.history and not room.deposed:
             self.hooks.taken(room, now, derive=False)
         for member in streaming if not room.deposed else ():
@@ -1980,6 +1975,14 @@ class RoomTable:
             )
         return found
 
+    def _take_records(self, room: Room, records: list[HandedRecord], now: float) -> None:
+        """Keep reply records of ``room`` handed over or replicated from another broker."""
+        for r in records:
+            record = _Record(r.payload, r.fingerprint, now - r.age, r.ok, r.epoch, r.offset)
+            self._remember(r.session, r.key, record)
+            if r.session not in room.members and r.session not in room.departed:
+                _note_recorder(room, r.session)
+
     def replicate(self, command: ReplicateCmd, now: float) -> list[Outbound]:
         """Runner-up side: keep the owner's events (and reply) for a takeover."""
         if self.owner_of is not None and self.owner_of(command.room) != command.owner:
@@ -2027,14 +2030,8 @@ class RoomTable:
             self._trim(room, now)
             if command.members:
                 self._merge_members(room, command.members, now, owner=True)
-            for r in command.records:  # with the whole history: the answers of its events
-                self._remember(
-                    r.session,
-                    r.key,
-                    _Record(r.payload, r.fingerprint, now - r.age, r.ok, r.epoch, r.offset),
-                )
-                if r.session not in room.members and r.session not in room.departed:
-                    _note_recorder(room, r.session)
+            # With the whole history: the answers of its events.
+            self._take_records(room, command.records, now)
             if command.reply_key:
                 session = command.reply_session
                 if session not in room.members and session not in room.departed:
