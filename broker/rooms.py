@@ -1885,14 +1885,16 @@ class RoomTable:
     def replica_acked(self, name: str, batch: int, now: float, replica: str = "") -> list[Outbound]:
         """Broker ``replica`` has batch ``batch`` of ``name``: if that batch was last sent
         there (the room's runner-up, as far as this owner knows), release what waited for
-        it. An ack from a runner-up replaced since releases nothing."""
+        it. An ack from a runner-up replaced since releases nothing. (One that names no
+        broker comes from a broker of an earlier version, during a rolling upgrade: taken
+        as before.)"""
         out: list[Outbound] = []
         room = self.rooms.get(name)
         if room is None:
             return out
         for held in room.pending:
             if held.number == batch:
-                if held.target != replica:
+                if replica and held.target != replica:  # ("": a broker of an older version)
                     self.late_acks += 1
                     return out
                 held.confirmed = True

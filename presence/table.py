@@ -1196,9 +1196,10 @@ class PresenceTable:
             self.counters.copies_refused += 1
             return []
         copying = self._copying.get(session)
-        if copying is not None and copying.target != ack.replica:
+        if copying is not None and ack.replica and copying.target != ack.replica:
             # From a node the copy was not (last) sent to: a runner-up replaced since
-            # vouches for nothing the new one may lack.
+            # vouches for nothing the new one may lack. (One naming no node comes from a
+            # node of an earlier version, during a rolling upgrade: taken as before.)
             self.counters.late_acks += 1
             return []
         if copying is not None and copying.seq <= seq:

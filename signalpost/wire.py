@@ -455,7 +455,8 @@ class ReplicaAck(_Envelope, tag=41, frozen=True):
 
     ``replica``: the node that has it. The owner takes an ack only from the node it last
     sent that batch (copy) to: a late ack from a runner-up replaced meanwhile would let
-    out events the new runner-up may not have yet.
+    out events the new runner-up may not have yet. ("": a node of an earlier version,
+    which did not name itself; taken as before, so a rolling upgrade does not stall.)
     """
 
     room: str

@@ -205,6 +205,15 @@ def test_a_new_replica_gets_the_unconfirmed_batches() -> None:
     assert frames(released)[0]["type"] == "joined"
 
 
+def test_an_ack_naming_no_replica_is_taken_as_from_an_earlier_version() -> None:
+    # A runner-up of an earlier version does not name itself: during a rolling upgrade
+    # its acks release as they did, or its owner would stall until it is upgraded.
+    owner, _ = owner_whose_replica_moves("B")
+    owner.handle(join("a", 1), 0.0)
+    released = owner.handle(ReplicaAck("room", 0), 0.0)
+    assert frames(released)[0]["type"] == "joined" and owner.late_acks == 0
+
+
 def test_a_runner_up_new_to_the_room_learns_the_members_away_from_their_edges() -> None:
     # b joined while the room had no runner-up, then dropped (in its resume window: no
     # edge knows it to re-announce it). A runner-up that appears later gets b from the
