@@ -1957,7 +1957,7 @@ class RoomTable:
         All of them, also those of events not released yet: the history sent with them
         holds those events, and the batches that carried their records went to the runner-up
         before this one (which the new one never gets: chaos seed 11, an owner killed and
-        back within a second, applied two signals again). Looked up by the sessions that can
+        back within a second, applied four signals again). Looked up by the sessions that can
         have records of the room (members, departed, ``recorders``), not by scanning every
         session's records (a new room's first batch comes here)."""
         prefix = f"{room.name}\x00"
