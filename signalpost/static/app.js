@@ -523,9 +523,9 @@ initControls();
 
 // ------------------------------------------------------------------ webhooks panel
 
-// In dev mode the server sends its webhooks to a receiver of its own and serves what it
-// received at /v1/dev-webhooks (docs/webhooks.md); elsewhere that is a 404 and the panel
-// stays hidden.
+// In dev mode the server hands its webhooks to a receiver of its own and serves what it
+// received at /v1/dev-webhooks (docs/webhooks.md), making them only while this panel polls
+// (from its first poll on); elsewhere that is a 404 and the panel stays hidden.
 const hooksPanel = $("hooks-panel");
 const hooksLog = $("hooks-log");
 let hooksAfter = 0;
