@@ -604,9 +604,7 @@ class RoomTable:
         prefix = f"{name}\x00"
         unreleased = {k for batch in room.pending for k in batch.keys}
         records = [
-            HandedRecord(
-                session, key, r.fingerprint, r.payload, r.ok, r.epoch, r.offset, now - r.at
-            )
+            _handed(session, key, r, now)
             for session, by_key in self._records.items()
             for key, r in by_key.items()
             if key.startswith(prefix) and (session, key) not in unreleased
@@ -1969,9 +1967,7 @@ class RoomTable:
             if by_key is None:
                 continue
             found.extend(
-                HandedRecord(
-                    session, k, r.fingerprint, r.payload, r.ok, r.epoch, r.offset, now - r.at
-                )
+                _handed(session, k, r, now)
                 for k, r in by_key.items()
                 if k.startswith(prefix) and r.at > oldest_allowed
             )
@@ -1982,8 +1978,7 @@ class RoomTable:
         for r in records:
             record = _Record(r.payload, r.fingerprint, now - r.age, r.ok, r.epoch, r.offset)
             self._remember(r.session, r.key, record)
-            if r.session not in room.members and r.session not in room.departed:
-                _note_recorder(room, r.session)
+            _note_recorder(room, r.session)
 
     def replicate(self, command: ReplicateCmd, now: float) -> list[Outbound]:
         """Runner-up side: keep the owner's events (and reply) for a takeover."""
@@ -2035,9 +2030,7 @@ class RoomTable:
             # With the whole history: the answers of its events.
             self._take_records(room, command.records, now)
             if command.reply_key:
-                session = command.reply_session
-                if session not in room.members and session not in room.departed:
-                    _note_recorder(room, session)
+                _note_recorder(room, command.reply_session)
                 self._remember(
                     command.reply_session,
                     command.reply_key,
@@ -2130,11 +2123,18 @@ class RoomTable:
             room.trimmed_through = history.popleft().offset
 
 
+def _handed(session: str, key: str, record: _Record, now: float) -> HandedRecord:
+    """``record`` as it travels to another broker (its age, not its time: clocks differ)."""
+    r = record
+    return HandedRecord(session, key, r.fingerprint, r.payload, r.ok, r.epoch, r.offset, now - r.at)
+
+
 def _note_recorder(room: Room, session: str) -> None:
-    """``session`` has a reply record in ``room`` and is no member (``Room.recorders``):
-    a server API pseudo-session, or (in a copy) a joiner its edge has not re-announced."""
+    """``session`` has a reply record in ``room``: unless it is a member or departed, keep
+    it in ``Room.recorders`` (a server API pseudo-session, or, in a copy, a joiner its edge
+    has not re-announced), so that its records go with the room's whole history."""
     recorders = room.recorders
-    if session in recorders:
+    if session in recorders or session in room.members or session in room.departed:
         return
     if len(recorders) >= MAX_RECORDERS:
         # Those that are members or departed by now are found as such.
