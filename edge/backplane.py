@@ -151,9 +151,6 @@ class LocalBackplane:
             )
             if dev_inbox is None:  # real receivers: every event, always
                 self.rooms.hooks, self.presence.hooks = self._hooks
-        #: The sender to poke after a command (None: no command can have made an event;
-        #: what is queued still goes out on the sender's own tick).
-        self._poke = self.webhook_sender if dev_inbox is None else None
 
     def dev_webhooks(self, query: str) -> bytes:
         """Dev mode's panel asks for its events (``/v1/dev-webhooks``): while it asks, at
@@ -161,8 +158,9 @@ class LocalBackplane:
         they make none (nobody would see them, and they would cost more than the
         signalling that makes them: docs/performance.md)."""
         assert self._dev_inbox is not None, "dev mode's own receiver only"
-        self._dev_watched_until = self._clock() + DEV_PANEL_WATCH
-        self._watch_dev_panel(self._clock())
+        now = self._clock()
+        self._dev_watched_until = now + DEV_PANEL_WATCH
+        self._watch_dev_panel(now)
         return self._dev_inbox.since(query)
 
     def _watch_dev_panel(self, now: float) -> None:
@@ -172,7 +170,12 @@ class LocalBackplane:
         watched = now < self._dev_watched_until
         if watched != (self.rooms.hooks is not None):
             self.rooms.hooks, self.presence.hooks = self._hooks if watched else (None, None)
-            self._poke = self.webhook_sender if watched else None
+
+    def _poke(self) -> None:
+        # Only while the cores make events (hooks set: a sender exists): with none made,
+        # what is queued still goes out on the sender's own tick.
+        if self.rooms.hooks is not None and self.webhook_sender is not None:
+            self.webhook_sender.poke()
 
     def connect(
         self,
@@ -188,8 +191,7 @@ class LocalBackplane:
 
     def _dispatch(self, outbound: list[tuple[str, Envelope]]) -> None:
         assert self._inbox is not None, "connect() an edge first"
-        if self._poke is not None:
-            self._poke.poke()
+        self._poke()
         for _edge, envelope in outbound:
             self._inbox(envelope)
 
@@ -201,8 +203,7 @@ class LocalBackplane:
         inbox = self._inbox  # the loop of _dispatch, inline: once per client request
         for _edge, envelope in self.rooms.handle(command, self._clock()):
             inbox(envelope)
-        if self._poke is not None:
-            self._poke.poke()
+        self._poke()
 
     def to_all_brokers(self, command: Envelope, rooms: Collection[str] = ()) -> None:
         self._dispatch(self.rooms.handle(command, self._clock()))

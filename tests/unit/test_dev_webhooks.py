@@ -88,18 +88,24 @@ def test_the_cores_make_webhook_events_only_while_the_panel_asks() -> None:
     now = [100.0]
     inbox = DevInbox()
     backplane = LocalBackplane(load_settings(environ={}), clock=lambda: now[0], dev_inbox=inbox)
+    pokes: list[None] = []
+    assert backplane.webhook_sender is not None
+    backplane.webhook_sender.poke = lambda: pokes.append(None)  # type: ignore[method-assign]
     assert backplane.rooms.hooks is None and backplane.presence.hooks is None
-    assert backplane._poke is None  # nothing to poke the sender about per command
+    backplane._poke()
+    assert pokes == []  # nothing to poke the sender about per command
     backplane.dev_webhooks("after=0")
     assert backplane.rooms.hooks is not None and backplane.presence.hooks is not None
-    assert backplane._poke is backplane.webhook_sender
+    backplane._poke()
+    assert pokes == [None]
     now[0] += DEV_PANEL_WATCH - 1
     backplane._watch_dev_panel(now[0])
     assert backplane.rooms.hooks is not None
     now[0] += 2
     backplane._watch_dev_panel(now[0])
     assert backplane.rooms.hooks is None and backplane.presence.hooks is None
-    assert backplane._poke is None
+    backplane._poke()
+    assert pokes == [None]
     # real receivers (webhook_urls) get every event, whoever asks
     settings = load_settings(
         environ={}, webhook_urls=["http://127.0.0.1:9/hooks"], webhook_secret="s"
