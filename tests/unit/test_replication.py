@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from typing import Any
 
 from broker.rooms import Outbound, RoomTable
 from signalpost.wire import (
@@ -31,16 +32,21 @@ from signalpost.wire import (
 epochs = (f"e{n}" for n in itertools.count())
 
 
-def table(node: str, replica: str | None) -> RoomTable:
+def broker(node: str, capacity: int = 4, **placement: Any) -> RoomTable:
+    """Broker ``node``'s room table (``placement``: how it places rooms, RoomTable's hooks)."""
     return RoomTable(
-        capacity=2,
+        capacity=capacity,
         resume_window=30,
         history_max_events=100,
         history_max_age=600,
         new_epoch=lambda: next(epochs),
         node_id=node,
-        replica_for=lambda room: replica,
+        **placement,
     )
+
+
+def table(node: str, replica: str | None) -> RoomTable:
+    return broker(node, capacity=2, replica_for=lambda room: replica)
 
 
 def owner_whose_replica_moves(first: str | None) -> tuple[RoomTable, list[str | None]]:
@@ -266,16 +272,7 @@ def test_a_replica_refuses_a_lower_term_than_it_knows() -> None:
 
 
 def owning(node: str, source: str | None, owns: bool = True) -> RoomTable:
-    return RoomTable(
-        capacity=4,
-        resume_window=30,
-        history_max_events=100,
-        history_max_age=600,
-        new_epoch=lambda: next(epochs),
-        node_id=node,
-        owns=lambda room: owns,
-        handoff_from=lambda room: source,
-    )
+    return broker(node, owns=lambda room: owns, handoff_from=lambda room: source)
 
 
 def test_a_new_owner_asks_the_previous_one_and_continues_its_room() -> None:
@@ -729,13 +726,8 @@ def viewing(node: str, seen: Seen) -> RoomTable:
     def first(brokers: list[str]) -> str | None:
         return brokers[0] if brokers else None
 
-    return RoomTable(
-        capacity=4,
-        resume_window=30,
-        history_max_events=100,
-        history_max_age=600,
-        new_epoch=lambda: next(epochs),
-        node_id=node,
+    return broker(
+        node,
         replica_for=lambda room: first(seen.placed(node)) if node in seen.members else None,
         owns=lambda room: first(seen.placed()) == node,
         handoff_from=lambda room: first(seen.placed(node)),
